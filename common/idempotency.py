@@ -1,0 +1,62 @@
+"""Idempotency by business key, recorded in the same transaction as the effect.
+
+Every saga message may arrive twice (acks_late redelivery, a re-published chain step,
+an errback fired twice). A participant therefore:
+
+1. takes a per-saga advisory lock inside its transaction (`saga_lock`), which
+   serialises the forward step and its compensation for one saga, so the
+   "has the undo already run?" check cannot race with the undo itself;
+2. returns the stored result when the key was already processed;
+3. writes its effect and the key (`ProcessedKey`, unique) in the same transaction.
+
+Keys read `<saga_id>:<step>:<do|undo>`.
+"""
+
+import hashlib
+import uuid
+from typing import Any
+
+from django.db import connections, models
+
+
+def step_key(saga_id: str | uuid.UUID, step: str, direction: str) -> str:
+    if direction not in ("do", "undo"):
+        raise ValueError(f"direction must be 'do' or 'undo', not {direction!r}")
+    return f"{saga_id}:{step}:{direction}"
+
+
+def saga_lock(*, using: str, saga_id: str | uuid.UUID) -> None:
+    """Serialise every transaction of this participant that touches `saga_id`.
+
+    Precondition: inside `transaction.atomic(using=using)`; the lock is released at
+    commit or rollback (pg_advisory_xact_lock).
+    """
+    digest = hashlib.blake2b(str(saga_id).encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "big", signed=True)
+    with connections[using].cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+
+
+class ProcessedKeyBase(models.Model):
+    """One row per processed step message; the unique key is the idempotency guard."""
+
+    key = models.CharField(max_length=200, unique=True)
+    result = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def processed_result(model: type[ProcessedKeyBase], key: str) -> dict[str, Any] | None:
+    """The stored result for `key`, or None. Precondition: `saga_lock` held."""
+    row = model.objects.filter(key=key).only("result").first()
+    return None if row is None else row.result
+
+
+def processed_record(model: type[ProcessedKeyBase], key: str, result: dict[str, Any]) -> None:
+    """Record `key` as processed. Precondition: `saga_lock` held, same transaction as the effect."""
+    model.objects.create(key=key, result=result)

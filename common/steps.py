@@ -1,0 +1,76 @@
+"""The shape every saga participant task shares.
+
+A participant task receives the saga context (a small JSON dict), validates it, calls
+one service, and returns the context plus what it produced. Its `_step` entry carries
+the participant's own timing, which the coordinator stores on the step (queue wait vs
+work time), and its output.
+
+Retry policy lives here, on the task: transient errors (a provider hiccup, a dropped
+database connection) retry with exponential backoff and jitter; business failures
+(`StepFailed`) are never retried and make the saga compensate.
+"""
+
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from celery import shared_task
+from django.db import InterfaceError, OperationalError
+from django.utils import timezone
+
+from .exceptions import InvalidMessage, TransientError
+
+RETRYABLE = (TransientError, OperationalError, InterfaceError)
+
+
+def require_uuid(ctx: Mapping[str, Any], field: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(ctx[field]))
+    except (KeyError, ValueError, TypeError):
+        raise InvalidMessage(f"message field {field!r} must be a UUID, got {ctx.get(field)!r}") from None
+
+
+def require_str(ctx: Mapping[str, Any], field: str, *, max_length: int = 255) -> str:
+    value = ctx.get(field)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise InvalidMessage(f"message field {field!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def saga_step_task(
+    name: str, *, max_retries: int = 5, **options: Any
+) -> Callable[[Callable[..., dict[str, Any]]], Any]:
+    """Declare a participant task: `fn(ctx, **kwargs) -> output dict`.
+
+    The wrapped function must be idempotent by its saga key (see common.idempotency).
+    """
+
+    def decorator(fn: Callable[..., dict[str, Any]]) -> Any:
+        @shared_task(
+            name=name,
+            bind=True,
+            autoretry_for=RETRYABLE,
+            retry_backoff=1,
+            retry_backoff_max=30,
+            retry_jitter=True,
+            max_retries=max_retries,
+            **options,
+        )
+        def task(self: Any, ctx: Any, **kwargs: Any) -> dict[str, Any]:
+            started_at = timezone.now()
+            if not isinstance(ctx, dict):
+                raise InvalidMessage(f"{name} expects a saga context object, got {type(ctx).__name__}")
+            output = fn(ctx, **kwargs)
+            meta = {
+                "started_at": started_at.isoformat(),
+                "finished_at": timezone.now().isoformat(),
+                "attempt": self.request.retries + 1,
+                "worker": self.request.hostname or "",
+                "output": output,
+            }
+            return {**ctx, **output, "_step": meta}
+
+        task.__doc__ = fn.__doc__
+        return task
+
+    return decorator

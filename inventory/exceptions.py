@@ -1,0 +1,9 @@
+from common.exceptions import StepFailed
+
+
+class InsufficientStock(StepFailed):
+    pass
+
+
+class UnknownProduct(StepFailed):
+    pass

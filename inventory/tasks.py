@@ -1,0 +1,31 @@
+from typing import Any
+
+from common.exceptions import InvalidMessage
+from common.steps import require_uuid, saga_step_task
+
+from . import services
+
+
+def _lines(ctx: dict[str, Any]) -> list[tuple[str, int]]:
+    items = ctx.get("items")
+    if not isinstance(items, list) or not items:
+        raise InvalidMessage("message field 'items' must be a non-empty list")
+    lines = []
+    for item in items:
+        sku, quantity = (item or {}).get("sku"), (item or {}).get("quantity")
+        if not isinstance(sku, str) or not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
+            raise InvalidMessage(f"malformed order line {item!r}")
+        lines.append((sku, quantity))
+    return lines
+
+
+@saga_step_task("inventory.reserve")
+def reserve(ctx: dict[str, Any]) -> dict[str, Any]:
+    return services.stock_reserve(
+        saga_id=require_uuid(ctx, "saga_id"), order_id=require_uuid(ctx, "order_id"), lines=_lines(ctx)
+    )
+
+
+@saga_step_task("inventory.release", max_retries=10)
+def release(ctx: dict[str, Any]) -> dict[str, Any]:
+    return services.stock_release(saga_id=require_uuid(ctx, "saga_id"))

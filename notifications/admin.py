@@ -1,0 +1,18 @@
+from django.contrib import admin
+
+from saga.admin import ReadOnlyAdminMixin
+
+from .models import Notification, ProcessedKey
+
+
+@admin.register(Notification)
+class NotificationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["order_id", "kind", "channel", "recipient", "status", "created_at", "sent_at"]
+    list_filter = ["kind", "channel", "status", "created_at"]
+    search_fields = ["=order_id", "=saga_id", "recipient"]
+
+
+@admin.register(ProcessedKey)
+class ProcessedKeyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["key", "created_at"]
+    search_fields = ["key"]

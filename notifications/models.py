@@ -1,0 +1,47 @@
+from django.db import models
+
+from common.idempotency import ProcessedKeyBase
+
+
+class Notification(models.Model):
+    """One message to a customer about one order outcome, on one channel.
+
+    The unique (saga, kind, channel) constraint is the "sent once" guarantee's anchor.
+    """
+
+    class Kind(models.TextChoices):
+        ORDER_CONFIRMED = "order_confirmed"
+        ORDER_FAILED = "order_failed"
+        ORDER_CANCELLED = "order_cancelled"
+
+    class Channel(models.TextChoices):
+        EMAIL = "email"
+        SMS = "sms"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+
+    saga_id = models.UUIDField()
+    order_id = models.UUIDField(db_index=True)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    channel = models.CharField(max_length=8, choices=Channel.choices)
+    recipient = models.CharField(max_length=254)
+    subject = models.CharField(max_length=200)
+    body = models.TextField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["saga_id", "kind", "channel"], name="notification_once_per_outcome"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} by {self.channel} to {self.recipient} ({self.status})"
+
+
+class ProcessedKey(ProcessedKeyBase):
+    class Meta:
+        db_table = "notifications_processed_key"

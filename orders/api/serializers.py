@@ -1,0 +1,87 @@
+from django.conf import settings
+from rest_framework import serializers
+
+# Stripe-style token: what a card form hands the server instead of card numbers.
+TOKEN_PATTERN = r"^tok_[A-Za-z0-9_]{1,60}$"
+PHONE_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+
+
+class OrderItemInput(serializers.Serializer):
+    sku = serializers.CharField(max_length=64)
+    quantity = serializers.IntegerField(min_value=1, max_value=settings.ORDER_MAX_QUANTITY)
+
+
+class OrderCreateInput(serializers.Serializer):
+    email = serializers.EmailField(max_length=254)
+    phone = serializers.RegexField(
+        PHONE_PATTERN,
+        required=False,
+        allow_blank=True,
+        default="",
+        error_messages={"invalid": "Enter a phone number in E.164 form, e.g. +14155550123."},
+    )
+    items = serializers.ListField(
+        child=OrderItemInput(), allow_empty=False, min_length=1, max_length=settings.ORDER_MAX_LINES
+    )
+    payment_token = serializers.RegexField(
+        TOKEN_PATTERN, max_length=64, error_messages={"invalid": "Enter a payment token such as tok_visa."}
+    )
+
+    def validate_items(self, items: list[dict]) -> list[dict]:
+        skus = [item["sku"] for item in items]
+        duplicates = sorted({sku for sku in skus if skus.count(sku) > 1})
+        if duplicates:
+            raise serializers.ValidationError(f"Each SKU may appear once; repeated: {', '.join(duplicates)}.")
+        return items
+
+
+class OrderLineOutput(serializers.Serializer):
+    sku = serializers.CharField()
+    name = serializers.CharField()
+    quantity = serializers.IntegerField()
+    unit_price = serializers.DecimalField(max_digits=10, decimal_places=2)
+
+
+class SagaStepOutput(serializers.Serializer):
+    name = serializers.CharField()
+    phase = serializers.CharField()
+    status = serializers.CharField()
+    attempts = serializers.IntegerField()
+    queued_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField()
+    last_error = serializers.CharField()
+    celery_task_id = serializers.CharField()
+
+
+class SagaOutput(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.CharField()
+    current_step = serializers.CharField()
+    failure_step = serializers.CharField()
+    failure_reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField()
+    steps = SagaStepOutput(many=True, source="steps.all")
+
+
+class OrderOutput(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.CharField()
+    email = serializers.EmailField()
+    phone = serializers.CharField()
+    items = OrderLineOutput(many=True, source="lines.all")
+    total = serializers.DecimalField(max_digits=12, decimal_places=2)
+    currency = serializers.CharField()
+    failure_reason = serializers.CharField()
+    cancel_requested = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    saga = serializers.SerializerMethodField()
+
+    def get_cancel_requested(self, order) -> bool:
+        return order.cancel_requested_at is not None
+
+    def get_saga(self, order) -> dict | None:
+        saga = self.context.get("sagas", {}).get(order.id)
+        return None if saga is None else SagaOutput(saga).data

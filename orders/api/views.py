@@ -1,0 +1,106 @@
+import re
+import uuid
+
+from django.http import Http404
+from rest_framework import status
+from rest_framework.exceptions import ValidationError
+from rest_framework.generics import GenericAPIView
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from saga.models import SagaInstance
+
+from .. import selectors, services
+from ..exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
+from ..models import Order
+from .serializers import OrderCreateInput, OrderOutput
+
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-:.]{1,255}$")
+
+
+def visible_user_id(request: Request) -> int | None:
+    """Whose orders a caller may see: their own, or everyone's for staff."""
+    return None if request.user.is_staff else request.user.id
+
+
+def render_orders(orders: list[Order]) -> list[dict]:
+    sagas = SagaInstance.objects.filter(order_id__in=[o.id for o in orders]).prefetch_related("steps")
+    return OrderOutput(orders, many=True, context={"sagas": {s.order_id: s for s in sagas}}).data
+
+
+def render_order(order: Order) -> dict:
+    return render_orders([order])[0]
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        raise ValidationError(
+            {"Idempotency-Key": ["Use 1 to 255 characters from letters, digits and _ - : . (a UUID works)."]}
+        )
+    return key
+
+
+def _get_visible_order(request: Request, order_id: uuid.UUID) -> Order:
+    order = selectors.order_get(order_id=order_id, user_id=visible_user_id(request))
+    if order is None:
+        # Someone else's order is indistinguishable from a missing one.
+        raise Http404
+    return order
+
+
+class OrderListCreateApi(GenericAPIView):
+    def get(self, request: Request) -> Response:
+        orders = selectors.order_list(user_id=visible_user_id(request)).prefetch_related("lines")
+        page = self.paginate_queryset(orders)
+        return self.get_paginated_response(render_orders(list(page)))
+
+    def post(self, request: Request) -> Response:
+        key = _idempotency_key(request)
+        serializer = OrderCreateInput(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            order, created = services.order_place(
+                user_id=request.user.id,
+                email=data["email"],
+                phone=data["phone"],
+                items=[services.OrderItem(sku=i["sku"], quantity=i["quantity"]) for i in data["items"]],
+                payment_token=data["payment_token"],
+                idempotency_key=key,
+                fingerprint=services.request_fingerprint(data),
+            )
+        except UnknownSkus as unknown:
+            raise ValidationError(
+                {
+                    "items": [
+                        {"sku": [f"Unknown SKU {item['sku']!r}."]} if item["sku"] in unknown.skus else {}
+                        for item in data["items"]
+                    ]
+                }
+            ) from None
+        except IdempotencyConflict as conflict:
+            return Response({"detail": str(conflict)}, status=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        order = selectors.order_get(order_id=order.id, user_id=None)
+        headers = {"Location": f"/api/orders/{order.id}/"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(render_order(order), status=status.HTTP_202_ACCEPTED, headers=headers)
+
+
+class OrderDetailApi(APIView):
+    def get(self, request: Request, order_id: uuid.UUID) -> Response:
+        return Response(render_order(_get_visible_order(request, order_id)))
+
+
+class OrderCancelApi(APIView):
+    def post(self, request: Request, order_id: uuid.UUID) -> Response:
+        order = _get_visible_order(request, order_id)
+        try:
+            services.order_cancel(order_id=order.id)
+        except OrderNotCancellable as refusal:
+            return Response({"detail": f"This order cannot be cancelled: {refusal}."}, status=status.HTTP_409_CONFLICT)
+        return Response(render_order(_get_visible_order(request, order_id)), status=status.HTTP_202_ACCEPTED)

@@ -1,0 +1,36 @@
+"""The place-order saga: reserve -> charge -> confirm (pivot) -> notify.
+
+Compensations sit next to the actions they undo. After compensating, the order is
+marked failed (or cancelled) and the customer is told.
+"""
+
+from django.conf import settings
+
+from saga.definition import SagaDefinition, Step, register
+
+PLACE_ORDER = register(
+    SagaDefinition(
+        name="place_order",
+        steps=(
+            Step(
+                "reserve_inventory",
+                "inventory.reserve",
+                compensation=Step("release_inventory", "inventory.release"),
+            ),
+            Step(
+                "charge_payment",
+                "payments.charge",
+                compensation=Step("refund_payment", "payments.refund", timeout=120),
+                # The provider may be slow (tok_slow): allow for it plus retries.
+                timeout=int(settings.FAKE_PROVIDER_SLOW_SECONDS) + 60,
+            ),
+            Step("confirm_order", "orders.confirm"),
+            Step("notify_customer", "notifications.notify"),
+        ),
+        pivot="confirm_order",
+        after_compensation=(
+            Step("fail_order", "orders.fail"),
+            Step("notify_failure", "notifications.notify"),
+        ),
+    )
+)

@@ -1,0 +1,179 @@
+"""Order writes: place (and start its saga), cancel, and the saga's confirm/fail steps."""
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from common.exceptions import StepRefused
+from inventory.selectors import product_prices
+from saga.models import SagaInstance, SagaStatus
+from saga.services import OUTCOME_CANCELLED, OUTCOME_FAILED, saga_begin_compensation, saga_start
+
+from .exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
+from .models import Order, OrderLine
+from .saga import PLACE_ORDER
+
+DB = "orders"
+
+
+@dataclass(frozen=True)
+class OrderItem:
+    sku: str
+    quantity: int
+
+
+def request_fingerprint(payload: dict[str, Any]) -> str:
+    """A stable digest of a request body, to tell a replay from a different request."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _existing_for_key(user_id: int, idempotency_key: str, fingerprint: str) -> Order | None:
+    order = Order.objects.filter(user_id=user_id, idempotency_key=idempotency_key).first()
+    if order is not None and order.request_fingerprint != fingerprint:
+        raise IdempotencyConflict(f"Idempotency-Key {idempotency_key!r} was used with a different request")
+    return order
+
+
+def order_place(
+    *,
+    user_id: int,
+    email: str,
+    phone: str,
+    items: Sequence[OrderItem],
+    payment_token: str,
+    idempotency_key: str | None,
+    fingerprint: str,
+) -> tuple[Order, bool]:
+    """Create a pending order and its saga in one `orders` transaction; publish on commit.
+
+    Returns (order, created). With an `idempotency_key` already used by this user for the
+    same request, returns that order and starts nothing; for a different request raises
+    `IdempotencyConflict`. Raises `UnknownSkus` before writing anything.
+    """
+    if idempotency_key and (existing := _existing_for_key(user_id, idempotency_key, fingerprint)):
+        return existing, False
+    catalogue = product_prices(skus=[item.sku for item in items])
+    unknown = [item.sku for item in items if item.sku not in catalogue]
+    if unknown:
+        raise UnknownSkus(unknown)
+    total = sum((catalogue[i.sku].price * i.quantity for i in items), Decimal("0"))
+    try:
+        with transaction.atomic(using=DB):
+            order = Order.objects.create(
+                user_id=user_id,
+                email=email,
+                phone=phone,
+                payment_token=payment_token,
+                total=total,
+                currency=settings.CURRENCY,
+                idempotency_key=idempotency_key or None,
+                request_fingerprint=fingerprint,
+            )
+            OrderLine.objects.bulk_create(
+                OrderLine(
+                    order=order,
+                    sku=i.sku,
+                    name=catalogue[i.sku].name,
+                    quantity=i.quantity,
+                    unit_price=catalogue[i.sku].price,
+                )
+                for i in items
+            )
+            saga_start(
+                definition=PLACE_ORDER,
+                order_id=order.id,
+                context={
+                    "email": email,
+                    "phone": phone,
+                    "items": [{"sku": i.sku, "quantity": i.quantity} for i in items],
+                    "payment_token": payment_token,
+                    "currency": settings.CURRENCY,
+                },
+            )
+    except IntegrityError:
+        # Two requests with the same key raced; the one that committed stands.
+        if idempotency_key and (existing := _existing_for_key(user_id, idempotency_key, fingerprint)):
+            return existing, False
+        raise
+    return order, True
+
+
+def order_cancel(*, order_id: uuid.UUID) -> Order:
+    """Ask for an order to be cancelled: its saga compensates whatever was done.
+
+    Locks the order, then its saga (the same order `order_confirm` takes), so a cancel
+    and the confirmation cannot both win. Idempotent: cancelling twice is one cancel.
+    Raises `OrderNotCancellable` once the order is confirmed or has failed.
+    """
+    with transaction.atomic(using=DB):
+        order = Order.objects.select_for_update().get(id=order_id)
+        if order.status == Order.Status.CANCELLED or order.cancel_requested_at:
+            return order
+        if order.status != Order.Status.PENDING:
+            raise OrderNotCancellable(f"order is {order.status}")
+        saga = SagaInstance.objects.select_for_update().get(order_id=order.id)
+        if saga.status != SagaStatus.RUNNING:
+            raise OrderNotCancellable(f"order is already being {'failed' if saga.outcome else saga.status}")
+        order.cancel_requested_at = timezone.now()
+        order.save(update_fields=["cancel_requested_at", "updated_at"])
+        saga_begin_compensation(
+            saga,
+            outcome=OUTCOME_CANCELLED,
+            failure_step=saga.current_step,
+            failure_type="Cancelled",
+            reason="cancelled by the customer",
+        )
+    return order
+
+
+def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal) -> dict[str, Any]:
+    """The saga's pivot: the order becomes confirmed, after which nothing is compensated.
+
+    Idempotent by the order's state (confirmed stays confirmed). Refuses if a cancel was
+    requested or the saga is no longer running.
+    """
+    with transaction.atomic(using=DB):
+        order = Order.objects.select_for_update().filter(id=order_id).first()
+        if order is None:
+            raise StepRefused(f"order {order_id} does not exist")
+        if order.status == Order.Status.CONFIRMED:
+            return {"outcome": "confirmed"}
+        saga_status = SagaInstance.objects.filter(id=saga_id, order_id=order_id).values_list("status", flat=True)
+        if (
+            order.status != Order.Status.PENDING
+            or order.cancel_requested_at
+            or list(saga_status) != [SagaStatus.RUNNING]
+        ):
+            raise StepRefused(f"order {order_id} can no longer be confirmed (order {order.status})")
+        order.status = Order.Status.CONFIRMED
+        order.total = amount
+        order.save(update_fields=["status", "total", "updated_at"])
+    return {"outcome": "confirmed"}
+
+
+def order_fail(*, order_id: uuid.UUID, reason: str) -> dict[str, Any]:
+    """After compensation: the order ends cancelled (if the customer asked) or failed.
+
+    Idempotent by the order's state.
+    """
+    with transaction.atomic(using=DB):
+        order = Order.objects.select_for_update().filter(id=order_id).first()
+        if order is None:
+            raise StepRefused(f"order {order_id} does not exist")
+        if order.status == Order.Status.CONFIRMED:
+            raise StepRefused(f"order {order_id} is confirmed; it cannot fail")
+        if order.status == Order.Status.PENDING:
+            order.status = Order.Status.CANCELLED if order.cancel_requested_at else Order.Status.FAILED
+            order.failure_reason = reason[:2000]
+            order.save(update_fields=["status", "failure_reason", "updated_at"])
+    outcome = OUTCOME_CANCELLED if order.status == Order.Status.CANCELLED else OUTCOME_FAILED
+    return {"outcome": outcome}

@@ -1,0 +1,23 @@
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from common.exceptions import InvalidMessage
+from common.steps import require_uuid, saga_step_task
+
+from . import services
+
+
+@saga_step_task("orders.confirm")
+def confirm(ctx: dict[str, Any]) -> dict[str, Any]:
+    try:
+        amount = Decimal(str(ctx["amount"]))
+    except (KeyError, InvalidOperation):
+        raise InvalidMessage("message field 'amount' must be a decimal string") from None
+    return services.order_confirm(
+        order_id=require_uuid(ctx, "order_id"), saga_id=require_uuid(ctx, "saga_id"), amount=amount
+    )
+
+
+@saga_step_task("orders.fail", max_retries=10)
+def fail(ctx: dict[str, Any]) -> dict[str, Any]:
+    return services.order_fail(order_id=require_uuid(ctx, "order_id"), reason=str(ctx.get("failure_reason") or ""))

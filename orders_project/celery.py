@@ -1,0 +1,31 @@
+"""The Celery app shared by every process.
+
+Each worker registers only its own service's tasks: `CELERY_SERVICE` names the service
+(`orders`, `saga`, `inventory`, `payments`, `notifications`) whose `tasks` module is
+imported. Other services are reached by task name through `app.signature(...)`, as
+separate deployments would be. The web process, beat and Flower set no service and
+register no task of ours.
+"""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
+
+SERVICES = ("orders", "saga", "inventory", "payments", "notifications")
+
+app = Celery("orders_project")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+
+def _service_packages() -> list[str]:
+    service = os.environ.get("CELERY_SERVICE", "").strip()
+    if not service:
+        return []
+    if service not in SERVICES:
+        raise RuntimeError(f"CELERY_SERVICE={service!r} is not one of {', '.join(SERVICES)}")
+    return [service]
+
+
+app.autodiscover_tasks(_service_packages)

@@ -1,0 +1,5 @@
+from common.exceptions import StepFailed
+
+
+class PaymentDeclined(StepFailed):
+    pass

@@ -1,0 +1,106 @@
+"""Payment writes: charge and refund for a saga, idempotently, through the gateway.
+
+No database transaction is held open across a provider call. Instead the payment row
+records where we are (`pending` while a charge is in flight, `refunding` while a refund
+is), every call carries the step key as the provider's idempotency key, and a
+redelivered message resumes from the row's status.
+"""
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+
+from common.exceptions import StepRefused, TransientError
+from common.idempotency import processed_record, processed_result, saga_lock, step_key
+
+from .exceptions import PaymentDeclined
+from .gateways import CardDeclined, get_gateway
+from .models import Payment, ProcessedKey, Refund
+
+DB = "payments"
+STEP = "charge_payment"
+
+
+def _declined(result: dict[str, Any]) -> PaymentDeclined:
+    return PaymentDeclined(f"payment declined: {result['decline_code']}")
+
+
+def payment_charge(
+    *, saga_id: uuid.UUID, order_id: uuid.UUID, amount: Decimal, currency: str, token: str
+) -> dict[str, Any]:
+    """Charge `amount` once per saga.
+
+    Idempotent by `<saga>:charge_payment:do` (also the provider's idempotency key);
+    refuses after the refund's tombstone. A decline is recorded, then raised as
+    `PaymentDeclined` (the saga compensates); a replay raises it again.
+    """
+    do_key, undo_key = step_key(saga_id, STEP, "do"), step_key(saga_id, STEP, "undo")
+    with transaction.atomic(using=DB):
+        saga_lock(using=DB, saga_id=saga_id)
+        if (done := processed_result(ProcessedKey, do_key)) is not None:
+            if done["status"] == Payment.Status.DECLINED:
+                raise _declined(done)
+            return done
+        if processed_result(ProcessedKey, undo_key) is not None:
+            raise StepRefused(f"saga {saga_id}: payment was already compensated; not charging")
+        # The row is the "charge in flight" marker a concurrent refund waits on.
+        payment, _ = Payment.objects.get_or_create(
+            saga_id=saga_id,
+            defaults={"order_id": order_id, "amount": amount, "currency": currency},
+        )
+
+    try:
+        charge = get_gateway().charge(amount=amount, currency=currency, token=token, idempotency_key=do_key)
+    except CardDeclined as declined:
+        with transaction.atomic(using=DB):
+            saga_lock(using=DB, saga_id=saga_id)
+            Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.DECLINED, decline_code=declined.code)
+            result = {"payment_id": str(payment.pk), "status": Payment.Status.DECLINED, "decline_code": declined.code}
+            processed_record(ProcessedKey, do_key, result)
+        raise _declined(result) from None
+
+    with transaction.atomic(using=DB):
+        saga_lock(using=DB, saga_id=saga_id)
+        Payment.objects.filter(pk=payment.pk).update(
+            status=Payment.Status.CAPTURED, provider_charge_id=charge.charge_id
+        )
+        result = {"payment_id": str(payment.pk), "status": Payment.Status.CAPTURED}
+        processed_record(ProcessedKey, do_key, result)
+    return result
+
+
+def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
+    """Refund what the saga captured; with no payment, leave a tombstone.
+
+    Idempotent by `<saga>:charge_payment:undo` (also the provider's idempotency key).
+    While the charge is still in flight this raises `TransientError`: the compensation
+    retries with backoff until the charge has settled, then refunds it.
+    """
+    undo_key = step_key(saga_id, STEP, "undo")
+    with transaction.atomic(using=DB):
+        saga_lock(using=DB, saga_id=saga_id)
+        if (done := processed_result(ProcessedKey, undo_key)) is not None:
+            return done
+        payment = Payment.objects.select_for_update().filter(saga_id=saga_id).first()
+        if payment is None or payment.status == Payment.Status.DECLINED:
+            result = {"refund": None, "reason": "nothing was captured"}
+            processed_record(ProcessedKey, undo_key, result)
+            return result
+        if payment.status == Payment.Status.PENDING:
+            raise TransientError(f"saga {saga_id}: charge still in flight; refund waits for it to settle")
+        if payment.status == Payment.Status.CAPTURED:
+            payment.status = Payment.Status.REFUNDING
+            payment.save(update_fields=["status", "updated_at"])
+
+    refund = get_gateway().refund(charge_id=payment.provider_charge_id, amount=payment.amount, idempotency_key=undo_key)
+    with transaction.atomic(using=DB):
+        saga_lock(using=DB, saga_id=saga_id)
+        Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.REFUNDED)
+        Refund.objects.get_or_create(
+            payment=payment, defaults={"amount": payment.amount, "provider_refund_id": refund.refund_id}
+        )
+        result = {"refund": refund.refund_id, "amount": str(payment.amount)}
+        processed_record(ProcessedKey, undo_key, result)
+    return result

@@ -1,0 +1,36 @@
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.conf import settings
+
+from common.exceptions import InvalidMessage
+from common.steps import require_str, require_uuid, saga_step_task
+
+from . import services
+
+
+def _amount(ctx: dict[str, Any]) -> Decimal:
+    try:
+        amount = Decimal(str(ctx["amount"]))
+    except (KeyError, InvalidOperation):
+        raise InvalidMessage(f"message field 'amount' must be a decimal string, got {ctx.get('amount')!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise InvalidMessage(f"message field 'amount' must be a non-negative amount, got {amount}")
+    return amount
+
+
+@saga_step_task("payments.charge", max_retries=5)
+def charge(ctx: dict[str, Any]) -> dict[str, Any]:
+    return services.payment_charge(
+        saga_id=require_uuid(ctx, "saga_id"),
+        order_id=require_uuid(ctx, "order_id"),
+        amount=_amount(ctx),
+        currency=ctx.get("currency") or settings.CURRENCY,
+        token=require_str(ctx, "payment_token", max_length=64),
+    )
+
+
+# A refund may wait for an in-flight charge (tok_slow): give it a longer budget.
+@saga_step_task("payments.refund", max_retries=12)
+def refund(ctx: dict[str, Any]) -> dict[str, Any]:
+    return services.payment_refund(saga_id=require_uuid(ctx, "saga_id"))

@@ -1,0 +1,86 @@
+"""How a saga is declared: forward steps, their compensations, and the pivot.
+
+A definition is data. The engine (`saga.engine`) turns it into Celery chains of
+signatures called by task name, so the coordinator imports no participant code.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Step:
+    """One local transaction in one service, called by Celery task name.
+
+    `timeout` is how long the step may stay running before the saga considers it
+    stalled (stored as the step's deadline).
+    """
+
+    name: str
+    task: str
+    compensation: "Step | None" = None
+    timeout: int = 60
+    kwargs: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SagaDefinition:
+    """A saga: forward steps in order, the pivot, and what runs after compensating.
+
+    Steps up to and including the pivot may be compensated; steps after it are only
+    retried (the order is confirmed: there is no going back). After the compensations,
+    `after_compensation` steps run in order (mark the order failed, tell the customer).
+    """
+
+    name: str
+    steps: tuple[Step, ...]
+    pivot: str
+    after_compensation: tuple[Step, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.steps]
+        names += [s.compensation.name for s in self.steps if s.compensation]
+        names += [s.name for s in self.after_compensation]
+        if len(names) != len(set(names)):
+            raise ValueError(f"saga {self.name!r}: step names must be unique, got {names}")
+        if self.pivot not in {s.name for s in self.steps}:
+            raise ValueError(f"saga {self.name!r}: pivot {self.pivot!r} is not a forward step")
+
+    @property
+    def pivot_index(self) -> int:
+        return next(i for i, s in enumerate(self.steps) if s.name == self.pivot)
+
+    def forward_index(self, name: str) -> int:
+        for i, step in enumerate(self.steps):
+            if step.name == name:
+                return i
+        raise KeyError(f"saga {self.name!r} has no forward step {name!r}")
+
+    def is_after_pivot(self, name: str) -> bool:
+        return self.forward_index(name) > self.pivot_index
+
+    def compensation_steps(self) -> tuple[Step, ...]:
+        """What runs when the saga fails or is cancelled before its pivot committed.
+
+        Every compensable step is undone, newest first, whether or not it ran: a
+        compensation that finds no forward effect leaves a tombstone, which makes a
+        late or duplicate forward message refuse to act. That is what keeps a cancel
+        that lands mid-saga safe without knowing which step is in flight.
+        """
+        undo = tuple(s.compensation for s in reversed(self.steps[: self.pivot_index + 1]) if s.compensation)
+        return undo + self.after_compensation
+
+
+_REGISTRY: dict[str, SagaDefinition] = {}
+
+
+def register(definition: SagaDefinition) -> SagaDefinition:
+    _REGISTRY[definition.name] = definition
+    return definition
+
+
+def get_definition(name: str) -> SagaDefinition:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise LookupError(f"no saga definition named {name!r}; known: {sorted(_REGISTRY)}") from None

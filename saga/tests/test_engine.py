@@ -1,0 +1,78 @@
+"""Unit tests of the saga definition and the chains the engine builds (no broker, no DB)."""
+
+import uuid
+
+import pytest
+
+from orders.saga import PLACE_ORDER
+from saga.definition import SagaDefinition, Step
+from saga.engine import build_chain, task_id_for
+
+SAGA_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
+
+
+def test_compensations_run_newest_first_then_fail_and_notify() -> None:
+    assert [s.name for s in PLACE_ORDER.compensation_steps()] == [
+        "refund_payment",
+        "release_inventory",
+        "fail_order",
+        "notify_failure",
+    ]
+    assert [s.task for s in PLACE_ORDER.compensation_steps()] == [
+        "payments.refund",
+        "inventory.release",
+        "orders.fail",
+        "notifications.notify",
+    ]
+
+
+def test_only_steps_after_the_pivot_are_past_it() -> None:
+    assert [PLACE_ORDER.is_after_pivot(s.name) for s in PLACE_ORDER.steps] == [False, False, False, True]
+
+
+def test_forward_chain_calls_each_service_by_name_with_links_to_the_coordinator() -> None:
+    canvas = build_chain(PLACE_ORDER.steps, saga_id=SAGA_ID, generation=3, context={"order_id": "o"})
+
+    tasks = canvas.tasks
+    assert [t.task for t in tasks] == ["inventory.reserve", "payments.charge", "orders.confirm", "notifications.notify"]
+    assert tasks[0].args == ({"order_id": "o"},)
+    assert [t.args for t in tasks[1:]] == [(), (), ()]  # each receives the previous step's result
+    for spec, sig in zip(PLACE_ORDER.steps, tasks, strict=True):
+        assert sig.options["task_id"] == f"{SAGA_ID}-{spec.name}-g3"
+        [link] = sig.options["link"]
+        [errback] = sig.options["link_error"]
+        assert (link["task"], link["kwargs"]) == ("saga.step_succeeded", {"saga_id": str(SAGA_ID), "step": spec.name})
+        assert (errback["task"], errback["kwargs"]) == (
+            "saga.step_failed",
+            {"saga_id": str(SAGA_ID), "step": spec.name},
+        )
+
+
+def test_steps_are_routed_to_their_service_queue() -> None:
+    from orders_project.celery import app
+
+    router = app.amqp.router
+    for name, queue in [
+        ("inventory.reserve", "inventory"),
+        ("payments.refund", "payments"),
+        ("orders.confirm", "orders"),
+        ("notifications.notify", "notifications"),
+        ("saga.step_failed", "saga"),
+        ("celery.chord_unlock", "saga"),
+    ]:
+        assert router.route({}, name)["queue"].name == queue
+
+
+def test_a_single_step_plan_is_a_plain_signature() -> None:
+    sig = build_chain(PLACE_ORDER.steps[:1], saga_id=SAGA_ID, generation=0, context={})
+    assert sig.task == "inventory.reserve"
+    assert sig.options["task_id"] == task_id_for(SAGA_ID, "reserve_inventory", 0)
+
+
+def test_definitions_reject_duplicate_names_and_unknown_pivots() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        SagaDefinition("d", steps=(Step("a", "x.a"), Step("a", "x.b")), pivot="a")
+    with pytest.raises(ValueError, match="pivot"):
+        SagaDefinition("d", steps=(Step("a", "x.a"),), pivot="zzz")
+    with pytest.raises(ValueError):
+        build_chain((), saga_id=SAGA_ID, generation=0, context={})
