@@ -1,0 +1,132 @@
+"""The HTTP contract: authentication, who sees what, and clear 400s for bad input."""
+
+import uuid
+
+import pytest
+import requests
+
+from orders.models import Order
+
+from .api import Api, make_product
+
+pytestmark = pytest.mark.integration
+
+ENDPOINTS = ["/api/orders/", "/api/products/", "/api/payments/", "/api/notifications/"]
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_anonymous_calls_get_401(api: Api, path: str) -> None:
+    response = api.anonymous().get(path)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Token"
+
+
+def test_anonymous_order_creation_gets_401(api: Api) -> None:
+    assert api.anonymous().post("/api/orders/", json={}).status_code == 401
+
+
+def test_token_endpoint_issues_a_working_token(topology) -> None:
+    from django.contrib.auth import get_user_model
+
+    username, password = f"u-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    get_user_model().objects.create_user(username=username, password=password)
+
+    bad = requests.post(f"{topology.base_url}/api/auth/token/", json={"username": username, "password": "x"})
+    good = requests.post(f"{topology.base_url}/api/auth/token/", json={"username": username, "password": password})
+
+    assert bad.status_code == 400
+    assert good.status_code == 200
+    assert Api(topology.base_url, good.json()["token"]).get("/api/orders/").status_code == 200
+
+
+def test_customers_see_only_their_own_orders_and_staff_see_all(topology, api: Api, staff_api: Api, sku: str) -> None:
+    make_product(sku, on_hand=2)
+    mine = api.place_order([(sku, 1)])
+    other = Api.for_new_user(topology.base_url)
+
+    assert other.get(f"/api/orders/{mine['id']}/").status_code == 404
+    assert other.post(f"/api/orders/{mine['id']}/cancel/").status_code == 404
+    assert other.get("/api/payments/", params={"order": mine["id"]}).status_code == 404
+    assert other.get("/api/notifications/", params={"order": mine["id"]}).status_code == 404
+    assert other.get("/api/orders/").json()["results"] == []
+    assert [o["id"] for o in api.get("/api/orders/").json()["results"]] == [mine["id"]]
+    assert staff_api.get(f"/api/orders/{mine['id']}/").status_code == 200
+    api.wait_until_final(mine["id"])
+
+
+def test_products_list_stock_figures(api: Api, sku: str) -> None:
+    make_product(sku, on_hand=7, price="3.25")
+    products = {p["sku"]: p for p in api.get("/api/products/", params={"limit": 1000}).json()["results"]}
+    assert products[sku] == {
+        "sku": sku,
+        "name": f"Test product {sku}",
+        "price": "3.25",
+        "on_hand": 7,
+        "reserved": 0,
+        "available": 7,
+    }
+
+
+def test_payments_need_an_order_filter_with_a_valid_id(api: Api) -> None:
+    assert api.get("/api/payments/").json() == {"order": ["This query parameter is required: ?order=<order id>."]}
+    assert api.get("/api/payments/", params={"order": "nope"}).status_code == 400
+    assert api.get("/api/notifications/", params={"order": str(uuid.uuid4())}).status_code == 404
+
+
+GOOD = {"email": "a@example.com", "items": [{"sku": "X", "quantity": 1}], "payment_token": "tok_visa"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({k: v for k, v in GOOD.items() if k != "items"}, "items"),
+        ({**GOOD, "items": []}, "items"),
+        ({**GOOD, "items": "MUG"}, "items"),
+        ({**GOOD, "items": [{"sku": "X", "quantity": 0}]}, "items"),
+        ({**GOOD, "items": [{"sku": "X", "quantity": -3}]}, "items"),
+        ({**GOOD, "items": [{"sku": "X", "quantity": "two"}]}, "items"),
+        ({**GOOD, "items": [{"sku": "X", "quantity": 1.5}]}, "items"),
+        ({**GOOD, "items": [{"sku": "X", "quantity": 10**12}]}, "items"),
+        ({**GOOD, "items": [{"sku": "X"}]}, "items"),
+        ({**GOOD, "items": [{"sku": "", "quantity": 1}]}, "items"),
+        ({**GOOD, "items": [{"sku": "X" * 65, "quantity": 1}]}, "items"),
+        ({**GOOD, "items": [{"sku": "X", "quantity": 1}, {"sku": "X", "quantity": 2}]}, "items"),
+        ({**GOOD, "items": [{"sku": f"S{i}", "quantity": 1} for i in range(51)]}, "items"),
+        ({**GOOD, "email": "not-an-email"}, "email"),
+        ({k: v for k, v in GOOD.items() if k != "email"}, "email"),
+        ({**GOOD, "payment_token": "4242424242424242"}, "payment_token"),
+        ({**GOOD, "payment_token": 42}, "payment_token"),
+        ({**GOOD, "phone": "555-1234"}, "phone"),
+    ],
+)
+def test_bad_order_input_gets_a_400_naming_the_field(api: Api, body: dict, field: str) -> None:
+    response = api.post("/api/orders/", json=body)
+    assert response.status_code == 400, response.text
+    assert field in response.json()
+    assert not Order.objects.filter(user_id=api.user_id).exists()
+
+
+@pytest.mark.parametrize("raw", ['{"email": ', "[]", "null", '"text"', "\x00\xff"])
+def test_malformed_json_gets_a_400(api: Api, raw: str) -> None:
+    response = api.post("/api/orders/", data=raw.encode("latin-1"), headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+
+
+def test_non_json_content_type_gets_a_415(api: Api) -> None:
+    response = api.post(
+        "/api/orders/", data="email=a@b.c", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status_code == 415
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "has space", "ünïcode"])
+def test_bad_idempotency_key_gets_a_400(api: Api, key: str) -> None:
+    response = api.post("/api/orders/", json=GOOD, headers={"Idempotency-Key": key.encode().decode("latin-1")})
+    assert response.status_code == 400, response.text
+    assert "Idempotency-Key" in response.json()
+
+
+def test_unknown_order_is_404_and_malformed_id_is_404(api: Api) -> None:
+    assert api.get(f"/api/orders/{uuid.uuid4()}/").status_code == 404
+    assert api.get("/api/orders/not-a-uuid/").status_code == 404

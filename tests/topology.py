@@ -1,0 +1,157 @@
+"""Start the shipped topology for tests: the Procfile's web and worker processes.
+
+The commands come from the Procfile itself, so the tests run exactly what `make run`
+and a Procfile-based host run: one worker per queue, each registering only its own
+service's tasks, and the web app under gunicorn.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+WORKERS = ("orders", "saga", "inventory", "payments", "notifications")
+
+
+def read_procfile(path: Path = BASE_DIR / "Procfile") -> dict[str, str]:
+    processes = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line.strip())
+        if match:
+            processes[match.group(1)] = match.group(2)
+    return processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except Exception as error:  # a condition may fail while the system settles
+            last_error = error
+        else:
+            if value:
+                return value
+        time.sleep(interval)
+    raise TimeoutError(
+        f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+    )
+
+
+@dataclass
+class Process:
+    name: str
+    command: str
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        # A session of its own, so a signal reaches the program's children (prefork pool) too.
+        self.popen = subprocess.Popen(
+            ["bash", "-c", self.command],
+            cwd=BASE_DIR,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the main process and its pool children."""
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass
+class Topology:
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, Process] = field(default_factory=dict)
+    base_url: str = ""
+
+    def start(self, names: Iterable[str] = ("web", *WORKERS)) -> None:
+        procfile = read_procfile()
+        port = free_port()
+        # The Procfile names programs (celery, gunicorn) as installed in this virtualenv.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env = {**self.env, "PORT": str(port), "PATH": path}
+        self.base_url = f"http://127.0.0.1:{port}"
+        for name in names:
+            process = Process(name, procfile[name], self.log_dir / f"{name}.log")
+            self.processes[name] = process
+            process.start(self.env)
+        self.wait_ready(names)
+
+    def wait_ready(self, names: Iterable[str]) -> None:
+        from orders_project.celery import app
+
+        workers = [n for n in names if n in WORKERS]
+        for name in names:
+            process = self.processes[name]
+            if process.popen.poll() is not None:
+                raise RuntimeError(f"{name} exited at start:\n{process.log_tail()}")
+        if "web" in names:
+            wait_for(
+                lambda: requests.get(f"{self.base_url}/api/products/", timeout=2).status_code == 401,
+                timeout=60,
+                what="the web process to answer",
+            )
+        if workers:
+            wanted = {f"{name}@{socket.gethostname()}" for name in workers}
+
+            def all_answer() -> bool:
+                replies = app.control.ping(destination=list(wanted), timeout=1.0)
+                return wanted <= {host for reply in replies for host in reply}
+
+            wait_for(all_answer, timeout=90, what=f"workers {sorted(wanted)} to answer a ping", interval=0.5)
+
+    def restart(self, name: str) -> None:
+        process = self.processes[name]
+        process.stop()
+        process.start(self.env)
+        self.wait_ready([name])
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.processes.values())
