@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Create one database and one role per service on the compose PostgreSQL server.
+#
+# The official postgres image runs this once, on the first start with an empty data
+# directory (/docker-entrypoint-initdb.d). Changing it later has no effect on an existing
+# volume: `docker compose down -v` deletes the data and the next `up` runs it again.
+#
+#   database            owner (role)        holds (orders_project/db_routers.py)
+#   saga_default        app                 auth, admin, sessions, DRF tokens, Celery results, beat
+#   saga_orders         orders_svc          orders, and the saga store (routed beside the orders)
+#   saga_inventory      inventory_svc       inventory
+#   saga_payments       payments_svc        payments
+#   saga_notifications  notifications_svc   notifications
+#
+# Least privilege: CONNECT is revoked from PUBLIC on every database (and on the `postgres`
+# and `template1` maintenance databases), so a role can connect to the database it owns
+# and to saga_default (granted below), and to nothing else. In saga_default the service
+# roles may read and write the tables that `app` creates when `migrate` runs (Celery task
+# results, auth, ...) but cannot create, alter or drop anything there.
+#
+# Passwords come from the environment that docker-compose.yml gives the postgres service
+# (local defaults there, overridden from .env). psql quotes them itself (:'var'), so any
+# character is safe in SQL; keep them URL-safe all the same, since compose also puts them
+# in the DATABASE_URLs.
+set -euo pipefail
+
+: "${APP_DB_PASSWORD:?APP_DB_PASSWORD must be set}"
+: "${ORDERS_DB_PASSWORD:?ORDERS_DB_PASSWORD must be set}"
+: "${INVENTORY_DB_PASSWORD:?INVENTORY_DB_PASSWORD must be set}"
+: "${PAYMENTS_DB_PASSWORD:?PAYMENTS_DB_PASSWORD must be set}"
+: "${NOTIFICATIONS_DB_PASSWORD:?NOTIFICATIONS_DB_PASSWORD must be set}"
+
+psql --no-psqlrc --set ON_ERROR_STOP=1 \
+    --username "${POSTGRES_USER:-postgres}" --dbname "${POSTGRES_DB:-${POSTGRES_USER:-postgres}}" \
+    --set app_password="$APP_DB_PASSWORD" \
+    --set orders_password="$ORDERS_DB_PASSWORD" \
+    --set inventory_password="$INVENTORY_DB_PASSWORD" \
+    --set payments_password="$PAYMENTS_DB_PASSWORD" \
+    --set notifications_password="$NOTIFICATIONS_DB_PASSWORD" \
+    <<'SQL'
+CREATE ROLE app               LOGIN PASSWORD :'app_password';
+CREATE ROLE orders_svc        LOGIN PASSWORD :'orders_password';
+CREATE ROLE inventory_svc     LOGIN PASSWORD :'inventory_password';
+CREATE ROLE payments_svc      LOGIN PASSWORD :'payments_password';
+CREATE ROLE notifications_svc LOGIN PASSWORD :'notifications_password';
+
+-- The owner may connect and, on PostgreSQL 15+, create tables in the database's public
+-- schema (owned by pg_database_owner): that is all `migrate` needs.
+CREATE DATABASE saga_default       OWNER app;
+CREATE DATABASE saga_orders        OWNER orders_svc;
+CREATE DATABASE saga_inventory     OWNER inventory_svc;
+CREATE DATABASE saga_payments      OWNER payments_svc;
+CREATE DATABASE saga_notifications OWNER notifications_svc;
+
+REVOKE CONNECT, TEMPORARY ON DATABASE saga_default       FROM PUBLIC;
+REVOKE CONNECT, TEMPORARY ON DATABASE saga_orders        FROM PUBLIC;
+REVOKE CONNECT, TEMPORARY ON DATABASE saga_inventory     FROM PUBLIC;
+REVOKE CONNECT, TEMPORARY ON DATABASE saga_payments      FROM PUBLIC;
+REVOKE CONNECT, TEMPORARY ON DATABASE saga_notifications FROM PUBLIC;
+REVOKE CONNECT, TEMPORARY ON DATABASE postgres           FROM PUBLIC;
+REVOKE CONNECT, TEMPORARY ON DATABASE template1          FROM PUBLIC;
+
+-- Every process writes Celery task results (and reads auth data) in saga_default.
+GRANT CONNECT ON DATABASE saga_default TO orders_svc, inventory_svc, payments_svc, notifications_svc;
+
+\connect saga_default
+-- Applies to the tables and sequences that `app` creates from now on, i.e. by `migrate`.
+ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES
+    TO orders_svc, inventory_svc, payments_svc, notifications_svc;
+ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public
+    GRANT USAGE, SELECT ON SEQUENCES
+    TO orders_svc, inventory_svc, payments_svc, notifications_svc;
+SQL
