@@ -33,8 +33,11 @@ LOCAL_ADMIN = ("admin", "admin-local-only")
 EXAMPLE_ORDER = json.dumps(
     {"email": "you@example.com", "items": [{"sku": "MUG-LOGO", "quantity": 2}], "payment_token": "tok_visa"}
 )
-# Redis database the test run owns (flushed at its start), apart from make run's /0.
-TEST_REDIS_DB = "15"
+# What a test run owns, apart from make run's: databases named <name><suffix> on the same
+# server, and a Redis database (flushed at its start). Overridable so that two test runs
+# (e.g. two checkouts sharing one server) do not trample each other.
+TEST_DB_SUFFIX = os.environ.get("TEST_DB_SUFFIX", "_test")
+TEST_REDIS_DB = os.environ.get("TEST_REDIS_DB", "15")
 
 
 def _python() -> str:
@@ -176,7 +179,7 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
     """Everything `make test` does after the virtualenv exists: fresh test databases, then pytest."""
     urls = services.ensure_services(base_dir)
     try:
-        test_urls = {key: with_database_suffix(urls[key], "_test") for key in ALIASES.values()}
+        test_urls = {key: with_database_suffix(urls[key], TEST_DB_SUFFIX) for key in ALIASES.values()}
         test_urls["CELERY_BROKER_URL"] = with_redis_db(urls["CELERY_BROKER_URL"], TEST_REDIS_DB)
         services.ensure_databases(test_urls, recreate=True)
         if test_urls["CELERY_BROKER_URL"].startswith("redis"):
