@@ -27,10 +27,11 @@ RUN pip install -r requirements.txt
 COPY . .
 
 # Static files are collected into the image (STATIC_ROOT = /app/staticfiles, served by
-# WhiteNoise). Settings need a SECRET_KEY to load; this one exists only for this step and
-# is not kept in the image's environment. collectstatic touches no database.
-# .data/ is the one directory the app writes to (file-based SMS/mail backends).
-RUN SECRET_KEY=collectstatic-build-step-only DEBUG=False python manage.py collectstatic --noinput \
+# WhiteNoise). Settings need a SECRET_KEY to load, and with DEBUG off a strong one: this
+# one is random, exists only for this step and is not kept in the image. collectstatic
+# touches no database. .data/ is the one directory the app writes to (file-based SMS/mail).
+RUN SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')" DEBUG=False \
+        python manage.py collectstatic --noinput \
     && mkdir -p /app/.data \
     && chown app:app /app/.data
 

@@ -1,12 +1,26 @@
-"""Query-parameter handling shared by the per-order read endpoints of every service."""
+"""What every service's API shares: the `?order=` filter, JSON errors under /api/, and the
+error bodies the OpenAPI schema documents (README "Security"). The DRF classes settings.py
+names are in common.drf."""
 
 import uuid
 
-from django.http import Http404
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 
 from orders.selectors import order_visible
+
+ORDER_FILTER = OpenApiParameter(
+    "order",
+    type=uuid.UUID,
+    location=OpenApiParameter.QUERY,
+    description="The order whose records to list. Required for customers (it must be one of their "
+    "orders: another's is 404); staff may omit it to list everything.",
+)
 
 
 def order_filter(request: Request) -> uuid.UUID | None:
@@ -28,3 +42,87 @@ def order_filter(request: Request) -> uuid.UUID | None:
     if not order_visible(order_id=order_id, user_id=user_id):
         raise Http404
     return order_id
+
+
+# --- Errors outside DRF's views (URL not found, server error): JSON under /api/ -------
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path.startswith("/api/")
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if isinstance(exception, RequestDataTooBig) and _is_api(request):
+        return JsonResponse({"detail": "The request body is too large."}, status=413)
+    if _is_api(request):
+        return JsonResponse({"detail": "Bad request."}, status=400)
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse({"detail": "You do not have permission to perform this action."}, status=403)
+    return defaults.permission_denied(request, exception)
+
+
+def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    # Never the exception or a traceback: those are in the server log.
+    if _is_api(request):
+        return JsonResponse({"detail": "Internal server error."}, status=500)
+    return defaults.server_error(request)
+
+
+# --- OpenAPI: the error bodies every endpoint may answer with -------------------------
+
+
+class ErrorOutput(serializers.Serializer):
+    detail = serializers.CharField(help_text="What went wrong, for a person to read.")
+
+
+VALIDATION_ERROR = OpenApiResponse(
+    response={
+        "type": "object",
+        "description": "One entry per invalid field (or header / query parameter): a list of messages, "
+        "or for a list of objects one such object per element.",
+        "additionalProperties": True,
+    },
+    description="Invalid input: a message per field.",
+)
+
+
+def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
+    """The documented error answers of an operation, by status code (429's Retry-After
+    header is RETRY_AFTER, listed with the operation's parameters)."""
+    descriptions = {
+        400: "Invalid input: a message per field.",
+        401: "No valid token (or session): authenticate first.",
+        404: "No such object, or not yours.",
+        409: "The object's state does not allow this.",
+        413: "The request body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE.",
+        415: "The body is not JSON (Content-Type: application/json).",
+        422: "The Idempotency-Key was already used with a different request.",
+        429: "Too many requests: retry after the number of seconds in Retry-After.",
+    }
+    responses = {}
+    for code in codes:
+        if code == 400:
+            responses[code] = VALIDATION_ERROR
+        else:
+            responses[code] = OpenApiResponse(ErrorOutput, description=descriptions[code])
+    return responses
+
+
+RETRY_AFTER = OpenApiParameter(
+    "Retry-After",
+    type=int,
+    location=OpenApiParameter.HEADER,
+    response=[429],
+    required=True,
+    description="Seconds to wait before the next request.",
+)

@@ -1,6 +1,20 @@
+import logging
+import sys
+
 from django.apps import AppConfig
+from django.conf import settings
+
+from orders_project.security import local_mode_notice
 
 
 class CommonConfig(AppConfig):
     name = "common"
     verbose_name = "Shared building blocks"
+
+    def ready(self) -> None:
+        # Local mode may be relaxed, and says so: once per server process (web, worker, beat,
+        # Flower, runserver) at start-up; manage.py's one-off commands stay quiet.
+        if sys.argv[0].endswith("manage.py") and sys.argv[1:2] != ["runserver"]:
+            return
+        if notice := local_mode_notice(debug=settings.DEBUG, secret_key=settings.SECRET_KEY):
+            logging.getLogger("orders_project.security").warning(notice)

@@ -15,10 +15,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from .exceptions import InvalidMessage, TransientError
+from .signing import context_verify
 
 RETRYABLE = (TransientError, OperationalError, InterfaceError)
 
@@ -38,12 +40,16 @@ def require_str(ctx: Mapping[str, Any], field: str, *, max_length: int = 255) ->
 
 
 def saga_step_task(
-    name: str, *, max_retries: int = 5, **options: Any
+    name: str, *, max_retries: int = 5, compensation: bool = False, **options: Any
 ) -> Callable[[Callable[..., dict[str, Any]]], Any]:
     """Declare a participant task: `fn(ctx, **kwargs) -> output dict`.
 
     The wrapped function must be idempotent by its saga key (see common.idempotency).
+    A compensation (or a step past the pivot) retries transient errors for
+    SAGA_COMPENSATION_MAX_RETRIES: it must eventually succeed, or an operator must look.
     """
+    if compensation:
+        max_retries = settings.SAGA_COMPENSATION_MAX_RETRIES
 
     def decorator(fn: Callable[..., dict[str, Any]]) -> Any:
         @shared_task(
@@ -51,7 +57,7 @@ def saga_step_task(
             bind=True,
             autoretry_for=RETRYABLE,
             retry_backoff=1,
-            retry_backoff_max=30,
+            retry_backoff_max=settings.TASK_RETRY_BACKOFF_MAX,
             retry_jitter=True,
             max_retries=max_retries,
             **options,
@@ -60,6 +66,8 @@ def saga_step_task(
             started_at = timezone.now()
             if not isinstance(ctx, dict):
                 raise InvalidMessage(f"{name} expects a saga context object, got {type(ctx).__name__}")
+            # Only for a saga the coordinator started, with the order as it was placed (issue 6).
+            context_verify(ctx)
             output = fn(ctx, **kwargs)
             meta = {
                 "started_at": started_at.isoformat(),

@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             from devstack import stack
 
             return stack.test(DEFAULT_BASE_DIR, argv[1:])
+        if argv[:1] == ["chaos"]:
+            from devstack import chaos
+
+            return chaos.run(DEFAULT_BASE_DIR, argv[1:])
         args = _build_parser().parse_args(argv)
         if args.group == "run":
             from devstack import stack

@@ -1194,3 +1194,28 @@ def _redis_status(paths: _Paths, port: int) -> ServerStatus:
     if state == "ours":
         return ServerStatus("redis", port, pid, True, f"running on {HOST}:{port}")
     return ServerStatus("redis", port, pid, False, f"running but not answering on {port}: {detail}")
+
+
+def restart_embedded(
+    base_dir: Path, name: ServiceName, *, down_seconds: float = 0.0, timeout: float = DEFAULT_TIMEOUT
+) -> None:
+    """Stop one embedded server and start it again, keeping its data: a fault to inject.
+
+    For the fault tests and `make chaos`: clients see their connections drop and must
+    reconnect. `down_seconds` keeps the server away that long before it comes back.
+    Precondition: the embedded servers are in use (not external ones).
+    """
+    base_dir = _check_base_dir(base_dir)
+    settings = EmbeddedSettings.load(base_dir)
+    paths = _Paths(base_dir)
+    deadline = time.monotonic() + timeout
+    with _exclusive(paths, deadline):
+        _stop(paths, [name], timeout)
+    if down_seconds > 0:
+        time.sleep(down_seconds)
+    deadline = time.monotonic() + timeout
+    with _exclusive(paths, deadline):
+        if name == "postgres":
+            _ensure_postgres(paths, settings, deadline)
+        else:
+            _ensure_redis(paths, settings.redis_port, deadline)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from devstack import services
+from devstack import roles, services
 
 logger = logging.getLogger("devstack")
 
@@ -38,6 +39,20 @@ EXAMPLE_ORDER = json.dumps(
 # (e.g. two checkouts sharing one server) do not trample each other.
 TEST_DB_SUFFIX = os.environ.get("TEST_DB_SUFFIX", "_test")
 TEST_REDIS_DB = os.environ.get("TEST_REDIS_DB", "15")
+
+
+TEST_TIMINGS = {
+    "FAKE_PROVIDER_SLOW_SECONDS": "2",
+    "FAKE_PROVIDER_HANG_SECONDS": "12",
+    "CELERY_TASK_SOFT_TIME_LIMIT": "8",
+    "CELERY_TASK_TIME_LIMIT": "10",
+    "TASK_RETRY_BACKOFF_MAX": "4",
+    "CELERY_VISIBILITY_TIMEOUT": "20",
+    "SAGA_STEP_TIMEOUT": "10",
+    "SAGA_SWEEP_INTERVAL": "1",
+    "SAGA_COMPENSATION_MAX_RETRIES": "5",
+    "PAYMENT_BREAKER_RESET_SECONDS": "3",
+}
 
 
 def _python() -> str:
@@ -137,7 +152,8 @@ def run(base_dir: Path) -> int:
 
 def _run_system(base_dir: Path, urls: services.ServiceURLs) -> int:
     services.ensure_databases(urls)
-    env = _base_env(base_dir, urls)
+    # Least privilege (issue 6): one role per database; each worker connects as its own.
+    env = _base_env(base_dir, roles.ensure_roles(urls, password_dir=base_dir / ".data" / "db-roles"))
     logger.info("migrating the five service databases")
     migrate_all(base_dir, env)
     _manage(base_dir, env, "seed_demo", "--verbosity=0")
@@ -182,17 +198,81 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
         test_urls = {key: with_database_suffix(urls[key], TEST_DB_SUFFIX) for key in ALIASES.values()}
         test_urls["CELERY_BROKER_URL"] = with_redis_db(urls["CELERY_BROKER_URL"], TEST_REDIS_DB)
         services.ensure_databases(test_urls, recreate=True)
+        # Least privilege (issue 6): one role per database; each worker connects as its own.
+        test_urls = roles.ensure_roles(test_urls, password_dir=base_dir / ".data" / "db-roles")
         if test_urls["CELERY_BROKER_URL"].startswith("redis"):
             _flush_redis(test_urls["CELERY_BROKER_URL"])
         env = _base_env(base_dir, test_urls)
         env.setdefault("SECRET_KEY", secrets.token_urlsafe(40))
-        # The slow provider token only needs to be slow enough for a cancel to land.
-        env.setdefault("FAKE_PROVIDER_SLOW_SECONDS", "2")
         env.setdefault("TEST_LOG_DIR", str(base_dir / ".data" / "test-logs"))
+        # Fault tests restart servers only when they are the embedded ones, ours to restart;
+        # the chaos test needs the servers' own URLs to make databases of its own.
+        env["DEVSTACK_MODE"] = urls.mode
+        env["DEVSTACK_SERVER_URLS"] = json.dumps(dict(urls))
+        env["DEVSTACK_BASE_DIR"] = str(base_dir)
+        # Faults surface in seconds rather than minutes: short time limits, deadlines and
+        # backoff, a quick sweeper. Every process of the run reads the same values.
+        for key, value in TEST_TIMINGS.items():
+            env.setdefault(key, value)
         env["EMAIL_FILE_PATH"] = str(base_dir / ".data" / "test-mail")
         env["SMS_FILE_PATH"] = str(base_dir / ".data" / "test-sms")
         migrate_all(base_dir, env)
-        return subprocess.run([_python(), "-m", "pytest", *pytest_args], cwd=base_dir, env=env).returncode
+        code = subprocess.run([_python(), "-m", "pytest", *pytest_args], cwd=base_dir, env=env).returncode
+        if code != 0 or pytest_args:
+            # A failure stands on its own; a targeted run (ARGS=...) runs only what it names.
+            return code
+        return _test_on_rabbitmq(base_dir, env)
     finally:
         if urls.started_by_us:
             services.stop_services(base_dir, only=urls.started_by_us)
+
+
+def _test_on_rabbitmq(base_dir: Path, env: dict[str, str]) -> int:
+    """Run the system tests again with RabbitMQ as the broker, when one is reachable.
+
+    Every test that does not depend on Redis itself (dropping a message from a Redis list,
+    restarting the Redis server) runs, against the same databases, in a vhost of its own
+    that is created afresh. A machine without RabbitMQ skips this and says so.
+    """
+    url = os.environ.get("TEST_AMQP_URL", DEFAULT_TEST_AMQP_URL)
+    if not _fresh_amqp_vhost(url):
+        print(f"\nRabbitMQ run skipped: no broker we can use at {services.redact_url(url)} (set TEST_AMQP_URL)\n")
+        return 0
+    print(f"\nThe same system tests with RabbitMQ as the broker ({services.redact_url(url)}):\n", flush=True)
+    amqp_env = {
+        **env,
+        "CELERY_BROKER_URL": url,
+        # The circuit breaker still shares its state through Redis.
+        "PAYMENT_BREAKER_REDIS_URL": env["CELERY_BROKER_URL"],
+        # So do the API rate limits (issue 6: without a Redis CACHE_URL, counts are per process).
+        **({"CACHE_URL": env["CELERY_BROKER_URL"]} if env["CELERY_BROKER_URL"].startswith("redis") else {}),
+        "TEST_LOG_DIR": str(Path(env["TEST_LOG_DIR"]).with_name("test-logs-amqp")),
+    }
+    command = [_python(), "-m", "pytest", "tests", "-m", "not redis_only", "-p", "no:cacheprovider"]
+    return subprocess.run(command, cwd=base_dir, env=amqp_env).returncode
+
+
+DEFAULT_TEST_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_test"
+
+
+def _fresh_amqp_vhost(url: str) -> bool:
+    """A reachable, empty vhost for the run: recreated with rabbitmqctl when it is on this
+    machine (root, as in CI), else used as it is if the broker accepts us."""
+    from kombu import Connection
+
+    vhost = urlsplit(url).path.lstrip("/") or "/"
+    ctl = shutil.which("rabbitmqctl")
+    if ctl and vhost != "/" and os.geteuid() == 0:
+        user = urlsplit(url).username or "guest"
+        for args in (
+            ["delete_vhost", vhost],
+            ["add_vhost", vhost],
+            ["set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+        ):
+            subprocess.run([ctl, "-q", *args], capture_output=True, timeout=60)
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False

@@ -1,21 +1,108 @@
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import F, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
 from saga.admin import ReadOnlyAdminMixin
 
+from . import services
+from .exceptions import StockBelowReserved
 from .models import ProcessedKey, Product, Reservation
+
+
+class ProductForm(forms.ModelForm):
+    """Stock changes by a signed amount, never by overwriting on hand: the service applies
+    it in one conditional update, so reservations taken meanwhile stay consistent."""
+
+    on_hand_delta = forms.IntegerField(
+        required=False,
+        initial=0,
+        label="Adjust on hand by",
+        help_text="+N for goods received, -N for a count correction or write-off. Units that orders "
+        "hold (reserved) cannot be taken away.",
+    )
+
+    class Meta:
+        model = Product
+        fields = ["sku", "name", "price", "on_hand"]
+
+    def clean_on_hand_delta(self) -> int:
+        delta = self.cleaned_data.get("on_hand_delta") or 0
+        product = self.instance
+        if product.pk and product.on_hand + delta < product.reserved:
+            # Checked again, under no race, by the service's conditional update.
+            raise forms.ValidationError(
+                f"That leaves {product.on_hand + delta} on hand, below the {product.reserved} units orders hold."
+            )
+        return delta
+
+
+class AvailabilityFilter(admin.SimpleListFilter):
+    title = "availability"
+    parameter_name = "availability"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("sold_out", "sold out"), ("available", "available")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "sold_out":
+            return queryset.filter(on_hand__lte=F("reserved"))
+        if self.value() == "available":
+            return queryset.filter(on_hand__gt=F("reserved"))
+        return queryset
 
 
 @admin.register(Product)
 class ProductAdmin(admin.ModelAdmin):
-    list_display = ["sku", "name", "price", "on_hand", "reserved", "available"]
+    """Products are created and changed through inventory.services, never by saving the row:
+    `reserved` moves only with reservations, `on_hand` only by adjustments."""
+
+    form = ProductForm
+    list_display = ["sku", "name", "price", "on_hand", "reserved", "available", "updated_at"]
+    list_filter = [AvailabilityFilter, "updated_at"]
     search_fields = ["sku", "name"]
-    # Reserved units move only with reservations: editing them by hand breaks the books.
-    readonly_fields = ["reserved", "created_at", "updated_at"]
+
+    def get_fields(self, request: HttpRequest, obj: Product | None = None) -> list[str]:
+        if obj is None:
+            return ["sku", "name", "price", "on_hand"]
+        return ["sku", "name", "price", "on_hand", "reserved", "available", "on_hand_delta", "created_at", "updated_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Product | None = None) -> list[str]:
+        if obj is None:
+            return []
+        return ["sku", "on_hand", "reserved", "available", "created_at", "updated_at"]
+
+    def has_delete_permission(self, request: HttpRequest, obj: Product | None = None) -> bool:
+        # Reservations and orders refer to products by SKU: retire one by taking its stock to 0.
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Product, form: ProductForm, change: bool) -> None:
+        data = form.cleaned_data
+        try:
+            if change:
+                product = services.product_update(
+                    sku=obj.sku, name=data["name"], price=data["price"], on_hand_delta=data.get("on_hand_delta") or 0
+                )
+            else:
+                product = services.product_upsert(
+                    sku=data["sku"], name=data["name"], price=data["price"], on_hand=data["on_hand"]
+                )
+        except (StockBelowReserved, ValueError) as refused:
+            request._stock_refused = str(refused)  # reported by response_change
+            return
+        obj.pk, obj.on_hand, obj.reserved = product.pk, product.on_hand, product.reserved
+
+    def response_change(self, request: HttpRequest, obj: Product) -> HttpResponse:
+        if refused := getattr(request, "_stock_refused", None):
+            # Orders reserved units between the form and the save: nothing was changed.
+            self.message_user(request, f"Not changed: {refused}", messages.ERROR)
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, obj)
 
 
 @admin.register(Reservation)
 class ReservationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["saga_id", "order_id", "sku", "quantity", "unit_price", "status", "created_at"]
+    list_display = ["saga_id", "order_id", "sku", "quantity", "unit_price", "status", "created_at", "released_at"]
     list_filter = ["status", "created_at"]
     search_fields = ["=saga_id", "=order_id", "sku"]
 

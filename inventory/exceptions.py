@@ -7,3 +7,7 @@ class InsufficientStock(StepFailed):
 
 class UnknownProduct(StepFailed):
     pass
+
+
+class StockBelowReserved(ValueError):
+    """A stock change would leave fewer units on hand than orders hold."""

@@ -12,7 +12,7 @@ from django.utils import timezone
 from common.exceptions import StepRefused
 from common.idempotency import processed_record, processed_result, saga_lock, step_key
 
-from .exceptions import InsufficientStock, UnknownProduct
+from .exceptions import InsufficientStock, StockBelowReserved, UnknownProduct
 from .models import ProcessedKey, Product, Reservation
 
 DB = "inventory"
@@ -95,4 +95,26 @@ def product_upsert(*, sku: str, name: str, price: Decimal, on_hand: int) -> Prod
             raise ValueError(f"{sku}: on_hand {on_hand} is below the {product.reserved} units reserved")
         product.name, product.price, product.on_hand = name, price, on_hand
         product.save()
+    return product
+
+
+def product_update(*, sku: str, name: str, price: Decimal, on_hand_delta: int = 0) -> Product:
+    """Change a product's catalogue data, and add (goods received) or remove (a count
+    correction, a write-off) units on hand.
+
+    One conditional UPDATE (`on_hand + delta >= reserved`), so it never races with a
+    reservation: what orders hold stays held and `available` never goes negative; two
+    operators adjusting at once both count. Raises `StockBelowReserved` (nothing changes)
+    if on hand would fall below what is reserved, `Product.DoesNotExist` for an unknown SKU.
+    """
+    with transaction.atomic(using=DB):
+        updated = Product.objects.filter(sku=sku, on_hand__gte=F("reserved") - on_hand_delta).update(
+            name=name, price=price, on_hand=F("on_hand") + on_hand_delta, updated_at=timezone.now()
+        )
+        product = Product.objects.get(sku=sku)
+    if not updated:
+        raise StockBelowReserved(
+            f"{sku}: {on_hand_delta:+d} would leave {product.on_hand + on_hand_delta} on hand, below the "
+            f"{product.reserved} units orders hold"
+        )
     return product

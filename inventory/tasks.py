@@ -12,9 +12,9 @@ def _lines(ctx: dict[str, Any]) -> list[tuple[str, int]]:
         raise InvalidMessage("message field 'items' must be a non-empty list")
     lines = []
     for item in items:
-        sku, quantity = (item or {}).get("sku"), (item or {}).get("quantity")
+        sku, quantity = (item.get("sku"), item.get("quantity")) if isinstance(item, dict) else (None, None)
         if not isinstance(sku, str) or not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
-            raise InvalidMessage(f"malformed order line {item!r}")
+            raise InvalidMessage(f"malformed order line {str(item)[:200]}")
         lines.append((sku, quantity))
     return lines
 
@@ -26,6 +26,6 @@ def reserve(ctx: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-@saga_step_task("inventory.release", max_retries=10)
+@saga_step_task("inventory.release", compensation=True)
 def release(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.stock_release(saga_id=require_uuid(ctx, "saga_id"))

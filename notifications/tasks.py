@@ -6,7 +6,7 @@ from common.steps import require_str, require_uuid, saga_step_task
 from . import services
 
 
-@saga_step_task("notifications.notify", max_retries=8)
+@saga_step_task("notifications.notify", compensation=True)
 def notify(ctx: dict[str, Any]) -> dict[str, Any]:
     outcome = ctx.get("outcome")
     if outcome not in services.OUTCOME_KINDS:

@@ -1,4 +1,7 @@
 from django.contrib import admin
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.http import HttpRequest
+from django.urls import reverse
 from django.utils.html import format_html
 
 from saga.admin import ReadOnlyAdminMixin
@@ -17,8 +20,8 @@ class OrderLineInline(ReadOnlyAdminMixin, admin.TabularInline):
 @admin.register(Order)
 class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["id", "status", "email", "total", "currency", "created_at", "saga_link"]
-    list_filter = ["status", "created_at"]
-    search_fields = ["=id", "email"]
+    list_filter = ["status", "currency", "created_at"]
+    search_fields = ["=id", "email", "=idempotency_key"]
     date_hierarchy = "created_at"
     inlines = [OrderLineInline]
     readonly_fields = [
@@ -40,17 +43,28 @@ class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     ]
     fields = readonly_fields
 
-    @admin.display(description="saga")
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # The saga lives in the same (orders) database: one query for the whole page.
+        sagas = SagaInstance.objects.filter(order_id=OuterRef("pk"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(saga_pk=Subquery(sagas.values("id")[:1]), saga_status=Subquery(sagas.values("status")[:1]))
+        )
+
+    @admin.display(description="saga", ordering="saga_status")
     def saga_link(self, order: Order) -> str:
-        saga = SagaInstance.objects.filter(order_id=order.id).only("id", "status").first()
-        if saga is None:
+        if getattr(order, "saga_pk", None) is None:
             return "-"
-        return format_html('<a href="/admin/saga/sagainstance/{}/change/">{}</a>', saga.id, saga.status)
+        url = reverse("admin:saga_sagainstance_change", args=[order.saga_pk])
+        return format_html('<a href="{}">{}</a>', url, order.saga_status)
 
     @admin.display(description="payments")
     def payments_link(self, order: Order) -> str:
-        return format_html('<a href="/admin/payments/payment/?order_id={}">payments</a>', order.id)
+        url = reverse("admin:payments_payment_changelist")
+        return format_html('<a href="{}?order_id={}">payment and refund</a>', url, order.id)
 
     @admin.display(description="notifications")
     def notifications_link(self, order: Order) -> str:
-        return format_html('<a href="/admin/notifications/notification/?order_id={}">notifications</a>', order.id)
+        url = reverse("admin:notifications_notification_changelist")
+        return format_html('<a href="{}?order_id={}">notifications</a>', url, order.id)

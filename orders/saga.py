@@ -20,14 +20,16 @@ PLACE_ORDER = register(
             Step(
                 "charge_payment",
                 "payments.charge",
-                compensation=Step("refund_payment", "payments.refund", timeout=120),
-                # The provider may be slow (tok_slow): allow for it plus retries.
-                timeout=int(settings.FAKE_PROVIDER_SLOW_SECONDS) + 60,
+                compensation=Step("refund_payment", "payments.refund"),
+                # The provider may be slow (tok_slow): allow for it.
+                timeout=settings.SAGA_STEP_TIMEOUT + int(settings.FAKE_PROVIDER_SLOW_SECONDS),
             ),
             Step("confirm_order", "orders.confirm"),
             Step("notify_customer", "notifications.notify"),
         ),
         pivot="confirm_order",
+        # The order's row lock, which orders.confirm also takes (an operator's "compensate now").
+        pivot_guard="orders.services.order_lock_for_compensation",
         after_compensation=(
             Step("fail_order", "orders.fail"),
             Step("notify_failure", "notifications.notify"),

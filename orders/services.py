@@ -160,15 +160,18 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal) -
     return {"outcome": "confirmed"}
 
 
-def order_fail(*, order_id: uuid.UUID, reason: str) -> dict[str, Any]:
+def order_fail(*, order_id: uuid.UUID, saga_id: uuid.UUID, reason: str) -> dict[str, Any]:
     """After compensation: the order ends cancelled (if the customer asked) or failed.
 
-    Idempotent by the order's state.
+    Idempotent by the order's state. Refuses unless the order's saga is compensating (or
+    has compensated): a message of the saga's forward phase sent here fails nothing.
     """
     with transaction.atomic(using=DB):
         order = Order.objects.select_for_update().filter(id=order_id).first()
         if order is None:
             raise StepRefused(f"order {order_id} does not exist")
+        if not SagaInstance.objects.filter(id=saga_id, order_id=order_id).exclude(outcome="").exists():
+            raise StepRefused(f"order {order_id}: saga {saga_id} is not compensating; not failing the order")
         if order.status == Order.Status.CONFIRMED:
             raise StepRefused(f"order {order_id} is confirmed; it cannot fail")
         if order.status == Order.Status.PENDING:
@@ -177,3 +180,24 @@ def order_fail(*, order_id: uuid.UUID, reason: str) -> dict[str, Any]:
             order.save(update_fields=["status", "failure_reason", "updated_at"])
     outcome = OUTCOME_CANCELLED if order.status == Order.Status.CANCELLED else OUTCOME_FAILED
     return {"outcome": outcome}
+
+
+def order_lock_for_compensation(*, saga: SagaInstance) -> str | None:
+    """The place-order saga's pivot guard (saga.definition.SagaDefinition.pivot_guard).
+
+    Locks the order row, as `order_confirm` and `order_cancel` do before they read the
+    saga, and says why the saga can no longer be compensated, or None while the order is
+    pending: a confirm that has not committed yet then finds the saga compensating and
+    refuses. Precondition: inside `transaction.atomic(using="orders")`, before the saga
+    row is locked.
+    """
+    order = Order.objects.select_for_update().filter(id=saga.order_id).first()
+    if order is None:
+        return f"its order {saga.order_id} does not exist"
+    if order.status == Order.Status.CONFIRMED:
+        return "its order is confirmed: the pivot committed and nothing before it can be undone"
+    if order.status != Order.Status.PENDING:
+        return f"its order is already {order.status}"
+    if order.cancel_requested_at:
+        return "its order is already being cancelled"
+    return None

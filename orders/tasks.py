@@ -18,6 +18,10 @@ def confirm(ctx: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-@saga_step_task("orders.fail", max_retries=10)
+@saga_step_task("orders.fail", compensation=True)
 def fail(ctx: dict[str, Any]) -> dict[str, Any]:
-    return services.order_fail(order_id=require_uuid(ctx, "order_id"), reason=str(ctx.get("failure_reason") or ""))
+    return services.order_fail(
+        order_id=require_uuid(ctx, "order_id"),
+        saga_id=require_uuid(ctx, "saga_id"),
+        reason=str(ctx.get("failure_reason") or ""),
+    )

@@ -9,8 +9,11 @@ register no task of ours.
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
+from . import kombu_fixes
+
+kombu_fixes.apply()
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
 
 SERVICES = ("orders", "saga", "inventory", "payments", "notifications")
@@ -29,3 +32,19 @@ def _service_packages() -> list[str]:
 
 
 app.autodiscover_tasks(_service_packages)
+
+
+# Tracing (orders_project.telemetry) is set up in each pool process, after the fork: an
+# exporter's threads and gRPC channel do not survive one. Off unless OTEL_* says where to.
+@signals.worker_process_init.connect
+def _setup_tracing(**_: object) -> None:
+    from . import telemetry
+
+    telemetry.setup(celery=True)
+
+
+@signals.worker_process_shutdown.connect
+def _flush_spans(**_: object) -> None:
+    from . import telemetry
+
+    telemetry.shutdown()

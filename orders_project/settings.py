@@ -5,9 +5,14 @@ Local defaults point at the servers `make run` starts (or the ones you name);
 nothing here exists only in production.
 """
 
+import os
+import sys
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from orders_project import security
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -17,10 +22,39 @@ if (BASE_DIR / ".env").is_file():
     environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=True)
+# The local default is public. With DEBUG off, a public or weak key (or Flower without a
+# password) stops the process at start-up; with DEBUG on, each process says it is in local
+# mode (common.apps). README "Security".
 SECRET_KEY = env.str("SECRET_KEY", default="insecure-local-only-key-change-me")
+# Old keys still accepted for signatures while you rotate SECRET_KEY (comma-separated).
+SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+if not DEBUG:
+    security.require_production_secrets(secret_key=SECRET_KEY, fallbacks=SECRET_KEY_FALLBACKS)
+    security.require_flower_auth(sys.argv, os.environ)
+
+# --- HTTPS (DEBUG off): behind a TLS-terminating proxy -------------------------------
+# https://docs.djangoproject.com/en/5.2/howto/deployment/checklist/#https
+# The proxy terminates TLS and must set X-Forwarded-Proto (and drop a client's own);
+# Django then knows a request was HTTPS, redirects plain HTTP, and sends HSTS.
+_PRODUCTION = not DEBUG
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("TRUST_X_FORWARDED_PROTO", default=_PRODUCTION) else None
+)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=_PRODUCTION)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if _PRODUCTION else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=_PRODUCTION)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=_PRODUCTION)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=_PRODUCTION)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=_PRODUCTION)
+# Origins allowed to POST with a session (admin) when the proxy's host differs, e.g.
+# https://shop.example.com (comma-separated, with scheme).
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
+    # First, so that its `createsuperuser` (Django's, plus password validation with
+    # --noinput) replaces Django's own.
+    "common",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -31,7 +65,8 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_celery_results",
     "django_celery_beat",
-    "common",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "orders",
     "saga",
     "inventory",
@@ -92,6 +127,19 @@ DATABASES = {
     "notifications": _database("NOTIFICATIONS_DATABASE_URL", "saga_notifications"),
 }
 DATABASE_ROUTERS = ["orders_project.db_routers.ServiceRouter"]
+# Least privilege: a worker (CELERY_SERVICE, set per process by the Procfile and compose,
+# never in .env) connects to every database as the role of its own service's database,
+# i.e. with the user and password of that database's URL. That role may connect only to
+# its own database and to the shared default one, so a query that strays into another
+# service's database fails with "permission denied for database". The web process, beat,
+# Flower and manage.py use each URL as given. README "Security".
+CELERY_SERVICE = env.str("CELERY_SERVICE", default="")
+if CELERY_SERVICE:
+    from orders_project.db_routers import database_for
+
+    _own_database = DATABASES[database_for(CELERY_SERVICE)]
+    for _config in DATABASES.values():
+        _config.update(USER=_own_database["USER"], PASSWORD=_own_database["PASSWORD"])
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -128,14 +176,48 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    # JSON only, at most DATA_UPLOAD_MAX_MEMORY_SIZE bytes (413 beyond).
+    "DEFAULT_PARSER_CLASSES": ["common.drf.JSONParser"],
+    "EXCEPTION_HANDLER": "common.drf.exception_handler",
+    # limit/offset, strictly validated (400), limit at most API_MAX_PAGE_SIZE.
+    "DEFAULT_PAGINATION_CLASS": "common.drf.Pagination",
     "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Per-user (or per-IP when anonymous) rates of the views that declare a throttle_scope,
+    # counted in the shared cache so that every gunicorn worker sees the same counts.
+    "DEFAULT_THROTTLE_RATES": {
+        "order_create": env.str("ORDER_CREATE_RATE", default="30/minute"),
+        "auth_token": env.str("AUTH_TOKEN_RATE", default="10/minute"),
+    },
+    # Proxies in front that append to X-Forwarded-For: an anonymous client is then told
+    # apart by the address the last of them saw (0: by the connection's own address).
+    "NUM_PROXIES": env.int("NUM_PROXIES", default=1 if _PRODUCTION else 0),
 }
 
-# Order limits (validated by the API with a 400 per field).
+# --- Input limits (a clear 400 or 413, never a 500) -----------------------------------
 ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)
 ORDER_MAX_QUANTITY = env.int("ORDER_MAX_QUANTITY", default=1000)
+# Largest request body, in bytes: Django's own setting, also enforced on API bodies
+# (a 413: common.drf.exception_handler). An order of ORDER_MAX_LINES lines is a few KB.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=64 * 1024)
+API_MAX_PAGE_SIZE = env.int("API_MAX_PAGE_SIZE", default=200)
+
+# --- OpenAPI schema (/api/schema/) and Swagger UI (/api/docs/), served locally ------
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Order saga API",
+    "DESCRIPTION": "Place orders that run as sagas across the inventory, payments, orders and "
+    "notifications services. Authenticate with `Authorization: Token <key>` (POST /api/auth/token/).",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI's JavaScript and CSS come from the drf-spectacular-sidecar package, served
+    # by this app (WhiteNoise): no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # `check --deploy` also generates the schema and fails on its warnings.
+    "ENABLE_DJANGO_DEPLOY_CHECK": True,
+}
 
 # --- Celery (ARCHITECTURE.md "Celery facts that shape the design") --------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
@@ -154,18 +236,33 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # (the saga's errback reads the exception from it).
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_STORE_ERRORS_EVEN_IF_IGNORED = True
-CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=30)
-CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=40)
-# Redis: a message whose worker vanished is redelivered after the visibility timeout.
-# It must exceed the longest task (time limit + retries' countdown) and be the same in
-# every process, or a slow task gets delivered twice.
+CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=20)
+CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=25)
+# Longest countdown between two retries of a step (exponential backoff with jitter).
+TASK_RETRY_BACKOFF_MAX = env.int("TASK_RETRY_BACKOFF_MAX", default=15)
+# Redis: a message whose worker vanished is redelivered after the visibility timeout, so it
+# bounds how long a SIGKILLed worker's task stays away. It must exceed the longest time a
+# worker holds a message unacknowledged (hard time limit + a retry's countdown, which the
+# worker holds as an ETA message), or a slow task is delivered twice; and it must be the
+# same in every process (all read this setting).
 # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
+CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=60)
+if CELERY_VISIBILITY_TIMEOUT <= CELERY_TASK_TIME_LIMIT + TASK_RETRY_BACKOFF_MAX:
+    raise ImproperlyConfigured(
+        f"CELERY_VISIBILITY_TIMEOUT ({CELERY_VISIBILITY_TIMEOUT}s) must exceed CELERY_TASK_TIME_LIMIT "
+        f"+ TASK_RETRY_BACKOFF_MAX ({CELERY_TASK_TIME_LIMIT + TASK_RETRY_BACKOFF_MAX}s)"
+    )
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=120),
-    "unacked_restore_interval": 5,
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
+    # Look for abandoned messages every 2 s (kombu's default sweep is every 100 s).
+    "unacked_restore_interval": 2,
     "unacked_restore_throttle": 1,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Publishing (the next chain step, a progress report, a retry) rides through a broker
+# restart of a few seconds instead of failing the task that publishes.
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-publish-retry-policy
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
@@ -180,9 +277,36 @@ CELERY_TASK_ROUTES = {
 CELERY_TASK_DEFAULT_QUEUE = "saga"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 
+# --- Saga recovery (the coordinator's own watchdog) ----------------------------------
+# A running step that has not reported back by its deadline is re-published (safe: steps
+# are idempotent) up to SAGA_REPUBLISH_BUDGET times, each time with a doubled deadline;
+# then the saga compensates (before the pivot) or needs an operator (after it).
+SAGA_STEP_TIMEOUT = env.int("SAGA_STEP_TIMEOUT", default=30)
+SAGA_REPUBLISH_BUDGET = env.int("SAGA_REPUBLISH_BUDGET", default=3)
+SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=5.0)
+SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=200)
+# How many times a compensation retries a transient error before the saga needs an operator.
+SAGA_COMPENSATION_MAX_RETRIES = env.int("SAGA_COMPENSATION_MAX_RETRIES", default=12)
+CELERY_BEAT_SCHEDULE = {
+    "saga-sweep": {
+        "task": "saga.sweep",
+        "schedule": SAGA_SWEEP_INTERVAL,
+        # A sweep that waited longer than the interval is superseded by the next one.
+        "options": {"expires": SAGA_SWEEP_INTERVAL},
+    },
+}
+
 # --- Payments: the fake provider ------------------------------------------------------
 PAYMENT_GATEWAY = env.str("PAYMENT_GATEWAY", default="payments.gateways.fake.FakeGateway")
 FAKE_PROVIDER_SLOW_SECONDS = env.float("FAKE_PROVIDER_SLOW_SECONDS", default=5.0)
+FAKE_PROVIDER_HANG_SECONDS = env.float("FAKE_PROVIDER_HANG_SECONDS", default=CELERY_TASK_TIME_LIMIT + 10)
+# The circuit breaker's state is shared by every worker process through Redis: by default
+# the broker when it is Redis; with RabbitMQ name a Redis here (empty: per-process state).
+PAYMENT_BREAKER_REDIS_URL = env.str(
+    "PAYMENT_BREAKER_REDIS_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else ""
+)
+PAYMENT_BREAKER_FAIL_MAX = env.int("PAYMENT_BREAKER_FAIL_MAX", default=5)
+PAYMENT_BREAKER_RESET_SECONDS = env.float("PAYMENT_BREAKER_RESET_SECONDS", default=30)
 CURRENCY = env.str("CURRENCY", default="USD")
 
 # --- Notifications --------------------------------------------------------------------
@@ -194,11 +318,41 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="orders@example.com")
 SMS_BACKEND = env.str("SMS_BACKEND", default="notifications.channels.FileSmsBackend")
 SMS_FILE_PATH = env.str("SMS_FILE_PATH", default=str(BASE_DIR / ".data" / "sms"))
 
+# --- Cache: shared by every process (API rate limits) --------------------------------
+# Redis; by default the broker's server when the broker is Redis. With RabbitMQ name a
+# Redis here (compose runs one). "locmem://" gives each process its own counts.
+CACHE_URL = env.str("CACHE_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "locmem://")
+CACHES = {"default": environ.Env.cache_url_config(CACHE_URL)}
+CACHES["default"].setdefault("KEY_PREFIX", "saga-cache")
+if CACHES["default"]["BACKEND"].endswith("RedisCache"):
+    # A Redis outage must not hang requests: the throttle then lets them through.
+    CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
+
+# --- Operator's console (README "Operating it") ----------------------------------------
+# Links from the admin's saga page: a step's Celery task in Flower (<FLOWER_URL>/task/<id>;
+# empty: no links) and the saga's trace ({trace_id} is replaced; empty: no link).
+FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.str('FLOWER_PORT', default='5555')}").rstrip("/")
+TRACE_URL_TEMPLATE = env.str("TRACE_URL_TEMPLATE", default="http://127.0.0.1:16686/trace/{trace_id}")
+# How many sagas one "retry every saga with this failure" click re-publishes at most.
+SAGA_BULK_RETRY_LIMIT = env.int("SAGA_BULK_RETRY_LIMIT", default=500)
+
+# --- Logging: every line a task writes names its saga, order and trace (orders_project.log)
+# LOG_FORMAT=text (readable, the default) or json (one object per line: compose).
+# Tracing itself is configured by the standard OTEL_* variables (orders_project.telemetry).
+LOG_FORMAT = env.str("LOG_FORMAT", default="text")
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"task_context": {"()": "orders_project.log.TaskContextFilter"}},
+    "formatters": {
+        "text": {"()": "orders_project.log.TextFormatter"},
+        "json": {"()": "orders_project.log.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["task_context"]},
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }

@@ -1,7 +1,16 @@
 import os
 
+import django
 from django.core.wsgi import get_wsgi_application
 
+from orders_project import telemetry
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
+
+# Settings first (they read .env, where OTEL_* may be), then tracing, which must be set
+# up before Django builds its middleware chain: the Django instrumentation adds its own.
+# Off unless an OTEL_* variable says where spans go (orders_project.telemetry).
+django.setup(set_prefix=False)
+telemetry.setup(django=True, celery=True)
 
 application = get_wsgi_application()

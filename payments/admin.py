@@ -5,16 +5,50 @@ from saga.admin import ReadOnlyAdminMixin
 from .models import FakeProviderOperation, Payment, ProcessedKey, Refund
 
 
+class RefundInline(ReadOnlyAdminMixin, admin.StackedInline):
+    model = Refund
+    extra = 0
+    can_delete = False
+    fields = ["amount", "provider_refund_id", "created_at"]
+    readonly_fields = fields
+
+
 @admin.register(Payment)
 class PaymentAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["id", "order_id", "amount", "currency", "status", "decline_code", "created_at"]
-    list_filter = ["status", "decline_code", "created_at"]
+    list_display = [
+        "id",
+        "order_id",
+        "amount",
+        "currency",
+        "status",
+        "decline_code",
+        "refunded_amount",
+        "created_at",
+        "updated_at",
+    ]
+    list_filter = ["status", "decline_code", "currency", "created_at"]
     search_fields = ["=id", "=order_id", "=saga_id", "provider_charge_id"]
+    inlines = [RefundInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("refund")
+
+    @admin.display(description="refunded")
+    def refunded_amount(self, payment: Payment) -> str:
+        refund = getattr(payment, "refund", None)
+        return "-" if refund is None else str(refund.amount)
 
 
 @admin.register(Refund)
 class RefundAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["payment", "amount", "provider_refund_id", "created_at"]
+    list_display = ["payment", "order_id", "amount", "provider_refund_id", "created_at"]
+    list_filter = ["created_at"]
+    search_fields = ["=payment__order_id", "=payment__saga_id", "provider_refund_id"]
+    list_select_related = ["payment"]
+
+    @admin.display(description="order")
+    def order_id(self, refund: Refund) -> str:
+        return str(refund.payment.order_id)
 
 
 @admin.register(ProcessedKey)

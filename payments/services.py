@@ -10,7 +10,9 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from common.exceptions import StepRefused, TransientError
 from common.idempotency import processed_record, processed_result, saga_lock, step_key
@@ -18,6 +20,7 @@ from common.idempotency import processed_record, processed_result, saga_lock, st
 from .exceptions import PaymentDeclined
 from .gateways import CardDeclined, get_gateway
 from .models import Payment, ProcessedKey, Refund
+from .resilience import call_provider
 
 DB = "payments"
 STEP = "charge_payment"
@@ -50,25 +53,54 @@ def payment_charge(
             saga_id=saga_id,
             defaults={"order_id": order_id, "amount": amount, "currency": currency},
         )
+        if payment.status == Payment.Status.VOIDED:
+            raise StepRefused(f"saga {saga_id}: payment was voided by its compensation; not charging")
+        Payment.objects.filter(pk=payment.pk).update(attempt_started_at=timezone.now())
 
     try:
-        charge = get_gateway().charge(amount=amount, currency=currency, token=token, idempotency_key=do_key)
+        charge = call_provider(
+            get_gateway().charge, amount=amount, currency=currency, token=token, idempotency_key=do_key
+        )
     except CardDeclined as declined:
         with transaction.atomic(using=DB):
             saga_lock(using=DB, saga_id=saga_id)
+            if (done := processed_result(ProcessedKey, do_key)) is not None:
+                raise _declined(done) from None  # a concurrent copy of this message recorded it
             Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.DECLINED, decline_code=declined.code)
             result = {"payment_id": str(payment.pk), "status": Payment.Status.DECLINED, "decline_code": declined.code}
             processed_record(ProcessedKey, do_key, result)
         raise _declined(result) from None
+    except Exception:
+        # This attempt is over (it will be retried, or the saga compensates): a waiting
+        # refund may now ask the provider what happened instead of waiting for it.
+        Payment.objects.filter(pk=payment.pk, status=Payment.Status.PENDING).update(attempt_started_at=None)
+        raise
 
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
-        Payment.objects.filter(pk=payment.pk).update(
+        if (done := processed_result(ProcessedKey, do_key)) is not None:
+            return done  # a concurrent copy of this message got the same answer and recorded it
+        captured = Payment.objects.filter(pk=payment.pk, status=Payment.Status.PENDING).update(
             status=Payment.Status.CAPTURED, provider_charge_id=charge.charge_id
         )
-        result = {"payment_id": str(payment.pk), "status": Payment.Status.CAPTURED}
-        processed_record(ProcessedKey, do_key, result)
-    return result
+        if captured:
+            result = {"payment_id": str(payment.pk), "status": Payment.Status.CAPTURED}
+            processed_record(ProcessedKey, do_key, result)
+            return result
+    # The compensation gave up on this attempt (voided it) while the provider was still
+    # answering: the money moved after all, so give it back now.
+    call_provider(get_gateway().refund, charge_id=charge.charge_id, amount=amount, idempotency_key=undo_key)
+    Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.REFUNDED, provider_charge_id=charge.charge_id)
+    raise StepRefused(f"saga {saga_id}: charge completed after its compensation was voided; refunded at once")
+
+
+def _charge_attempt_is_over(payment: Payment) -> bool:
+    """True once no charge attempt can still be at the provider: the last one ended (it
+    cleared `attempt_started_at`), or it started longer ago than the hard task time limit,
+    after which Celery has killed it (a SIGKILLed worker cannot clear the marker)."""
+    if payment.attempt_started_at is None:
+        return True
+    return (timezone.now() - payment.attempt_started_at).total_seconds() > settings.CELERY_TASK_TIME_LIMIT + 5
 
 
 def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
@@ -89,12 +121,25 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
             processed_record(ProcessedKey, undo_key, result)
             return result
         if payment.status == Payment.Status.PENDING:
-            raise TransientError(f"saga {saga_id}: charge still in flight; refund waits for it to settle")
+            if not _charge_attempt_is_over(payment):
+                raise TransientError(f"saga {saga_id}: charge still in flight; refund waits for it to settle")
+            # The charge died mid-call (worker killed, provider hung past the time limit).
+            # The provider knows whether the money moved: ask it by the charge's key.
+            found = call_provider(get_gateway().find_charge, idempotency_key=step_key(saga_id, STEP, "do"))
+            if found is None:
+                payment.status = Payment.Status.VOIDED
+                payment.save(update_fields=["status", "updated_at"])
+                result = {"refund": None, "reason": "the charge never completed; voided"}
+                processed_record(ProcessedKey, undo_key, result)
+                return result
+            payment.status, payment.provider_charge_id = Payment.Status.CAPTURED, found.charge_id
         if payment.status == Payment.Status.CAPTURED:
             payment.status = Payment.Status.REFUNDING
-            payment.save(update_fields=["status", "updated_at"])
+            payment.save(update_fields=["status", "provider_charge_id", "updated_at"])
 
-    refund = get_gateway().refund(charge_id=payment.provider_charge_id, amount=payment.amount, idempotency_key=undo_key)
+    refund = call_provider(
+        get_gateway().refund, charge_id=payment.provider_charge_id, amount=payment.amount, idempotency_key=undo_key
+    )
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
         Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.REFUNDED)

@@ -31,6 +31,6 @@ def charge(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 # A refund may wait for an in-flight charge (tok_slow): give it a longer budget.
-@saga_step_task("payments.refund", max_retries=12)
+@saga_step_task("payments.refund", compensation=True)
 def refund(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.payment_refund(saga_id=require_uuid(ctx, "saga_id"))

@@ -1,7 +1,36 @@
-from django.contrib import admin
-from django.utils.html import format_html
+"""The operator's console for sagas: find one, see why it failed, retry or compensate it.
 
-from .models import SagaInstance, SagaStep
+The actions follow Django's own `delete_selected` (django/contrib/admin/actions.py): a
+dedicated permission, a confirmation page that says what will happen to each saga, then
+the action and a `message_user` report. The work and its audit entry are
+`saga.services.saga_retry` / `saga_compensate`, which check the saga's state again under
+its row lock: a second click, or a second operator, is refused and recorded as such.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Left
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.timesince import timesince
+
+from . import services
+from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, fingerprint_of
+from .selectors import failure_fingerprint_counts
+
+# Rows the confirmation page describes one by one; beyond, it counts them by status.
+PREVIEW_ROWS = 100
 
 
 class ReadOnlyAdminMixin:
@@ -17,61 +46,447 @@ class ReadOnlyAdminMixin:
         return False
 
 
-class SagaStepInline(ReadOnlyAdminMixin, admin.TabularInline):
+class SagaPartInline(ReadOnlyAdminMixin):
+    """A saga's steps and audit entries are part of the saga: whoever may see it sees them."""
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("saga.view_sagainstance") or request.user.has_perm("saga.change_sagainstance")
+
+
+def flower_task_link(task_id: str) -> str:
+    """A Celery task id, linked to its page in Flower when FLOWER_URL is set."""
+    if not task_id:
+        return "-"
+    if not settings.FLOWER_URL:
+        return task_id
+    return format_html(
+        '<a href="{}/task/{}" target="_blank" rel="noopener">{}</a>', settings.FLOWER_URL, task_id, task_id
+    )
+
+
+def trace_url(trace_id: str) -> str:
+    return settings.TRACE_URL_TEMPLATE.format(trace_id=trace_id) if trace_id and settings.TRACE_URL_TEMPLATE else ""
+
+
+def clock(moment: datetime | None) -> str:
+    """A time to the millisecond (the timeline's steps are milliseconds apart), with the
+    full date and time zone on hover."""
+    if moment is None:
+        return "-"
+    local = timezone.localtime(moment)
+    return format_html('<span title="{}">{}</span>', local.isoformat(), local.strftime("%H:%M:%S.%f")[:-3])
+
+
+class SagaStepInline(SagaPartInline, admin.TabularInline):
+    """The timeline: every step, then every compensation, in the order they run."""
+
     model = SagaStep
     extra = 0
     can_delete = False
     ordering = ["-phase", "position"]
+    template = "admin/saga/sagainstance/compact_inline.html"
+    verbose_name_plural = "timeline: steps, then compensations"
     fields = [
         "phase",
-        "position",
         "name",
         "status",
         "attempts",
-        "queued_at",
-        "started_at",
-        "finished_at",
+        "republished",
+        "queued",
+        "started",
+        "finished",
+        "queue_wait",
         "duration",
-        "deadline_at",
+        "deadline",
         "worker",
-        "celery_task_id",
+        "task_link",
         "last_error",
     ]
     readonly_fields = fields
+
+    @admin.display(description="queued")
+    def queued(self, step: SagaStep) -> str:
+        return clock(step.queued_at)
+
+    @admin.display(description="started")
+    def started(self, step: SagaStep) -> str:
+        return clock(step.started_at)
+
+    @admin.display(description="finished")
+    def finished(self, step: SagaStep) -> str:
+        return clock(step.finished_at)
+
+    @admin.display(description="deadline")
+    def deadline(self, step: SagaStep) -> str:
+        return clock(step.deadline_at)
 
     @admin.display(description="duration (ms)")
     def duration(self, step: SagaStep) -> str:
         return "" if step.duration_ms is None else f"{step.duration_ms:.0f}"
 
+    @admin.display(description="queue wait (ms)")
+    def queue_wait(self, step: SagaStep) -> str:
+        if step.queued_at and step.started_at:
+            return f"{max((step.started_at - step.queued_at).total_seconds() * 1000, 0):.0f}"
+        return ""
+
+    @admin.display(description="Celery task (Flower)")
+    def task_link(self, step: SagaStep) -> str:
+        return flower_task_link(step.celery_task_id)
+
+
+class SagaAuditEntryInline(SagaPartInline, admin.TabularInline):
+    model = SagaAuditEntry
+    extra = 0
+    can_delete = False
+    template = "admin/saga/sagainstance/compact_inline.html"
+    verbose_name_plural = "operator actions (audit)"
+    fields = ["when", "username", "action", "outcome", "status_before", "status_after", "detail"]
+    readonly_fields = fields
+
+    @admin.display(description="when")
+    def when(self, entry: SagaAuditEntry) -> str:
+        return timezone.localtime(entry.created_at).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+class FailureFingerprintFilter(admin.SimpleListFilter):
+    """Sagas that failed the same way: exception type @ step."""
+
+    title = "failure fingerprint"
+    parameter_name = "fingerprint"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(fingerprint, f"{fingerprint} ({n})") for fingerprint, n in failure_fingerprint_counts()[:50]]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        from .selectors import sagas_with_fingerprints
+
+        if not self.value():
+            return queryset
+        return queryset.filter(pk__in=sagas_with_fingerprints([self.value()]).values("pk"))
+
 
 @admin.register(SagaInstance)
 class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["id", "status", "current_step", "order_link", "failure_step", "failure_type", "created_at"]
-    list_filter = ["status", "definition", "failure_step", "failure_type", "created_at"]
-    search_fields = ["=id", "=order_id", "context__email"]
-    date_hierarchy = "created_at"
-    inlines = [SagaStepInline]
-    readonly_fields = [
+    list_display = [
         "id",
-        "definition",
-        "order_link",
         "status",
         "current_step",
-        "outcome",
-        "failure_step",
-        "failure_type",
-        "failure_reason",
-        "generation",
-        "context",
+        "age",
+        "step_attempts",
+        "last_error",
+        "fingerprint",
+        "order_link",
         "created_at",
-        "updated_at",
-        "finished_at",
     ]
-    fields = readonly_fields
+    list_filter = ["status", FailureFingerprintFilter, "current_step", "failure_step", "created_at", "definition"]
+    search_fields = ["=id", "=order_id", "=trace_id", "context__email"]
+    date_hierarchy = "created_at"
+    inlines = [SagaStepInline, SagaAuditEntryInline]
+    actions = ["retry_sagas", "retry_same_failure", "compensate_sagas"]
+    change_form_template = "admin/saga/sagainstance/change_form.html"
+    fieldsets = [
+        (None, {"fields": ["id", "definition", "status", "current_step", "generation", "age"]}),
+        ("Links", {"fields": ["order_link", "payments_link", "notifications_link", "trace_link", "trace_id"]}),
+        (
+            "Why it failed",
+            {"fields": ["fingerprint", "failure_step", "failure_type", "failure_reason", "outcome"]},
+        ),
+        ("Times", {"fields": ["created_at", "updated_at", "finished_at"]}),
+        ("Context (what every step receives)", {"fields": ["context"], "classes": ["collapse"]}),
+    ]
+    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
 
     def has_view_permission(self, request, obj=None) -> bool:
         return super().has_view_permission(request, obj) or request.user.has_perm("saga.change_sagainstance")
 
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("saga.retry_saga")
+
+    def has_compensate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("saga.compensate_saga")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        steps = SagaStep.objects.filter(saga=OuterRef("pk"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                current_attempts=Subquery(steps.filter(name=OuterRef("current_step")).values("attempts")[:1]),
+                latest_error=Subquery(
+                    steps.exclude(last_error="").order_by("-finished_at", "-id").values("last_error")[:1]
+                ),
+            )
+        )
+
+    # --- Columns and fields ---------------------------------------------------------
+
+    @admin.display(description="age", ordering="created_at")
+    def age(self, saga: SagaInstance) -> str:
+        return timesince(saga.created_at, saga.finished_at or timezone.now())
+
+    @admin.display(description="attempts")
+    def step_attempts(self, saga: SagaInstance) -> str:
+        attempts = getattr(saga, "current_attempts", None)
+        return "-" if attempts is None else str(attempts)
+
+    @admin.display(description="last error")
+    def last_error(self, saga: SagaInstance) -> str:
+        error = getattr(saga, "latest_error", None) or ""
+        if not error:
+            return "-"
+        short = error if len(error) <= 80 else f"{error[:79]}…"
+        return format_html('<span title="{}">{}</span>', error, short)
+
+    @admin.display(description="failure fingerprint", ordering=Left("failure_type", 120))
+    def fingerprint(self, saga: SagaInstance) -> str:
+        return fingerprint_of(saga.failure_type, saga.failure_step) or "-"
+
     @admin.display(description="order")
     def order_link(self, saga: SagaInstance) -> str:
-        return format_html('<a href="/admin/orders/order/{}/change/">{}</a>', saga.order_id, saga.order_id)
+        url = reverse("admin:orders_order_change", args=[saga.order_id])
+        return format_html('<a href="{}">{}</a>', url, saga.order_id)
+
+    @admin.display(description="payments")
+    def payments_link(self, saga: SagaInstance) -> str:
+        url = reverse("admin:payments_payment_changelist")
+        return format_html('<a href="{}?order_id={}">payment and refund of this order</a>', url, saga.order_id)
+
+    @admin.display(description="notifications")
+    def notifications_link(self, saga: SagaInstance) -> str:
+        url = reverse("admin:notifications_notification_changelist")
+        return format_html('<a href="{}?order_id={}">notifications of this order</a>', url, saga.order_id)
+
+    @admin.display(description="trace")
+    def trace_link(self, saga: SagaInstance) -> str:
+        url = trace_url(saga.trace_id)
+        if not url:
+            return "- (tracing was off when the order was placed)" if not saga.trace_id else saga.trace_id
+        return format_html('<a href="{}" target="_blank" rel="noopener">open the trace</a>', url)
+
+    # --- Buttons on the saga page -----------------------------------------------------
+
+    def get_urls(self) -> list:
+        info = self.opts.app_label, self.opts.model_name
+        return [
+            path(
+                "<path:object_id>/retry/",
+                self.admin_site.admin_view(self.retry_view),
+                name="{}_{}_retry".format(*info),
+            ),
+            path(
+                "<path:object_id>/compensate/",
+                self.admin_site.admin_view(self.compensate_view),
+                name="{}_{}_compensate".format(*info),
+            ),
+            *super().get_urls(),
+        ]
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context=None):
+        extra_context = {
+            **(extra_context or {}),
+            "can_retry": self.has_retry_permission(request),
+            "can_compensate": self.has_compensate_permission(request),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._object_operation(request, object_id, "retry")
+
+    def compensate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._object_operation(request, object_id, "compensate")
+
+    def _object_operation(self, request: HttpRequest, object_id: str, operation: str) -> HttpResponse:
+        if not OPERATIONS[operation].allowed(self, request):
+            raise PermissionDenied
+        saga = self.get_object(request, object_id)
+        if saga is None:
+            raise Http404(f"no saga {object_id}")
+        change_url = reverse("admin:saga_sagainstance_change", args=[saga.pk])
+        if request.method == "POST" and request.POST.get("post"):
+            self._run(request, operation, [saga.pk])
+            return HttpResponseRedirect(change_url)
+        return self._confirmation(request, operation, [saga], cancel_url=change_url)
+
+    # --- Actions ------------------------------------------------------------------------
+
+    @admin.action(permissions=["retry"], description="Retry selected sagas from the step that failed or stalled")
+    def retry_sagas(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        return self._action(request, queryset, "retry")
+
+    @admin.action(permissions=["compensate"], description="Compensate selected sagas now (before their pivot)")
+    def compensate_sagas(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        return self._action(request, queryset, "compensate")
+
+    @admin.action(permissions=["retry"], description="Retry every saga that failed the same way as the selected")
+    def retry_same_failure(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        fingerprints = sorted({saga.failure_fingerprint for saga in queryset[: settings.SAGA_BULK_RETRY_LIMIT]} - {""})
+        if request.POST.get("post"):
+            entries, remaining = services.saga_retry_by_fingerprint(fingerprints=fingerprints, user=request.user)
+            self._report(request, "retry", entries, remaining=remaining)
+            return None
+        from .selectors import sagas_with_fingerprints
+
+        targets = sagas_with_fingerprints(fingerprints).filter(status=SagaStatus.NEEDS_ATTENTION).order_by("created_at")
+        return self._confirmation(
+            request,
+            "retry",
+            targets,
+            action="retry_same_failure",
+            selected=queryset,
+            fingerprints=fingerprints,
+        )
+
+    def _action(self, request: HttpRequest, queryset: QuerySet, operation: str) -> HttpResponse | None:
+        queryset = queryset.order_by("created_at")
+        if request.POST.get("post"):
+            limit = settings.SAGA_BULK_RETRY_LIMIT
+            ids = list(queryset.values_list("pk", flat=True)[: limit + 1])
+            self._run(request, operation, ids[:limit], skipped=len(ids) > limit)
+            return None
+        return self._confirmation(request, operation, queryset, action=f"{operation}_sagas", selected=queryset)
+
+    def _run(self, request: HttpRequest, operation: str, ids: Iterable[Any], *, skipped: bool = False) -> None:
+        act = OPERATIONS[operation].service
+        entries = []
+        for saga_id in ids:
+            try:
+                entries.append(act(saga_id=saga_id, user=request.user))
+            except SagaInstance.DoesNotExist:
+                continue
+        self._report(request, operation, entries, remaining=-1 if skipped else 0)
+
+    def _report(self, request: HttpRequest, operation: str, entries: list[SagaAuditEntry], *, remaining: int) -> None:
+        done = [e for e in entries if e.outcome == SagaAuditEntry.Outcome.DONE]
+        refused = [e for e in entries if e.outcome == SagaAuditEntry.Outcome.REFUSED]
+        past = OPERATIONS[operation].past
+
+        def summary(items: list[SagaAuditEntry]) -> str:
+            shown = "; ".join(f"{e.saga_id}: {e.detail}" for e in items[:5])
+            return shown + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+
+        if done:
+            self.message_user(request, f"{past.capitalize()} {_sagas(len(done))}: {summary(done)}", messages.SUCCESS)
+        if refused:
+            self.message_user(request, f"Not {past} {_sagas(len(refused))}: {summary(refused)}", messages.WARNING)
+        if not entries:
+            self.message_user(request, f"No saga was {past}: none of them needs it any more.", messages.WARNING)
+        if remaining:
+            more = f"{remaining} more" if remaining > 0 else "more"
+            self.message_user(
+                request,
+                f"At most {settings.SAGA_BULK_RETRY_LIMIT} sagas are handled per click: {more} remain, "
+                "run the action again.",
+                messages.WARNING,
+            )
+
+    def _confirmation(
+        self,
+        request: HttpRequest,
+        operation: str,
+        sagas: Iterable[SagaInstance],
+        *,
+        action: str = "",
+        selected: QuerySet | None = None,
+        fingerprints: list[str] | None = None,
+        cancel_url: str = "",
+    ) -> TemplateResponse:
+        """Say what the action would do to each saga, and ask (django.contrib.admin.actions)."""
+        op = OPERATIONS[operation]
+        if isinstance(sagas, QuerySet):
+            by_status = sorted((row["status"], row["n"]) for row in sagas.values("status").annotate(n=Count("pk")))
+            sagas = list(sagas[:PREVIEW_ROWS])
+        else:
+            sagas = list(sagas)
+            by_status = sorted(Counter(saga.status for saga in sagas).items())
+        total = sum(n for _, n in by_status)
+        rows = []
+        for saga in sagas[:PREVIEW_ROWS]:
+            ok, text = op.preview(saga)
+            rows.append({"saga": saga, "ok": ok, "text": text, "fingerprint": saga.failure_fingerprint})
+        hidden: list[tuple[str, Any]] = []
+        if action:
+            # Posted back to the changelist (its filters are in the URL), as delete_selected
+            # does; with "select all", a few ids and select_across stand for the whole selection.
+            select_across = request.POST.get("select_across") == "1"
+            ids = [] if selected is None else selected.values_list("pk", flat=True)
+            hidden = [("action", action), ("select_across", "1" if select_across else "0")]
+            hidden += [(helpers.ACTION_CHECKBOX_NAME, pk) for pk in (ids[:PREVIEW_ROWS] if select_across else ids)]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": op.title,
+            "subtitle": None,
+            "opts": self.opts,
+            "operation": operation,
+            "op": op,
+            "rows": rows,
+            "actionable": any(row["ok"] for row in rows) or total > len(rows),
+            "total": total,
+            "more": total - len(rows),
+            "by_status": by_status,
+            "fingerprints": fingerprints,
+            "hidden": hidden,
+            "cancel_url": cancel_url,
+            "media": self.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/saga/sagainstance/operator_confirmation.html", context)
+
+
+def _sagas(n: int) -> str:
+    return f"{n} saga" if n == 1 else f"{n} sagas"
+
+
+class Operation:
+    def __init__(
+        self,
+        *,
+        service: Callable[..., SagaAuditEntry],
+        allowed: Callable[[SagaInstanceAdmin, HttpRequest], bool],
+        preview: Callable[[SagaInstance], tuple[bool, str]],
+        title: str,
+        question: str,
+        confirm: str,
+        past: str,
+    ) -> None:
+        self.service, self.allowed, self.preview = service, allowed, preview
+        self.title, self.question, self.confirm, self.past = title, question, confirm, past
+
+
+def _retry_preview(saga: SagaInstance) -> tuple[bool, str]:
+    plan = services.saga_retry_check(saga)
+    return plan.possible, plan.detail
+
+
+def _compensate_preview(saga: SagaInstance) -> tuple[bool, str]:
+    refusal = services.saga_compensate_check(saga)
+    if refusal:
+        return False, refusal
+    return True, (
+        f"compensate from {saga.current_step or saga.failure_step}: every step up to the pivot is undone, "
+        "the order fails and the customer is told (unless the order was confirmed meanwhile)"
+    )
+
+
+OPERATIONS = {
+    "retry": Operation(
+        service=services.saga_retry,
+        allowed=SagaInstanceAdmin.has_retry_permission,
+        preview=_retry_preview,
+        title="Retry sagas",
+        question="Each saga below is retried from the step that failed or stalled; its steps are idempotent, so "
+        "what already happened is not done twice.",
+        confirm="Yes, retry",
+        past="retried",
+    ),
+    "compensate": Operation(
+        service=services.saga_compensate,
+        allowed=SagaInstanceAdmin.has_compensate_permission,
+        preview=_compensate_preview,
+        title="Compensate sagas now",
+        question="Each saga below stops and compensates now: whatever it did is undone, its order fails and the "
+        "customer is told. This cannot be taken back.",
+        confirm="Yes, compensate",
+        past="compensated",
+    ),
+}

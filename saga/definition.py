@@ -13,14 +13,20 @@ class Step:
     """One local transaction in one service, called by Celery task name.
 
     `timeout` is how long the step may stay running before the saga considers it
-    stalled (stored as the step's deadline).
+    stalled (stored as the step's deadline); None means SAGA_STEP_TIMEOUT.
     """
 
     name: str
     task: str
     compensation: "Step | None" = None
-    timeout: int = 60
+    timeout: int | None = None
     kwargs: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def deadline_seconds(self) -> int:
+        from django.conf import settings
+
+        return self.timeout or settings.SAGA_STEP_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,13 @@ class SagaDefinition:
     steps: tuple[Step, ...]
     pivot: str
     after_compensation: tuple[Step, ...] = ()
+    # Dotted path of `fn(*, saga) -> str | None`, called when an operator compensates a
+    # saga by hand (saga.services.saga_compensate), before the saga row is locked. It must
+    # take the lock the pivot step takes (in the pivot's lock order), and return why the
+    # saga can no longer be compensated (the pivot committed), or None. Only the pivot's
+    # own service knows whether it committed: the chain runs the pivot before the saga
+    # store hears of the step before it. Without a guard, sagas cannot be compensated by hand.
+    pivot_guard: str = ""
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.steps]

@@ -18,6 +18,7 @@ from typing import Any
 
 from celery import Signature, chain
 
+from common.signing import context_sign
 from orders_project.celery import app
 
 from .definition import Step
@@ -42,13 +43,13 @@ def step_signature(step: Step, *, saga_id: uuid.UUID | str, generation: int) -> 
 def build_chain(
     steps: Iterable[Step], *, saga_id: uuid.UUID | str, generation: int, context: Mapping[str, Any]
 ) -> Signature:
-    """A chain running `steps` in order; the first receives `context`, each next one
-    receives what the previous returned."""
+    """A chain running `steps` in order; the first receives `context`, signed (participants
+    verify it: common.signing), each next one receives what the previous returned."""
     signatures = [step_signature(step, saga_id=saga_id, generation=generation) for step in steps]
     if not signatures:
         raise ValueError("a saga chain needs at least one step")
     first = signatures[0]
-    first.args = (dict(context),)
+    first.args = (context_sign(context),)
     if len(signatures) == 1:
         return first
     return chain(*signatures, app=app)

@@ -21,6 +21,9 @@ class StepStatus(models.TextChoices):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # The saga compensated while this step was in flight; if it reports later, it becomes
+    # succeeded (what it did is undone by the compensations, or refused by their tombstones).
+    CANCELLED = "cancelled"
 
 
 class SagaInstance(models.Model):
@@ -43,6 +46,11 @@ class SagaInstance(models.Model):
     failure_reason = models.TextField(blank=True)
     # Bumped each time a chain is (re)published, so task ids stay unique per publish.
     generation = models.PositiveIntegerField(default=0)
+    # The trace of the request that placed the order (OpenTelemetry; empty with tracing
+    # off): its id, to find it, and its W3C context (traceparent), under which every later
+    # chain of this saga is published, so one order is one trace (saga.tracing).
+    trace_id = models.CharField(max_length=32, blank=True, db_index=True)
+    trace_context = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -51,6 +59,10 @@ class SagaInstance(models.Model):
         indexes = [
             models.Index(fields=["status", "updated_at"], name="saga_status_updated_idx"),
         ]
+        permissions = [
+            ("retry_saga", "Can retry a saga from the step that failed or stalled"),
+            ("compensate_saga", "Can compensate a saga now, before its pivot"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.definition} {self.id} ({self.status})"
@@ -58,6 +70,26 @@ class SagaInstance(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+
+    @property
+    def failure_fingerprint(self) -> str:
+        """Exception type and step of the last failure: identical failures share it."""
+        return fingerprint_of(self.failure_type, self.failure_step)
+
+
+FINGERPRINT_SEPARATOR = " @ "
+
+
+def fingerprint_of(failure_type: str, failure_step: str) -> str:
+    return f"{failure_type}{FINGERPRINT_SEPARATOR}{failure_step}" if failure_type or failure_step else ""
+
+
+def fingerprint_parts(fingerprint: str) -> tuple[str, str]:
+    """(failure type, failure step) of a fingerprint; ValueError if it is not one."""
+    failure_type, separator, failure_step = fingerprint.partition(FINGERPRINT_SEPARATOR)
+    if not separator:
+        raise ValueError(f"not a failure fingerprint: {fingerprint!r}")
+    return failure_type, failure_step
 
 
 class SagaStep(models.Model):
@@ -70,6 +102,8 @@ class SagaStep(models.Model):
     task_name = models.CharField(max_length=128)
     status = models.CharField(max_length=16, choices=StepStatus.choices, default=StepStatus.PENDING)
     attempts = models.PositiveIntegerField(default=0)
+    # How often the recovery sweeper (or an operator) re-published this step.
+    republished = models.PositiveIntegerField(default=0)
     celery_task_id = models.CharField(max_length=255, blank=True)
     # queued_at: when the saga published it (or the previous step finished);
     # started_at/finished_at: as measured by the participant that ran it.
@@ -104,3 +138,38 @@ class SagaStep(models.Model):
         if self.started_at and self.finished_at:
             return (self.finished_at - self.started_at).total_seconds() * 1000
         return None
+
+
+class SagaAuditEntry(models.Model):
+    """What an operator asked of a saga (retry, compensate), when, and what came of it.
+
+    Written by `saga.services` in the transaction of the action itself, refusals included
+    (a second click on the same button is one), so the log and the saga never disagree.
+    """
+
+    class Action(models.TextChoices):
+        RETRY = "retry"
+        COMPENSATE = "compensate"
+
+    class Outcome(models.TextChoices):
+        DONE = "done"
+        REFUSED = "refused"
+
+    saga = models.ForeignKey(SagaInstance, on_delete=models.CASCADE, related_name="audit_entries")
+    action = models.CharField(max_length=16, choices=Action.choices)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    detail = models.TextField()
+    # Users live in the default database: referenced by id, and named as they were then.
+    user_id = models.BigIntegerField(null=True, blank=True)
+    username = models.CharField(max_length=150)
+    status_before = models.CharField(max_length=20, choices=SagaStatus.choices)
+    status_after = models.CharField(max_length=20, choices=SagaStatus.choices)
+    failure_fingerprint = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "saga audit entries"
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.username}: {self.outcome}"

@@ -7,21 +7,27 @@ already past it.
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
 from celery.result import AsyncResult
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
+from django.utils.module_loading import import_string
 
 from orders_project.celery import app
 
 from .definition import SagaDefinition, Step, get_definition
 from .engine import build_chain, task_id_for
-from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
+from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
+from .selectors import sagas_with_fingerprints
+from .tracing import saga_trace_context, trace_carrier, trace_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +36,20 @@ OUTCOME_FAILED = "failed"
 OUTCOME_CANCELLED = "cancelled"
 
 
-def _publish(signature: Any, saga_id: uuid.UUID) -> None:
+def _publish(signature: Any, saga_id: uuid.UUID, trace_context: Mapping[str, str] | None = None) -> None:
     # A failure to publish leaves the step running with a deadline: the recovery
     # sweeper re-publishes it. Not raising keeps the already-committed request intact.
     try:
-        signature.apply_async()
+        # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
+        with saga_trace_context(trace_context):
+            signature.apply_async()
     except Exception:
         logger.exception("saga %s: publishing its next steps failed; the sweeper will retry", saga_id)
 
 
 def _publish_on_commit(steps: tuple[Step, ...], saga: SagaInstance) -> None:
     signature = build_chain(steps, saga_id=saga.id, generation=saga.generation, context=saga.context)
-    transaction.on_commit(partial(_publish, signature, saga.id), using=DB)
+    transaction.on_commit(partial(_publish, signature, saga.id, saga.trace_context), using=DB)
 
 
 def _mark_running(
@@ -51,7 +59,7 @@ def _mark_running(
     # The chain published this step when the previous one finished, which may be before
     # the coordinator heard of it: queue wait is measured from there.
     step.queued_at = queued_at or now
-    step.deadline_at = now + timedelta(seconds=spec.timeout)
+    step.deadline_at = now + timedelta(seconds=spec.deadline_seconds)
     step.celery_task_id = task_id_for(saga_id, spec.name, generation)
 
 
@@ -71,6 +79,9 @@ def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapp
         status=SagaStatus.RUNNING,
         current_step=definition.steps[0].name,
         context={**context, "saga_id": str(saga_id), "order_id": str(order_id)},
+        # The placing request's trace: every chain of this saga is published in it.
+        trace_context=(carrier := trace_carrier()),
+        trace_id=trace_id_of(carrier),
     )
     steps = [
         SagaStep(saga=saga, phase=StepPhase.FORWARD, position=i, name=spec.name, task_name=spec.task)
@@ -113,8 +124,9 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
         if step is None:
             logger.error("saga %s has no step %s; success report ignored", saga_id, step_name)
             return
-        if step.status == StepStatus.SUCCEEDED:
-            return
+        inferred = step.status == StepStatus.SUCCEEDED
+        if inferred and step.started_at is not None:
+            return  # a duplicate report
         now = timezone.now()
         step.status = StepStatus.SUCCEEDED
         step.deadline_at = None
@@ -126,30 +138,35 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
         saga.context = {**saga.context, **{k: v for k, v in result.items() if not k.startswith("_")}}
 
         definition = get_definition(saga.definition)
-        if step.phase == StepPhase.FORWARD:
-            nxt = definition.steps[step.position + 1] if step.position + 1 < len(definition.steps) else None
-            if saga.status == SagaStatus.RUNNING:
-                if nxt is None:
-                    saga.status = SagaStatus.COMPLETED
-                    saga.current_step = ""
-                    saga.finished_at = now
-                else:
-                    nxt_row = steps[nxt.name]
-                    _mark_running(
-                        nxt_row, nxt, now=now, generation=saga.generation, saga_id=saga.id, queued_at=step.finished_at
-                    )
-                    saga.current_step = nxt.name
-                    changed.append(nxt_row)
-        else:
-            plan = definition.compensation_steps()
-            nxt = plan[step.position + 1] if step.position + 1 < len(plan) else None
-            if saga.status == SagaStatus.COMPENSATING:
-                if nxt is None:
-                    saga.status = SagaStatus.COMPENSATED
-                    saga.current_step = ""
-                    saga.finished_at = now
-                else:
-                    nxt_row = steps[nxt.name]
+        plan = _phase_plan(definition, step.phase)
+        if inferred:
+            # The saga already moved past this step (a later report arrived first): only
+            # its timing was missing.
+            step.save(using=DB)
+            saga.save(using=DB)
+            return
+        active, finished = (
+            (SagaStatus.RUNNING, SagaStatus.COMPLETED)
+            if step.phase == StepPhase.FORWARD
+            else (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
+        )
+        if saga.status == active:
+            if step.position + 1 == len(plan):
+                # The last step of a chain runs only after every earlier one committed:
+                # any whose report is still on its way (or was lost) succeeded too.
+                saga.status = finished
+                saga.current_step = ""
+                saga.finished_at = now
+                for earlier in steps.values():
+                    if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                        earlier.status, earlier.deadline_at = StepStatus.SUCCEEDED, None
+                        changed.append(earlier)
+            else:
+                nxt = plan[step.position + 1]
+                nxt_row = steps[nxt.name]
+                # Reports travel as separate messages and may arrive out of order: a late
+                # report never rewinds a step that already started or finished.
+                if nxt_row.status == StepStatus.PENDING:
                     _mark_running(
                         nxt_row, nxt, now=now, generation=saga.generation, saga_id=saga.id, queued_at=step.finished_at
                     )
@@ -233,6 +250,8 @@ def _needs_attention(saga: SagaInstance, step_name: str, error_type: str, error:
     saga.failure_type = error_type
     saga.failure_reason = error
     saga.save(using=DB)
+    # Nothing runs on its own any more: keep the sweeper's scan to sagas it can act on.
+    saga.steps.filter(status=StepStatus.RUNNING).update(deadline_at=None)
 
 
 def saga_begin_compensation(
@@ -258,8 +277,10 @@ def saga_begin_compensation(
     saga.context = {**saga.context, "outcome": outcome, "failure_reason": reason}
     saga.save(using=DB)
 
-    # Forward steps that never reported back will not: their compensations cover them.
-    saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).update(deadline_at=None)
+    # Forward steps still in flight are superseded: their compensations cover them.
+    saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).update(
+        status=StepStatus.CANCELLED, deadline_at=None, finished_at=now
+    )
     rows = [
         SagaStep(saga=saga, phase=StepPhase.COMPENSATION, position=i, name=spec.name, task_name=spec.task)
         for i, spec in enumerate(plan)
@@ -267,3 +288,343 @@ def saga_begin_compensation(
     _mark_running(rows[0], plan[0], now=now, generation=saga.generation, saga_id=saga.id)
     SagaStep.objects.using(DB).bulk_create(rows)
     _publish_on_commit(plan, saga)
+
+
+def _phase_plan(definition: SagaDefinition, phase: str) -> tuple[Step, ...]:
+    return definition.steps if phase == StepPhase.FORWARD else definition.compensation_steps()
+
+
+def saga_republish_from(saga: SagaInstance, step: SagaStep, *, now: datetime | None = None) -> None:
+    """Publish the rest of the step's phase again, from this step, as a new generation.
+
+    Safe whether or not the earlier messages are still somewhere: every step is
+    idempotent, so a duplicate returns its recorded result. The new deadline doubles
+    with each re-publish, so a slow participant is not flooded.
+
+    Precondition: inside `transaction.atomic(using="orders")` holding `select_for_update`
+    on `saga`.
+    """
+    now = now or timezone.now()
+    definition = get_definition(saga.definition)
+    plan = _phase_plan(definition, step.phase)
+    saga.generation += 1
+    saga.current_step = step.name
+    saga.save(using=DB)
+    step.republished += 1
+    step.attempts += 1
+    step.status = StepStatus.RUNNING
+    step.queued_at = now
+    step.finished_at = None
+    step.celery_task_id = task_id_for(saga.id, step.name, saga.generation)
+    step.deadline_at = now + timedelta(seconds=plan[step.position].deadline_seconds * 2**step.republished)
+    step.save(using=DB)
+    _publish_on_commit(plan[step.position :], saga)
+
+
+def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
+    definition = get_definition(saga.definition)
+    if step.republished < settings.SAGA_REPUBLISH_BUDGET:
+        saga_republish_from(saga, step, now=now)
+        return "republished"
+    reason = f"{step.name} did not report back after {step.republished} re-publishes"
+    step.status = StepStatus.FAILED
+    step.last_error = f"StepTimedOut: {reason}"
+    step.finished_at = now
+    step.deadline_at = None
+    step.save(using=DB)
+    pivot_or_later = step.phase == StepPhase.FORWARD and definition.forward_index(step.name) >= definition.pivot_index
+    if step.phase == StepPhase.FORWARD and saga.status == SagaStatus.RUNNING and not pivot_or_later:
+        saga_begin_compensation(
+            saga, outcome=OUTCOME_FAILED, failure_step=step.name, failure_type="StepTimedOut", reason=reason
+        )
+        return "compensating"
+    # A pivot that never reported may have committed: an operator decides, not the sweeper.
+    _needs_attention(saga, step.name, "StepTimedOut", reason)
+    return "needs_attention"
+
+
+def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict[str, int]:
+    """Find running steps past their deadline and recover them; return what was done.
+
+    Covers a lost or dropped message, a worker that died with its message, a chain whose
+    publish failed after the order committed (its first step never started), and a
+    stalled compensation. The scan reads only running steps past their deadline (a
+    partial index), oldest first, in bounded batches; each saga is handled in its own
+    short transaction and skipped if another sweeper holds it (SKIP LOCKED).
+    """
+    now = now or timezone.now()
+    batch = batch or settings.SAGA_SWEEP_BATCH
+    stalled = (
+        SagaStep.objects.using(DB)
+        .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
+        .order_by("deadline_at")
+        .values_list("saga_id", "name")[:batch]
+    )
+    done: Counter[str] = Counter()
+    for saga_id, step_name in list(stalled):
+        with transaction.atomic(using=DB):
+            saga = (
+                SagaInstance.objects.using(DB)
+                .select_for_update(skip_locked=True)
+                .filter(id=saga_id, status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
+                .first()
+            )
+            step = None if saga is None else saga.steps.filter(name=step_name, status=StepStatus.RUNNING).first()
+            if step is None or step.deadline_at is None or step.deadline_at >= now:
+                done["skipped"] += 1
+                continue
+            outcome = _recover_stalled(saga, step, now)
+            logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)
+            done[outcome] += 1
+    return dict(done)
+
+
+# --- Operator actions: the admin's retry and compensate (README "Operating it") ---------
+#
+# Each locks the saga, checks what it may do *now* (so a second click, or a second
+# operator, finds the first one's result and is refused), acts, and records a
+# SagaAuditEntry in the same transaction; refusals are recorded too.
+
+OPERATOR_COMPENSATED = "CompensatedByOperator"
+# What the customer is told (the failure notification) when an operator stops an order.
+OPERATOR_COMPENSATED_REASON = "it was stopped by our staff"
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    """What retrying a saga does: re-publish from `step`, or `finish` it with that status
+    (every step it still needed has succeeded since it was flagged), or, with neither,
+    nothing (`detail` says why)."""
+
+    detail: str
+    step: SagaStep | None = None
+    finish: str = ""
+
+    @property
+    def possible(self) -> bool:
+        return self.step is not None or bool(self.finish)
+
+
+def saga_retry_check(saga: SagaInstance, *, now: datetime | None = None) -> RetryPlan:
+    """What retrying `saga` would do. Only reads; `saga_retry` checks again under the lock.
+
+    Retryable:
+    - `needs_attention`: the step that failed runs again, then the rest of its phase. In
+      the forward phase that is the pivot or a step after it (a notification that ran out
+      of retries during a mail outage, a confirm that never reported back); in the
+      compensation phase, the compensation that ran out of retries. If a late copy of that
+      step has succeeded since, the saga resumes after it (or finishes, if nothing is left).
+    - `running` or `compensating` but stuck: its current step is past its deadline (a lost
+      message while the sweeper is down or far from its next try): re-published now.
+
+    Not retryable: a completed saga; a compensated one (its order failed or was cancelled,
+    and the compensations' tombstones make every forward step refuse, so "retry" there is
+    a new order); a running one whose current step is still within its deadline.
+    """
+    now = now or timezone.now()
+    steps = {step.name: step for step in saga.steps.all()}
+    if saga.status == SagaStatus.NEEDS_ATTENTION:
+        failed = steps.get(saga.failure_step)
+        if failed is None:
+            return RetryPlan(f"it needs attention, but {saga.failure_step!r} is none of its steps: nothing to re-run")
+        phase = "forward steps" if failed.phase == StepPhase.FORWARD else "compensations"
+        todo = sorted(
+            (
+                step
+                for step in steps.values()
+                if step.phase == failed.phase
+                and step.position >= failed.position
+                and step.status != StepStatus.SUCCEEDED
+            ),
+            key=lambda step: step.position,
+        )
+        if todo and todo[0] is failed:
+            return RetryPlan(
+                f"resumed from {failed.name}, which failed ({saga.failure_type}): it and the {phase} after it "
+                "run again",
+                step=failed,
+            )
+        if todo:
+            return RetryPlan(
+                f"resumed from {todo[0].name}: {failed.name} failed ({saga.failure_type}) but has succeeded since",
+                step=todo[0],
+            )
+        finish = SagaStatus.COMPLETED if failed.phase == StepPhase.FORWARD else SagaStatus.COMPENSATED
+        return RetryPlan(
+            f"{failed.name} failed ({saga.failure_type}), but it and the {phase} after it have all succeeded since: "
+            f"marked {finish}",
+            finish=finish,
+        )
+    if saga.status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+        step = steps.get(saga.current_step)
+        if step is None or step.status != StepStatus.RUNNING:
+            state = "missing" if step is None else step.status
+            return RetryPlan(
+                f"it is {saga.status}, but its current step {saga.current_step!r} is {state}: nothing to re-publish"
+            )
+        if step.deadline_at is not None and step.deadline_at > now:
+            return RetryPlan(
+                f"it is {saga.status} and not stuck: {step.name} has until {step.deadline_at:%Y-%m-%d %H:%M:%S} UTC "
+                "to report back"
+            )
+        return RetryPlan(f"re-published {step.name}, which had not reported back by its deadline", step=step)
+    if saga.status == SagaStatus.COMPLETED:
+        return RetryPlan("it completed: nothing to retry")
+    return RetryPlan(
+        "it was compensated (its order failed or was cancelled): its forward steps cannot run again, the "
+        "compensations' tombstones refuse them; the customer places a new order"
+    )
+
+
+def saga_compensate_check(saga: SagaInstance) -> str | None:
+    """Why `saga` cannot be compensated by hand now, or None (the pivot guard has the last
+    word, under the pivot's lock: `saga_compensate`). Only reads.
+
+    Compensable: a running saga before its pivot, whatever step it is at (as a customer's
+    cancel: the compensations undo what ran, their tombstones stop what is in flight), and
+    a saga that needs attention at its pivot (a confirm that never reported back).
+    """
+    definition = get_definition(saga.definition)
+    if not definition.pivot_guard:
+        return f"saga {definition.name!r} names no pivot guard: compensating it by hand could race its pivot"
+    if saga.status == SagaStatus.RUNNING:
+        if saga.current_step in {s.name for s in definition.steps} and definition.is_after_pivot(saga.current_step):
+            return f"it is past its pivot ({definition.pivot} committed): nothing before it can be undone"
+        return None
+    if saga.status == SagaStatus.NEEDS_ATTENTION:
+        forward = {s.name for s in definition.steps}
+        if saga.failure_step == definition.pivot:
+            return None
+        if saga.failure_step in forward:
+            return f"it is past its pivot ({definition.pivot} committed): retry it instead"
+        return f"it is already compensating ({saga.failure_step} failed): retry it to finish compensating"
+    if saga.status == SagaStatus.COMPENSATING:
+        return "it is already compensating"
+    return f"it is already {saga.status}"
+
+
+def _audit(
+    saga: SagaInstance,
+    *,
+    action: str,
+    user: Any,
+    done: bool,
+    detail: str,
+    status_before: str,
+    fingerprint: str,
+) -> SagaAuditEntry:
+    entry = SagaAuditEntry.objects.using(DB).create(
+        saga=saga,
+        action=action,
+        outcome=SagaAuditEntry.Outcome.DONE if done else SagaAuditEntry.Outcome.REFUSED,
+        detail=detail[:2000],
+        user_id=getattr(user, "pk", None),
+        username=(user.get_username() if user is not None else "") or "system",
+        status_before=status_before,
+        status_after=saga.status,
+        failure_fingerprint=fingerprint[:200],
+    )
+    log = logger.warning if done else logger.info
+    log("saga %s: %s by %s %s: %s", saga.id, action, entry.username, entry.outcome, detail)
+    return entry
+
+
+def saga_retry(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
+    """Retry a saga from the step that failed or stalled (`saga_retry_check`); audited.
+
+    The saga becomes running (forward) or compensating again and the rest of the step's
+    phase is re-published as a new generation; steps are idempotent, so whatever already
+    happened is not done twice. A step that needed attention starts a fresh budget of
+    sweeper re-publishes. Raises `SagaInstance.DoesNotExist` for an unknown saga.
+    """
+    now = timezone.now()
+    with transaction.atomic(using=DB):
+        saga = _lock_saga(saga_id)
+        if saga is None:
+            raise SagaInstance.DoesNotExist(f"no saga {saga_id}")
+        status_before, fingerprint = saga.status, saga.failure_fingerprint
+        plan = saga_retry_check(saga, now=now)
+        detail, step = plan.detail, plan.step
+        if step is not None:
+            if saga.status == SagaStatus.NEEDS_ATTENTION:
+                saga.status = SagaStatus.RUNNING if step.phase == StepPhase.FORWARD else SagaStatus.COMPENSATING
+                step.republished = 0
+            saga_republish_from(saga, step, now=now)
+            detail = f"{detail} (generation {saga.generation})"
+        elif plan.finish:
+            saga.status, saga.current_step, saga.finished_at = plan.finish, "", now
+            saga.save(using=DB)
+        return _audit(
+            saga,
+            action=SagaAuditEntry.Action.RETRY,
+            user=user,
+            done=plan.possible,
+            detail=detail,
+            status_before=status_before,
+            fingerprint=fingerprint,
+        )
+
+
+def saga_compensate(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
+    """Compensate a saga now, before its pivot (`saga_compensate_check`); audited.
+
+    Takes the pivot's lock first (the definition's `pivot_guard`: for an order, its row,
+    as `orders.confirm` does), then the saga's, so a pivot in flight either committed
+    (refused here) or will find the saga compensating and refuse. The order then fails
+    and the customer is told, as for any failure. Raises `SagaInstance.DoesNotExist`.
+    """
+    found = SagaInstance.objects.using(DB).filter(id=saga_id).only("id", "definition", "order_id").first()
+    if found is None:
+        raise SagaInstance.DoesNotExist(f"no saga {saga_id}")
+    definition = get_definition(found.definition)
+    with transaction.atomic(using=DB):
+        guard_refusal = import_string(definition.pivot_guard)(saga=found) if definition.pivot_guard else None
+        saga = _lock_saga(saga_id)
+        status_before, fingerprint = saga.status, saga.failure_fingerprint
+        refusal = saga_compensate_check(saga) or guard_refusal
+        if refusal is None:
+            failure_step = saga.current_step or saga.failure_step
+            # A saga that needed attention at its pivot compensates like a running one.
+            saga.status = SagaStatus.RUNNING
+            saga_begin_compensation(
+                saga,
+                outcome=OUTCOME_FAILED,
+                failure_step=failure_step,
+                failure_type=OPERATOR_COMPENSATED,
+                reason=OPERATOR_COMPENSATED_REASON,
+            )
+        detail = (
+            f"compensating from {saga.failure_step} (generation {saga.generation}): every step up to the pivot is "
+            "undone, the order fails and the customer is told"
+            if refusal is None
+            else refusal
+        )
+        return _audit(
+            saga,
+            action=SagaAuditEntry.Action.COMPENSATE,
+            user=user,
+            done=refusal is None,
+            detail=detail,
+            status_before=status_before,
+            fingerprint=fingerprint,
+        )
+
+
+def saga_retry_by_fingerprint(
+    *, fingerprints: Iterable[str], user: Any, limit: int | None = None
+) -> tuple[list[SagaAuditEntry], int]:
+    """Retry every saga that needs attention for one of these failures (exception type and
+    step), oldest first, at most `limit` (SAGA_BULK_RETRY_LIMIT) in one call, each in its
+    own short transaction. Returns the audit entries and how many such sagas remain."""
+    limit = limit or settings.SAGA_BULK_RETRY_LIMIT
+    candidates = list(
+        sagas_with_fingerprints(fingerprints)
+        .filter(status=SagaStatus.NEEDS_ATTENTION)
+        .order_by("created_at")
+        .values_list("id", flat=True)[: limit + 1]
+    )
+    entries = [saga_retry(saga_id=saga_id, user=user) for saga_id in candidates[:limit]]
+    remaining = 0
+    if len(candidates) > limit:
+        remaining = sagas_with_fingerprints(fingerprints).filter(status=SagaStatus.NEEDS_ATTENTION).count()
+    return entries, remaining

@@ -5,6 +5,10 @@ from typing import Any
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
+from common.exceptions import InvalidMessage
+from common.signing import context_verify
+from common.steps import require_str, require_uuid
+
 from . import services
 
 RETRY = {
@@ -16,11 +20,33 @@ RETRY = {
 }
 
 
+def _check_report(saga_id: Any, step: Any) -> None:
+    # Issue 6: a malformed report is rejected (the task fails, logged) before any query.
+    require_uuid({"saga_id": saga_id}, "saga_id")
+    require_str({"step": step}, "step", max_length=64)
+
+
 @shared_task(name="saga.step_succeeded", **RETRY)
 def step_succeeded(result: Any, *, saga_id: str, step: str) -> None:
-    services.saga_step_succeeded(saga_id=saga_id, step_name=step, result=result if isinstance(result, dict) else {})
+    _check_report(saga_id, step)
+    # A success report carries the step's output: the saga's signed context. A forged one
+    # (unsigned, or another saga's) would move a saga past a step that never ran.
+    if not isinstance(result, dict):
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report carries no step output")
+    context_verify(result)
+    if result.get("saga_id") != str(saga_id):
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report is for another saga")
+    services.saga_step_succeeded(saga_id=saga_id, step_name=step, result=result)
 
 
 @shared_task(name="saga.step_failed", **RETRY)
 def step_failed(task_id: str, *, saga_id: str, step: str) -> None:
+    _check_report(saga_id, step)
+    require_str({"task_id": task_id}, "task_id")
     services.saga_step_failed(saga_id=saga_id, step_name=step, task_id=task_id)
+
+
+@shared_task(name="saga.sweep", ignore_result=True)
+def sweep() -> dict[str, int]:
+    """The coordinator's watchdog, run by celery beat every SAGA_SWEEP_INTERVAL seconds."""
+    return services.saga_sweep()

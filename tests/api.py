@@ -9,10 +9,9 @@ import requests
 from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 
+from devstack.topology import wait_for
 from inventory.models import Product
 from inventory.services import product_upsert
-
-from .topology import wait_for
 
 FINAL_ORDER_STATUSES = {"confirmed", "failed", "cancelled"}
 FINAL_SAGA_STATUSES = {"completed", "compensated", "needs_attention"}

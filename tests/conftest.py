@@ -14,8 +14,10 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
+from devstack.topology import BASE_DIR, Topology
+
 from .api import Api
-from .topology import BASE_DIR, Topology
+from .otlp import OtlpReceiver
 
 ALIASES = ("default", "orders", "inventory", "payments", "notifications")
 
@@ -51,9 +53,19 @@ def db_access(django_db_setup: None, django_db_blocker) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def topology(db_access: None) -> Iterator[Topology]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """Where the session's processes send their spans (OTLP/gRPC, as compose's to Jaeger)."""
+    receiver = OtlpReceiver().start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def topology(db_access: None, otlp: OtlpReceiver) -> Iterator[Topology]:
     log_dir = Path(os.environ.get("TEST_LOG_DIR", BASE_DIR / ".data" / "test-logs"))
-    stack = Topology(env=dict(os.environ), log_dir=log_dir)
+    stack = Topology(env={**os.environ, **otlp.exporter_env()}, log_dir=log_dir)
     try:
         stack.start()
         yield stack

@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 
+from devstack.topology import wait_for
 from inventory.models import Reservation
 from notifications.models import Notification
 from orders.models import Order
@@ -12,7 +13,6 @@ from payments.models import FakeProviderOperation, Payment
 from saga.models import SagaInstance
 
 from .api import Api, make_product, steps_by_name, stock
-from .topology import wait_for
 
 pytestmark = pytest.mark.integration
 

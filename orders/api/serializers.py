@@ -1,5 +1,10 @@
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+
+from saga.models import SagaStatus, StepPhase, StepStatus
+
+from ..models import Order
 
 # Stripe-style token: what a card form hands the server instead of card numbers.
 TOKEN_PATTERN = r"^tok_[A-Za-z0-9_]{1,60}$"
@@ -44,36 +49,36 @@ class OrderLineOutput(serializers.Serializer):
 
 class SagaStepOutput(serializers.Serializer):
     name = serializers.CharField()
-    phase = serializers.CharField()
-    status = serializers.CharField()
+    phase = serializers.ChoiceField(choices=StepPhase.choices)
+    status = serializers.ChoiceField(choices=StepStatus.choices)
     attempts = serializers.IntegerField()
-    queued_at = serializers.DateTimeField()
-    started_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
-    last_error = serializers.CharField()
-    celery_task_id = serializers.CharField()
+    queued_at = serializers.DateTimeField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    last_error = serializers.CharField(allow_blank=True)
+    celery_task_id = serializers.CharField(allow_blank=True)
 
 
 class SagaOutput(serializers.Serializer):
     id = serializers.UUIDField()
-    status = serializers.CharField()
-    current_step = serializers.CharField()
-    failure_step = serializers.CharField()
-    failure_reason = serializers.CharField()
+    status = serializers.ChoiceField(choices=SagaStatus.choices)
+    current_step = serializers.CharField(allow_blank=True)
+    failure_step = serializers.CharField(allow_blank=True)
+    failure_reason = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
     steps = SagaStepOutput(many=True, source="steps.all")
 
 
 class OrderOutput(serializers.Serializer):
     id = serializers.UUIDField()
-    status = serializers.CharField()
+    status = serializers.ChoiceField(choices=Order.Status.choices)
     email = serializers.EmailField()
-    phone = serializers.CharField()
+    phone = serializers.CharField(allow_blank=True)
     items = OrderLineOutput(many=True, source="lines.all")
     total = serializers.DecimalField(max_digits=12, decimal_places=2)
     currency = serializers.CharField()
-    failure_reason = serializers.CharField()
+    failure_reason = serializers.CharField(allow_blank=True)
     cancel_requested = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
@@ -82,6 +87,7 @@ class OrderOutput(serializers.Serializer):
     def get_cancel_requested(self, order) -> bool:
         return order.cancel_requested_at is not None
 
+    @extend_schema_field(SagaOutput(allow_null=True))
     def get_saga(self, order) -> dict | None:
         saga = self.context.get("sagas", {}).get(order.id)
         return None if saga is None else SagaOutput(saga).data

@@ -2,6 +2,7 @@ import re
 import uuid
 
 from django.http import Http404
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import ValidationError
 from rest_framework.generics import GenericAPIView
@@ -9,6 +10,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from common.api import RETRY_AFTER, error_responses
+from common.drf import WriteRateThrottle
 from saga.models import SagaInstance
 
 from .. import selectors, services
@@ -17,6 +20,15 @@ from ..models import Order
 from .serializers import OrderCreateInput, OrderOutput
 
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-:.]{1,255}$")
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    location=OpenApiParameter.HEADER,
+    pattern=IDEMPOTENCY_KEY_PATTERN.pattern,
+    description="Makes a retried request safe: the same key with the same body answers with the same "
+    "order (Idempotent-Replayed: true) and starts nothing; with another body, 422. 1 to 255 of "
+    "A-Z a-z 0-9 _ - : . (a UUID works).",
+)
+ORDER_ID = OpenApiParameter("order_id", type=uuid.UUID, location=OpenApiParameter.PATH)
 
 
 def visible_user_id(request: Request) -> int | None:
@@ -53,11 +65,55 @@ def _get_visible_order(request: Request, order_id: uuid.UUID) -> Order:
 
 
 class OrderListCreateApi(GenericAPIView):
+    # Order creation is rate-limited per user (ORDER_CREATE_RATE); listing is not.
+    throttle_classes = [WriteRateThrottle]
+    throttle_scope = "order_create"
+    serializer_class = OrderOutput
+
+    @extend_schema(
+        operation_id="orders_list",
+        summary="Your orders, newest first (staff: everyone's)",
+        responses={200: OrderOutput(many=True), **error_responses(400, 401)},
+    )
     def get(self, request: Request) -> Response:
         orders = selectors.order_list(user_id=visible_user_id(request)).prefetch_related("lines")
         page = self.paginate_queryset(orders)
         return self.get_paginated_response(render_orders(list(page)))
 
+    @extend_schema(
+        operation_id="orders_create",
+        summary="Place an order: its saga starts, the answer does not wait for it",
+        request=OrderCreateInput,
+        examples=[
+            OpenApiExample(
+                "Two mugs",
+                value={
+                    "email": "you@example.com",
+                    "items": [{"sku": "MUG-LOGO", "quantity": 2}],
+                    "payment_token": "tok_visa",
+                },
+                request_only=True,
+            )
+        ],
+        parameters=[
+            IDEMPOTENCY_KEY,
+            OpenApiParameter(
+                "Location", location=OpenApiParameter.HEADER, response=[202], required=True, description="The order."
+            ),
+            OpenApiParameter(
+                "Idempotent-Replayed",
+                location=OpenApiParameter.HEADER,
+                response=[202],
+                enum=["true"],
+                description="Present when the Idempotency-Key was seen before: this is that order.",
+            ),
+            RETRY_AFTER,
+        ],
+        responses={
+            202: OpenApiResponse(OrderOutput, description="The order, pending, with its saga."),
+            **error_responses(400, 401, 413, 415, 422, 429),
+        },
+    )
     def post(self, request: Request) -> Response:
         key = _idempotency_key(request)
         serializer = OrderCreateInput(data=request.data)
@@ -92,11 +148,27 @@ class OrderListCreateApi(GenericAPIView):
 
 
 class OrderDetailApi(APIView):
+    @extend_schema(
+        operation_id="orders_retrieve",
+        summary="An order, its items and its saga's steps",
+        parameters=[ORDER_ID],
+        responses={200: OrderOutput, **error_responses(401, 404)},
+    )
     def get(self, request: Request, order_id: uuid.UUID) -> Response:
         return Response(render_order(_get_visible_order(request, order_id)))
 
 
 class OrderCancelApi(APIView):
+    @extend_schema(
+        operation_id="orders_cancel",
+        summary="Cancel an order while its saga runs: whatever was done is compensated",
+        parameters=[ORDER_ID],
+        request=None,
+        responses={
+            202: OpenApiResponse(OrderOutput, description="Cancelling: the order ends `cancelled`."),
+            **error_responses(401, 404, 409),
+        },
+    )
     def post(self, request: Request, order_id: uuid.UUID) -> Response:
         order = _get_visible_order(request, order_id)
         try:

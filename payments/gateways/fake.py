@@ -1,11 +1,14 @@
 """A deterministic provider for development and tests, driven by Stripe-style tokens.
 
-| token                       | outcome                                                  |
-|-----------------------------|----------------------------------------------------------|
-| tok_visa, tok_mastercard    | charge succeeds                                          |
-| tok_chargeDeclined          | declined (`card_declined`)                               |
-| tok_chargeDeclinedInsufficientFunds | declined (`insufficient_funds`)                  |
-| tok_slow                    | succeeds after FAKE_PROVIDER_SLOW_SECONDS (default 5 s)  |
+- tok_visa, tok_mastercard, tok_amex: the charge succeeds.
+- tok_chargeDeclined: declined (`card_declined`).
+- tok_chargeDeclinedInsufficientFunds: declined (`insufficient_funds`).
+- tok_slow: succeeds after FAKE_PROVIDER_SLOW_SECONDS (default 5 s).
+- tok_transient: unavailable (503) for the first 2 attempts of a charge, then succeeds.
+- tok_unavailable: always unavailable: retries run out and the saga compensates.
+- tok_hang: the first attempt hangs for FAKE_PROVIDER_HANG_SECONDS (past the task's time
+  limit); the retry succeeds.
+- tok_refundUnavailable: the charge succeeds after the slow delay; every refund is unavailable.
 
 Anything else is declined as `invalid_token`. The provider's own ledger (what it
 charged and refunded, by idempotency key) lives in the payments database, in
@@ -18,29 +21,38 @@ import uuid
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 
-from payments.models import FakeProviderOperation
+from payments.models import FakeProviderAttempt, FakeProviderOperation
 
-from .base import CardDeclined, ChargeResult, RefundResult
+from .base import CardDeclined, ChargeResult, GatewayUnavailable, RefundResult
 
 DB = "payments"
 
-SUCCEEDING_TOKENS = {"tok_visa", "tok_mastercard", "tok_amex"}
+SUCCEEDING_TOKENS = {"tok_visa", "tok_mastercard", "tok_amex", "tok_transient"}
 DECLINING_TOKENS = {
     "tok_chargeDeclined": "card_declined",
     "tok_chargeDeclinedInsufficientFunds": "insufficient_funds",
 }
-SLOW_TOKEN = "tok_slow"
+SLOW_TOKENS = {"tok_slow", "tok_refundUnavailable"}
+TRANSIENT_TOKEN, TRANSIENT_FAILURES = "tok_transient", 2
+UNAVAILABLE_TOKEN = "tok_unavailable"
+HANG_TOKEN = "tok_hang"
+REFUND_UNAVAILABLE_TOKEN = "tok_refundUnavailable"
 
 
 class FakeGateway:
     def charge(self, *, amount: Decimal, currency: str, token: str, idempotency_key: str) -> ChargeResult:
         previous = FakeProviderOperation.objects.filter(idempotency_key=idempotency_key).first()
         if previous is None:
-            if token == SLOW_TOKEN:
+            attempt = self._count_attempt(idempotency_key)
+            if token == UNAVAILABLE_TOKEN or (token == TRANSIENT_TOKEN and attempt <= TRANSIENT_FAILURES):
+                raise GatewayUnavailable(f"provider answered 503 (attempt {attempt})")
+            if token == HANG_TOKEN and attempt == 1:
+                time.sleep(settings.FAKE_PROVIDER_HANG_SECONDS)
+            if token in SLOW_TOKENS:
                 time.sleep(settings.FAKE_PROVIDER_SLOW_SECONDS)
-            outcome = "succeeded" if token in SUCCEEDING_TOKENS | {SLOW_TOKEN} else "declined"
+            outcome = "succeeded" if token in SUCCEEDING_TOKENS | SLOW_TOKENS | {HANG_TOKEN} else "declined"
             code = "" if outcome == "succeeded" else DECLINING_TOKENS.get(token, "invalid_token")
             previous = self._record(
                 idempotency_key,
@@ -50,6 +62,7 @@ class FakeGateway:
                 outcome=outcome,
                 code=code,
                 reference=f"ch_{uuid.uuid4().hex[:24]}",
+                token=token,
             )
         if previous.outcome == "declined":
             raise CardDeclined(previous.code, f"card declined: {previous.code}")
@@ -61,6 +74,8 @@ class FakeGateway:
             charge = FakeProviderOperation.objects.filter(kind="charge", reference=charge_id).first()
             if charge is None or charge.outcome != "succeeded":
                 raise CardDeclined("charge_not_found", f"no successful charge {charge_id} to refund")
+            if charge.token == REFUND_UNAVAILABLE_TOKEN:
+                raise GatewayUnavailable("provider answered 503 to the refund")
             previous = self._record(
                 idempotency_key,
                 kind="refund",
@@ -72,6 +87,23 @@ class FakeGateway:
                 charge_reference=charge_id,
             )
         return RefundResult(refund_id=previous.reference)
+
+    def find_charge(self, *, idempotency_key: str) -> ChargeResult | None:
+        previous = FakeProviderOperation.objects.filter(
+            idempotency_key=idempotency_key, kind="charge", outcome="succeeded"
+        ).first()
+        return None if previous is None else ChargeResult(charge_id=previous.reference)
+
+    @staticmethod
+    def _count_attempt(idempotency_key: str) -> int:
+        table = FakeProviderAttempt._meta.db_table
+        with connections[DB].cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} (idempotency_key, attempts) VALUES (%s, 1) "
+                f"ON CONFLICT (idempotency_key) DO UPDATE SET attempts = {table}.attempts + 1 RETURNING attempts",
+                [idempotency_key],
+            )
+            return cursor.fetchone()[0]
 
     @staticmethod
     def _record(idempotency_key: str, **fields: object) -> FakeProviderOperation:

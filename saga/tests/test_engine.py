@@ -4,6 +4,8 @@ import uuid
 
 import pytest
 
+from common.exceptions import InvalidMessage
+from common.signing import SIGNATURE_FIELD, context_sign, context_verify
 from orders.saga import PLACE_ORDER
 from saga.definition import SagaDefinition, Step
 from saga.engine import build_chain, task_id_for
@@ -35,7 +37,8 @@ def test_forward_chain_calls_each_service_by_name_with_links_to_the_coordinator(
 
     tasks = canvas.tasks
     assert [t.task for t in tasks] == ["inventory.reserve", "payments.charge", "orders.confirm", "notifications.notify"]
-    assert tasks[0].args == ({"order_id": "o"},)
+    assert tasks[0].args == (context_sign({"order_id": "o"}),)
+    context_verify(tasks[0].args[0])  # participants check the coordinator's signature
     assert [t.args for t in tasks[1:]] == [(), (), ()]  # each receives the previous step's result
     for spec, sig in zip(PLACE_ORDER.steps, tasks, strict=True):
         assert sig.options["task_id"] == f"{SAGA_ID}-{spec.name}-g3"
@@ -76,3 +79,36 @@ def test_definitions_reject_duplicate_names_and_unknown_pivots() -> None:
         SagaDefinition("d", steps=(Step("a", "x.a"),), pivot="zzz")
     with pytest.raises(ValueError):
         build_chain((), saga_id=SAGA_ID, generation=0, context={})
+
+
+CONTEXT = {
+    "saga_id": str(SAGA_ID),
+    "order_id": "00000000-0000-0000-0000-000000000002",
+    "email": "a@example.com",
+    "phone": "",
+    "items": [{"sku": "MUG", "quantity": 2}],
+    "payment_token": "tok_visa",
+    "currency": "USD",
+}
+
+
+def test_a_signed_context_verifies_and_steps_may_add_fields() -> None:
+    context_verify({**context_sign(CONTEXT), "amount": "20.00", "outcome": "confirmed"})
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(lambda ctx: {k: v for k, v in ctx.items() if k != SIGNATURE_FIELD}, id="unsigned"),
+        pytest.param(lambda ctx: {**ctx, SIGNATURE_FIELD: "x" * 43}, id="made-up-signature"),
+        pytest.param(lambda ctx: {**ctx, SIGNATURE_FIELD: 42}, id="signature-not-a-string"),
+        pytest.param(lambda ctx: {**ctx, "saga_id": str(uuid.uuid4())}, id="other-saga"),
+        pytest.param(lambda ctx: {**ctx, "items": [{"sku": "MUG", "quantity": 200}]}, id="other-items"),
+        pytest.param(lambda ctx: {**ctx, "payment_token": "tok_amex"}, id="other-card"),
+        pytest.param(lambda ctx: {**ctx, "email": "victim@example.com"}, id="other-customer"),
+        pytest.param(lambda ctx: {**ctx, "items": {1, 2}}, id="not-json"),
+    ],
+)
+def test_a_forged_or_altered_context_is_invalid(forge) -> None:
+    with pytest.raises(InvalidMessage):
+        context_verify(forge(context_sign(CONTEXT)))

@@ -1,4 +1,4 @@
-"""Start the shipped topology for tests: the Procfile's web and worker processes.
+"""Start the shipped topology (the Procfile's web, worker and beat processes) for tests and chaos.
 
 The commands come from the Procfile itself, so the tests run exactly what `make run`
 and a Procfile-based host run: one worker per queue, each registering only its own
@@ -107,7 +107,7 @@ class Topology:
     processes: dict[str, Process] = field(default_factory=dict)
     base_url: str = ""
 
-    def start(self, names: Iterable[str] = ("web", *WORKERS)) -> None:
+    def start(self, names: Iterable[str] = ("web", *WORKERS, "beat")) -> None:
         procfile = read_procfile()
         port = free_port()
         # The Procfile names programs (celery, gunicorn) as installed in this virtualenv.

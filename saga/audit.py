@@ -1,0 +1,148 @@
+"""Cross-database invariants of the order saga, checked from the outside.
+
+Reads every service's database (this is an operator's tool, not a service) and returns
+one line per violation. `python manage.py saga_audit` prints them and exits non-zero.
+"""
+
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta
+
+from django.db.models import Count, Sum
+from django.utils import timezone
+
+from inventory.models import Product, Reservation
+from notifications.models import Notification
+from orders.models import Order
+from payments.models import FakeProviderOperation, Payment, Refund
+
+from .models import SagaInstance, SagaStatus, SagaStep, StepStatus
+
+FINAL_ORDER = {Order.Status.CONFIRMED, Order.Status.FAILED, Order.Status.CANCELLED}
+OUTCOME_KIND = {
+    Order.Status.CONFIRMED: Notification.Kind.ORDER_CONFIRMED,
+    Order.Status.FAILED: Notification.Kind.ORDER_FAILED,
+    Order.Status.CANCELLED: Notification.Kind.ORDER_CANCELLED,
+}
+SAGA_FOR_ORDER = {
+    Order.Status.CONFIRMED: {SagaStatus.COMPLETED},
+    Order.Status.FAILED: {SagaStatus.COMPENSATED},
+    Order.Status.CANCELLED: {SagaStatus.COMPENSATED},
+}
+
+
+def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = None) -> list[str]:
+    now = now or timezone.now()
+    violations: list[str] = []
+    orders = {o.id: o for o in Order.objects.only("id", "status", "created_at", "email")}
+    sagas = {s.order_id: s for s in SagaInstance.objects.only("id", "order_id", "status", "definition")}
+
+    # 1. Every order ends confirmed, failed or cancelled, unless still inside its grace period.
+    for order in orders.values():
+        saga = sagas.get(order.id)
+        if saga is None:
+            violations.append(f"order {order.id}: has no saga")
+            continue
+        if order.status not in FINAL_ORDER:
+            if order.created_at < now - grace:
+                violations.append(f"order {order.id}: still {order.status} after {grace} (saga {saga.status})")
+            continue
+        if saga.status not in SAGA_FOR_ORDER[order.status]:
+            violations.append(f"order {order.id}: is {order.status} but its saga is {saga.status}")
+
+    # 2. Stock: reserved is exactly what held reservations hold; held ones belong to live orders.
+    held = dict(
+        Reservation.objects.filter(status=Reservation.Status.HELD)
+        .values_list("sku")
+        .annotate(total=Sum("quantity"))
+        .values_list("sku", "total")
+    )
+    for product in Product.objects.all():
+        if product.reserved != held.get(product.sku, 0):
+            violations.append(
+                f"product {product.sku}: reserved={product.reserved} but held reservations add up to "
+                f"{held.get(product.sku, 0)}"
+            )
+        if product.reserved > product.on_hand:
+            violations.append(f"product {product.sku}: available is negative ({product.on_hand - product.reserved})")
+    for reservation in Reservation.objects.all():
+        order = orders.get(reservation.order_id)
+        status = order.status if order else None
+        if reservation.status == Reservation.Status.HELD and status in (Order.Status.FAILED, Order.Status.CANCELLED):
+            violations.append(f"order {reservation.order_id}: is {status} but still holds {reservation.sku}")
+        if reservation.status == Reservation.Status.RELEASED and status == Order.Status.CONFIRMED:
+            violations.append(f"order {reservation.order_id}: is confirmed but its {reservation.sku} was released")
+
+    # 3. Money: captured only for confirmed orders; others declined, refunded or never charged.
+    refunded = set(Refund.objects.values_list("payment_id", flat=True))
+    provider_charges = Counter(
+        key.split(":", 1)[0]
+        for key in FakeProviderOperation.objects.filter(kind="charge", outcome="succeeded").values_list(
+            "idempotency_key", flat=True
+        )
+    )
+    provider_refunds = Counter(
+        key.split(":", 1)[0]
+        for key in FakeProviderOperation.objects.filter(kind="refund", outcome="succeeded").values_list(
+            "idempotency_key", flat=True
+        )
+    )
+    for saga_id, count in provider_charges.items():
+        if count > 1:
+            violations.append(f"saga {saga_id}: the provider charged it {count} times")
+    for row in Payment.objects.values("order_id").annotate(n=Count("id")).filter(n__gt=1):
+        violations.append(f"order {row['order_id']}: has {row['n']} payments")
+    for payment in Payment.objects.all():
+        order = orders.get(payment.order_id)
+        status = order.status if order else None
+        if status not in FINAL_ORDER:
+            continue
+        money_kept = provider_charges[str(payment.saga_id)] - provider_refunds[str(payment.saga_id)]
+        if status == Order.Status.CONFIRMED:
+            if payment.status != Payment.Status.CAPTURED or money_kept != 1:
+                violations.append(f"order {payment.order_id}: confirmed but its payment is {payment.status}")
+        else:
+            if payment.status in (Payment.Status.CAPTURED, Payment.Status.REFUNDING, Payment.Status.PENDING):
+                violations.append(f"order {payment.order_id}: {status} but its payment is {payment.status}")
+            if payment.status == Payment.Status.REFUNDED and payment.pk not in refunded:
+                violations.append(f"order {payment.order_id}: payment refunded without a refund record")
+            if money_kept != 0:
+                violations.append(f"order {payment.order_id}: {status} but the provider kept its money")
+    paid_orders = set(Payment.objects.values_list("order_id", flat=True))
+    for order in orders.values():
+        if order.status == Order.Status.CONFIRMED and order.id not in paid_orders:
+            violations.append(f"order {order.id}: confirmed without a payment")
+
+    # 4. One notification of its outcome per terminal order (per channel), and no other.
+    sent: dict[object, Counter] = defaultdict(Counter)
+    for order_id, kind, channel in Notification.objects.values_list("order_id", "kind", "channel"):
+        sent[order_id][(kind, channel)] += 1
+    for order in orders.values():
+        if order.status not in FINAL_ORDER:
+            continue
+        kinds = sent.get(order.id, Counter())
+        expected = OUTCOME_KIND[order.status]
+        if kinds[(expected, Notification.Channel.EMAIL)] != 1:
+            violations.append(
+                f"order {order.id}: {kinds[(expected, Notification.Channel.EMAIL)]} {expected} emails, not 1"
+            )
+        other = {kind for kind, _ in kinds if kind != expected}
+        if other:
+            violations.append(f"order {order.id}: {order.status} but was also told {sorted(other)}")
+
+    # 5. The saga's step log agrees with what the participants recorded.
+    reserved_orders = set(Reservation.objects.values_list("order_id", flat=True))
+    captured_sagas = {str(s) for s in provider_charges}
+    by_id = {saga.id: saga for saga in sagas.values()}
+    succeeded = SagaStep.objects.filter(status=StepStatus.SUCCEEDED, name__in=["reserve_inventory", "charge_payment"])
+    for step in succeeded:
+        saga = by_id.get(step.saga_id)
+        if saga is None:
+            continue
+        if step.name == "reserve_inventory" and saga.order_id not in reserved_orders:
+            violations.append(f"saga {saga.id}: log says stock was reserved, inventory has no reservation")
+        if step.name == "charge_payment" and str(saga.id) not in captured_sagas:
+            violations.append(f"saga {saga.id}: log says it charged, the provider has no charge")
+    for saga in sagas.values():
+        if saga.status == SagaStatus.NEEDS_ATTENTION:
+            violations.append(f"saga {saga.id}: needs attention")
+    return violations

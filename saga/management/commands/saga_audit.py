@@ -1,0 +1,31 @@
+from datetime import timedelta
+
+from django.core.management.base import BaseCommand, CommandError
+
+from saga.audit import audit
+
+
+class Command(BaseCommand):
+    help = (
+        "Check the order saga's invariants across every service database: orders end confirmed, failed or "
+        "cancelled; stock adds up; no charge without a confirmed order or a refund; one notification per "
+        "outcome; the saga log agrees with the participants. Exits 1 and names each violation."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument(
+            "--grace",
+            type=float,
+            default=300,
+            help="seconds an order may still be pending before that counts as a violation (default 300)",
+        )
+
+    def handle(self, *args: object, grace: float, **options: object) -> None:
+        if grace < 0:
+            raise CommandError("--grace must be zero or more seconds")
+        violations = audit(grace=timedelta(seconds=grace))
+        for violation in violations:
+            self.stdout.write(f"VIOLATION {violation}")
+        if violations:
+            raise CommandError(f"{len(violations)} violation(s)")
+        self.stdout.write(self.style.SUCCESS("saga audit: no violations"))

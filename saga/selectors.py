@@ -1,0 +1,31 @@
+"""Reads of the saga store for operators (the admin)."""
+
+from collections.abc import Iterable
+
+from django.db.models import Count, Q, QuerySet
+
+from .models import SagaInstance, fingerprint_of, fingerprint_parts
+
+
+def sagas_with_fingerprints(fingerprints: Iterable[str]) -> QuerySet[SagaInstance]:
+    """Sagas whose last failure has one of these fingerprints (`<exception type> @ <step>`);
+    strings that are not fingerprints match nothing."""
+    match = Q(pk__in=[])
+    for fingerprint in fingerprints:
+        try:
+            failure_type, failure_step = fingerprint_parts(fingerprint)
+        except ValueError:
+            continue
+        match |= Q(failure_type=failure_type, failure_step=failure_step)
+    return SagaInstance.objects.filter(match)
+
+
+def failure_fingerprint_counts() -> list[tuple[str, int]]:
+    """Every failure fingerprint with how many sagas have it, most frequent first."""
+    rows = (
+        SagaInstance.objects.exclude(failure_type="")
+        .values("failure_type", "failure_step")
+        .annotate(n=Count("id"))
+        .order_by("-n", "failure_type", "failure_step")
+    )
+    return [(fingerprint_of(row["failure_type"], row["failure_step"]), row["n"]) for row in rows]

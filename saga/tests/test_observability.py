@@ -1,0 +1,109 @@
+"""Tracing context and log fields, without workers (the system tests cover them end to end:
+tests/test_tracing.py)."""
+
+import json
+import logging
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from orders_project.celery import app
+from orders_project.log import JsonFormatter, TaskContextFilter, TextFormatter
+from orders_project.telemetry import exporters
+from saga.models import fingerprint_of, fingerprint_parts
+from saga.tracing import saga_trace_context, trace_carrier, trace_id_of
+
+SAGA_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+OTHER_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+
+
+def carrier(trace_id: int, span_id: int = 0x00F067AA0BA902B7) -> dict[str, str]:
+    return {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-01"}
+
+
+def span_in(trace_id: int, span_id: int = 0x1234) -> NonRecordingSpan:
+    return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(1)))
+
+
+def current() -> tuple[int, int]:
+    context = trace.get_current_span().get_span_context()
+    return context.trace_id, context.span_id
+
+
+def test_a_sweeper_or_an_operator_publishes_in_the_sagas_trace() -> None:
+    with trace.use_span(span_in(OTHER_TRACE)):
+        with saga_trace_context(carrier(SAGA_TRACE)):
+            assert current()[0] == SAGA_TRACE
+            assert trace_id_of(trace_carrier()) == f"{SAGA_TRACE:032x}"
+        assert current()[0] == OTHER_TRACE
+    with saga_trace_context(carrier(SAGA_TRACE)):  # no current span at all (beat, a shell)
+        assert current()[0] == SAGA_TRACE
+
+
+def test_inside_the_sagas_trace_the_publisher_stays_the_parent() -> None:
+    with trace.use_span(span_in(SAGA_TRACE, 0x42)), saga_trace_context(carrier(SAGA_TRACE)):
+        assert current() == (SAGA_TRACE, 0x42)
+
+
+@pytest.mark.parametrize("stored", [{}, None, {"traceparent": "garbage"}])
+def test_a_saga_without_a_trace_changes_nothing(stored: dict | None) -> None:
+    with trace.use_span(span_in(OTHER_TRACE, 0x7)), saga_trace_context(stored):
+        assert current() == (OTHER_TRACE, 0x7)
+    assert trace_id_of(stored) == ""
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, []),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4317"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://jaeger:4317/v1/traces"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4317", "OTEL_SDK_DISABLED": "true"}, []),
+        ({"OTEL_TRACES_EXPORTER": "console"}, ["console"]),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4317"}, []),
+    ],
+)
+def test_tracing_is_off_unless_the_environment_says_where_spans_go(environ: dict, expected: list) -> None:
+    assert exporters(environ) == expected
+
+
+def test_fingerprints_group_failures_by_exception_type_and_step() -> None:
+    assert fingerprint_of("TransientError", "notify_customer") == "TransientError @ notify_customer"
+    assert fingerprint_parts("TransientError @ notify_customer") == ("TransientError", "notify_customer")
+    assert fingerprint_of("", "") == ""
+    with pytest.raises(ValueError):
+        fingerprint_parts("TransientError")
+
+
+@app.task(name="saga.tests.log_probe")
+def log_probe(ctx: object, **kwargs: object) -> None:
+    logging.getLogger("saga.tests.probe").warning("probing")
+
+
+@pytest.fixture
+def captured() -> list[logging.LogRecord]:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    handler.addFilter(TaskContextFilter())
+    logger = logging.getLogger("saga.tests.probe")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_every_line_a_task_writes_names_its_saga_order_and_trace(captured: list[logging.LogRecord]) -> None:
+    with trace.use_span(span_in(SAGA_TRACE)):
+        log_probe.apply(args=[{"saga_id": "s-1", "order_id": "o-1"}])
+    logging.getLogger("saga.tests.probe").warning("outside any task")
+
+    in_task, outside = captured
+    entry = json.loads(JsonFormatter().format(in_task))
+    assert (entry["saga_id"], entry["order_id"], entry["trace_id"]) == ("s-1", "o-1", f"{SAGA_TRACE:032x}")
+    assert (entry["task_name"], entry["message"], entry["level"]) == ("saga.tests.log_probe", "probing", "WARNING")
+    assert f"[saga=s-1 order=o-1 trace={SAGA_TRACE:032x}] probing" in TextFormatter().format(in_task)
+    assert json.loads(JsonFormatter().format(outside))["saga_id"] is None
+    assert TextFormatter().format(outside).endswith("saga.tests.probe outside any task")

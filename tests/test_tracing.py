@@ -1,0 +1,106 @@
+"""One order is one trace, from the POST through every step, compensation and notification.
+
+The session's processes export their spans over OTLP to a receiver in this process
+(tests/otlp.py), configured by the same OTEL_* variables compose gives them for Jaeger.
+"""
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from devstack.topology import Topology, wait_for
+from saga.models import SagaInstance
+
+from .api import Api, make_product
+from .otlp import OtlpReceiver, ReceivedSpan
+
+pytestmark = pytest.mark.integration
+
+# A declined payment: reserve, charge (declined), then the four compensations; every task
+# once, and a success report for each step that succeeded.
+DECLINED_ORDER_RUNS = Counter(
+    {
+        "run/inventory.reserve": 1,
+        "run/payments.charge": 1,
+        "run/saga.step_failed": 1,
+        "run/payments.refund": 1,
+        "run/inventory.release": 1,
+        "run/orders.fail": 1,
+        "run/notifications.notify": 1,
+        "run/saga.step_succeeded": 5,
+    }
+)
+
+
+def ancestors(span: ReceivedSpan, by_id: dict[str, ReceivedSpan]) -> list[str]:
+    names = []
+    while span.parent_span_id in by_id:
+        span = by_id[span.parent_span_id]
+        names.append(span.name)
+    return names
+
+
+def test_a_compensated_order_is_one_trace_covering_every_step(
+    api: Api, otlp: OtlpReceiver, topology: Topology, sku: str
+) -> None:
+    make_product(sku, on_hand=2)
+    order = api.wait_until_final(api.place_order([(sku, 1)], token="tok_chargeDeclined")["id"])
+    assert (order["status"], order["saga"]["status"]) == ("failed", "compensated")
+    saga = SagaInstance.objects.get(id=order["saga"]["id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", saga.trace_id), saga.trace_id
+
+    def whole_trace() -> list[ReceivedSpan] | None:
+        spans = otlp.spans(trace_ids=[saga.trace_id])
+        ids = {span.span_id for span in spans}
+        runs = Counter(span.name for span in spans if span.name.startswith("run/"))
+        parents_arrived = all(not span.parent_span_id or span.parent_span_id in ids for span in spans)
+        return spans if runs >= DECLINED_ORDER_RUNS and parents_arrived else None
+
+    spans = wait_for(whole_trace, timeout=30, what="every span of the order's trace")
+
+    # Exactly one trace: every span that names this saga or order is in it.
+    mine = [
+        span
+        for span in otlp.spans()
+        if span.attributes.get("saga.id") == str(saga.id) or span.attributes.get("order.id") == str(saga.order_id)
+    ]
+    assert {span.trace_id for span in mine} == {saga.trace_id}
+    # Every step and compensation ran once, each inside the trace.
+    assert Counter(span.name for span in spans if span.name.startswith("run/")) == DECLINED_ORDER_RUNS
+    # Parent-linked: one tree, rooted at the web request that placed the order.
+    [root] = [span for span in spans if not span.parent_span_id]
+    assert (root.service, root.name) == ("web", "POST api/orders/")
+    by_id = {span.span_id: span for span in spans}
+    runs = {span.name: span for span in spans if span.name.startswith("run/") and "step_succeeded" not in span.name}
+    assert ancestors(runs["run/inventory.reserve"], by_id)[-1] == root.name
+    # The compensations descend from the failure report that started them, which descends
+    # from the declined charge (its errback).
+    assert "run/saga.step_failed" in ancestors(runs["run/payments.refund"], by_id)
+    assert "run/payments.charge" in ancestors(runs["run/saga.step_failed"], by_id)
+    assert "run/orders.fail" in ancestors(runs["run/notifications.notify"], by_id)
+    # Each service reported its own spans.
+    assert {span.service for span in spans} >= {
+        "web",
+        "worker-inventory",
+        "worker-payments",
+        "worker-orders",
+        "worker-notifications",
+        "worker-saga",
+    }
+    assert otlp.database_spans > 0  # psycopg is traced too (those spans are not kept)
+
+    # Every line a task wrote about this saga names its saga, order and trace.
+    ids = f"saga={saga.id} order={saga.order_id} trace={saga.trace_id}"
+    for worker, mention in [
+        ("payments", f"payments.charge[{saga.id}-charge_payment-g0]"),
+        ("inventory", f"inventory.release[{saga.id}-release_inventory-g1]"),
+        # The coordinator's failure report carries only the saga id: it looks the order up.
+        ("saga", f"saga={saga.id} "),
+    ]:
+        log = Path(topology.processes[worker].log_path).read_text(errors="replace").splitlines()
+        lines = [line for line in log if mention in line and " celery.app.trace " in line]
+        assert lines, f"{worker}: no task log line mentions {mention}"
+        assert all(ids in line for line in lines), lines
+    assert any("saga.step_failed[" in line for line in lines)
