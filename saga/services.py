@@ -189,15 +189,17 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
         saga.save(using=DB)
 
 
-def _failure_from_backend(task_id: str) -> tuple[str, str]:
-    """(exception type, message) of a failed task, as its worker stored it."""
+def _failure_from_backend(task_id: str) -> tuple[str, str] | None:
+    """(exception type, message) of a failed task, as its worker stored it; None when the
+    result backend has no failure for that task id."""
     try:
-        exc = AsyncResult(task_id, app=app).result
+        result = AsyncResult(task_id, app=app)
+        exc = result.result if result.state == "FAILURE" else None
     except Exception as error:  # a corrupt or foreign record must not stop compensation
         return type(error).__name__, f"could not read the failure of task {task_id}: {error}"
     if isinstance(exc, BaseException):
         return type(exc).__name__, str(exc)
-    return "UnknownError", f"task {task_id} failed; the result backend has no exception for it"
+    return None
 
 
 def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) -> None:
@@ -206,7 +208,14 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
     Before the pivot: compensate. After the pivot, or in the compensation phase: the saga
     needs an operator. Idempotent: a second errback for the same failure changes nothing.
     """
-    error_type, error = _failure_from_backend(task_id)
+    failure = _failure_from_backend(task_id)
+    if failure is None:
+        # Celery stores the failure before it sends the errback, so a report without one
+        # is forged or foreign: acting on it would compensate a healthy saga. A step that
+        # really vanished is the sweeper's to find.
+        logger.error("saga %s: failure report for task %s has no stored failure; ignored", saga_id, task_id)
+        return
+    error_type, error = failure
     with transaction.atomic(using=DB):
         saga = _lock_saga(saga_id)
         if saga is None:
