@@ -38,11 +38,13 @@ logger = logging.getLogger("devstack")
 
 ORDER_MIX = (
     # (kind, payment token, weight)
-    ("success", "tok_visa", 50),
+    ("success", "tok_visa", 60),
     ("decline", "tok_chargeDeclined", 15),
     ("transient", "tok_transient", 10),
-    ("slow", "tok_slow", 10),
-    ("cancel", "tok_slow", 15),
+    # A slow charge holds a payments worker slot for FAKE_PROVIDER_SLOW_SECONDS: keep
+    # their share within what the payments worker's concurrency can absorb at --rate.
+    ("slow", "tok_slow", 7),
+    ("cancel", "tok_slow", 8),
 )
 # A vhost of its own (recreated when rabbitmqctl is at hand), apart from any other user's queues.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_chaos"
@@ -264,6 +266,7 @@ class Chaos:
         self.broker.restart(down_seconds=self.rng.uniform(0.5, 2.0))
 
     def _inject_duplicate(self) -> None:
+        from common.signing import context_sign
         from orders.saga import PLACE_ORDER
         from saga.engine import step_signature
         from saga.models import SagaInstance
@@ -274,8 +277,9 @@ class Chaos:
         saga_id, step_name = self.rng.choice(running)
         saga = SagaInstance.objects.get(id=saga_id)
         specs = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}
+        # A real copy: signed like the coordinator's own messages.
         step_signature(specs[step_name], saga_id=saga.id, generation=saga.generation).clone(
-            args=(saga.context,)
+            args=(context_sign(saga.context),)
         ).apply_async()
         self._record("duplicate", step_name, [(saga_id, step_name)])
 
@@ -476,7 +480,7 @@ def _print_report(report: Report) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m devstack chaos", description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=300, help="orders to submit (default 300)")
-    parser.add_argument("--rate", type=float, default=15.0, help="orders per second (default 15)")
+    parser.add_argument("--rate", type=float, default=6.0, help="orders per second (default 6)")
     parser.add_argument("--seed", type=int, default=1, help="random seed: same seed, same plan (default 1)")
     parser.add_argument("--budget", type=float, default=900, help="seconds for the whole run (default 900)")
     parser.add_argument("--kills", type=int, default=5, help="workers to SIGKILL (default 5)")

@@ -15,7 +15,7 @@ from django.utils import timezone
 from common.exceptions import StepRefused
 from inventory.selectors import product_prices
 from saga.models import SagaInstance, SagaStatus
-from saga.services import OUTCOME_CANCELLED, OUTCOME_FAILED, saga_begin_compensation, saga_start
+from saga.services import OUTCOME_CANCELLED, OUTCOME_FAILED, saga_begin_compensation, saga_pivot_commit, saga_start
 
 from .exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
 from .models import Order, OrderLine
@@ -147,11 +147,11 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal) -
             raise StepRefused(f"order {order_id} does not exist")
         if order.status == Order.Status.CONFIRMED:
             return {"outcome": "confirmed"}
-        saga_status = SagaInstance.objects.filter(id=saga_id, order_id=order_id).values_list("status", flat=True)
         if (
             order.status != Order.Status.PENDING
             or order.cancel_requested_at
-            or list(saga_status) != [SagaStatus.RUNNING]
+            or not SagaInstance.objects.filter(id=saga_id, order_id=order_id).exists()
+            or not saga_pivot_commit(saga_id=saga_id)
         ):
             raise StepRefused(f"order {order_id} can no longer be confirmed (order {order.status})")
         order.status = Order.Status.CONFIRMED

@@ -103,7 +103,8 @@ def setup(*, service_name: str | None = None, django: bool = False, celery: bool
         if celery:
             _instrument_celery()
         _configured = True
-    logger.info("tracing on: exporting spans (%s) as %s", ",".join(exporters()), service_name or default_service_name())
+    name = os.environ.get("OTEL_SERVICE_NAME") or service_name or default_service_name()
+    logger.info("tracing on: exporting spans (%s) as %s", ",".join(exporters()), name)
     return True
 
 
@@ -149,7 +150,8 @@ def _before_publish(sender: Any = None, headers: dict[str, Any] | None = None, *
     inject(headers, context=trace.set_span_in_context(span))
     if len(_publishing) >= _PUBLISHING_MAX:
         for key in list(_publishing)[: _PUBLISHING_MAX // 10]:
-            _publishing.pop(key).end()
+            if (stale := _publishing.pop(key, None)) is not None:
+                stale.end()
     _publishing[(threading.get_ident(), task_id)] = span
 
 

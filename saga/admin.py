@@ -17,7 +17,6 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Left
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -27,7 +26,7 @@ from django.utils.timesince import timesince
 
 from . import services
 from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, fingerprint_of
-from .selectors import failure_fingerprint_counts
+from .selectors import failure_fingerprint_counts, sagas_with_fingerprints
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
 PREVIEW_ROWS = 100
@@ -53,14 +52,18 @@ class SagaPartInline(ReadOnlyAdminMixin):
         return request.user.has_perm("saga.view_sagainstance") or request.user.has_perm("saga.change_sagainstance")
 
 
-def flower_task_link(task_id: str) -> str:
+def flower_task_link(task_id: str, *, label: str = "") -> str:
     """A Celery task id, linked to its page in Flower when FLOWER_URL is set."""
     if not task_id:
         return "-"
     if not settings.FLOWER_URL:
         return task_id
     return format_html(
-        '<a href="{}/task/{}" target="_blank" rel="noopener">{}</a>', settings.FLOWER_URL, task_id, task_id
+        '<a href="{}/task/{}" title="{}" target="_blank" rel="noopener">{}</a>',
+        settings.FLOWER_URL,
+        task_id,
+        task_id,
+        label or task_id,
     )
 
 
@@ -132,7 +135,8 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
 
     @admin.display(description="Celery task (Flower)")
     def task_link(self, step: SagaStep) -> str:
-        return flower_task_link(step.celery_task_id)
+        # Task ids are <saga id>-<step>-g<generation>: on the saga's own page, the rest says it.
+        return flower_task_link(step.celery_task_id, label=step.celery_task_id.removeprefix(f"{step.saga_id}-"))
 
 
 class SagaAuditEntryInline(SagaPartInline, admin.TabularInline):
@@ -159,8 +163,6 @@ class FailureFingerprintFilter(admin.SimpleListFilter):
         return [(fingerprint, f"{fingerprint} ({n})") for fingerprint, n in failure_fingerprint_counts()[:50]]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        from .selectors import sagas_with_fingerprints
-
         if not self.value():
             return queryset
         return queryset.filter(pk__in=sagas_with_fingerprints([self.value()]).values("pk"))
@@ -238,7 +240,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         short = error if len(error) <= 80 else f"{error[:79]}…"
         return format_html('<span title="{}">{}</span>', error, short)
 
-    @admin.display(description="failure fingerprint", ordering=Left("failure_type", 120))
+    @admin.display(description="failure fingerprint", ordering="failure_type")
     def fingerprint(self, saga: SagaInstance) -> str:
         return fingerprint_of(saga.failure_type, saga.failure_step) or "-"
 
@@ -325,8 +327,6 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             entries, remaining = services.saga_retry_by_fingerprint(fingerprints=fingerprints, user=request.user)
             self._report(request, "retry", entries, remaining=remaining)
             return None
-        from .selectors import sagas_with_fingerprints
-
         targets = sagas_with_fingerprints(fingerprints).filter(status=SagaStatus.NEEDS_ATTENTION).order_by("created_at")
         return self._confirmation(
             request,

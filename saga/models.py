@@ -44,6 +44,9 @@ class SagaInstance(models.Model):
     failure_step = models.CharField(max_length=64, blank=True)
     failure_type = models.CharField(max_length=120, blank=True)
     failure_reason = models.TextField(blank=True)
+    # Set, in the pivot step's own transaction, when the pivot commits: from then on the
+    # saga never compensates, however late the reports of earlier steps arrive.
+    pivot_committed_at = models.DateTimeField(null=True, blank=True)
     # Bumped each time a chain is (re)published, so task ids stay unique per publish.
     generation = models.PositiveIntegerField(default=0)
     # The trace of the request that placed the order (OpenTelemetry; empty with tracing

@@ -5,6 +5,7 @@ each function is therefore a state transition that is a no-op when the saga or s
 already past it.
 """
 
+import contextlib
 import logging
 import uuid
 from collections import Counter
@@ -150,6 +151,11 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
             if step.phase == StepPhase.FORWARD
             else (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
         )
+        if saga.status == SagaStatus.NEEDS_ATTENTION and saga.failure_step == step.name:
+            # A re-published copy of the step that failed for good has now succeeded: the
+            # reason for stopping is gone, so the saga carries on where it was.
+            logger.warning("saga %s: %s succeeded after all; resuming", saga.id, step.name)
+            saga.status = active
         if saga.status == active:
             if step.position + 1 == len(plan):
                 # The last step of a chain runs only after every earlier one committed:
@@ -216,6 +222,12 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
         logger.error("saga %s: failure report for task %s has no stored failure; ignored", saga_id, task_id)
         return
     error_type, error = failure
+    if error_type == "InvalidMessage":
+        # The participant refused a malformed or unsigned message before acting: nothing
+        # happened that needs undoing, and a forged message must not steer the saga. If
+        # the real step is lost, the sweeper finds it.
+        logger.error("saga %s: step %s refused a message (%s); ignored", saga_id, step_name, error)
+        return
     with transaction.atomic(using=DB):
         saga = _lock_saga(saga_id)
         if saga is None:
@@ -243,6 +255,11 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
             if saga.status != SagaStatus.RUNNING:
                 # Already compensating (e.g. a cancel): this step refusing is expected.
                 return
+            if saga.pivot_committed_at is not None and not definition.is_after_pivot(step_name):
+                # A late copy of an earlier step failed after the pivot committed: the
+                # original succeeded (the pivot needed it). Nothing to undo.
+                logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step_name, error)
+                return
             if definition.is_after_pivot(step_name):
                 _needs_attention(saga, step_name, error_type, error)
             else:
@@ -263,6 +280,22 @@ def _needs_attention(saga: SagaInstance, step_name: str, error_type: str, error:
     saga.steps.filter(status=StepStatus.RUNNING).update(deadline_at=None)
 
 
+def saga_pivot_commit(*, saga_id: uuid.UUID | str) -> bool:
+    """Record that the saga's pivot committed; False if the saga may no longer pass it.
+
+    Precondition: inside the pivot step's own `transaction.atomic(using="orders")`, so the
+    pivot and this record commit together. Takes the saga's row lock: the coordinator's
+    decision to compensate takes it too, so exactly one of the two wins.
+    """
+    saga = _lock_saga(saga_id)
+    if saga is None or saga.status != SagaStatus.RUNNING:
+        return False
+    if saga.pivot_committed_at is None:
+        saga.pivot_committed_at = timezone.now()
+        saga.save(using=DB, update_fields=["pivot_committed_at", "updated_at"])
+    return True
+
+
 def saga_begin_compensation(
     saga: SagaInstance, *, outcome: str, failure_step: str, failure_type: str, reason: str
 ) -> None:
@@ -273,6 +306,8 @@ def saga_begin_compensation(
     """
     if saga.status != SagaStatus.RUNNING:
         raise ValueError(f"saga {saga.id} is {saga.status}, not running")
+    if saga.pivot_committed_at is not None:
+        raise ValueError(f"saga {saga.id} is past its pivot: it cannot compensate")
     definition = get_definition(saga.definition)
     plan = definition.compensation_steps()
     now = timezone.now()
@@ -332,6 +367,15 @@ def saga_republish_from(saga: SagaInstance, step: SagaStep, *, now: datetime | N
 
 def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
     definition = get_definition(saga.definition)
+    if (
+        saga.pivot_committed_at is not None
+        and step.phase == StepPhase.FORWARD
+        and definition.forward_index(step.name) <= definition.pivot_index
+    ):
+        # The pivot committed, so this step did too; only its report is late or lost.
+        step.status, step.deadline_at = StepStatus.SUCCEEDED, None
+        step.save(using=DB)
+        return "succeeded"
     if step.republished < settings.SAGA_REPUBLISH_BUDGET:
         saga_republish_from(saga, step, now=now)
         return "republished"
@@ -352,6 +396,29 @@ def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
     return "needs_attention"
 
 
+def _step_spec(saga: SagaInstance, step: SagaStep) -> Step:
+    return _phase_plan(get_definition(saga.definition), step.phase)[step.position]
+
+
+def _queue_backlog(queues: set[str]) -> dict[str, int]:
+    """Messages waiting in each queue, as the broker reports them (Redis or AMQP)."""
+    backlog: dict[str, int] = {}
+    try:
+        with app.connection_for_read() as connection:
+            for queue in sorted(queues):
+                channel = connection.channel()
+                try:
+                    backlog[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                except Exception:  # a queue not declared yet holds nothing
+                    backlog[queue] = 0
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+    except Exception:
+        logger.warning("could not read queue lengths from the broker; sweeping without them")
+    return backlog
+
+
 def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict[str, int]:
     """Find running steps past their deadline and recover them; return what was done.
 
@@ -367,10 +434,12 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         SagaStep.objects.using(DB)
         .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
         .order_by("deadline_at")
-        .values_list("saga_id", "name")[:batch]
+        .values_list("saga_id", "name", "task_name")[:batch]
     )
     done: Counter[str] = Counter()
-    for saga_id, step_name in list(stalled):
+    stalled = list(stalled)
+    backlog = _queue_backlog({task.split(".")[0] for _, _, task in stalled} | {"saga"}) if stalled else {}
+    for saga_id, step_name, _ in stalled:
         with transaction.atomic(using=DB):
             saga = (
                 SagaInstance.objects.using(DB)
@@ -381,6 +450,15 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
             step = None if saga is None else saga.steps.filter(name=step_name, status=StepStatus.RUNNING).first()
             if step is None or step.deadline_at is None or step.deadline_at >= now:
                 done["skipped"] += 1
+                continue
+            queue = step.task_name.split(".")[0]
+            if backlog.get(queue) or backlog.get("saga"):
+                # Messages are waiting in the step's queue (or reports in the coordinator's):
+                # the system is slow, not broken. Re-publishing would only add to the pile,
+                # so give the step another deadline without spending its budget.
+                step.deadline_at = now + timedelta(seconds=_step_spec(saga, step).deadline_seconds)
+                step.save(using=DB, update_fields=["deadline_at"])
+                done["waiting"] += 1
                 continue
             outcome = _recover_stalled(saga, step, now)
             logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)

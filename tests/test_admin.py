@@ -24,7 +24,11 @@ from saga.models import SagaAuditEntry, SagaInstance, SagaStep
 
 from .api import Api, make_product, steps_by_name, stock
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # WhiteNoise, in this process's admin client: static files are served from the apps.
+    pytest.mark.filterwarnings("ignore:No directory at:UserWarning"),
+]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -252,6 +256,7 @@ def test_an_operator_retries_a_saga_that_needs_attention_in_the_browser(
 
             page.click("a.saga-retry")
             sync_api.expect(page.locator("#saga-plan")).to_contain_text("resumed from notify_customer")
+            page.screenshot(path=str(screenshots / "admin-saga-retry-confirmation.png"), full_page=True)
             page.click("input[value='Yes, retry']")
             sync_api.expect(page.locator(".messagelist")).to_contain_text("Retried 1 saga")
 
@@ -262,6 +267,11 @@ def test_an_operator_retries_a_saga_that_needs_attention_in_the_browser(
             wait_for(completed, timeout=30, what="the saga page to say completed", interval=0.5)
             sync_api.expect(page.locator(".inline-group").nth(1)).to_contain_text(user.username)
             page.screenshot(path=str(screenshots / "admin-saga-retried.png"), full_page=True)
+
+            # Retrying it again has nothing to do, and says so.
+            page.click("a.saga-retry")
+            sync_api.expect(page.locator("#saga-plan")).to_contain_text("it completed: nothing to retry")
+            sync_api.expect(page.locator("input[value='Yes, retry']")).to_have_count(0)
         finally:
             browser.close()
 

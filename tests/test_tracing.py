@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from devstack.topology import Topology, wait_for
-from saga.models import SagaInstance
+from orders_project.celery import app
+from saga.models import SagaInstance, SagaStep
 
 from .api import Api, make_product
 from .otlp import OtlpReceiver, ReceivedSpan
@@ -90,6 +91,24 @@ def test_a_compensated_order_is_one_trace_covering_every_step(
         "worker-saga",
     }
     assert otlp.database_spans > 0  # psycopg is traced too (those spans are not kept)
+
+    # A failure report that arrives without a trace context (as an errback sent by a
+    # worker's main process does, after a hard time limit; here a duplicate sent from this
+    # untraced process) is adopted into the saga's trace by the saga worker.
+    charge = SagaStep.objects.get(saga=saga, name="charge_payment")
+    app.signature(
+        "saga.step_failed", args=(charge.celery_task_id,), kwargs={"saga_id": str(saga.id), "step": charge.name}
+    ).apply_async(ignore_result=False).get(timeout=30)
+    adopted = wait_for(
+        lambda: [
+            span
+            for span in otlp.spans(trace_ids=[saga.trace_id])
+            if span.name == "run/saga.step_failed" and span.span_id not in by_id
+        ],
+        timeout=30,
+        what="the duplicate failure report's span in the order's trace",
+    )
+    assert [span.parent_span_id for span in adopted] == [root.span_id]  # the stored context: the POST
 
     # Every line a task wrote about this saga names its saga, order and trace.
     ids = f"saga={saga.id} order={saga.order_id} trace={saga.trace_id}"
