@@ -4,6 +4,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from common.admin_links import order_notifications_link, order_payments_link
 from saga.admin import ReadOnlyAdminMixin
 from saga.models import SagaInstance
 
@@ -61,10 +62,8 @@ class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="payments")
     def payments_link(self, order: Order) -> str:
-        url = reverse("admin:payments_payment_changelist")
-        return format_html('<a href="{}?order_id={}">payment and refund</a>', url, order.id)
+        return order_payments_link(order.id, "payment and refund")
 
     @admin.display(description="notifications")
     def notifications_link(self, order: Order) -> str:
-        url = reverse("admin:notifications_notification_changelist")
-        return format_html('<a href="{}?order_id={}">notifications</a>', url, order.id)
+        return order_notifications_link(order.id, "notifications")

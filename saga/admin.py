@@ -24,6 +24,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
+from common.admin_links import order_notifications_link, order_payments_link
+
 from . import services
 from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, fingerprint_of
 from .selectors import failure_fingerprint_counts, sagas_with_fingerprints
@@ -251,13 +253,11 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="payments")
     def payments_link(self, saga: SagaInstance) -> str:
-        url = reverse("admin:payments_payment_changelist")
-        return format_html('<a href="{}?order_id={}">payment and refund of this order</a>', url, saga.order_id)
+        return order_payments_link(saga.order_id, "payment and refund of this order")
 
     @admin.display(description="notifications")
     def notifications_link(self, saga: SagaInstance) -> str:
-        url = reverse("admin:notifications_notification_changelist")
-        return format_html('<a href="{}?order_id={}">notifications of this order</a>', url, saga.order_id)
+        return order_notifications_link(saga.order_id, "notifications of this order")
 
     @admin.display(description="trace")
     def trace_link(self, saga: SagaInstance) -> str:
