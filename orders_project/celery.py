@@ -34,6 +34,19 @@ def _service_packages() -> list[str]:
 app.autodiscover_tasks(_service_packages)
 
 
+# What a web request gets from Django (request_finished): after each task, a connection
+# past CONN_MAX_AGE, or broken by an error, is closed; the rest are kept for the next
+# task. The Celery fixup would close all of them (settings.CELERY_DB_REUSE_MAX says why not).
+@signals.task_postrun.connect
+def _close_old_connections(sender: object = None, **_: object) -> None:
+    # An eager task (unit tests) runs inside its caller's transaction: leave it alone.
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
+    from django.db import close_old_connections
+
+    close_old_connections()
+
+
 # Tracing (orders_project.telemetry) is set up in each pool process, after the fork: an
 # exporter's threads and gRPC channel do not survive one. Off unless OTEL_* says where to.
 @signals.worker_process_init.connect

@@ -106,10 +106,14 @@ TEMPLATES = [
 # --- Databases: one per service (ARCHITECTURE.md "Databases") -------------------------
 _LOCAL_PG = "postgres://postgres@127.0.0.1:5432"
 _DB_OPTIONS = {
-    # Workers and web keep connections between tasks/requests; the health check
-    # makes a connection that died with a PostgreSQL restart get replaced, not reused.
+    # Workers and web keep connections between tasks/requests. In the web process the
+    # health check (a `SELECT 1` before a connection's first query in each request) makes
+    # a connection that died with a PostgreSQL restart get replaced, not fail a request. A
+    # worker skips that round trip on every task: a dead connection fails its task with an
+    # OperationalError, which retries (common.steps, saga.tasks), and Django closes it
+    # after that task (orders_project.celery), so the retry connects afresh.
     "CONN_MAX_AGE": env.int("DB_CONN_MAX_AGE", default=60),
-    "CONN_HEALTH_CHECKS": True,
+    "CONN_HEALTH_CHECKS": env.bool("DB_CONN_HEALTH_CHECKS", default=not env.str("CELERY_SERVICE", default="")),
 }
 
 
@@ -266,6 +270,12 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0.2, "i
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's Django fixup closes every database connection before and after every task
+# unless this is set, so each task paid a new PostgreSQL connection per database it used
+# (a backend fork and authentication: the largest single cost in BENCHMARKS.md). With it,
+# connections live by CONN_MAX_AGE and CONN_HEALTH_CHECKS, checked around every task by
+# Django's own close_old_connections (orders_project.celery), as a web request is.
+CELERY_DB_REUSE_MAX = 1_000_000_000
 CELERY_TASK_ROUTES = {
     "orders.*": {"queue": "orders"},
     "saga.*": {"queue": "saga"},
