@@ -1,9 +1,10 @@
 """The shape every saga participant task shares.
 
 A participant task receives the saga context (a small JSON dict), validates it, calls
-one service, and returns the context plus what it produced. Its `_step` entry carries
-the participant's own timing, which the coordinator stores on the step (queue wait vs
-work time), and its output.
+one service, and returns the context plus what it produced. It appends its own timing
+and output to the context's `_steps` list, which travels down the chain to the step
+that reports to the coordinator (saga.engine); the coordinator stores each entry on its
+step (queue wait vs work time). Underscored keys are never part of the saga's state.
 
 Retry policy lives here, on the task: transient errors (a provider hiccup, a dropped
 database connection) retry with exponential backoff and jitter; business failures
@@ -23,6 +24,8 @@ from .exceptions import InvalidMessage, TransientError
 from .signing import context_verify
 
 RETRYABLE = (TransientError, OperationalError, InterfaceError)
+# A chain is a handful of steps; the cap only keeps a malformed context from growing.
+MAX_TIMELINE = 16
 
 
 def require_uuid(ctx: Mapping[str, Any], field: str) -> uuid.UUID:
@@ -70,13 +73,16 @@ def saga_step_task(
             context_verify(ctx)
             output = fn(ctx, **kwargs)
             meta = {
+                "task_id": self.request.id,
                 "started_at": started_at.isoformat(),
                 "finished_at": timezone.now().isoformat(),
                 "attempt": self.request.retries + 1,
                 "worker": self.request.hostname or "",
                 "output": output,
             }
-            return {**ctx, **output, "_step": meta}
+            earlier = ctx.get("_steps")
+            earlier = earlier[-MAX_TIMELINE:] if isinstance(earlier, list) else []
+            return {**ctx, **output, "_steps": [*earlier, meta]}
 
         task.__doc__ = fn.__doc__
         return task

@@ -55,7 +55,8 @@ def order_place(
 ) -> tuple[Order, bool]:
     """Create a pending order and its saga in one `orders` transaction; publish on commit.
 
-    Returns (order, created). With an `idempotency_key` already used by this user for the
+    Returns (order, created); a created order carries its lines and, as `placed_saga`, its
+    saga with its steps, as written. With an `idempotency_key` already used by this user for the
     same request, returns that order and starts nothing; for a different request raises
     `IdempotencyConflict`. Raises `UnknownSkus` before writing anything.
     """
@@ -78,7 +79,7 @@ def order_place(
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
             )
-            OrderLine.objects.bulk_create(
+            lines = OrderLine.objects.bulk_create(
                 OrderLine(
                     order=order,
                     sku=i.sku,
@@ -88,7 +89,7 @@ def order_place(
                 )
                 for i in items
             )
-            saga_start(
+            saga = saga_start(
                 definition=PLACE_ORDER,
                 order_id=order.id,
                 context={
@@ -99,6 +100,9 @@ def order_place(
                     "currency": settings.CURRENCY,
                 },
             )
+        # What the response shows, as written: the caller need not read it back (four queries).
+        order._prefetched_objects_cache = {"lines": lines}
+        order.placed_saga = saga
     except IntegrityError:
         # Two requests with the same key raced; the one that committed stands.
         if idempotency_key and (existing := _existing_for_key(user_id, idempotency_key, fingerprint)):
@@ -135,29 +139,33 @@ def order_cancel(*, order_id: uuid.UUID) -> Order:
     return order
 
 
-def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal) -> dict[str, Any]:
+CONFIRMED = {"outcome": "confirmed"}
+
+
+def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal, timeline: Any = None) -> dict[str, Any]:
     """The saga's pivot: the order becomes confirmed, after which nothing is compensated.
 
     Idempotent by the order's state (confirmed stays confirmed). Refuses if a cancel was
-    requested or the saga is no longer running.
+    requested or the saga is no longer running. `timeline` is the chain's record of the
+    steps before the pivot (common.steps), which the saga store takes in this transaction.
     """
     with transaction.atomic(using=DB):
         order = Order.objects.select_for_update().filter(id=order_id).first()
         if order is None:
             raise StepRefused(f"order {order_id} does not exist")
         if order.status == Order.Status.CONFIRMED:
-            return {"outcome": "confirmed"}
+            return dict(CONFIRMED)
         if (
             order.status != Order.Status.PENDING
             or order.cancel_requested_at
             or not SagaInstance.objects.filter(id=saga_id, order_id=order_id).exists()
-            or not saga_pivot_commit(saga_id=saga_id)
+            or not saga_pivot_commit(saga_id=saga_id, timeline=timeline, output=CONFIRMED)
         ):
             raise StepRefused(f"order {order_id} can no longer be confirmed (order {order.status})")
         order.status = Order.Status.CONFIRMED
         order.total = amount
         order.save(update_fields=["status", "total", "updated_at"])
-    return {"outcome": "confirmed"}
+    return dict(CONFIRMED)
 
 
 def order_fail(*, order_id: uuid.UUID, saga_id: uuid.UUID, reason: str) -> dict[str, Any]:

@@ -14,7 +14,10 @@ def confirm(ctx: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, InvalidOperation):
         raise InvalidMessage("message field 'amount' must be a decimal string") from None
     return services.order_confirm(
-        order_id=require_uuid(ctx, "order_id"), saga_id=require_uuid(ctx, "saga_id"), amount=amount
+        order_id=require_uuid(ctx, "order_id"),
+        saga_id=require_uuid(ctx, "saga_id"),
+        amount=amount,
+        timeline=ctx.get("_steps"),
     )
 
 

@@ -6,6 +6,7 @@ already past it.
 """
 
 import contextlib
+import json
 import logging
 import uuid
 from collections import Counter
@@ -17,15 +18,16 @@ from typing import Any
 
 from celery.result import AsyncResult
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.module_loading import import_string
 
+from common.steps import MAX_TIMELINE
 from orders_project.celery import app
 
 from .definition import SagaDefinition, Step, get_definition
-from .engine import build_chain, task_id_for
+from .engine import build_chain, step_name_of, task_id_for
 from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .selectors import sagas_with_fingerprints
 from .tracing import saga_trace_context, trace_carrier, trace_id_of
@@ -53,19 +55,39 @@ def _publish_on_commit(steps: tuple[Step, ...], saga: SagaInstance) -> None:
     transaction.on_commit(partial(_publish, signature, saga.id, saga.trace_context), using=DB)
 
 
+def _segment_deadline(definition: SagaDefinition, plan: tuple[Step, ...], index: int) -> int:
+    """Seconds a chain published from `plan[index]` may take to reach its next record.
+
+    Nothing reports between records (saga.engine): the pivot records itself, and the
+    chain's last step reports. The store therefore gives the whole segment the sum of
+    its steps' deadlines, on the segment's first step.
+    """
+    stop = len(plan) - 1
+    if plan is definition.steps and index <= definition.pivot_index:
+        stop = definition.pivot_index
+    return sum(step.deadline_seconds for step in plan[index : stop + 1])
+
+
 def _mark_running(
-    step: SagaStep, spec: Step, *, now: datetime, generation: int, saga_id: uuid.UUID, queued_at: datetime | None = None
+    step: SagaStep,
+    *,
+    deadline_seconds: float,
+    now: datetime,
+    generation: int,
+    saga_id: uuid.UUID,
+    queued_at: datetime | None = None,
 ) -> None:
     step.status = StepStatus.RUNNING
     # The chain published this step when the previous one finished, which may be before
     # the coordinator heard of it: queue wait is measured from there.
     step.queued_at = queued_at or now
-    step.deadline_at = now + timedelta(seconds=spec.deadline_seconds)
-    step.celery_task_id = task_id_for(saga_id, spec.name, generation)
+    step.deadline_at = now + timedelta(seconds=deadline_seconds)
+    step.celery_task_id = task_id_for(saga_id, step.name, generation)
 
 
 def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapping[str, Any]) -> SagaInstance:
     """Create the saga and its forward steps, and publish its chain when the transaction commits.
+    Returns the saga with its steps (as written) in its `steps` prefetch cache.
 
     Precondition: inside `transaction.atomic(using="orders")`, in the same transaction that
     created the order, so an order never exists without its saga (and the chain is never
@@ -88,8 +110,10 @@ def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapp
         SagaStep(saga=saga, phase=StepPhase.FORWARD, position=i, name=spec.name, task_name=spec.task)
         for i, spec in enumerate(definition.steps)
     ]
-    _mark_running(steps[0], definition.steps[0], now=now, generation=saga.generation, saga_id=saga.id)
+    deadline = _segment_deadline(definition, definition.steps, 0)
+    _mark_running(steps[0], deadline_seconds=deadline, now=now, generation=saga.generation, saga_id=saga.id)
     SagaStep.objects.using(DB).bulk_create(steps)
+    saga._prefetched_objects_cache = {"steps": steps}
     _publish_on_commit(definition.steps, saga)
     return saga
 
@@ -98,23 +122,98 @@ def _lock_saga(saga_id: uuid.UUID | str) -> SagaInstance | None:
     return SagaInstance.objects.using(DB).select_for_update().filter(id=saga_id).first()
 
 
-def _apply_timing(step: SagaStep, meta: Mapping[str, Any]) -> None:
-    started = parse_datetime(meta["started_at"]) if meta.get("started_at") else None
-    finished = parse_datetime(meta["finished_at"]) if meta.get("finished_at") else None
+def _apply_timing(step: SagaStep, meta: Mapping[str, Any], queued_at: datetime | None = None) -> None:
+    started = parse_datetime(meta["started_at"]) if isinstance(meta.get("started_at"), str) else None
+    finished = parse_datetime(meta["finished_at"]) if isinstance(meta.get("finished_at"), str) else None
+    step.queued_at = step.queued_at or queued_at
     step.started_at = started or step.started_at
-    step.finished_at = finished or timezone.now()
-    step.attempts = max(step.attempts, int(meta.get("attempt") or 1))
+    step.finished_at = finished or step.finished_at or timezone.now()
+    try:
+        step.attempts = max(step.attempts, int(meta.get("attempt") or 1))
+    except (TypeError, ValueError):
+        step.attempts = max(step.attempts, 1)
     step.worker = str(meta.get("worker") or "")[:255]
+    if isinstance(meta.get("task_id"), str):
+        step.celery_task_id = meta["task_id"][:255]
+    output = meta.get("output")
+    step.result = output if isinstance(output, dict) else step.result
+
+
+STEP_FIELDS = ["status", "queued_at", "started_at", "finished_at", "deadline_at", "attempts", "worker", "result"]
+
+
+def _save_steps(rows: Iterable[SagaStep]) -> None:
+    """Write the timeline fields of `rows` in one statement (UPDATE ... FROM VALUES).
+
+    Django's bulk_update builds a CASE expression per field and row, which cost the saga
+    worker more CPU than the query itself (BENCHMARKS.md). Precondition: the saga's row
+    lock is held.
+    """
+    rows = list(rows)
+    if not rows:
+        return
+    table = connections[DB].ops.quote_name(SagaStep._meta.db_table)
+    row_sql = "(%s::bigint, %s, " + "%s::timestamptz, " * 4 + "%s::integer, %s, %s::jsonb, %s)"
+    params: list[Any] = []
+    for row in rows:
+        params += [row.pk, row.status, row.queued_at, row.started_at, row.finished_at, row.deadline_at]
+        params += [row.attempts, row.worker, json.dumps(row.result or {}), row.celery_task_id]
+    with connections[DB].cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} AS s SET status = v.status, queued_at = v.queued_at, started_at = v.started_at, "
+            "finished_at = v.finished_at, deadline_at = v.deadline_at, attempts = v.attempts, worker = v.worker, "
+            "result = v.result, celery_task_id = v.celery_task_id "
+            f"FROM (VALUES {', '.join([row_sql] * len(rows))}) "
+            "AS v(id, status, queued_at, started_at, finished_at, deadline_at, attempts, worker, result, "
+            "celery_task_id) WHERE s.id = v.id",
+            params,
+        )
+
+
+def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline: Any) -> list[SagaStep]:
+    """Mark the steps named in a chain's `_steps` timeline succeeded, with their timing,
+    and take their outputs into the saga's context (the caller saves the saga).
+
+    Each entry is a step that committed (a participant appends it only on success). A
+    step already succeeded gets only missing timing; one the saga moved away from
+    (cancelled, failed in another attempt) keeps its status. Returns the rows changed.
+    Precondition: the saga's row lock is held.
+    """
+    if not isinstance(timeline, list):
+        return []
+    changed: dict[str, SagaStep] = {}
+    previous_finished: datetime | None = None
+    for meta in timeline[-MAX_TIMELINE:]:
+        if not isinstance(meta, dict):
+            continue
+        name = step_name_of(meta.get("task_id"), saga.id)
+        step = steps.get(name) if name else None
+        finished = parse_datetime(meta["finished_at"]) if isinstance(meta.get("finished_at"), str) else None
+        if step is not None and isinstance(meta.get("output"), dict):
+            # Later steps need what this one produced (the amount, the outcome): a
+            # re-publish (sweeper, operator retry) starts from the saga's context.
+            saga.context = {**saga.context, **{k: v for k, v in meta["output"].items() if not k.startswith("_")}}
+        if step is not None:
+            if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                step.status, step.deadline_at = StepStatus.SUCCEEDED, None
+                _apply_timing(step, meta, queued_at=previous_finished)
+                changed[step.name] = step
+            elif step.status == StepStatus.SUCCEEDED and step.started_at is None:
+                _apply_timing(step, meta, queued_at=previous_finished)
+                changed[step.name] = step
+        previous_finished = finished
+    return list(changed.values())
 
 
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:
-    """Record that a step committed and move the saga to its next step or its end.
+    """Record that a chain's reporting step committed, with the timeline of the steps
+    before it, and move the saga to its next step or its end.
 
-    The chain itself has already published the next step; this only keeps the store in
+    The chain itself has already published any next step; this only keeps the store in
     step with it. Idempotent: a duplicate report of a succeeded step changes nothing.
     """
     result = dict(result or {})
-    meta = result.pop("_step", {}) or {}
+    timeline = result.pop("_steps", None)
     with transaction.atomic(using=DB):
         saga = _lock_saga(saga_id)
         if saga is None:
@@ -125,27 +224,22 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
         if step is None:
             logger.error("saga %s has no step %s; success report ignored", saga_id, step_name)
             return
-        inferred = step.status == StepStatus.SUCCEEDED
-        if inferred and step.started_at is not None:
+        already = step.status == StepStatus.SUCCEEDED and step.started_at is not None
+        changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
+        if step.status != StepStatus.SUCCEEDED:
+            # A report without its own timeline entry (a foreign or old-format message).
+            step.status, step.deadline_at = StepStatus.SUCCEEDED, None
+            step.finished_at = step.finished_at or timezone.now()
+            changed[step.name] = step
+        if already and not changed:
             return  # a duplicate report
         now = timezone.now()
-        step.status = StepStatus.SUCCEEDED
-        step.deadline_at = None
-        step.result = meta.get("output") or {}
-        _apply_timing(step, meta)
-        changed = [step]
         # Later steps need what this one produced (e.g. the amount); a re-publish (sweeper,
         # operator retry) starts from this context.
         saga.context = {**saga.context, **{k: v for k, v in result.items() if not k.startswith("_")}}
 
         definition = get_definition(saga.definition)
         plan = _phase_plan(definition, step.phase)
-        if inferred:
-            # The saga already moved past this step (a later report arrived first): only
-            # its timing was missing.
-            step.save(using=DB)
-            saga.save(using=DB)
-            return
         active, finished = (
             (SagaStatus.RUNNING, SagaStatus.COMPLETED)
             if step.phase == StepPhase.FORWARD
@@ -156,56 +250,61 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
             # reason for stopping is gone, so the saga carries on where it was.
             logger.warning("saga %s: %s succeeded after all; resuming", saga.id, step.name)
             saga.status = active
-        if saga.status == active:
+        if saga.status == active and not already:
             if step.position + 1 == len(plan):
                 # The last step of a chain runs only after every earlier one committed:
-                # any whose report is still on its way (or was lost) succeeded too.
+                # any whose record is missing (a chain re-published midway) succeeded too.
                 saga.status = finished
                 saga.current_step = ""
                 saga.finished_at = now
                 for earlier in steps.values():
                     if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
                         earlier.status, earlier.deadline_at = StepStatus.SUCCEEDED, None
-                        changed.append(earlier)
+                        changed[earlier.name] = earlier
             else:
                 nxt = plan[step.position + 1]
                 nxt_row = steps[nxt.name]
-                # Reports travel as separate messages and may arrive out of order: a late
-                # report never rewinds a step that already started or finished.
+                # Reports may arrive out of order: a late one never rewinds a step that
+                # already started or finished.
                 if nxt_row.status == StepStatus.PENDING:
                     _mark_running(
-                        nxt_row, nxt, now=now, generation=saga.generation, saga_id=saga.id, queued_at=step.finished_at
+                        nxt_row,
+                        deadline_seconds=_segment_deadline(definition, plan, step.position + 1),
+                        now=now,
+                        generation=saga.generation,
+                        saga_id=saga.id,
+                        queued_at=step.finished_at,
                     )
                     saga.current_step = nxt.name
-                    changed.append(nxt_row)
-        SagaStep.objects.using(DB).bulk_update(
-            changed,
-            [
-                "status",
-                "queued_at",
-                "started_at",
-                "finished_at",
-                "deadline_at",
-                "attempts",
-                "worker",
-                "celery_task_id",
-                "result",
-            ],
-        )
+                    changed[nxt_row.name] = nxt_row
+        if changed:
+            _save_steps(changed.values())
         saga.save(using=DB)
 
 
-def _failure_from_backend(task_id: str) -> tuple[str, str] | None:
-    """(exception type, message) of a failed task, as its worker stored it; None when the
-    result backend has no failure for that task id."""
+@dataclass(frozen=True)
+class StoredFailure:
+    error_type: str
+    error: str
+    timeline: Any = None  # the `_steps` the failed task received: the steps before it
+
+
+def _failure_from_backend(task_id: str) -> StoredFailure | None:
+    """The failure of a task as its worker stored it (with its arguments: the result
+    backend is extended); None when the result backend has no failure for that task id."""
     try:
         result = AsyncResult(task_id, app=app)
         exc = result.result if result.state == "FAILURE" else None
     except Exception as error:  # a corrupt or foreign record must not stop compensation
-        return type(error).__name__, f"could not read the failure of task {task_id}: {error}"
-    if isinstance(exc, BaseException):
-        return type(exc).__name__, str(exc)
-    return None
+        return StoredFailure(type(error).__name__, f"could not read the failure of task {task_id}: {error}")
+    if not isinstance(exc, BaseException):
+        return None
+    timeline = None
+    with contextlib.suppress(Exception):  # the timing is nice to have, never a reason to stop
+        args = result.args or ()
+        if args and isinstance(args[0], dict):
+            timeline = args[0].get("_steps")
+    return StoredFailure(type(exc).__name__, str(exc), timeline)
 
 
 def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) -> None:
@@ -221,7 +320,7 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
         # really vanished is the sweeper's to find.
         logger.error("saga %s: failure report for task %s has no stored failure; ignored", saga_id, task_id)
         return
-    error_type, error = failure
+    error_type, error = failure.error_type, failure.error
     if error_type == "InvalidMessage":
         # The participant refused a malformed or unsigned message before acting: nothing
         # happened that needs undoing, and a forged message must not steer the saga. If
@@ -233,10 +332,28 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
         if saga is None:
             logger.error("step %s failed for unknown saga %s; ignored", step_name, saga_id)
             return
-        step = saga.steps.filter(name=step_name).first()
+        steps = {s.name: s for s in saga.steps.all()}
+        step = steps.get(step_name)
         if step is None:
             logger.error("saga %s has no step %s; failure report ignored", saga_id, step_name)
             return
+        if step.status != StepStatus.SUCCEEDED:
+            # The steps before it in its chain committed (a chain runs a step only after the
+            # previous one did); their records travelled with the failed step's message.
+            recorded = _record_timeline(saga, steps, failure.timeline)
+            recorded += [
+                s
+                for s in steps.values()
+                if s.phase == step.phase
+                and s.position < step.position
+                and s.status in (StepStatus.PENDING, StepStatus.RUNNING)
+                and s not in recorded
+            ]
+            for earlier in recorded:
+                earlier.status, earlier.deadline_at = StepStatus.SUCCEEDED, None
+            if recorded:
+                _save_steps(recorded)
+                saga.save(using=DB, update_fields=["context", "updated_at"])
         if step.status == StepStatus.SUCCEEDED:
             # A late duplicate failed after the original committed: nothing to undo here.
             logger.warning("saga %s step %s: duplicate failed after success: %s", saga_id, step_name, error)
@@ -244,6 +361,9 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
         if step.status == StepStatus.FAILED and step.celery_task_id == task_id:
             return
         step.status = StepStatus.FAILED
+        # The step may never have been marked running (nothing reports mid-chain): the
+        # failed task is the one this report names.
+        step.celery_task_id = task_id
         step.finished_at = timezone.now()
         step.deadline_at = None
         step.last_error = f"{error_type}: {error}"
@@ -280,8 +400,15 @@ def _needs_attention(saga: SagaInstance, step_name: str, error_type: str, error:
     saga.steps.filter(status=StepStatus.RUNNING).update(deadline_at=None)
 
 
-def saga_pivot_commit(*, saga_id: uuid.UUID | str) -> bool:
+def saga_pivot_commit(
+    *, saga_id: uuid.UUID | str, timeline: Any = None, output: Mapping[str, Any] | None = None
+) -> bool:
     """Record that the saga's pivot committed; False if the saga may no longer pass it.
+
+    Also records the steps before it from the chain's `timeline` (common.steps), marks
+    the pivot succeeded (with its `output`, which the steps after it need) and the step
+    after it running: the store learns the forward chain's progress here, in the pivot's
+    transaction, with no message of its own.
 
     Precondition: inside the pivot step's own `transaction.atomic(using="orders")`, so the
     pivot and this record commit together. Takes the saga's row lock: the coordinator's
@@ -290,9 +417,38 @@ def saga_pivot_commit(*, saga_id: uuid.UUID | str) -> bool:
     saga = _lock_saga(saga_id)
     if saga is None or saga.status != SagaStatus.RUNNING:
         return False
-    if saga.pivot_committed_at is None:
-        saga.pivot_committed_at = timezone.now()
-        saga.save(using=DB, update_fields=["pivot_committed_at", "updated_at"])
+    if saga.pivot_committed_at is not None:
+        return True
+    now = timezone.now()
+    saga.pivot_committed_at = now
+    definition = get_definition(saga.definition)
+    steps = {s.name: s for s in saga.steps.filter(phase=StepPhase.FORWARD)}
+    changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
+    saga.context = {**saga.context, **dict(output or {})}
+    pivot = steps.get(definition.pivot)
+    if pivot is not None and pivot.status in (StepStatus.PENDING, StepStatus.RUNNING):
+        last = [m for m in timeline or [] if isinstance(m, dict) and isinstance(m.get("finished_at"), str)]
+        pivot.queued_at = pivot.queued_at or (parse_datetime(last[-1]["finished_at"]) if last else None)
+        pivot.status, pivot.deadline_at, pivot.finished_at = StepStatus.SUCCEEDED, None, now
+        pivot.result = dict(output or {})
+        changed[pivot.name] = pivot
+        for earlier in steps.values():
+            if earlier.position < pivot.position and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                earlier.status, earlier.deadline_at = StepStatus.SUCCEEDED, None
+                changed[earlier.name] = earlier
+        index = definition.pivot_index + 1
+        if index < len(definition.steps):
+            nxt = steps[definition.steps[index].name]
+            if nxt.status == StepStatus.PENDING:
+                deadline = _segment_deadline(definition, definition.steps, index)
+                _mark_running(nxt, deadline_seconds=deadline, now=now, generation=saga.generation, saga_id=saga.id)
+                # Its queue wait starts when the pivot's task returns, just after this commit.
+                nxt.queued_at = now
+                saga.current_step = nxt.name
+                changed[nxt.name] = nxt
+    if changed:
+        _save_steps(changed.values())
+    saga.save(using=DB, update_fields=["pivot_committed_at", "current_step", "context", "updated_at"])
     return True
 
 
@@ -329,7 +485,8 @@ def saga_begin_compensation(
         SagaStep(saga=saga, phase=StepPhase.COMPENSATION, position=i, name=spec.name, task_name=spec.task)
         for i, spec in enumerate(plan)
     ]
-    _mark_running(rows[0], plan[0], now=now, generation=saga.generation, saga_id=saga.id)
+    deadline = _segment_deadline(definition, plan, 0)
+    _mark_running(rows[0], deadline_seconds=deadline, now=now, generation=saga.generation, saga_id=saga.id)
     SagaStep.objects.using(DB).bulk_create(rows)
     _publish_on_commit(plan, saga)
 
@@ -360,7 +517,8 @@ def saga_republish_from(saga: SagaInstance, step: SagaStep, *, now: datetime | N
     step.queued_at = now
     step.finished_at = None
     step.celery_task_id = task_id_for(saga.id, step.name, saga.generation)
-    step.deadline_at = now + timedelta(seconds=plan[step.position].deadline_seconds * 2**step.republished)
+    segment = _segment_deadline(definition, plan, step.position)
+    step.deadline_at = now + timedelta(seconds=segment * 2**step.republished)
     step.save(using=DB)
     _publish_on_commit(plan[step.position :], saga)
 
@@ -394,10 +552,6 @@ def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
     # A pivot that never reported may have committed: an operator decides, not the sweeper.
     _needs_attention(saga, step.name, "StepTimedOut", reason)
     return "needs_attention"
-
-
-def _step_spec(saga: SagaInstance, step: SagaStep) -> Step:
-    return _phase_plan(get_definition(saga.definition), step.phase)[step.position]
 
 
 def _queue_backlog(queues: set[str]) -> dict[str, int]:
@@ -456,7 +610,9 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
                 # Messages are waiting in the step's queue (or reports in the coordinator's):
                 # the system is slow, not broken. Re-publishing would only add to the pile,
                 # so give the step another deadline without spending its budget.
-                step.deadline_at = now + timedelta(seconds=_step_spec(saga, step).deadline_seconds)
+                definition = get_definition(saga.definition)
+                segment = _segment_deadline(definition, _phase_plan(definition, step.phase), step.position)
+                step.deadline_at = now + timedelta(seconds=segment)
                 step.save(using=DB, update_fields=["deadline_at"])
                 done["waiting"] += 1
                 continue

@@ -20,7 +20,8 @@ from .otlp import OtlpReceiver, ReceivedSpan
 pytestmark = pytest.mark.integration
 
 # A declined payment: reserve, charge (declined), then the four compensations; every task
-# once, and a success report for each step that succeeded.
+# once, the failure report, and one success report: the compensation chain's last step's
+# (the steps before it carry their timing down the chain: saga.engine).
 DECLINED_ORDER_RUNS = Counter(
     {
         "run/inventory.reserve": 1,
@@ -30,7 +31,7 @@ DECLINED_ORDER_RUNS = Counter(
         "run/inventory.release": 1,
         "run/orders.fail": 1,
         "run/notifications.notify": 1,
-        "run/saga.step_succeeded": 5,
+        "run/saga.step_succeeded": 1,
     }
 )
 
