@@ -57,6 +57,12 @@ def processed_result(model: type[ProcessedKeyBase], key: str) -> dict[str, Any] 
     return None if row is None else row.result
 
 
+def processed_results(model: type[ProcessedKeyBase], *keys: str) -> dict[str, dict[str, Any]]:
+    """The stored results of those of `keys` already processed, in one query (a step checks
+    its own key and its undo's tombstone together). Precondition: `saga_lock` held."""
+    return dict(model.objects.filter(key__in=keys).values_list("key", "result"))
+
+
 def processed_record(model: type[ProcessedKeyBase], key: str, result: dict[str, Any]) -> None:
     """Record `key` as processed. Precondition: `saga_lock` held, same transaction as the effect."""
     model.objects.create(key=key, result=result)

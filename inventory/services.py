@@ -10,7 +10,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from common.exceptions import StepRefused
-from common.idempotency import processed_record, processed_result, saga_lock, step_key
+from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
 
 from .exceptions import InsufficientStock, StockBelowReserved, UnknownProduct
 from .models import ProcessedKey, Product, Reservation
@@ -30,9 +30,10 @@ def stock_reserve(*, saga_id: uuid.UUID, order_id: uuid.UUID, lines: Sequence[tu
     lines = sorted(lines)
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
-        if (done := processed_result(ProcessedKey, do_key)) is not None:
+        processed = processed_results(ProcessedKey, do_key, undo_key)
+        if (done := processed.get(do_key)) is not None:
             return done
-        if processed_result(ProcessedKey, undo_key) is not None:
+        if undo_key in processed:
             raise StepRefused(f"saga {saga_id}: stock was already released; not reserving")
         products = {p.sku: p for p in Product.objects.filter(sku__in=[sku for sku, _ in lines])}
         unknown = [sku for sku, _ in lines if sku not in products]

@@ -15,7 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from common.exceptions import StepRefused, TransientError
-from common.idempotency import processed_record, processed_result, saga_lock, step_key
+from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
 
 from .exceptions import PaymentDeclined
 from .gateways import CardDeclined, get_gateway
@@ -42,20 +42,25 @@ def payment_charge(
     do_key, undo_key = step_key(saga_id, STEP, "do"), step_key(saga_id, STEP, "undo")
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
-        if (done := processed_result(ProcessedKey, do_key)) is not None:
+        processed = processed_results(ProcessedKey, do_key, undo_key)
+        if (done := processed.get(do_key)) is not None:
             if done["status"] == Payment.Status.DECLINED:
                 raise _declined(done)
             return done
-        if processed_result(ProcessedKey, undo_key) is not None:
+        if undo_key in processed:
             raise StepRefused(f"saga {saga_id}: payment was already compensated; not charging")
-        # The row is the "charge in flight" marker a concurrent refund waits on.
-        payment, _ = Payment.objects.get_or_create(
-            saga_id=saga_id,
-            defaults={"order_id": order_id, "amount": amount, "currency": currency},
-        )
-        if payment.status == Payment.Status.VOIDED:
+        # The row is the "charge in flight" marker a concurrent refund waits on. The saga
+        # lock serialises this check with any other message of the saga: no savepoint needed.
+        now = timezone.now()
+        payment = Payment.objects.filter(saga_id=saga_id).first()
+        if payment is None:
+            payment = Payment.objects.create(
+                saga_id=saga_id, order_id=order_id, amount=amount, currency=currency, attempt_started_at=now
+            )
+        elif payment.status == Payment.Status.VOIDED:
             raise StepRefused(f"saga {saga_id}: payment was voided by its compensation; not charging")
-        Payment.objects.filter(pk=payment.pk).update(attempt_started_at=timezone.now())
+        else:
+            Payment.objects.filter(pk=payment.pk).update(attempt_started_at=now)
 
     try:
         charge = call_provider(
@@ -78,8 +83,8 @@ def payment_charge(
 
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
-        if (done := processed_result(ProcessedKey, do_key)) is not None:
-            return done  # a concurrent copy of this message got the same answer and recorded it
+        # Still pending: ours to capture. Otherwise a concurrent copy of this message got
+        # the same answer and recorded it, or the compensation voided the attempt.
         captured = Payment.objects.filter(pk=payment.pk, status=Payment.Status.PENDING).update(
             status=Payment.Status.CAPTURED, provider_charge_id=charge.charge_id
         )
@@ -87,6 +92,8 @@ def payment_charge(
             result = {"payment_id": str(payment.pk), "status": Payment.Status.CAPTURED}
             processed_record(ProcessedKey, do_key, result)
             return result
+        if (done := processed_result(ProcessedKey, do_key)) is not None:
+            return done
     # The compensation gave up on this attempt (voided it) while the provider was still
     # answering: the money moved after all, so give it back now.
     call_provider(get_gateway().refund, charge_id=charge.charge_id, amount=amount, idempotency_key=undo_key)

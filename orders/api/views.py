@@ -36,8 +36,9 @@ def visible_user_id(request: Request) -> int | None:
     return None if request.user.is_staff else request.user.id
 
 
-def render_orders(orders: list[Order]) -> list[dict]:
-    sagas = SagaInstance.objects.filter(order_id__in=[o.id for o in orders]).prefetch_related("steps")
+def render_orders(orders: list[Order], sagas: list[SagaInstance] | None = None) -> list[dict]:
+    if sagas is None:
+        sagas = SagaInstance.objects.filter(order_id__in=[o.id for o in orders]).prefetch_related("steps")
     return OrderOutput(orders, many=True, context={"sagas": {s.order_id: s for s in sagas}}).data
 
 
@@ -140,11 +141,14 @@ class OrderListCreateApi(GenericAPIView):
             ) from None
         except IdempotencyConflict as conflict:
             return Response({"detail": str(conflict)}, status=status.HTTP_422_UNPROCESSABLE_ENTITY)
-        order = selectors.order_get(order_id=order.id, user_id=None)
         headers = {"Location": f"/api/orders/{order.id}/"}
-        if not created:
+        if created:
+            # As written by order_place, with its lines and saga: nothing to read back.
+            body = render_orders([order], sagas=[order.placed_saga])[0]
+        else:
             headers["Idempotent-Replayed"] = "true"
-        return Response(render_order(order), status=status.HTTP_202_ACCEPTED, headers=headers)
+            body = render_order(selectors.order_get(order_id=order.id, user_id=None))
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers=headers)
 
 
 class OrderDetailApi(APIView):
