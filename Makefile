@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test browser chaos lint format services-up services-down clean-data venv
+.PHONY: run test browser chaos bench lint format services-up services-down clean-data venv
 
 venv: $(STAMP)
 
@@ -42,6 +42,12 @@ browser:
 # make chaos ARGS="--orders 2000 --kills 20 --broker-restarts 2 --seed 7": faults while orders flow, then the audit
 chaos: $(STAMP)
 	$(PY) -m devstack chaos $(ARGS)
+
+# make bench ARGS="--orders 2000 --rate 20 --fail-rate 0.1 --broker redis|amqp [--history 1000000]":
+# throughput and latency of the whole saga beside a bare Celery chain and a one-process floor,
+# in one run; writes bench/results/latest.json and latest.png (BENCHMARKS.md)
+bench: $(STAMP)
+	$(PY) -m bench $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,1 @@
+"""`make bench`: the saga system against a bare Celery chain and a one-process floor, in one run."""

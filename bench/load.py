@@ -1,0 +1,290 @@
+"""Load generation and measurement for `make bench`: submit orders over HTTP, wait for their
+terminal states, and account CPU and memory per process group.
+
+Latency is measured open-loop: each order has an intended send time (start + i / rate) and
+its latency runs from that time to the terminal timestamp the system wrote in its own
+database, so a client that falls behind cannot hide the system's queueing (no coordinated
+omission). Both clocks are this machine's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import requests
+
+logger = logging.getLogger("bench")
+
+DECLINE_TOKEN = "tok_chargeDeclined"
+APPROVE_TOKEN = "tok_visa"
+
+
+def make_orders(count: int, *, fail_rate: float, skus: list[str], rng: random.Random) -> list[dict[str, Any]]:
+    """`count` one-line orders; about `fail_rate` of them carry a card the provider declines."""
+    return [
+        {
+            "order_id": str(uuid.uuid4()),
+            "email": f"bench{i}@example.com",
+            "sku": rng.choice(skus),
+            "quantity": 1,
+            "amount": "10.00",
+            "token": DECLINE_TOKEN if rng.random() < fail_rate else APPROVE_TOKEN,
+        }
+        for i in range(count)
+    ]
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float]:
+    """p50/p95/p99/max of `values` (seconds) in milliseconds, rounded to 0.1 ms."""
+    data = sorted(values)
+    if not data:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+
+    def at(q: float) -> float:
+        # Nearest rank: the value below which q of the samples fall.
+        return data[min(len(data) - 1, max(0, round(q * len(data) + 0.5) - 1))]
+
+    return {
+        k: round(v * 1000, 1) for k, v in (("p50", at(0.50)), ("p95", at(0.95)), ("p99", at(0.99)), ("max", data[-1]))
+    }
+
+
+class Client:
+    """Posts orders with one keep-alive HTTP session per thread."""
+
+    def __init__(self, post: Callable[[requests.Session, dict[str, Any]], str]) -> None:
+        self._post = post
+        self._local = threading.local()
+
+    def submit(self, order: dict[str, Any]) -> str:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        for attempt in range(20):
+            try:
+                return self._post(session, order)
+            except (requests.ConnectionError, requests.Timeout, RetryableResponse) as error:
+                if attempt == 19:
+                    raise
+                logger.debug("retrying a submit: %s", error)
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
+
+
+class RetryableResponse(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    """One phase: what was sent when, and when each order reached its end."""
+
+    name: str
+    rate: float | None
+    intended: dict[str, float] = field(default_factory=dict)  # key -> intended send time (epoch s)
+    sent: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, tuple[float, str]] = field(default_factory=dict)  # key -> (epoch s, outcome)
+    cpu: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+
+    def latencies(self) -> list[float]:
+        return [self.finished[k][0] - t for k, t in self.intended.items() if k in self.finished]
+
+    def throughput(self) -> float:
+        if not self.finished:
+            return 0.0
+        first = min(self.sent.values())
+        last = max(t for t, _ in self.finished.values())
+        return len(self.finished) / max(last - first, 1e-9)
+
+    def outcomes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, outcome in self.finished.values():
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def summary(self) -> dict[str, Any]:
+        busy = sum(self.cpu.values())
+        return {
+            "rate": self.rate,
+            "orders": len(self.intended),
+            "finished": len(self.finished),
+            "outcomes": self.outcomes(),
+            "sagas_per_s": round(self.throughput(), 1),
+            "latency_ms": percentiles(self.latencies()),
+            "cpu_cores": {k: round(v / self.wall, 3) for k, v in sorted(self.cpu.items())} if self.wall else {},
+            "cpu_ms_per_saga": round(busy * 1000 / max(len(self.finished), 1), 2),
+            "wall_s": round(self.wall, 1),
+            # For the figure's distributions; a saturation phase's latencies say nothing (all queued at once).
+            **({"latency_samples_ms": sorted(round(v * 1000, 1) for v in self.latencies())} if self.rate else {}),
+        }
+
+
+def drive(
+    run: Run,
+    orders: list[dict[str, Any]],
+    client: Client,
+    *,
+    finished: Callable[[list[str]], dict[str, tuple[float, str]]],
+    key_of: Callable[[dict[str, Any], str], str],
+    cpu: ProcessGroups,
+    timeout: float,
+    threads: int = 8,
+) -> Run:
+    """Submit `orders` (at `run.rate` per second, or as fast as `threads` clients can when
+    None), then poll `finished(keys)` until every order has ended or `timeout` passes."""
+    keys: list[str] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    start_cpu = cpu.sample()
+    start = time.time()
+
+    def send(i: int, order: dict[str, Any]) -> None:
+        intended = start + i / run.rate if run.rate else time.time()
+        delay = intended - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        sent = time.time()
+        try:
+            key = key_of(order, client.submit(order))
+        except BaseException as error:  # reported after the phase: one failed submit must not hang it
+            errors.append(error)
+            return
+        with lock:
+            run.intended[key] = intended if run.rate else sent
+            run.sent[key] = sent
+            keys.append(key)
+
+    # Open loop: enough threads that a slow response never delays the next intended send.
+    pool_size = threads if run.rate is None else max(threads, int(run.rate * 0.5) + 4)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=pool_size) as pool:
+        futures = [pool.submit(send, i, order) for i, order in enumerate(orders)]
+        progress = Progress(run.name, len(orders))
+        while not all(f.done() for f in futures):
+            progress.show(submitted=len(keys), finished=None)
+            time.sleep(0.5)
+    if errors:
+        raise RuntimeError(f"{len(errors)} orders could not be submitted; first: {errors[0]!r}")
+    deadline = time.monotonic() + timeout
+    progress = Progress(run.name, len(keys))
+    while True:
+        run.finished = finished(keys)
+        progress.show(submitted=len(keys), finished=len(run.finished))
+        if len(run.finished) >= len(keys):
+            break
+        if time.monotonic() > deadline:
+            logger.warning(
+                "%s: %d of %d orders had not ended after %.0fs",
+                run.name,
+                len(keys) - len(run.finished),
+                len(keys),
+                timeout,
+            )
+            break
+        time.sleep(0.25)
+    end = max([t for t, _ in run.finished.values()] or [time.time()])
+    run.wall = max(end - start, 1e-9)
+    run.cpu = cpu.delta(start_cpu, cpu.sample())
+    progress.done(len(run.finished), run.throughput())
+    return run
+
+
+class Progress:
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.last = name, total, 0.0
+
+    def show(self, *, submitted: int, finished: int | None) -> None:
+        if time.monotonic() - self.last < 2:
+            return
+        self.last = time.monotonic()
+        tail = "" if finished is None else f", {finished} ended"
+        logger.info("  %s: %d/%d submitted%s", self.name, submitted, self.total, tail)
+
+    def done(self, finished: int, per_s: float) -> None:
+        logger.info("  %s: %d ended, %.1f sagas/s", self.name, finished, per_s)
+
+
+class ProcessGroups:
+    """CPU seconds and RSS per named group of processes (a group: some root processes and
+    all their descendants, or every process whose name matches)."""
+
+    def __init__(self) -> None:
+        self.roots: dict[str, list[int]] = {}
+        self.singles: dict[str, list[int]] = {}
+        self.names: dict[str, tuple[str, ...]] = {}
+
+    def add_tree(self, group: str, pid: int) -> None:
+        self.roots.setdefault(group, []).append(pid)
+
+    def add_process(self, group: str, pid: int) -> None:
+        """Only this process, not its children (the bench itself, whose children are the system)."""
+        self.singles.setdefault(group, []).append(pid)
+
+    def add_named(self, group: str, *names: str) -> None:
+        self.names[group] = names
+
+    def members(self) -> dict[str, list[psutil.Process]]:
+        groups: dict[str, list[psutil.Process]] = {}
+        for group, pids in self.roots.items():
+            for pid in pids:
+                try:
+                    root = psutil.Process(pid)
+                    groups.setdefault(group, []).extend([root, *root.children(recursive=True)])
+                except psutil.NoSuchProcess:
+                    continue
+        for group, pids in self.singles.items():
+            for pid in pids:
+                try:
+                    groups.setdefault(group, []).append(psutil.Process(pid))
+                except psutil.NoSuchProcess:
+                    continue
+        if self.names:
+            for proc in psutil.process_iter(["name"]):
+                for group, names in self.names.items():
+                    if proc.info["name"] in names:
+                        groups.setdefault(group, []).append(proc)
+        return groups
+
+    def sample(self) -> dict[str, dict[int, float]]:
+        """group -> {pid: cpu seconds so far}."""
+        result: dict[str, dict[int, float]] = {}
+        for group, procs in self.members().items():
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                result.setdefault(group, {})[proc.pid] = times.user + times.system
+        return result
+
+    @staticmethod
+    def delta(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+        """CPU seconds each group used in between; a process born in between counts whole."""
+        return {
+            group: sum(max(0.0, t - before.get(group, {}).get(pid, 0.0)) for pid, t in pids.items())
+            for group, pids in after.items()
+        }
+
+    def rss_mb(self, group: str) -> float:
+        total = 0
+        for proc in self.members().get(group, []):
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return round(total / 2**20, 1)
+
+
+def median(values: Iterable[float]) -> float | None:
+    data = list(values)
+    return statistics.median(data) if data else None

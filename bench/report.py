@@ -1,0 +1,129 @@
+"""The bench's table (stdout) and figure (PNG) from its results dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}{unit}"
+    return f"{value}{unit}"
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [""]
+    m = results.get("machine", {})
+    lines.append(
+        f"bench: {m.get('cores')} cores, Python {m.get('python')}, PostgreSQL {m.get('postgresql')}, "
+        f"{m.get('broker')}; {results.get('orders')} orders, {results.get('fail_rate', 0):.0%} declined"
+    )
+    lines.append("")
+    header = f"{'system':<22}{'phase':<18}{'sagas/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+    lines += [header, "-" * len(header)]
+    if results.get("floor_sagas_per_s"):
+        lines.append(f"{'floor (1 process)':<22}{'saturation':<18}{_fmt(results['floor_sagas_per_s']):>9}")
+    systems = [("saga", results.get("saga")), ("bare chain", results.get("bare_chain"))]
+    if results.get("history"):
+        systems.append((f"saga, {results['history']['sagas']:,} old", results["history"].get("saga")))
+    for label, system in systems:
+        if not system:
+            continue
+        for phase in ("saturation", "rate_20", "rate_half"):
+            row = system.get(phase)
+            if not row:
+                continue
+            lat = row["latency_ms"]
+            name = "saturation" if phase == "saturation" else f"at {row['rate']:g}/s"
+            lines.append(
+                f"{label:<22}{name:<18}{_fmt(row['sagas_per_s']):>9}{_fmt(lat['p50']):>9}{_fmt(lat['p95']):>9}"
+                f"{_fmt(lat['p99']):>9}{_fmt(lat['max']):>9}"
+            )
+    ratios = results.get("ratios", {})
+    if ratios:
+        lines += ["", "ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items())]
+    saga = results.get("saga") or {}
+    sat = saga.get("saturation")
+    if sat:
+        lines += ["", "saga at saturation, CPU cores used per process group:"]
+        lines.append("  " + ", ".join(f"{k} {v:.2f}" for k, v in sat["cpu_cores"].items()))
+        lines.append(f"  CPU per saga: {sat['cpu_ms_per_saga']} ms (all groups)")
+        bare_sat = (results.get("bare_chain") or {}).get("saturation")
+        if bare_sat:
+            lines.append("bare chain at saturation, CPU cores used per process group:")
+            lines.append("  " + ", ".join(f"{k} {v:.2f}" for k, v in bare_sat["cpu_cores"].items()))
+            lines.append(f"  CPU per saga: {bare_sat['cpu_ms_per_saga']} ms (all groups)")
+    for phase in ("saturation", "rate_20", "rate_half"):
+        steps = (saga.get(phase) or {}).get("steps")
+        if not steps:
+            continue
+        lines.append(f"saga steps, {phase}: queue wait p50/p95 | work p50/p95 (ms)")
+        for name, row in steps.items():
+            w, k = row["queue_wait_ms"], row["work_ms"]
+            lines.append(f"  {name:<20}{_fmt(w['p50']):>8}{_fmt(w['p95']):>8} |{_fmt(k['p50']):>8}{_fmt(k['p95']):>8}")
+    rss = saga.get("worker_rss_mb")
+    if rss:
+        lines.append("worker RSS MB (start -> end): " + ", ".join(
+            f"{k} {v.get('start_mb')}->{v.get('end_mb')}" for k, v in rss.items()
+        ))  # fmt: skip
+    lines.append("")
+    return "\n".join(lines)
+
+
+def draw(results: dict[str, Any], path: Path) -> None:
+    """Latency distributions (CDF per system and rate) and throughput (bars) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    styles = {"saga": "-", "bare_chain": "--", "history": ":"}
+    for system in ("saga", "bare_chain", "history"):
+        data = results.get(system) if system != "history" else (results.get("history") or {}).get("saga")
+        for phase, color in (("rate_20", "tab:blue"), ("rate_half", "tab:orange")):
+            row = (data or {}).get(phase)
+            samples = (row or {}).get("latency_samples_ms")
+            if not samples:
+                continue
+            xs = sorted(samples)
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            label = f"{system.replace('_', ' ')} at {row['rate']:g}/s (p99 {row['latency_ms']['p99']:.0f} ms)"
+            left.plot(xs, ys, styles[system], color=color, label=label)
+    left.set_xscale("log")
+    left.set_xlabel("submit -> terminal state (ms, log scale)")
+    left.set_ylabel("share of orders")
+    left.set_title("Latency distribution")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
+
+    bars = [
+        ("floor\n(1 process)", results.get("floor_sagas_per_s")),
+        ("bare\nchain", results.get("bare_chain_sagas_per_s")),
+        ("saga", results.get("sagas_per_s")),
+    ]
+    if results.get("history"):
+        bars.append(
+            (
+                f"saga, {results['history']['sagas'] // 1000}k\nold sagas",
+                results["history"]["saga"]["saturation"]["sagas_per_s"],
+            )
+        )
+    bars = [(k, v) for k, v in bars if v]
+    right.bar(
+        [k for k, _ in bars],
+        [v for _, v in bars],
+        color=["tab:gray", "tab:green", "tab:blue", "tab:purple"][: len(bars)],
+    )
+    for i, (_, v) in enumerate(bars):
+        right.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    right.set_ylabel("completed sagas per second")
+    right.set_title(f"Throughput, {results.get('orders')} orders")
+    m = results.get("machine", {})
+    fig.suptitle(f"make bench: {m.get('cores')} cores, PostgreSQL {m.get('postgresql')}, {m.get('broker')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,423 @@
+"""`make bench`: the saga system's throughput and latency, beside its baselines, in one run.
+
+    python -m bench [--orders 2000] [--rate 20] [--fail-rate 0.1] [--broker redis|amqp]
+                    [--latency-seconds 20] [--history 0] [--only saga|bare|floor ...]
+
+On fresh `*_bench` databases on the configured (or embedded) PostgreSQL and the configured
+broker (a Redis database of its own, or the RabbitMQ vhost `saga_bench`), it measures:
+
+1. the floor: the same database work in one process, no broker (bench.floor);
+2. the saga system, the Procfile's web, five workers and beat, driven over its HTTP API:
+   saturation (N orders as fast as 8 clients can post them), then latency at a fixed rate
+   (`--rate`, and half of the measured saturation);
+3. a bare Celery chain of the same steps (bench.bare, bench.bare_web) under the same load;
+4. with `--history N`: N finished sagas seeded in bulk, then the saga phases again.
+
+It prints a table, writes bench/results/latest.json and bench/results/latest.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from devstack import services, stack
+from devstack.topology import WORKERS, Process, Topology, free_port, wait_for
+
+from .load import Client, ProcessGroups, RetryableResponse, Run, drive, make_orders
+
+logger = logging.getLogger("bench")
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+RESULTS = BASE_DIR / "bench" / "results"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_bench"
+BENCH_REDIS_DB = "12"
+SKUS = [f"BENCH-{i:03d}" for i in range(50)]
+TERMINAL_TIMEOUT = 300.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make bench ARGS=...", description=__doc__.splitlines()[0])
+    parser.add_argument("--orders", type=int, default=2000, help="orders in the saturation phase (default 2000)")
+    parser.add_argument("--rate", type=float, default=20.0, help="fixed rate of the first latency phase (default 20/s)")
+    parser.add_argument("--fail-rate", type=float, default=0.1, help="share of declined cards (default 0.1)")
+    parser.add_argument("--broker", choices=("redis", "amqp"), default="redis", help="broker (default redis)")
+    parser.add_argument(
+        "--latency-seconds", type=float, default=20.0, help="how long each fixed-rate phase submits (default 20)"
+    )
+    parser.add_argument("--history", type=int, default=0, help="then seed N finished sagas and measure again")
+    parser.add_argument(
+        "--only", nargs="+", choices=("floor", "saga", "bare"), default=["floor", "saga", "bare"], help="systems to run"
+    )
+    parser.add_argument("--seed", type=int, default=5, help="random seed of the order mix (default 5)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="JSON results file")
+    args = parser.parse_args(argv)
+    if args.orders < 1 or args.rate <= 0 or args.latency_seconds <= 0 or args.history < 0:
+        parser.error("--orders, --rate and --latency-seconds must be positive, --history not negative")
+    if not 0 <= args.fail_rate <= 1:
+        parser.error("--fail-rate is a share between 0 and 1")
+    return args
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def _environment(args: argparse.Namespace, urls: services.ServiceURLs, data_dir: Path) -> dict[str, str]:
+    db_urls = {key: stack.with_database_suffix(urls[key], "_bench") for key in stack.ALIASES.values()}
+    services.ensure_databases(db_urls, recreate=True)
+    if args.broker == "redis":
+        broker_url = stack.with_redis_db(urls["CELERY_BROKER_URL"], BENCH_REDIS_DB)
+        stack._flush_redis(broker_url)
+    else:
+        broker_url = os.environ.get("BENCH_AMQP_URL", DEFAULT_AMQP_URL)
+        if not stack._fresh_amqp_vhost(broker_url):
+            raise services.ServiceError(
+                f"no AMQP broker answers at {services.redact_url(broker_url)} (set BENCH_AMQP_URL)"
+            )
+    env = stack._base_env(BASE_DIR, {**db_urls, "CELERY_BROKER_URL": broker_url})
+    redis_url = stack.with_redis_db(urls["CELERY_BROKER_URL"], BENCH_REDIS_DB)
+    if args.broker == "amqp" and redis_url.startswith("redis"):
+        # As in production with RabbitMQ: the breaker and rate limits still share Redis.
+        env.update(PAYMENT_BREAKER_REDIS_URL=redis_url, CACHE_URL=redis_url)
+    env.update(
+        EMAIL_FILE_PATH=str(data_dir / "mail"),
+        SMS_FILE_PATH=str(data_dir / "sms"),
+        # A load generator, not an abusive customer: the per-user rate limit stays out of the way.
+        ORDER_CREATE_RATE="100000000/minute",
+        # Production settings: no per-query bookkeeping (DEBUG), no redirect to HTTPS (no
+        # proxy in front), a strong key.
+        DEBUG="false",
+        SECURE_SSL_REDIRECT="false",
+        SECRET_KEY=os.urandom(32).hex(),
+    )
+    return env
+
+
+def _setup_django(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
+    import django
+
+    django.setup()
+
+
+def _seed_catalogue() -> None:
+    from decimal import Decimal
+
+    from inventory.services import product_upsert
+
+    for sku in SKUS:
+        product_upsert(sku=sku, name=f"Bench product {sku}", price=Decimal("10.00"), on_hand=1_000_000_000)
+
+
+def _api_token() -> str:
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    user = get_user_model().objects.create_user(username="bench", password=os.urandom(16).hex())
+    return Token.objects.create(user=user).key
+
+
+def machine(broker_url: str) -> dict[str, Any]:
+    from django.db import connections
+
+    with connections["orders"].cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        pg_version = cursor.fetchone()[0]
+    if broker_url.startswith("redis"):
+        import redis
+
+        info = redis.Redis.from_url(broker_url).info("server")
+        broker = (
+            f"{'valkey' if 'valkey_version' in info else 'redis'} {info.get('valkey_version') or info['redis_version']}"
+        )
+    else:
+        from kombu import Connection
+
+        with Connection(broker_url) as connection:
+            props = connection.connection.server_properties if connection.connect() else {}
+            broker = f"{props.get('product', 'amqp')} {props.get('version', '?')}"
+    return {
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "postgresql": pg_version,
+        "broker": broker,
+        "platform": platform.platform(),
+    }
+
+
+def process_groups(processes: dict[str, Process], broker: str) -> ProcessGroups:
+    groups = ProcessGroups()
+    for name, process in processes.items():
+        if process.popen is not None:
+            groups.add_tree(name, process.popen.pid)
+    groups.add_process("bench client", os.getpid())
+    groups.add_named("postgresql", "postgres")
+    groups.add_named("broker", *(("redis-server", "valkey-server") if broker == "redis" else ("beam.smp",)))
+    return groups
+
+
+# --- the saga system ----------------------------------------------------------------------------
+
+
+def saga_post(base_url: str, token: str) -> Callable[[Any, dict[str, Any]], str]:
+    def post(session: Any, order: dict[str, Any]) -> str:
+        response = session.post(
+            f"{base_url}/api/orders/",
+            json={
+                "email": order["email"],
+                "items": [{"sku": order["sku"], "quantity": order["quantity"]}],
+                "payment_token": order["token"],
+            },
+            headers={"Authorization": f"Token {token}", "Idempotency-Key": order["order_id"]},
+            timeout=30,
+        )
+        if response.status_code >= 500 or response.status_code == 429:
+            raise RetryableResponse(f"{response.status_code} {response.text[:200]}")
+        if response.status_code != 202:
+            raise RuntimeError(f"order refused: {response.status_code} {response.text[:300]}")
+        return response.json()["id"]
+
+    return post
+
+
+def saga_finished(keys: list[str]) -> dict[str, tuple[float, str]]:
+    from django.db import connections
+
+    with connections["orders"].cursor() as cursor:
+        cursor.execute(
+            "SELECT order_id::text, extract(epoch FROM finished_at)::float8, status FROM saga_sagainstance "
+            "WHERE order_id = ANY(%s::uuid[]) AND finished_at IS NOT NULL",
+            [keys],
+        )
+        outcome = {"completed": "confirmed", "compensated": "failed"}
+        return {row[0]: (row[1], outcome.get(row[2], row[2])) for row in cursor.fetchall()}
+
+
+def saga_step_times(keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Per step: queue wait (published -> started) and work (started -> finished), p50/p95 in ms."""
+    from django.db import connections
+
+    from .load import percentiles
+
+    with connections["orders"].cursor() as cursor:
+        cursor.execute(
+            "SELECT s.name, extract(epoch FROM s.started_at - s.queued_at)::float8, "
+            "extract(epoch FROM s.finished_at - s.started_at)::float8 "
+            "FROM saga_sagastep s JOIN saga_sagainstance i ON i.id = s.saga_id "
+            "WHERE i.order_id = ANY(%s::uuid[]) AND s.status = 'succeeded' "
+            "AND s.queued_at IS NOT NULL AND s.started_at IS NOT NULL ORDER BY s.position",
+            [keys],
+        )
+        rows = cursor.fetchall()
+    by_step: dict[str, tuple[list[float], list[float]]] = {}
+    for name, wait, work in rows:
+        waits, works = by_step.setdefault(name, ([], []))
+        waits.append(max(wait, 0.0))
+        works.append(max(work, 0.0))
+    return {
+        name: {"samples": len(waits), "queue_wait_ms": _p(percentiles(waits)), "work_ms": _p(percentiles(works))}
+        for name, (waits, works) in by_step.items()
+    }
+
+
+def _p(values: dict[str, float]) -> dict[str, float]:
+    return {k: values[k] for k in ("p50", "p95")}
+
+
+class SagaSystem:
+    name = "saga"
+
+    def __init__(self, env: dict[str, str], log_dir: Path, broker: str, token: str) -> None:
+        self.topology = Topology(env=env, log_dir=log_dir)
+        self.broker = broker
+        self.token = token
+        self.rss: dict[str, dict[str, float]] = {}
+
+    def __enter__(self) -> SagaSystem:
+        logger.info("starting the saga system (web, %s, beat)", ", ".join(WORKERS))
+        self.topology.start()
+        self.groups = process_groups(self.topology.processes, self.broker)
+        self.rss = {name: {"start_mb": self.groups.rss_mb(name)} for name in WORKERS}
+        self.client = Client(saga_post(self.topology.base_url, self.token))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in WORKERS:
+            self.rss[name]["end_mb"] = self.groups.rss_mb(name)
+        self.topology.stop()
+
+    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None) -> Run:
+        run = drive(
+            Run(name=name, rate=rate),
+            orders,
+            self.client,
+            finished=saga_finished,
+            key_of=lambda order, returned: returned,
+            cpu=self.groups,
+            timeout=TERMINAL_TIMEOUT,
+        )
+        return run
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    urls = services.ensure_services(BASE_DIR)
+    data_dir = BASE_DIR / ".data" / "bench"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    try:
+        env = _environment(args, urls, data_dir)
+        logger.info("migrating the bench databases")
+        stack.migrate_all(BASE_DIR, env)
+        _setup_django(env)
+        _seed_catalogue()
+        token = _api_token()
+        results = measure(args, env, token, data_dir)
+        results["wall_s"] = round(time.monotonic() - started, 1)
+    finally:
+        if urls.started_by_us:
+            services.stop_services(BASE_DIR, only=urls.started_by_us)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    from .report import draw, table
+
+    print(table(results))
+    png = args.output.with_suffix(".png")
+    draw(results, png)
+    logger.info("wrote %s and %s", args.output.relative_to(BASE_DIR), png.relative_to(BASE_DIR))
+    return 0
+
+
+def measure(args: argparse.Namespace, env: dict[str, str], token: str, data_dir: Path) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    results: dict[str, Any] = {
+        "command": "make bench ARGS=" + json.dumps(" ".join(sys.argv[1:])) if sys.argv[1:] else "make bench",
+        "machine": machine(env["CELERY_BROKER_URL"]),
+        "broker": args.broker,
+        "orders": args.orders,
+        "fail_rate": args.fail_rate,
+    }
+
+    def orders(count: int) -> list[dict[str, Any]]:
+        return make_orders(count, fail_rate=args.fail_rate, skus=SKUS, rng=rng)
+
+    if "floor" in args.only:
+        from .floor import run_floor
+
+        logger.info("floor: %d orders in one process, no broker", args.orders)
+        floor = run_floor(orders(args.orders), {k: env[k] for k in stack.ALIASES.values()})
+        results["floor_sagas_per_s"] = round(floor["sagas_per_s"], 1)
+        logger.info("  floor: %.1f sagas/s", floor["sagas_per_s"])
+
+    half: float | None = None
+    if "saga" in args.only:
+        saga = measure_saga(args, env, token, data_dir / "saga", orders)
+        results["saga"] = saga
+        results["sagas_per_s"] = saga["saturation"]["sagas_per_s"]
+        half = round(results["sagas_per_s"] / 2, 1)
+        results["latency_ms"] = {
+            "rate_20": saga["rate_20"]["latency_ms"],
+            "rate_half": saga["rate_half"]["latency_ms"],
+        }
+    if "bare" in args.only:
+        from .bare_run import measure_bare
+
+        bare = measure_bare(args, env, data_dir / "bare", orders, half_rate=half, groups_for=process_groups)
+        results["bare_chain"] = bare
+        results["bare_chain_sagas_per_s"] = bare["saturation"]["sagas_per_s"]
+    if args.history and "saga" in args.only:
+        from .history import seed_history
+
+        logger.info("seeding %d finished sagas of history", args.history)
+        from django.conf import settings
+        from django.contrib.auth import get_user_model
+
+        user_id = get_user_model().objects.get(username="bench").id
+        seconds = seed_history(args.history, env, user_id=user_id, currency=settings.CURRENCY)
+        results["history"] = {"sagas": args.history, "seed_s": seconds}
+        results["history"]["saga"] = measure_saga(args, env, token, data_dir / "saga-history", orders, half=half)
+    results["ratios"] = ratios(results)
+    return results
+
+
+def measure_saga(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    token: str,
+    log_dir: Path,
+    orders: Callable[[int], list[dict[str, Any]]],
+    half: float | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with SagaSystem(env, log_dir, args.broker, token) as system:
+        # A few orders first, so that connections, imports and caches are warm in every process.
+        system.run("saga warm-up", orders(40), rate=None)
+        sat = system.run("saga saturation", orders(args.orders), rate=None)
+        out["saturation"] = sat.summary()
+        out["saturation"]["steps"] = saga_step_times(list(sat.finished))
+        half = half or max(1.0, round(sat.throughput() / 2, 1))
+        for key, rate in (("rate_20", args.rate), ("rate_half", half)):
+            count = max(20, int(rate * args.latency_seconds))
+            phase = system.run(f"saga at {rate:g}/s", orders(count), rate=rate)
+            out[key] = phase.summary()
+            out[key]["steps"] = saga_step_times(list(phase.finished))
+    out["worker_rss_mb"] = system.rss
+    return out
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    saga, bare, floor = (
+        results.get("sagas_per_s"),
+        results.get("bare_chain_sagas_per_s"),
+        results.get("floor_sagas_per_s"),
+    )
+    if saga and bare:
+        out["saga_vs_bare_throughput"] = round(saga / bare, 3)
+    if saga and floor:
+        out["saga_vs_floor_throughput"] = round(saga / floor, 3)
+    if bare and floor:
+        out["bare_vs_floor_throughput"] = round(bare / floor, 3)
+    bare_lat = results.get("bare_chain", {}).get("latency_ms", {})
+    for key in ("rate_20", "rate_half"):
+        ours = results.get("latency_ms", {}).get(key, {}).get("p99")
+        theirs = bare_lat.get(key, {}).get("p99")
+        if ours and theirs:
+            out[f"p99_{key}_vs_bare"] = round(ours / theirs, 2)
+    history = results.get("history", {}).get("saga")
+    if history and saga:
+        out["history_vs_empty_throughput"] = round(history["saturation"]["sagas_per_s"] / saga, 3)
+        ours = results["latency_ms"]["rate_20"]["p99"]
+        if ours:
+            out["history_vs_empty_p99_rate_20"] = round(history["rate_20"]["latency_ms"]["p99"] / ours, 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except services.DevstackError as error:
+        logger.error("%s", error)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+__all__ = ["free_port", "main", "wait_for"]
