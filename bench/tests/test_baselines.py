@@ -319,17 +319,27 @@ def _wait_until_up(base_url: str, processes: Processes) -> None:
 
     wanted = {f"bare-{queue}@{socket.gethostname()}" for queue in QUEUES}
 
-    # Not bench.bare's app: this process's was configured from this process's environment.
-    control = Celery("bare-test", broker=BROKER_URL, fixups=[]).control
+    # Not bench.bare's app. Celery prefers the environment's CELERY_BROKER_URL (under make
+    # test: the test run's own broker database) to an app's `broker` argument, so the
+    # variable names this test's broker while the app pings.
+    saved = os.environ.get("CELERY_BROKER_URL")
+    os.environ["CELERY_BROKER_URL"] = BROKER_URL
+    app = Celery("bare-test", broker=BROKER_URL, fixups=[])
 
     def workers_answer() -> bool:
-        replies = control.ping(destination=sorted(wanted), timeout=1.0)
+        replies = app.control.ping(destination=sorted(wanted), timeout=1.0)
         return wanted <= {name for reply in replies for name in reply}
 
     for name, process in processes.running.items():
         assert process.poll() is None, f"{name} exited at start\n{processes.logs()}"
     wait_for(web_answers, timeout=60, what="the bare web app", logs=processes.logs)
-    wait_for(workers_answer, timeout=60, what=f"workers {sorted(wanted)} to answer a ping", logs=processes.logs)
+    try:
+        wait_for(workers_answer, timeout=60, what=f"workers {sorted(wanted)} to answer a ping", logs=processes.logs)
+    finally:
+        if saved is None:
+            os.environ.pop("CELERY_BROKER_URL", None)
+        else:
+            os.environ["CELERY_BROKER_URL"] = saved
 
 
 def test_the_bare_chain_takes_every_order_posted_to_its_end_with_stock_conserved(env, bare_system):
