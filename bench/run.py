@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -282,6 +283,7 @@ def run(argv: list[str]) -> int:
     shutil.rmtree(data_dir, ignore_errors=True)
     try:
         env = _environment(args, urls, data_dir)
+        _no_other_consumers(env["CELERY_BROKER_URL"])
         logger.info("migrating the bench databases")
         stack.migrate_all(BASE_DIR, env)
         _setup_django(env)
@@ -408,8 +410,34 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    # A SIGTERM stops the run like Ctrl-C does: the systems' processes are stopped on the
+    # way out, never left consuming the bench broker (where a later run's messages, signed
+    # with its own key, would be refused by them).
+    raise KeyboardInterrupt
+
+
+def _no_other_consumers(broker_url: str) -> None:
+    from celery import Celery
+
+    saved = os.environ.get("CELERY_BROKER_URL")
+    os.environ["CELERY_BROKER_URL"] = broker_url  # Celery prefers it to the app's argument
+    try:
+        replies = Celery("bench-check", broker=broker_url, fixups=[]).control.ping(timeout=1.0)
+    finally:
+        if saved is not None:
+            os.environ["CELERY_BROKER_URL"] = saved
+    if replies:
+        names = sorted(name for reply in replies for name in reply)
+        raise services.ServiceError(
+            f"workers are already consuming the bench broker ({', '.join(names)}): another `make bench` is "
+            "running, or one was killed and left them behind; stop them first"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except services.DevstackError as error:
