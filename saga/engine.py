@@ -50,7 +50,10 @@ def step_signature(step: Step, *, saga_id: uuid.UUID | str, generation: int, rep
     """One step's signature; with `report`, its success is reported to the coordinator."""
     callback_kwargs = {"saga_id": str(saga_id), "step": step.name}
     sig = app.signature(step.task, kwargs=dict(step.kwargs))
-    sig.set(task_id=task_id_for(saga_id, step.name, generation))
+    # Flower and the worker logs show these instead of the saga context: no customer's
+    # email or card token there, and no repr of the context on every publish (a few % of
+    # a participant's CPU, BENCHMARKS.md).
+    sig.set(task_id=task_id_for(saga_id, step.name, generation), argsrepr=f"(<saga {saga_id} context>,)")
     if report:
         sig.link(app.signature(STEP_SUCCEEDED_TASK, kwargs=callback_kwargs))
     sig.link_error(app.signature(STEP_FAILED_TASK, kwargs=callback_kwargs))

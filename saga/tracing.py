@@ -73,6 +73,12 @@ def saga_trace_context(carrier: Mapping[str, str] | None, *, why: str = "saga.pu
         yield
 
 
+def tracing_enabled() -> bool:
+    from orders_project.telemetry import tracing_enabled as enabled
+
+    return enabled()
+
+
 def adopt_saga_trace(task: Any = None, kwargs: Mapping[str, Any] | None = None, **_: Any) -> None:
     """task_prerun receiver of the saga worker, connected before the Celery instrumentation's.
 
@@ -87,6 +93,10 @@ def adopt_saga_trace(task: Any = None, kwargs: Mapping[str, Any] | None = None, 
     request = task.request
     has_context = bool(getattr(request, "traceparent", None))
     if has_context and task.name != "saga.step_failed":
+        return
+    if task.name == "saga.step_succeeded" and not tracing_enabled():
+        # No trace to join, and the report's own context names the order for the log
+        # lines (orders_project.log): not worth a query on every report.
         return
     saga_id = (kwargs or {}).get("saga_id")
     try:
