@@ -13,7 +13,7 @@ import requests
 
 from devstack.topology import WORKERS, Process, free_port, read_procfile, wait_for
 
-from .load import Client, RetryableResponse, Run, drive
+from .load import Client, RetryableResponse, Run, drive, measure_phases
 
 TERMINAL_TIMEOUT = 300.0
 
@@ -134,14 +134,7 @@ def measure_bare(
     groups_for: Callable[..., Any],
 ) -> dict[str, Any]:
     """Saturation, then the fixed rates the saga ran at (so both are compared at the same load)."""
-    out: dict[str, Any] = {}
     with BareSystem(env, log_dir, args.broker, groups_for) as system:
-        system.run("bare warm-up", orders(40), rate=None)
-        sat = system.run("bare saturation", orders(args.orders), rate=None)
-        out["saturation"] = sat.summary()
-        half = half_rate or max(1.0, round(sat.throughput() / 2, 1))
-        for key, rate in (("rate_20", args.rate), ("rate_half", half)):
-            count = max(20, int(rate * args.latency_seconds))
-            out[key] = system.run(f"bare at {rate:g}/s", orders(count), rate=rate).summary()
+        out = measure_phases(system, "bare", orders, args, half_rate=half_rate)
     out["latency_ms"] = {key: out[key]["latency_ms"] for key in ("rate_20", "rate_half")}
     return out

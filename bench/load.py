@@ -285,6 +285,30 @@ class ProcessGroups:
         return round(total / 2**20, 1)
 
 
+def measure_phases(
+    system: Any,
+    label: str,
+    orders: Callable[[int], list[dict[str, Any]]],
+    args: Any,
+    *,
+    half_rate: float | None,
+    describe: Callable[[Run], dict[str, Any]] = Run.summary,
+) -> dict[str, Any]:
+    """A warm-up, saturation (`args.orders`), then `args.rate` and half of saturation (or
+    `half_rate`, so that two systems are compared at the same load) for
+    `args.latency_seconds` each, each summarised by `describe`. `system.run(name, orders,
+    rate)` drives one phase."""
+    # A few orders first, so that connections, imports and caches are warm in every process.
+    system.run(f"{label} warm-up", orders(40), rate=None)
+    sat = system.run(f"{label} saturation", orders(args.orders), rate=None)
+    out = {"saturation": describe(sat)}
+    half = half_rate or max(1.0, round(sat.throughput() / 2, 1))
+    for key, phase_rate in (("rate_20", args.rate), ("rate_half", half)):
+        count = max(20, int(phase_rate * args.latency_seconds))
+        out[key] = describe(system.run(f"{label} at {phase_rate:g}/s", orders(count), rate=phase_rate))
+    return out
+
+
 def median(values: Iterable[float]) -> float | None:
     data = list(values)
     return statistics.median(data) if data else None

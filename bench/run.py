@@ -35,7 +35,7 @@ from typing import Any
 from devstack import services, stack
 from devstack.topology import WORKERS, Process, Topology, free_port, wait_for
 
-from .load import Client, ProcessGroups, RetryableResponse, Run, drive, make_orders
+from .load import Client, ProcessGroups, RetryableResponse, Run, drive, make_orders, measure_phases
 
 logger = logging.getLogger("bench")
 
@@ -294,6 +294,7 @@ def run(argv: list[str]) -> int:
     finally:
         if urls.started_by_us:
             services.stop_services(BASE_DIR, only=urls.started_by_us)
+    args.output = args.output.resolve()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     from .report import draw, table
@@ -365,19 +366,11 @@ def measure_saga(
     orders: Callable[[int], list[dict[str, Any]]],
     half: float | None = None,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    def describe(run: Run) -> dict[str, Any]:
+        return {**run.summary(), "steps": saga_step_times(list(run.finished))}
+
     with SagaSystem(env, log_dir, args.broker, token) as system:
-        # A few orders first, so that connections, imports and caches are warm in every process.
-        system.run("saga warm-up", orders(40), rate=None)
-        sat = system.run("saga saturation", orders(args.orders), rate=None)
-        out["saturation"] = sat.summary()
-        out["saturation"]["steps"] = saga_step_times(list(sat.finished))
-        half = half or max(1.0, round(sat.throughput() / 2, 1))
-        for key, rate in (("rate_20", args.rate), ("rate_half", half)):
-            count = max(20, int(rate * args.latency_seconds))
-            phase = system.run(f"saga at {rate:g}/s", orders(count), rate=rate)
-            out[key] = phase.summary()
-            out[key]["steps"] = saga_step_times(list(phase.finished))
+        out = measure_phases(system, "saga", orders, args, half_rate=half, describe=describe)
     out["worker_rss_mb"] = system.rss
     return out
 

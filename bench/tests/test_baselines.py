@@ -30,6 +30,7 @@ import psycopg
 import pytest
 
 from bench import sql
+from devstack.stack import ALIASES
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +50,6 @@ def _servers() -> tuple[str, str]:
 
 
 SERVER, BROKER_URL = _servers()
-ALIASES = {
-    "default": "DATABASE_URL",
-    "orders": "ORDERS_DATABASE_URL",
-    "inventory": "INVENTORY_DATABASE_URL",
-    "payments": "PAYMENTS_DATABASE_URL",
-    "notifications": "NOTIFICATIONS_DATABASE_URL",
-}
 QUEUES = ("inventory", "payments", "orders", "notifications")
 ORDERS = 50
 SCARCE_UNITS = 3
