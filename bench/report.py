@@ -67,7 +67,7 @@ def table(results: dict[str, Any]) -> str:
     rss = saga.get("worker_rss_mb")
     if rss:
         lines.append("worker RSS MB (start -> end): " + ", ".join(
-            f"{k} {v.get('start_mb')}->{v.get('end_mb')}" for k, v in rss.items()
+            f"{k} {v.get('start_mb')}->{v.get('end_mb')}" for k, v in rss.items() if k != "samples"
         ))  # fmt: skip
     lines.append("")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,7 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_bench"
 BENCH_REDIS_DB = "12"
 SKUS = [f"BENCH-{i:03d}" for i in range(50)]
 TERMINAL_TIMEOUT = 300.0
+RSS_SAMPLE_SECONDS = 15.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -244,27 +246,46 @@ class SagaSystem:
         self.topology = Topology(env=env, log_dir=log_dir)
         self.broker = broker
         self.token = token
-        self.rss: dict[str, dict[str, float]] = {}
+        self.rss: dict[str, Any] = {}
+        self.completed = self._completed_before = 0  # orders ended so far, for the RSS samples
+        self._stop_sampling = threading.Event()
 
     def __enter__(self) -> SagaSystem:
         logger.info("starting the saga system (web, %s, beat)", ", ".join(WORKERS))
         self.topology.start()
         self.groups = process_groups(self.topology.processes, self.broker)
         self.rss = {name: {"start_mb": self.groups.rss_mb(name)} for name in WORKERS}
+        self.rss["samples"] = []
+        threading.Thread(target=self._sample_rss, daemon=True).start()
         self.client = Client(saga_post(self.topology.base_url, self.token))
         return self
 
+    def _sample_rss(self) -> None:
+        # The curve, not just the ends: growth that levels off is warm-up, growth that
+        # keeps its slope is a leak.
+        started = time.monotonic()
+        while not self._stop_sampling.wait(RSS_SAMPLE_SECONDS):
+            sample = {name: self.groups.rss_mb(name) for name in WORKERS}
+            self.rss["samples"].append({"s": round(time.monotonic() - started), "orders": self.completed, **sample})
+
     def __exit__(self, *exc: object) -> None:
+        self._stop_sampling.set()
         for name in WORKERS:
             self.rss[name]["end_mb"] = self.groups.rss_mb(name)
         self.topology.stop()
 
+    def finished(self, keys: list[str]) -> dict[str, tuple[float, str]]:
+        done = saga_finished(keys)
+        self.completed = self._completed_before + len(done)
+        return done
+
     def run(self, name: str, orders: list[dict[str, Any]], rate: float | None) -> Run:
+        self._completed_before = self.completed
         run = drive(
             Run(name=name, rate=rate),
             orders,
             self.client,
-            finished=saga_finished,
+            finished=self.finished,
             key_of=lambda order, returned: returned,
             cpu=self.groups,
             timeout=TERMINAL_TIMEOUT,
