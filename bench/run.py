@@ -266,7 +266,7 @@ class SagaSystem:
         started = time.monotonic()
         while not self._stop_sampling.wait(RSS_SAMPLE_SECONDS):
             sample = {name: self.groups.rss_mb(name) for name in WORKERS}
-            self.rss["samples"].append({"s": round(time.monotonic() - started), "orders": self.completed, **sample})
+            self.rss["samples"].append({"s": round(time.monotonic() - started), "ended": self.completed, **sample})
 
     def __exit__(self, *exc: object) -> None:
         self._stop_sampling.set()
