@@ -44,6 +44,7 @@ PRODUCT_SETTINGS: dict[str, Any] = {
     "task_acks_late": True,
     "task_reject_on_worker_lost": True,
     "worker_prefetch_multiplier": 1,
+    "worker_max_memory_per_child": int(os.environ.get("CELERY_WORKER_MAX_MEMORY_PER_CHILD", "200000")),
     "task_ignore_result": True,
     "task_soft_time_limit": int(os.environ.get("CELERY_TASK_SOFT_TIME_LIMIT", "20")),
     "task_time_limit": int(os.environ.get("CELERY_TASK_TIME_LIMIT", "25")),

@@ -236,6 +236,11 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A pool process is replaced, between tasks, once its resident memory passes this many KiB.
+# Payments' processes grow with every failed task (a decline: Celery formats and stores its
+# traceback) and the memory is not handed back (BENCHMARKS.md, "Memory"); this bounds them.
+# A fresh process starts at about 100 MiB.
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=200_000)
 # Steps report progress to the saga by message; only failures need the result backend
 # (the saga's errback reads the exception from it).
 CELERY_TASK_IGNORE_RESULT = True
