@@ -13,9 +13,7 @@ import requests
 
 from devstack.topology import WORKERS, Process, free_port, read_procfile, wait_for
 
-from .load import Client, RetryableResponse, Run, drive, measure_phases
-
-TERMINAL_TIMEOUT = 300.0
+from .load import Client, RetryableResponse, System, measure_phases
 
 
 def _concurrency(queue: str) -> str:
@@ -47,7 +45,7 @@ def bare_post(base_url: str) -> Callable[[requests.Session, dict[str, Any]], str
     return post
 
 
-class BareSystem:
+class BareSystem(System):
     name = "bare chain"
 
     def __init__(self, env: dict[str, str], log_dir: Path, broker: str, groups_for: Callable[..., Any]) -> None:
@@ -111,17 +109,6 @@ class BareSystem:
         if not hasattr(self, "_conn"):
             self._conn = sql.connect(self.env["NOTIFICATIONS_DATABASE_URL"])
         return sql.finished(self._conn, keys)
-
-    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None) -> Run:
-        return drive(
-            Run(name=name, rate=rate),
-            orders,
-            self.client,
-            finished=self.finished,
-            key_of=lambda order, returned: returned,
-            cpu=self.groups,
-            timeout=TERMINAL_TIMEOUT,
-        )
 
 
 def measure_bare(

@@ -136,7 +136,6 @@ def drive(
     client: Client,
     *,
     finished: Callable[[list[str]], dict[str, tuple[float, str]]],
-    key_of: Callable[[dict[str, Any], str], str],
     cpu: ProcessGroups,
     timeout: float,
     threads: int = 8,
@@ -156,7 +155,7 @@ def drive(
             time.sleep(delay)
         sent = time.time()
         try:
-            key = key_of(order, client.submit(order))
+            key = client.submit(order)  # the order id the system answered with
         except BaseException as error:  # reported after the phase: one failed submit must not hang it
             errors.append(error)
             return
@@ -283,6 +282,28 @@ class ProcessGroups:
             except psutil.NoSuchProcess:
                 continue
         return round(total / 2**20, 1)
+
+
+class System:
+    """A running system under load: `client` posts orders, `finished(keys)` reads which
+    have ended (order id -> (epoch s, outcome)), `groups` accounts its CPU."""
+
+    client: Client
+    groups: ProcessGroups
+    timeout = 300.0
+
+    def finished(self, keys: list[str]) -> dict[str, tuple[float, str]]:
+        raise NotImplementedError
+
+    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None) -> Run:
+        return drive(
+            Run(name=name, rate=rate),
+            orders,
+            self.client,
+            finished=self.finished,
+            cpu=self.groups,
+            timeout=self.timeout,
+        )
 
 
 def measure_phases(

@@ -36,7 +36,7 @@ from typing import Any
 from devstack import services, stack
 from devstack.topology import WORKERS, Process, Topology, free_port, wait_for
 
-from .load import Client, ProcessGroups, RetryableResponse, Run, drive, make_orders, measure_phases
+from .load import Client, ProcessGroups, RetryableResponse, Run, System, make_orders, measure_phases
 
 logger = logging.getLogger("bench")
 
@@ -45,7 +45,6 @@ RESULTS = BASE_DIR / "bench" / "results"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_bench"
 BENCH_REDIS_DB = "12"
 SKUS = [f"BENCH-{i:03d}" for i in range(50)]
-TERMINAL_TIMEOUT = 300.0
 RSS_SAMPLE_SECONDS = 15.0
 
 
@@ -239,7 +238,7 @@ def _p(values: dict[str, float]) -> dict[str, float]:
     return {k: values[k] for k in ("p50", "p95")}
 
 
-class SagaSystem:
+class SagaSystem(System):
     name = "saga"
 
     def __init__(self, env: dict[str, str], log_dir: Path, broker: str, token: str) -> None:
@@ -281,16 +280,7 @@ class SagaSystem:
 
     def run(self, name: str, orders: list[dict[str, Any]], rate: float | None) -> Run:
         self._completed_before = self.completed
-        run = drive(
-            Run(name=name, rate=rate),
-            orders,
-            self.client,
-            finished=self.finished,
-            key_of=lambda order, returned: returned,
-            cpu=self.groups,
-            timeout=TERMINAL_TIMEOUT,
-        )
-        return run
+        return super().run(name, orders, rate)
 
 
 # --- the run ----------------------------------------------------------------------------------
