@@ -71,12 +71,15 @@ def processed_results(model: type[ProcessedKeyBase], *keys: str) -> dict[str, di
         return {key: result if isinstance(result, dict) else json.loads(result) for key, result in cursor.fetchall()}
 
 
-def processed_record(model: type[ProcessedKeyBase], key: str, result: dict[str, Any]) -> None:
-    """Record `key` as processed. Precondition: `saga_lock` held, same transaction as the effect."""
+def processed_record(model: type[ProcessedKeyBase], key: str, result: dict[str, Any], *, if_new: bool = False) -> None:
+    """Record `key` as processed. Precondition: same transaction as the effect, and either
+    `saga_lock` held or `if_new` (a concurrent copy that recorded it first wins, and this
+    record is dropped: for an effect that is the same whichever copy made it)."""
     using = router.db_for_write(model)
     table = connections[using].ops.quote_name(model._meta.db_table)
     with connections[using].cursor() as cursor:
         cursor.execute(
-            f'INSERT INTO {table} ("key", "result", "created_at") VALUES (%s, %s::jsonb, now())',
+            f'INSERT INTO {table} ("key", "result", "created_at") VALUES (%s, %s::jsonb, now())'
+            + (' ON CONFLICT ("key") DO NOTHING' if if_new else ""),
             [key, json.dumps(result)],
         )

@@ -63,27 +63,42 @@ def notification_send(
         saga_lock(using=DB, saga_id=saga_id)
         if (done := processed_result(ProcessedKey, key)) is not None:
             return done
-        pending = []
-        for channel, recipient in recipients:
-            notification, _ = Notification.objects.get_or_create(
+        # The saga lock serialises every copy of this message: a plain read, then insert
+        # what is missing (no get_or_create savepoints).
+        existing = {n.channel: n for n in Notification.objects.filter(saga_id=saga_id, kind=kind)}
+        missing = [
+            Notification(
                 saga_id=saga_id,
                 kind=kind,
                 channel=channel,
-                defaults={"order_id": order_id, "recipient": recipient, "subject": subject, "body": body},
+                order_id=order_id,
+                recipient=recipient,
+                subject=subject,
+                body=body,
             )
-            if notification.status == Notification.Status.PENDING:
-                pending.append(notification)
+            for channel, recipient in recipients
+            if channel not in existing
+        ]
+        Notification.objects.bulk_create(missing)
+        rows = {**existing, **{n.channel: n for n in missing}}
+        pending = [rows[channel] for channel, _ in recipients if rows[channel].status == Notification.Status.PENDING]
 
-    for notification in pending:
+    result = {"notified": kind, "channels": [channel for channel, _ in recipients]}
+    for index, notification in enumerate(pending):
         if notification.channel == Notification.Channel.EMAIL:
             channels.send_email(to=notification.recipient, subject=notification.subject, body=notification.body)
         else:
             channels.send_sms(to=notification.recipient, body=notification.body)
-        Notification.objects.filter(pk=notification.pk).update(status=Notification.Status.SENT, sent_at=timezone.now())
-
+        if index + 1 < len(pending):
+            _mark_sent(notification.pk)
+    # The last delivery is marked sent in the transaction that records the key: one commit
+    # fewer per message. A crash before it commits re-sends that one (as documented above).
     with transaction.atomic(using=DB):
-        saga_lock(using=DB, saga_id=saga_id)
-        result = {"notified": kind, "channels": [channel for channel, _ in recipients]}
-        if processed_result(ProcessedKey, key) is None:
-            processed_record(ProcessedKey, key, result)
+        if pending:
+            _mark_sent(pending[-1].pk)
+        processed_record(ProcessedKey, key, result, if_new=True)
     return result
+
+
+def _mark_sent(pk: int) -> None:
+    Notification.objects.filter(pk=pk).update(status=Notification.Status.SENT, sent_at=timezone.now())

@@ -401,9 +401,14 @@ def _needs_attention(saga: SagaInstance, step_name: str, error_type: str, error:
 
 
 def saga_pivot_commit(
-    *, saga_id: uuid.UUID | str, timeline: Any = None, output: Mapping[str, Any] | None = None
+    *,
+    saga_id: uuid.UUID | str,
+    order_id: uuid.UUID | str,
+    timeline: Any = None,
+    output: Mapping[str, Any] | None = None,
 ) -> bool:
-    """Record that the saga's pivot committed; False if the saga may no longer pass it.
+    """Record that the saga's pivot committed; False if the saga may no longer pass it (or
+    is not the saga of `order_id`).
 
     Also records the steps before it from the chain's `timeline` (common.steps), marks
     the pivot succeeded (with its `output`, which the steps after it need) and the step
@@ -415,7 +420,7 @@ def saga_pivot_commit(
     decision to compensate takes it too, so exactly one of the two wins.
     """
     saga = _lock_saga(saga_id)
-    if saga is None or saga.status != SagaStatus.RUNNING:
+    if saga is None or str(saga.order_id) != str(order_id) or saga.status != SagaStatus.RUNNING:
         return False
     if saga.pivot_committed_at is not None:
         return True
