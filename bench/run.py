@@ -313,7 +313,9 @@ def run(argv: list[str]) -> int:
     print(table(results))
     png = args.output.with_suffix(".png")
     draw(results, png)
-    logger.info("wrote %s and %s", args.output.relative_to(BASE_DIR), png.relative_to(BASE_DIR))
+    # An --output outside the checkout (/tmp/run.json) is named as given.
+    shown = [p.relative_to(BASE_DIR) if p.is_relative_to(BASE_DIR) else p for p in (args.output, png)]
+    logger.info("wrote %s and %s", *shown)
     return 0
 
 

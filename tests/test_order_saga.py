@@ -111,6 +111,23 @@ def test_multi_line_order_reserves_all_lines_or_none(api: Api, sku: str) -> None
     assert order["status"] == "failed"
     assert stock(plenty) == (10, 0)
     assert stock(scarce) == (1, 0)
+    assert not Reservation.objects.filter(order_id=order["id"]).exists()
+
+    # Both lines held, each at its own catalogue price, and the order charged their sum.
+    make_product(scarce, on_hand=1, price="2.50")
+    order = api.wait_until_final(api.place_order([(scarce, 1), (plenty, 4)])["id"])
+
+    assert order["status"] == "confirmed"
+    assert order["total"] == "42.50"
+    assert stock(plenty) == (10, 4)
+    assert stock(scarce) == (1, 1)
+    held = Reservation.objects.filter(order_id=order["id"]).order_by("sku")
+    assert [(r.sku, r.quantity, str(r.unit_price), r.status) for r in held] == [
+        (plenty, 4, "10.00", "held"),
+        (scarce, 1, "2.50", "held"),
+    ]
+    [payment] = Payment.objects.filter(order_id=order["id"])
+    assert (str(payment.amount), payment.status) == ("42.50", "captured")
 
 
 def test_unknown_sku_is_a_400_and_creates_nothing(api: Api, sku: str) -> None:
