@@ -13,7 +13,7 @@ import requests
 
 from devstack.topology import WORKERS, Process, free_port, read_procfile, wait_for
 
-from .load import Client, RetryableResponse, System, measure_phases
+from .load import Client, RetryableResponse, System, measure_phases, work_counters
 
 
 def _concurrency(queue: str) -> str:
@@ -80,6 +80,7 @@ class BareSystem(System):
             self.__exit__()
             raise
         self.groups = self.groups_for(self.processes, self.broker)
+        self.work = work_counters(self.env, self.broker, poll_alias="notifications")
         self.client = Client(bare_post(self.base_url))
         return self
 

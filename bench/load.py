@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+import psycopg
 import requests
+from psycopg.conninfo import conninfo_to_dict
 
 logger = logging.getLogger("bench")
 
@@ -96,6 +98,8 @@ class Run:
     finished: dict[str, tuple[float, str]] = field(default_factory=dict)  # key -> (epoch s, outcome)
     cpu: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
+    work: dict[str, float] = field(default_factory=dict)  # WorkCounters.delta, when counted
+    polls: int = 0  # finished() calls: the load generator's own reads
 
     def latencies(self) -> list[float]:
         return [self.finished[k][0] - t for k, t in self.intended.items() if k in self.finished]
@@ -125,6 +129,7 @@ class Run:
             "cpu_cores": {k: round(v / self.wall, 3) for k, v in sorted(self.cpu.items())} if self.wall else {},
             "cpu_ms_per_saga": round(busy * 1000 / max(len(self.finished), 1), 2),
             "wall_s": round(self.wall, 1),
+            **({"work_per_saga": WorkCounters.per_saga(self.work, len(self.finished))} if self.work else {}),
             # For the figure's distributions; a saturation phase's latencies say nothing (all queued at once).
             **({"latency_samples_ms": sorted(round(v * 1000, 1) for v in self.latencies())} if self.rate else {}),
         }
@@ -139,12 +144,15 @@ def drive(
     cpu: ProcessGroups,
     timeout: float,
     threads: int = 8,
+    work: WorkCounters | None = None,
 ) -> Run:
     """Submit `orders` (at `run.rate` per second, or as fast as `threads` clients can when
-    None), then poll `finished(keys)` until every order has ended or `timeout` passes."""
+    None), then poll `finished(keys)` until every order has ended or `timeout` passes.
+    With `work`, also count the transactions and broker commands the phase cost."""
     keys: list[str] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
+    start_work = work.settled_sample() if work else None
     start_cpu = cpu.sample()
     start = time.time()
 
@@ -178,6 +186,7 @@ def drive(
     progress = Progress(run.name, len(keys))
     while True:
         run.finished = finished(keys)
+        run.polls += 1
         progress.show(submitted=len(keys), finished=len(run.finished))
         if len(run.finished) >= len(keys):
             break
@@ -195,7 +204,89 @@ def drive(
     run.wall = max(end - start, 1e-9)
     run.cpu = cpu.delta(start_cpu, cpu.sample())
     progress.done(len(run.finished), run.throughput())
+    if work and start_work is not None:
+        run.work = work.delta(start_work, work.settled_sample(), polls=run.polls)
     return run
+
+
+def work_counters(env: dict[str, str], broker: str, *, poll_alias: str) -> WorkCounters:
+    """Counters over every service database (the same five for both systems) and the broker."""
+    from devstack.stack import ALIASES
+
+    redis_url = env["CELERY_BROKER_URL"] if broker == "redis" else None
+    return WorkCounters(env, aliases=ALIASES, poll_alias=poll_alias, redis_url=redis_url)
+
+
+class WorkCounters:
+    """What a phase cost the servers: transactions per service database (PostgreSQL's
+    pg_stat_database) and, on Redis, broker commands by name (INFO commandstats).
+
+    Server-wide counters: they count everything on those databases and that Redis server,
+    which is why make bench runs on databases and a Redis database of its own and refuses
+    to run beside other consumers. The load generator's own reads (one autocommit
+    transaction per `finished()` poll, on `poll_alias`'s database) are taken out.
+    """
+
+    # PostgreSQL 15+ publishes a backend's counts when it has been idle for up to 10 s
+    # (PGSTAT_IDLE_INTERVAL), so a reading right after the phase would miss the last ones.
+    SETTLE_S = 11.0
+
+    def __init__(self, env: dict[str, str], *, aliases: dict[str, str], poll_alias: str, redis_url: str | None) -> None:
+        self.admin_url = env["DATABASE_URL"]
+        self.databases = {alias: conninfo_to_dict(env[var])["dbname"] for alias, var in aliases.items()}
+        self.poll_alias = poll_alias
+        self.redis_url = redis_url
+
+    def sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        # Read from the maintenance database, so this reading adds nothing to those it counts.
+        with psycopg.connect(self.admin_url, dbname="postgres", autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT datname, xact_commit + xact_rollback FROM pg_stat_database WHERE datname = ANY(%s)",
+                [list(self.databases.values())],
+            ).fetchall()
+        by_name = dict(rows)
+        for alias, name in self.databases.items():
+            out[f"transactions.{alias}"] = float(by_name.get(name, 0))
+        if self.redis_url:
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url)
+            try:
+                for command, stats in client.info("commandstats").items():
+                    out[f"redis.{command.removeprefix('cmdstat_')}"] = float(stats["calls"])
+            finally:
+                client.close()
+        return out
+
+    def settled_sample(self) -> dict[str, float]:
+        time.sleep(self.SETTLE_S)
+        return self.sample()
+
+    def delta(self, before: dict[str, float], after: dict[str, float], *, polls: int) -> dict[str, float]:
+        out = {key: after[key] - before.get(key, 0.0) for key in after}
+        out[f"transactions.{self.poll_alias}"] -= polls
+        # The readings' own INFO calls.
+        if "redis.info" in out:
+            out["redis.info"] -= 1
+        return out
+
+    @staticmethod
+    def per_saga(work: dict[str, float], sagas: int) -> dict[str, Any]:
+        """Transactions per database and in all; broker commands in all and the busiest ones."""
+        n = max(sagas, 1)
+        transactions = {
+            k.split(".", 1)[1]: round(v / n, 2) for k, v in sorted(work.items()) if k.startswith("transactions.")
+        }
+        commands = {k.split(".", 1)[1]: v / n for k, v in work.items() if k.startswith("redis.") and v > 0}
+        out: dict[str, Any] = {"transactions": {**transactions, "total": round(sum(transactions.values()), 2)}}
+        if commands:
+            busiest = dict(sorted(commands.items(), key=lambda kv: -kv[1])[:8])
+            out["redis_commands"] = {
+                "total": round(sum(commands.values()), 1),
+                **{k: round(v, 2) for k, v in busiest.items()},
+            }
+        return out
 
 
 class Progress:
@@ -290,12 +381,13 @@ class System:
 
     client: Client
     groups: ProcessGroups
+    work: WorkCounters | None = None
     timeout = 300.0
 
     def finished(self, keys: list[str]) -> dict[str, tuple[float, str]]:
         raise NotImplementedError
 
-    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None) -> Run:
+    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None, *, count_work: bool = False) -> Run:
         return drive(
             Run(name=name, rate=rate),
             orders,
@@ -303,6 +395,7 @@ class System:
             finished=self.finished,
             cpu=self.groups,
             timeout=self.timeout,
+            work=self.work if count_work else None,
         )
 
 
@@ -321,7 +414,7 @@ def measure_phases(
     rate)` drives one phase."""
     # A few orders first, so that connections, imports and caches are warm in every process.
     system.run(f"{label} warm-up", orders(40), rate=None)
-    sat = system.run(f"{label} saturation", orders(args.orders), rate=None)
+    sat = system.run(f"{label} saturation", orders(args.orders), rate=None, count_work=True)
     out = {"saturation": describe(sat)}
     half = half_rate or max(1.0, round(sat.throughput() / 2, 1))
     for key, phase_rate in (("rate_20", args.rate), ("rate_half", half)):

@@ -56,6 +56,13 @@ def table(results: dict[str, Any]) -> str:
             lines.append("bare chain at saturation, CPU cores used per process group:")
             lines.append("  " + ", ".join(f"{k} {v:.2f}" for k, v in bare_sat["cpu_cores"].items()))
             lines.append(f"  CPU per saga: {bare_sat['cpu_ms_per_saga']} ms (all groups)")
+    for label, system in (("saga", saga), ("bare chain", results.get("bare_chain") or {})):
+        work = (system.get("saturation") or {}).get("work_per_saga")
+        if not work:
+            continue
+        lines.append(f"{label} at saturation, per saga: transactions " + _counts(work["transactions"]))
+        if work.get("redis_commands"):
+            lines.append("  Redis commands " + _counts(work["redis_commands"]))
     for phase in ("saturation", "rate_20", "rate_half"):
         steps = (saga.get(phase) or {}).get("steps")
         if not steps:
@@ -127,3 +134,9 @@ def draw(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _counts(counts: dict[str, float]) -> str:
+    total = counts.get("total")
+    rest = ", ".join(f"{k} {v:g}" for k, v in counts.items() if k != "total")
+    return f"{total:g} ({rest})"

@@ -36,7 +36,7 @@ from typing import Any
 from devstack import services, stack
 from devstack.topology import WORKERS, Process, Topology, free_port, wait_for
 
-from .load import Client, ProcessGroups, RetryableResponse, Run, System, make_orders, measure_phases
+from .load import Client, ProcessGroups, RetryableResponse, Run, System, make_orders, measure_phases, work_counters
 
 logger = logging.getLogger("bench")
 
@@ -253,6 +253,7 @@ class SagaSystem(System):
         logger.info("starting the saga system (web, %s, beat)", ", ".join(WORKERS))
         self.topology.start()
         self.groups = process_groups(self.topology.processes, self.broker)
+        self.work = work_counters(self.topology.env, self.broker, poll_alias="orders")
         self.rss = {name: {"start_mb": self.groups.rss_mb(name)} for name in WORKERS}
         self.rss["samples"] = []
         threading.Thread(target=self._sample_rss, daemon=True).start()
@@ -278,9 +279,9 @@ class SagaSystem(System):
         self.completed = self._completed_before + len(done)
         return done
 
-    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None) -> Run:
+    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None, *, count_work: bool = False) -> Run:
         self._completed_before = self.completed
-        return super().run(name, orders, rate)
+        return super().run(name, orders, rate, count_work=count_work)
 
 
 # --- the run ----------------------------------------------------------------------------------

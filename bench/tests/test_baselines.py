@@ -381,3 +381,38 @@ def test_the_bare_web_app_refuses_what_it_cannot_use(bare_system):
     taken = str(uuid.uuid4())
     assert requests.post(f"{base_url}/orders/", json={**good, "id": taken}, timeout=5).status_code == 202
     assert requests.post(f"{base_url}/orders/", json={**good, "id": taken}, timeout=5).status_code == 409
+
+
+def test_work_counters_count_a_phases_transactions_and_broker_commands(env):
+    """What make bench reports as transactions and Redis commands per saga (bench.load.WorkCounters)."""
+    import redis
+
+    from bench.load import WorkCounters
+
+    counters = WorkCounters(env, aliases=ALIASES, poll_alias="payments", redis_url=BROKER_URL)
+    before = counters.sample()
+    # Five transactions on inventory, seven on payments of which two are the load
+    # generator's own polls, none elsewhere; three LPUSHes.
+    for alias, count in (("inventory", 5), ("payments", 7)):
+        with psycopg.connect(env[ALIASES[alias]], autocommit=True) as conn:
+            for _ in range(count):
+                conn.execute("SELECT 1")
+    client = redis.Redis.from_url(BROKER_URL)
+    for i in range(3):
+        client.lpush("bench-counters-test", i)
+    client.delete("bench-counters-test")
+
+    # A backend publishes its counts when it exits (or has been idle a while): wait for them.
+    def counted() -> dict[str, float] | None:
+        delta = counters.delta(before, counters.sample(), polls=2)
+        return delta if delta["transactions.inventory"] >= 5 and delta["transactions.payments"] >= 5 else None
+
+    delta = wait_for(counted, timeout=30, what="the transactions to reach pg_stat_database")
+    assert delta["transactions.inventory"] == 5
+    assert delta["transactions.payments"] == 5
+    assert delta["transactions.orders"] == delta["transactions.notifications"] == 0
+    assert delta["redis.lpush"] == 3
+    per_saga = WorkCounters.per_saga(delta, 5)
+    assert per_saga["transactions"]["inventory"] == per_saga["transactions"]["payments"] == 1.0
+    assert per_saga["transactions"]["total"] == 2.0
+    assert per_saga["redis_commands"]["lpush"] == 0.6
