@@ -71,6 +71,9 @@ class Report:
     quiescent_after: float | None = None
     violations: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
+    # Processes that exited without being killed by us, restarted as a process manager
+    # would (compose's `restart: unless-stopped`): "<name> (exit <code>)".
+    crashes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         recoveries = [f.recovered_after for f in self.faults if f.recovered_after is not None]
@@ -91,6 +94,7 @@ class Report:
             "unrecovered_faults": sum(1 for f in self.faults if f.caught and f.recovered_after is None),
             "quiescent_after_s": None if self.quiescent_after is None else round(self.quiescent_after, 1),
             "wall_seconds": round(self.wall_seconds, 1),
+            "crashes": list(self.crashes),
         }
 
 
@@ -145,6 +149,7 @@ class Chaos:
         self.order_ids: list[str] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.killed_on_purpose: set[str] = set()  # down between our SIGKILL and our restart
 
     # --- orders ----------------------------------------------------------------------
     def submit_all(self, token: str, skus: list[str]) -> None:
@@ -255,10 +260,14 @@ class Chaos:
         name = self.rng.choice(WORKERS)
         # Every saga reports its progress through the saga worker; the others hold their own steps.
         caught = self._running_steps(None if name == "saga" else name)
+        with self.lock:
+            self.killed_on_purpose.add(name)
         self.topology.processes[name].kill()
         self._record("kill", name, caught)
         time.sleep(self.rng.uniform(0.5, 2.0))
         self.topology.processes[name].start(self.topology.env)
+        with self.lock:
+            self.killed_on_purpose.discard(name)
 
     def _inject_broker_restart(self) -> None:
         caught = self._running_steps()
@@ -307,6 +316,27 @@ class Chaos:
         self._record("drop", queue, caught)
 
     # --- watching --------------------------------------------------------------------
+    def supervise(self) -> None:
+        """Restart a process that exited on its own, as production's process manager does.
+
+        Celery's prefork pool can take its whole worker down after replacing a pool process
+        (a hard time limit, max_memory_per_child): "Unrecoverable error: AssertionError" in
+        asynpool, celery/celery#1785 and #4185. Compose restarts such a worker
+        (`restart: unless-stopped`); without the same here, a chaos run would measure a
+        missing worker, not the saga's recovery. Each restart is reported as a crash.
+        """
+        while not self.stop.wait(0.5):
+            for name, process in list(self.topology.processes.items()):
+                with self.lock:
+                    if name in self.killed_on_purpose or self.stop.is_set():
+                        continue
+                    code = process.popen.poll() if process.popen is not None else None
+                    if code is None:
+                        continue
+                    self.report.crashes.append(f"{name} (exit {code})")
+                logger.error("chaos: %s exited on its own (exit %s); restarting it", name, code)
+                process.start(self.topology.env)
+
     def watch_recoveries(self) -> None:
         """Mark a fault recovered once none of the steps it caught is still running."""
         while not self.stop.is_set():
@@ -407,6 +437,7 @@ def _run(
     chaos = Chaos(args, topology, broker)
     watcher = threading.Thread(target=chaos.watch_recoveries, daemon=True)
     watcher.start()
+    threading.Thread(target=chaos.supervise, daemon=True).start()
     try:
         window = args.orders / args.rate
         injector = threading.Thread(target=chaos.inject_all, args=(chaos.plan(window), time.monotonic()), daemon=True)
@@ -430,7 +461,8 @@ def _run(
             chaos.report.quiescent_after = time.monotonic() - submitted_at
         time.sleep(1)  # let the watcher see the last steps finish
     finally:
-        chaos.stop.set()
+        with chaos.lock:  # the supervisor must not restart what we now stop
+            chaos.stop.set()
         topology.stop()
 
     from orders.models import Order
@@ -471,6 +503,8 @@ def _print_report(report: Report) -> None:
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
     print(f"  orders: {report.outcomes}   sagas: {report.sagas}")
     print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
+    if report.crashes:
+        print(f"  exited on their own and restarted (not injected): {', '.join(report.crashes)}")
     print(f"  audit: {len(report.violations)} violation(s)")
     for violation in report.violations[:50]:
         print(f"    VIOLATION {violation}")

@@ -50,7 +50,10 @@ TEST_TIMINGS = {
     "CELERY_VISIBILITY_TIMEOUT": "20",
     "SAGA_STEP_TIMEOUT": "10",
     "SAGA_SWEEP_INTERVAL": "1",
-    "SAGA_COMPENSATION_MAX_RETRIES": "8",
+    # About 40 s of retries at the 4 s backoff cap: long enough to outlast the circuit
+    # breaker reopening while other failing orders still probe it (tests/test_faults.py),
+    # as production's 12 retries at 15 s outlast its 30 s reset.
+    "SAGA_COMPENSATION_MAX_RETRIES": "12",
     "PAYMENT_BREAKER_RESET_SECONDS": "3",
 }
 

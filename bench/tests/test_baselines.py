@@ -383,23 +383,34 @@ def test_the_bare_web_app_refuses_what_it_cannot_use(bare_system):
     assert requests.post(f"{base_url}/orders/", json={**good, "id": taken}, timeout=5).status_code == 409
 
 
-def test_work_counters_count_a_phases_transactions_and_broker_commands(env):
+def test_work_counters_count_a_phases_transactions_and_broker_commands():
     """What make bench reports as transactions and Redis commands per saga (bench.load.WorkCounters)."""
     import redis
 
     from bench.load import WorkCounters
 
-    counters = WorkCounters(env, aliases=ALIASES, poll_alias="payments", redis_url=BROKER_URL)
+    if reason := _servers_missing():
+        pytest.skip(reason)
+    # Databases of this test's own: pg_stat_database counts every session's transactions,
+    # and other tests' workers publish theirs up to 10 s late.
+    names = {alias: f"saga_counters_{alias}_test" for alias in ("inventory", "payments", "orders")}
+    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+        for name in names.values():
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            admin.execute(f"CREATE DATABASE {name}")
+    env = {"DATABASE_URL": f"{SERVER}/postgres", **{f"{a.upper()}_URL": f"{SERVER}/{n}" for a, n in names.items()}}
+    aliases = {alias: f"{alias.upper()}_URL" for alias in names}
+    counters = WorkCounters(env, aliases=aliases, poll_alias="payments", redis_url=BROKER_URL)
     before = counters.sample()
     # Five transactions on inventory, seven on payments of which two are the load
-    # generator's own polls, none elsewhere; three LPUSHes.
+    # generator's own polls, none on orders; three PFADDs (a command no worker or beat sends).
     for alias, count in (("inventory", 5), ("payments", 7)):
-        with psycopg.connect(env[ALIASES[alias]], autocommit=True) as conn:
+        with psycopg.connect(env[aliases[alias]], autocommit=True) as conn:
             for _ in range(count):
                 conn.execute("SELECT 1")
     client = redis.Redis.from_url(BROKER_URL)
     for i in range(3):
-        client.lpush("bench-counters-test", i)
+        client.pfadd("bench-counters-test", i)
     client.delete("bench-counters-test")
 
     # A backend publishes its counts when it exits (or has been idle a while): wait for them.
@@ -410,9 +421,10 @@ def test_work_counters_count_a_phases_transactions_and_broker_commands(env):
     delta = wait_for(counted, timeout=30, what="the transactions to reach pg_stat_database")
     assert delta["transactions.inventory"] == 5
     assert delta["transactions.payments"] == 5
-    assert delta["transactions.orders"] == delta["transactions.notifications"] == 0
-    assert delta["redis.lpush"] == 3
+    assert delta["transactions.orders"] == 0
+    assert delta["redis.pfadd"] == 3
     per_saga = WorkCounters.per_saga(delta, 5)
-    assert per_saga["transactions"]["inventory"] == per_saga["transactions"]["payments"] == 1.0
-    assert per_saga["transactions"]["total"] == 2.0
-    assert per_saga["redis_commands"]["lpush"] == 0.6
+    assert per_saga["transactions"] == {"inventory": 1.0, "orders": 0.0, "payments": 1.0, "total": 2.0}
+    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+        for name in names.values():
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
