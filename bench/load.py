@@ -224,7 +224,8 @@ class WorkCounters:
     Server-wide counters: they count everything on those databases and that Redis server,
     which is why make bench runs on databases and a Redis database of its own and refuses
     to run beside other consumers. The load generator's own reads (one autocommit
-    transaction per `finished()` poll, on `poll_alias`'s database) are taken out.
+    transaction per `finished()` poll, on `poll_alias`'s database) are taken out. A new
+    session's start-up counts as a transaction: the systems' processes keep theirs open.
     """
 
     # PostgreSQL 15+ publishes a backend's counts when it has been idle for up to 10 s
