@@ -154,5 +154,7 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
             payment=payment, defaults={"amount": payment.amount, "provider_refund_id": refund.refund_id}
         )
         result = {"refund": refund.refund_id, "amount": str(payment.amount)}
-        processed_record(ProcessedKey, undo_key, result)
+        # A concurrent copy (a duplicate message that found the payment `refunding`) made the
+        # same provider refund under the same key and may have recorded it first.
+        processed_record(ProcessedKey, undo_key, result, if_new=True)
     return result
