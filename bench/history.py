@@ -64,6 +64,11 @@ PAYMENTS_SQL = [
     SELECT md5('hist-payment-' || i)::uuid, {SAGA}, {ORDER}, 10.00, %(currency)s, 'captured', '',
         'ch_hist' || i, {CREATED}, {CREATED}
     FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS i""",
+    f"""INSERT INTO payments_paymentattempt (id, payment_id, task_id, started_at, lease_until, finished_at, outcome,
+        error)
+    SELECT md5('hist-attempt-' || i)::uuid, md5('hist-payment-' || i)::uuid, '', {CREATED}, {CREATED}, {CREATED},
+        'succeeded', 'ch_hist' || i
+    FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS i""",
     f"""INSERT INTO payments_processed_key (key, result, created_at)
     SELECT {SAGA} || ':charge_payment:do', jsonb_build_object('status', 'captured'), {CREATED}
     FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS i""",

@@ -159,9 +159,9 @@ def charge(conn: psycopg.Connection, order: Order) -> bool:
     approved = token in APPROVING_TOKENS
     conn.execute(
         "INSERT INTO payments_payment (id, saga_id, order_id, amount, currency, status, decline_code,"
-        "  provider_charge_id, attempt_started_at, created_at, updated_at)"
+        "  provider_charge_id, created_at, updated_at)"
         " VALUES (%(pk)s, %(id)s, %(id)s, %(amount)s, %(currency)s, %(status)s, %(code)s, %(charge)s,"
-        "  now(), now(), now())",
+        "  now(), now())",
         {
             "pk": uuid.uuid4(),
             "id": order["order_id"],

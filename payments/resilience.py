@@ -5,7 +5,11 @@ common.steps): every provider failure that may pass becomes `GatewayUnavailable`
 `TransientError`. The circuit breaker (pybreaker) counts those failures across *every*
 worker process through Redis, opens after `PAYMENT_BREAKER_FAIL_MAX` in a row, fails fast
 while open, and lets one probe through after `PAYMENT_BREAKER_RESET_SECONDS`. A decline
-is an answer, not a failure: it never trips the breaker.
+is an answer, not a failure: it never trips the breaker (nor does a voided charge).
+
+A failed call says whether the provider may have acted on it, which the payment's attempt
+record needs (payments.services): `CircuitOpen` never left this process, a
+`ProviderError` was answered (nothing moved), `ProviderTimedOut` may still complete.
 """
 
 import logging
@@ -18,10 +22,18 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from .gateways import CardDeclined, GatewayUnavailable
+from .gateways import CardDeclined, ChargeVoided, GatewayUnavailable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class CircuitOpen(GatewayUnavailable):
+    """The call was refused before it left this process: the provider never saw it."""
+
+
+class ProviderTimedOut(GatewayUnavailable):
+    """The provider did not answer in time: it may still complete the call."""
 
 
 class _LogTransitions(pybreaker.CircuitBreakerListener):
@@ -39,7 +51,7 @@ def provider_breaker() -> pybreaker.CircuitBreaker:
     return pybreaker.CircuitBreaker(
         fail_max=settings.PAYMENT_BREAKER_FAIL_MAX,
         reset_timeout=settings.PAYMENT_BREAKER_RESET_SECONDS,
-        exclude=[CardDeclined],
+        exclude=[CardDeclined, ChargeVoided],
         listeners=[_LogTransitions()],
         state_storage=storage,
         name="payment-gateway",
@@ -51,11 +63,11 @@ def call_provider(call: Callable[..., T], **kwargs: object) -> T:
     try:
         return provider_breaker().call(call, **kwargs)
     except pybreaker.CircuitBreakerError as error:
-        raise GatewayUnavailable(f"payment provider circuit is open ({error})") from error
+        raise CircuitOpen(f"payment provider circuit is open ({error})") from error
     except SoftTimeLimitExceeded as error:
         # The provider hung past the task's soft limit: retry with the same idempotency key,
         # which returns the first outcome if the provider did finish.
-        raise GatewayUnavailable("payment provider did not answer in time") from error
+        raise ProviderTimedOut("payment provider did not answer in time") from error
     except redis.RedisError:
         # The breaker's shared state is unreachable (Redis restarting): it only protects
         # the provider, so call it directly. The idempotency key makes a repeat harmless if
@@ -64,7 +76,7 @@ def call_provider(call: Callable[..., T], **kwargs: object) -> T:
         try:
             return call(**kwargs)
         except SoftTimeLimitExceeded as error:
-            raise GatewayUnavailable("payment provider did not answer in time") from error
+            raise ProviderTimedOut("payment provider did not answer in time") from error
 
 
 def breaker_state() -> str:

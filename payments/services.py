@@ -1,66 +1,117 @@
 """Payment writes: charge and refund for a saga, idempotently, through the gateway.
 
 No database transaction is held open across a provider call. Instead the payment row
-records where we are (`pending` while a charge is in flight, `refunding` while a refund
-is), every call carries the step key as the provider's idempotency key, and a
-redelivered message resumes from the row's status.
+records where the saga's money is (`pending` until the charge settles, `refunding` while
+a refund is due), each call to charge is a `PaymentAttempt` of its own, recorded before
+the call and finished only by the copy of the message that made it, and every call
+carries the step key as the provider's idempotency key. So any number of copies of a
+charge or a refund may run at once (a redelivery, a retry, a sweeper re-publish):
+
+- the provider's idempotency key makes the money move at most once per key;
+- a refund never declares "nothing was charged" while an attempt may still be at the
+  provider; once none is in flight it settles with the provider by the charge's key
+  (`void_charge`: the charge if it happened, else the key is refused from then on),
+  before it records its tombstone. A charge still on its way then fails, uncharged.
 """
 
+import logging
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from common.exceptions import StepRefused, TransientError
 from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
 
 from .exceptions import PaymentDeclined
-from .gateways import CardDeclined, get_gateway
-from .models import Payment, ProcessedKey, Refund
-from .resilience import call_provider
+from .gateways import CardDeclined, ChargeVoided, ProviderError, get_gateway
+from .models import Payment, PaymentAttempt, ProcessedKey, Refund
+from .resilience import CircuitOpen, call_provider
+
+logger = logging.getLogger(__name__)
 
 DB = "payments"
 STEP = "charge_payment"
+PAYMENT, ATTEMPT = (f'"{m._meta.db_table}"' for m in (Payment, PaymentAttempt))
+Outcome = PaymentAttempt.Outcome
 
 
 def _declined(result: dict[str, Any]) -> PaymentDeclined:
     return PaymentDeclined(f"payment declined: {result['decline_code']}")
 
 
+def attempt_lease() -> timedelta:
+    """How long a charge attempt may be at the provider: Celery kills the call at the hard
+    time limit, and a killed worker cannot record that its call is over."""
+    return timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 5)
+
+
 def payment_charge(
-    *, saga_id: uuid.UUID, order_id: uuid.UUID, amount: Decimal, currency: str, token: str
+    *, saga_id: uuid.UUID, order_id: uuid.UUID, amount: Decimal, currency: str, token: str, task_id: str = ""
 ) -> dict[str, Any]:
     """Charge `amount` once per saga.
 
     Idempotent by `<saga>:charge_payment:do` (also the provider's idempotency key);
-    refuses after the refund's tombstone. A decline is recorded, then raised as
-    `PaymentDeclined` (the saga compensates); a replay raises it again.
+    refuses after the refund's tombstone, or once the refund has settled the payment. A
+    decline is recorded, then raised as `PaymentDeclined` (the saga compensates); a replay
+    raises it again. Safe with concurrent copies: each records its own attempt.
     """
     do_key, undo_key = step_key(saga_id, STEP, "do"), step_key(saga_id, STEP, "undo")
-    with transaction.atomic(using=DB):
+    now = timezone.now()
+    attempt_id = uuid.uuid4()
+    with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
         saga_lock(using=DB, saga_id=saga_id)
         processed = processed_results(ProcessedKey, do_key, undo_key)
         if (done := processed.get(do_key)) is not None:
             if done["status"] == Payment.Status.DECLINED:
                 raise _declined(done)
             return done
-        if undo_key in processed:
+        cursor.execute(f"SELECT id, status FROM {PAYMENT} WHERE saga_id = %s", [saga_id])
+        row = cursor.fetchone()
+        if row is not None and row[1] == Payment.Status.REFUNDING:
+            resume = Payment.objects.get(pk=row[0])
+        elif undo_key in processed:
             raise StepRefused(f"saga {saga_id}: payment was already compensated; not charging")
-        # The row is the "charge in flight" marker a concurrent refund waits on. The saga
-        # lock serialises this check with any other message of the saga: no savepoint needed.
-        now = timezone.now()
-        payment = Payment.objects.filter(saga_id=saga_id).first()
-        if payment is None:
-            payment = Payment.objects.create(
-                saga_id=saga_id, order_id=order_id, amount=amount, currency=currency, attempt_started_at=now
-            )
-        elif payment.status == Payment.Status.VOIDED:
-            raise StepRefused(f"saga {saga_id}: payment was voided by its compensation; not charging")
+        elif row is not None and row[1] != Payment.Status.PENDING:
+            raise StepRefused(f"saga {saga_id}: payment is {row[1]}, settled by its compensation; not charging")
         else:
-            Payment.objects.filter(pk=payment.pk).update(attempt_started_at=now)
+            resume = None
+            # The payment (if new) and this attempt in one statement. The saga lock
+            # serialises every copy of this message, so the plain read above decides.
+            attempt = (
+                f"INSERT INTO {ATTEMPT} (id, payment_id, task_id, started_at, lease_until, outcome, error) "
+                "SELECT %s, p.id, %s, %s, %s, '', '' FROM p RETURNING payment_id"
+            )
+            attempt_params = [attempt_id, task_id[:255], now, now + attempt_lease()]
+            if row is None:
+                cursor.execute(
+                    f"WITH p AS (INSERT INTO {PAYMENT} (id, saga_id, order_id, amount, currency, status, "
+                    "decline_code, provider_charge_id, created_at, updated_at) "
+                    f"VALUES (%s, %s, %s, %s, %s, %s, '', '', %s, %s) RETURNING id) {attempt}",
+                    [
+                        uuid.uuid4(),
+                        saga_id,
+                        order_id,
+                        amount,
+                        currency,
+                        Payment.Status.PENDING,
+                        now,
+                        now,
+                        *attempt_params,
+                    ],
+                )
+            else:
+                cursor.execute(f"WITH p AS (SELECT %s::uuid AS id) {attempt}", [row[0], *attempt_params])
+            payment_id = cursor.fetchone()[0]
+    if resume is not None:
+        # A refund is due (its call failed, or it is under way in a racing copy): any copy
+        # may finish it, under the refund's own provider key.
+        _refund_at_provider(resume)
+        raise StepRefused(f"saga {saga_id}: its compensation is refunding the charge; not charging")
 
     try:
         charge = call_provider(
@@ -69,92 +120,136 @@ def payment_charge(
     except CardDeclined as declined:
         with transaction.atomic(using=DB):
             saga_lock(using=DB, saga_id=saga_id)
+            _attempt_finish(attempt_id, Outcome.DECLINED, declined.code)
             if (done := processed_result(ProcessedKey, do_key)) is not None:
                 raise _declined(done) from None  # a concurrent copy of this message recorded it
-            Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.DECLINED, decline_code=declined.code)
-            result = {"payment_id": str(payment.pk), "status": Payment.Status.DECLINED, "decline_code": declined.code}
+            Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
+                status=Payment.Status.DECLINED, decline_code=declined.code
+            )
+            result = {"payment_id": str(payment_id), "status": Payment.Status.DECLINED, "decline_code": declined.code}
             processed_record(ProcessedKey, do_key, result)
         raise _declined(result) from None
-    except Exception:
-        # This attempt is over (it will be retried, or the saga compensates): a waiting
-        # refund may now ask the provider what happened instead of waiting for it.
-        Payment.objects.filter(pk=payment.pk, status=Payment.Status.PENDING).update(attempt_started_at=None)
+    except ChargeVoided as voided:
+        _attempt_finish(attempt_id, Outcome.VOIDED, str(voided))
+        raise StepRefused(f"saga {saga_id}: its compensation voided the charge first; nothing was charged") from None
+    except BaseException as error:
+        # Only this attempt is over, and only if the provider cannot still complete it: a
+        # racing copy's attempt stays in flight, and so does a call that timed out.
+        if isinstance(error, CircuitOpen):
+            outcome = Outcome.NOT_SENT
+        elif isinstance(error, ProviderError):
+            outcome = Outcome.FAILED
+        else:
+            outcome = Outcome.UNKNOWN
+        _attempt_finish(attempt_id, outcome, f"{type(error).__name__}: {error}")
         raise
 
-    with transaction.atomic(using=DB):
+    with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
         saga_lock(using=DB, saga_id=saga_id)
+        _attempt_finish(attempt_id, Outcome.SUCCEEDED, charge.charge_id)
+        result = {"payment_id": str(payment_id), "status": Payment.Status.CAPTURED}
         # Still pending: ours to capture. Otherwise a concurrent copy of this message got
-        # the same answer and recorded it, or the compensation voided the attempt.
-        captured = Payment.objects.filter(pk=payment.pk, status=Payment.Status.PENDING).update(
-            status=Payment.Status.CAPTURED, provider_charge_id=charge.charge_id
+        # the same answer and recorded it, or the refund settled the payment meanwhile.
+        captured = Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
+            status=Payment.Status.CAPTURED, provider_charge_id=charge.charge_id, updated_at=timezone.now()
         )
         if captured:
-            result = {"payment_id": str(payment.pk), "status": Payment.Status.CAPTURED}
             processed_record(ProcessedKey, do_key, result)
             return result
         if (done := processed_result(ProcessedKey, do_key)) is not None:
             return done
-    # The compensation gave up on this attempt (voided it) while the provider was still
-    # answering: the money moved after all, so give it back now.
-    call_provider(get_gateway().refund, charge_id=charge.charge_id, amount=amount, idempotency_key=undo_key)
-    Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.REFUNDED, provider_charge_id=charge.charge_id)
-    raise StepRefused(f"saga {saga_id}: charge completed after its compensation was voided; refunded at once")
+        payment = Payment.objects.get(pk=payment_id)
+        if payment.status != Payment.Status.VOIDED:
+            # The refund's `void_charge` found this very charge: it refunds it.
+            raise StepRefused(f"saga {saga_id}: its compensation settled the charge ({payment.status}); refunding")
+        # The refund voided the key at the provider, yet the provider charged it: an adapter
+        # whose `void_charge` broke its contract. Record the money and give it back.
+        logger.error("saga %s: charge %s completed after it was voided; refunding it", saga_id, charge.charge_id)
+        payment.status, payment.provider_charge_id = Payment.Status.REFUNDING, charge.charge_id
+        payment.save(update_fields=["status", "provider_charge_id", "updated_at"])
+    _refund_at_provider(payment)
+    raise StepRefused(f"saga {saga_id}: charge completed after its compensation voided it; refunded")
 
 
-def _charge_attempt_is_over(payment: Payment) -> bool:
-    """True once no charge attempt can still be at the provider: the last one ended (it
-    cleared `attempt_started_at`), or it started longer ago than the hard task time limit,
-    after which Celery has killed it (a SIGKILLed worker cannot clear the marker)."""
-    if payment.attempt_started_at is None:
-        return True
-    return (timezone.now() - payment.attempt_started_at).total_seconds() > settings.CELERY_TASK_TIME_LIMIT + 5
+def _attempt_finish(attempt_id: uuid.UUID, outcome: str, detail: str = "") -> None:
+    """Record how this copy's own attempt ended (its row only: never another copy's)."""
+    PaymentAttempt.objects.filter(pk=attempt_id).update(outcome=outcome, error=detail[:255], finished_at=timezone.now())
+
+
+def charge_attempt_in_flight(payment_id: uuid.UUID) -> bool:
+    """True while a charge attempt of this payment may still be at the provider: it has no
+    settled outcome and its lease has not run out."""
+    return PaymentAttempt.objects.filter(
+        payment_id=payment_id, outcome__in=["", Outcome.UNKNOWN], lease_until__gt=timezone.now()
+    ).exists()
 
 
 def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
-    """Refund what the saga captured; with no payment, leave a tombstone.
+    """Refund what the saga charged; with nothing charged, leave a tombstone.
 
-    Idempotent by `<saga>:charge_payment:undo` (also the provider's idempotency key).
-    While the charge is still in flight this raises `TransientError`: the compensation
-    retries with backoff until the charge has settled, then refunds it.
+    Idempotent by `<saga>:charge_payment:undo` (also the provider's idempotency key of the
+    refund). While a charge attempt may still be at the provider this raises
+    `TransientError` (the compensation retries with backoff); then it settles the charge
+    with the provider by its key (`void_charge`) before it records anything: the charge is
+    refunded, or the provider refuses it from then on. Safe with concurrent copies: the
+    provider refunds once per key and the result is recorded once.
     """
     undo_key = step_key(saga_id, STEP, "undo")
-    with transaction.atomic(using=DB):
-        saga_lock(using=DB, saga_id=saga_id)
-        if (done := processed_result(ProcessedKey, undo_key)) is not None:
-            return done
-        payment = Payment.objects.select_for_update().filter(saga_id=saga_id).first()
-        if payment is None or payment.status == Payment.Status.DECLINED:
-            result = {"refund": None, "reason": "nothing was captured"}
-            processed_record(ProcessedKey, undo_key, result)
-            return result
-        if payment.status == Payment.Status.PENDING:
-            if not _charge_attempt_is_over(payment):
-                raise TransientError(f"saga {saga_id}: charge still in flight; refund waits for it to settle")
-            # The charge died mid-call (worker killed, provider hung past the time limit).
-            # The provider knows whether the money moved: ask it by the charge's key.
-            found = call_provider(get_gateway().find_charge, idempotency_key=step_key(saga_id, STEP, "do"))
-            if found is None:
-                payment.status = Payment.Status.VOIDED
-                payment.save(update_fields=["status", "updated_at"])
-                result = {"refund": None, "reason": "the charge never completed; voided"}
+    settled = False
+    while True:
+        with transaction.atomic(using=DB):
+            saga_lock(using=DB, saga_id=saga_id)
+            if (done := processed_result(ProcessedKey, undo_key)) is not None:
+                return done
+            payment = Payment.objects.select_for_update().filter(saga_id=saga_id).first()
+            if payment is None or payment.status in (Payment.Status.DECLINED, Payment.Status.VOIDED):
+                result = {"refund": None, "reason": "nothing was charged"}
                 processed_record(ProcessedKey, undo_key, result)
                 return result
-            payment.status, payment.provider_charge_id = Payment.Status.CAPTURED, found.charge_id
-        if payment.status == Payment.Status.CAPTURED:
-            payment.status = Payment.Status.REFUNDING
-            payment.save(update_fields=["status", "provider_charge_id", "updated_at"])
+            if payment.status == Payment.Status.PENDING:
+                if settled:
+                    raise TransientError(f"saga {saga_id}: the charge did not settle; retrying")
+                if charge_attempt_in_flight(payment.pk):
+                    raise TransientError(f"saga {saga_id}: a charge is in flight; the refund waits for it to settle")
+            elif payment.status == Payment.Status.CAPTURED:
+                payment.status = Payment.Status.REFUNDING
+                payment.save(update_fields=["status", "updated_at"])
+        if payment.status != Payment.Status.PENDING:
+            return _refund_at_provider(payment)
+        # No attempt in flight, no outcome recorded (the last one died or timed out): the
+        # provider decides, once and for all.
+        found = call_provider(get_gateway().void_charge, idempotency_key=step_key(saga_id, STEP, "do"))
+        settled = True
+        with transaction.atomic(using=DB):
+            saga_lock(using=DB, saga_id=saga_id)
+            if found is None:
+                voided = Payment.objects.filter(pk=payment.pk, status=Payment.Status.PENDING).update(
+                    status=Payment.Status.VOIDED, updated_at=timezone.now()
+                )
+                if voided:
+                    result = {"refund": None, "reason": "the charge never completed; voided at the provider"}
+                    processed_record(ProcessedKey, undo_key, result, if_new=True)
+                    return result
+            else:
+                Payment.objects.filter(pk=payment.pk, status=Payment.Status.PENDING).update(
+                    status=Payment.Status.REFUNDING, provider_charge_id=found.charge_id, updated_at=timezone.now()
+                )
+        # Settled by us or, meanwhile, by a racing copy: the next round reads which.
 
+
+def _refund_at_provider(payment: Payment) -> dict[str, Any]:
+    """Refund a `refunding` payment and record it. Any copy may do it: the provider
+    refunds once per key, and the record is written once."""
+    undo_key = step_key(payment.saga_id, STEP, "undo")
     refund = call_provider(
         get_gateway().refund, charge_id=payment.provider_charge_id, amount=payment.amount, idempotency_key=undo_key
     )
     with transaction.atomic(using=DB):
-        saga_lock(using=DB, saga_id=saga_id)
-        Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.REFUNDED)
+        saga_lock(using=DB, saga_id=payment.saga_id)
+        Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.REFUNDED, updated_at=timezone.now())
         Refund.objects.get_or_create(
             payment=payment, defaults={"amount": payment.amount, "provider_refund_id": refund.refund_id}
         )
         result = {"refund": refund.refund_id, "amount": str(payment.amount)}
-        # A concurrent copy (a duplicate message that found the payment `refunding`) made the
-        # same provider refund under the same key and may have recorded it first.
         processed_record(ProcessedKey, undo_key, result, if_new=True)
     return result

@@ -1,6 +1,7 @@
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from celery import current_task
 from django.conf import settings
 
 from common.exceptions import InvalidMessage
@@ -27,6 +28,7 @@ def charge(ctx: dict[str, Any]) -> dict[str, Any]:
         amount=_amount(ctx),
         currency=ctx.get("currency") or settings.CURRENCY,
         token=require_str(ctx, "payment_token", max_length=64),
+        task_id=current_task.request.id or "",
     )
 
 

@@ -5,9 +5,26 @@ from functools import cache
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from .base import CardDeclined, ChargeResult, GatewayUnavailable, PaymentGateway, RefundResult
+from .base import (
+    CardDeclined,
+    ChargeResult,
+    ChargeVoided,
+    GatewayUnavailable,
+    PaymentGateway,
+    ProviderError,
+    RefundResult,
+)
 
-__all__ = ["CardDeclined", "ChargeResult", "GatewayUnavailable", "PaymentGateway", "RefundResult", "get_gateway"]
+__all__ = [
+    "CardDeclined",
+    "ChargeResult",
+    "ChargeVoided",
+    "GatewayUnavailable",
+    "PaymentGateway",
+    "ProviderError",
+    "RefundResult",
+    "get_gateway",
+]
 
 
 @cache

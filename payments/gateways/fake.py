@@ -13,7 +13,9 @@
 Anything else is declined as `invalid_token`. The provider's own ledger (what it
 charged and refunded, by idempotency key) lives in the payments database, in
 `FakeProviderOperation`, so a replayed key returns the recorded outcome exactly as a
-real provider would.
+real provider would. `void_charge` records a `voided` outcome under the charge's key
+unless a charge is recorded there first: the key's unique constraint decides which of
+the two came first, as a real provider's idempotency store would.
 """
 
 import time
@@ -25,7 +27,7 @@ from django.db import IntegrityError, connections, transaction
 
 from payments.models import FakeProviderAttempt, FakeProviderOperation
 
-from .base import CardDeclined, ChargeResult, GatewayUnavailable, RefundResult
+from .base import CardDeclined, ChargeResult, ChargeVoided, ProviderError, RefundResult
 
 DB = "payments"
 
@@ -39,6 +41,7 @@ TRANSIENT_TOKEN, TRANSIENT_FAILURES = "tok_transient", 2
 UNAVAILABLE_TOKEN = "tok_unavailable"
 HANG_TOKEN = "tok_hang"
 REFUND_UNAVAILABLE_TOKEN = "tok_refundUnavailable"
+VOIDED = "voided"
 
 
 class FakeGateway:
@@ -47,7 +50,7 @@ class FakeGateway:
         if previous is None:
             attempt = self._count_attempt(idempotency_key)
             if token == UNAVAILABLE_TOKEN or (token == TRANSIENT_TOKEN and attempt <= TRANSIENT_FAILURES):
-                raise GatewayUnavailable(f"provider answered 503 (attempt {attempt})")
+                raise ProviderError(f"provider answered 503 (attempt {attempt})")
             if token == HANG_TOKEN and attempt == 1:
                 time.sleep(settings.FAKE_PROVIDER_HANG_SECONDS)
             if token in SLOW_TOKENS:
@@ -64,6 +67,8 @@ class FakeGateway:
                 reference=f"ch_{uuid.uuid4().hex[:24]}",
                 token=token,
             )
+        if previous.outcome == VOIDED:
+            raise ChargeVoided(f"charge {idempotency_key} was voided before it completed")
         if previous.outcome == "declined":
             raise CardDeclined(previous.code, f"card declined: {previous.code}")
         return ChargeResult(charge_id=previous.reference)
@@ -75,7 +80,7 @@ class FakeGateway:
             if charge is None or charge.outcome != "succeeded":
                 raise CardDeclined("charge_not_found", f"no successful charge {charge_id} to refund")
             if charge.token == REFUND_UNAVAILABLE_TOKEN:
-                raise GatewayUnavailable("provider answered 503 to the refund")
+                raise ProviderError("provider answered 503 to the refund")
             previous = self._record(
                 idempotency_key,
                 kind="refund",
@@ -88,11 +93,17 @@ class FakeGateway:
             )
         return RefundResult(refund_id=previous.reference)
 
-    def find_charge(self, *, idempotency_key: str) -> ChargeResult | None:
-        previous = FakeProviderOperation.objects.filter(
-            idempotency_key=idempotency_key, kind="charge", outcome="succeeded"
-        ).first()
-        return None if previous is None else ChargeResult(charge_id=previous.reference)
+    def void_charge(self, *, idempotency_key: str) -> ChargeResult | None:
+        settled = self._record(
+            idempotency_key,
+            kind="charge",
+            amount=Decimal("0"),
+            currency="",
+            outcome=VOIDED,
+            code="",
+            reference=f"vo_{uuid.uuid4().hex[:24]}",
+        )
+        return ChargeResult(charge_id=settled.reference) if settled.outcome == "succeeded" else None
 
     @staticmethod
     def _count_attempt(idempotency_key: str) -> int:
