@@ -2,7 +2,7 @@ from django.contrib import admin
 
 from saga.admin import ReadOnlyAdminMixin
 
-from .models import FakeProviderOperation, Payment, ProcessedKey, Refund
+from .models import FakeProviderOperation, Payment, PaymentAttempt, ProcessedKey, Refund
 
 
 class RefundInline(ReadOnlyAdminMixin, admin.StackedInline):
@@ -10,6 +10,17 @@ class RefundInline(ReadOnlyAdminMixin, admin.StackedInline):
     extra = 0
     can_delete = False
     fields = ["amount", "provider_refund_id", "created_at"]
+    readonly_fields = fields
+
+
+class PaymentAttemptInline(ReadOnlyAdminMixin, admin.TabularInline):
+    """Each call to the provider to charge, and how it ended: which copy of the message
+    made it (its Celery task), and whether it may still be at the provider."""
+
+    model = PaymentAttempt
+    extra = 0
+    can_delete = False
+    fields = ["task_id", "started_at", "lease_until", "finished_at", "outcome", "error"]
     readonly_fields = fields
 
 
@@ -28,7 +39,7 @@ class PaymentAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     ]
     list_filter = ["status", "decline_code", "currency", "created_at"]
     search_fields = ["=id", "=order_id", "=saga_id", "provider_charge_id"]
-    inlines = [RefundInline]
+    inlines = [PaymentAttemptInline, RefundInline]
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("refund")
