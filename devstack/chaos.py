@@ -1,14 +1,16 @@
 """`make chaos`: run the real topology, inject faults while orders flow, then audit.
 
     python -m devstack chaos --orders 300 --seed 7 --budget 600 [--kills 5] [--broker-restarts 2]
-                             [--duplicates 20] [--drops 10] [--rate 15] [--broker redis|amqp]
+                             [--duplicates 20] [--races 20] [--drops 10] [--rate 15] [--broker redis|amqp]
 
 It starts fresh `*_chaos` databases on the configured (or embedded) PostgreSQL, a private
 Redis-compatible broker that it may restart at will (or the RabbitMQ named by
 CHAOS_AMQP_URL with `--broker amqp`), and the Procfile's web, five workers and beat. It
 submits a seeded mix of orders (success, decline, transient provider errors, slow
 provider, cancel mid-saga) and meanwhile SIGKILLs random workers, restarts the broker,
-publishes duplicate copies of step messages and drops queued messages. Then it waits
+publishes duplicate copies of step messages, races several copies of one step at once
+(now and then with the provider's circuit open around them and the customer cancelling
+in between) and drops queued messages. Then it waits
 until every saga has finished, runs the saga audit, and prints what it injected, how
 long each fault took to recover from (seconds until the sagas it caught moved again) and
 the audit's verdict. Exit status 0 only when every saga finished and the audit is clean.
@@ -150,11 +152,13 @@ class Chaos:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.killed_on_purpose: set[str] = set()  # down between our SIGKILL and our restart
+        self.token = ""  # the API token orders are placed with (a race may cancel one)
 
     # --- orders ----------------------------------------------------------------------
     def submit_all(self, token: str, skus: list[str]) -> None:
         import requests
 
+        self.token = token
         session = requests.Session()
         session.headers["Authorization"] = f"Token {token}"
         kinds = [k for k, _, w in ORDER_MIX for _ in range(w)]
@@ -211,10 +215,13 @@ class Chaos:
         logger.warning("could not place order %s", key)
         return None
 
-    def _cancel(self, session: Any, order_id: str) -> None:
+    def _cancel(self, session: Any, order_id: str, token: str = "") -> None:
+        headers = {"Authorization": f"Token {token}"} if token else {}
         for _ in range(10):
             try:
-                response = session.post(f"{self.topology.base_url}/api/orders/{order_id}/cancel/", timeout=10)
+                response = session.post(
+                    f"{self.topology.base_url}/api/orders/{order_id}/cancel/", headers=headers, timeout=10
+                )
                 if response.status_code in (202, 409):
                     return
             except Exception:
@@ -223,7 +230,12 @@ class Chaos:
 
     # --- faults ----------------------------------------------------------------------
     def plan(self, window: float) -> list[tuple[float, str]]:
-        events = [("kill", self.args.kills), ("duplicate", self.args.duplicates), ("drop", self.args.drops)]
+        events = [
+            ("kill", self.args.kills),
+            ("duplicate", self.args.duplicates),
+            ("race", self.args.races),
+            ("drop", self.args.drops),
+        ]
         if self.broker is not None:
             events.append(("broker_restart", self.args.broker_restarts))
         plan = [(self.rng.uniform(1.0, max(window, 2.0)), kind) for kind, count in events for _ in range(count)]
@@ -291,6 +303,41 @@ class Chaos:
             args=(context_sign(saga.context),)
         ).apply_async()
         self._record("duplicate", step_name, [(saga_id, step_name)])
+
+    def _inject_race(self) -> None:
+        """Several copies of one running step's message at once, each with a task id of its
+        own (as a redelivery, a retry and a sweeper re-publish overlap); half the time with
+        the provider's circuit open around them, and half the time the customer cancels the
+        order in between."""
+        import requests
+
+        from common.signing import context_sign
+        from orders.saga import PLACE_ORDER
+        from payments.resilience import breaker_reset, provider_breaker
+        from saga.engine import step_signature
+        from saga.models import SagaInstance
+
+        running = self._running_steps()
+        if not running:
+            return
+        saga_id, step_name = self.rng.choice(running)
+        saga = SagaInstance.objects.get(id=saga_id)
+        spec = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}[step_name]
+        copies, circuit, cancel = self.rng.randint(2, 4), self.rng.random() < 0.5, self.rng.random() < 0.5
+        if circuit:
+            provider_breaker().open()
+        message = (context_sign(saga.context),)
+        for i in range(copies):
+            # Generations far above the saga's own, so no copy shares a task id with a re-publish.
+            generation = saga.generation + 1000 + self.rng.randrange(10**6)
+            step_signature(spec, saga_id=saga.id, generation=generation + i).clone(args=message).apply_async()
+        if cancel:
+            self._cancel(requests.Session(), str(saga.order_id), token=self.token)
+        if circuit:
+            time.sleep(self.rng.uniform(0.2, 1.0))
+            breaker_reset()
+        detail = "".join([f" x{copies}", " circuit open" if circuit else "", " +cancel" if cancel else ""])
+        self._record("race", f"{step_name}{detail}", [(saga_id, step_name)])
 
     def _inject_drop(self) -> None:
         if self.broker is None:
@@ -443,9 +490,9 @@ def _run(
         injector = threading.Thread(target=chaos.inject_all, args=(chaos.plan(window), time.monotonic()), daemon=True)
         logger.info(
             "chaos: %d orders at %.0f/s, seed %d, broker %s; faults: %d kills, %d broker restarts, "
-            "%d duplicates, %d drops",
+            "%d duplicates, %d races, %d drops",
             args.orders, args.rate, args.seed, args.broker, args.kills,
-            args.broker_restarts if broker else 0, args.duplicates, args.drops,
+            args.broker_restarts if broker else 0, args.duplicates, args.races, args.drops,
         )  # fmt: skip
         injector.start()
         chaos.submit_all(token, skus)
@@ -520,6 +567,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kills", type=int, default=5, help="workers to SIGKILL (default 5)")
     parser.add_argument("--broker-restarts", type=int, default=1, help="broker restarts (redis only; default 1)")
     parser.add_argument("--duplicates", type=int, default=20, help="duplicate step messages (default 20)")
+    parser.add_argument(
+        "--races",
+        type=int,
+        default=20,
+        help="races of 2-4 copies of one step at once, some with the circuit open or a cancel (default 20)",
+    )
     parser.add_argument("--drops", type=int, default=5, help="queued messages to drop (redis only; default 5)")
     parser.add_argument("--broker", choices=("redis", "amqp"), default="redis", help="broker (default redis)")
     return parser
@@ -530,6 +583,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.orders < 1 or args.rate <= 0 or args.budget <= 0:
         parser.error("--orders must be at least 1, and --rate and --budget positive")
-    if min(args.kills, args.broker_restarts, args.duplicates, args.drops) < 0:
+    if min(args.kills, args.broker_restarts, args.duplicates, args.races, args.drops) < 0:
         parser.error("fault counts cannot be negative")
     return args

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def test_a_short_chaos_run_finishes_every_saga_with_a_clean_audit() -> None:
     env = {**os.environ, **json.loads(os.environ["DEVSTACK_SERVER_URLS"])}
     args = ["--orders", "40", "--rate", "10", "--seed", "11", "--budget", "300"]
-    args += ["--kills", "2", "--duplicates", "6"]
+    args += ["--kills", "2", "--duplicates", "6", "--races", "6"]
     if settings.CELERY_BROKER_URL.startswith("amqp"):
         # A vhost of its own, next to the one this test session's workers consume.
         env["CHAOS_AMQP_URL"] = settings.CELERY_BROKER_URL.rsplit("/", 1)[0] + "/saga_chaos"
@@ -37,4 +37,5 @@ def test_a_short_chaos_run_finishes_every_saga_with_a_clean_audit() -> None:
     assert sum(summary["outcomes"].values()) == 40
     assert set(summary["sagas"]) <= {"completed", "compensated"}
     assert summary["faults"]["kill"] == 2
+    assert summary["faults"]["race"] == 6
     print(output[output.find("chaos report") :])
