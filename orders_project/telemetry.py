@@ -4,7 +4,10 @@ Configured by the standard OpenTelemetry environment variables, and off when non
 where spans go:
 
 - `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`): export over
-  OTLP/gRPC (compose: `http://jaeger:4317`). `OTEL_TRACES_EXPORTER` may name `otlp`,
+  OTLP, by `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc`
+  (the Python SDK's default; compose: `http://jaeger:4317`) or `http/protobuf` (the
+  specification's default, e.g. `http://jaeger:4318`, spans POSTed to `/v1/traces`).
+  `OTEL_TRACES_EXPORTER` may name `otlp`,
   `console` or `none` (comma-separated); `OTEL_SDK_DISABLED=true` turns everything off.
 - `OTEL_SERVICE_NAME` names the process; by default `web` or `worker-<CELERY_SERVICE>`.
 - Everything else the SDK reads itself: `OTEL_BSP_*` (batching), `OTEL_TRACES_SAMPLER`,
@@ -53,6 +56,20 @@ def exporters(environ: os._Environ | dict[str, str] = os.environ) -> list[str]:
     return [name for name in names if name != "none"]
 
 
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+def otlp_protocol(environ: os._Environ | dict[str, str] = os.environ) -> str:
+    """The OTLP transport the environment asks for (the signal's own variable first)."""
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    ).strip()
+    if protocol not in OTLP_PROTOCOLS:
+        logger.warning("OTLP protocol %s is not supported here (grpc, http/protobuf); using grpc", protocol)
+        return "grpc"
+    return protocol
+
+
 def tracing_enabled(environ: os._Environ | dict[str, str] = os.environ) -> bool:
     return bool(exporters(environ))
 
@@ -72,7 +89,11 @@ def _tracer_provider(service_name: str) -> Any:
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
     provider = TracerProvider(resource=Resource.create(attributes))
     for name in exporters():
-        if name == "otlp":
+        if name == "otlp" and otlp_protocol() == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+            provider.add_span_processor(BatchSpanProcessor(HttpExporter()))
+        elif name == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -104,7 +125,7 @@ def setup(*, service_name: str | None = None, django: bool = False, celery: bool
             _instrument_celery()
         _configured = True
     name = os.environ.get("OTEL_SERVICE_NAME") or service_name or default_service_name()
-    logger.info("tracing on: exporting spans (%s) as %s", ",".join(exporters()), name)
+    logger.info("tracing on: exporting spans (%s, %s) as %s", ",".join(exporters()), otlp_protocol(), name)
     return True
 
 

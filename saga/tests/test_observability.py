@@ -107,3 +107,54 @@ def test_every_line_a_task_writes_names_its_saga_order_and_trace(captured: list[
     assert f"[saga=s-1 order=o-1 trace={SAGA_TRACE:032x}] probing" in TextFormatter().format(in_task)
     assert json.loads(JsonFormatter().format(outside))["saga_id"] is None
     assert TextFormatter().format(outside).endswith("saga.tests.probe outside any task")
+
+
+EXPORT_SPAN = """
+from opentelemetry import trace
+from orders_project import telemetry
+assert telemetry.setup(service_name="protocol-check")
+with trace.get_tracer("check").start_as_current_span("one span"):
+    pass
+trace.get_tracer_provider().force_flush()
+"""
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"])
+def test_spans_go_over_otlp_http_when_the_protocol_says_so(variable: str) -> None:
+    """`http/protobuf` (the specification's default) POSTs spans to <endpoint>/v1/traces."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[tuple[str, list[str]]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            request = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+            names = [s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+            received.append((self.path, names))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("OTEL_") and key not in ("CELERY_SERVICE",)
+    }
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}", variable: "http/protobuf"})
+    try:
+        run = subprocess.run([sys.executable, "-c", EXPORT_SPAN], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr
+    assert received == [("/v1/traces", ["one span"])]
