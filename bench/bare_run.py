@@ -45,6 +45,18 @@ def bare_post(base_url: str) -> Callable[[requests.Session, dict[str, Any]], str
     return post
 
 
+def bare_start_direct() -> Callable[[Any, dict[str, Any]], str]:
+    """Start a bare order as bench.bare_web does, in this process: insert it, publish its chain."""
+    from . import bare, sql
+
+    def start(_session: Any, order: dict[str, Any]) -> str:
+        sql.insert_order(bare.db("orders"), order)
+        bare.submit(order)
+        return order["order_id"]
+
+    return start
+
+
 class BareSystem(System):
     name = "bare chain"
 
@@ -82,6 +94,7 @@ class BareSystem(System):
         self.groups = self.groups_for(self.processes, self.broker)
         self.work = work_counters(self.env, self.broker, poll_alias="notifications")
         self.client = Client(bare_post(self.base_url))
+        self.direct_client = Client(bare_start_direct())
         return self
 
     def _wait_ready(self) -> None:

@@ -381,6 +381,9 @@ class System:
     have ended (order id -> (epoch s, outcome)), `groups` accounts its CPU."""
 
     client: Client
+    # Starts an order without HTTP, in this process: the call a script or another service
+    # would make (None: the system has no such phase).
+    direct_client: Client | None = None
     groups: ProcessGroups
     work: WorkCounters | None = None
     timeout = 300.0
@@ -388,11 +391,19 @@ class System:
     def finished(self, keys: list[str]) -> dict[str, tuple[float, str]]:
         raise NotImplementedError
 
-    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None, *, count_work: bool = False) -> Run:
+    def run(
+        self,
+        name: str,
+        orders: list[dict[str, Any]],
+        rate: float | None,
+        *,
+        count_work: bool = False,
+        client: Client | None = None,
+    ) -> Run:
         return drive(
             Run(name=name, rate=rate),
             orders,
-            self.client,
+            client or self.client,
             finished=self.finished,
             cpu=self.groups,
             timeout=self.timeout,
@@ -417,6 +428,13 @@ def measure_phases(
     system.run(f"{label} warm-up", orders(40), rate=None)
     sat = system.run(f"{label} saturation", orders(args.orders), rate=None, count_work=True)
     out = {"saturation": describe(sat)}
+    if system.direct_client is not None:
+        # The engine's own cost, without the HTTP front (what workflow engines with no web
+        # layer are measured on): orders started by a function call in this process.
+        direct = system.run(
+            f"{label} without HTTP", orders(args.orders), rate=None, count_work=True, client=system.direct_client
+        )
+        out["direct"] = describe(direct)
     half = half_rate or max(1.0, round(sat.throughput() / 2, 1))
     for key, phase_rate in (("rate_20", args.rate), ("rate_half", half)):
         count = max(20, int(phase_rate * args.latency_seconds))

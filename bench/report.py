@@ -32,12 +32,12 @@ def table(results: dict[str, Any]) -> str:
     for label, system in systems:
         if not system:
             continue
-        for phase in ("saturation", "rate_20", "rate_half"):
+        for phase in ("saturation", "direct", "rate_20", "rate_half"):
             row = system.get(phase)
             if not row:
                 continue
             lat = row["latency_ms"]
-            name = "saturation" if phase == "saturation" else f"at {row['rate']:g}/s"
+            name = {"saturation": "saturation", "direct": "no HTTP, saturation"}.get(phase) or f"at {row['rate']:g}/s"
             lines.append(
                 f"{label:<22}{name:<18}{_fmt(row['sagas_per_s']):>9}{_fmt(lat['p50']):>9}{_fmt(lat['p95']):>9}"
                 f"{_fmt(lat['p99']):>9}{_fmt(lat['max']):>9}"
@@ -57,12 +57,17 @@ def table(results: dict[str, Any]) -> str:
             lines.append("  " + ", ".join(f"{k} {v:.2f}" for k, v in bare_sat["cpu_cores"].items()))
             lines.append(f"  CPU per saga: {bare_sat['cpu_ms_per_saga']} ms (all groups)")
     for label, system in (("saga", saga), ("bare chain", results.get("bare_chain") or {})):
-        work = (system.get("saturation") or {}).get("work_per_saga")
-        if not work:
-            continue
-        lines.append(f"{label} at saturation, per saga: transactions " + _counts(work["transactions"]))
-        if work.get("redis_commands"):
-            lines.append("  Redis commands " + _counts(work["redis_commands"]))
+        for phase, how in (("saturation", "at saturation"), ("direct", "without HTTP")):
+            row = system.get(phase) or {}
+            work = row.get("work_per_saga")
+            if not work:
+                continue
+            lines.append(
+                f"{label} {how}, per saga: CPU {row['cpu_ms_per_saga']} ms, transactions "
+                + _counts(work["transactions"])
+            )
+            if work.get("redis_commands"):
+                lines.append("  Redis commands " + _counts(work["redis_commands"]))
     for phase in ("saturation", "rate_20", "rate_half"):
         steps = (saga.get(phase) or {}).get("steps")
         if not steps:

@@ -8,9 +8,11 @@ broker (a Redis database of its own, or the RabbitMQ vhost `saga_bench`), it mea
 
 1. the floor: the same database work in one process, no broker (bench.floor);
 2. the saga system, the Procfile's web, five workers and beat, driven over its HTTP API:
-   saturation (N orders as fast as 8 clients can post them), then latency at a fixed rate
-   (`--rate`, and half of the measured saturation);
-3. a bare Celery chain of the same steps (bench.bare, bench.bare_web) under the same load;
+   saturation (N orders as fast as 8 clients can post them), N orders started without
+   HTTP (`order_place` called in this process, as a script or another service would), then
+   latency at a fixed rate (`--rate`, and half of the measured saturation);
+3. a bare Celery chain of the same steps (bench.bare, bench.bare_web) under the same load,
+   started the same two ways;
 4. with `--history N`: N finished sagas seeded in bulk, then the saga phases again.
 
 It prints a table, writes bench/results/latest.json and bench/results/latest.png.
@@ -194,6 +196,31 @@ def saga_post(base_url: str, token: str) -> Callable[[Any, dict[str, Any]], str]
     return post
 
 
+def saga_start_direct(user_id: int) -> Callable[[Any, dict[str, Any]], str]:
+    """Start an order as a script or another service would: `orders.services.order_place`,
+    in this process (its own database connection per thread), no HTTP, no DRF."""
+    from orders.services import OrderItem, order_place, request_fingerprint
+
+    def start(_session: Any, order: dict[str, Any]) -> str:
+        payload = {
+            "email": order["email"],
+            "items": [{"sku": order["sku"], "quantity": order["quantity"]}],
+            "payment_token": order["token"],
+        }
+        placed, _ = order_place(
+            user_id=user_id,
+            email=order["email"],
+            phone="",
+            items=[OrderItem(sku=order["sku"], quantity=order["quantity"])],
+            payment_token=order["token"],
+            idempotency_key=order["order_id"],
+            fingerprint=request_fingerprint(payload),
+        )
+        return str(placed.id)
+
+    return start
+
+
 def saga_finished(keys: list[str]) -> dict[str, tuple[float, str]]:
     from django.db import connections
 
@@ -258,6 +285,9 @@ class SagaSystem(System):
         self.rss["samples"] = []
         threading.Thread(target=self._sample_rss, daemon=True).start()
         self.client = Client(saga_post(self.topology.base_url, self.token))
+        from django.contrib.auth import get_user_model
+
+        self.direct_client = Client(saga_start_direct(get_user_model().objects.get(username="bench").id))
         return self
 
     def _sample_rss(self) -> None:
@@ -279,9 +309,9 @@ class SagaSystem(System):
         self.completed = self._completed_before + len(done)
         return done
 
-    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None, *, count_work: bool = False) -> Run:
+    def run(self, name: str, orders: list[dict[str, Any]], rate: float | None, **options: Any) -> Run:
         self._completed_before = self.completed
-        return super().run(name, orders, rate, count_work=count_work)
+        return super().run(name, orders, rate, **options)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -398,6 +428,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     )
     if saga and bare:
         out["saga_vs_bare_throughput"] = round(saga / bare, 3)
+    saga_direct = (results.get("saga") or {}).get("direct", {}).get("sagas_per_s")
+    bare_direct = (results.get("bare_chain") or {}).get("direct", {}).get("sagas_per_s")
+    if saga_direct and bare_direct:
+        out["saga_vs_bare_without_http_throughput"] = round(saga_direct / bare_direct, 3)
     if saga and floor:
         out["saga_vs_floor_throughput"] = round(saga / floor, 3)
     if bare and floor:
