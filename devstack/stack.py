@@ -7,6 +7,7 @@ Procfile under honcho or run pytest against fresh test databases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,8 +16,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from devstack import roles, services
@@ -181,17 +184,73 @@ def _run_system(base_dir: Path, urls: services.ServiceURLs) -> int:
         flush=True,
     )
     honcho = [str(Path(_python()).parent / "honcho"), "start", "-f", str(base_dir / "Procfile"), "-p", port]
-    process = subprocess.Popen(honcho, cwd=base_dir, env=env)
+    return supervise(subprocess.Popen(honcho, cwd=base_dir, env=env, start_new_session=True))
+
+
+# How long the processes get to stop after Ctrl-C (workers finish their current task)
+# before whatever is left is killed. Then, and only then, the servers stop.
+STOP_GRACE_SECONDS = 20.0
+
+
+def supervise(process: subprocess.Popen, *, grace: float = STOP_GRACE_SECONDS) -> int:
+    """Wait for honcho; on Ctrl-C or SIGTERM stop it and everything it started.
+
+    honcho runs in a session of its own, so the terminal's Ctrl-C reaches only us and we
+    decide the order: SIGINT to honcho (it asks every process to stop), a grace period,
+    then SIGKILL for any process of the tree still alive. Flower in particular outlived
+    honcho (its thread pool kept retrying the broker) and kept its port, so the next
+    `make run` could not start it.
+    """
+    import psutil
+
+    root = psutil.Process(process.pid)
+    tree: dict[int, psutil.Process] = {}
+
+    def remember() -> None:
+        # Children are recorded while honcho lives: once it exits they are re-parented and
+        # no longer found under it.
+        with contextlib.suppress(psutil.Error):
+            tree.update({child.pid: child for child in root.children(recursive=True)})
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return process.wait()
+        while True:
+            remember()
+            try:
+                return process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                continue
     except KeyboardInterrupt:
-        # honcho got the same Ctrl-C from the terminal and is stopping its processes (workers
-        # finish their current task); a second signal would make it kill them instead.
-        try:
-            return process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)
-            return process.wait()
+        logger.info("stopping every process (up to %.0fs), then the servers", grace)
+        remember()
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in [root, *tree.values()]):
+            remember()
+            time.sleep(0.2)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # Whatever outlived honcho (or the grace period) goes now, before the servers do.
+        left = [p for p in [*tree.values(), root] if _alive(p)]
+        for leftover in left:
+            with contextlib.suppress(psutil.Error):
+                logger.warning("killing %s (pid %d): still running after honcho stopped", leftover.name(), leftover.pid)
+                leftover.kill()
+        psutil.wait_procs(left, timeout=10)
+
+
+def _alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
