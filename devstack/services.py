@@ -309,7 +309,26 @@ def ensure_services(base_dir: Path, *, db_prefix: str = "saga", timeout: float =
                 with contextlib.suppress(DevstackError):
                     _stop(paths, started, timeout)
             raise
+    write_env_file(base_dir, urls)
     return ServiceURLs(urls, mode="embedded", started_by_us=started)
+
+
+ENV_FILE = Path(".data") / "devstack.env"
+
+
+def write_env_file(base_dir: Path, urls: Mapping[str, str]) -> Path:
+    """Write the embedded servers' URLs where the settings read them after `.env`
+    (orders_project.settings), so that `python manage.py ...` in this checkout reaches the
+    servers `make run` uses. Git-ignored, like everything under .data/."""
+    path = base_dir / ENV_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Written by devstack (make run, make services-up): the embedded servers' URLs, read by the",
+        "# settings after .env, so that manage.py in this checkout reaches them. .env and the environment win.",
+        *(f"{key}={urls[key]}" for key in URL_KEYS),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def ensure_databases(urls: Mapping[str, str], *, recreate: bool = False, connect_timeout: int = 5) -> None:

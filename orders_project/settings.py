@@ -17,9 +17,12 @@ from orders_project import security
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-# A developer's .env is read when present; real environment variables win.
-if (BASE_DIR / ".env").is_file():
-    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# A developer's .env is read when present; real environment variables win. Then the URLs
+# of the embedded servers `make run` started (devstack writes them), so that `manage.py`
+# in this checkout reaches the servers `make run` uses; .env and the environment win.
+for _env_file in (BASE_DIR / ".env", Path(os.environ.get("DEVSTACK_ENV_FILE", BASE_DIR / ".data" / "devstack.env"))):
+    if _env_file.is_file():
+        environ.Env.read_env(_env_file, overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=True)
 # The local default is public. With DEBUG off, a public or weak key (or Flower without a

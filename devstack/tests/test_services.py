@@ -322,3 +322,37 @@ def test_cli_reports_configuration_errors_without_traceback(tmp_path: Path, caps
     assert captured.out == ""
     assert captured.err.startswith("devstack: error: incomplete service configuration: CELERY_BROKER_URL is set")
     assert "Traceback" not in captured.err
+
+
+def test_manage_py_reaches_the_servers_make_run_wrote_down(tmp_path: Path) -> None:
+    """make run writes the embedded servers' URLs to .data/devstack.env; settings read it
+    after .env, so `python manage.py ...` in the checkout uses the same servers."""
+    import subprocess
+    import sys
+
+    from devstack.services import URL_KEYS, embedded_urls, write_env_file
+
+    urls = embedded_urls(pg_port=54999, redis_port=63999, db_prefix="wrote")
+    path = write_env_file(tmp_path, urls)
+    env = {key: value for key, value in os.environ.items() if key not in URL_KEYS and not key.endswith("DATABASE_URL")}
+    show = (
+        "from django.conf import settings as s; "
+        "d = s.DATABASES['orders']; print(d['NAME'], d['PORT'], s.CELERY_BROKER_URL)"
+    )
+    base = Path(__file__).resolve().parents[2]
+
+    def shown(**extra: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "manage.py", "shell", "--no-imports", "-c", show],
+            cwd=base,
+            env={**env, "DEVSTACK_ENV_FILE": str(path), **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.split()
+
+    assert shown() == ["wrote_orders", "54999", "redis://127.0.0.1:63999/0"]
+    # The environment (and .env) still win.
+    assert shown(ORDERS_DATABASE_URL="postgres://u@127.0.0.1:5433/mine")[:2] == ["mine", "5433"]
