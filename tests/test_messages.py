@@ -51,7 +51,8 @@ def running_saga(sku: str) -> SagaInstance:
     context = {
         "email": order.email,
         "phone": "",
-        "items": [{"sku": sku, "quantity": 1}],
+        "items": [{"sku": sku, "quantity": 1, "unit_price": "10.00"}],
+        "total": "10.00",
         "payment_token": order.payment_token,
         "currency": "USD",
     }
