@@ -177,6 +177,9 @@ def test_racing_copies_of_a_notification_deliver_it_once_per_channel(
         ("order_confirmed", "email", "sent"),
         ("order_confirmed", "sms", "sent"),
     ]
+    # One attempt claimed and delivered both channels, under a lease from its claim.
+    assert len({n.claim_token for n in rows}) == 1 and rows[0].claim_token is not None
+    assert all(n.created_at < n.lease_until <= n.created_at + timedelta(seconds=60) for n in rows)
     # The race did happen: a copy found the message claimed and retried instead of sending.
     assert retried_for_a_live_claim(topology, saga.id)
 
