@@ -20,7 +20,7 @@ from django.core import signing
 
 from .exceptions import InvalidMessage
 
-SIGNED_FIELDS = ("saga_id", "order_id", "email", "phone", "items", "payment_token", "currency")
+SIGNED_FIELDS = ("saga_id", "order_id", "email", "phone", "items", "payment_token", "currency", "total")
 SIGNATURE_FIELD = "saga_signature"
 _SALT = "saga.context"
 

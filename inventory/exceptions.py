@@ -11,3 +11,8 @@ class UnknownProduct(StepFailed):
 
 class StockBelowReserved(ValueError):
     """A stock change would leave fewer units on hand than orders hold."""
+
+
+class PriceChanged(StepFailed):
+    """A line's catalogue price is not the price the customer was quoted: the order
+    fails rather than charging something other than what was quoted."""

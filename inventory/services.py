@@ -13,7 +13,7 @@ from django.utils import timezone
 from common.exceptions import InvalidMessage, StepRefused
 from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
 
-from .exceptions import InsufficientStock, StockBelowReserved, UnknownProduct
+from .exceptions import InsufficientStock, PriceChanged, StockBelowReserved, UnknownProduct
 from .models import ProcessedKey, Product, Reservation
 
 DB = "inventory"
@@ -21,20 +21,26 @@ STEP = "reserve_inventory"
 PRODUCT, RESERVATION, PROCESSED_KEY = (f'"{m._meta.db_table}"' for m in (Product, Reservation, ProcessedKey))
 
 
-def stock_reserve(*, saga_id: uuid.UUID, order_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> dict[str, Any]:
-    """Hold stock for every line, or for none, and price the order from the catalogue.
+def stock_reserve(
+    *, saga_id: uuid.UUID, order_id: uuid.UUID, lines: Sequence[tuple[str, int, Decimal]]
+) -> dict[str, Any]:
+    """Hold stock for every line `(sku, quantity, quoted unit price)`, or for none, at the
+    price the customer was quoted.
 
     Idempotent by `<saga>:reserve_inventory:do`; refuses after the release tombstone.
     Stock is taken by one conditional UPDATE (`reserved + q <= on_hand`) over all lines:
     no check-then-act, never an oversell. With several lines their rows are locked first
-    in SKU order, so two concurrent orders cannot deadlock.
+    in SKU order, so two concurrent orders cannot deadlock. The same UPDATE returns each
+    line's catalogue price (read under its row lock): one that differs from the quoted
+    price raises `PriceChanged` and the transaction rolls the reservation back, so the
+    customer is never charged a price they did not see.
 
     Plain SQL, six round trips in all (BEGIN, lock, key lookup, the UPDATE, one INSERT for
     the reservations and the key, COMMIT): this runs once per order (BENCHMARKS.md).
     """
     do_key, undo_key = step_key(saga_id, STEP, "do"), step_key(saga_id, STEP, "undo")
     lines = sorted(lines)
-    skus, quantities = [sku for sku, _ in lines], [q for _, q in lines]
+    skus, quantities = [sku for sku, _, _ in lines], [q for _, q, _ in lines]
     if len(set(skus)) != len(skus):
         raise InvalidMessage(f"saga {saga_id}: an order names each SKU once, got {skus}")
     connection = connections[DB]
@@ -55,10 +61,12 @@ def stock_reserve(*, saga_id: uuid.UUID, order_id: uuid.UUID, lines: Sequence[tu
                 [skus, quantities],
             )
             prices: dict[str, Decimal] = dict(cursor.fetchall())
+            # Raising rolls back what the UPDATE took: no reservation at a stale price.
+            if changed := [(sku, quoted, prices[sku]) for sku, _, quoted in lines if prices.get(sku, quoted) != quoted]:
+                raise PriceChanged(_price_changed_reason(changed))
             if len(prices) < len(lines):
-                _refuse_reservation(cursor, lines, prices)
-            amount = sum((prices[sku] * q for sku, q in lines), Decimal("0"))
-            result = {"amount": str(amount), "reserved": [{"sku": sku, "quantity": q} for sku, q in lines]}
+                _refuse_reservation(cursor, [(sku, q) for sku, q, _ in lines], prices)
+            result = {"reserved": [{"sku": sku, "quantity": q} for sku, q, _ in lines]}
             # The reservations and the idempotency key in one statement.
             cursor.execute(
                 f"WITH held AS (INSERT INTO {RESERVATION} "
@@ -72,12 +80,18 @@ def stock_reserve(*, saga_id: uuid.UUID, order_id: uuid.UUID, lines: Sequence[tu
                     Reservation.Status.HELD,
                     skus,
                     quantities,
-                    [prices[sku] for sku in skus],
+                    [quoted for _, _, quoted in lines],
                     do_key,
                     json.dumps(result),
                 ],
             )
     return result
+
+
+def _price_changed_reason(changed: Sequence[tuple[str, Decimal, Decimal]]) -> str:
+    """What the customer reads (the order's failure reason): which prices moved, from what to what."""
+    moves = " and ".join(f"the price of {sku} changed from {quoted} to {now}" for sku, quoted, now in changed)
+    return f"price_changed: {moves} since you ordered; nothing was charged"
 
 
 def _refuse_reservation(cursor: Any, lines: Sequence[tuple[str, int]], reserved: Mapping[str, Decimal]) -> None:

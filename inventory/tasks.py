@@ -1,3 +1,4 @@
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from common.exceptions import InvalidMessage
@@ -6,7 +7,18 @@ from common.steps import require_uuid, saga_step_task
 from . import services
 
 
-def _lines(ctx: dict[str, Any]) -> list[tuple[str, int]]:
+def _price(value: Any, field: str) -> Decimal:
+    try:
+        price = Decimal(value) if isinstance(value, str) else None
+    except InvalidOperation:
+        price = None
+    if price is None or not price.is_finite() or price < 0:
+        raise InvalidMessage(f"message field {field!r} must be a non-negative decimal string, got {value!r}")
+    return price
+
+
+def _lines(ctx: dict[str, Any]) -> list[tuple[str, int, Decimal]]:
+    """The order's lines with the unit prices the customer was quoted (order_place)."""
     items = ctx.get("items")
     if not isinstance(items, list) or not items:
         raise InvalidMessage("message field 'items' must be a non-empty list")
@@ -15,7 +27,11 @@ def _lines(ctx: dict[str, Any]) -> list[tuple[str, int]]:
         sku, quantity = (item.get("sku"), item.get("quantity")) if isinstance(item, dict) else (None, None)
         if not isinstance(sku, str) or not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
             raise InvalidMessage(f"malformed order line {str(item)[:200]}")
-        lines.append((sku, quantity))
+        lines.append((sku, quantity, _price(item.get("unit_price"), "unit_price")))
+    # The charge takes the quoted total (payments.charge): it must be what these lines cost.
+    total = _price(ctx.get("total"), "total")
+    if total != sum((price * quantity for _, quantity, price in lines), Decimal("0")):
+        raise InvalidMessage(f"message field 'total' ({total}) is not the sum of the quoted lines")
     return lines
 
 

@@ -6,7 +6,8 @@ from common.idempotency import ProcessedKeyBase
 class Notification(models.Model):
     """One message to a customer about one order outcome, on one channel.
 
-    The unique (saga, kind, channel) constraint is the "sent once" guarantee's anchor.
+    The unique (saga, kind, channel) constraint makes each message exist once; the claim
+    (`sending`, `claim_token`, `lease_until`) makes one attempt at a time deliver it.
     """
 
     class Kind(models.TextChoices):
@@ -20,6 +21,9 @@ class Notification(models.Model):
 
     class Status(models.TextChoices):
         PENDING = "pending"
+        # Claimed by one attempt (`claim_token`) until `lease_until`: a concurrent copy of
+        # the message does not send it; past the lease its owner is presumed dead.
+        SENDING = "sending"
         SENT = "sent"
 
     saga_id = models.UUIDField()
@@ -30,6 +34,8 @@ class Notification(models.Model):
     subject = models.CharField(max_length=200)
     body = models.TextField()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    claim_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True)
 

@@ -17,7 +17,7 @@ def notify(ctx: dict[str, Any]) -> dict[str, Any]:
         outcome=outcome,
         email=require_str(ctx, "email", max_length=254),
         phone=str(ctx.get("phone") or ""),
-        amount=str(ctx.get("amount") or ""),
+        amount=str(ctx.get("total") or ""),  # the quoted total is what was charged
         currency=str(ctx.get("currency") or ""),
         reason=str(ctx.get("failure_reason") or ""),
     )

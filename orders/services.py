@@ -97,7 +97,12 @@ def order_place(
                 context={
                     "email": email,
                     "phone": phone,
-                    "items": [{"sku": i.sku, "quantity": i.quantity} for i in items],
+                    # The quote: the reserve step holds stock only at these prices and the
+                    # charge takes this total, so the customer pays what they were shown.
+                    "items": [
+                        {"sku": i.sku, "quantity": i.quantity, "unit_price": str(catalogue[i.sku].price)} for i in items
+                    ],
+                    "total": str(total),
                     "payment_token": payment_token,
                     "currency": settings.CURRENCY,
                 },
@@ -145,12 +150,14 @@ def order_cancel(*, order_id: uuid.UUID) -> Order:
 CONFIRMED = {"outcome": "confirmed"}
 
 
-def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal, timeline: Any = None) -> dict[str, Any]:
+def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal, timeline: Any = None) -> dict[str, Any]:
     """The saga's pivot: the order becomes confirmed, after which nothing is compensated.
 
     Idempotent by the order's state (confirmed stays confirmed). Refuses if a cancel was
-    requested or the saga is no longer running. `timeline` is the chain's record of the
-    steps before the pivot (common.steps), which the saga store takes in this transaction.
+    requested, the saga is no longer running, or `total` (what the saga charged: the quoted
+    total from its context) is not the order's total; the order's total is never rewritten.
+    `timeline` is the chain's record of the steps before the pivot (common.steps), which
+    the saga store takes in this transaction.
     """
     with transaction.atomic(using=DB):
         order = Order.objects.select_for_update().filter(id=order_id).first()
@@ -158,6 +165,9 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal, t
             raise StepRefused(f"order {order_id} does not exist")
         if order.status == Order.Status.CONFIRMED:
             return dict(CONFIRMED)
+        if order.total != total:
+            # Compensating refunds the charge: the customer pays the order's total or nothing.
+            raise StepRefused(f"order {order_id}: the saga charged {total}, the order's total is {order.total}")
         if (
             order.status != Order.Status.PENDING
             or order.cancel_requested_at
@@ -165,8 +175,7 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, amount: Decimal, t
         ):
             raise StepRefused(f"order {order_id} can no longer be confirmed (order {order.status})")
         order.status = Order.Status.CONFIRMED
-        order.total = amount
-        order.save(update_fields=["status", "total", "updated_at"])
+        order.save(update_fields=["status", "updated_at"])
     return dict(CONFIRMED)
 
 

@@ -10,13 +10,13 @@ from . import services
 @saga_step_task("orders.confirm")
 def confirm(ctx: dict[str, Any]) -> dict[str, Any]:
     try:
-        amount = Decimal(str(ctx["amount"]))
+        total = Decimal(str(ctx["total"]))
     except (KeyError, InvalidOperation):
-        raise InvalidMessage("message field 'amount' must be a decimal string") from None
+        raise InvalidMessage("message field 'total' must be a decimal string") from None
     return services.order_confirm(
         order_id=require_uuid(ctx, "order_id"),
         saga_id=require_uuid(ctx, "saga_id"),
-        amount=amount,
+        total=total,
         timeline=ctx.get("_steps"),
     )
 

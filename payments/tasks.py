@@ -11,12 +11,13 @@ from . import services
 
 
 def _amount(ctx: dict[str, Any]) -> Decimal:
+    """The quoted total (order_place, signed with the order): what the customer agreed to pay."""
     try:
-        amount = Decimal(str(ctx["amount"]))
+        amount = Decimal(str(ctx["total"]))
     except (KeyError, InvalidOperation):
-        raise InvalidMessage(f"message field 'amount' must be a decimal string, got {ctx.get('amount')!r}") from None
+        raise InvalidMessage(f"message field 'total' must be a decimal string, got {ctx.get('total')!r}") from None
     if not amount.is_finite() or amount < 0:
-        raise InvalidMessage(f"message field 'amount' must be a non-negative amount, got {amount}")
+        raise InvalidMessage(f"message field 'total' must be a non-negative amount, got {amount}")
     return amount
 
 
