@@ -112,7 +112,7 @@ def _base_env(base_dir: Path, urls: Mapping[str, str]) -> dict[str, str]:
 
 
 def _ensure_admin(base_dir: Path, env: dict[str, str]) -> tuple[str, str, str]:
-    """Create the admin user once (Django's DJANGO_SUPERUSER_* convention) and its API token.
+    """Create the admin user once (Django's DJANGO_SUPERUSER_* convention) and issue it an API token.
 
     Returns (username, password to show, token); the password shown is the local default,
     or a note that it came from the environment.
@@ -138,7 +138,8 @@ def _ensure_admin(base_dir: Path, env: dict[str, str]) -> tuple[str, str, str]:
     ).strip()
     if exists != "True":
         _manage(base_dir, admin_env, "createsuperuser", "--noinput", "--verbosity=0")
-    token = _manage(base_dir, admin_env, "drf_create_token", username, capture=True).split()[2]
+    # A new token each run (the database keeps only its digest), replacing the last run's.
+    token = _manage(base_dir, admin_env, "api_token_create", "--replace", username, capture=True).strip()
     return username, shown, token
 
 
@@ -155,7 +156,7 @@ def run(base_dir: Path) -> int:
 
 def _run_system(base_dir: Path, urls: services.ServiceURLs) -> int:
     services.ensure_databases(urls)
-    # Least privilege (issue 6): one role per database; each worker connects as its own.
+    # Least privilege (issue 12): owners migrate; each process runs as its own role (Procfile).
     env = _base_env(base_dir, roles.ensure_roles(urls, password_dir=base_dir / ".data" / "db-roles"))
     logger.info("migrating the five service databases")
     migrate_all(base_dir, env)
@@ -201,7 +202,7 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
         test_urls = {key: with_database_suffix(urls[key], TEST_DB_SUFFIX) for key in ALIASES.values()}
         test_urls["CELERY_BROKER_URL"] = with_redis_db(urls["CELERY_BROKER_URL"], TEST_REDIS_DB)
         services.ensure_databases(test_urls, recreate=True)
-        # Least privilege (issue 6): one role per database; each worker connects as its own.
+        # Least privilege (issue 12): owners migrate; each process runs as its own role (Procfile).
         test_urls = roles.ensure_roles(test_urls, password_dir=base_dir / ".data" / "db-roles")
         if test_urls["CELERY_BROKER_URL"].startswith("redis"):
             _flush_redis(test_urls["CELERY_BROKER_URL"])
