@@ -90,3 +90,29 @@ def test_a_token_tells_when_it_expires(topology: Topology) -> None:
     expires_at = parse_datetime(_obtain(topology, user.username, password).json()["expires_at"])
     left = (expires_at - now()).total_seconds()
     assert settings.API_TOKEN_TTL - 60 < left <= settings.API_TOKEN_TTL
+
+
+def test_authenticating_a_request_is_one_indexed_lookup(db_access: None) -> None:
+    """The hot path (every API call, the benchmark's order POSTs): the token and its user in
+    one query, by the digest's unique index."""
+    from django.db import transaction
+    from django.test.utils import CaptureQueriesContext
+    from rest_framework.test import APIRequestFactory
+
+    from common.tokens import ApiTokenAuthentication, api_token_create
+
+    user, _ = _new_user()
+    _, key = api_token_create(user=user)
+    request = APIRequestFactory().get("/api/orders/", HTTP_AUTHORIZATION=f"Token {key}")
+
+    with CaptureQueriesContext(connections["default"]) as queries:
+        authenticated_user, _ = ApiTokenAuthentication().authenticate(request)
+
+    assert authenticated_user.pk == user.pk
+    assert len(queries) == 1, [q["sql"] for q in queries]
+    # The table is tiny here, so let the planner show the index it would use on a big one.
+    with transaction.atomic(using="default"), connections["default"].cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN {queries[0]['sql']}")
+        plan = " ".join(row[0] for row in cursor.fetchall())
+    assert "Index Scan using common_apitoken_digest" in plan, plan

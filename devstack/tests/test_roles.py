@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from devstack.roles import ensure_roles, role_for, role_password, url_with_role
+from devstack.roles import ensure_roles, login_var, process_role_for, role_for, role_password, url_with_role
 from devstack.services import ConfigError
+from orders_project.db_roles import POLICY, PROCESS_ROLES
 
 URLS = {
     "DATABASE_URL": "postgres://postgres@db.example:5432/saga_default",
@@ -28,6 +29,28 @@ URLS = {
 
 def test_each_database_is_owned_by_a_role_of_its_own_name() -> None:
     assert role_for("saga_inventory_test") == "saga_inventory_test"
+
+
+def test_each_process_role_is_named_after_its_database_set() -> None:
+    names = {"default": "saga_default_test", "orders": "saga_orders_test", "inventory": "saga_inventory_test"}
+    assert process_role_for("web", names) == "saga_default_test_web"
+    assert process_role_for("beat", names) == "saga_default_test_beat"
+    assert process_role_for("orders_worker", names) == "saga_orders_test_worker"
+    assert process_role_for("inventory_worker", names) == "saga_inventory_test_worker"
+
+
+def test_the_procfile_hands_each_process_its_own_login() -> None:
+    """Every Procfile process that uses a database reads its process role's login variable;
+    Flower gets none."""
+    from devstack.topology import read_procfile
+
+    procfile = read_procfile()
+    assert set(PROCESS_ROLES.values()) == set(POLICY)
+    for process, command in procfile.items():
+        if process == "flower":
+            assert command.startswith("DATABASE_LOGIN=none "), command
+        else:
+            assert f'DATABASE_LOGIN="${{{login_var(PROCESS_ROLES[process])}:-}}"' in command, process
 
 
 def test_url_with_role_changes_only_the_login() -> None:
