@@ -12,11 +12,16 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 
 import pytest
+import requests
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
-from devstack.topology import BASE_DIR, read_procfile
+from devstack.topology import BASE_DIR, Topology, read_procfile
+
+from .api import make_product
 
 pytestmark = pytest.mark.integration
 
@@ -214,3 +219,26 @@ def test_flower_gets_no_database_credentials() -> None:
     engines, credentials = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
     assert engines == {"default": "django.db.backends.dummy"}
     assert credentials == []
+
+
+def test_the_running_webs_admin_shows_the_catalogue_read_only(topology: Topology, sku: str) -> None:
+    """The web's role may only read inventory: its admin offers no product form to save,
+    rather than failing on one (manage.py, as the owner, still may: tests/test_admin.py)."""
+    product = make_product(sku, on_hand=3)
+    password = uuid.uuid4().hex
+    user = get_user_model().objects.create_superuser(username=f"admin-{uuid.uuid4().hex[:8]}", password=password)
+    session = requests.Session()
+    login = f"{topology.base_url}/admin/login/"
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', session.get(login, timeout=30).text)[1]
+    session.post(
+        login,
+        data={"csrfmiddlewaretoken": csrf, "username": user.username, "password": password, "next": "/admin/"},
+        headers={"Referer": login},
+        timeout=30,
+    )
+
+    page = session.get(f"{topology.base_url}/admin/inventory/product/{product.pk}/change/", timeout=30)
+    assert page.status_code == 200
+    assert sku in page.text
+    assert 'name="on_hand_delta"' not in page.text  # no form to adjust stock
+    assert session.get(f"{topology.base_url}/admin/inventory/product/add/", timeout=30).status_code == 403
