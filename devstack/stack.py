@@ -101,7 +101,9 @@ def _flush_redis(url: str) -> None:
 
 
 def _base_env(base_dir: Path, urls: Mapping[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
+    # Database logins come with `urls` (roles.ensure_roles) or not at all: a make chaos or
+    # make bench started from within a test run must not inherit the run's roles.
+    env = {key: value for key, value in os.environ.items() if not _is_database_login(key)}
     env.update(urls)
     env.setdefault("PORT", "8000")
     env.setdefault("FLOWER_PORT", "5555")
@@ -109,6 +111,10 @@ def _base_env(base_dir: Path, urls: Mapping[str, str]) -> dict[str, str]:
     env["PATH"] = f"{Path(_python()).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def _is_database_login(name: str) -> bool:
+    return name in ("DATABASE_LOGIN", "DATABASE_PROCESS_ROLES") or name.endswith("_DB_LOGIN")
 
 
 def _ensure_admin(base_dir: Path, env: dict[str, str]) -> tuple[str, str, str]:

@@ -92,3 +92,15 @@ def test_databases_on_several_servers_are_refused(tmp_path: Path) -> None:
         ensure_roles(
             {**URLS, "DATABASE_URL": "postgres://postgres@other.example:5432/saga_default"}, password_dir=tmp_path
         )
+
+
+def test_a_nested_run_does_not_inherit_the_outer_runs_database_roles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make chaos / make bench inside a test run make databases of their own, where the test
+    run's process roles have no rights: their processes use their own URLs as given."""
+    from devstack.stack import _base_env
+
+    for name in ("WEB_DB_LOGIN", "DATABASE_LOGIN", "DATABASE_PROCESS_ROLES"):
+        monkeypatch.setenv(name, "outer")
+    env = _base_env(Path("."), {**URLS, "BEAT_DB_LOGIN": "saga_default_beat:pw"})
+    assert "WEB_DB_LOGIN" not in env and "DATABASE_LOGIN" not in env and "DATABASE_PROCESS_ROLES" not in env
+    assert env["BEAT_DB_LOGIN"] == "saga_default_beat:pw"
