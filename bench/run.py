@@ -126,10 +126,11 @@ def _seed_catalogue() -> None:
 
 def _api_token() -> str:
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from common.tokens import api_token_create
 
     user = get_user_model().objects.create_user(username="bench", password=os.urandom(16).hex())
-    return Token.objects.create(user=user).key
+    return api_token_create(user=user)[1]
 
 
 def machine(broker_url: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from compose_tests.compose_schema import COMPOSE_SCHEMA, property_names
+from orders_project.db_roles import PROCESS_ROLES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -486,6 +487,10 @@ def test_every_procfile_process_runs_in_compose(process: str) -> None:
     assert actual.program == expected.program
     assert actual.positional == expected.positional
     for var, value in expected.env.items():
+        # The Procfile's login comes from devstack (empty by default); compose writes each
+        # process's role into its URLs instead.
+        if var == "DATABASE_LOGIN" and value == "":
+            continue
         assert environment(services()[name]).get(var) == value, f"{name}: {var}"
 
     assert set(actual.options) == set(expected.options), name
@@ -528,7 +533,7 @@ def test_every_app_service_gets_the_common_environment() -> None:
     for name, service in app_services().items():
         env = environment(service)
         for var in DATABASE_URL_VARS.values():
-            assert env.get(var), f"{name}: {var} missing"
+            assert env.get(var) or name == "flower", f"{name}: {var} missing"
         assert env["CELERY_BROKER_URL"] == "${COMPOSE_CELERY_BROKER_URL:-redis://redis:6379/0}", name
         assert env["DEBUG"] == "False", name
         assert env["SECRET_KEY"].startswith("${SECRET_KEY"), name
@@ -541,7 +546,7 @@ def test_every_app_service_gets_the_common_environment() -> None:
 
 
 def test_database_urls_point_at_the_right_databases() -> None:
-    for name in app_services():
+    for name in set(app_services()) - {"flower"}:
         for alias, database in settings_database_names().items():
             url = urlsplit(interpolate_defaults(environment(services()[name])[DATABASE_URL_VARS[alias]]))
             assert (url.scheme, url.hostname, url.port) == ("postgres", "postgres", 5432), f"{name}: {alias}"
@@ -553,34 +558,36 @@ def _role_for(name: str, alias: str) -> str:
     return database_url(name, alias).username or ""
 
 
-def test_web_and_migrate_use_the_owner_of_each_database() -> None:
-    for name in ("web", "migrate"):
-        for alias, database in settings_database_names().items():
-            assert _role_for(name, alias) == database_owners()[database], f"{name}: {alias}"
+def test_only_migrate_uses_the_owner_of_each_database() -> None:
+    for alias, database in settings_database_names().items():
+        assert _role_for("migrate", alias) == database_owners()[database], alias
+    migrate_roles = environment(services()["migrate"])["DATABASE_PROCESS_ROLES"]
+    assert dict(pair.split("=") for pair in migrate_roles.split(",")) == {
+        role: role for role in set(PROCESS_ROLES.values())
+    }
 
 
-def test_each_worker_uses_its_own_role_for_every_database() -> None:
-    """The worker's own database with its owner role; the other URLs with that same role,
-    so PostgreSQL refuses them (the role has CONNECT on its database and saga_default only)."""
-    for name in worker_services():
-        service = environment(services()[name])["CELERY_SERVICE"]
-        own_database = settings_database_names()[app_databases().get(service, "default")]
-        own_role = database_owners()[own_database]
+def test_each_process_uses_its_own_role_for_every_database() -> None:
+    """One role per process role (orders_project/db_roles.py) for all five URLs: a database
+    outside its job refuses the connection (CONNECT is granted by `migrate` per POLICY)."""
+    for process, role in PROCESS_ROLES.items():
+        name = compose_service_for(process)
         roles = {_role_for(name, alias) for alias in DATABASE_URL_VARS}
-        assert roles == {own_role}, f"{name} should connect as {own_role} only, not {roles}"
+        assert roles == {role}, f"{name} should connect as {role} only, not {roles}"
+        assert role not in database_owners().values()
 
 
-def test_beat_and_flower_use_the_app_role() -> None:
-    for name in ("beat", "flower"):
-        roles = {_role_for(name, alias) for alias in DATABASE_URL_VARS}
-        assert roles == {database_owners()[settings_database_names()["default"]]}, name
+def test_flower_has_no_database_credentials() -> None:
+    env = environment(services()["flower"])
+    assert env["DATABASE_LOGIN"] == "none"
+    assert not [var for var in DATABASE_URL_VARS.values() if var in env]
 
 
 def test_database_passwords_are_the_ones_postgres_was_given() -> None:
     """Each URL's password is ${<ROLE>_DB_PASSWORD:-default} for the URL's role, with the
     default the postgres service passes to init.sh for that role."""
     postgres_env = environment(services()["postgres"])
-    for name in app_services():
+    for name in set(app_services()) - {"flower"}:
         for alias in DATABASE_URL_VARS:
             url = database_url(name, alias)
             var = role_password_vars()[url.username or ""]
@@ -739,18 +746,15 @@ def test_init_script_creates_every_database_with_its_own_role() -> None:
         if database != settings_database_names()["default"]:
             assert owner == f"{database.removeprefix('saga_')}_svc"
     assert len(set(owners.values())) == len(owners), "one role per database"
-    assert set(role_password_vars()) == set(owners.values())
+    assert set(role_password_vars()) == set(owners.values()) | set(PROCESS_ROLES.values())
 
 
 def test_init_script_limits_connections() -> None:
     sql = init_sql()
     for database in database_owners():
         assert re.search(rf"^REVOKE CONNECT\b.* ON DATABASE {database}\s+FROM PUBLIC;", sql, re.MULTILINE), database
-    grants = re.findall(r"^GRANT CONNECT ON DATABASE (\w+) TO ([\w, ]+);", sql, re.MULTILINE)
-    default = settings_database_names()["default"]
-    assert [database for database, _ in grants] == [default], "CONNECT is granted on saga_default only"
-    service_roles = {role for database, role in database_owners().items() if database != default}
-    assert {role.strip() for role in grants[0][1].split(",")} == service_roles
+    # CONNECT for the process roles is granted by `migrate`, as each database's owner.
+    assert not re.search(r"^GRANT\b", sql, re.MULTILINE), "init.sh grants nothing"
 
 
 def test_init_script_has_no_password_literals() -> None:

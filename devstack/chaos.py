@@ -429,10 +429,11 @@ def _api_token() -> str:
     import uuid
 
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from common.tokens import api_token_create
 
     user = get_user_model().objects.create_user(username=f"chaos-{uuid.uuid4().hex[:8]}", password=uuid.uuid4().hex)
-    return Token.objects.create(user=user).key
+    return api_token_create(user=user)[1]
 
 
 def run(base_dir: Path, argv: list[str]) -> int:

@@ -1,25 +1,24 @@
-"""Least privilege for `make run` and `make test`: one PostgreSQL role per service database.
+"""Least privilege for `make run` and `make test`: owners migrate, each process runs as its own role.
 
 The same rules as docker/postgres/init.sh applies to the compose server, on whichever
 server devstack uses (embedded or yours):
 
 * each database is owned by a login role of the same name (`saga_inventory` owns
   `saga_inventory`), which `migrate` uses, so the role owns the tables it creates;
-* CONNECT (and TEMPORARY) on every service database is revoked from PUBLIC: a role can
-  connect only to the database it owns, plus the shared default database;
-* in the default database (auth, tokens, Celery results, beat schedule) the other roles
-  may read and write the tables its owner creates, but not create, alter or drop any.
+* CONNECT (and TEMPORARY) on every database is revoked from PUBLIC;
+* each process role of orders_project.db_roles.POLICY gets a login role that owns nothing,
+  named after the database set (`saga_default_web`, `saga_default_beat`,
+  `saga_inventory_worker`, ...). `migrate`, as each owner, grants it CONNECT and exactly
+  its table privileges (common's migrate command).
 
-`ensure_roles` returns the URLs with each database's own role. Given to every process,
-the web process (and manage.py) works as each database's owner, while a worker
-(CELERY_SERVICE) connects to every database as its own service's role, because settings
-use the credentials of the worker's own database URL for all of them: reading another
-service's database fails with "permission denied for database".
+`ensure_roles` returns the owners' URLs, plus `<PROCESS ROLE>_DB_LOGIN` ("role:password")
+for each process role, which the Procfile hands to its process as DATABASE_LOGIN, and
+DATABASE_PROCESS_ROLES for `migrate`.
 
-When the configured URLs already use several users, they are taken to be per-service
-roles you manage yourself (as in compose) and are used unchanged. Roles are left in
-place afterwards; their passwords live in `<password_dir>/<role>` (mode 0600, random,
-created once), so a server that asks for passwords works too.
+When the configured URLs already use several users, they are taken to be roles you manage
+yourself (as in compose) and are used unchanged. Roles are left in place afterwards; their
+passwords live in `<password_dir>/<role>` (mode 0600, random, created once), so a server
+that asks for passwords works too.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from devstack.services import (
     _pg_conninfo,
     _pg_error_text,
 )
+from orders_project.db_roles import POLICY
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ _SYSTEM_DATABASES = frozenset({"postgres", "template0", "template1"})
 def role_for(database: str) -> str:
     """The login role that owns (and is named after) a service database."""
     return database
+
+
+def process_role_for(process_role: str, databases: Mapping[str, str]) -> str:
+    """The login role of a process role (POLICY) for one set of databases (alias -> name):
+    a worker's is named after its service's database, web's and beat's after the default one."""
+    if process_role.endswith("_worker"):
+        return f"{databases[process_role.removesuffix('_worker')]}_worker"
+    return f"{databases['default']}_{process_role}"
+
+
+def login_var(process_role: str) -> str:
+    """The variable holding a process role's "role:password" (the Procfile reads it)."""
+    return f"{process_role.upper()}_DB_LOGIN"
 
 
 def url_with_role(url: str, role: str, password: str) -> str:
@@ -85,8 +98,11 @@ def role_password(password_dir: Path, role: str) -> str:
 
 
 def ensure_roles(urls: Mapping[str, str], *, password_dir: Path, connect_timeout: int = 5) -> dict[str, str]:
-    """Create or update one role per database, make it the owner, limit CONNECT; return the URLs
-    (all of `urls`, the broker's unchanged) with each database's own role.
+    """Create or update one owner role per database and one role per process role, limit
+    CONNECT; return the URLs (all of `urls`, the broker's unchanged) with each database's
+    owner, plus each process role's login (`login_var`) and DATABASE_PROCESS_ROLES.
+
+    The process roles get their privileges from `migrate` (run next, as the owners).
 
     Idempotent, and safe on existing data: tables created earlier by another user change
     owner. Preconditions: the databases exist (`services.ensure_databases`); the URLs'
@@ -113,7 +129,9 @@ def ensure_roles(urls: Mapping[str, str], *, password_dir: Path, connect_timeout
             raise ConfigError(f"{key} names the database {name!r}: a per-service role cannot be named after it")
     default_db, default_owner = databases[DEFAULT_KEY], owners[DEFAULT_KEY]
     service_roles = sorted({role for key, role in owners.items() if key != DEFAULT_KEY} - {default_owner})
-    passwords = {role: role_password(password_dir, role) for role in set(owners.values())}
+    by_alias = {alias: databases[key] for key, alias in DATABASE_KEYS.items()}
+    process_roles = {name: process_role_for(name, by_alias) for name in POLICY}
+    passwords = {role: role_password(password_dir, role) for role in {*owners.values(), *process_roles.values()}}
     server = {k: v for k, v in params[DEFAULT_KEY].items() if k != "dbname"}
     ident, literal = sql.Identifier, sql.Literal
 
@@ -137,8 +155,9 @@ def ensure_roles(urls: Mapping[str, str], *, password_dir: Path, connect_timeout
                 conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident(database), ident(owners[key])))
                 conn.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(ident(database)))
             if service_roles:
+                # Earlier versions let the service databases' owners into the default one.
                 conn.execute(
-                    sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                    sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(
                         ident(default_db), sql.SQL(", ").join(map(ident, service_roles))
                     )
                 )
@@ -148,7 +167,7 @@ def ensure_roles(urls: Mapping[str, str], *, password_dir: Path, connect_timeout
             ) as conn:
                 _own_everything(conn, owners[key])
                 if database == default_db and service_roles:
-                    _share_default(conn, default_owner, service_roles)
+                    _unshare_default(conn, default_owner, service_roles)
     except psycopg.Error as exc:
         raise ServiceError(f"setting up the per-service database roles failed: {_pg_error_text(exc)}") from exc
 
@@ -157,6 +176,9 @@ def ensure_roles(urls: Mapping[str, str], *, password_dir: Path, connect_timeout
     for key, url in urls.items():
         if key in databases:
             role_urls[key] = url_with_role(url, owners[key], passwords[owners[key]])
+    for name, role in process_roles.items():
+        role_urls[login_var(name)] = f"{role}:{passwords[role]}"
+    role_urls["DATABASE_PROCESS_ROLES"] = ",".join(f"{name}={role}" for name, role in sorted(process_roles.items()))
     return role_urls
 
 
@@ -189,17 +211,16 @@ def _own_everything(conn: Any, owner: str) -> None:
     conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
 
 
-def _share_default(conn: Any, owner: str, roles: list[str]) -> None:
-    """Let the service roles read and write, not change, the default database's tables."""
+def _unshare_default(conn: Any, owner: str, roles: list[str]) -> None:
+    """Take back what earlier versions gave the service databases' owners in the default
+    database (every table, read-write): the process roles get their own, narrower grants."""
     from psycopg import sql
 
     grantees = sql.SQL(", ").join(map(sql.Identifier, roles))
     for statement in (
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {grantees}",
-        "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {grantees}",
-        # ...and on what the owner creates later, i.e. by `migrate`.
-        "ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public "
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {grantees}",
-        "ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO {grantees}",
+        "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {grantees}",
+        "REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {grantees}",
+        "ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public REVOKE ALL ON TABLES FROM {grantees}",
+        "ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public REVOKE ALL ON SEQUENCES FROM {grantees}",
     ):
         conn.execute(sql.SQL(statement).format(owner=sql.Identifier(owner), grantees=grantees))

@@ -104,7 +104,9 @@ def _flush_redis(url: str) -> None:
 
 
 def _base_env(base_dir: Path, urls: Mapping[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
+    # Database logins come with `urls` (roles.ensure_roles) or not at all: a make chaos or
+    # make bench started from within a test run must not inherit the run's roles.
+    env = {key: value for key, value in os.environ.items() if not _is_database_login(key)}
     env.update(urls)
     env.setdefault("PORT", "8000")
     env.setdefault("FLOWER_PORT", "5555")
@@ -114,8 +116,12 @@ def _base_env(base_dir: Path, urls: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def _is_database_login(name: str) -> bool:
+    return name in ("DATABASE_LOGIN", "DATABASE_PROCESS_ROLES") or name.endswith("_DB_LOGIN")
+
+
 def _ensure_admin(base_dir: Path, env: dict[str, str]) -> tuple[str, str, str]:
-    """Create the admin user once (Django's DJANGO_SUPERUSER_* convention) and its API token.
+    """Create the admin user once (Django's DJANGO_SUPERUSER_* convention) and issue it an API token.
 
     Returns (username, password to show, token); the password shown is the local default,
     or a note that it came from the environment.
@@ -141,7 +147,8 @@ def _ensure_admin(base_dir: Path, env: dict[str, str]) -> tuple[str, str, str]:
     ).strip()
     if exists != "True":
         _manage(base_dir, admin_env, "createsuperuser", "--noinput", "--verbosity=0")
-    token = _manage(base_dir, admin_env, "drf_create_token", username, capture=True).split()[2]
+    # A new token each run (the database keeps only its digest), replacing the last run's.
+    token = _manage(base_dir, admin_env, "api_token_create", "--replace", username, capture=True).strip()
     return username, shown, token
 
 
@@ -158,7 +165,7 @@ def run(base_dir: Path) -> int:
 
 def _run_system(base_dir: Path, urls: services.ServiceURLs) -> int:
     services.ensure_databases(urls)
-    # Least privilege (issue 6): one role per database; each worker connects as its own.
+    # Least privilege (issue 12): owners migrate; each process runs as its own role (Procfile).
     env = _base_env(base_dir, roles.ensure_roles(urls, password_dir=base_dir / ".data" / "db-roles"))
     logger.info("migrating the five service databases")
     migrate_all(base_dir, env)
@@ -260,7 +267,7 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
         test_urls = {key: with_database_suffix(urls[key], TEST_DB_SUFFIX) for key in ALIASES.values()}
         test_urls["CELERY_BROKER_URL"] = with_redis_db(urls["CELERY_BROKER_URL"], TEST_REDIS_DB)
         services.ensure_databases(test_urls, recreate=True)
-        # Least privilege (issue 6): one role per database; each worker connects as its own.
+        # Least privilege (issue 12): owners migrate; each process runs as its own role (Procfile).
         test_urls = roles.ensure_roles(test_urls, password_dir=base_dir / ".data" / "db-roles")
         if test_urls["CELERY_BROKER_URL"].startswith("redis"):
             _flush_redis(test_urls["CELERY_BROKER_URL"])

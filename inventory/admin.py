@@ -1,5 +1,6 @@
 from django import forms
 from django.contrib import admin, messages
+from django.db import connections, router
 from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
@@ -52,6 +53,19 @@ class AvailabilityFilter(admin.SimpleListFilter):
         return queryset
 
 
+def catalogue_writable(request: HttpRequest) -> bool:
+    """Whether this process's database role may change products, asked once per request.
+
+    The running web's role may only read the catalogue (README "Security"): there the admin
+    shows products read-only instead of failing on save. `manage.py` (the owner) may write.
+    """
+    if not hasattr(request, "_catalogue_writable"):
+        with connections[router.db_for_write(Product)].cursor() as cursor:
+            cursor.execute("SELECT has_table_privilege(%s, 'UPDATE')", [Product._meta.db_table])
+            request._catalogue_writable = cursor.fetchone()[0]
+    return request._catalogue_writable
+
+
 @admin.register(Product)
 class ProductAdmin(admin.ModelAdmin):
     """Products are created and changed through inventory.services, never by saving the row:
@@ -71,6 +85,12 @@ class ProductAdmin(admin.ModelAdmin):
         if obj is None:
             return []
         return ["sku", "on_hand", "reserved", "available", "created_at", "updated_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return super().has_add_permission(request) and catalogue_writable(request)
+
+    def has_change_permission(self, request: HttpRequest, obj: Product | None = None) -> bool:
+        return super().has_change_permission(request, obj) and catalogue_writable(request)
 
     def has_delete_permission(self, request: HttpRequest, obj: Product | None = None) -> bool:
         # Reservations and orders refer to products by SKU: retire one by taking its stock to 0.

@@ -65,7 +65,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_celery_results",
     "django_celery_beat",
     "drf_spectacular",
@@ -134,19 +133,21 @@ DATABASES = {
     "notifications": _database("NOTIFICATIONS_DATABASE_URL", "saga_notifications"),
 }
 DATABASE_ROUTERS = ["orders_project.db_routers.ServiceRouter"]
-# Least privilege: a worker (CELERY_SERVICE, set per process by the Procfile and compose,
-# never in .env) connects to every database as the role of its own service's database,
-# i.e. with the user and password of that database's URL. That role may connect only to
-# its own database and to the shared default one, so a query that strays into another
-# service's database fails with "permission denied for database". The web process, beat,
-# Flower and manage.py use each URL as given. README "Security".
 CELERY_SERVICE = env.str("CELERY_SERVICE", default="")
-if CELERY_SERVICE:
-    from orders_project.db_routers import database_for
-
-    _own_database = DATABASES[database_for(CELERY_SERVICE)]
+# Least privilege (orders_project.db_roles): a process logs in to every database as the role
+# of its job, DATABASE_LOGIN ("role:password"), which the Procfile sets per process (compose
+# writes the role into each URL instead). "none": no database credentials at all (Flower).
+# Unset: each URL as given (manage.py and `migrate`: each database's owner). README "Security".
+DATABASE_LOGIN = env.str("DATABASE_LOGIN", default="")
+if DATABASE_LOGIN == "none":
+    DATABASES = {}  # Django's dummy backend: any query fails
+elif DATABASE_LOGIN:
+    _user, _, _password = DATABASE_LOGIN.partition(":")
     for _config in DATABASES.values():
-        _config.update(USER=_own_database["USER"], PASSWORD=_own_database["PASSWORD"])
+        _config.update(USER=_user, PASSWORD=_password)
+# The PostgreSQL role of each process role (web=...,beat=...,orders_worker=...): `migrate`
+# grants each what it needs on the tables of the database it migrates.
+DATABASE_PROCESS_ROLES = env.dict("DATABASE_PROCESS_ROLES", default={})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -175,7 +176,7 @@ REST_FRAMEWORK = {
     # Token first: DRF takes the WWW-Authenticate header from the first class, and
     # that is what turns an anonymous call into 401 rather than 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "common.tokens.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -200,6 +201,9 @@ REST_FRAMEWORK = {
     # apart by the address the last of them saw (0: by the connection's own address).
     "NUM_PROXIES": env.int("NUM_PROXIES", default=1 if _PRODUCTION else 0),
 }
+
+# How long an API token works after it is issued (seconds; README "Security").
+API_TOKEN_TTL = env.int("API_TOKEN_TTL", default=30 * 24 * 3600)
 
 # --- Input limits (a clear 400 or 413, never a 500) -----------------------------------
 ORDER_MAX_LINES = env.int("ORDER_MAX_LINES", default=50)

@@ -7,8 +7,8 @@ from typing import Any
 
 import requests
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
 
+from common.tokens import api_token_create
 from devstack.topology import wait_for
 from inventory.models import Product
 from inventory.services import product_upsert
@@ -28,7 +28,7 @@ class Api:
         user = get_user_model().objects.create_user(
             username=f"user-{uuid.uuid4().hex[:12]}", password=uuid.uuid4().hex, is_staff=is_staff
         )
-        return cls(base_url, Token.objects.create(user=user).key, user.id)
+        return cls(base_url, api_token_create(user=user)[1], user.id)
 
     def anonymous(self) -> "Api":
         return Api(self.base_url, None)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 SERVICE_DATABASES = ("orders", "inventory", "payments", "notifications")
 # In the shared database only these are business data: Celery's results and beat's
 # schedule change all the time (and record these very failures).
-DEFAULT_TABLES = ("auth_user", "authtoken_token")
+DEFAULT_TABLES = ("auth_user", "common_apitoken")
 
 
 def database_snapshot() -> dict[str, str]:

@@ -4,7 +4,6 @@ extra web processes with other settings, and `manage.py` / `celery` run as subpr
 with a worker's or compose's environment.
 """
 
-import concurrent.futures
 import json
 import os
 import re
@@ -20,14 +19,11 @@ import requests
 import yaml
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connections
 from django.urls import get_resolver
 
 from devstack.topology import BASE_DIR, Topology, free_port, wait_for
 from orders.models import Order
 from orders_project import security
-from orders_project.celery import SERVICES
-from orders_project.db_routers import database_for
 
 from .api import Api, make_product
 
@@ -63,76 +59,7 @@ def _start_web(topology: Topology, name: str, **overrides: str) -> Topology:
     return web
 
 
-# === Least privilege: one database role per service ====================================
-
-# Every database alias, as the process connects to it: "ok:<role>" or "refused:<error>".
-CONNECTION_PROBE = """
-import json
-from django.db import connections
-seen = {}
-for alias in connections:
-    try:
-        with connections[alias].cursor() as cursor:
-            cursor.execute("SELECT current_user")
-            seen[alias] = "ok:" + cursor.fetchone()[0]
-    except Exception as error:
-        seen[alias] = "refused:" + " ".join(str(error).split())
-print(json.dumps(seen))
-"""
-
-
-def _probe_connections(service: str | None) -> dict[str, str]:
-    result = _manage("shell", "--no-imports", "-c", CONNECTION_PROBE, env=_environment(CELERY_SERVICE=service))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def test_the_inventory_worker_is_refused_the_payments_database(topology: Topology) -> None:
-    """The issue's example: the inventory worker's settings, reading payments' data."""
-    script = (
-        "from inventory.models import Product\nfrom payments.models import Payment\n"
-        "print('inventory:', Product.objects.count() >= 0)\n"
-        "try:\n    Payment.objects.count()\nexcept Exception as error:\n"
-        "    print('payments:', type(error).__name__, ' '.join(str(error).split()))\n"
-        "else:\n    print('payments: READ')\n"
-    )
-    result = _manage("shell", "--no-imports", "-c", script, env=_environment(CELERY_SERVICE="inventory"))
-
-    assert result.returncode == 0, result.stderr
-    payments_db = settings.DATABASES["payments"]["NAME"]
-    assert "inventory: True" in result.stdout
-    assert "payments: OperationalError" in result.stdout
-    assert f'permission denied for database "{payments_db}"' in result.stdout
-    assert "READ" not in result.stdout
-
-
-def test_each_worker_reaches_only_its_own_database_and_the_shared_one(topology: Topology) -> None:
-    with concurrent.futures.ThreadPoolExecutor(len(SERVICES)) as pool:
-        seen = dict(zip(SERVICES, pool.map(_probe_connections, SERVICES), strict=True))
-
-    for service, connections_seen in seen.items():
-        own = database_for(service)
-        role = connections_seen[own].removeprefix("ok:")
-        assert connections_seen[own].startswith("ok:"), (service, connections_seen)
-        assert connections_seen["default"] == f"ok:{role}", (service, connections_seen)
-        for alias in set(ALIASES) - {own, "default"}:
-            database = settings.DATABASES[alias]["NAME"]
-            assert f'permission denied for database "{database}"' in connections_seen[alias], (service, alias)
-    # One role per service database: the orders and saga workers share the orders one.
-    roles = {service: seen[service][database_for(service)] for service in SERVICES}
-    assert roles["saga"] == roles["orders"]
-    assert len(set(roles.values())) == 4
-
-
-def test_the_web_process_uses_each_databases_owner_never_a_superuser(db_access: None) -> None:
-    """Web, beat and manage.py (this process too) use each URL as given: the database's owner."""
-    for alias in ALIASES:
-        with connections[alias].cursor() as cursor:
-            cursor.execute(
-                "SELECT r.rolsuper, d.datdba = r.oid FROM pg_roles r, pg_database d "
-                "WHERE r.rolname = current_user AND d.datname = current_database()"
-            )
-            assert cursor.fetchone() == (False, True), alias
+# Least privilege between processes: tests/test_db_roles.py.
 
 
 # === The OpenAPI schema and Swagger UI ================================================
@@ -440,7 +367,7 @@ def test_every_requirement_is_pinned_to_one_release() -> None:
 
 
 def test_the_admin_asks_for_a_login(topology: Topology) -> None:
-    for path in ["/admin/", "/admin/saga/sagainstance/", "/admin/authtoken/tokenproxy/"]:
+    for path in ["/admin/", "/admin/saga/sagainstance/", "/admin/common/apitoken/"]:
         response = requests.get(f"{topology.base_url}{path}", allow_redirects=False, timeout=30)
         assert response.status_code == 302, path
         assert response.headers["Location"].startswith("/admin/login/"), path

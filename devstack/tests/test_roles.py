@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from devstack.roles import ensure_roles, role_for, role_password, url_with_role
+from devstack.roles import ensure_roles, login_var, process_role_for, role_for, role_password, url_with_role
 from devstack.services import ConfigError
+from orders_project.db_roles import POLICY, PROCESS_ROLES
 
 URLS = {
     "DATABASE_URL": "postgres://postgres@db.example:5432/saga_default",
@@ -28,6 +29,28 @@ URLS = {
 
 def test_each_database_is_owned_by_a_role_of_its_own_name() -> None:
     assert role_for("saga_inventory_test") == "saga_inventory_test"
+
+
+def test_each_process_role_is_named_after_its_database_set() -> None:
+    names = {"default": "saga_default_test", "orders": "saga_orders_test", "inventory": "saga_inventory_test"}
+    assert process_role_for("web", names) == "saga_default_test_web"
+    assert process_role_for("beat", names) == "saga_default_test_beat"
+    assert process_role_for("orders_worker", names) == "saga_orders_test_worker"
+    assert process_role_for("inventory_worker", names) == "saga_inventory_test_worker"
+
+
+def test_the_procfile_hands_each_process_its_own_login() -> None:
+    """Every Procfile process that uses a database reads its process role's login variable;
+    Flower gets none."""
+    from devstack.topology import read_procfile
+
+    procfile = read_procfile()
+    assert set(PROCESS_ROLES.values()) == set(POLICY)
+    for process, command in procfile.items():
+        if process == "flower":
+            assert command.startswith("DATABASE_LOGIN=none "), command
+        else:
+            assert f'DATABASE_LOGIN="${{{login_var(PROCESS_ROLES[process])}:-}}"' in command, process
 
 
 def test_url_with_role_changes_only_the_login() -> None:
@@ -69,3 +92,15 @@ def test_databases_on_several_servers_are_refused(tmp_path: Path) -> None:
         ensure_roles(
             {**URLS, "DATABASE_URL": "postgres://postgres@other.example:5432/saga_default"}, password_dir=tmp_path
         )
+
+
+def test_a_nested_run_does_not_inherit_the_outer_runs_database_roles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make chaos / make bench inside a test run make databases of their own, where the test
+    run's process roles have no rights: their processes use their own URLs as given."""
+    from devstack.stack import _base_env
+
+    for name in ("WEB_DB_LOGIN", "DATABASE_LOGIN", "DATABASE_PROCESS_ROLES"):
+        monkeypatch.setenv(name, "outer")
+    env = _base_env(Path("."), {**URLS, "BEAT_DB_LOGIN": "saga_default_beat:pw"})
+    assert "WEB_DB_LOGIN" not in env and "DATABASE_LOGIN" not in env and "DATABASE_PROCESS_ROLES" not in env
+    assert env["BEAT_DB_LOGIN"] == "saga_default_beat:pw"

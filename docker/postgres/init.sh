@@ -6,17 +6,21 @@
 # volume: `docker compose down -v` deletes the data and the next `up` runs it again.
 #
 #   database            owner (role)        holds (orders_project/db_routers.py)
-#   saga_default        app                 auth, admin, sessions, DRF tokens, Celery results, beat
+#   saga_default        app                 auth, admin, sessions, API tokens, Celery results, beat
 #   saga_orders         orders_svc          orders, and the saga store (routed beside the orders)
 #   saga_inventory      inventory_svc       inventory
 #   saga_payments       payments_svc        payments
 #   saga_notifications  notifications_svc   notifications
 #
+# The owners are for `migrate` only (compose's migrate job). Every running process logs in
+# as a role of its own that owns nothing: web, beat, orders_worker (the orders and saga
+# workers), inventory_worker, payments_worker, notifications_worker (Flower: none).
+#
 # Least privilege: CONNECT is revoked from PUBLIC on every database (and on the `postgres`
-# and `template1` maintenance databases), so a role can connect to the database it owns
-# and to saga_default (granted below), and to nothing else. In saga_default the service
-# roles may read and write the tables that `app` creates when `migrate` runs (Celery task
-# results, auth, ...) but cannot create, alter or drop anything there.
+# and `template1` maintenance databases), so an owner can connect to its own database only,
+# and a process role to nothing until `migrate`, as each owner, grants it CONNECT and its
+# table privileges (orders_project/db_roles.py: POLICY, applied by common's migrate command
+# after every migration, so tables created later are covered too).
 #
 # Passwords come from the environment that docker-compose.yml gives the postgres service
 # (local defaults there, overridden from .env). psql quotes them itself (:'var'), so any
@@ -29,6 +33,12 @@ set -euo pipefail
 : "${INVENTORY_DB_PASSWORD:?INVENTORY_DB_PASSWORD must be set}"
 : "${PAYMENTS_DB_PASSWORD:?PAYMENTS_DB_PASSWORD must be set}"
 : "${NOTIFICATIONS_DB_PASSWORD:?NOTIFICATIONS_DB_PASSWORD must be set}"
+: "${WEB_DB_PASSWORD:?WEB_DB_PASSWORD must be set}"
+: "${BEAT_DB_PASSWORD:?BEAT_DB_PASSWORD must be set}"
+: "${ORDERS_WORKER_DB_PASSWORD:?ORDERS_WORKER_DB_PASSWORD must be set}"
+: "${INVENTORY_WORKER_DB_PASSWORD:?INVENTORY_WORKER_DB_PASSWORD must be set}"
+: "${PAYMENTS_WORKER_DB_PASSWORD:?PAYMENTS_WORKER_DB_PASSWORD must be set}"
+: "${NOTIFICATIONS_WORKER_DB_PASSWORD:?NOTIFICATIONS_WORKER_DB_PASSWORD must be set}"
 
 psql --no-psqlrc --set ON_ERROR_STOP=1 \
     --username "${POSTGRES_USER:-postgres}" --dbname "${POSTGRES_DB:-${POSTGRES_USER:-postgres}}" \
@@ -37,12 +47,25 @@ psql --no-psqlrc --set ON_ERROR_STOP=1 \
     --set inventory_password="$INVENTORY_DB_PASSWORD" \
     --set payments_password="$PAYMENTS_DB_PASSWORD" \
     --set notifications_password="$NOTIFICATIONS_DB_PASSWORD" \
+    --set web_password="$WEB_DB_PASSWORD" \
+    --set beat_password="$BEAT_DB_PASSWORD" \
+    --set orders_worker_password="$ORDERS_WORKER_DB_PASSWORD" \
+    --set inventory_worker_password="$INVENTORY_WORKER_DB_PASSWORD" \
+    --set payments_worker_password="$PAYMENTS_WORKER_DB_PASSWORD" \
+    --set notifications_worker_password="$NOTIFICATIONS_WORKER_DB_PASSWORD" \
     <<'SQL'
 CREATE ROLE app               LOGIN PASSWORD :'app_password';
 CREATE ROLE orders_svc        LOGIN PASSWORD :'orders_password';
 CREATE ROLE inventory_svc     LOGIN PASSWORD :'inventory_password';
 CREATE ROLE payments_svc      LOGIN PASSWORD :'payments_password';
 CREATE ROLE notifications_svc LOGIN PASSWORD :'notifications_password';
+-- The process roles: no database, no table, no right of their own until `migrate` grants them.
+CREATE ROLE web                  LOGIN PASSWORD :'web_password';
+CREATE ROLE beat                 LOGIN PASSWORD :'beat_password';
+CREATE ROLE orders_worker        LOGIN PASSWORD :'orders_worker_password';
+CREATE ROLE inventory_worker     LOGIN PASSWORD :'inventory_worker_password';
+CREATE ROLE payments_worker      LOGIN PASSWORD :'payments_worker_password';
+CREATE ROLE notifications_worker LOGIN PASSWORD :'notifications_worker_password';
 
 -- The owner may connect and, on PostgreSQL 15+, create tables in the database's public
 -- schema (owned by pg_database_owner): that is all `migrate` needs.
@@ -59,16 +82,4 @@ REVOKE CONNECT, TEMPORARY ON DATABASE saga_payments      FROM PUBLIC;
 REVOKE CONNECT, TEMPORARY ON DATABASE saga_notifications FROM PUBLIC;
 REVOKE CONNECT, TEMPORARY ON DATABASE postgres           FROM PUBLIC;
 REVOKE CONNECT, TEMPORARY ON DATABASE template1          FROM PUBLIC;
-
--- Every process writes Celery task results (and reads auth data) in saga_default.
-GRANT CONNECT ON DATABASE saga_default TO orders_svc, inventory_svc, payments_svc, notifications_svc;
-
-\connect saga_default
--- Applies to the tables and sequences that `app` creates from now on, i.e. by `migrate`.
-ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public
-    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES
-    TO orders_svc, inventory_svc, payments_svc, notifications_svc;
-ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public
-    GRANT USAGE, SELECT ON SEQUENCES
-    TO orders_svc, inventory_svc, payments_svc, notifications_svc;
 SQL

@@ -1,0 +1,53 @@
+"""API tokens (common.models.ApiToken): issue, authenticate, revoke.
+
+The key is shown once, when issued; the database keeps only its digest. Authenticating a
+request is one indexed lookup (digest, with the user joined), as DRF's own tokens are.
+"""
+
+import secrets
+from datetime import timedelta
+
+from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+from rest_framework import authentication, exceptions
+
+from .models import ApiToken, token_digest
+
+
+def api_token_create(*, user: AbstractBaseUser, ttl: timedelta | None = None) -> tuple[ApiToken, str]:
+    """Issue a new token for `user`; return it and its key (which nothing stores).
+
+    The user's expired tokens are deleted in the same transaction.
+    """
+    key = secrets.token_urlsafe(32)
+    now = timezone.now()
+    expires_at = now + (ttl if ttl is not None else timedelta(seconds=settings.API_TOKEN_TTL))
+    with transaction.atomic(using="default"):
+        ApiToken.objects.filter(user=user, expires_at__lte=now).delete()
+        token = ApiToken.objects.create(user=user, digest=token_digest(key), expires_at=expires_at)
+    return token, key
+
+
+def api_token_revoke(*, token: ApiToken | None = None, user: AbstractBaseUser | None = None) -> int:
+    """Delete one token, or every token of `user`; return how many were deleted."""
+    tokens = ApiToken.objects.filter(pk=token.pk) if token is not None else ApiToken.objects.filter(user=user)
+    return tokens.delete()[0]
+
+
+class ApiTokenAuthentication(authentication.TokenAuthentication):
+    """`Authorization: Token <key>`, checked against the stored digests.
+
+    A subclass of DRF's, so the header parsing, the 401 with `WWW-Authenticate: Token`
+    and drf-spectacular's security scheme stay DRF's.
+    """
+
+    def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, ApiToken]:
+        try:
+            token = ApiToken.objects.select_related("user").get(digest=token_digest(key))
+        except ApiToken.DoesNotExist:
+            token = None
+        if token is None or token.expires_at <= timezone.now() or not token.user.is_active:
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        return token.user, token

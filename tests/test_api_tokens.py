@@ -1,0 +1,118 @@
+"""API tokens at rest (README "Security"): the database holds nothing that logs in, and a
+token can be revoked and expires. Through the HTTP API, as a client uses it."""
+
+import uuid
+
+import pytest
+import requests
+from django.contrib.auth import get_user_model
+from django.db import connections
+
+from devstack.topology import Topology
+
+from .api import Api
+
+pytestmark = pytest.mark.integration
+
+
+def _new_user() -> tuple[object, str]:
+    password = uuid.uuid4().hex
+    user = get_user_model().objects.create_user(username=f"user-{uuid.uuid4().hex[:12]}", password=password)
+    return user, password
+
+
+def _obtain(topology: Topology, username: str, password: str) -> requests.Response:
+    return requests.post(
+        f"{topology.base_url}/api/auth/token/", json={"username": username, "password": password}, timeout=30
+    )
+
+
+def _stored_values(user_id: int) -> list[str]:
+    """Every text value the default database keeps in the user's rows of any token table."""
+    values = []
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+            "WHERE c.table_schema = 'public' AND c.table_name LIKE '%%token%%' "
+            "AND c.data_type IN ('character varying', 'text') "
+            "AND EXISTS (SELECT 1 FROM information_schema.columns u WHERE u.table_name = c.table_name "
+            "AND u.column_name = 'user_id')"
+        )
+        for table, column in cursor.fetchall():
+            cursor.execute(f'SELECT "{column}" FROM "{table}" WHERE user_id = %s', [user_id])
+            values += [row[0] for row in cursor.fetchall()]
+    return values
+
+
+def test_a_token_read_from_the_database_does_not_log_in(topology: Topology) -> None:
+    user, password = _new_user()
+    issued = _obtain(topology, user.username, password)
+    assert issued.status_code == 200, issued.text
+    key = issued.json()["token"]
+    assert Api(topology.base_url, key).get("/api/orders/").status_code == 200
+
+    stored = _stored_values(user.id)
+    assert stored, "the token is stored somewhere"
+    assert key not in stored
+    for value in stored:
+        assert Api(topology.base_url, value).get("/api/orders/").status_code == 401
+
+
+def test_each_request_for_a_token_issues_another_and_revoking_one_leaves_the_others(topology: Topology) -> None:
+    user, password = _new_user()
+    first, second = (Api(topology.base_url, _obtain(topology, user.username, password).json()["token"]) for _ in "12")
+    assert first.token != second.token
+
+    assert first.post("/api/auth/token/revoke/").status_code == 204
+
+    assert first.get("/api/orders/").status_code == 401
+    assert second.get("/api/orders/").status_code == 200
+
+
+def test_an_expired_token_is_refused(api: Api) -> None:
+    assert api.get("/api/orders/").status_code == 200
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "UPDATE common_apitoken SET expires_at = now() - interval '1 second' WHERE user_id = %s", [api.user_id]
+        )
+
+    refused = api.get("/api/orders/")
+    assert refused.status_code == 401
+    assert refused.json() == {"detail": "Invalid token."}
+
+
+def test_a_token_tells_when_it_expires(topology: Topology) -> None:
+    from django.conf import settings
+    from django.utils.dateparse import parse_datetime
+    from django.utils.timezone import now
+
+    user, password = _new_user()
+    expires_at = parse_datetime(_obtain(topology, user.username, password).json()["expires_at"])
+    left = (expires_at - now()).total_seconds()
+    assert settings.API_TOKEN_TTL - 60 < left <= settings.API_TOKEN_TTL
+
+
+def test_authenticating_a_request_is_one_indexed_lookup(db_access: None) -> None:
+    """The hot path (every API call, the benchmark's order POSTs): the token and its user in
+    one query, by the digest's unique index."""
+    from django.db import transaction
+    from django.test.utils import CaptureQueriesContext
+    from rest_framework.test import APIRequestFactory
+
+    from common.tokens import ApiTokenAuthentication, api_token_create
+
+    user, _ = _new_user()
+    _, key = api_token_create(user=user)
+    request = APIRequestFactory().get("/api/orders/", HTTP_AUTHORIZATION=f"Token {key}")
+
+    with CaptureQueriesContext(connections["default"]) as queries:
+        authenticated_user, _ = ApiTokenAuthentication().authenticate(request)
+
+    assert authenticated_user.pk == user.pk
+    assert len(queries) == 1, [q["sql"] for q in queries]
+    # The table is tiny here, so let the planner show the index it would use on a big one.
+    with transaction.atomic(using="default"), connections["default"].cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN {queries[0]['sql']}")
+        plan = " ".join(row[0] for row in cursor.fetchall())
+    assert "Index Scan using common_apitoken_digest" in plan, plan
