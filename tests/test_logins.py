@@ -141,7 +141,7 @@ print(json.dumps({
     "package": orders_project.__file__,
     "DEBUG": settings.DEBUG,
     "NUM_PROXIES": settings.REST_FRAMEWORK["NUM_PROXIES"],
-    "LOCAL_MODE": settings.LOCAL_MODE,
+    "LOCAL_MODE": getattr(settings, "LOCAL_MODE", None),
     "SECURE_SSL_REDIRECT": settings.SECURE_SSL_REDIRECT,
 }))
 call_command("check", deploy=True, fail_level="WARNING")
