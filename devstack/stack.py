@@ -164,7 +164,7 @@ def _run_system(base_dir: Path, urls: services.ServiceURLs) -> int:
     services.ensure_databases(urls)
     # Least privilege (issue 6): one role per database; each worker connects as its own.
     env = _base_env(base_dir, roles.ensure_roles(urls, password_dir=base_dir / ".data" / "db-roles"))
-    env.update(local_mode_env(services.load_config(base_dir)))
+    env.update(local_mode_env(services._read_settings(base_dir)))  # environment, then .env
     logger.info("migrating the five service databases")
     migrate_all(base_dir, env)
     _manage(base_dir, env, "seed_demo", "--verbosity=0")

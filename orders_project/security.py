@@ -4,8 +4,8 @@ Local mode (DEBUG on, or make run's LOCAL_MODE) may be relaxed, and says so once
 process. With DEBUG off a process refuses to start on a secret that is public (the local
 defaults in this repository) or weak by Django's own deploy-check criteria; Flower refuses
 to start without authentication anywhere but in make run's local mode on a loopback
-address. Pure functions of their arguments, so they are unit-tested
-without starting anything.
+address. Pure functions of their arguments, so they are unit-tested without starting
+anything.
 """
 
 import ipaddress
