@@ -18,27 +18,39 @@ ORDER_FILTER = OpenApiParameter(
     "order",
     type=uuid.UUID,
     location=OpenApiParameter.QUERY,
-    description="The order whose records to list. Required for customers (it must be one of their "
-    "orders: another's is 404); staff may omit it to list everything.",
+    description="The order whose records to list. Required unless you hold the records' view permission "
+    "(e.g. payments.view_payment): it must be one of your orders (another's is 404); with the "
+    "permission, any order, or none to list everything.",
 )
 
 
-def order_filter(request: Request) -> uuid.UUID | None:
+def visible_user_id(request: Request, *, permission: str) -> int | None:
+    """Whose records the caller may read: everyone's with the model's view `permission`
+    (e.g. "payments.view_payment"), otherwise only their own (the user's id).
+
+    Being staff is not enough: `is_staff` opens the admin's door, and the admin checks
+    each model's permissions too. A staff user without them is a customer here.
+    """
+    return None if request.user.has_perm(permission) else request.user.id
+
+
+def order_filter(request: Request, *, permission: str) -> uuid.UUID | None:
     """The `?order=<id>` filter, checked against what the caller may see.
 
-    Customers must name one of their own orders (another's is 404, like the order
-    itself); staff may omit it to list everything.
+    Without the records' view `permission` the caller must name one of their own orders
+    (another's is 404, like the order itself); with it, any order, or none to list
+    everything.
     """
+    user_id = visible_user_id(request, permission=permission)
     raw = request.query_params.get("order")
     if raw is None:
-        if request.user.is_staff:
+        if user_id is None:
             return None
         raise ValidationError({"order": ["This query parameter is required: ?order=<order id>."]})
     try:
         order_id = uuid.UUID(raw)
     except ValueError:
         raise ValidationError({"order": [f"{raw!r} is not a valid order id."]}) from None
-    user_id = None if request.user.is_staff else request.user.id
     if not order_visible(order_id=order_id, user_id=user_id):
         raise Http404
     return order_id
@@ -102,6 +114,7 @@ def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
     descriptions = {
         400: "Invalid input: a message per field.",
         401: "No valid token (or session): authenticate first.",
+        403: "You may see this object but not do this to it.",
         404: "No such object, or not yours.",
         409: "The object's state does not allow this.",
         413: "The request body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE.",

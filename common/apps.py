@@ -16,5 +16,7 @@ class CommonConfig(AppConfig):
         # Flower, runserver) at start-up; manage.py's one-off commands stay quiet.
         if sys.argv[0].endswith("manage.py") and sys.argv[1:2] != ["runserver"]:
             return
-        if notice := local_mode_notice(debug=settings.DEBUG, secret_key=settings.SECRET_KEY):
+        if notice := local_mode_notice(
+            debug=settings.DEBUG, secret_key=settings.SECRET_KEY, local_mode=settings.LOCAL_MODE
+        ):
             logging.getLogger("orders_project.security").warning(notice)

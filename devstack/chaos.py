@@ -455,6 +455,8 @@ def run(base_dir: Path, argv: list[str]) -> int:
             if not stack._fresh_amqp_vhost(broker_url):
                 raise services.ServiceError(f"no AMQP broker answers at {services.redact_url(broker_url)}")
         env = stack._base_env(base_dir, {**db_urls, "CELERY_BROKER_URL": broker_url})
+        # As make test: DEBUG on explicitly (settings default to off, and a public key).
+        env.setdefault("DEBUG", "True")
         for key, value in stack.TEST_TIMINGS.items():
             env.setdefault(key, value)
         env.update(EMAIL_FILE_PATH=str(log_dir / "mail"), SMS_FILE_PATH=str(log_dir / "sms"))

@@ -152,6 +152,13 @@ def _ensure_admin(base_dir: Path, env: dict[str, str]) -> tuple[str, str, str]:
     return username, shown, token
 
 
+def local_mode_env(config: Mapping[str, str]) -> dict[str, str]:
+    """What relaxes make run's processes, and only theirs (settings default to production):
+    DEBUG on unless you set it (environment or .env), and LOCAL_MODE, which lets Flower run
+    without a login on the Procfile's 127.0.0.1. Each process says so at start-up."""
+    return {"LOCAL_MODE": "True", **({} if "DEBUG" in config else {"DEBUG": "True"})}
+
+
 def run(base_dir: Path) -> int:
     """Everything `make run` does after the virtualenv exists."""
     urls = services.ensure_services(base_dir)
@@ -167,6 +174,7 @@ def _run_system(base_dir: Path, urls: services.ServiceURLs) -> int:
     services.ensure_databases(urls)
     # Least privilege (issue 12): owners migrate; each process runs as its own role (Procfile).
     env = _base_env(base_dir, roles.ensure_roles(urls, password_dir=base_dir / ".data" / "db-roles"))
+    env.update(local_mode_env(services._read_settings(base_dir)))  # environment, then .env
     logger.info("migrating the five service databases")
     migrate_all(base_dir, env)
     _manage(base_dir, env, "seed_demo", "--verbosity=0")
@@ -181,6 +189,8 @@ def _run_system(base_dir: Path, urls: services.ServiceURLs) -> int:
   Admin      http://127.0.0.1:{port}/admin/        (user: {username}, password: {password})
   Flower     http://127.0.0.1:{flower_port}/
   Emails     {base_dir / ".data" / "mail"}     SMS: {base_dir / ".data" / "sms" / "sms.log"}
+
+  Local mode (this machine only): DEBUG on unless you set it, Flower without a login on 127.0.0.1.
 
   Try:  curl -s -X POST http://127.0.0.1:{port}/api/orders/ -H "Authorization: Token {token}" \\
           -H "Content-Type: application/json" \\
@@ -272,6 +282,10 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
         if test_urls["CELERY_BROKER_URL"].startswith("redis"):
             _flush_redis(test_urls["CELERY_BROKER_URL"])
         env = _base_env(base_dir, test_urls)
+        # The tests' processes run with DEBUG on, as before settings defaulted to off, but
+        # not in make run's LOCAL_MODE: Flower needs its login here (tests/test_logins.py).
+        env["DEBUG"] = "True"
+        env.pop("LOCAL_MODE", None)
         env.setdefault("SECRET_KEY", secrets.token_urlsafe(40))
         env.setdefault("TEST_LOG_DIR", str(base_dir / ".data" / "test-logs"))
         # Fault tests restart servers only when they are the embedded ones, ours to restart;

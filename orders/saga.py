@@ -30,6 +30,8 @@ PLACE_ORDER = register(
         pivot="confirm_order",
         # The order's row lock, which orders.confirm also takes (an operator's "compensate now").
         pivot_guard="orders.services.order_lock_for_compensation",
+        # What the customer is told (the order's failure_reason, the email), by failure kind.
+        customer_reason="orders.failure_text.customer_reason",
         after_compensation=(
             Step("fail_order", "orders.fail"),
             Step("notify_failure", "notifications.notify"),

@@ -14,8 +14,15 @@ from django.utils import timezone
 
 from common.exceptions import StepRefused
 from inventory.selectors import product_prices
-from saga.models import SagaInstance, SagaStatus
-from saga.services import OUTCOME_CANCELLED, OUTCOME_FAILED, saga_begin_compensation, saga_pivot_commit, saga_start
+from saga.models import SagaAuditEntry, SagaInstance, SagaStatus
+from saga.services import (
+    OUTCOME_CANCELLED,
+    OUTCOME_FAILED,
+    saga_begin_compensation,
+    saga_compensate,
+    saga_pivot_commit,
+    saga_start,
+)
 
 from .exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
 from .models import Order, OrderLine
@@ -145,6 +152,21 @@ def order_cancel(*, order_id: uuid.UUID) -> Order:
             reason="cancelled by the customer",
         )
     return order
+
+
+def order_stop_by_operator(*, order_id: uuid.UUID, user: Any) -> SagaAuditEntry:
+    """Someone other than the customer cancels an order (staff, through the API): exactly
+    the admin's "compensate now" (`saga_compensate`), audited as such, refusals included.
+
+    The order ends failed ("stopped by our staff") and the customer is told; only the
+    customer's own cancel ends it cancelled "as you asked". The caller has checked the
+    permission (saga.compensate_saga). Raises `SagaInstance.DoesNotExist` for an order
+    without a saga.
+    """
+    saga_id = SagaInstance.objects.using(DB).filter(order_id=order_id).values_list("id", flat=True).first()
+    if saga_id is None:
+        raise SagaInstance.DoesNotExist(f"order {order_id} has no saga")
+    return saga_compensate(saga_id=saga_id, user=user)
 
 
 CONFIRMED = {"outcome": "confirmed"}

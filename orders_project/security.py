@@ -1,12 +1,14 @@
 """Start-up guards for settings.py: what may run where (README "Security").
 
-Local mode (DEBUG on) may be relaxed, and says so once per process. With DEBUG off a
-process refuses to start on a secret that is public (the local defaults in this
-repository) or weak by Django's own deploy-check criteria, and Flower refuses to start
-without authentication. Pure functions of their arguments, so they are unit-tested
-without starting anything.
+Local mode (DEBUG on, or make run's LOCAL_MODE) may be relaxed, and says so once per
+process. With DEBUG off a process refuses to start on a secret that is public (the local
+defaults in this repository) or weak by Django's own deploy-check criteria; Flower refuses
+to start without authentication anywhere but in make run's local mode on a loopback
+address. Pure functions of their arguments, so they are unit-tested without starting
+anything.
 """
 
+import ipaddress
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -46,12 +48,38 @@ def require_production_secrets(*, secret_key: str, fallbacks: Sequence[str]) -> 
             )
 
 
-def flower_auth_problem(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
+def flower_address(argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """The address this Flower process listens on: --address, else FLOWER_ADDRESS, else
+    Flower's default "" (every interface). A Unix socket counts as no address."""
+    if any(arg.startswith("--unix-socket") for arg in argv) or environ.get("FLOWER_UNIX_SOCKET"):
+        return ""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--address="):
+            return arg.partition("=")[2]
+        if arg == "--address" and i + 1 < len(argv):
+            return argv[i + 1]
+    return environ.get("FLOWER_ADDRESS", "")
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def flower_auth_problem(argv: Sequence[str], environ: Mapping[str, str], *, local_mode: bool = False) -> str | None:
     """Why this Flower process would be open to anyone who reaches its port, or None.
 
     Flower reads FLOWER_BASIC_AUTH / FLOWER_AUTH itself, or takes --basic-auth / --auth.
+    Only make run's local mode (`local_mode`) may run it without a login, and only on a
+    loopback address: its task list shows every order's arguments, and its API sends tasks.
     """
     if "flower" not in argv:
+        return None
+    if local_mode and is_loopback(flower_address(argv, environ)):
         return None
     if any(arg.startswith(("--basic-auth", "--auth")) for arg in argv):
         return None
@@ -59,24 +87,27 @@ def flower_auth_problem(argv: Sequence[str], environ: Mapping[str, str]) -> str 
     if environ.get("FLOWER_AUTH"):
         return None
     if not basic:
-        return "Flower has no authentication: set FLOWER_BASIC_AUTH=user:password"
+        where = "" if local_mode else " (only make run's local mode on 127.0.0.1 runs it without one)"
+        return f"Flower has no authentication: set FLOWER_BASIC_AUTH=user:password{where}"
     if PUBLIC_DEFAULT_MARKER.search(basic):
         return "FLOWER_BASIC_AUTH is a public default from this repository: choose your own password"
     return None
 
 
-def require_flower_auth(argv: Sequence[str], environ: Mapping[str, str]) -> None:
-    if problem := flower_auth_problem(argv, environ):
-        raise ImproperlyConfigured(f"DEBUG is off: {problem}.")
+def require_flower_auth(argv: Sequence[str], environ: Mapping[str, str], *, local_mode: bool = False) -> None:
+    if problem := flower_auth_problem(argv, environ, local_mode=local_mode):
+        raise ImproperlyConfigured(f"Flower refuses to start: {problem}.")
 
 
-def local_mode_notice(*, debug: bool, secret_key: str) -> str | None:
+def local_mode_notice(*, debug: bool, secret_key: str, local_mode: bool = False) -> str | None:
     """The one line a relaxed (local) process logs at start-up, or None in production."""
     reasons = []
     if debug:
         reasons.append("DEBUG is on")
     if secret_key_problem(secret_key):
         reasons.append("SECRET_KEY is a public or weak local key")
+    if local_mode:
+        reasons.append("Flower needs no login on 127.0.0.1 (LOCAL_MODE, make run)")
     if not reasons:
         return None
     return (

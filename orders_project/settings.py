@@ -24,17 +24,21 @@ for _env_file in (BASE_DIR / ".env", Path(os.environ.get("DEVSTACK_ENV_FILE", BA
     if _env_file.is_file():
         environ.Env.read_env(_env_file, overwrite=False)
 
-DEBUG = env.bool("DEBUG", default=True)
-# The local default is public. With DEBUG off, a public or weak key (or Flower without a
-# password) stops the process at start-up; with DEBUG on, each process says it is in local
-# mode (common.apps). README "Security".
+# Safe by default: production settings unless configured otherwise. `make run` (devstack)
+# sets DEBUG=True and LOCAL_MODE=True for its own processes; `make test` sets DEBUG=True.
+DEBUG = env.bool("DEBUG", default=False)
+# make run's local mode: Flower may run without a login, on a loopback address only.
+LOCAL_MODE = env.bool("LOCAL_MODE", default=False)
+# The local default is public. With DEBUG off, a public or weak key stops the process at
+# start-up; a relaxed process says so (common.apps). README "Security".
 SECRET_KEY = env.str("SECRET_KEY", default="insecure-local-only-key-change-me")
 # Old keys still accepted for signatures while you rotate SECRET_KEY (comma-separated).
 SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 if not DEBUG:
     security.require_production_secrets(secret_key=SECRET_KEY, fallbacks=SECRET_KEY_FALLBACKS)
-    security.require_flower_auth(sys.argv, os.environ)
+# Flower needs a login everywhere but in make run's local mode on 127.0.0.1.
+security.require_flower_auth(sys.argv, os.environ, local_mode=LOCAL_MODE)
 
 # --- HTTPS (DEBUG off): behind a TLS-terminating proxy -------------------------------
 # https://docs.djangoproject.com/en/5.2/howto/deployment/checklist/#https
@@ -198,8 +202,10 @@ REST_FRAMEWORK = {
         "auth_token": env.str("AUTH_TOKEN_RATE", default="10/minute"),
     },
     # Proxies in front that append to X-Forwarded-For: an anonymous client is then told
-    # apart by the address the last of them saw (0: by the connection's own address).
-    "NUM_PROXIES": env.int("NUM_PROXIES", default=1 if _PRODUCTION else 0),
+    # apart by the address the last of them saw. 0 (the default: trust no such header) uses
+    # the connection's own address; anything more, with no proxy that overwrites the
+    # header, lets a client pick its own address and dodge the per-client limits.
+    "NUM_PROXIES": env.int("NUM_PROXIES", default=0),
 }
 
 # How long an API token works after it is issued (seconds; README "Security").

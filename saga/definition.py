@@ -49,6 +49,11 @@ class SagaDefinition:
     # own service knows whether it committed: the chain runs the pivot before the saga
     # store hears of the step before it. Without a guard, sagas cannot be compensated by hand.
     pivot_guard: str = ""
+    # Dotted path of `fn(failure_type: str) -> str`: the fixed sentence the customer is
+    # told for a failure of that kind. `saga_begin_compensation` puts it in the context as
+    # `failure_reason` (what the after-compensation steps read); the raw error stays in the
+    # saga's own `failure_reason`, for operators. Without it, customers are given no reason.
+    customer_reason: str = ""
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.steps]

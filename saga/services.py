@@ -462,6 +462,10 @@ def saga_begin_compensation(
 ) -> None:
     """Switch a running saga to compensating and publish its compensations on commit.
 
+    `reason` is the raw error, kept on the saga for operators; the compensation's context
+    carries instead the customer's fixed sentence for `failure_type` (the definition's
+    `customer_reason`), which is all the order and the email ever show.
+
     Precondition: inside `transaction.atomic(using="orders")` holding `select_for_update`
     on `saga`, whose status is running.
     """
@@ -479,7 +483,8 @@ def saga_begin_compensation(
     saga.failure_reason = reason
     saga.generation += 1
     saga.current_step = plan[0].name
-    saga.context = {**saga.context, "outcome": outcome, "failure_reason": reason}
+    customer = import_string(definition.customer_reason)(failure_type) if definition.customer_reason else ""
+    saga.context = {**saga.context, "outcome": outcome, "failure_reason": customer}
     saga.save(using=DB)
 
     # Forward steps still in flight are superseded: their compensations cover them.

@@ -7,6 +7,7 @@ from typing import Any
 
 import requests
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 
 from common.tokens import api_token_create
 from devstack.topology import wait_for
@@ -24,10 +25,14 @@ class Api:
     user_id: int | None = None
 
     @classmethod
-    def for_new_user(cls, base_url: str, *, is_staff: bool = False) -> "Api":
+    def for_new_user(cls, base_url: str, *, is_staff: bool = False, permissions: tuple[str, ...] = ()) -> "Api":
+        """A new user with a token and, optionally, permissions ("app_label.codename")."""
         user = get_user_model().objects.create_user(
             username=f"user-{uuid.uuid4().hex[:12]}", password=uuid.uuid4().hex, is_staff=is_staff
         )
+        for permission in permissions:
+            app_label, codename = permission.split(".")
+            user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
         return cls(base_url, api_token_create(user=user)[1], user.id)
 
     def anonymous(self) -> "Api":

@@ -5,7 +5,10 @@ import uuid
 import pytest
 import requests
 
+from devstack.topology import wait_for
 from orders.models import Order
+from payments.models import Payment
+from saga.models import SagaAuditEntry
 
 from .api import Api, make_product
 
@@ -39,7 +42,7 @@ def test_token_endpoint_issues_a_working_token(topology) -> None:
     assert Api(topology.base_url, good.json()["token"]).get("/api/orders/").status_code == 200
 
 
-def test_customers_see_only_their_own_orders_and_staff_see_all(topology, api: Api, staff_api: Api, sku: str) -> None:
+def test_customers_see_only_their_own_orders(topology, api: Api, sku: str) -> None:
     make_product(sku, on_hand=2)
     mine = api.place_order([(sku, 1)])
     other = Api.for_new_user(topology.base_url)
@@ -50,8 +53,95 @@ def test_customers_see_only_their_own_orders_and_staff_see_all(topology, api: Ap
     assert other.get("/api/notifications/", params={"order": mine["id"]}).status_code == 404
     assert other.get("/api/orders/").json()["results"] == []
     assert [o["id"] for o in api.get("/api/orders/").json()["results"]] == [mine["id"]]
-    assert staff_api.get(f"/api/orders/{mine['id']}/").status_code == 200
     api.wait_until_final(mine["id"])
+
+
+VIEW_ALL = ("orders.view_order", "payments.view_payment", "notifications.view_notification")
+
+
+def _running_order(customer: Api, sku: str) -> dict:
+    """An order of `customer` whose saga is still before its pivot: the charge is in flight
+    (tok_slow takes FAKE_PROVIDER_SLOW_SECONDS)."""
+    make_product(sku, on_hand=5)
+    placed = customer.place_order([(sku, 1)], token="tok_slow")
+    wait_for(
+        lambda: Payment.objects.filter(order_id=placed["id"], status="pending").exists(),
+        timeout=30,
+        what="the charge to be in flight",
+    )
+    return placed
+
+
+def test_staff_without_permissions_are_customers_in_the_api(topology, api: Api, staff_api: Api, sku: str) -> None:
+    """is_staff opens the admin, not other customers' data (issue 12: it answered 200/202)."""
+    theirs = _running_order(api, sku)
+    order_id = theirs["id"]
+
+    assert staff_api.get(f"/api/orders/{order_id}/").status_code == 404
+    assert staff_api.get("/api/payments/", params={"order": order_id}).status_code == 404
+    assert staff_api.get("/api/notifications/", params={"order": order_id}).status_code == 404
+    assert staff_api.get("/api/payments/").status_code == 400  # ?order= is required, as for customers
+    assert staff_api.get("/api/notifications/").status_code == 400
+    assert staff_api.get("/api/orders/").json()["results"] == []
+    assert staff_api.post(f"/api/orders/{order_id}/cancel/").status_code == 404
+
+    order = api.wait_until_final(order_id)
+    assert (order["status"], order["cancel_requested"]) == ("confirmed", False)
+    assert not SagaAuditEntry.objects.filter(saga_id=order["saga"]["id"]).exists()
+
+
+def test_each_view_permission_opens_its_own_records(topology, api: Api, sku: str) -> None:
+    make_product(sku, on_hand=5)
+    order_id = api.place_order([(sku, 1)])["id"]
+    api.wait_until_final(order_id)
+    orders_only = Api.for_new_user(topology.base_url, is_staff=True, permissions=("orders.view_order",))
+    reader = Api.for_new_user(topology.base_url, is_staff=True, permissions=VIEW_ALL)
+
+    assert orders_only.get(f"/api/orders/{order_id}/").status_code == 200
+    assert order_id in [o["id"] for o in orders_only.get("/api/orders/", params={"limit": 200}).json()["results"]]
+    assert orders_only.get("/api/payments/", params={"order": order_id}).status_code == 404
+    assert orders_only.get("/api/notifications/", params={"order": order_id}).status_code == 404
+
+    assert [p["order_id"] for p in reader.payments(order_id)] == [order_id]
+    assert [n["kind"] for n in reader.notifications(order_id)] == ["order_confirmed"]
+    assert reader.get("/api/payments/").status_code == 200  # everything, without ?order=
+
+
+def test_stopping_someone_elses_order_needs_the_admins_compensate_permission_and_is_audited(
+    topology, api: Api, sku: str
+) -> None:
+    reader = Api.for_new_user(topology.base_url, is_staff=True, permissions=VIEW_ALL)
+    operator = Api.for_new_user(topology.base_url, is_staff=True, permissions=(*VIEW_ALL, "saga.compensate_saga"))
+    theirs = _running_order(api, sku)
+    saga_id = theirs["saga"]["id"]
+
+    refused = reader.post(f"/api/orders/{theirs['id']}/cancel/")
+    assert refused.status_code == 403, refused.text
+    assert not SagaAuditEntry.objects.filter(saga_id=saga_id).exists()
+
+    stopped = operator.post(f"/api/orders/{theirs['id']}/cancel/")
+    assert stopped.status_code == 202, stopped.text
+    order = api.wait_until_final(theirs["id"])
+
+    # The admin's compensate: the order fails ("stopped by our staff"), the customer is told,
+    # and the audit log names the operator.
+    assert (order["status"], order["saga"]["status"]) == ("failed", "compensated")
+    assert order["failure_reason"] == "it was stopped by our staff"
+    [entry] = SagaAuditEntry.objects.filter(saga_id=saga_id)
+    assert (entry.action, entry.outcome, entry.user_id) == ("compensate", "done", operator.user_id)
+    assert [n["kind"] for n in api.notifications(theirs["id"])] == ["order_failed"]
+    # Once it is over, a second try is refused with a 409, and recorded like the admin's.
+    again = operator.post(f"/api/orders/{theirs['id']}/cancel/")
+    assert again.status_code == 409, again.text
+    assert [e.outcome for e in SagaAuditEntry.objects.filter(saga_id=saga_id).order_by("id")] == ["done", "refused"]
+
+
+def test_a_customer_cancelling_their_own_order_needs_no_permission_and_is_not_audited(api: Api, sku: str) -> None:
+    mine = _running_order(api, sku)
+    assert api.post(f"/api/orders/{mine['id']}/cancel/").status_code == 202
+    order = api.wait_until_final(mine["id"])
+    assert order["status"] == "cancelled"
+    assert not SagaAuditEntry.objects.filter(saga_id=mine["saga"]["id"]).exists()
 
 
 def test_products_list_stock_figures(api: Api, sku: str) -> None:

@@ -391,7 +391,7 @@ def test_flower_refuses_to_start_without_authentication_when_debug_is_off() -> N
         flower = _celery_flower(env, free_port())
         output, _ = flower.communicate(timeout=60)
         assert flower.returncode != 0, output
-        assert "DEBUG is off: " in output and "FLOWER_BASIC_AUTH" in output, output
+        assert "Flower refuses to start: " in output and "FLOWER_BASIC_AUTH" in output, output
 
 
 @pytest.mark.parametrize(

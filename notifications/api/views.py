@@ -9,6 +9,9 @@ from common.api import ORDER_FILTER, error_responses, order_filter
 from ..models import Notification
 from ..selectors import notification_list
 
+# Needed to read other customers' records (README "Security").
+VIEW_NOTIFICATIONS = "notifications.view_notification"
+
 
 class NotificationOutput(serializers.Serializer):
     id = serializers.IntegerField()
@@ -32,5 +35,5 @@ class NotificationListApi(GenericAPIView):
         responses={200: NotificationOutput(many=True), **error_responses(400, 401, 404)},
     )
     def get(self, request: Request) -> Response:
-        page = self.paginate_queryset(notification_list(order_id=order_filter(request)))
+        page = self.paginate_queryset(notification_list(order_id=order_filter(request, permission=VIEW_NOTIFICATIONS)))
         return self.get_paginated_response(NotificationOutput(page, many=True).data)

@@ -4,6 +4,7 @@ from rest_framework import serializers
 
 from saga.models import SagaStatus, StepPhase, StepStatus
 
+from ..failure_text import customer_reason, error_kind
 from ..models import Order
 
 # Stripe-style token: what a card form hands the server instead of card numbers.
@@ -55,8 +56,14 @@ class SagaStepOutput(serializers.Serializer):
     queued_at = serializers.DateTimeField(allow_null=True)
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
-    last_error = serializers.CharField(allow_blank=True)
+    last_error = serializers.SerializerMethodField(
+        help_text="The kind of the step's last error (e.g. PaymentDeclined; InternalError for any kind "
+        "customers are not told about). Its full text is for operators, in the admin."
+    )
     celery_task_id = serializers.CharField(allow_blank=True)
+
+    def get_last_error(self, step) -> str:
+        return error_kind(step.last_error)
 
 
 class SagaOutput(serializers.Serializer):
@@ -64,10 +71,15 @@ class SagaOutput(serializers.Serializer):
     status = serializers.ChoiceField(choices=SagaStatus.choices)
     current_step = serializers.CharField(allow_blank=True)
     failure_step = serializers.CharField(allow_blank=True)
-    failure_reason = serializers.CharField(allow_blank=True)
+    failure_reason = serializers.SerializerMethodField(
+        help_text="Why the saga stopped, in the customer's words (the error itself is in the admin)."
+    )
     created_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField(allow_null=True)
     steps = SagaStepOutput(many=True, source="steps.all")
+
+    def get_failure_reason(self, saga) -> str:
+        return customer_reason(saga.failure_type) if saga.failure_type else ""
 
 
 class OrderOutput(serializers.Serializer):

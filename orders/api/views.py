@@ -4,15 +4,15 @@ import uuid
 from django.http import Http404
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from common.api import RETRY_AFTER, error_responses
+from common.api import RETRY_AFTER, error_responses, visible_user_id
 from common.drf import WriteRateThrottle
-from saga.models import SagaInstance
+from saga.models import SagaAuditEntry, SagaInstance
 
 from .. import selectors, services
 from ..exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
@@ -29,11 +29,10 @@ IDEMPOTENCY_KEY = OpenApiParameter(
     "A-Z a-z 0-9 _ - : . (a UUID works).",
 )
 ORDER_ID = OpenApiParameter("order_id", type=uuid.UUID, location=OpenApiParameter.PATH)
-
-
-def visible_user_id(request: Request) -> int | None:
-    """Whose orders a caller may see: their own, or everyone's for staff."""
-    return None if request.user.is_staff else request.user.id
+# Reading other customers' orders, and stopping them: the admin's own permissions
+# (README "Security"). Staff without them are customers here.
+VIEW_ORDERS = "orders.view_order"
+COMPENSATE_SAGA = "saga.compensate_saga"
 
 
 def render_orders(orders: list[Order], sagas: list[SagaInstance] | None = None) -> list[dict]:
@@ -58,7 +57,7 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 def _get_visible_order(request: Request, order_id: uuid.UUID) -> Order:
-    order = selectors.order_get(order_id=order_id, user_id=visible_user_id(request))
+    order = selectors.order_get(order_id=order_id, user_id=visible_user_id(request, permission=VIEW_ORDERS))
     if order is None:
         # Someone else's order is indistinguishable from a missing one.
         raise Http404
@@ -73,11 +72,12 @@ class OrderListCreateApi(GenericAPIView):
 
     @extend_schema(
         operation_id="orders_list",
-        summary="Your orders, newest first (staff: everyone's)",
+        summary="Your orders, newest first (with orders.view_order: everyone's)",
         responses={200: OrderOutput(many=True), **error_responses(400, 401)},
     )
     def get(self, request: Request) -> Response:
-        orders = selectors.order_list(user_id=visible_user_id(request)).prefetch_related("lines")
+        user_id = visible_user_id(request, permission=VIEW_ORDERS)
+        orders = selectors.order_list(user_id=user_id).prefetch_related("lines")
         page = self.paginate_queryset(orders)
         return self.get_paginated_response(render_orders(list(page)))
 
@@ -166,17 +166,32 @@ class OrderCancelApi(APIView):
     @extend_schema(
         operation_id="orders_cancel",
         summary="Cancel an order while its saga runs: whatever was done is compensated",
+        description="Your own order ends `cancelled`. Someone else's order (you need orders.view_order to "
+        "see it and saga.compensate_saga to stop it) is stopped as the admin's *compensate* does: it ends "
+        "`failed`, the customer is told, and the audit log records who did it.",
         parameters=[ORDER_ID],
         request=None,
         responses={
-            202: OpenApiResponse(OrderOutput, description="Cancelling: the order ends `cancelled`."),
-            **error_responses(401, 404, 409),
+            202: OpenApiResponse(OrderOutput, description="Cancelling: the order ends `cancelled` (or `failed`)."),
+            **error_responses(401, 403, 404, 409),
         },
     )
     def post(self, request: Request, order_id: uuid.UUID) -> Response:
         order = _get_visible_order(request, order_id)
-        try:
-            services.order_cancel(order_id=order.id)
-        except OrderNotCancellable as refusal:
-            return Response({"detail": f"This order cannot be cancelled: {refusal}."}, status=status.HTTP_409_CONFLICT)
+        if order.user_id == request.user.id:
+            try:
+                services.order_cancel(order_id=order.id)
+            except OrderNotCancellable as refusal:
+                return self._refused(str(refusal))
+        else:
+            # Someone else's order: an operator's act, with the admin's permission and audit.
+            if not request.user.has_perm(COMPENSATE_SAGA):
+                raise PermissionDenied("Stopping someone else's order needs the permission saga.compensate_saga.")
+            entry = services.order_stop_by_operator(order_id=order.id, user=request.user)
+            if entry.outcome != SagaAuditEntry.Outcome.DONE:
+                return self._refused(entry.detail)
         return Response(render_order(_get_visible_order(request, order_id)), status=status.HTTP_202_ACCEPTED)
+
+    @staticmethod
+    def _refused(why: str) -> Response:
+        return Response({"detail": f"This order cannot be cancelled: {why}."}, status=status.HTTP_409_CONFLICT)

@@ -9,6 +9,9 @@ from common.api import ORDER_FILTER, error_responses, order_filter
 from ..models import Payment
 from ..selectors import payment_list
 
+# Needed to read other customers' records (README "Security").
+VIEW_PAYMENTS = "payments.view_payment"
+
 
 class PaymentOutput(serializers.Serializer):
     id = serializers.UUIDField()
@@ -38,5 +41,5 @@ class PaymentListApi(GenericAPIView):
         responses={200: PaymentOutput(many=True), **error_responses(400, 401, 404)},
     )
     def get(self, request: Request) -> Response:
-        page = self.paginate_queryset(payment_list(order_id=order_filter(request)))
+        page = self.paginate_queryset(payment_list(order_id=order_filter(request, permission=VIEW_PAYMENTS)))
         return self.get_paginated_response(PaymentOutput(page, many=True).data)

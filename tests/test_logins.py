@@ -1,0 +1,256 @@
+"""Least authority for logins (issue 12, README "Security"): what a customer is told of a
+failure, and settings and Flower that are safe unless make run's local mode relaxes them.
+
+(Which records a staff login may read or stop through the API: tests/test_api.py.)
+"""
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.db.utils import OperationalError
+from django.test import Client
+
+from devstack import stack
+from devstack.topology import BASE_DIR, Process, Topology, free_port, read_procfile, wait_for
+from orders.failure_text import GENERIC_REASON, customer_reason, error_kind
+from orders_project import security
+from orders_project.celery import app
+from payments.models import Payment
+from saga.services import saga_step_failed
+
+from .api import Api, make_product
+
+pytestmark = [
+    pytest.mark.integration,
+    # WhiteNoise, in this process's admin client: static files are served from the apps.
+    pytest.mark.filterwarnings("ignore:No directory at:UserWarning"),
+]
+
+LOG_DIR = Path(os.environ.get("TEST_LOG_DIR", BASE_DIR / ".data" / "test-logs"))
+# What a database error says: a host, a port, a role. Never for a customer's eyes.
+INTERNAL_ERROR = (
+    "connection to server at 10.20.30.40, port 5432 failed: FATAL: password authentication failed for user payments_svc"
+)
+
+
+# === Customer-facing text =============================================================
+
+
+def _emails_about(order_id: str) -> list[str]:
+    mail_dir = Path(settings.EMAIL_FILE_PATH)
+    files = sorted(mail_dir.glob("*")) if mail_dir.is_dir() else []
+    return [text for path in files if order_id in (text := path.read_text(errors="replace"))]
+
+
+def test_a_customer_sees_a_fixed_reason_and_the_admin_the_raw_error(api: Api, sku: str) -> None:
+    """A step fails with an exception whose text is internal (a database error): the API
+    and the email give the fixed sentence for an unknown kind of failure, the admin's saga
+    page the error itself."""
+    make_product(sku, on_hand=5)
+    placed = api.place_order([(sku, 1)], token="tok_slow")
+    wait_for(
+        lambda: Payment.objects.filter(order_id=placed["id"], status="pending").exists(),
+        timeout=30,
+        what="the charge to be in flight",
+    )
+    # The charge step fails for good with that error, as its worker would store it, and
+    # the coordinator hears of it (saga.step_failed's service, in this process).
+    task_id = str(uuid.uuid4())
+    app.backend.mark_as_failure(task_id, OperationalError(INTERNAL_ERROR))
+    saga_step_failed(saga_id=placed["saga"]["id"], step_name="charge_payment", task_id=task_id)
+
+    order = api.wait_until_final(placed["id"])
+    assert (order["status"], order["saga"]["status"]) == ("failed", "compensated")
+    assert order["failure_reason"] == order["saga"]["failure_reason"] == GENERIC_REASON
+    assert {s["name"]: s["last_error"] for s in order["saga"]["steps"]}["charge_payment"] == "InternalError"
+    body = api.get(f"/api/orders/{placed['id']}/").text
+    assert "10.20.30.40" not in body and "payments_svc" not in body and "OperationalError" not in body
+
+    [email] = wait_for(lambda: _emails_about(placed["id"]), timeout=30, what="the failure email")
+    assert f"We could not complete your order {placed['id']}: {GENERIC_REASON}." in email
+    assert "10.20.30.40" not in email and "OperationalError" not in email
+
+    # The operator's view keeps the error itself.
+    operator = get_user_model().objects.create_user(
+        username=f"operator-{uuid.uuid4().hex[:8]}", password=uuid.uuid4().hex, is_staff=True
+    )
+    operator.user_permissions.add(Permission.objects.get(content_type__app_label="saga", codename="view_sagainstance"))
+    client = Client()
+    client.force_login(operator)
+    page = client.get(f"/admin/saga/sagainstance/{placed['saga']['id']}/change/")
+    assert page.status_code == 200
+    assert INTERNAL_ERROR in page.content.decode()
+    assert "OperationalError" in page.content.decode()
+
+
+def test_a_decline_is_told_in_its_own_words(api: Api, sku: str) -> None:
+    make_product(sku, on_hand=5)
+    order = api.wait_until_final(api.place_order([(sku, 1)], token="tok_chargeDeclined")["id"])
+
+    assert order["failure_reason"] == "your payment was declined"
+    [email] = wait_for(lambda: _emails_about(order["id"]), timeout=30, what="the failure email")
+    assert f"We could not complete your order {order['id']}: your payment was declined." in email
+    assert "card_declined" not in email  # the raw error ("payment declined: card_declined") is the admin's
+
+
+@pytest.mark.parametrize(
+    ("failure_type", "reason"),
+    [
+        ("PaymentDeclined", "your payment was declined"),
+        ("InsufficientStock", "there was not enough stock for an item you ordered"),
+        ("PriceChanged", "a price changed since you ordered; nothing was charged"),
+        ("CompensatedByOperator", "it was stopped by our staff"),
+        ("OperationalError", GENERIC_REASON),
+        ("", GENERIC_REASON),
+    ],
+)
+def test_one_fixed_sentence_per_kind_of_failure(failure_type: str, reason: str) -> None:
+    assert customer_reason(failure_type) == reason
+
+
+def test_a_steps_error_shows_its_kind_only() -> None:
+    assert error_kind("PaymentDeclined: payment declined: card_declined") == "PaymentDeclined"
+    assert error_kind(f"OperationalError: {INTERNAL_ERROR}") == "InternalError"
+    assert error_kind("") == ""
+
+
+# === Safe by default ==================================================================
+
+# Settings as a fresh checkout has them: this package copied out, so that no .env of this
+# working tree is read; the rest of the project is imported from where it is.
+DEFAULTS_PROBE = """
+import json, os
+os.environ["DJANGO_SETTINGS_MODULE"] = "orders_project.settings"
+import django
+django.setup()
+from django.conf import settings
+from django.core.management import call_command
+import orders_project
+print(json.dumps({
+    "package": orders_project.__file__,
+    "DEBUG": settings.DEBUG,
+    "NUM_PROXIES": settings.REST_FRAMEWORK["NUM_PROXIES"],
+    "LOCAL_MODE": getattr(settings, "LOCAL_MODE", None),
+    "SECURE_SSL_REDIRECT": settings.SECURE_SSL_REDIRECT,
+}))
+call_command("check", deploy=True, fail_level="WARNING")
+"""
+
+
+def _settings_in_a_clean_environment(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    shutil.copytree(
+        BASE_DIR / "orders_project", tmp_path / "orders_project", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(BASE_DIR)]),
+        **variables,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", DEFAULTS_PROBE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_settings_default_to_production_and_pass_the_deploy_check(tmp_path: Path) -> None:
+    result = _settings_in_a_clean_environment(tmp_path, SECRET_KEY=secrets.token_urlsafe(50))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads(result.stdout.splitlines()[0])
+    assert seen.pop("package").startswith(str(tmp_path))
+    assert seen == {"DEBUG": False, "NUM_PROXIES": 0, "LOCAL_MODE": False, "SECURE_SSL_REDIRECT": True}
+    assert "System check identified no issues" in result.stdout + result.stderr
+    assert "LOCAL MODE" not in result.stderr
+
+
+def test_settings_refuse_the_public_secret_key_by_default(tmp_path: Path) -> None:
+    result = _settings_in_a_clean_environment(tmp_path)
+
+    assert result.returncode != 0
+    assert "DEBUG is off but SECRET_KEY is unsafe: it is a public default from this repository" in result.stderr
+
+
+def test_make_run_relaxes_debug_and_flower_for_its_own_processes_only() -> None:
+    assert stack.local_mode_env({}) == {"LOCAL_MODE": "True", "DEBUG": "True"}
+    assert stack.local_mode_env({"DEBUG": "False"}) == {"LOCAL_MODE": "True"}  # yours wins
+    assert os.environ["DEBUG"] == "True" and "LOCAL_MODE" not in os.environ  # make test: DEBUG only
+
+
+# --- Flower --------------------------------------------------------------------------
+
+
+def _procfile_flower(env: dict[str, str], name: str) -> tuple[Process, str]:
+    """Flower as the Procfile starts it (on 127.0.0.1), on a port of its own."""
+    port = free_port()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    process = Process(name, read_procfile()["flower"], LOG_DIR / f"{name}.log")
+    process.log_path.unlink(missing_ok=True)
+    process.start({**env, "FLOWER_PORT": str(port), "PATH": path})
+    return process, f"http://127.0.0.1:{port}/"
+
+
+def _answer(url: str) -> int | None:
+    try:
+        return requests.get(url, timeout=2).status_code
+    except requests.ConnectionError:
+        return None
+
+
+def test_flower_in_the_test_topology_refuses_to_run_without_a_login(topology: Topology) -> None:
+    """The test topology is not make run: DEBUG on is no reason to open Flower (today it did)."""
+    env = {k: v for k, v in topology.env.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "LOCAL_MODE")}
+    flower, url = _procfile_flower(env, "flower-no-login")
+    try:
+        wait_for(
+            lambda: flower.popen.poll() is not None or _answer(url) is not None,
+            timeout=60,
+            what="Flower to exit or answer",
+        )
+        assert _answer(url) is None, "Flower answered without a login"
+        assert flower.popen.wait(30) != 0
+        log = flower.log_path.read_text()
+        assert "Flower refuses to start: Flower has no authentication: set FLOWER_BASIC_AUTH" in log, log
+    finally:
+        flower.stop()
+
+
+def test_flower_in_make_runs_local_mode_needs_no_login_on_loopback(topology: Topology) -> None:
+    env = {k: v for k, v in topology.env.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")}
+    flower, url = _procfile_flower({**env, **stack.local_mode_env({})}, "flower-local-mode")
+    try:
+        wait_for(lambda: _answer(url) == 200, timeout=60, what="Flower to answer")
+        # Flower's own API (which sends tasks) stays closed without a login: Flower's default.
+        assert _answer(f"{url}api/workers") == 401
+        assert "LOCAL MODE: " in flower.log_path.read_text()
+    finally:
+        flower.stop()
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "refused"),
+    [
+        (["celery", "-A", "orders_project", "flower", "--address=127.0.0.1"], {}, False),
+        (["celery", "-A", "orders_project", "flower", "--address", "::1"], {}, False),
+        (["celery", "-A", "orders_project", "flower"], {"FLOWER_ADDRESS": "localhost"}, False),
+        (["celery", "-A", "orders_project", "flower", "--address=0.0.0.0"], {}, True),
+        (["celery", "-A", "orders_project", "flower", "--address=127.0.0.1"], {"FLOWER_ADDRESS": "0.0.0.0"}, False),
+        (["celery", "-A", "orders_project", "flower"], {"FLOWER_ADDRESS": "0.0.0.0"}, True),
+        (["celery", "-A", "orders_project", "flower"], {}, True),  # Flower's default: every interface
+        (["celery", "-A", "orders_project", "flower", "--unix-socket=/tmp/f.sock"], {}, True),
+    ],
+)
+def test_local_mode_opens_flower_on_loopback_only(argv: list[str], environ: dict[str, str], refused: bool) -> None:
+    assert (security.flower_auth_problem(argv, environ, local_mode=True) is not None) == refused
+    # Outside local mode, none of these runs without a login.
+    assert security.flower_auth_problem(argv, environ, local_mode=False) is not None
