@@ -275,9 +275,8 @@ class Chaos:
         self.broker.restart(down_seconds=self.rng.uniform(0.5, 2.0))
 
     def _inject_duplicate(self) -> None:
-        from common.signing import context_sign
         from orders.saga import PLACE_ORDER
-        from saga.engine import step_signature
+        from saga.engine import build_chain
         from saga.models import SagaInstance
 
         running = self._running_steps()
@@ -286,9 +285,10 @@ class Chaos:
         saga_id, step_name = self.rng.choice(running)
         saga = SagaInstance.objects.get(id=saga_id)
         specs = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}
-        # A real copy: signed like the coordinator's own messages.
-        step_signature(specs[step_name], saga_id=saga.id, generation=saga.generation).clone(
-            args=(context_sign(saga.context),)
+        # A real copy: with an authority like the coordinator's own messages.
+        phase = "forward" if specs[step_name] in PLACE_ORDER.steps else "compensation"
+        build_chain(
+            (specs[step_name],), saga_id=saga.id, generation=saga.generation, phase=phase, context=saga.context
         ).apply_async()
         self._record("duplicate", step_name, [(saga_id, step_name)])
 
