@@ -308,19 +308,20 @@ def finished_saga(api: Api, order_id: str, status: str) -> SagaInstance:
 
 
 def logged_step_results(topology: Topology, saga_id: str) -> list[dict]:
-    """What the workers' logs show of the saga's steps' results, as a message: the whole
-    context where a log line shows it, else the ids it shows."""
+    """What the workers' logs show of the saga's steps' results, read back as a message
+    the way someone holding the logs would: every field a line shows."""
     results = []
     for process in topology.processes.values():
         for line in process.log_path.read_text(errors="replace").splitlines():
             if f"[{saga_id}-" not in line or " succeeded in " not in line:
                 continue
-            shown = line.split("s: ", 1)[1]
-            try:
-                value = ast.literal_eval(shown)
-            except (ValueError, SyntaxError):
-                value = dict(re.findall(r"(\w+)=([\w.-]+)", shown))
-            if isinstance(value, dict) and value:
+            shown = line.split(" succeeded in ", 1)[1]
+            # A dict's repr (truncated by Celery past 1024 characters or 3 levels), or
+            # `key=value` pairs.
+            value: dict = dict(re.findall(r"'(\w+)': '([^']*)'", shown)) or dict(re.findall(r"(\w+)=([\w.-]+)", shown))
+            if items := re.search(r"'items': (\[[^\]]*\])", shown):
+                value["items"] = ast.literal_eval(items.group(1))
+            if value:
                 results.append(value)
     return results
 
