@@ -125,9 +125,13 @@ def require_str(ctx: Mapping[str, Any], field: str, *, max_length: int = 255) ->
 
 
 def saga_step_task(
-    name: str, *, max_retries: int = 5, compensation: bool = False, **options: Any
+    name: str, *, max_retries: int = 5, compensation: bool = False, phase: str = "", **options: Any
 ) -> Callable[[Callable[..., dict[str, Any]]], Any]:
     """Declare a participant task: `fn(ctx, **kwargs) -> output dict`.
+
+    `phase` ("forward" or "compensation"), if given, is the only phase whose authority the
+    task accepts: an undo acts on the coordinator's decision to compensate, whatever a
+    saga definition says.
 
     The wrapped function must be idempotent by its saga key (see common.idempotency).
     A compensation (or a step past the pivot) retries transient errors for
@@ -156,6 +160,8 @@ def saga_step_task(
             self.request.argsrepr = stored_args_repr(ctx)
             # Only what the coordinator decided, for this task, over this context (issue 12).
             authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
+            if phase and authority.phase != phase:
+                raise InvalidMessage(f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message")
             ctx = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
             output = fn(ctx, **kwargs)
             meta = {

@@ -95,10 +95,11 @@ def signed_output(saga: SagaInstance) -> dict:
     return seal(dict(saga.context), seal_authority(saga, "reserve_inventory"))
 
 
-def coordinator_message(task: str, ctx: dict, *, phase: str = "forward", generation: int = 0) -> tuple[list, dict]:
+def coordinator_message(task: str, ctx: dict, *, phase: str = "", generation: int = 0) -> tuple[list, dict]:
     """(args, kwargs) of `task`'s message as the coordinator would send it over `ctx`, as
     the first step of a chain (a coordinator bug: only the task's own checks stop it)."""
     step = next(s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps() if s.task == task)
+    phase = phase or ("forward" if step in PLACE_ORDER.steps else "compensation")
     sig = build_chain((step,), saga_id=ctx.get("saga_id"), generation=generation, phase=phase, context=ctx)
     return list(sig.args), dict(sig.kwargs)
 
@@ -178,6 +179,21 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
         bug("orders.fail", "orders", {**base, "order_id": None}, InvalidMessage, "order_id"),
         bug("notifications.notify", "notifications", {**base, "outcome": "bogus"}, InvalidMessage, "outcome"),
         bug("notifications.notify", "notifications", {**base, "email": ["x@example.com"]}, InvalidMessage, "email"),
+        # The coordinator's authority for an undo, in a forward chain, and the reverse.
+        (
+            "payments.refund",
+            "payments",
+            *coordinator_message("payments.refund", base, phase="forward"),
+            InvalidMessage,
+            "compensation phase",
+        ),
+        (
+            "inventory.reserve",
+            "inventory",
+            *coordinator_message("inventory.reserve", base, phase="compensation"),
+            InvalidMessage,
+            "forward phase",
+        ),
         # The held saga's own message, sent to a compensation: it is not compensating.
         bug("orders.fail", "orders", base, StepRefused, "is not compensating"),
         # The coordinator: malformed reports, and success reports that no step sent.
