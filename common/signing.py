@@ -73,10 +73,11 @@ class Authority:
 
 
 def context_digest(ctx: Mapping[str, Any]) -> str:
-    """sha256 of the context's canonical JSON, without its seal."""
+    """sha256 of the context's canonical JSON, without its seal. A value kombu's JSON
+    decodes into an object (a Decimal, a UUID, a datetime) counts as its string."""
     body = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
     try:
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
     except (TypeError, ValueError):
         raise InvalidMessage("the saga context is not plain JSON") from None
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery import Signature, chain
+from kombu.utils import json
 
 from common.signing import AUTHORITY_KWARG, authority_mint
 from orders_project.celery import app
@@ -103,7 +104,9 @@ def build_chain(
     steps = list(steps)
     if not steps:
         raise ValueError("a saga chain needs at least one step")
-    context = {k: v for k, v in context.items() if not k.startswith("_")}
+    # Signed as the participants will receive it, through kombu's JSON (which turns some
+    # types into others on the way), so both sides digest the same thing.
+    context = json.loads(json.dumps({k: v for k, v in context.items() if not k.startswith("_")}))
     signatures = [
         step_signature(
             step,

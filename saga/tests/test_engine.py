@@ -1,8 +1,10 @@
 """Unit tests of the saga definition and the chains the engine builds (no broker, no DB)."""
 
 import uuid
+from decimal import Decimal
 
 import pytest
+from kombu.utils import json as kombu_json
 
 from common.exceptions import InvalidMessage
 from common.signing import (
@@ -193,7 +195,8 @@ def test_a_step_takes_only_the_output_of_the_step_before_it_in_the_same_chain() 
         ("inventory.reserve", lambda ctx: {**ctx, "payment_token": "tok_amex"}, "not the one"),
         ("inventory.reserve", lambda ctx: {**ctx, "email": "victim@example.com"}, "not the one"),
         ("inventory.reserve", lambda ctx: {**ctx, "saga_id": str(uuid.uuid4())}, "not"),
-        ("inventory.reserve", lambda ctx: {**ctx, "items": {1, 2}}, "plain JSON"),
+        ("inventory.reserve", lambda ctx: {**ctx, "items": {1, 2}}, "not the one"),
+        ("inventory.reserve", lambda ctx: {**ctx, "amount": float("nan")}, "plain JSON"),
         ("payments.charge", lambda ctx: {**ctx, "amount": "0.01"}, "altered"),
         ("payments.charge", lambda ctx: {k: v for k, v in ctx.items() if k != SEAL_FIELD}, "no step output seal"),
         ("payments.charge", lambda ctx: {**ctx, SEAL_FIELD: "x" * 60}, "bad step output seal"),
@@ -257,3 +260,14 @@ def test_an_authority_expires(settings) -> None:
 def test_every_field_the_coordinator_writes_is_covered() -> None:
     # A field added to the context by a later change (the quoted total) needs no change here.
     assert context_digest({**CONTEXT, "total": "20.00"}) != context_digest({**CONTEXT, "total": "0.01"})
+
+
+def test_the_context_is_signed_as_participants_receive_it() -> None:
+    # kombu's JSON carries a UUID or a Decimal as such: the authority covers what arrives.
+    context = {"saga_id": str(SAGA_ID), "order_id": uuid.UUID(int=2), "total": Decimal("20.00")}
+    sig = build_chain(PLACE_ORDER.steps[:1], saga_id=SAGA_ID, generation=0, phase="forward", context=context)
+    received = kombu_json.loads(kombu_json.dumps(sig.args[0]))
+    assert received == context
+    authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx=received)
+    with pytest.raises(InvalidMessage, match="not the one"):
+        authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx={**received, "total": "0.01"})
