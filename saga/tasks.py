@@ -7,7 +7,7 @@ from django.db import InterfaceError, OperationalError
 
 from common.exceptions import InvalidMessage
 from common.signing import seal_verify
-from common.steps import require_str, require_uuid
+from common.steps import SagaStepTask, require_str, require_uuid
 
 from . import services
 
@@ -26,7 +26,8 @@ def _check_report(saga_id: Any, step: Any) -> None:
     require_str({"step": step}, "step", max_length=64)
 
 
-@shared_task(name="saga.step_succeeded", **RETRY)
+# Its argument is a step's whole output: a retry keeps the redacted repr (common.steps).
+@shared_task(name="saga.step_succeeded", base=SagaStepTask, **RETRY)
 def step_succeeded(result: Any, *, saga_id: str, step: str) -> None:
     _check_report(saga_id, step)
     # A success report carries the step's output, sealed by the step that produced it
