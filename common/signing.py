@@ -1,54 +1,190 @@
-"""Saga messages are signed: a participant acts only for a saga this system started.
+"""A saga message authorises one step, in one phase and generation, over what it carries.
 
-The coordinator signs the saga's identity and the order request (the fields below) with
-an HMAC of SECRET_KEY (Django's signing, its own salt; SECRET_KEY_FALLBACKS still verify
-during a key rotation) whenever it publishes a chain, and every participant verifies the
-signature before it acts (common.steps). So a message that did not come from the
-coordinator, for an unknown saga or with an altered order (other items, another card,
-another customer), is rejected as `InvalidMessage` and changes nothing.
+The coordinator (saga.engine.build_chain, the one place chains are published from) mints
+an *authority* for each step of a chain it publishes, and sends it as that step's
+`authority` keyword argument. The authority is signed (HMAC of SECRET_KEY through
+Django's signing, its own salt, timestamped; SECRET_KEY_FALLBACKS still verify during a
+rotation) over:
 
-Fields that steps add along the way (the amount, ids, the outcome) are not covered: they
-are checked for type and range by each task. Full protection against someone who can
-both read and write the broker is Celery's message signing (celery.security).
+- the saga id, the step's name, its **task name**, the phase (forward or compensation)
+  and the generation the coordinator publishes it in;
+- the digest of the whole context the coordinator wrote for the chain (every field, so a
+  field added to the context later, e.g. the quoted `total`, is covered without a change
+  here; the outcome of a compensation is one of them);
+- the step before it in the chain (`after`), or none for the chain's first step.
+
+A step's own output travels down the chain in the context (the reserved `amount`, the
+confirmed `outcome`), which the coordinator could not sign in advance. So each step, when
+it has acted, *seals* the context it returns (`_seal`): a signature over the whole
+context, naming the step that produced it and the coordinator's authority it acted on.
+The next step accepts only a context sealed by the step its own authority says comes
+before it, for the same saga, phase, generation and coordinator context.
+
+So a message acts only where the coordinator decided it should: a forged message has no
+valid authority; another step's authority names another task; a forward step's authority
+never names a compensation task (a compensation's authority is minted only when the
+coordinator decides to compensate, with a new generation); an altered field (amount,
+outcome, items, card) breaks the digest or the seal. Each of these is `InvalidMessage`,
+raised before the participant acts. Participants cannot read the saga store (least
+privilege), so they do not refuse an older generation as such: a newer decision that
+supersedes it (a compensation) leaves a tombstone under the step's key, which makes a
+late forward message refuse to act (common.idempotency), and an older copy of the same
+step is a duplicate, idempotent by that key.
+
+Authorities expire after SAGA_MESSAGE_MAX_AGE: a message refused as too old is ignored by
+the coordinator, whose sweeper re-publishes the step with a fresh authority.
+
+Whoever holds SECRET_KEY can sign; every process of this system does. What this stops is
+a foothold without it: a Flower login (its API sends any task by name), a captured or
+logged message, the logs. Full protection against someone who can both read and write the
+broker is Celery's message signing (celery.security).
 """
 
+import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core import signing
 
 from .exceptions import InvalidMessage
 
-SIGNED_FIELDS = ("saga_id", "order_id", "email", "phone", "items", "payment_token", "currency", "total")
-SIGNATURE_FIELD = "saga_signature"
-_SALT = "saga.context"
+AUTHORITY_KWARG = "authority"
+SEAL_FIELD = "_seal"
+_AUTHORITY_SALT = "saga.step-authority"
+_SEAL_SALT = "saga.step-seal"
+# Each message is a handful of short fields; anything much bigger is not ours.
+_MAX_TOKEN = 2048
 
 
-def _signer() -> signing.Signer:
-    return signing.Signer(salt=_SALT, algorithm="sha256")
+@dataclass(frozen=True)
+class Authority:
+    """What one step's message authorises (the verified content of its `authority`)."""
+
+    saga_id: str
+    step: str
+    task: str
+    phase: str
+    generation: int
+    context: str  # digest of the coordinator's context for the chain
+    after: str  # the step whose sealed output this step receives; "" for a chain's first
 
 
-def _payload(ctx: Mapping[str, Any]) -> str:
-    return json.dumps([ctx.get(name) for name in SIGNED_FIELDS], sort_keys=True, separators=(",", ":"))
-
-
-def context_sign(ctx: Mapping[str, Any]) -> dict[str, Any]:
-    """`ctx` with the signature of its saga identity and order request."""
-    signer = _signer()
-    signature = signer.sign(_payload(ctx)).rpartition(signer.sep)[2]
-    return {**ctx, SIGNATURE_FIELD: signature}
-
-
-def context_verify(ctx: Mapping[str, Any]) -> None:
-    """Raise InvalidMessage unless `ctx` carries a valid signature of its signed fields."""
-    signature = ctx.get(SIGNATURE_FIELD)
-    if not isinstance(signature, str) or not signature:
-        raise InvalidMessage("unsigned saga message: not published by the saga coordinator")
-    signer = _signer()
+def context_digest(ctx: Mapping[str, Any]) -> str:
+    """sha256 of the context's canonical JSON, without its seal. A value kombu's JSON
+    decodes into an object (a Decimal, a UUID, a datetime) counts as its string."""
+    body = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
     try:
-        signer.unsign(f"{_payload(ctx)}{signer.sep}{signature}")
-    except (signing.BadSignature, TypeError, ValueError):
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
+    except (TypeError, ValueError):
+        raise InvalidMessage("the saga context is not plain JSON") from None
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def authority_mint(
+    *, saga_id: Any, step: str, task: str, phase: str, generation: int, context: Mapping[str, Any], after: str = ""
+) -> str:
+    """The coordinator's authority for one step of a chain starting from `context`."""
+    claim = {
+        "saga": str(saga_id),
+        "step": step,
+        "task": task,
+        "phase": phase,
+        "gen": generation,
+        "ctx": context_digest(context),
+        "after": after,
+    }
+    return signing.dumps(claim, salt=_AUTHORITY_SALT)
+
+
+def _loads(token: Any, salt: str, what: str) -> dict[str, Any]:
+    if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN:
+        raise InvalidMessage(f"no {what}: not published by the saga coordinator")
+    try:
+        claim = signing.loads(token, salt=salt, max_age=settings.SAGA_MESSAGE_MAX_AGE)
+    except signing.SignatureExpired:
+        raise InvalidMessage(f"the {what} has expired; the coordinator re-publishes what is still due") from None
+    except (signing.BadSignature, ValueError, TypeError):
+        raise InvalidMessage(f"bad {what}: forged or altered") from None
+    if not isinstance(claim, dict):
+        raise InvalidMessage(f"bad {what}: forged or altered")
+    return claim
+
+
+def authority_verify(token: Any, *, task: str, ctx: Mapping[str, Any]) -> Authority:
+    """Raise InvalidMessage unless `token` authorises `task` to act on `ctx`.
+
+    `ctx` must be the coordinator's context itself (the chain's first step) or sealed by
+    the step the authority names as the one before (seal_verify)."""
+    claim = _loads(token, _AUTHORITY_SALT, "step authority")
+    try:
+        authority = Authority(
+            saga_id=str(claim["saga"]),
+            step=str(claim["step"]),
+            task=str(claim["task"]),
+            phase=str(claim["phase"]),
+            generation=int(claim["gen"]),
+            context=str(claim["ctx"]),
+            after=str(claim["after"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise InvalidMessage("bad step authority: forged or altered") from None
+    if authority.task != task:
         raise InvalidMessage(
-            f"bad signature for saga {str(ctx.get('saga_id'))[:64]!r}: an unknown saga, or an altered message"
-        ) from None
+            f"the message authorises {authority.task} ({authority.phase} step {authority.step}), not {task}"
+        )
+    if str(ctx.get("saga_id")) != authority.saga_id:
+        raise InvalidMessage(f"the message authorises saga {authority.saga_id}, not {str(ctx.get('saga_id'))[:64]!r}")
+    if not authority.after:
+        if context_digest(ctx) != authority.context:
+            raise InvalidMessage(f"saga {authority.saga_id}: the context is not the one the coordinator signed")
+        return authority
+    seal = seal_verify(ctx)
+    if (seal.saga_id, seal.step, seal.phase, seal.generation, seal.context) != (
+        authority.saga_id,
+        authority.after,
+        authority.phase,
+        authority.generation,
+        authority.context,
+    ):
+        raise InvalidMessage(
+            f"saga {authority.saga_id}: {authority.step} takes the output of {authority.after} "
+            f"({authority.phase}, generation {authority.generation}), not this one"
+        )
+    return authority
+
+
+def seal(ctx: Mapping[str, Any], authority: Authority) -> dict[str, Any]:
+    """`ctx` (the context a step returns) sealed as the output of `authority`'s step."""
+    body = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
+    claim = {
+        "saga": authority.saga_id,
+        "step": authority.step,
+        "phase": authority.phase,
+        "gen": authority.generation,
+        "ctx": authority.context,
+        "body": context_digest(body),
+    }
+    return {**body, SEAL_FIELD: signing.dumps(claim, salt=_SEAL_SALT)}
+
+
+def seal_verify(ctx: Mapping[str, Any]) -> Authority:
+    """The authority whose step sealed `ctx`, with `after` empty; InvalidMessage if `ctx`
+    is not exactly what that step returned."""
+    claim = _loads(ctx.get(SEAL_FIELD), _SEAL_SALT, "step output seal")
+    if claim.get("body") != context_digest(ctx):
+        raise InvalidMessage(f"saga {str(claim.get('saga'))[:64]}: the step output was altered after its step")
+    try:
+        return Authority(
+            saga_id=str(claim["saga"]),
+            step=str(claim["step"]),
+            task="",
+            phase=str(claim["phase"]),
+            generation=int(claim["gen"]),
+            context=str(claim["ctx"]),
+            after="",
+        )
+    except (KeyError, TypeError, ValueError):
+        raise InvalidMessage("bad step output seal: forged or altered") from None

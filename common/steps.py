@@ -9,23 +9,103 @@ step (queue wait vs work time). Underscored keys are never part of the saga's st
 Retry policy lives here, on the task: transient errors (a provider hiccup, a dropped
 database connection) retry with exponential backoff and jitter; business failures
 (`StepFailed`) are never retried and make the saga compensate.
+
+A participant acts only on what its message authorises (common.signing): the
+coordinator's authority for this task, over this context. The context it returns is
+sealed for the next step.
+
+Nothing reusable or personal leaves a step through Celery's own reporting. The context
+must still travel whole to the next step (a chain passes a step's return value as the
+next one's argument), so what changes is how Celery *shows* it:
+- the return value is a `SagaContext`, whose repr (what Celery logs at INFO as "Task ...
+  succeeded in ...: <repr>" and sends to Flower in the task-succeeded event, both through
+  `saferepr` in celery.app.trace) shows ids and outcomes only. It is a Mapping but not a
+  dict, so `saferepr` calls its repr instead of walking its items; kombu's JSON encoder
+  sends it as the plain object it wraps;
+- a failed or retried step's stored arguments (the result backend, extended results) are
+  its request's `argsrepr`, which the step replaces with its ids and the chain's timing
+  (`_steps`): the coordinator reads that timeline (saga.services._failure_from_backend);
+- a retry keeps the message's `argsrepr`/`kwargsrepr` (Celery would otherwise render the
+  whole context, and the authority, again for the retried message's events).
 """
 
+import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
+from kombu.utils.json import register_type
 
 from .exceptions import InvalidMessage, TransientError
-from .signing import context_verify
+from .signing import AUTHORITY_KWARG, SEAL_FIELD, authority_verify, seal
 
 RETRYABLE = (TransientError, OperationalError, InterfaceError)
 # A chain is a handful of steps; the cap only keeps a malformed context from growing.
 MAX_TIMELINE = 16
+
+
+# What a step's result shows in logs and events: ids and outcomes.
+SHOWN_FIELDS = ("saga_id", "order_id", "outcome", "status", "payment_id", "refund", "notified", "decline_code")
+TIMELINE_FIELDS = ("task_id", "started_at", "finished_at", "attempt", "worker", "output")
+
+
+class SagaContext(Mapping[str, Any]):
+    """A step's return value: the saga context, shown as its ids and outcomes only."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        shown = " ".join(f"{k}={str(self._data[k])[:64]}" for k in SHOWN_FIELDS if self._data.get(k) not in (None, ""))
+        return f"<saga context {shown}>"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+# Sent as the plain object it wraps (no envelope): whoever receives it needs nothing of ours.
+register_type(SagaContext, None, SagaContext.as_dict)
+
+
+def stored_args_repr(ctx: Mapping[str, Any]) -> str:
+    """What the result backend keeps as a step's arguments: ids and the chain's timing."""
+    timeline = ctx.get("_steps")
+    timeline = [
+        {k: meta[k] for k in TIMELINE_FIELDS if k in meta}
+        for meta in (timeline[-MAX_TIMELINE:] if isinstance(timeline, list) else [])
+        if isinstance(meta, dict)
+    ]
+    ids = {k: str(ctx.get(k))[:64] for k in ("saga_id", "order_id") if ctx.get(k) is not None}
+    try:
+        return json.dumps([{**ids, "_steps": timeline}], separators=(",", ":"))
+    except (TypeError, ValueError):
+        return json.dumps([ids])
+
+
+class SagaStepTask(Task):
+    """A participant task: a retry keeps the message's redacted argument reprs."""
+
+    def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        request = self.request if request is None else request
+        for name in ("argsrepr", "kwargsrepr"):
+            if getattr(request, name, None) is not None:
+                options.setdefault(name, getattr(request, name))
+        return super().signature_from_request(request, args, kwargs, **options)
 
 
 def require_uuid(ctx: Mapping[str, Any], field: str) -> uuid.UUID:
@@ -38,14 +118,20 @@ def require_uuid(ctx: Mapping[str, Any], field: str) -> uuid.UUID:
 def require_str(ctx: Mapping[str, Any], field: str, *, max_length: int = 255) -> str:
     value = ctx.get(field)
     if not isinstance(value, str) or not value or len(value) > max_length:
-        raise InvalidMessage(f"message field {field!r} must be a non-empty string, got {value!r}")
+        # Not the value: it may be a customer's email or card token (issue 12).
+        kind = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+        raise InvalidMessage(f"message field {field!r} must be a non-empty string of at most {max_length}, got {kind}")
     return value
 
 
 def saga_step_task(
-    name: str, *, max_retries: int = 5, compensation: bool = False, **options: Any
+    name: str, *, max_retries: int = 5, compensation: bool = False, phase: str = "", **options: Any
 ) -> Callable[[Callable[..., dict[str, Any]]], Any]:
     """Declare a participant task: `fn(ctx, **kwargs) -> output dict`.
+
+    `phase` ("forward" or "compensation"), if given, is the only phase whose authority the
+    task accepts: an undo acts on the coordinator's decision to compensate, whatever a
+    saga definition says.
 
     The wrapped function must be idempotent by its saga key (see common.idempotency).
     A compensation (or a step past the pivot) retries transient errors for
@@ -57,6 +143,7 @@ def saga_step_task(
     def decorator(fn: Callable[..., dict[str, Any]]) -> Any:
         @shared_task(
             name=name,
+            base=SagaStepTask,
             bind=True,
             autoretry_for=RETRYABLE,
             retry_backoff=1,
@@ -65,12 +152,17 @@ def saga_step_task(
             max_retries=max_retries,
             **options,
         )
-        def task(self: Any, ctx: Any, **kwargs: Any) -> dict[str, Any]:
+        def task(self: Any, ctx: Any, **kwargs: Any) -> SagaContext:
             started_at = timezone.now()
             if not isinstance(ctx, dict):
                 raise InvalidMessage(f"{name} expects a saga context object, got {type(ctx).__name__}")
-            # Only for a saga the coordinator started, with the order as it was placed (issue 6).
-            context_verify(ctx)
+            # A failure or retry stores this, not the context (result backend, Flower).
+            self.request.argsrepr = stored_args_repr(ctx)
+            # Only what the coordinator decided, for this task, over this context (issue 12).
+            authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
+            if phase and authority.phase != phase:
+                raise InvalidMessage(f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message")
+            ctx = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
             output = fn(ctx, **kwargs)
             meta = {
                 "task_id": self.request.id,
@@ -82,7 +174,7 @@ def saga_step_task(
             }
             earlier = ctx.get("_steps")
             earlier = earlier[-MAX_TIMELINE:] if isinstance(earlier, list) else []
-            return {**ctx, **output, "_steps": [*earlier, meta]}
+            return SagaContext(seal({**ctx, **output, "_steps": [*earlier, meta]}, authority))
 
         task.__doc__ = fn.__doc__
         return task

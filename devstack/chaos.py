@@ -287,9 +287,8 @@ class Chaos:
         self.broker.restart(down_seconds=self.rng.uniform(0.5, 2.0))
 
     def _inject_duplicate(self) -> None:
-        from common.signing import context_sign
         from orders.saga import PLACE_ORDER
-        from saga.engine import step_signature
+        from saga.engine import build_chain
         from saga.models import SagaInstance
 
         running = self._running_steps()
@@ -298,9 +297,10 @@ class Chaos:
         saga_id, step_name = self.rng.choice(running)
         saga = SagaInstance.objects.get(id=saga_id)
         specs = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}
-        # A real copy: signed like the coordinator's own messages.
-        step_signature(specs[step_name], saga_id=saga.id, generation=saga.generation).clone(
-            args=(context_sign(saga.context),)
+        # A real copy: with an authority like the coordinator's own messages.
+        phase = "forward" if specs[step_name] in PLACE_ORDER.steps else "compensation"
+        build_chain(
+            (specs[step_name],), saga_id=saga.id, generation=saga.generation, phase=phase, context=saga.context
         ).apply_async()
         self._record("duplicate", step_name, [(saga_id, step_name)])
 
@@ -311,10 +311,9 @@ class Chaos:
         order in between."""
         import requests
 
-        from common.signing import context_sign
         from orders.saga import PLACE_ORDER
         from payments.resilience import breaker_reset, provider_breaker
-        from saga.engine import step_signature
+        from saga.engine import build_chain
         from saga.models import SagaInstance
 
         running = self._running_steps()
@@ -326,11 +325,13 @@ class Chaos:
         copies, circuit, cancel = self.rng.randint(2, 4), self.rng.random() < 0.5, self.rng.random() < 0.5
         if circuit:
             provider_breaker().open()
-        message = (context_sign(saga.context),)
+        phase = "forward" if spec in PLACE_ORDER.steps else "compensation"
+        # Generations far above the saga's own, so no copy shares a task id with a re-publish.
+        generation = saga.generation + 1000 + self.rng.randrange(10**6)
         for i in range(copies):
-            # Generations far above the saga's own, so no copy shares a task id with a re-publish.
-            generation = saga.generation + 1000 + self.rng.randrange(10**6)
-            step_signature(spec, saga_id=saga.id, generation=generation + i).clone(args=message).apply_async()
+            build_chain(
+                (spec,), saga_id=saga.id, generation=generation + i, phase=phase, context=saga.context
+            ).apply_async()
         if cancel:
             self._cancel(requests.Session(), str(saga.order_id), token=self.token)
         if circuit:

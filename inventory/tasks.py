@@ -35,13 +35,13 @@ def _lines(ctx: dict[str, Any]) -> list[tuple[str, int, Decimal]]:
     return lines
 
 
-@saga_step_task("inventory.reserve")
+@saga_step_task("inventory.reserve", phase="forward")
 def reserve(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.stock_reserve(
         saga_id=require_uuid(ctx, "saga_id"), order_id=require_uuid(ctx, "order_id"), lines=_lines(ctx)
     )
 
 
-@saga_step_task("inventory.release", compensation=True)
+@saga_step_task("inventory.release", compensation=True, phase="compensation")
 def release(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.stock_release(saga_id=require_uuid(ctx, "saga_id"))

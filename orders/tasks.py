@@ -7,7 +7,7 @@ from common.steps import require_uuid, saga_step_task
 from . import services
 
 
-@saga_step_task("orders.confirm")
+@saga_step_task("orders.confirm", phase="forward")
 def confirm(ctx: dict[str, Any]) -> dict[str, Any]:
     try:
         total = Decimal(str(ctx["total"]))
@@ -21,7 +21,7 @@ def confirm(ctx: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-@saga_step_task("orders.fail", compensation=True)
+@saga_step_task("orders.fail", compensation=True, phase="compensation")
 def fail(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.order_fail(
         order_id=require_uuid(ctx, "order_id"),

@@ -315,6 +315,9 @@ SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=5.0)
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=200)
 # How many times a compensation retries a transient error before the saga needs an operator.
 SAGA_COMPENSATION_MAX_RETRIES = env.int("SAGA_COMPENSATION_MAX_RETRIES", default=12)
+# How long a step's authority (common.signing) stays valid. A message older than this is
+# refused; the sweeper re-publishes a step still due with a fresh one.
+SAGA_MESSAGE_MAX_AGE = env.int("SAGA_MESSAGE_MAX_AGE", default=24 * 3600)
 CELERY_BEAT_SCHEDULE = {
     "saga-sweep": {
         "task": "saga.sweep",

@@ -21,7 +21,7 @@ def _amount(ctx: dict[str, Any]) -> Decimal:
     return amount
 
 
-@saga_step_task("payments.charge", max_retries=5)
+@saga_step_task("payments.charge", max_retries=5, phase="forward")
 def charge(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.payment_charge(
         saga_id=require_uuid(ctx, "saga_id"),
@@ -34,6 +34,6 @@ def charge(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 # A refund may wait for an in-flight charge (tok_slow): give it a longer budget.
-@saga_step_task("payments.refund", compensation=True)
+@saga_step_task("payments.refund", compensation=True, phase="compensation")
 def refund(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.payment_refund(saga_id=require_uuid(ctx, "saga_id"))

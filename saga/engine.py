@@ -17,6 +17,11 @@ One report per chain instead of one per step is what keeps the saga's bookkeepin
 the cost of a bare chain (BENCHMARKS.md). The pivot records the steps before it in its
 own transaction (saga.services.saga_pivot_commit), so the store never lags a confirmed
 order.
+
+Each step's message carries the coordinator's authority for that step (common.signing):
+its saga, step, task, phase and generation, the digest of the context the chain starts
+from, and the step whose sealed output it takes. The first step receives the context
+itself. Flower and the logs see `argsrepr`/`kwargsrepr`, never the context or an authority.
 """
 
 import uuid
@@ -24,8 +29,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery import Signature, chain
+from kombu.utils import json
 
-from common.signing import context_sign
+from common.signing import AUTHORITY_KWARG, authority_mint
 from orders_project.celery import app
 
 from .definition import Step
@@ -46,34 +52,75 @@ def step_name_of(task_id: str, saga_id: uuid.UUID | str) -> str | None:
     return task_id[len(prefix) :].rpartition("-g")[0] or None
 
 
-def step_signature(step: Step, *, saga_id: uuid.UUID | str, generation: int, report: bool = True) -> Signature:
-    """One step's signature; with `report`, its success is reported to the coordinator."""
+def step_signature(
+    step: Step,
+    *,
+    saga_id: uuid.UUID | str,
+    generation: int,
+    phase: str,
+    context: Mapping[str, Any],
+    after: str = "",
+    report: bool = True,
+) -> Signature:
+    """One step's signature, with its authority for a chain starting from `context` in
+    which it follows the step `after` ("" for the first); with `report`, its success is
+    reported to the coordinator."""
     callback_kwargs = {"saga_id": str(saga_id), "step": step.name}
-    sig = app.signature(step.task, kwargs=dict(step.kwargs))
-    # Flower and the worker logs show these instead of the saga context: no customer's
-    # email or card token there, and no repr of the context on every publish (a few % of
-    # a participant's CPU, BENCHMARKS.md).
-    sig.set(task_id=task_id_for(saga_id, step.name, generation), argsrepr=f"(<saga {saga_id} context>,)")
+    authority = authority_mint(
+        saga_id=saga_id,
+        step=step.name,
+        task=step.task,
+        phase=phase,
+        generation=generation,
+        context=context,
+        after=after,
+    )
+    sig = app.signature(step.task, kwargs={**step.kwargs, AUTHORITY_KWARG: authority})
+    # Flower, task events, the worker logs and stored failures show these instead of the
+    # saga context and the authority: no customer's email or card token there, nothing
+    # that could be sent again, and no repr of the context on every publish (a few % of a
+    # participant's CPU, BENCHMARKS.md).
+    sig.set(
+        task_id=task_id_for(saga_id, step.name, generation),
+        argsrepr=f"(<saga {saga_id} context>,)",
+        kwargsrepr=f"{{'{AUTHORITY_KWARG}': <{phase} step {step.name} g{generation}>}}",
+    )
     if report:
-        sig.link(app.signature(STEP_SUCCEEDED_TASK, kwargs=callback_kwargs))
+        report_sig = app.signature(STEP_SUCCEEDED_TASK, kwargs=callback_kwargs)
+        # It is called with this step's result: the whole context.
+        report_sig.set(argsrepr=f"(<saga {saga_id} {step.name} result>,)")
+        sig.link(report_sig)
     sig.link_error(app.signature(STEP_FAILED_TASK, kwargs=callback_kwargs))
     return sig
 
 
 def build_chain(
-    steps: Iterable[Step], *, saga_id: uuid.UUID | str, generation: int, context: Mapping[str, Any]
+    steps: Iterable[Step], *, saga_id: uuid.UUID | str, generation: int, phase: str, context: Mapping[str, Any]
 ) -> Signature:
-    """A chain running `steps` in order; the first receives `context`, signed (participants
-    verify it: common.signing), each next one receives what the previous returned."""
+    """A chain running `steps` of `phase` in order, as `generation`: the first receives
+    `context`, each next one what the previous returned (sealed: common.signing). Each
+    step's authority covers `context` whole, so every field the coordinator writes (the
+    order request, the quoted total, a compensation's outcome) is signed."""
     steps = list(steps)
+    if not steps:
+        raise ValueError("a saga chain needs at least one step")
+    # Signed as the participants will receive it, through kombu's JSON (which turns some
+    # types into others on the way), so both sides digest the same thing.
+    context = json.loads(json.dumps({k: v for k, v in context.items() if not k.startswith("_")}))
     signatures = [
-        step_signature(step, saga_id=saga_id, generation=generation, report=i == len(steps) - 1)
+        step_signature(
+            step,
+            saga_id=saga_id,
+            generation=generation,
+            phase=phase,
+            context=context,
+            after=steps[i - 1].name if i else "",
+            report=i == len(steps) - 1,
+        )
         for i, step in enumerate(steps)
     ]
-    if not signatures:
-        raise ValueError("a saga chain needs at least one step")
     first = signatures[0]
-    first.args = (context_sign(context),)
+    first.args = (context,)
     if len(signatures) == 1:
         return first
     return chain(*signatures, app=app)

@@ -51,7 +51,10 @@ def _publish(signature: Any, saga_id: uuid.UUID, trace_context: Mapping[str, str
 
 
 def _publish_on_commit(steps: tuple[Step, ...], saga: SagaInstance) -> None:
-    signature = build_chain(steps, saga_id=saga.id, generation=saga.generation, context=saga.context)
+    # A chain is one phase: forward steps, or the compensation plan (common.signing binds it).
+    forward = steps[0] in get_definition(saga.definition).steps
+    phase = StepPhase.FORWARD if forward else StepPhase.COMPENSATION
+    signature = build_chain(steps, saga_id=saga.id, generation=saga.generation, phase=phase, context=saga.context)
     transaction.on_commit(partial(_publish, signature, saga.id, saga.trace_context), using=DB)
 
 
@@ -302,6 +305,9 @@ def _failure_from_backend(task_id: str) -> StoredFailure | None:
     timeline = None
     with contextlib.suppress(Exception):  # the timing is nice to have, never a reason to stop
         args = result.args or ()
+        if isinstance(args, str):
+            # A step stores its ids and timing as its argsrepr, not its context (common.steps).
+            args = json.loads(args)
         if args and isinstance(args[0], dict):
             timeline = args[0].get("_steps")
     return StoredFailure(type(exc).__name__, str(exc), timeline)

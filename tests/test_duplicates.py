@@ -10,7 +10,7 @@ from inventory.models import ProcessedKey as InventoryKey
 from notifications.models import Notification
 from orders.saga import PLACE_ORDER
 from payments.models import FakeProviderOperation, Payment
-from saga.engine import step_signature
+from saga.engine import build_chain
 from saga.models import SagaInstance, SagaStep
 
 from .api import Api, make_product, steps_by_name, stock
@@ -21,8 +21,11 @@ pytestmark = pytest.mark.integration
 def redeliver(saga: SagaInstance, step_name: str, ctx: dict) -> dict:
     """Publish the step's message again, exactly as the saga did, and wait for it to run."""
     specs = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}
-    signature = step_signature(specs[step_name], saga_id=saga.id, generation=saga.generation + 100)
-    result = signature.clone(args=(ctx,)).apply_async(ignore_result=False)
+    phase = "forward" if specs[step_name] in PLACE_ORDER.steps else "compensation"
+    signature = build_chain(
+        (specs[step_name],), saga_id=saga.id, generation=saga.generation + 100, phase=phase, context=ctx
+    )
+    result = signature.apply_async(ignore_result=False)
     return result.get(timeout=60, propagate=True)
 
 

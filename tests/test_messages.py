@@ -2,24 +2,34 @@
 
 Each task validates its message before acting (common.steps, common.signing and the
 tasks themselves): a message that is not an object, lacks a field, has a field of the
-wrong type, or is for a saga the coordinator never started (no valid signature) fails
-with InvalidMessage, is logged by the worker, and leaves every database as it was.
+wrong type, carries no authority of the coordinator for this very task (forged, another
+step's, another phase's) or is not what that authority covers (altered items, amount,
+outcome) fails with InvalidMessage, is logged by the worker, and leaves every database as
+it was. And nothing a step returns, stores or reports carries a customer's data or
+anything that could be sent again.
 """
 
+import ast
+import json
+import re
+import threading
 import uuid
 
 import pytest
 from django.db import connections
 from django.utils import timezone
+from django_celery_results.models import TaskResult
 
 from common.exceptions import InvalidMessage, StepRefused
-from common.signing import SIGNATURE_FIELD, context_sign
+from common.signing import Authority, context_digest, seal
 from devstack.topology import Topology, wait_for
 from orders.models import Order
+from orders.saga import PLACE_ORDER
 from orders_project.celery import app
+from saga.engine import build_chain
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 
-from .api import Api, make_product
+from .api import Api, make_product, stock
 
 pytestmark = pytest.mark.integration
 
@@ -76,30 +86,49 @@ def running_saga(sku: str) -> SagaInstance:
     return saga
 
 
+def seal_authority(saga: SagaInstance, step: str, phase: str = "forward") -> Authority:
+    """The authority a step of `saga` acted on, as common.steps seals its output with."""
+    return Authority(str(saga.id), step, "", phase, saga.generation, context_digest(saga.context), "")
+
+
+def signed_output(saga: SagaInstance) -> dict:
+    """A real-looking output of the saga's first step (a test holds SECRET_KEY)."""
+    return seal(dict(saga.context), seal_authority(saga, "reserve_inventory"))
+
+
+def coordinator_message(task: str, ctx: dict, *, phase: str = "", generation: int = 0) -> tuple[list, dict]:
+    """(args, kwargs) of `task`'s message as the coordinator would send it over `ctx`, as
+    the first step of a chain (a coordinator bug: only the task's own checks stop it)."""
+    step = next(s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps() if s.task == task)
+    phase = phase or ("forward" if step in PLACE_ORDER.steps else "compensation")
+    sig = build_chain((step,), saga_id=ctx.get("saga_id"), generation=generation, phase=phase, context=ctx)
+    return list(sig.args), dict(sig.kwargs)
+
+
+def chain_messages(saga: SagaInstance, plan, *, phase: str, generation: int) -> dict[str, tuple[list, dict]]:
+    """{task: (args, kwargs)} of each step of the saga's chain, each as its participant
+    receives it: real authorities, and the previous step's real sealed output (each step
+    is run again for it: idempotent, it returns what it returned the first time)."""
+    canvas = build_chain(plan, saga_id=saga.id, generation=generation, phase=phase, context=saga.context)
+    signatures = canvas.tasks if hasattr(canvas, "tasks") else [canvas]
+    messages, args = {}, list(signatures[0].args)
+    for sig in signatures:
+        kwargs = dict(sig.kwargs)
+        messages[sig.task] = (args, kwargs)
+        result = app.send_task(sig.task, args=args, kwargs=kwargs, ignore_result=False)
+        output = result.get(timeout=60, propagate=False)
+        assert result.state == "SUCCESS", (sig.task, result.result)
+        args = [output]
+    return messages
+
+
 def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, topology: Topology, sku: str) -> None:
     make_product(sku, on_hand=5)
     confirmed = api.wait_until_final(api.place_order([(sku, 1)])["id"])
     assert confirmed["status"] == "confirmed"
     real = SagaInstance.objects.get(id=confirmed["saga"]["id"])
     held = running_saga(sku)
-
-    def forged(**fields: object) -> dict:
-        """A well-formed message for a saga nobody started, signed with a made-up key."""
-        ctx = {
-            **held.context,
-            "saga_id": str(uuid.uuid4()),
-            "order_id": str(uuid.uuid4()),
-            "amount": "10.00",
-            "outcome": "confirmed",
-            **fields,
-        }
-        return {**ctx, SIGNATURE_FIELD: "forged-0123456789abcdefghijklmnopqrstuvwxyz"}
-
-    def signed(base: dict, **fields: object) -> dict:
-        """Signed as the coordinator would (a coordinator bug): only the task's own checks stop it."""
-        return context_sign({**base, **fields})
-
-    unsigned = {k: v for k, v in forged().items() if k != SIGNATURE_FIELD}
+    held_ctx = dict(held.context)
     participant_tasks = {
         "inventory.reserve": "inventory",
         "inventory.release": "inventory",
@@ -109,52 +138,65 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
         "orders.fail": "orders",
         "notifications.notify": "notifications",
     }
+    compensations = {"inventory.release", "payments.refund", "orders.fail"}
+
     cases: list[tuple[str, str, list, dict, type[Exception], str]] = []
     for task, queue in participant_tasks.items():
+        [ctx], _ = coordinator_message("inventory.reserve", held_ctx)
+        other_task = "payments.charge" if task != "payments.charge" else "orders.confirm"
+        other_phase = "compensation" if task not in compensations else "forward"
+        other_phase_task = "payments.refund" if task not in compensations else "inventory.reserve"
+        _, other_step = coordinator_message(other_task, held_ctx)
+        _, other_phase_kwargs = coordinator_message(other_phase_task, held_ctx, phase=other_phase)
+        _, own_kwargs = coordinator_message(task, held_ctx)
         cases += [
             (task, queue, ["not a saga context"], {}, InvalidMessage, "expects a saga context object"),
-            (task, queue, [unsigned], {}, InvalidMessage, "unsigned saga message"),
-            (task, queue, [forged()], {}, InvalidMessage, "bad signature"),
-            # The real saga's message, with more of the product ordered.
-            (
-                task,
-                queue,
-                [{**held.context, **signed(held.context), "items": [{"sku": sku, "quantity": 5}]}],
-                {},
-                InvalidMessage,
-                "bad signature",
-            ),
+            (task, queue, [ctx], {}, InvalidMessage, "no step authority"),
+            (task, queue, [ctx], {"authority": "forged-0123456789abcdefghijklmnopqrstuvwxyz"}, InvalidMessage, "bad"),
+            # Another step's authority, and another phase's, for this very saga and context.
+            (task, queue, [ctx], other_step, InvalidMessage, f"not {task}"),
+            (task, queue, [ctx], other_phase_kwargs, InvalidMessage, f"not {task}"),
+            # Its own authority, with more of the product ordered, or another saga's context.
+            (task, queue, [{**ctx, "items": [{"sku": sku, "quantity": 5}]}], own_kwargs, InvalidMessage, "not the one"),
+            (task, queue, [dict(real.context)], own_kwargs, InvalidMessage, "authorises saga"),
         ]
     base = {**held.context, "amount": "10.00", "outcome": "confirmed"}
+
+    def bug(task: str, queue: str, ctx: dict, error: type[Exception], text: str) -> tuple:
+        return (task, queue, *coordinator_message(task, ctx), error, text)
+
     cases += [
-        # Signed, but with a field of the wrong type or missing.
+        # Authorised, but with a field of the wrong type or missing.
+        bug(
+            "inventory.reserve", "inventory", {**base, "items": [{"sku": sku, "quantity": "1"}]}, InvalidMessage, "line"
+        ),
+        bug("inventory.reserve", "inventory", {**base, "items": [[sku, 1]]}, InvalidMessage, "malformed"),
+        bug("inventory.release", "inventory", {**base, "saga_id": "not-a-uuid"}, InvalidMessage, "saga_id"),
+        bug("payments.charge", "payments", {**base, "total": "lots"}, InvalidMessage, "total"),
+        bug("payments.charge", "payments", {**base, "total": "-5"}, InvalidMessage, "total"),
+        bug("payments.charge", "payments", {**base, "payment_token": None}, InvalidMessage, "payment_token"),
+        bug("payments.refund", "payments", {**base, "saga_id": 42}, InvalidMessage, "saga_id"),
+        bug("orders.confirm", "orders", {k: v for k, v in base.items() if k != "total"}, InvalidMessage, "total"),
+        bug("orders.fail", "orders", {**base, "order_id": None}, InvalidMessage, "order_id"),
+        bug("notifications.notify", "notifications", {**base, "outcome": "bogus"}, InvalidMessage, "outcome"),
+        bug("notifications.notify", "notifications", {**base, "email": ["x@example.com"]}, InvalidMessage, "email"),
+        # The coordinator's authority for an undo, in a forward chain, and the reverse.
+        (
+            "payments.refund",
+            "payments",
+            *coordinator_message("payments.refund", base, phase="forward"),
+            InvalidMessage,
+            "compensation phase",
+        ),
         (
             "inventory.reserve",
             "inventory",
-            [signed(base, items=[{"sku": sku, "quantity": "1"}])],
-            {},
+            *coordinator_message("inventory.reserve", base, phase="compensation"),
             InvalidMessage,
-            "malformed order line",
+            "forward phase",
         ),
-        ("inventory.reserve", "inventory", [signed(base, items=[[sku, 1]])], {}, InvalidMessage, "malformed"),
-        ("inventory.release", "inventory", [signed(base, saga_id="not-a-uuid")], {}, InvalidMessage, "saga_id"),
-        ("payments.charge", "payments", [signed(base, total="lots")], {}, InvalidMessage, "total"),
-        ("payments.charge", "payments", [signed(base, total="-5")], {}, InvalidMessage, "total"),
-        ("payments.charge", "payments", [signed(base, payment_token=None)], {}, InvalidMessage, "payment_token"),
-        ("payments.refund", "payments", [signed(base, saga_id=42)], {}, InvalidMessage, "saga_id"),
-        (
-            "orders.confirm",
-            "orders",
-            [signed({k: v for k, v in base.items() if k != "total"})],
-            {},
-            InvalidMessage,
-            "total",
-        ),
-        ("orders.fail", "orders", [signed(base, order_id=None)], {}, InvalidMessage, "order_id"),
-        ("notifications.notify", "notifications", [signed(base, outcome="bogus")], {}, InvalidMessage, "outcome"),
-        ("notifications.notify", "notifications", [signed(base, email=["x@example.com"])], {}, InvalidMessage, "email"),
-        # The held saga's own (valid) message, sent to a compensation: it is not compensating.
-        ("orders.fail", "orders", [signed(base)], {}, StepRefused, "is not compensating"),
+        # The held saga's own message, sent to a compensation: it is not compensating.
+        bug("orders.fail", "orders", base, StepRefused, "is not compensating"),
         # The coordinator: malformed reports, and success reports that no step sent.
         ("saga.step_succeeded", "saga", [{}], {"saga_id": "not-a-uuid", "step": "x"}, InvalidMessage, "saga_id"),
         (
@@ -179,15 +221,25 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
             [{**base, "saga_id": str(held.id)}],
             {"saga_id": str(held.id), "step": "reserve_inventory"},
             InvalidMessage,
-            "unsigned",
+            "no step output seal",
         ),
         (
             "saga.step_succeeded",
             "saga",
-            [signed(real.context)],
+            # A real step output, of another saga.
+            [signed_output(real)],
             {"saga_id": str(held.id), "step": "reserve_inventory"},
             InvalidMessage,
             "another saga",
+        ),
+        (
+            "saga.step_succeeded",
+            "saga",
+            # The held saga's context sealed as another step's output.
+            [seal(held_ctx, seal_authority(held, "charge_payment"))],
+            {"saga_id": str(held.id), "step": "reserve_inventory"},
+            InvalidMessage,
+            "output of charge_payment",
         ),
         (
             "saga.step_failed",
@@ -252,3 +304,194 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
     # Not a real order: nothing may pick it up later.
     Order.objects.filter(id=held.order_id).delete()
     held.delete()
+
+
+def send_and_expect(task: str, args: list, kwargs: dict, error: type[Exception] = InvalidMessage) -> Exception:
+    result = app.send_task(task, args=args, kwargs=kwargs, ignore_result=False)
+    result.get(timeout=60, propagate=False)
+    assert result.state == "FAILURE", (task, result.state, result.result)
+    assert isinstance(result.result, error), (task, result.result)
+    return result.result
+
+
+def finished_saga(api: Api, order_id: str, status: str) -> SagaInstance:
+    order = api.wait_until_final(order_id, timeout=90)
+    saga_id = order["saga"]["id"]
+    return wait_for(
+        lambda: SagaInstance.objects.filter(id=saga_id, status=status).first(),
+        timeout=60,
+        what=f"saga {saga_id} {status}",
+    )
+
+
+def logged_step_results(topology: Topology, saga_id: str) -> list[dict]:
+    """What the workers' logs show of the saga's steps' results, read back as a message
+    the way someone holding the logs would: every field a line shows."""
+    results = []
+    for process in topology.processes.values():
+        for line in process.log_path.read_text(errors="replace").splitlines():
+            if f"[{saga_id}-" not in line or " succeeded in " not in line:
+                continue
+            shown = line.split(" succeeded in ", 1)[1]
+            # A dict's repr (truncated by Celery past 1024 characters or 3 levels), or
+            # `key=value` pairs.
+            value: dict = dict(re.findall(r"'(\w+)': '([^']*)'", shown)) or dict(re.findall(r"(\w+)=([\w.-]+)", shown))
+            if items := re.search(r"'items': (\[[^\]]*\])", shown):
+                value["items"] = ast.literal_eval(items.group(1))
+            if value:
+                results.append(value)
+    return results
+
+
+def test_a_logged_forward_message_replayed_as_a_compensation_refunds_and_releases_nothing(
+    api: Api, topology: Topology, sku: str
+) -> None:
+    make_product(sku, on_hand=5)
+    saga = finished_saga(api, api.place_order([(sku, 2)])["id"], "completed")
+    logged = wait_for(
+        lambda: (found := logged_step_results(topology, str(saga.id))) and len(found) >= 4 and found,
+        timeout=10,
+        what="the forward steps' success lines",
+    )
+    before = database_snapshot()
+
+    for ctx in logged:
+        for task in ("payments.refund", "inventory.release"):
+            send_and_expect(task, [ctx], {})
+
+    assert database_snapshot() == before
+    assert stock(sku) == (5, 2)
+    assert [p["status"] for p in api.payments(str(saga.order_id))] == ["captured"]
+
+
+def test_replayed_altered_and_misdirected_step_messages_are_refused_on_every_queue(
+    api: Api, topology: Topology, sku: str
+) -> None:
+    """The real messages of a confirmed and a compensated saga (real authorities, each
+    step's real sealed output), sent where they do not belong or altered, change nothing."""
+    make_product(sku, on_hand=5)
+    confirmed = finished_saga(api, api.place_order([(sku, 2)])["id"], "completed")
+    declined = finished_saga(api, api.place_order([(sku, 1)], token="tok_chargeDeclined")["id"], "compensated")
+    forward = chain_messages(confirmed, PLACE_ORDER.steps, phase="forward", generation=confirmed.generation)
+    compensation = chain_messages(
+        declined, PLACE_ORDER.compensation_steps(), phase="compensation", generation=declined.generation
+    )
+    queues = {
+        "inventory.reserve",
+        "inventory.release",
+        "payments.charge",
+        "payments.refund",
+        "orders.confirm",
+        "orders.fail",
+        "notifications.notify",
+    }
+    before = database_snapshot()
+
+    for messages in (forward, compensation):
+        for task, (args, kwargs) in messages.items():
+            # Another step's message (of either phase) on every other queue.
+            for other in queues - {task}:
+                assert f"not {other}" in str(send_and_expect(other, args, kwargs))
+            # Its own queue, with what it acts on altered.
+            [ctx] = args
+            for field, value in [("amount", "0.01"), ("outcome", "cancelled"), ("outcome", "confirmed")]:
+                if ctx.get(field, value) != value:
+                    error = str(send_and_expect(task, [{**ctx, field: value}], kwargs))
+                    assert "altered" in error or "not the one" in error, (task, field, error)
+    # The confirmed saga's forward messages as compensations, its refund and release
+    # authorities minted by nobody: what a Flower login could send.
+    for args, kwargs in forward.values():
+        send_and_expect("payments.refund", args, kwargs)
+        send_and_expect("inventory.release", args, kwargs)
+
+    assert database_snapshot() == before
+    assert stock(sku) == (5, 2)
+    assert [p["status"] for p in api.payments(str(confirmed.order_id))] == ["captured"]
+
+
+class EventCapture:
+    """Every Celery event (what Flower shows) while it runs, as JSON text."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.receiver = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with app.connection_for_read() as connection:
+            self.receiver = app.events.Receiver(connection, handlers={"*": self.events.append})
+            self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def __enter__(self) -> "EventCapture":
+        self.thread.start()
+        # Subscribed once a worker's heartbeat (every 2 s) arrives.
+        wait_for(lambda: any(e.get("type") == "worker-heartbeat" for e in self.events), timeout=30, what="events")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.receiver is not None:
+            self.receiver.should_stop = True
+        self.thread.join(timeout=10)
+
+    def text(self) -> str:
+        return json.dumps(self.events, default=str)
+
+
+def test_nothing_personal_or_reusable_leaves_a_step(api: Api, topology: Topology, sku: str) -> None:
+    """Logs, task events (Flower) and stored results carry ids and outcomes only."""
+    make_product(sku, on_hand=5)
+    email = f"leak-{uuid.uuid4().hex[:12]}@example.com"
+    phone = f"+1555{uuid.uuid4().int % 10**7:07d}"
+    started = timezone.now()
+    offsets = {name: p.log_path.stat().st_size for name, p in topology.processes.items() if p.log_path.exists()}
+
+    with EventCapture() as events:
+        placed = [
+            api.place_order([(sku, 1)], email=email, phone=phone),
+            api.place_order([(sku, 1)], token="tok_chargeDeclined", email=email, phone=phone),
+        ]
+        sagas = [finished_saga(api, placed[0]["id"], "completed"), finished_saga(api, placed[1]["id"], "compensated")]
+        ids = [str(s.id) for s in sagas]
+        # The last step of each saga has told Flower it succeeded.
+        wait_for(
+            lambda: all(
+                any(
+                    e.get("type") == "task-succeeded" and str(e.get("uuid", "")).startswith(f"{i}-notify")
+                    for e in events.events
+                )
+                for i in ids
+            ),
+            timeout=30,
+            what="the notify steps' task-succeeded events",
+        )
+
+    secrets = {
+        "email": email,
+        "phone": phone,
+        "payment token": "tok_",
+        "signature or authority": "eyJzYWdh",  # base64 of '{"saga': common.signing's tokens
+        "seal": "_seal",
+        "old signature": "saga_signature",
+    }
+    logs = {}
+    for name, process in topology.processes.items():
+        with open(process.log_path, "rb") as log:
+            log.seek(offsets.get(name, 0))
+            logs[name] = log.read().decode(errors="replace")
+    rows = TaskResult.objects.filter(date_done__gte=started).values(
+        "task_id", "task_name", "task_args", "task_kwargs", "result", "traceback", "meta"
+    )
+    stored = json.dumps(list(rows), default=str)
+    # Not vacuous: the steps did log, report and store something about these sagas.
+    assert all(i in "".join(logs.values()) for i in ids)
+    assert all(f"{i}-charge_payment" in events.text() for i in ids)
+    assert f"{ids[1]}-charge_payment" in stored  # the declined charge's failure
+    for what, secret in secrets.items():
+        for name, text in logs.items():
+            assert secret not in text, f"{what} in the {name} log: {text[text.index(secret) - 300 :][:600]}"
+        assert secret not in events.text(), f"{what} in a task event"
+        assert secret not in stored, f"{what} in a stored task result"
+    # The declined charge's stored arguments still give the coordinator the chain's timing.
+    row = TaskResult.objects.get(task_id=f"{ids[1]}-charge_payment-g0")
+    [args] = json.loads(json.loads(row.task_args))
+    assert args["saga_id"] == ids[1] and [m["task_id"] for m in args["_steps"]] == [f"{ids[1]}-reserve_inventory-g0"]

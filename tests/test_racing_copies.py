@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from common.signing import context_sign
 from devstack.topology import wait_for
 from orders.saga import PLACE_ORDER
 from payments.models import PaymentAttempt
 from payments.resilience import breaker_reset, provider_breaker
-from saga.engine import step_signature
+from saga.engine import build_chain
 from saga.models import SagaInstance
 
 from .api import Api, make_product, stock
@@ -36,11 +35,13 @@ def _closed_breaker(db_access: None) -> Any:
 
 
 def publish_copies(saga: SagaInstance, step_name: str, ctx: dict, copies: int = COPIES) -> list[AsyncResult]:
-    """Publish `copies` copies of the step's message at once, as the saga publishes it."""
+    """Publish `copies` copies of the step's message at once, as the saga publishes it (the
+    coordinator's authority for that step and phase, a generation of their own each)."""
     specs = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}
+    phase = "forward" if specs[step_name] in PLACE_ORDER.steps else "compensation"
     signatures = [
-        step_signature(specs[step_name], saga_id=saga.id, generation=saga.generation + 200 + i).clone(
-            args=(context_sign(ctx),)
+        build_chain(
+            (specs[step_name],), saga_id=saga.id, generation=saga.generation + 200 + i, phase=phase, context=ctx
         )
         for i in range(copies)
     ]
@@ -99,7 +100,7 @@ def test_charge_copies_racing_a_charge_in_flight_with_the_circuit_open_and_a_can
         what="the first charge attempt to reach the provider",
     )
     provider_breaker().open()
-    copies = publish_copies(saga, "charge_payment", {**SagaInstance.objects.get(id=saga.id).context, "amount": "10.00"})
+    copies = publish_copies(saga, "charge_payment", SagaInstance.objects.get(id=saga.id).context)
     wait_for(
         lambda: PaymentAttempt.objects.filter(payment__saga_id=saga.id, outcome="not_sent").count() >= 2,
         timeout=60,

@@ -1,11 +1,21 @@
 """Unit tests of the saga definition and the chains the engine builds (no broker, no DB)."""
 
 import uuid
+from decimal import Decimal
 
 import pytest
+from kombu.utils import json as kombu_json
 
 from common.exceptions import InvalidMessage
-from common.signing import SIGNATURE_FIELD, context_sign, context_verify
+from common.signing import (
+    AUTHORITY_KWARG,
+    SEAL_FIELD,
+    authority_mint,
+    authority_verify,
+    context_digest,
+    seal,
+    seal_verify,
+)
 from orders.saga import PLACE_ORDER
 from saga.definition import SagaDefinition, Step
 from saga.engine import build_chain, step_name_of, task_id_for
@@ -33,13 +43,19 @@ def test_only_steps_after_the_pivot_are_past_it() -> None:
 
 
 def test_forward_chain_calls_each_service_by_name_and_only_its_last_step_reports() -> None:
-    canvas = build_chain(PLACE_ORDER.steps, saga_id=SAGA_ID, generation=3, context={"order_id": "o"})
+    context = {"saga_id": str(SAGA_ID), "order_id": "o"}
+    canvas = build_chain(PLACE_ORDER.steps, saga_id=SAGA_ID, generation=3, phase="forward", context=context)
 
     tasks = canvas.tasks
     assert [t.task for t in tasks] == ["inventory.reserve", "payments.charge", "orders.confirm", "notifications.notify"]
-    assert tasks[0].args == (context_sign({"order_id": "o"}),)
-    context_verify(tasks[0].args[0])  # participants check the coordinator's signature
+    assert tasks[0].args == (context,)
+    # Participants check the coordinator's authority for their own task.
+    authority_verify(tasks[0].kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx=context)
     assert [t.args for t in tasks[1:]] == [(), (), ()]  # each receives the previous step's result
+    for sig in tasks:
+        # Flower and the logs see neither the context nor the authority.
+        assert "o" not in sig.options["argsrepr"].replace(str(SAGA_ID), "").replace("context", "")
+        assert AUTHORITY_KWARG in sig.options["kwargsrepr"] and sig.kwargs[AUTHORITY_KWARG] not in str(sig.options)
     for spec, sig in zip(PLACE_ORDER.steps, tasks, strict=True):
         assert sig.options["task_id"] == f"{SAGA_ID}-{spec.name}-g3"
         # One success report per chain: the steps before the last carry their timing in
@@ -83,7 +99,7 @@ def test_a_task_id_names_its_step() -> None:
 
 
 def test_a_single_step_plan_is_a_plain_signature() -> None:
-    sig = build_chain(PLACE_ORDER.steps[:1], saga_id=SAGA_ID, generation=0, context={})
+    sig = build_chain(PLACE_ORDER.steps[:1], saga_id=SAGA_ID, generation=0, phase="forward", context={})
     assert sig.task == "inventory.reserve"
     assert sig.options["task_id"] == task_id_for(SAGA_ID, "reserve_inventory", 0)
 
@@ -94,7 +110,7 @@ def test_definitions_reject_duplicate_names_and_unknown_pivots() -> None:
     with pytest.raises(ValueError, match="pivot"):
         SagaDefinition("d", steps=(Step("a", "x.a"),), pivot="zzz")
     with pytest.raises(ValueError):
-        build_chain((), saga_id=SAGA_ID, generation=0, context={})
+        build_chain((), saga_id=SAGA_ID, generation=0, phase="forward", context={})
 
 
 CONTEXT = {
@@ -108,23 +124,150 @@ CONTEXT = {
 }
 
 
-def test_a_signed_context_verifies_and_steps_may_add_fields() -> None:
-    context_verify({**context_sign(CONTEXT), "amount": "20.00", "outcome": "confirmed"})
+def chain_messages(plan, *, phase: str = "forward", generation: int = 1, context=CONTEXT) -> dict:
+    """{task name: (context, kwargs)} of each step of a chain, as a participant receives
+    it: the first gets the coordinator's context, each next one the previous step's sealed
+    output (the output itself is made up: only the seal matters here)."""
+    canvas = build_chain(plan, saga_id=SAGA_ID, generation=generation, phase=phase, context=context)
+    sigs = canvas.tasks if hasattr(canvas, "tasks") else [canvas]
+    messages, ctx = {}, dict(sigs[0].args[0])
+    for i, sig in enumerate(sigs):
+        messages[sig.task] = (ctx, dict(sig.kwargs))
+        authority = authority_verify(sig.kwargs[AUTHORITY_KWARG], task=sig.task, ctx=ctx)
+        ctx = seal({**{k: v for k, v in ctx.items() if k != SEAL_FIELD}, f"out{i}": i, "amount": "20.00"}, authority)
+    return messages
+
+
+def test_each_step_of_a_chain_verifies_with_its_own_authority() -> None:
+    forward = chain_messages(PLACE_ORDER.steps)
+    assert list(forward) == ["inventory.reserve", "payments.charge", "orders.confirm", "notifications.notify"]
+    compensation = chain_messages(PLACE_ORDER.compensation_steps(), phase="compensation", generation=2)
+    assert list(compensation) == ["payments.refund", "inventory.release", "orders.fail", "notifications.notify"]
+
+
+def test_a_step_output_is_sealed_for_the_coordinator() -> None:
+    ctx, kwargs = chain_messages(PLACE_ORDER.steps)["payments.charge"]
+    authority = authority_verify(kwargs[AUTHORITY_KWARG], task="payments.charge", ctx=ctx)
+    sealed = seal({**ctx, "payment_id": "p"}, authority)
+    by = seal_verify(sealed)
+    assert (by.saga_id, by.step, by.phase, by.generation) == (str(SAGA_ID), "charge_payment", "forward", 1)
+    with pytest.raises(InvalidMessage, match="altered"):
+        seal_verify({**sealed, "payment_id": "q"})
+
+
+def _refused(task: str, ctx: dict, kwargs: dict, match: str) -> None:
+    with pytest.raises(InvalidMessage, match=match):
+        authority_verify(kwargs.get(AUTHORITY_KWARG), task=task, ctx=ctx)
+
+
+def test_a_step_authority_authorises_no_other_task() -> None:
+    forward = chain_messages(PLACE_ORDER.steps)
+    compensation = chain_messages(PLACE_ORDER.compensation_steps(), phase="compensation", generation=2)
+    everything = {
+        **{("forward", t): m for t, m in forward.items()},
+        **{("comp", t): m for t, m in compensation.items()},
+    }
+    for (_, task), (ctx, kwargs) in everything.items():
+        for other in {t for _, t in everything} - {task}:
+            _refused(other, ctx, kwargs, "not " + other.replace(".", r"\."))
+    # A logged forward message replayed as a compensation: never a refund or a release.
+    for ctx, kwargs in forward.values():
+        _refused("payments.refund", ctx, kwargs, "not payments")
+        _refused("inventory.release", ctx, kwargs, "not inventory")
+
+
+def test_a_step_takes_only_the_output_of_the_step_before_it_in_the_same_chain() -> None:
+    forward = chain_messages(PLACE_ORDER.steps)
+    other_generation = chain_messages(PLACE_ORDER.steps, generation=2)
+    # confirm's authority with charge's input (reserve's output), and vice versa.
+    _refused("orders.confirm", forward["payments.charge"][0], forward["orders.confirm"][1], "output of")
+    _refused("payments.charge", forward["orders.confirm"][0], forward["payments.charge"][1], "output of")
+    # The same step, its input from another generation's chain.
+    _refused("payments.charge", other_generation["payments.charge"][0], forward["payments.charge"][1], "output of")
+    # The first step of a chain given a sealed output instead of the coordinator's context.
+    _refused("inventory.reserve", forward["payments.charge"][0], forward["inventory.reserve"][1], "not the one")
 
 
 @pytest.mark.parametrize(
-    "forge",
+    ("task", "alter", "match"),
     [
-        pytest.param(lambda ctx: {k: v for k, v in ctx.items() if k != SIGNATURE_FIELD}, id="unsigned"),
-        pytest.param(lambda ctx: {**ctx, SIGNATURE_FIELD: "x" * 43}, id="made-up-signature"),
-        pytest.param(lambda ctx: {**ctx, SIGNATURE_FIELD: 42}, id="signature-not-a-string"),
-        pytest.param(lambda ctx: {**ctx, "saga_id": str(uuid.uuid4())}, id="other-saga"),
-        pytest.param(lambda ctx: {**ctx, "items": [{"sku": "MUG", "quantity": 200}]}, id="other-items"),
-        pytest.param(lambda ctx: {**ctx, "payment_token": "tok_amex"}, id="other-card"),
-        pytest.param(lambda ctx: {**ctx, "email": "victim@example.com"}, id="other-customer"),
-        pytest.param(lambda ctx: {**ctx, "items": {1, 2}}, id="not-json"),
+        ("inventory.reserve", lambda ctx: {**ctx, "items": [{"sku": "MUG", "quantity": 200}]}, "not the one"),
+        ("inventory.reserve", lambda ctx: {**ctx, "payment_token": "tok_amex"}, "not the one"),
+        ("inventory.reserve", lambda ctx: {**ctx, "email": "victim@example.com"}, "not the one"),
+        ("inventory.reserve", lambda ctx: {**ctx, "saga_id": str(uuid.uuid4())}, "not"),
+        ("inventory.reserve", lambda ctx: {**ctx, "items": {1, 2}}, "not the one"),
+        ("inventory.reserve", lambda ctx: {**ctx, "amount": float("nan")}, "plain JSON"),
+        ("payments.charge", lambda ctx: {**ctx, "amount": "0.01"}, "altered"),
+        ("payments.charge", lambda ctx: {k: v for k, v in ctx.items() if k != SEAL_FIELD}, "no step output seal"),
+        ("payments.charge", lambda ctx: {**ctx, SEAL_FIELD: "x" * 60}, "bad step output seal"),
+        ("notifications.notify", lambda ctx: {**ctx, "outcome": "cancelled"}, "altered"),
     ],
 )
-def test_a_forged_or_altered_context_is_invalid(forge) -> None:
-    with pytest.raises(InvalidMessage):
-        context_verify(forge(context_sign(CONTEXT)))
+def test_an_altered_message_is_invalid(task, alter, match) -> None:
+    ctx, kwargs = chain_messages(PLACE_ORDER.steps)[task]
+    authority_verify(kwargs[AUTHORITY_KWARG], task=task, ctx=ctx)  # as sent, it verifies
+    _refused(task, alter(ctx), kwargs, match)
+
+
+def test_a_compensation_outcome_is_signed_by_the_coordinator() -> None:
+    context = {**CONTEXT, "outcome": "failed", "failure_reason": "declined"}
+    ctx, kwargs = chain_messages(PLACE_ORDER.compensation_steps(), phase="compensation", context=context)[
+        "payments.refund"
+    ]
+    _refused("payments.refund", {**ctx, "outcome": "cancelled"}, kwargs, "not the one")
+
+
+@pytest.mark.parametrize(
+    "authority",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param(42, id="not-a-string"),
+        pytest.param("x" * 43, id="made-up"),
+        pytest.param("y" * 5000, id="oversized"),
+    ],
+)
+def test_a_forged_authority_is_invalid(authority) -> None:
+    _refused("inventory.reserve", CONTEXT, {AUTHORITY_KWARG: authority}, "authority")
+
+
+def test_an_authority_signed_with_another_key_or_salt_is_invalid(settings) -> None:
+    token = authority_mint(
+        saga_id=SAGA_ID,
+        step="refund_payment",
+        task="payments.refund",
+        phase="compensation",
+        generation=1,
+        context=CONTEXT,
+    )
+    authority_verify(token, task="payments.refund", ctx=CONTEXT)
+    settings.SECRET_KEY = "another-key-" * 5
+    _refused("payments.refund", CONTEXT, {AUTHORITY_KWARG: token}, "bad step authority")
+
+
+def test_an_authority_expires(settings) -> None:
+    token = authority_mint(
+        saga_id=SAGA_ID,
+        step="reserve_inventory",
+        task="inventory.reserve",
+        phase="forward",
+        generation=1,
+        context=CONTEXT,
+    )
+    settings.SAGA_MESSAGE_MAX_AGE = -1
+    _refused("inventory.reserve", CONTEXT, {AUTHORITY_KWARG: token}, "expired")
+
+
+def test_every_field_the_coordinator_writes_is_covered() -> None:
+    # A field added to the context by a later change (the quoted total) needs no change here.
+    assert context_digest({**CONTEXT, "total": "20.00"}) != context_digest({**CONTEXT, "total": "0.01"})
+
+
+def test_the_context_is_signed_as_participants_receive_it() -> None:
+    # kombu's JSON carries a UUID or a Decimal as such: the authority covers what arrives.
+    context = {"saga_id": str(SAGA_ID), "order_id": uuid.UUID(int=2), "total": Decimal("20.00")}
+    sig = build_chain(PLACE_ORDER.steps[:1], saga_id=SAGA_ID, generation=0, phase="forward", context=context)
+    received = kombu_json.loads(kombu_json.dumps(sig.args[0]))
+    assert received == context
+    authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx=received)
+    with pytest.raises(InvalidMessage, match="not the one"):
+        authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx={**received, "total": "0.01"})
