@@ -140,9 +140,9 @@ def confirmed_and_notify_queued(api: Api, order_id: str, copies: int) -> tuple[S
     saga = SagaInstance.objects.get(order_id=order_id)
     [notify] = [step for step in PLACE_ORDER.steps if step.name == "notify_customer"]
     results = [
-        build_chain([notify], saga_id=saga.id, generation=saga.generation + 100 + i, context=saga.context).apply_async(
-            ignore_result=False
-        )
+        build_chain(
+            [notify], saga_id=saga.id, generation=saga.generation + 100 + i, phase="forward", context=saga.context
+        ).apply_async(ignore_result=False)
         for i in range(copies)
     ]
     wait_for(lambda: queued("notifications") >= 1 + copies, timeout=30, what="the copies to be queued")
