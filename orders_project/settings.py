@@ -109,9 +109,10 @@ _DB_OPTIONS = {
     # Workers and web keep connections between tasks/requests. In the web process the
     # health check (a `SELECT 1` before a connection's first query in each request) makes
     # a connection that died with a PostgreSQL restart get replaced, not fail a request. A
-    # worker skips that round trip on every task: a dead connection fails its task with an
-    # OperationalError, which retries (common.steps, saga.tasks), and Django closes it
-    # after that task (orders_project.celery), so the retry connects afresh.
+    # worker skips that round trip on every task: before each task it drops the connections
+    # the server has closed (orders_project.celery, no round trip); one that died unnoticed
+    # fails its task with an OperationalError, which retries (common.steps, saga.tasks),
+    # and Django closes it after that task, so the retry connects afresh.
     "CONN_MAX_AGE": env.int("DB_CONN_MAX_AGE", default=60),
     "CONN_HEALTH_CHECKS": env.bool("DB_CONN_HEALTH_CHECKS", default=not env.str("CELERY_SERVICE", default="")),
 }
