@@ -336,6 +336,7 @@ def assert_outage_left_every_order_whole(api: Api, finals: list[dict], sku: str,
 
 def terminate_session(alias: str) -> None:
     """End this process's session on `alias` from the server's side, as a restart does."""
+    connections[alias].close_if_unusable_or_obsolete()  # not one an earlier failure left broken
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         [pid] = cursor.fetchone()
