@@ -16,7 +16,7 @@ from django_celery_results.models import TaskResult
 from rest_framework.authtoken.models import Token
 
 from common.signing import SIGNATURE_FIELD, context_sign
-from devstack.topology import wait_for
+from devstack.topology import WORKERS, wait_for
 from inventory.models import Product
 from inventory.services import product_upsert
 from orders.models import Order
@@ -207,3 +207,20 @@ def stale_connection_failures(since: datetime) -> list[tuple[str, str]]:
         if stored.get("exc_type") in CONNECTION_ERRORS and not message.startswith("connection failed:"):
             failures.append((name, f"{stored['exc_type']}: {message}"))
     return failures
+
+
+def broker_idle() -> bool:
+    """Nothing waits in any queue and, with Redis, nothing is held unacknowledged (what a
+    broker restart leaves there comes back only after the visibility timeout): no message
+    of an earlier test arrives during a later one."""
+    with app.connection_for_read() as connection:
+        if connection.transport.driver_type == "redis":
+            channel = connection.default_channel
+            client = channel.client
+            return not client.hlen(channel.unacked_key) and not any(client.llen(queue) for queue in WORKERS)
+        for queue in WORKERS:
+            # A channel each: a queue that is not there closes the channel that asked.
+            with connection.channel() as channel:
+                if channel.queue_declare(queue=queue, passive=True).message_count:
+                    return False
+        return True

@@ -29,6 +29,7 @@ from .api import (
     FINAL_SAGA_STATUSES,
     Api,
     assert_refused,
+    broker_idle,
     held_saga,
     make_product,
     publish_step,
@@ -218,8 +219,8 @@ def test_an_errback_delivered_twice_compensates_once(api: Api, sku: str) -> None
 def restarted(topology: Topology) -> Iterator[datetime]:
     """For a test that restarts a server: when it started, and afterwards the proof that the
     topology is whole again for the tests after it. Every process still runs and answers,
-    every queue's worker handles messages and stores their outcome, and no task failed on
-    a connection the restart broke."""
+    every queue's worker handles messages and stores their outcome, no task failed on a
+    connection the restart broke, and no message of this test is left to arrive later."""
     since = timezone.now()
     yield since
     for name, process in topology.processes.items():
@@ -228,6 +229,9 @@ def restarted(topology: Topology) -> Iterator[datetime]:
     # More messages than any worker has pool processes, so most of them take one.
     assert_refused(send_forged_messages(copies=4))
     assert stale_connection_failures(since) == []
+    waited = time.monotonic()
+    wait_for(broker_idle, timeout=60, what="the broker to hold no message of this test")
+    print(f"restart: the broker was idle {time.monotonic() - waited:.1f}s after the test")
 
 
 def restart_server(name: str, *, down_seconds: float) -> None:
