@@ -5,6 +5,7 @@ sweeper every second), so each fault resolves in seconds.
 """
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,12 +43,16 @@ from .api import (
 pytestmark = pytest.mark.integration
 
 EMBEDDED = os.environ.get("DEVSTACK_MODE") == "embedded"
+SWEPT = re.compile(r"Task saga\.sweep\[[^\]]+\] succeeded")
 REDIS_BROKER = settings.CELERY_BROKER_URL.startswith("redis")
 
 
 @pytest.fixture(autouse=True)
-def _closed_breaker(db_access: None) -> None:
-    """Each test starts with the provider's circuit closed, whatever the last one did."""
+def _closed_breaker(db_access: None) -> Iterator[None]:
+    """Each test starts with the provider's circuit closed, whatever the last one did, and
+    leaves it closed for the tests of other files (the circuit is shared through Redis)."""
+    breaker_reset()
+    yield
     breaker_reset()
 
 
@@ -226,6 +231,15 @@ def restarted(topology: Topology) -> Iterator[datetime]:
     for name, process in topology.processes.items():
         assert process.popen.poll() is None, f"{name} exited:\n{process.log_tail()}"
     topology.wait_ready(list(topology.processes))
+    # Beat still schedules the sweeper, which later tests count on to recover lost steps.
+    saga_log = topology.processes["saga"].log_path
+    swept = len(SWEPT.findall(saga_log.read_text(errors="replace")))
+    wait_for(
+        lambda: len(SWEPT.findall(saga_log.read_text(errors="replace"))) > swept,
+        timeout=30,
+        interval=0.5,
+        what="a sweep after the restart",
+    )
     # More messages than any worker has pool processes, so most of them take one.
     assert_refused(send_forged_messages(copies=4))
     assert stale_connection_failures(since) == []
