@@ -1,4 +1,4 @@
-"""A small HTTP client for the system tests, and the saga-aware waits they share."""
+"""A small HTTP client for the system tests, and the saga-aware waits and probes they share."""
 
 import json
 import uuid
