@@ -19,7 +19,7 @@ from django.db import connections
 from django.utils import timezone
 
 from common.exceptions import InvalidMessage
-from devstack.topology import Topology, wait_for
+from devstack.topology import WORKERS, Topology, wait_for
 from orders_project.celery import _close_connections_closed_by_server, app
 from payments.gateways import GatewayUnavailable
 from payments.models import FakeProviderAttempt, FakeProviderOperation, Payment
@@ -44,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 EMBEDDED = os.environ.get("DEVSTACK_MODE") == "embedded"
 SWEPT = re.compile(r"Task saga\.sweep\[[^\]]+\] succeeded")
+RETRIED_ON_CONNECTION = re.compile(r"Task \S+ retry: Retry in \S+ (?:OperationalError|InterfaceError)\(.*")
 REDIS_BROKER = settings.CELERY_BROKER_URL.startswith("redis")
 
 
@@ -242,7 +243,10 @@ def restarted(topology: Topology) -> Iterator[datetime]:
     )
     # More messages than any worker has pool processes, so most of them take one.
     assert_refused(send_forged_messages(copies=4))
-    assert stale_connection_failures(since) == []
+    # The sweeper has no retry of its own (the next tick is its retry), so one that was
+    # mid-query when PostgreSQL stopped ends FAILURE: the outage, not a connection left
+    # behind, and indistinguishable from one in what it stores. The tick above covers it.
+    assert [f for f in stale_connection_failures(since) if f[0] != "saga.sweep"] == []
     waited = time.monotonic()
     wait_for(broker_idle, timeout=60, what="the broker to hold no message of this test")
     print(f"restart: the broker was idle {time.monotonic() - waited:.1f}s after the test")
@@ -281,7 +285,7 @@ def test_orders_in_flight_survive_a_database_restart(api: Api, restarted: dateti
 
 @pytest.mark.skipif(not EMBEDDED, reason="restarts PostgreSQL: only the embedded one is ours to restart")
 def test_after_a_database_restart_failures_reach_the_coordinator_at_once(
-    api: Api, restarted: datetime, sku: str
+    api: Api, topology: Topology, restarted: datetime, sku: str
 ) -> None:
     """Issue 15. A restart leaves every worker holding connections that PostgreSQL closed,
     the result backend's among them; the first use of each must get a new one. A step's
@@ -292,6 +296,8 @@ def test_after_a_database_restart_failures_reach_the_coordinator_at_once(
     # service) and to the result backend's (each stored refusals).
     assert api.wait_until_final(api.place_order([(sku, 1)])["id"])["status"] == "confirmed"
     assert_refused(send_forged_messages(copies=2))
+    logs = {name: topology.processes[name].log_path for name in WORKERS}
+    seen = {name: len(path.read_bytes()) for name, path in logs.items()}
 
     restart_server("postgres", down_seconds=1)
 
@@ -331,6 +337,12 @@ def test_after_a_database_restart_failures_reach_the_coordinator_at_once(
             timeout=60,
             what=f"saga {saga.id} to finish",
         )
+    # Nothing needed a retry: each worker's first use of a connection after the restart
+    # got a new one, rather than meeting the dead one and paying a retry's backoff.
+    retried = {
+        name: RETRIED_ON_CONNECTION.findall(path.read_bytes()[seen[name] :].decode()) for name, path in logs.items()
+    }
+    assert retried == {name: [] for name in WORKERS}
 
 
 def assert_outage_left_every_order_whole(api: Api, finals: list[dict], sku: str, *, on_hand: int) -> None:
