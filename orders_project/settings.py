@@ -115,9 +115,10 @@ _DB_OPTIONS = {
     # Workers and web keep connections between tasks/requests. In the web process the
     # health check (a `SELECT 1` before a connection's first query in each request) makes
     # a connection that died with a PostgreSQL restart get replaced, not fail a request. A
-    # worker skips that round trip on every task: a dead connection fails its task with an
-    # OperationalError, which retries (common.steps, saga.tasks), and Django closes it
-    # after that task (orders_project.celery), so the retry connects afresh.
+    # worker skips that round trip on every task: before each task it drops the connections
+    # the server has closed (orders_project.celery, no round trip); one that died unnoticed
+    # fails its task with an OperationalError, which retries (common.steps, saga.tasks),
+    # and Django closes it after that task, so the retry connects afresh.
     "CONN_MAX_AGE": env.int("DB_CONN_MAX_AGE", default=60),
     "CONN_HEALTH_CHECKS": env.bool("DB_CONN_HEALTH_CHECKS", default=not env.str("CELERY_SERVICE", default="")),
 }
@@ -238,7 +239,17 @@ SPECTACULAR_SETTINGS = {
 
 # --- Celery (ARCHITECTURE.md "Celery facts that shape the design") --------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
-CELERY_RESULT_BACKEND = "django-db"
+# django-celery-results' backend ("django-db"), retrying a write or read whose connection
+# PostgreSQL closed (orders_project.result_backend, issue 15). The coordinator reads each
+# failed step's exception from here: a lost write is a failure only the sweeper finds.
+# A dead connection is replaced at once; a server still down is waited for about 3 s on
+# average (at most ~6.5 s, below the soft time limit), then the write fails as before.
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#result-backend-always-retry
+CELERY_RESULT_BACKEND = "orders_project.result_backend:DatabaseBackend"
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
+CELERY_RESULT_BACKEND_MAX_RETRIES = env.int("CELERY_RESULT_BACKEND_MAX_RETRIES", default=8)
+CELERY_RESULT_BACKEND_BASE_SLEEP_BETWEEN_RETRIES_MS = 20
+CELERY_RESULT_BACKEND_MAX_SLEEP_BETWEEN_RETRIES_MS = 2000
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

@@ -1,18 +1,29 @@
-"""A small HTTP client for the system tests, and the saga-aware waits they share."""
+"""A small HTTP client for the system tests, and the saga-aware waits and probes they share."""
 
+import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import requests
+from celery.result import AsyncResult
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.utils import timezone
+from django_celery_results.models import TaskResult
 
 from common.tokens import api_token_create
-from devstack.topology import wait_for
+from devstack.topology import WORKERS, wait_for
 from inventory.models import Product
 from inventory.services import product_upsert
+from orders.models import Order
+from orders_project.celery import app
+from saga.definition import get_definition
+from saga.engine import build_chain, task_id_for
+from saga.models import SagaInstance, SagaStep, StepPhase, StepStatus
 
 FINAL_ORDER_STATUSES = {"confirmed", "failed", "cancelled"}
 FINAL_SAGA_STATUSES = {"completed", "compensated", "needs_attention"}
@@ -99,3 +110,124 @@ def stock(sku: str) -> tuple[int, int]:
 
 def steps_by_name(order: dict) -> dict[str, dict]:
     return {step["name"]: step for step in order["saga"]["steps"]}
+
+
+def held_saga(step: str, *, context: Mapping[str, Any], **order: Any) -> SagaInstance:
+    """A place_order saga stopped at `step`, as the coordinator leaves it when it has published
+    that step (running, deadline set; the steps before it succeeded), with nothing published:
+    the test publishes the step's message itself (`publish_step`). `order` overrides fields of
+    the saga's order (pending, 10.00 USD)."""
+    order_row = Order.objects.create(
+        **{"user_id": 0, "email": "held@example.com", "payment_token": "tok_visa", "total": 10, "currency": "USD"}
+        | order
+    )
+    definition = get_definition("place_order")
+    index = definition.forward_index(step)
+    saga_id = uuid.uuid4()
+    now = timezone.now()
+    saga = SagaInstance.objects.create(
+        id=saga_id,
+        definition=definition.name,
+        order_id=order_row.id,
+        current_step=step,
+        context={"saga_id": str(saga_id), "order_id": str(order_row.id), **context},
+        pivot_committed_at=now if definition.is_after_pivot(step) else None,
+    )
+    for position, spec in enumerate(definition.steps):
+        row = SagaStep(saga=saga, phase=StepPhase.FORWARD, position=position, name=spec.name, task_name=spec.task)
+        if position < index:
+            row.status = StepStatus.SUCCEEDED
+        elif position == index:
+            row.status, row.queued_at = StepStatus.RUNNING, now
+            row.deadline_at = now + timedelta(seconds=spec.deadline_seconds)
+            row.celery_task_id = task_id_for(saga_id, spec.name, saga.generation)
+        row.save()
+    return saga
+
+
+def publish_step(saga: SagaInstance) -> AsyncResult:
+    """Publish the saga's current step as the coordinator does (saga.engine): its signed
+    context, its task id, its `link_error` to the coordinator."""
+    definition = get_definition(saga.definition)
+    spec = definition.steps[definition.forward_index(saga.current_step)]
+    return build_chain(
+        (spec,), saga_id=saga.id, generation=saga.generation, phase="forward", context=saga.context
+    ).apply_async()
+
+
+# One task per queue that acts only on a message the coordinator signed.
+GUARDED_TASKS = {
+    "inventory.reserve": "inventory",
+    "payments.charge": "payments",
+    "orders.confirm": "orders",
+    "notifications.notify": "notifications",
+    "saga.step_succeeded": "saga",
+}
+
+
+def send_forged_messages(copies: int = 1) -> list[tuple[str, AsyncResult]]:
+    """`copies` forged messages to each service's queue, for a saga nobody started: each
+    must end InvalidMessage, stored by its worker in the result backend (`assert_refused`)."""
+    sent = []
+    for _ in range(copies):
+        for task, queue in GUARDED_TASKS.items():
+            ctx = {
+                "saga_id": str(uuid.uuid4()),
+                "order_id": str(uuid.uuid4()),
+                "items": [{"sku": "T-FORGED", "quantity": 1}],
+                "email": "forged@example.com",
+                "payment_token": "tok_visa",
+                "currency": "USD",
+                "amount": "10.00",
+                "outcome": "confirmed",
+            }
+            # A forged authority; the coordinator's report takes the step's output (a sealed context) first.
+            kwargs = (
+                {"saga_id": ctx["saga_id"], "step": "reserve_inventory"}
+                if queue == "saga"
+                else {"authority": "forged-0123456789abcdefghijklmnopqrstuvwxyz"}
+            )
+            sent.append((task, app.send_task(task, args=[ctx], kwargs=kwargs, queue=queue, ignore_result=False)))
+    return sent
+
+
+def assert_refused(sent: list[tuple[str, AsyncResult]], timeout: float = 60) -> None:
+    for task, result in sent:
+        result.get(timeout=timeout, propagate=False)
+        assert (task, result.state, type(result.result).__name__) == (task, "FAILURE", "InvalidMessage"), result.result
+
+
+CONNECTION_ERRORS = {"OperationalError", "InterfaceError"}
+
+
+def stale_connection_failures(since: datetime) -> list[tuple[str, str]]:
+    """(task, error) of every task that ended FAILURE since `since` on a database connection
+    it already held, as the workers stored them (every failure is stored). A task that could
+    not connect while the server was down ("connection failed: ...", or a BackendStoreError
+    once the result backend's retries ran out: the periodic sweep during a restart) is not
+    one: that is the outage itself, not a connection it left behind."""
+    rows = TaskResult.objects.filter(status="FAILURE", date_done__gte=since).values_list("task_name", "result")
+    failures = []
+    for name, result in rows:
+        stored = json.loads(result or "{}") or {}
+        message = " ".join(map(str, stored.get("exc_message") or ()))
+        if stored.get("exc_type") in CONNECTION_ERRORS and not message.startswith("connection failed:"):
+            failures.append((name, f"{stored['exc_type']}: {message}"))
+    return failures
+
+
+def broker_idle() -> bool:
+    """Nothing waits in any queue and, with Redis, nothing is held unacknowledged (what a
+    broker restart leaves there comes back only after the visibility timeout): no message
+    of an earlier test arrives during a later one."""
+    with app.connection_for_read() as connection:
+        if connection.transport.driver_type == "redis":
+            channel = connection.default_channel
+            client = channel.client
+            return not client.hlen(channel.unacked_key) and not any(client.llen(queue) for queue in WORKERS)
+        for queue in WORKERS:
+            # A channel each: a queue that is not there closes the channel that asked.
+            with connection.channel() as channel:
+                if channel.queue_declare(queue=queue, passive=True).message_count:
+                    return False
+        return True

@@ -5,32 +5,55 @@ sweeper every second), so each fault resolves in seconds.
 """
 
 import os
+import re
 import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import redis
 from django.conf import settings
 from django.db import connections
+from django.utils import timezone
 
-from devstack.topology import Topology, wait_for
-from orders_project.celery import app
+from common.exceptions import InvalidMessage
+from devstack.topology import WORKERS, Topology, wait_for
+from orders_project.celery import _close_connections_closed_by_server, app
 from payments.gateways import GatewayUnavailable
 from payments.models import FakeProviderAttempt, FakeProviderOperation, Payment
 from payments.resilience import breaker_reset, breaker_state, call_provider
 from saga.models import SagaInstance, SagaStep
 
-from .api import Api, make_product, steps_by_name, stock
+from .api import (
+    FINAL_SAGA_STATUSES,
+    Api,
+    assert_refused,
+    broker_idle,
+    held_saga,
+    make_product,
+    publish_step,
+    send_forged_messages,
+    stale_connection_failures,
+    steps_by_name,
+    stock,
+)
 
 pytestmark = pytest.mark.integration
 
 EMBEDDED = os.environ.get("DEVSTACK_MODE") == "embedded"
+SWEPT = re.compile(r"Task saga\.sweep\[[^\]]+\] succeeded")
+RETRIED_ON_CONNECTION = re.compile(r"Task \S+ retry: Retry in \S+ (?:OperationalError|InterfaceError)\(.*")
 REDIS_BROKER = settings.CELERY_BROKER_URL.startswith("redis")
 
 
 @pytest.fixture(autouse=True)
-def _closed_breaker(db_access: None) -> None:
-    """Each test starts with the provider's circuit closed, whatever the last one did."""
+def _closed_breaker(db_access: None) -> Iterator[None]:
+    """Each test starts with the provider's circuit closed, whatever the last one did, and
+    leaves it closed for the tests of other files (the circuit is shared through Redis)."""
+    breaker_reset()
+    yield
     breaker_reset()
 
 
@@ -198,14 +221,51 @@ def test_an_errback_delivered_twice_compensates_once(api: Api, sku: str) -> None
     assert [n["kind"] for n in api.notifications(order["id"])] == ["order_failed"]
 
 
-@pytest.mark.redis_only
-@pytest.mark.skipif(not EMBEDDED, reason="restarts the broker: only the embedded one is ours to restart")
-def test_orders_in_flight_survive_a_broker_restart(api: Api, topology: Topology, sku: str) -> None:
+@pytest.fixture
+def restarted(topology: Topology) -> Iterator[datetime]:
+    """For a test that restarts a server: when it started, and afterwards the proof that the
+    topology is whole again for the tests after it. Every process still runs and answers,
+    every queue's worker handles messages and stores their outcome, no task failed on a
+    connection the restart broke, and no message of this test is left to arrive later."""
+    since = timezone.now()
+    yield since
+    for name, process in topology.processes.items():
+        assert process.popen.poll() is None, f"{name} exited:\n{process.log_tail()}"
+    topology.wait_ready(list(topology.processes))
+    # Beat still schedules the sweeper, which later tests count on to recover lost steps.
+    saga_log = topology.processes["saga"].log_path
+    swept = len(SWEPT.findall(saga_log.read_text(errors="replace")))
+    wait_for(
+        lambda: len(SWEPT.findall(saga_log.read_text(errors="replace"))) > swept,
+        timeout=30,
+        interval=0.5,
+        what="a sweep after the restart",
+    )
+    # More messages than any worker has pool processes, so most of them take one.
+    assert_refused(send_forged_messages(copies=4))
+    # The sweeper has no retry of its own (the next tick is its retry), so one that was
+    # mid-query when PostgreSQL stopped ends FAILURE: the outage, not a connection left
+    # behind, and indistinguishable from one in what it stores. The tick above covers it.
+    assert [f for f in stale_connection_failures(since) if f[0] != "saga.sweep"] == []
+    waited = time.monotonic()
+    wait_for(broker_idle, timeout=60, what="the broker to hold no message of this test")
+    print(f"restart: the broker was idle {time.monotonic() - waited:.1f}s after the test")
+
+
+def restart_server(name: str, *, down_seconds: float) -> None:
     from devstack.services import restart_embedded
 
+    restart_embedded(Path(os.environ["DEVSTACK_BASE_DIR"]), name, down_seconds=down_seconds)
+    if name == "postgres":
+        connections.close_all()  # this process's own, which the restart broke
+
+
+@pytest.mark.redis_only
+@pytest.mark.skipif(not EMBEDDED, reason="restarts the broker: only the embedded one is ours to restart")
+def test_orders_in_flight_survive_a_broker_restart(api: Api, restarted: datetime, sku: str) -> None:
     make_product(sku, on_hand=10)
     placed = [api.place_order([(sku, 1)], token="tok_slow") for _ in range(4)]
-    restart_embedded(Path(os.environ["DEVSTACK_BASE_DIR"]), "redis", down_seconds=2)
+    restart_server("redis", down_seconds=2)
 
     finals = [api.wait_until_final(p["id"], timeout=150) for p in placed]
 
@@ -213,17 +273,76 @@ def test_orders_in_flight_survive_a_broker_restart(api: Api, topology: Topology,
 
 
 @pytest.mark.skipif(not EMBEDDED, reason="restarts PostgreSQL: only the embedded one is ours to restart")
-def test_orders_in_flight_survive_a_database_restart(api: Api, sku: str) -> None:
-    from devstack.services import restart_embedded
-
+def test_orders_in_flight_survive_a_database_restart(api: Api, restarted: datetime, sku: str) -> None:
     make_product(sku, on_hand=10)
     placed = [api.place_order([(sku, 1)], token="tok_slow") for _ in range(4)]
-    restart_embedded(Path(os.environ["DEVSTACK_BASE_DIR"]), "postgres", down_seconds=2)
-    connections.close_all()
+    restart_server("postgres", down_seconds=2)
 
     finals = [api.wait_until_final(p["id"], timeout=150) for p in placed]
 
     assert_outage_left_every_order_whole(api, finals, sku, on_hand=10)
+
+
+@pytest.mark.skipif(not EMBEDDED, reason="restarts PostgreSQL: only the embedded one is ours to restart")
+def test_after_a_database_restart_failures_reach_the_coordinator_at_once(
+    api: Api, topology: Topology, restarted: datetime, sku: str
+) -> None:
+    """Issue 15. A restart leaves every worker holding connections that PostgreSQL closed,
+    the result backend's among them; the first use of each must get a new one. A step's
+    failure travels through the result backend (the coordinator reads it there), so one
+    lost there would wait for the sweeper, past the step's deadline."""
+    make_product(sku, on_hand=1)
+    # Every worker holds connections: to its own database (an order ran through every
+    # service) and to the result backend's (each stored refusals).
+    assert api.wait_until_final(api.place_order([(sku, 1)])["id"])["status"] == "confirmed"
+    assert_refused(send_forged_messages(copies=2))
+    logs = {name: topology.processes[name].log_path for name in WORKERS}
+    seen = {name: len(path.read_bytes()) for name, path in logs.items()}
+
+    restart_server("postgres", down_seconds=1)
+
+    # One step failing for a business reason on each service, published as the
+    # coordinator publishes it, and one forged message to each queue.
+    order = {"email": "held@example.com", "payment_token": "tok_visa", "currency": "USD", "amount": "10.00"}
+    failing = {
+        "reserve_inventory": ({"items": [{"sku": sku, "quantity": 2}]}, {}, "InsufficientStock"),
+        "charge_payment": ({"payment_token": "tok_chargeDeclined"}, {}, "PaymentDeclined"),
+        "confirm_order": ({}, {"cancel_requested_at": timezone.now()}, "StepRefused"),
+        "notify_customer": ({"outcome": "confirmed", "email": "held\n@example.com"}, {}, "BadHeaderError"),
+    }
+    sagas = {
+        step: (held_saga(step, context={**order, **context}, **fields), error)
+        for step, (context, fields, error) in failing.items()
+    }
+    deadlines = {step: SagaStep.objects.get(saga=saga, name=step).deadline_at for step, (saga, _) in sagas.items()}
+    published = {step: publish_step(saga) for step, (saga, _) in sagas.items()}
+    forged = send_forged_messages()
+
+    for step, (saga, error) in sagas.items():
+        failed = wait_for(
+            lambda saga=saga, step=step: SagaStep.objects.filter(saga=saga, name=step, status="failed").first(),
+            timeout=60,
+            what=f"the coordinator to record {step} failed",
+        )
+        # The failure of the message we sent, as it was raised, before the step's deadline:
+        # not a sweeper's re-publish, nor StepTimedOut.
+        assert failed.last_error.startswith(f"{error}: "), (step, failed.last_error)
+        assert (failed.celery_task_id, failed.republished) == (published[step].id, 0), step
+        assert failed.finished_at < deadlines[step], (step, failed.finished_at, deadlines[step])
+    assert_refused(forged)
+    # Each saga moved on (compensated, or an operator's for the step after the pivot).
+    for saga, _ in sagas.values():
+        wait_for(
+            lambda saga=saga: SagaInstance.objects.get(id=saga.id).status in FINAL_SAGA_STATUSES,
+            timeout=60,
+            what=f"saga {saga.id} to finish",
+        )
+    # Nothing needed a retry: each worker's first use of a connection after the restart
+    # got a new one, rather than meeting the dead one and paying a retry's backoff.
+    retried = {
+        name: RETRIED_ON_CONNECTION.findall(path.read_bytes()[seen[name] :].decode()) for name, path in logs.items()
+    }
+    assert retried == {name: [] for name in WORKERS}
 
 
 def assert_outage_left_every_order_whole(api: Api, finals: list[dict], sku: str, *, on_hand: int) -> None:
@@ -243,3 +362,40 @@ def assert_outage_left_every_order_whole(api: Api, finals: list[dict], sku: str,
         refunded = [p["status"] for p in api.payments(order["id"])] == ["refunded"]
         assert charges(order["saga"]["id"]) in (expected_charges, ["succeeded"] if refunded else expected_charges)
         assert [n["kind"] for n in api.notifications(order["id"])] == [f"order_{order['status']}"]
+
+
+def terminate_session(alias: str) -> None:
+    """End this process's session on `alias` from the server's side, as a restart does."""
+    connections[alias].close_if_unusable_or_obsolete()  # not one an earlier failure left broken
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [pid] = cursor.fetchone()
+    other = connections.create_connection(alias)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])  # waits until it has gone
+            assert cursor.fetchone() == (True,)
+    finally:
+        other.close()
+
+
+def test_the_result_backend_replaces_a_connection_the_server_closed(db_access: None) -> None:
+    """A network cut that no check saw first: the write itself meets the dead connection."""
+    task_id = f"issue15-{uuid.uuid4()}"
+    terminate_session("default")
+    app.backend.store_result(task_id, InvalidMessage("refused"), "FAILURE")
+
+    terminate_session("default")
+    result = app.AsyncResult(task_id)
+    assert (result.state, type(result.result)) == ("FAILURE", InvalidMessage)
+
+
+def test_a_task_starts_without_the_connections_the_server_closed(db_access: None) -> None:
+    connections["orders"].ensure_connection()
+    kept = connections["orders"].connection
+    terminate_session("default")
+
+    _close_connections_closed_by_server()
+
+    assert connections["default"].connection is None  # the task's first query connects afresh
+    assert connections["orders"].connection is kept  # a live one stays: no reconnect, no round trip
