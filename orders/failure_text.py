@@ -20,6 +20,13 @@ CUSTOMER_REASONS = {
     "Cancelled": "you cancelled it",
     "CompensatedByOperator": "it was stopped by our staff",
 }
+# Kinds the API shows by their public parent: how the provider was unavailable (the circuit
+# was open, it answered 503, it timed out) is the operator's concern (payments.resilience).
+PUBLIC_KIND = {
+    "CircuitOpen": "GatewayUnavailable",
+    "ProviderError": "GatewayUnavailable",
+    "ProviderTimedOut": "GatewayUnavailable",
+}
 # Anything else (a database error, a bug): nothing of it reaches the customer.
 GENERIC_REASON = "something went wrong on our side"
 # What the API shows as a step's error when its kind is not one of the above.
@@ -28,7 +35,7 @@ INTERNAL_ERROR = "InternalError"
 
 def customer_reason(failure_type: str) -> str:
     """The customer's sentence for a failure of this kind (any kind: never raises)."""
-    return CUSTOMER_REASONS.get(failure_type, GENERIC_REASON)
+    return CUSTOMER_REASONS.get(PUBLIC_KIND.get(failure_type, failure_type), GENERIC_REASON)
 
 
 def error_kind(last_error: str) -> str:
@@ -38,4 +45,5 @@ def error_kind(last_error: str) -> str:
     if not last_error:
         return ""
     kind = last_error.partition(":")[0].strip()
+    kind = PUBLIC_KIND.get(kind, kind)
     return kind if kind in CUSTOMER_REASONS else INTERNAL_ERROR

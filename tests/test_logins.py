@@ -111,6 +111,9 @@ def test_a_decline_is_told_in_its_own_words(api: Api, sku: str) -> None:
         ("InsufficientStock", "there was not enough stock for an item you ordered"),
         ("PriceChanged", "a price changed since you ordered; nothing was charged"),
         ("CompensatedByOperator", "it was stopped by our staff"),
+        # However the provider was unavailable, the customer is told the same.
+        ("ProviderError", "our payment provider could not be reached"),
+        ("CircuitOpen", "our payment provider could not be reached"),
         ("OperationalError", GENERIC_REASON),
         ("", GENERIC_REASON),
     ],
@@ -122,6 +125,7 @@ def test_one_fixed_sentence_per_kind_of_failure(failure_type: str, reason: str) 
 def test_a_steps_error_shows_its_kind_only() -> None:
     assert error_kind("PaymentDeclined: payment declined: card_declined") == "PaymentDeclined"
     assert error_kind(f"OperationalError: {INTERNAL_ERROR}") == "InternalError"
+    assert error_kind("ProviderTimedOut: payment provider did not answer in time") == "GatewayUnavailable"
     assert error_kind("") == ""
 
 
