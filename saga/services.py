@@ -559,23 +559,21 @@ def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
     return "needs_attention"
 
 
-def _queue_backlog(queues: set[str]) -> dict[str, int]:
-    """Messages waiting in each queue, as the broker reports them (Redis or AMQP)."""
-    backlog: dict[str, int] = {}
-    try:
-        with app.connection_for_read() as connection:
-            for queue in sorted(queues):
-                channel = connection.channel()
-                try:
-                    backlog[queue] = channel.queue_declare(queue=queue, passive=True).message_count
-                except Exception:  # a queue not declared yet holds nothing
-                    backlog[queue] = 0
-                finally:
-                    with contextlib.suppress(Exception):
-                        channel.close()
-    except Exception:
-        logger.warning("could not read queue lengths from the broker; sweeping without them")
-    return backlog
+def _segment_chain(saga: SagaInstance, step: SagaStep) -> list[tuple[str, str, float]]:
+    """(task id, queue, deadline) of each step of the segment the store waits on, from `step`."""
+    definition = get_definition(saga.definition)
+    plan = _phase_plan(definition, step.phase)
+    stop = len(plan) - 1
+    if step.phase == StepPhase.FORWARD and step.position <= definition.pivot_index:
+        stop = definition.pivot_index
+    return [
+        (task_id_for(saga.id, spec.name, saga.generation), _queue_of(spec.task), float(spec.deadline_seconds))
+        for spec in plan[step.position : stop + 1]
+    ]
+
+
+def _queue_of(task_name: str) -> str:
+    return task_name.split(".")[0]
 
 
 def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict[str, int]:
@@ -586,19 +584,43 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     stalled compensation. The scan reads only running steps past their deadline (a
     partial index), oldest first, in bounded batches; each saga is handled in its own
     short transaction and skipped if another sweeper holds it (SKIP LOCKED).
+
+    First the watchdog returns the messages of workers that died holding them (Redis:
+    saga.recovery.orphans_restore). Then, per stalled step, the broker and the workers are
+    asked where its chain is (saga.recovery.chain_whereabouts: one broadcast and one look
+    at each queue's oldest message for the whole batch): held by a live worker, or possibly
+    still waiting behind older messages, it gets a new deadline without spending its
+    budget (slow is not broken); otherwise its message is lost and it is recovered.
     """
+    from . import recovery
+
     now = now or timezone.now()
     batch = batch or settings.SAGA_SWEEP_BATCH
-    stalled = (
+    done: Counter[str] = Counter()
+    try:
+        done.update(recovery.orphans_restore())
+    except Exception:  # the watchdog must never stop the sweep
+        logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+    stalled = list(
         SagaStep.objects.using(DB)
         .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
         .order_by("deadline_at")
-        .values_list("saga_id", "name", "task_name")[:batch]
+        .values_list("saga_id", "name")[:batch]
     )
-    done: Counter[str] = Counter()
-    stalled = list(stalled)
-    backlog = _queue_backlog({task.split(".")[0] for _, _, task in stalled} | {"saga"}) if stalled else {}
-    for saga_id, step_name, _ in stalled:
+    if not stalled:
+        return dict(done)
+    wanted = set(stalled)
+    chains = [
+        _segment_chain(saga, step)
+        for saga in SagaInstance.objects.using(DB).filter(id__in={s for s, _ in stalled}).prefetch_related("steps")
+        for step in saga.steps.all()
+        if (saga.id, step.name) in wanted
+    ]
+    view = recovery.broker_view(
+        queues={queue for chain in chains for _, queue, _ in chain} | {"saga"},
+        task_ids=sorted({task_id for chain in chains for task_id, _, _ in chain}),
+    )
+    for saga_id, step_name in stalled:
         with transaction.atomic(using=DB):
             saga = (
                 SagaInstance.objects.using(DB)
@@ -610,16 +632,23 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
             if step is None or step.deadline_at is None or step.deadline_at >= now:
                 done["skipped"] += 1
                 continue
-            queue = step.task_name.split(".")[0]
-            if backlog.get(queue) or backlog.get("saga"):
-                # Messages are waiting in the step's queue (or reports in the coordinator's):
-                # the system is slow, not broken. Re-publishing would only add to the pile,
-                # so give the step another deadline without spending its budget.
-                definition = get_definition(saga.definition)
-                segment = _segment_deadline(definition, _phase_plan(definition, step.phase), step.position)
-                step.deadline_at = now + timedelta(seconds=segment)
+            chain = _segment_chain(saga, step)
+            queued_at = step.queued_at or (step.deadline_at - timedelta(seconds=sum(d for _, _, d in chain)))
+            where = recovery.chain_whereabouts(
+                queued_at=queued_at.timestamp(), chain=chain, view=view, now=now.timestamp()
+            )
+            patience = sum(d for _, _, d in chain) * settings.SAGA_BACKLOG_PATIENCE
+            if where.verdict == "held" or (where.verdict == "waiting" and (now - queued_at).total_seconds() < patience):
+                # Being worked on, or possibly queued behind older messages: the system is
+                # slow, not broken. Re-publishing would only add to the pile, so look again
+                # later without spending the step's budget. (Waiting is bounded: in a FIFO
+                # queue the head moves past our message, or, where the head cannot be read
+                # (AMQP), SAGA_BACKLOG_PATIENCE segments after it was queued.)
+                again = chain[0][2] if where.verdict == "held" else where.wait
+                again = min(max(again, settings.SAGA_SWEEP_INTERVAL), sum(d for _, _, d in chain))
+                step.deadline_at = now + timedelta(seconds=again)
                 step.save(using=DB, update_fields=["deadline_at"])
-                done["waiting"] += 1
+                done[where.verdict] += 1
                 continue
             outcome = _recover_stalled(saga, step, now)
             logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)
