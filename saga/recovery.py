@@ -64,18 +64,31 @@ class BrokerView:
     workers_answered: int = 0
 
 
+def _query(task_ids: Sequence[str]) -> dict[str, Any]:
+    if not task_ids:
+        return {}
+    try:
+        return app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT).query_task(*task_ids) or {}
+    except Exception:
+        logger.warning("could not ask the workers which tasks they hold", exc_info=True)
+        return {}
+
+
 def held_task_ids(task_ids: Sequence[str]) -> tuple[set[str], int]:
     """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
     retry's countdown), and how many workers answered. One broadcast."""
-    if not task_ids:
-        return set(), 0
-    try:
-        replies = app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT).query_task(*task_ids) or {}
-    except Exception:
-        logger.warning("could not ask the workers which tasks they hold", exc_info=True)
-        return set(), 0
+    replies = _query(task_ids)
     held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
     return held, len(replies)
+
+
+def query_tasks(task_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Task id -> (state, worker) for the ids a live worker holds. One broadcast."""
+    found: dict[str, tuple[str, str]] = {}
+    for worker, reply in _query(task_ids).items():
+        for task_id, (state, _info) in (reply or {}).items():
+            found[task_id] = (state, worker)
+    return found
 
 
 def _sent_at_of(raw: bytes | str | None) -> float:
