@@ -171,6 +171,7 @@ class Chaos:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.killed_on_purpose: set[str] = set()  # down between our SIGKILL and our restart
+        self.finished: dict[str, float] = {}  # task id -> when its task-succeeded/failed event came
 
     # --- orders ----------------------------------------------------------------------
     def submit_all(self, token: str, skus: list[str]) -> None:
@@ -274,6 +275,10 @@ class Chaos:
     def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> None:
         fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught, held=held or [])
         with self.lock:
+            # A task that finished between our look and the kill left nothing to return.
+            fault.received_again = {t: 0.0 for t in fault.held if t in self.finished}
+            if fault.held and len(fault.received_again) == len(fault.held):
+                fault.recovered_after = 0.0
             self.report.faults.append(fault)
         logger.info("fault: %s %s (%d sagas caught, %d tasks held)", kind, target, len(caught), len(fault.held))
 
@@ -285,20 +290,24 @@ class Chaos:
 
         node = f"{name}@{socket.gethostname()}"
         inspect = app.control.inspect(destination=[node], timeout=1.0, limit=1)
-        held = [t["id"] for t in (inspect.active() or {}).get(node, [])]
-        held += [t["id"] for t in (inspect.reserved() or {}).get(node, [])]
-        held += [t["request"]["id"] for t in (inspect.scheduled() or {}).get(node, [])]
-        return held
+        tasks = list((inspect.active() or {}).get(node, []))
+        tasks += (inspect.reserved() or {}).get(node, [])
+        tasks += [t["request"] for t in (inspect.scheduled() or {}).get(node, [])]
+        # The sweep expires after its interval and is not received again: the next one runs.
+        return [t["id"] for t in tasks if t.get("name") != "saga.sweep"]
 
     def _inject_kill(self) -> None:
         name = self.rng.choice(WORKERS)
         # Recovery from a kill is measured on what the worker held when it died: the time
         # until each of those tasks is received again by a live worker (task events).
-        try:
-            held = self._held_by(name)
-        except Exception as error:
-            logger.warning("could not ask %s what it holds: %s", name, error)
-            held = []
+        held: list[str] = []
+        for attempt in range(3):  # a broker restart leaves our pooled connection stale
+            try:
+                held = self._held_by(name)
+                break
+            except Exception as error:
+                if attempt == 2:
+                    logger.warning("could not ask %s what it holds: %s", name, error)
         with self.lock:
             self.killed_on_purpose.add(name)
         self.topology.processes[name].kill()
@@ -385,16 +394,23 @@ class Chaos:
         def received(event: dict[str, Any]) -> None:
             task_id, now = event.get("uuid"), time.monotonic()
             with self.lock:
+                if event.get("type") in ("task-succeeded", "task-failed"):
+                    self.finished[task_id] = now
+                    if len(self.finished) > 10_000:
+                        self.finished.pop(next(iter(self.finished)))
                 for fault in self.report.faults:
                     if task_id in fault.held and task_id not in fault.received_again and now > fault.at:
+                        # Received again; or it finished just before the kill (acknowledged,
+                        # so nothing was left to return).
                         fault.received_again[task_id] = now - fault.at
                         if len(fault.received_again) == len(fault.held):
                             fault.recovered_after = max(fault.received_again.values())
 
+        handlers = dict.fromkeys(("task-received", "task-succeeded", "task-failed"), received)
         while not self.stop.is_set():
             try:
                 with app.connection() as connection:
-                    receiver = app.events.Receiver(connection, handlers={"task-received": received})
+                    receiver = app.events.Receiver(connection, handlers=handlers)
                     receiver.capture(limit=None, timeout=1.0, wakeup=False)
             except Exception:  # no event for a second, or the broker is restarting: listen again
                 time.sleep(0.2)

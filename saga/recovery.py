@@ -64,20 +64,34 @@ class BrokerView:
     workers_answered: int = 0
 
 
-def _query(task_ids: Sequence[str]) -> dict[str, Any]:
+# How many workers answered the last broadcast: the sweeper's next one stops waiting once
+# that many have answered (a broadcast otherwise always waits its whole timeout).
+_workers_seen = 0
+
+
+def _query(task_ids: Sequence[str], *, early: bool = False) -> dict[str, Any]:
+    global _workers_seen
     if not task_ids:
         return {}
+    limit = _workers_seen if early and _workers_seen else None
     try:
-        return app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT).query_task(*task_ids) or {}
+        inspect = app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT, limit=limit)
+        replies = inspect.query_task(*task_ids) or {}
     except Exception:
         logger.warning("could not ask the workers which tasks they hold", exc_info=True)
         return {}
+    if not early or len(replies) > _workers_seen:
+        _workers_seen = len(replies)
+    return replies
 
 
-def held_task_ids(task_ids: Sequence[str]) -> tuple[set[str], int]:
+def held_task_ids(task_ids: Sequence[str], *, early: bool = False) -> tuple[set[str], int]:
     """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
-    retry's countdown), and how many workers answered. One broadcast."""
-    replies = _query(task_ids)
+    retry's countdown), and how many workers answered. One broadcast; with `early`, it
+    returns once as many workers answered as last time (a worker slow to answer then
+    looks like one that holds nothing: right for the sweeper, whose mistake costs a
+    duplicate, and wrong for the watchdog, whose mistake would copy a running task)."""
+    replies = _query(task_ids, early=early)
     held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
     return held, len(replies)
 
@@ -130,7 +144,7 @@ def queue_heads(queues: Iterable[str]) -> dict[str, float]:
 
 
 def broker_view(*, queues: Iterable[str], task_ids: Sequence[str]) -> BrokerView:
-    held, answered = held_task_ids(task_ids)
+    held, answered = held_task_ids(task_ids, early=True)
     return BrokerView(held=frozenset(held), heads=queue_heads(queues), workers_answered=answered)
 
 
