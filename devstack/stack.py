@@ -240,7 +240,9 @@ def _test_on_rabbitmq(base_dir: Path, env: dict[str, str], pytest_args: Sequence
     restarting the Redis server) runs, against the same databases, in a vhost of its own
     that is created afresh. A machine without RabbitMQ skips this and says so.
     """
-    url = os.environ.get("TEST_AMQP_URL", DEFAULT_TEST_AMQP_URL)
+    # The environment first, then .env (the same file the service URLs come from), so each
+    # checkout's test run keeps to its own vhost.
+    url = services._read_settings(base_dir).get("TEST_AMQP_URL") or DEFAULT_TEST_AMQP_URL
     if not _fresh_amqp_vhost(url):
         print(f"\nRabbitMQ run skipped: no broker we can use at {services.redact_url(url)} (set TEST_AMQP_URL)\n")
         return 0
