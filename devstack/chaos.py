@@ -584,6 +584,9 @@ def _print_report(report: Report) -> None:
         print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
     for kind, numbers in summary["recovery_by_kind"].items():
+        if not numbers["caught"]:
+            print(f"    {kind:15}   0 caught anything")
+            continue
         print(
             f"    {kind:15} {numbers['caught']:3} caught something: median {numbers['median_s']}s, "
             f"worst {numbers['worst_s']}s, not recovered {numbers['unrecovered']}"
