@@ -64,8 +64,8 @@ class BrokerView:
     workers_answered: int = 0
 
 
-# How many workers answered the last broadcast: the sweeper's next one stops waiting once
-# that many have answered (a broadcast otherwise always waits its whole timeout).
+# The most workers that answered a broadcast of this process: the next one stops waiting
+# once that many have answered (a broadcast otherwise always waits its whole timeout).
 _workers_seen = 0
 
 
@@ -88,9 +88,10 @@ def _query(task_ids: Sequence[str], *, early: bool = False) -> dict[str, Any]:
 def held_task_ids(task_ids: Sequence[str], *, early: bool = False) -> tuple[set[str], int]:
     """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
     retry's countdown), and how many workers answered. One broadcast; with `early`, it
-    returns once as many workers answered as last time (a worker slow to answer then
-    looks like one that holds nothing: right for the sweeper, whose mistake costs a
-    duplicate, and wrong for the watchdog, whose mistake would copy a running task)."""
+    returns as soon as every worker that answered before has answered again, instead of
+    always waiting the whole timeout (only a worker that joined since, and is slow to
+    answer, can then be missed: a sweeper's mistake costs a duplicate, and the watchdog
+    looks twice)."""
     replies = _query(task_ids, early=early)
     held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
     return held, len(replies)
@@ -257,7 +258,7 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
                     task_of[tag] = json.loads(raw)[0]["headers"]["id"]
                 except (TypeError, ValueError, KeyError, IndexError):
                     continue  # acknowledged meanwhile, or not a Celery task
-            held, answered = held_task_ids(sorted(set(task_of.values())))
+            held, answered = held_task_ids(sorted(set(task_of.values())), early=True)
             if not answered:
                 return {}  # no worker answered at all: the control channel is in trouble, not them
             still: dict[str, float] = {}
