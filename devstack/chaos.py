@@ -12,8 +12,10 @@ publishes duplicate copies of step messages, races several copies of one step at
 (now and then with the provider's circuit open around them and the customer cancelling
 in between) and drops queued messages. Then it waits
 until every saga has finished, runs the saga audit, and prints what it injected, how
-long each fault took to recover from (seconds until the sagas it caught moved again) and
-the audit's verdict. Exit status 0 only when every saga finished and the audit is clean.
+long each fault took to recover from (for a kill, seconds until every task the worker held
+was received again by a live worker; for the others, until the sagas it caught moved
+again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
+only when every saga finished and the audit is clean.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class Fault:
     at: float
     caught: list[tuple[str, str]] = field(default_factory=list)  # (saga id, step) running then
     recovered_after: float | None = None
+    # A kill: the task ids the worker held (running, prefetched, waiting for a retry) when it
+    # died, and when each was received again by a live worker (seconds after the kill).
+    held: list[str] = field(default_factory=list)
+    received_again: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +83,20 @@ class Report:
     # would (compose's `restart: unless-stopped`): "<name> (exit <code>)".
     crashes: list[str] = field(default_factory=list)
 
+    def recovery_by_kind(self) -> dict[str, dict[str, Any]]:
+        """Per kind of fault: how many caught something, and the median and worst recovery."""
+        kinds: dict[str, dict[str, Any]] = {}
+        for kind in sorted({f.kind for f in self.faults}):
+            caught = [f for f in self.faults if f.kind == kind and (f.caught or f.held)]
+            times = [f.recovered_after for f in caught if f.recovered_after is not None]
+            kinds[kind] = {
+                "caught": len(caught),
+                "unrecovered": len(caught) - len(times),
+                "median_s": round(statistics.median(times), 1) if times else None,
+                "worst_s": round(max(times), 1) if times else None,
+            }
+        return kinds
+
     def summary(self) -> dict[str, Any]:
         recoveries = [f.recovered_after for f in self.faults if f.recovered_after is not None]
         by_kind: dict[str, int] = {}
@@ -93,7 +113,8 @@ class Report:
             "violations": len(self.violations),
             "worst_recovery_s": round(max(recoveries), 1) if recoveries else None,
             "median_recovery_s": round(statistics.median(recoveries), 1) if recoveries else None,
-            "unrecovered_faults": sum(1 for f in self.faults if f.caught and f.recovered_after is None),
+            "recovery_by_kind": self.recovery_by_kind(),
+            "unrecovered_faults": sum(1 for f in self.faults if (f.caught or f.held) and f.recovered_after is None),
             "quiescent_after_s": None if self.quiescent_after is None else round(self.quiescent_after, 1),
             "wall_seconds": round(self.wall_seconds, 1),
             "crashes": list(self.crashes),
@@ -153,6 +174,7 @@ class Chaos:
         self.stop = threading.Event()
         self.killed_on_purpose: set[str] = set()  # down between our SIGKILL and our restart
         self.token = ""  # the API token orders are placed with (a race may cancel one)
+        self.finished: dict[str, float] = {}  # task id -> when its task-succeeded/failed event came
 
     # --- orders ----------------------------------------------------------------------
     def submit_all(self, token: str, skus: list[str]) -> None:
@@ -262,20 +284,46 @@ class Chaos:
             steps = steps.filter(task_name__startswith=f"{task_prefix}.")
         return [(str(saga_id), name) for saga_id, name in steps.values_list("saga_id", "name")]
 
-    def _record(self, kind: str, target: str, caught: list[tuple[str, str]]) -> None:
-        fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught)
+    def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> None:
+        fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught, held=held or [])
         with self.lock:
+            # A task that finished between our look and the kill left nothing to return.
+            fault.received_again = {t: 0.0 for t in fault.held if t in self.finished}
+            if fault.held and len(fault.received_again) == len(fault.held):
+                fault.recovered_after = 0.0
             self.report.faults.append(fault)
-        logger.info("fault: %s %s (%d sagas caught)", kind, target, len(caught))
+        logger.info("fault: %s %s (%d sagas caught, %d tasks held)", kind, target, len(caught), len(fault.held))
+
+    def _held_by(self, name: str) -> list[str]:
+        """Task ids the worker `name` holds now: running, prefetched, or waiting for a retry."""
+        import socket
+
+        from orders_project.celery import app
+
+        node = f"{name}@{socket.gethostname()}"
+        inspect = app.control.inspect(destination=[node], timeout=1.0, limit=1)
+        tasks = list((inspect.active() or {}).get(node, []))
+        tasks += (inspect.reserved() or {}).get(node, [])
+        tasks += [t["request"] for t in (inspect.scheduled() or {}).get(node, [])]
+        # The sweep expires after its interval and is not received again: the next one runs.
+        return [t["id"] for t in tasks if t.get("name") != "saga.sweep"]
 
     def _inject_kill(self) -> None:
         name = self.rng.choice(WORKERS)
-        # Every saga reports its progress through the saga worker; the others hold their own steps.
-        caught = self._running_steps(None if name == "saga" else name)
+        # Recovery from a kill is measured on what the worker held when it died: the time
+        # until each of those tasks is received again by a live worker (task events).
+        held: list[str] = []
+        for attempt in range(3):  # a broker restart leaves our pooled connection stale
+            try:
+                held = self._held_by(name)
+                break
+            except Exception as error:
+                if attempt == 2:
+                    logger.warning("could not ask %s what it holds: %s", name, error)
         with self.lock:
             self.killed_on_purpose.add(name)
         self.topology.processes[name].kill()
-        self._record("kill", name, caught)
+        self._record("kill", name, [], held)
         time.sleep(self.rng.uniform(0.5, 2.0))
         self.topology.processes[name].start(self.topology.env)
         with self.lock:
@@ -385,6 +433,36 @@ class Chaos:
                 logger.error("chaos: %s exited on its own (exit %s); restarting it", name, code)
                 process.start(self.topology.env)
 
+    def watch_task_events(self) -> None:
+        """Note when a task a killed worker held is received again by a live worker (Celery's
+        task events: the workers send them, CELERY_WORKER_SEND_TASK_EVENTS). Broker-neutral:
+        on RabbitMQ the broker returns the message at once, on Redis the sweeper's watchdog."""
+        from orders_project.celery import app
+
+        def received(event: dict[str, Any]) -> None:
+            task_id, now = event.get("uuid"), time.monotonic()
+            with self.lock:
+                if event.get("type") in ("task-succeeded", "task-failed"):
+                    self.finished[task_id] = now
+                    if len(self.finished) > 10_000:
+                        self.finished.pop(next(iter(self.finished)))
+                for fault in self.report.faults:
+                    if task_id in fault.held and task_id not in fault.received_again and now > fault.at:
+                        # Received again; or it finished just before the kill (acknowledged,
+                        # so nothing was left to return).
+                        fault.received_again[task_id] = now - fault.at
+                        if len(fault.received_again) == len(fault.held):
+                            fault.recovered_after = max(fault.received_again.values())
+
+        handlers = dict.fromkeys(("task-received", "task-succeeded", "task-failed"), received)
+        while not self.stop.is_set():
+            try:
+                with app.connection() as connection:
+                    receiver = app.events.Receiver(connection, handlers=handlers)
+                    receiver.capture(limit=None, timeout=1.0, wakeup=False)
+            except Exception:  # no event for a second, or the broker is restarting: listen again
+                time.sleep(0.2)
+
     def watch_recoveries(self) -> None:
         """Mark a fault recovered once none of the steps it caught is still running."""
         while not self.stop.is_set():
@@ -488,6 +566,7 @@ def _run(
     chaos = Chaos(args, topology, broker)
     watcher = threading.Thread(target=chaos.watch_recoveries, daemon=True)
     watcher.start()
+    threading.Thread(target=chaos.watch_task_events, daemon=True).start()
     threading.Thread(target=chaos.supervise, daemon=True).start()
     try:
         window = args.orders / args.rate
@@ -547,11 +626,22 @@ def _print_report(report: Report) -> None:
     print(f"  seed {report.seed}, broker {report.broker}, orders submitted {report.submitted}/{report.orders}")
     print(f"  faults injected: {summary['faults']}")
     for fault in report.faults:
-        took = "no saga caught" if not fault.caught else (
+        took = "nothing caught" if not (fault.caught or fault.held) else (
             f"recovered in {fault.recovered_after:.1f}s" if fault.recovered_after is not None else "NOT recovered"
         )  # fmt: skip
-        print(f"    {fault.kind:15} {fault.target:14} caught {len(fault.caught):3} running steps, {took}")
+        what = f"caught {len(fault.caught):3} running steps"
+        if fault.kind == "kill":
+            what = f"held {len(fault.held):3} tasks"
+        print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
+    for kind, numbers in summary["recovery_by_kind"].items():
+        if not numbers["caught"]:
+            print(f"    {kind:15}   0 caught anything")
+            continue
+        print(
+            f"    {kind:15} {numbers['caught']:3} caught something: median {numbers['median_s']}s, "
+            f"worst {numbers['worst_s']}s, not recovered {numbers['unrecovered']}"
+        )
     print(f"  orders: {report.outcomes}   sagas: {report.sagas}")
     print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
     if report.crashes:

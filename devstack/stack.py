@@ -300,6 +300,9 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
         env["EMAIL_FILE_PATH"] = str(base_dir / ".data" / "test-mail")
         env["SMS_FILE_PATH"] = str(base_dir / ".data" / "test-sms")
         migrate_all(base_dir, env)
+        if pytest_args and os.environ.get("TEST_BROKER") == "amqp":
+            # A targeted run on RabbitMQ only: make test ARGS="tests/x.py" TEST_BROKER=amqp
+            return _test_on_rabbitmq(base_dir, env, pytest_args)
         code = subprocess.run([_python(), "-m", "pytest", *pytest_args], cwd=base_dir, env=env).returncode
         if code != 0 or pytest_args:
             # A failure stands on its own; a targeted run (ARGS=...) runs only what it names.
@@ -310,14 +313,16 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
             services.stop_services(base_dir, only=urls.started_by_us)
 
 
-def _test_on_rabbitmq(base_dir: Path, env: dict[str, str]) -> int:
+def _test_on_rabbitmq(base_dir: Path, env: dict[str, str], pytest_args: Sequence[str] = ("tests",)) -> int:
     """Run the system tests again with RabbitMQ as the broker, when one is reachable.
 
     Every test that does not depend on Redis itself (dropping a message from a Redis list,
     restarting the Redis server) runs, against the same databases, in a vhost of its own
     that is created afresh. A machine without RabbitMQ skips this and says so.
     """
-    url = os.environ.get("TEST_AMQP_URL", DEFAULT_TEST_AMQP_URL)
+    # The environment first, then .env (the same file the service URLs come from), so each
+    # checkout's test run keeps to its own vhost.
+    url = services._read_settings(base_dir).get("TEST_AMQP_URL") or DEFAULT_TEST_AMQP_URL
     if not _fresh_amqp_vhost(url):
         print(f"\nRabbitMQ run skipped: no broker we can use at {services.redact_url(url)} (set TEST_AMQP_URL)\n")
         return 0
@@ -331,7 +336,7 @@ def _test_on_rabbitmq(base_dir: Path, env: dict[str, str]) -> int:
         **({"CACHE_URL": env["CELERY_BROKER_URL"]} if env["CELERY_BROKER_URL"].startswith("redis") else {}),
         "TEST_LOG_DIR": str(Path(env["TEST_LOG_DIR"]).with_name("test-logs-amqp")),
     }
-    command = [_python(), "-m", "pytest", "tests", "-m", "not redis_only", "-p", "no:cacheprovider"]
+    command = [_python(), "-m", "pytest", *pytest_args, "-m", "not redis_only", "-p", "no:cacheprovider"]
     return subprocess.run(command, cwd=base_dir, env=amqp_env).returncode
 
 

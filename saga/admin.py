@@ -27,7 +27,8 @@ from django.utils.timesince import timesince
 from common.admin_links import order_notifications_link, order_payments_link
 
 from . import services
-from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, fingerprint_of
+from .engine import task_id_for
+from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus, fingerprint_of
 from .selectors import failure_fingerprint_counts, sagas_with_fingerprints
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
@@ -82,6 +83,38 @@ def clock(moment: datetime | None) -> str:
     return format_html('<span title="{}">{}</span>', local.isoformat(), local.strftime("%H:%M:%S.%f")[:-3])
 
 
+LIVE_STATES = {"active": "Running on {}", "reserved": "Received by {}", "scheduled": "Waiting to retry on {}"}
+
+
+def live_steps(saga: SagaInstance) -> dict[str, tuple[str, str]]:
+    """Step name -> (state, worker) for the steps of `saga`'s current chain that a live
+    worker holds now (active, reserved, or scheduled for a retry). Asked only while the saga
+    runs or compensates, and only when its page is shown: the store learns a chain's
+    progress at the pivot and at its end (no message per step), so the workers are the ones
+    who know which step a running chain is on. One broadcast (SAGA_INSPECT_TIMEOUT)."""
+    from .recovery import query_tasks
+
+    if saga.status not in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+        return {}
+    names = {task_id_for(saga.id, step.name, saga.generation): step.name for step in saga.steps.all()}
+    return {names[task_id]: where for task_id, where in query_tasks(list(names)).items() if task_id in names}
+
+
+def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
+    """What a timeline row says: the stored status, or, for a step of a running chain, what
+    the workers say of it (`live_steps`)."""
+    if step.name in live:
+        state, worker = live[step.name]
+        return LIVE_STATES.get(state, state + " on {}").format(worker)
+    if step.status == StepStatus.RUNNING:
+        later = {s.name for s in step.saga.steps.all() if s.phase == step.phase and s.position > step.position}
+        if later & live.keys():
+            # Where the chain began (the store's record); it has moved on since.
+            return "Passed (the chain is further on)"
+        return "Running (no worker holds it now)"
+    return step.get_status_display()
+
+
 class SagaStepInline(SagaPartInline, admin.TabularInline):
     """The timeline: every step, then every compensation, in the order they run."""
 
@@ -94,7 +127,7 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
     fields = [
         "phase",
         "name",
-        "status",
+        "state",
         "attempts",
         "republished",
         "queued",
@@ -108,6 +141,16 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
         "last_error",
     ]
     readonly_fields = fields
+    live: dict[str, tuple[str, str]]
+
+    def get_formset(self, request: HttpRequest, obj: SagaInstance | None = None, **kwargs: Any) -> Any:
+        # Inline instances are made per request: what the workers said is this page's.
+        self.live = live_steps(obj) if obj is not None else {}
+        return super().get_formset(request, obj, **kwargs)
+
+    @admin.display(description="status")
+    def state(self, step: SagaStep) -> str:
+        return step_state(step, getattr(self, "live", {}))
 
     @admin.display(description="queued")
     def queued(self, step: SagaStep) -> str:

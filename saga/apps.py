@@ -7,9 +7,19 @@ class SagaConfig(AppConfig):
     verbose_name = "Saga coordinator"
 
     def ready(self) -> None:
-        if settings.CELERY_SERVICE == "saga":
-            from celery import signals
+        from celery import signals
 
+        from .recovery import stamp_sent_at
+        from .timeline import attach_failure_timeline
+
+        # Every process publishes (a chain's next step, a retry): each message says when it
+        # was sent, which tells the sweeper whether a stalled step can still be queued.
+        signals.before_task_publish.connect(stamp_sent_at, weak=False, dispatch_uid="saga.recovery.sent_at")
+        # A failing step's worker publishes its failure report: it carries the chain's records.
+        signals.before_task_publish.connect(
+            attach_failure_timeline, weak=False, dispatch_uid="saga.timeline.failure_timeline"
+        )
+        if settings.CELERY_SERVICE == "saga":
             from .tracing import adopt_saga_trace
 
             # Connected at start-up, so before the Celery instrumentation's own task_prerun

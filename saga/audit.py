@@ -7,7 +7,7 @@ one line per violation. `python manage.py saga_audit` prints them and exits non-
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from inventory.models import Product, Reservation
@@ -142,6 +142,12 @@ def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = Non
             violations.append(f"saga {saga.id}: log says stock was reserved, inventory has no reservation")
         if step.name == "charge_payment" and str(saga.id) not in captured_sagas:
             violations.append(f"saga {saga.id}: log says it charged, the provider has no charge")
+    # 6. The timeline tells the truth (issue 11): a step shown succeeded has its attempt and times.
+    blind = SagaStep.objects.filter(status=StepStatus.SUCCEEDED).filter(
+        Q(attempts=0) | Q(started_at__isnull=True) | Q(finished_at__isnull=True)
+    )
+    for saga_id, name in blind.values_list("saga_id", "name"):
+        violations.append(f"saga {saga_id}: {name} is shown succeeded without its attempt and times")
     for saga in sagas.values():
         if saga.status == SagaStatus.NEEDS_ATTENTION:
             violations.append(f"saga {saga.id}: needs attention")

@@ -21,8 +21,16 @@ class StepStatus(models.TextChoices):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    # The saga compensated while this step was in flight; if it reports later, it becomes
-    # succeeded (what it did is undone by the compensations, or refused by their tombstones).
+    # The saga started compensating while its chain may have been at this step (the store
+    # learns a chain's progress at the pivot and at its end): whether it committed is not
+    # known yet. A later report settles it: succeeded (undone by the compensations),
+    # refused, or failed.
+    UNKNOWN = "unknown"
+    # The step did nothing because the saga was compensating (a compensation's tombstone,
+    # a cancelled order): not a failure of the step.
+    REFUSED = "refused"
+    # Kept for rows written before `unknown` existed: the saga compensated while this step
+    # was in flight.
     CANCELLED = "cancelled"
 
 

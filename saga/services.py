@@ -142,6 +142,10 @@ def _apply_timing(step: SagaStep, meta: Mapping[str, Any], queued_at: datetime |
     step.result = output if isinstance(output, dict) else step.result
 
 
+# A step whose outcome the store does not know yet: a record of it may still arrive.
+UNSETTLED = (StepStatus.PENDING, StepStatus.RUNNING, StepStatus.UNKNOWN, StepStatus.CANCELLED)
+
+
 STEP_FIELDS = ["status", "queued_at", "started_at", "finished_at", "deadline_at", "attempts", "worker", "result"]
 
 
@@ -177,10 +181,12 @@ def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline
     """Mark the steps named in a chain's `_steps` timeline succeeded, with their timing,
     and take their outputs into the saga's context (the caller saves the saga).
 
-    Each entry is a step that committed (a participant appends it only on success). A
-    step already succeeded gets only missing timing; one the saga moved away from
-    (cancelled, failed in another attempt) keeps its status. Returns the rows changed.
-    Precondition: the saga's row lock is held.
+    Each entry is a step that committed (a participant appends it only on success): a
+    step whose outcome the store did not know (pending, running, unknown, or cancelled
+    while in flight) becomes succeeded with the participant's attempt and times. A step
+    already succeeded gets only timing it lacks (the pivot records itself before its own
+    entry exists); one that failed in another attempt keeps its status. Returns the rows
+    changed. Precondition: the saga's row lock is held.
     """
     if not isinstance(timeline, list):
         return []
@@ -197,11 +203,12 @@ def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline
             # re-publish (sweeper, operator retry) starts from the saga's context.
             saga.context = {**saga.context, **{k: v for k, v in meta["output"].items() if not k.startswith("_")}}
         if step is not None:
-            if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
+            if step.status in UNSETTLED:
                 step.status, step.deadline_at = StepStatus.SUCCEEDED, None
+                step.finished_at = None  # a cancel's time is not the step's
                 _apply_timing(step, meta, queued_at=previous_finished)
                 changed[step.name] = step
-            elif step.status == StepStatus.SUCCEEDED and step.started_at is None:
+            elif step.status == StepStatus.SUCCEEDED and (step.started_at is None or not step.worker):
                 _apply_timing(step, meta, queued_at=previous_finished)
                 changed[step.name] = step
         previous_finished = finished
@@ -255,14 +262,15 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
             saga.status = active
         if saga.status == active and not already:
             if step.position + 1 == len(plan):
-                # The last step of a chain runs only after every earlier one committed:
-                # any whose record is missing (a chain re-published midway) succeeded too.
+                # The last step of a chain runs only after every earlier one committed, but
+                # one whose record is missing (a chain re-published midway) is not shown
+                # succeeded without its attempt and times: its outcome was not recorded.
                 saga.status = finished
                 saga.current_step = ""
                 saga.finished_at = now
                 for earlier in steps.values():
                     if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
-                        earlier.status, earlier.deadline_at = StepStatus.SUCCEEDED, None
+                        earlier.status, earlier.deadline_at = StepStatus.UNKNOWN, None
                         changed[earlier.name] = earlier
             else:
                 nxt = plan[step.position + 1]
@@ -313,11 +321,22 @@ def _failure_from_backend(task_id: str) -> StoredFailure | None:
     return StoredFailure(type(exc).__name__, str(exc), timeline)
 
 
-def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) -> None:
+def saga_step_failed(
+    *,
+    saga_id: uuid.UUID | str,
+    step_name: str,
+    task_id: str,
+    timeline: Any = None,
+    attempt: Any = None,
+) -> None:
     """Handle a step that failed for good (its own retries exhausted or a business failure).
 
     Before the pivot: compensate. After the pivot, or in the compensation phase: the saga
-    needs an operator. Idempotent: a second errback for the same failure changes nothing.
+    needs an operator. A forward step refused because the saga was already compensating
+    is recorded `refused`, not failed. `timeline` is the failed task's `_steps` (the
+    records of the steps before it) and `attempt` its attempt number and worker, as the
+    failure report carries them (saga.timeline). Idempotent: a second errback for the same
+    failure changes nothing.
     """
     failure = _failure_from_backend(task_id)
     if failure is None:
@@ -345,8 +364,10 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
             return
         if step.status != StepStatus.SUCCEEDED:
             # The steps before it in its chain committed (a chain runs a step only after the
-            # previous one did); their records travelled with the failed step's message.
-            recorded = _record_timeline(saga, steps, failure.timeline)
+            # previous one did); their records travelled with the failure report.
+            recorded = _record_timeline(saga, steps, timeline if timeline is not None else failure.timeline)
+            # One without a record (a failure reported from a worker's main process, after
+            # a hard time limit) is not shown succeeded with no attempt or time: unknown.
             recorded += [
                 s
                 for s in steps.values()
@@ -356,7 +377,8 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
                 and s not in recorded
             ]
             for earlier in recorded:
-                earlier.status, earlier.deadline_at = StepStatus.SUCCEEDED, None
+                if earlier.status != StepStatus.SUCCEEDED:
+                    earlier.status, earlier.deadline_at = StepStatus.UNKNOWN, None
             if recorded:
                 _save_steps(recorded)
                 saga.save(using=DB, update_fields=["context", "updated_at"])
@@ -364,17 +386,40 @@ def saga_step_failed(*, saga_id: uuid.UUID | str, step_name: str, task_id: str) 
             # A late duplicate failed after the original committed: nothing to undo here.
             logger.warning("saga %s step %s: duplicate failed after success: %s", saga_id, step_name, error)
             return
-        if step.status == StepStatus.FAILED and step.celery_task_id == task_id:
+        if step.status in (StepStatus.FAILED, StepStatus.REFUSED) and step.celery_task_id == task_id:
             return
-        step.status = StepStatus.FAILED
+        compensating = step.phase == StepPhase.FORWARD and saga.status != SagaStatus.RUNNING
+        if compensating and step.status not in UNSETTLED:
+            # A late copy of a step whose outcome is already recorded (its failure started
+            # the compensation; or it was refused before) refused again: keep what happened.
+            logger.warning("saga %s step %s: a late copy failed while compensating: %s", saga_id, step_name, error)
+            return
+        # Refused because the saga was already compensating (a cancel, a failure elsewhere):
+        # the step did nothing, by design; it did not fail.
+        step.status = StepStatus.REFUSED if compensating and error_type == "StepRefused" else StepStatus.FAILED
         # The step may never have been marked running (nothing reports mid-chain): the
         # failed task is the one this report names.
         step.celery_task_id = task_id
         step.finished_at = timezone.now()
         step.deadline_at = None
         step.last_error = f"{error_type}: {error}"
-        step.attempts = max(step.attempts, 1)
+        try:
+            step.attempts = max(step.attempts, int(attempt["attempt"]), 1)
+        except (TypeError, KeyError, ValueError):
+            step.attempts = max(step.attempts, 1)
+        if isinstance(attempt, dict) and isinstance(attempt.get("worker"), str):
+            step.worker = attempt["worker"][:255]
         step.save(using=DB)
+        if compensating:
+            # The chain stopped here: the steps after it that the cancel left unknown never ran.
+            later = [
+                s
+                for s in steps.values()
+                if s.phase == step.phase and s.position > step.position and s.status == StepStatus.UNKNOWN
+            ]
+            for s in later:
+                s.status, s.finished_at = StepStatus.PENDING, None
+            _save_steps(later)
 
         definition = get_definition(saga.definition)
         if step.phase == StepPhase.FORWARD:
@@ -440,12 +485,18 @@ def saga_pivot_commit(
     if pivot is not None and pivot.status in (StepStatus.PENDING, StepStatus.RUNNING):
         last = [m for m in timeline or [] if isinstance(m, dict) and isinstance(m.get("finished_at"), str)]
         pivot.queued_at = pivot.queued_at or (parse_datetime(last[-1]["finished_at"]) if last else None)
+        # The pivot commits now, in this transaction: its own record (worker, start) comes
+        # with the chain's next report, which fills in what is left blank here.
         pivot.status, pivot.deadline_at, pivot.finished_at = StepStatus.SUCCEEDED, None, now
+        pivot.started_at = pivot.started_at or now
+        pivot.attempts = max(pivot.attempts, 1)
         pivot.result = dict(output or {})
         changed[pivot.name] = pivot
         for earlier in steps.values():
             if earlier.position < pivot.position and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
-                earlier.status, earlier.deadline_at = StepStatus.SUCCEEDED, None
+                # Committed (the pivot needed it), but its record is missing: not shown
+                # succeeded without its attempt and times.
+                earlier.status, earlier.deadline_at = StepStatus.UNKNOWN, None
                 changed[earlier.name] = earlier
         index = definition.pivot_index + 1
         if index < len(definition.steps):
@@ -493,10 +544,17 @@ def saga_begin_compensation(
     saga.context = {**saga.context, "outcome": outcome, "failure_reason": customer}
     saga.save(using=DB)
 
-    # Forward steps still in flight are superseded: their compensations cover them.
-    saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).update(
-        status=StepStatus.CANCELLED, deadline_at=None, finished_at=now
-    )
+    # The chain may be at any step of its segment (the store hears of it at the pivot and
+    # at the end): from the running step to the pivot, what happened is unknown until a
+    # report says (a record in the timeline, a refusal). The compensations cover them all.
+    running = saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).order_by("position").first()
+    if running is not None:
+        saga.steps.filter(
+            phase=StepPhase.FORWARD,
+            status__in=[StepStatus.RUNNING, StepStatus.PENDING],
+            position__gte=running.position,
+            position__lte=definition.pivot_index,
+        ).update(status=StepStatus.UNKNOWN, deadline_at=None)
     rows = [
         SagaStep(saga=saga, phase=StepPhase.COMPENSATION, position=i, name=spec.name, task_name=spec.task)
         for i, spec in enumerate(plan)
@@ -546,8 +604,9 @@ def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
         and step.phase == StepPhase.FORWARD
         and definition.forward_index(step.name) <= definition.pivot_index
     ):
-        # The pivot committed, so this step did too; only its report is late or lost.
-        step.status, step.deadline_at = StepStatus.SUCCEEDED, None
+        # The pivot committed, so this step did too; only its report is late or lost, and
+        # without it there is no attempt or time to show.
+        step.status, step.deadline_at = StepStatus.UNKNOWN, None
         step.save(using=DB)
         return "succeeded"
     if step.republished < settings.SAGA_REPUBLISH_BUDGET:
@@ -570,23 +629,21 @@ def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
     return "needs_attention"
 
 
-def _queue_backlog(queues: set[str]) -> dict[str, int]:
-    """Messages waiting in each queue, as the broker reports them (Redis or AMQP)."""
-    backlog: dict[str, int] = {}
-    try:
-        with app.connection_for_read() as connection:
-            for queue in sorted(queues):
-                channel = connection.channel()
-                try:
-                    backlog[queue] = channel.queue_declare(queue=queue, passive=True).message_count
-                except Exception:  # a queue not declared yet holds nothing
-                    backlog[queue] = 0
-                finally:
-                    with contextlib.suppress(Exception):
-                        channel.close()
-    except Exception:
-        logger.warning("could not read queue lengths from the broker; sweeping without them")
-    return backlog
+def _segment_chain(saga: SagaInstance, step: SagaStep) -> list[tuple[str, str, float]]:
+    """(task id, queue, deadline) of each step of the segment the store waits on, from `step`."""
+    definition = get_definition(saga.definition)
+    plan = _phase_plan(definition, step.phase)
+    stop = len(plan) - 1
+    if step.phase == StepPhase.FORWARD and step.position <= definition.pivot_index:
+        stop = definition.pivot_index
+    return [
+        (task_id_for(saga.id, spec.name, saga.generation), _queue_of(spec.task), float(spec.deadline_seconds))
+        for spec in plan[step.position : stop + 1]
+    ]
+
+
+def _queue_of(task_name: str) -> str:
+    return task_name.split(".")[0]
 
 
 def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict[str, int]:
@@ -597,19 +654,43 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     stalled compensation. The scan reads only running steps past their deadline (a
     partial index), oldest first, in bounded batches; each saga is handled in its own
     short transaction and skipped if another sweeper holds it (SKIP LOCKED).
+
+    First the watchdog returns the messages of workers that died holding them (Redis:
+    saga.recovery.orphans_restore). Then, per stalled step, the broker and the workers are
+    asked where its chain is (saga.recovery.chain_whereabouts: one broadcast and one look
+    at each queue's oldest message for the whole batch): held by a live worker, or possibly
+    still waiting behind older messages, it gets a new deadline without spending its
+    budget (slow is not broken); otherwise its message is lost and it is recovered.
     """
+    from . import recovery
+
     now = now or timezone.now()
     batch = batch or settings.SAGA_SWEEP_BATCH
-    stalled = (
+    done: Counter[str] = Counter()
+    try:
+        done.update(recovery.orphans_restore())
+    except Exception:  # the watchdog must never stop the sweep
+        logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+    stalled = list(
         SagaStep.objects.using(DB)
         .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
         .order_by("deadline_at")
-        .values_list("saga_id", "name", "task_name")[:batch]
+        .values_list("saga_id", "name")[:batch]
     )
-    done: Counter[str] = Counter()
-    stalled = list(stalled)
-    backlog = _queue_backlog({task.split(".")[0] for _, _, task in stalled} | {"saga"}) if stalled else {}
-    for saga_id, step_name, _ in stalled:
+    if not stalled:
+        return dict(done)
+    wanted = set(stalled)
+    chains = [
+        _segment_chain(saga, step)
+        for saga in SagaInstance.objects.using(DB).filter(id__in={s for s, _ in stalled}).prefetch_related("steps")
+        for step in saga.steps.all()
+        if (saga.id, step.name) in wanted
+    ]
+    view = recovery.broker_view(
+        queues={queue for chain in chains for _, queue, _ in chain} | {"saga"},
+        task_ids=sorted({task_id for chain in chains for task_id, _, _ in chain}),
+    )
+    for saga_id, step_name in stalled:
         with transaction.atomic(using=DB):
             saga = (
                 SagaInstance.objects.using(DB)
@@ -621,16 +702,23 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
             if step is None or step.deadline_at is None or step.deadline_at >= now:
                 done["skipped"] += 1
                 continue
-            queue = step.task_name.split(".")[0]
-            if backlog.get(queue) or backlog.get("saga"):
-                # Messages are waiting in the step's queue (or reports in the coordinator's):
-                # the system is slow, not broken. Re-publishing would only add to the pile,
-                # so give the step another deadline without spending its budget.
-                definition = get_definition(saga.definition)
-                segment = _segment_deadline(definition, _phase_plan(definition, step.phase), step.position)
-                step.deadline_at = now + timedelta(seconds=segment)
+            chain = _segment_chain(saga, step)
+            queued_at = step.queued_at or (step.deadline_at - timedelta(seconds=sum(d for _, _, d in chain)))
+            where = recovery.chain_whereabouts(
+                queued_at=queued_at.timestamp(), chain=chain, view=view, now=now.timestamp()
+            )
+            patience = sum(d for _, _, d in chain) * settings.SAGA_BACKLOG_PATIENCE
+            if where.verdict == "held" or (where.verdict == "waiting" and (now - queued_at).total_seconds() < patience):
+                # Being worked on, or possibly queued behind older messages: the system is
+                # slow, not broken. Re-publishing would only add to the pile, so look again
+                # later without spending the step's budget. (Waiting is bounded: in a FIFO
+                # queue the head moves past our message, or, where the head cannot be read
+                # (AMQP), SAGA_BACKLOG_PATIENCE segments after it was queued.)
+                again = chain[0][2] if where.verdict == "held" else where.wait
+                again = min(max(again, settings.SAGA_SWEEP_INTERVAL), sum(d for _, _, d in chain))
+                step.deadline_at = now + timedelta(seconds=again)
                 step.save(using=DB, update_fields=["deadline_at"])
-                done["waiting"] += 1
+                done[where.verdict] += 1
                 continue
             outcome = _recover_stalled(saga, step, now)
             logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)

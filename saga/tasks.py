@@ -10,6 +10,7 @@ from common.signing import seal_verify
 from common.steps import SagaStepTask, require_str, require_uuid
 
 from . import services
+from .timeline import ATTEMPT_HEADER, TIMELINE_HEADER
 
 RETRY = {
     "autoretry_for": (OperationalError, InterfaceError),
@@ -43,11 +44,19 @@ def step_succeeded(result: Any, *, saga_id: str, step: str) -> None:
     services.saga_step_succeeded(saga_id=saga_id, step_name=step, result=result)
 
 
-@shared_task(name="saga.step_failed", **RETRY)
-def step_failed(task_id: str, *, saga_id: str, step: str) -> None:
+@shared_task(name="saga.step_failed", bind=True, **RETRY)
+def step_failed(self: Any, task_id: str, *, saga_id: str, step: str) -> None:
     _check_report(saga_id, step)
     require_str({"task_id": task_id}, "task_id")
-    services.saga_step_failed(saga_id=saga_id, step_name=step, task_id=task_id)
+    # What the failing worker knew of the chain (saga.timeline): the records of the steps
+    # before the failed one, and the failed attempt's number and worker.
+    services.saga_step_failed(
+        saga_id=saga_id,
+        step_name=step,
+        task_id=task_id,
+        timeline=getattr(self.request, TIMELINE_HEADER, None),
+        attempt=getattr(self.request, ATTEMPT_HEADER, None),
+    )
 
 
 @shared_task(name="saga.sweep", ignore_result=True)

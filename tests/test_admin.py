@@ -195,6 +195,27 @@ def test_compensate_now_stops_a_running_saga_before_its_pivot_once(api: Api, sku
     assert "it is already compensating" in page  # the audit inline
 
 
+def test_the_timeline_of_a_running_saga_shows_the_step_its_chain_is_on(api: Api, sku: str) -> None:
+    make_product(sku, on_hand=3)
+    placed = api.place_order([(sku, 1)], token="tok_hang")  # the provider hangs: the charge stays active
+    saga_id = placed["saga"]["id"]
+    wait_for(
+        lambda: Payment.objects.filter(order_id=placed["id"], status="pending").exists(),
+        timeout=30,
+        what="the charge to be at the provider",
+    )
+    client, _ = admin_client()
+
+    # The store still has the chain at its first step (it records the chain at the pivot);
+    # the page asks the workers, who say where it is (issue 11).
+    page = client.get(f"{CHANGELIST}{saga_id}/change/").content.decode()
+
+    assert "Running on payments@" in page
+    assert "Passed (the chain is further on)" in page
+    assert SagaStep.objects.get(saga_id=saga_id, name="reserve_inventory").status == "running"
+    assert api.wait_until_final(placed["id"], timeout=90)["status"] == "confirmed"
+
+
 def test_compensate_refuses_once_the_order_is_confirmed_even_if_the_saga_store_lags(api: Api, sku: str) -> None:
     make_product(sku, on_hand=2)
     order = api.wait_until_final(api.place_order([(sku, 1)])["id"])

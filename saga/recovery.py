@@ -1,0 +1,286 @@
+"""What the recovery sweeper asks the broker and the workers, at a cost that follows the
+number of stalled steps (and of abandoned messages), never the number of queued messages.
+
+Three questions, each answered on Redis and on RabbitMQ alike where they can be:
+
+- Does a live worker hold one of these task ids (running it, prefetched, or waiting for
+  its retry's countdown)? One `query_task` broadcast for the whole batch of stalled steps.
+- When was the oldest message still waiting in each queue sent? Every message carries the
+  time it was published (`SENT_AT`, stamped by `stamp_sent_at` in every process). Queues are
+  FIFO, so a message sent before that head is no longer waiting. Redis lets us read the
+  head (`LINDEX queue -1`, O(1)); AMQP cannot peek, so there a non-empty queue's head is
+  unknown (treated as "could be anything", which `chain_whereabouts` bounds).
+- Which messages did a worker take and never acknowledge, and is that worker gone? (Redis
+  only: RabbitMQ returns a dead consumer's messages at once.) kombu's Redis transport keeps
+  each delivered message in the `unacked` hash, by delivery tag, with the time it was
+  delivered in the `unacked_index` sorted set, and returns it to its queue only after the
+  visibility timeout (60 s in production). `orphans_restore` returns it as soon as no live
+  worker has claimed it in two looks a couple of seconds apart.
+"""
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from orders_project.celery import app
+
+logger = logging.getLogger(__name__)
+
+# A message header: when the message was published (seconds since the epoch). Set on every
+# publish, including a chain's next step (published by the worker of the step before) and a
+# retry; a message kombu restores keeps its original time.
+SENT_AT = "saga_sent_at"
+# The watchdog's own notes in Redis: delivery tag -> when it was first seen abandoned.
+SUSPECTS_KEY = "saga:watchdog:suspects"
+LOCK_KEY = "saga:watchdog:lock"
+
+EMPTY = math.inf  # a queue with nothing waiting: any message sent before now was taken
+UNKNOWN = -math.inf  # a non-empty queue whose head we cannot read (AMQP): assume the worst
+
+
+def stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """`before_task_publish` receiver (connected in every process: saga.apps)."""
+    if isinstance(headers, dict):
+        headers[SENT_AT] = time.time()
+
+
+def is_redis() -> bool:
+    return settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://", "valkey://"))
+
+
+@dataclass(frozen=True)
+class BrokerView:
+    """What the sweeper learned in one look: task ids live workers hold, and when the
+    oldest waiting message of each queue was sent (EMPTY, UNKNOWN, or a time)."""
+
+    held: frozenset[str] = frozenset()
+    heads: dict[str, float] = field(default_factory=dict)
+    workers_answered: int = 0
+
+
+# The most workers that answered a broadcast of this process: the next one stops waiting
+# once that many have answered (a broadcast otherwise always waits its whole timeout).
+_workers_seen = 0
+
+
+def _query(task_ids: Sequence[str], *, early: bool = False) -> dict[str, Any]:
+    global _workers_seen
+    if not task_ids:
+        return {}
+    limit = _workers_seen if early and _workers_seen else None
+    try:
+        inspect = app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT, limit=limit)
+        replies = inspect.query_task(*task_ids) or {}
+    except Exception:
+        logger.warning("could not ask the workers which tasks they hold", exc_info=True)
+        return {}
+    if not early or len(replies) > _workers_seen:
+        _workers_seen = len(replies)
+    return replies
+
+
+def held_task_ids(task_ids: Sequence[str], *, early: bool = False) -> tuple[set[str], int]:
+    """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
+    retry's countdown), and how many workers answered. One broadcast; with `early`, it
+    returns as soon as every worker that answered before has answered again, instead of
+    always waiting the whole timeout (only a worker that joined since, and is slow to
+    answer, can then be missed: a sweeper's mistake costs a duplicate, and the watchdog
+    looks twice)."""
+    replies = _query(task_ids, early=early)
+    held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
+    return held, len(replies)
+
+
+def query_tasks(task_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Task id -> (state, worker) for the ids a live worker holds. One broadcast."""
+    found: dict[str, tuple[str, str]] = {}
+    for worker, reply in _query(task_ids).items():
+        for task_id, (state, _info) in (reply or {}).items():
+            found[task_id] = (state, worker)
+    return found
+
+
+def _sent_at_of(raw: bytes | str | None) -> float:
+    if raw is None:
+        return EMPTY
+    try:
+        sent = json.loads(raw)["headers"][SENT_AT]
+        return float(sent)
+    except (ValueError, KeyError, TypeError):
+        return UNKNOWN  # a message from before this header existed, or not Celery's
+
+
+def queue_heads(queues: Iterable[str]) -> dict[str, float]:
+    """When the oldest message waiting in each queue was sent (EMPTY, UNKNOWN or a time)."""
+    queues = sorted(set(queues))
+    heads: dict[str, float] = {}
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            if is_redis():
+                # kombu pushes on the left and workers pop from the right: -1 is the oldest.
+                pipe = channel.client.pipeline(transaction=False)
+                for queue in queues:
+                    pipe.lindex(queue, -1)
+                for queue, raw in zip(queues, pipe.execute(), strict=True):
+                    heads[queue] = _sent_at_of(raw)
+            else:
+                for queue in queues:
+                    try:
+                        count = channel.queue_declare(queue=queue, passive=True).message_count
+                    except Exception:  # a queue not declared yet holds nothing
+                        channel = connection.channel()
+                        count = 0
+                    heads[queue] = UNKNOWN if count else EMPTY
+    except Exception:
+        logger.warning("could not read the queues' heads from the broker", exc_info=True)
+        heads = dict.fromkeys(queues, UNKNOWN)
+    return heads
+
+
+def broker_view(*, queues: Iterable[str], task_ids: Sequence[str]) -> BrokerView:
+    held, answered = held_task_ids(task_ids, early=True)
+    return BrokerView(held=frozenset(held), heads=queue_heads(queues), workers_answered=answered)
+
+
+@dataclass(frozen=True)
+class Whereabouts:
+    verdict: str  # "held", "waiting" or "lost"
+    wait: float = 0.0  # the longest queue wait seen on the chain's way (seconds)
+
+
+def chain_whereabouts(
+    *,
+    queued_at: float,
+    chain: Sequence[tuple[str, str, float]],
+    view: BrokerView,
+    now: float,
+    report_queue: str = "saga",
+) -> Whereabouts:
+    """Where a stalled chain's current message can be, from one `BrokerView`.
+
+    `chain` is the segment the store is waiting on, in order: (task id, queue, deadline in
+    seconds) per step; its first step was queued at `queued_at`. The store does not know
+    which of them the chain reached (progress is recorded at the pivot and at the chain's
+    end), so each is considered in turn:
+
+    - a live worker holds one of them: "held" (the chain is being worked on);
+    - the message for step k was sent no later than L_k, where L_0 = queued_at + clock slack
+      and L_{k+1} = L_k + deadline_k + the queue wait seen in step k's queue (the latest a
+      healthy, if slow, chain publishes its next step). Queues are FIFO: if the oldest
+      message waiting in step k's queue was sent after L_k, that step's message is no
+      longer waiting there. The same holds for the chain's report (or failure report) in
+      the coordinator's queue, after the last step;
+    - nowhere: "lost" (the message vanished, or a worker died with it and it was not
+      returned): the sweeper re-publishes.
+
+    Pure: unit-tested without a broker.
+    """
+    if any(task_id in view.held for task_id, _, _ in chain):
+        return Whereabouts("held")
+    latest = queued_at + settings.SAGA_CLOCK_SLACK
+    longest = 0.0
+    for _, queue, deadline in [*chain, ("", report_queue, 0.0)]:
+        head = view.heads.get(queue, EMPTY)
+        wait = 0.0 if head == EMPTY else max(now - head, 0.0)
+        longest = max(longest, wait)
+        if head <= latest:
+            return Whereabouts("waiting", wait=longest)
+        latest += deadline + wait
+    return Whereabouts("lost", wait=longest)
+
+
+# --- The watchdog: a dead worker's messages back in seconds (Redis) ---------------------
+
+
+def _restore(channel: Any, client: Any, tag: str) -> bool:
+    """Put the unacknowledged delivery `tag` back at the head of its queue, as kombu's
+    `QoS.restore_by_tag` does (same transaction on the `unacked` hash), and say whether it
+    was still there: kombu's own restore, or the message's acknowledgement, may have won."""
+    restored = False
+
+    def restore_transaction(pipe: Any) -> None:
+        nonlocal restored
+        raw = pipe.hget(channel.unacked_key, tag)
+        pipe.multi()
+        pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
+        if raw:
+            payload, exchange, routing_key = json.loads(raw)
+            channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+            restored = True
+
+    client.transaction(restore_transaction, channel.unacked_key)
+    return restored
+
+
+def orphans_restore(*, now: float | None = None) -> dict[str, int]:
+    """Return to their queues the messages a worker took and that no live worker holds.
+
+    Cheap when nothing is wrong: one `ZRANGE` of the deliveries older than
+    SAGA_ORPHAN_GRACE (a healthy step acknowledges its message in milliseconds; a slow one,
+    or one waiting for its retry, is claimed by its live worker). Only when there are such
+    deliveries does it ask the workers (one `query_task` broadcast). A message is restored
+    when no worker has claimed it in two looks at least SAGA_ORPHAN_CONFIRM apart, so a
+    worker slow to answer one broadcast does not get its message copied. Restoring is a
+    transaction on kombu's `unacked` hash (as kombu's own restore is), so this, a second
+    sweep and kombu's visibility-timeout restore never all put a message back. A copy
+    restored by mistake would run twice, which every step survives (they are idempotent).
+    """
+    if not is_redis():
+        return {}
+    now = now or time.time()
+    done = {"restored": 0, "suspected": 0}
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        old = client.zrange(
+            channel.unacked_index_key, now - settings.SAGA_ORPHAN_GRACE, 0, desc=True, byscore=True, withscores=False
+        )
+        if not old:
+            client.delete(SUSPECTS_KEY)
+            return {}
+        # One look at a time: sweeps may overlap (a slow broadcast), and each must see the
+        # suspects the one before it wrote.
+        if not client.set(LOCK_KEY, "1", nx=True, ex=30):
+            return {}
+        try:
+            suspects = {_text(tag): float(seen) for tag, seen in client.hgetall(SUSPECTS_KEY).items()}
+            tags = [_text(tag) for tag in old]
+            task_of: dict[str, str] = {}
+            for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
+                try:
+                    task_of[tag] = json.loads(raw)[0]["headers"]["id"]
+                except (TypeError, ValueError, KeyError, IndexError):
+                    continue  # acknowledged meanwhile, or not a Celery task
+            held, answered = held_task_ids(sorted(set(task_of.values())), early=True)
+            if not answered:
+                return {}  # no worker answered at all: the control channel is in trouble, not them
+            still: dict[str, float] = {}
+            for tag, task_id in task_of.items():
+                if task_id in held:
+                    continue
+                first_seen = suspects.get(tag, now)
+                if first_seen > now - settings.SAGA_ORPHAN_CONFIRM:
+                    still[tag] = first_seen
+                    done["suspected"] += 1
+                elif _restore(channel, client, tag):
+                    logger.warning("restored task %s: its worker died holding it (delivery %s)", task_id, tag)
+                    done["restored"] += 1
+            pipe = client.pipeline()
+            pipe.delete(SUSPECTS_KEY)
+            if still:
+                pipe.hset(SUSPECTS_KEY, mapping=still)
+            pipe.execute()
+        finally:
+            client.delete(LOCK_KEY)
+    return {key: value for key, value in done.items() if value}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,63 @@
+"""The sweeper's verdict on a stalled chain, from what the broker and the workers said
+(saga.recovery.chain_whereabouts), without a broker: the system tests cover it end to end
+(tests/test_faults.py)."""
+
+import pytest
+
+from saga.recovery import EMPTY, UNKNOWN, BrokerView, chain_whereabouts, stamp_sent_at
+
+T = 1_000_000.0  # when the segment's first step was queued
+CHAIN = [("s-reserve-g0", "inventory", 10.0), ("s-charge-g0", "payments", 12.0), ("s-confirm-g0", "orders", 10.0)]
+
+
+@pytest.fixture(autouse=True)
+def _slack(settings) -> None:
+    settings.SAGA_CLOCK_SLACK = 3.0
+
+
+def verdict(heads: dict[str, float], *, held: frozenset[str] = frozenset(), now: float = T + 40) -> str:
+    return chain_whereabouts(queued_at=T, chain=CHAIN, view=BrokerView(held=held, heads=heads), now=now).verdict
+
+
+def test_a_chain_a_live_worker_holds_is_being_worked_on() -> None:
+    assert verdict({"inventory": UNKNOWN}, held=frozenset({"s-charge-g0"})) == "held"
+
+
+def test_with_every_queue_empty_the_message_is_lost() -> None:
+    assert verdict({}) == "lost"
+    assert verdict(dict.fromkeys(["inventory", "payments", "orders", "saga"], EMPTY)) == "lost"
+
+
+def test_steady_traffic_whose_oldest_message_is_younger_than_the_chain_does_not_hide_a_lost_message() -> None:
+    # Every queue busy, but each one's oldest waiting message was sent a second ago:
+    # FIFO, so whatever this chain sent before has been taken, and no worker holds it.
+    now = T + 45
+    assert verdict(dict.fromkeys(["inventory", "payments", "orders", "saga"], now - 1), now=now) == "lost"
+
+
+def test_a_backlog_older_than_the_chain_may_still_hold_its_message() -> None:
+    assert verdict({"inventory": T - 5}) == "waiting"  # the first step may be queued behind it
+    # The report may be behind a saga queue that has waited since before the chain could end.
+    assert verdict({"saga": T + 20}) == "waiting"
+
+
+def test_a_later_step_may_wait_as_long_as_the_queues_before_it_made_it_late() -> None:
+    now = T + 60
+    # The inventory queue waits 25 s now: a healthy chain may have sent its charge as late as
+    # T + 3 + 10 + 25, so a payments head sent at T + 30 may still have it behind.
+    heads = {"inventory": now - 25, "payments": T + 30}
+    assert chain_whereabouts(queued_at=T, chain=CHAIN, view=BrokerView(heads=heads), now=now).verdict == "waiting"
+    heads = {"inventory": now - 1, "payments": T + 30}
+    assert chain_whereabouts(queued_at=T, chain=CHAIN, view=BrokerView(heads=heads), now=now).verdict == "lost"
+
+
+def test_a_queue_that_cannot_be_read_counts_as_possibly_holding_it() -> None:
+    where = chain_whereabouts(queued_at=T, chain=CHAIN, view=BrokerView(heads={"payments": UNKNOWN}), now=T + 40)
+    assert where.verdict == "waiting"
+    assert where.wait == float("inf")  # the sweeper bounds this by SAGA_BACKLOG_PATIENCE
+
+
+def test_every_published_message_says_when_it_was_sent() -> None:
+    headers: dict = {"id": "x"}
+    stamp_sent_at(headers=headers, body=())
+    assert isinstance(headers["saga_sent_at"], float)

@@ -1,0 +1,198 @@
+"""The timeline tells the truth (issue 11): what the saga store records as reports arrive,
+against the orders database, with no workers (tests/test_order_saga.py goes through a real
+cancel end to end).
+
+A row is shown succeeded only with the participant's attempt and times; a step whose
+outcome is not known says so; a step refused because the saga was compensating is
+`refused`, not failed.
+"""
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from orders.saga import PLACE_ORDER
+from saga import services
+from saga.admin import step_state
+from saga.engine import task_id_for
+from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
+from saga.services import StoredFailure
+
+pytestmark = pytest.mark.django_db(databases=["orders"])
+
+
+def start() -> SagaInstance:
+    with transaction.atomic(using="orders"):
+        return services.saga_start(definition=PLACE_ORDER, order_id=uuid.uuid4(), context={"items": []})
+
+
+def record(saga: SagaInstance, step: str, *, attempt: int = 1, worker: str = "w@host", seconds: int = 0) -> dict:
+    """A participant's `_steps` entry (common.steps) for `step` of `saga`."""
+    started = timezone.now() - timedelta(seconds=10 - seconds)
+    return {
+        "task_id": task_id_for(saga.id, step, saga.generation),
+        "started_at": started.isoformat(),
+        "finished_at": (started + timedelta(milliseconds=40)).isoformat(),
+        "attempt": attempt,
+        "worker": worker,
+        "output": {},
+    }
+
+
+def cancel(saga: SagaInstance) -> None:
+    """What the cancel endpoint does to the saga (orders.services.order_cancel)."""
+    with transaction.atomic(using="orders"):
+        locked = SagaInstance.objects.select_for_update().get(id=saga.id)
+        services.saga_begin_compensation(
+            locked, outcome="cancelled", failure_step=locked.current_step, failure_type="Cancelled", reason="x"
+        )
+
+
+def fail(monkeypatch, saga: SagaInstance, step: str, error_type: str, *, timeline=None, attempt=None) -> None:
+    monkeypatch.setattr(services, "_failure_from_backend", lambda task_id: StoredFailure(error_type, "no"))
+    services.saga_step_failed(
+        saga_id=saga.id,
+        step_name=step,
+        task_id=task_id_for(saga.id, step, 0),
+        timeline=timeline,
+        attempt=attempt,
+    )
+
+
+def rows(saga: SagaInstance) -> dict[str, SagaStep]:
+    return {step.name: step for step in SagaStep.objects.filter(saga=saga)}
+
+
+def statuses(saga: SagaInstance, *names: str) -> list[str]:
+    steps = rows(saga)
+    return [steps[name].status for name in names]
+
+
+def assert_recorded(step: SagaStep, *, attempts: int = 1, worker: str = "w@host") -> None:
+    assert step.status == StepStatus.SUCCEEDED
+    assert (step.attempts, step.worker) == (attempts, worker)
+    assert step.queued_at is not None and step.started_at is not None and step.finished_at is not None
+    assert step.started_at < step.finished_at
+
+
+FORWARD = ("reserve_inventory", "charge_payment", "confirm_order", "notify_customer")
+
+
+def test_a_running_saga_is_on_its_first_step_and_nothing_else_has_happened() -> None:
+    saga = start()
+    assert statuses(saga, *FORWARD) == ["running", "pending", "pending", "pending"]
+    assert saga.current_step == "reserve_inventory"
+
+
+def test_a_cancel_leaves_what_the_chain_may_be_doing_unknown_not_cancelled() -> None:
+    saga = start()
+    cancel(saga)
+    # The chain may be at any step up to the pivot; the notification after it never runs.
+    assert statuses(saga, *FORWARD) == ["unknown", "unknown", "unknown", "pending"]
+    assert all(rows(saga)[name].finished_at is None for name in FORWARD)
+
+
+def test_a_cancelled_saga_shows_what_ran_and_that_the_pivot_refused(monkeypatch) -> None:
+    saga = start()
+    cancel(saga)
+    timeline = [record(saga, "reserve_inventory", seconds=0), record(saga, "charge_payment", attempt=2, seconds=1)]
+    fail(monkeypatch, saga, "confirm_order", "StepRefused", timeline=timeline, attempt={"attempt": 1, "worker": "o@h"})
+
+    steps = rows(saga)
+    assert_recorded(steps["reserve_inventory"])
+    assert_recorded(steps["charge_payment"], attempts=2)
+    assert steps["confirm_order"].status == StepStatus.REFUSED
+    assert steps["confirm_order"].last_error.startswith("StepRefused")
+    assert (steps["confirm_order"].attempts, steps["confirm_order"].worker) == (1, "o@h")
+    assert steps["notify_customer"].status == StepStatus.PENDING
+    assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING
+
+
+def test_a_cancel_before_the_first_step_ran_shows_it_refused_and_the_rest_never_ran(monkeypatch) -> None:
+    saga = start()
+    cancel(saga)
+    fail(monkeypatch, saga, "reserve_inventory", "StepRefused", timeline=[])
+
+    assert statuses(saga, *FORWARD) == ["refused", "pending", "pending", "pending"]
+
+
+def test_a_failed_step_records_the_steps_before_it_from_its_report(monkeypatch) -> None:
+    saga = start()
+    fail(
+        monkeypatch,
+        saga,
+        "charge_payment",
+        "PaymentDeclined",
+        timeline=[record(saga, "reserve_inventory")],
+        attempt={"attempt": 1, "worker": "p@h"},
+    )
+
+    steps = rows(saga)
+    assert_recorded(steps["reserve_inventory"])
+    assert steps["charge_payment"].status == StepStatus.FAILED
+    assert (steps["charge_payment"].attempts, steps["charge_payment"].worker) == (1, "p@h")
+    assert statuses(saga, "confirm_order", "notify_customer") == ["pending", "pending"]
+    assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING
+
+
+def test_without_a_record_an_earlier_step_is_unknown_not_succeeded(monkeypatch) -> None:
+    # A failure reported from a worker's main process (a hard time limit) carries no timeline.
+    saga = start()
+    fail(monkeypatch, saga, "charge_payment", "TimeLimitExceeded")
+
+    steps = rows(saga)
+    assert steps["reserve_inventory"].status == StepStatus.UNKNOWN
+    assert steps["reserve_inventory"].started_at is None
+    assert steps["charge_payment"].status == StepStatus.FAILED
+
+
+def test_the_pivot_records_itself_and_the_steps_before_it_with_their_times() -> None:
+    saga = start()
+    timeline = [record(saga, "reserve_inventory"), record(saga, "charge_payment", seconds=1)]
+    with transaction.atomic(using="orders"):
+        assert services.saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline, output={})
+
+    steps = rows(saga)
+    assert_recorded(steps["reserve_inventory"])
+    assert_recorded(steps["charge_payment"])
+    confirm = steps["confirm_order"]
+    assert (confirm.status, confirm.attempts) == (StepStatus.SUCCEEDED, 1)
+    assert confirm.started_at is not None and confirm.finished_at is not None
+    # The saga is now on its notification.
+    assert steps["notify_customer"].status == StepStatus.RUNNING
+    assert SagaInstance.objects.get(id=saga.id).current_step == "notify_customer"
+
+    # The chain's final report brings the pivot's own record (its worker and start).
+    report = {**saga.context, "_steps": [*timeline, record(saga, "confirm_order", worker="o@h", seconds=2)]}
+    report["_steps"].append(record(saga, "notify_customer", worker="n@h", seconds=3))
+    services.saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report)
+    steps = rows(saga)
+    assert_recorded(steps["confirm_order"], worker="o@h")
+    assert_recorded(steps["notify_customer"], worker="n@h")
+    assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPLETED
+
+
+def test_the_admin_shows_the_step_a_running_chain_is_on() -> None:
+    saga = start()
+    steps = rows(saga)
+    live = {"charge_payment": ("active", "payments@host")}
+    # The store's running row is where the segment began; the workers say where it is now.
+    assert step_state(steps["charge_payment"], live) == "Running on payments@host"
+    assert step_state(steps["reserve_inventory"], live) == "Passed (the chain is further on)"
+    assert step_state(steps["confirm_order"], live) == "Pending"
+    assert step_state(steps["reserve_inventory"], {}) == "Running (no worker holds it now)"
+    live = {"reserve_inventory": ("scheduled", "inventory@host")}
+    assert step_state(steps["reserve_inventory"], live) == "Waiting to retry on inventory@host"
+
+
+def test_a_late_refused_copy_does_not_rewrite_the_failure_that_started_the_compensation(monkeypatch) -> None:
+    saga = start()
+    fail(monkeypatch, saga, "reserve_inventory", "OutOfStock", timeline=[])
+    # A redelivered copy meets the release's tombstone and refuses.
+    fail(monkeypatch, saga, "reserve_inventory", "StepRefused", timeline=[])
+
+    step = rows(saga)["reserve_inventory"]
+    assert (step.status, step.last_error) == (StepStatus.FAILED, "OutOfStock: no")
