@@ -104,8 +104,8 @@ def test_an_unavailable_provider_exhausts_retries_then_the_saga_compensates(api:
     assert "GatewayUnavailable" in steps_by_name(order)["charge_payment"]["last_error"]
     assert stock(sku) == (3, 0)
     [payment] = api.payments(order["id"])
-    assert payment["status"] == "voided"  # the provider confirmed it never charged
-    assert charges(order["saga"]["id"]) == []
+    assert payment["status"] == "voided"  # settled with the provider: the key can never charge
+    assert charges(order["saga"]["id"]) == ["voided"]
     assert [n["kind"] for n in api.notifications(order["id"])] == ["order_failed"]
 
 
@@ -375,9 +375,13 @@ def test_after_a_database_restart_failures_reach_the_coordinator_at_once(
 
     # One step failing for a business reason on each service, published as the
     # coordinator publishes it, and one forged message to each queue.
-    order = {"email": "held@example.com", "payment_token": "tok_visa", "currency": "USD", "amount": "10.00"}
+    order = {"email": "held@example.com", "payment_token": "tok_visa", "currency": "USD", "total": "10.00"}
     failing = {
-        "reserve_inventory": ({"items": [{"sku": sku, "quantity": 2}]}, {}, "InsufficientStock"),
+        "reserve_inventory": (
+            {"items": [{"sku": sku, "quantity": 2, "unit_price": "10.00"}], "total": "20.00"},
+            {},
+            "InsufficientStock",
+        ),
         "charge_payment": ({"payment_token": "tok_chargeDeclined"}, {}, "PaymentDeclined"),
         "confirm_order": ({}, {"cancel_requested_at": timezone.now()}, "StepRefused"),
         "notify_customer": ({"outcome": "confirmed", "email": "held\n@example.com"}, {}, "BadHeaderError"),
