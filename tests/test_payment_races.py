@@ -118,6 +118,15 @@ def charge_copy(name: str, saga: dict[str, Any]) -> Copy:
     return Copy(name, services.payment_charge, **saga, task_id=f"task-{name}")
 
 
+def held_at_the_provider(gateway: HeldGateway, saga: dict[str, Any]) -> Copy:
+    """Copy A of the charge, started and now inside its call to the provider."""
+    gateway.hold.add("A")
+    first = charge_copy("A", saga)
+    first.start()
+    assert gateway.entered.wait(30)
+    return first
+
+
 def ledger(saga_id: uuid.UUID) -> list[tuple[str, str]]:
     """What the provider did under this saga's keys: (kind, outcome), charges first."""
     return sorted(
@@ -128,10 +137,7 @@ def ledger(saga_id: uuid.UUID) -> list[tuple[str, str]]:
 def test_a_copy_failing_fast_does_not_end_another_copys_charge(
     gateway: HeldGateway, breaker: pybreaker.CircuitBreaker, saga: dict[str, Any]
 ) -> None:
-    gateway.hold.add("A")
-    first = charge_copy("A", saga)
-    first.start()
-    assert gateway.entered.wait(30)
+    first = held_at_the_provider(gateway, saga)
 
     # A second copy of the same message while the circuit is open: it never reaches the
     # provider, and ends only its own attempt.
@@ -190,10 +196,7 @@ def test_a_timed_out_charge_is_in_flight_until_its_lease_ends_then_the_refund_vo
 def test_a_charge_the_provider_completes_while_the_refund_settles_is_refused_uncharged(
     gateway: HeldGateway, breaker: pybreaker.CircuitBreaker, saga: dict[str, Any]
 ) -> None:
-    gateway.hold.add("A")
-    first = charge_copy("A", saga)
-    first.start()
-    assert gateway.entered.wait(30)
+    first = held_at_the_provider(gateway, saga)
     # The call outlives its lease (a provider hanging past the time limit): the refund
     # stops waiting and settles with the provider while the call is still open there.
     PaymentAttempt.objects.filter(payment__saga_id=saga["saga_id"]).update(lease_until=timezone.now())
