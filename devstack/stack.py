@@ -232,7 +232,9 @@ def supervise(process: subprocess.Popen, *, grace: float = STOP_GRACE_SECONDS) -
     def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too, explicitly: a shell starting `make run` in the background hands it SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt for it.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             remember()
@@ -251,7 +253,8 @@ def supervise(process: subprocess.Popen, *, grace: float = STOP_GRACE_SECONDS) -
             time.sleep(0.2)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         # Whatever outlived honcho (or the grace period) goes now, before the servers do.
         left = [p for p in [*tree.values(), root] if _alive(p)]
         for leftover in left:
