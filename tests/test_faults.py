@@ -7,12 +7,13 @@ sweeper every second), so each fault resolves in seconds.
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import redis
@@ -21,7 +22,7 @@ from django.db import connections
 from django.utils import timezone
 
 from common.exceptions import InvalidMessage
-from devstack.topology import WORKERS, Topology, wait_for
+from devstack.topology import BASE_DIR, WORKERS, Topology, wait_for
 from orders.saga import PLACE_ORDER
 from orders_project.celery import _close_connections_closed_by_server, app
 from payments.gateways import GatewayUnavailable
@@ -324,10 +325,24 @@ def restarted(topology: Topology) -> Iterator[datetime]:
     print(f"restart: the broker was idle {time.monotonic() - waited:.1f}s after the test")
 
 
-def restart_server(name: str, *, down_seconds: float) -> None:
-    from devstack.services import restart_embedded
+# Run in a process of its own, not in this one: starting PostgreSQL as its system user (as
+# root, in CI) forks this process rather than vforking it, and in the child the fork
+# handlers of the gRPC server this session runs (tests/otlp.py) can crash it before it
+# execs. Seen once in a clean-clone run: "Fatal Python error: Segmentation fault", and a
+# PostgreSQL that never came back, failing every test after it.
+RESTART = (
+    "import sys; from pathlib import Path; from devstack.services import restart_embedded; "
+    "restart_embedded(Path(sys.argv[1]), sys.argv[2], down_seconds=float(sys.argv[3]))"
+)
 
-    restart_embedded(Path(os.environ["DEVSTACK_BASE_DIR"]), name, down_seconds=down_seconds)
+
+def restart_server(name: str, *, down_seconds: float) -> None:
+    subprocess.run(
+        [sys.executable, "-c", RESTART, os.environ["DEVSTACK_BASE_DIR"], name, str(down_seconds)],
+        cwd=BASE_DIR,
+        check=True,
+        timeout=180,
+    )
     if name == "postgres":
         connections.close_all()  # this process's own, which the restart broke
 
