@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from celery import Task, shared_task
+from celery.app.task import get_actual_ignore_result
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
@@ -174,6 +175,12 @@ def saga_step_task(
             }
             earlier = ctx.get("_steps")
             earlier = earlier[-MAX_TIMELINE:] if isinstance(earlier, list) else []
+            if not get_actual_ignore_result(self, self.request):
+                # A chain's last step: its result is the chain's record, which the result
+                # backend keeps until the coordinator drains it (saga.engine). Ids, this
+                # step's output and the timeline only: no customer data at rest there.
+                ids = {k: ctx[k] for k in ("saga_id", "order_id") if k in ctx}
+                return SagaContext(seal({**ids, **output, "_steps": [*earlier, meta]}, authority))
             return SagaContext(seal({**ctx, **output, "_steps": [*earlier, meta]}, authority))
 
         task.__doc__ = fn.__doc__

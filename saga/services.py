@@ -23,6 +23,8 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.module_loading import import_string
 
+from common.exceptions import InvalidMessage
+from common.signing import seal_verify
 from common.steps import MAX_TIMELINE
 from orders_project.celery import app
 
@@ -35,6 +37,7 @@ from .tracing import saga_trace_context, trace_carrier, trace_id_of
 logger = logging.getLogger(__name__)
 
 DB = "orders"
+RESULTS_DB = "default"  # the result backend (django-celery-results)
 OUTCOME_FAILED = "failed"
 OUTCOME_CANCELLED = "cancelled"
 
@@ -215,6 +218,72 @@ def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline
     return list(changed.values())
 
 
+def report_verified(result: Any, saga_id: uuid.UUID | str, step: str) -> dict[str, Any]:
+    """A chain's record as the step that produced it sealed it; InvalidMessage otherwise.
+
+    A report carries the step's output, sealed by that step (common.signing). A forged one
+    (unsealed, altered, another saga's or another step's) would move a saga past a step
+    that never ran: whoever can write the broker or the result backend must not do that.
+    """
+    if not isinstance(result, dict):
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report carries no step output")
+    sealed_by = seal_verify(result)
+    if result.get("saga_id") != str(saga_id) or sealed_by.saga_id != str(saga_id):
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report is for another saga")
+    if sealed_by.step != step:
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report is the output of {sealed_by.step}")
+    return result
+
+
+def saga_reports_drain() -> int:
+    """Record every chain whose last step has committed; the number recorded.
+
+    A chain's last step stores its result, the chain's sealed record, in the result
+    backend (saga.engine); nothing else stores a success there. One read finds the
+    records of every active saga's chains (any generation: a superseded chain's record is
+    a duplicate the store ignores), each is recorded as a success report in its saga's own
+    transaction, and the drained rows are deleted after. Safe to run concurrently and
+    again after a crash between the two: recording a report twice changes nothing.
+    """
+    from django_celery_results.models import TaskResult
+
+    wanted: dict[str, tuple[SagaInstance, str]] = {}
+    for saga in (
+        SagaInstance.objects.using(DB)
+        .filter(status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
+        .only("id", "definition", "generation", "trace_context")
+    ):
+        definition = get_definition(saga.definition)
+        for phase in (StepPhase.FORWARD, StepPhase.COMPENSATION):
+            plan = _phase_plan(definition, phase)
+            if plan:
+                for generation in range(saga.generation + 1):
+                    wanted[task_id_for(saga.id, plan[-1].name, generation)] = (saga, plan[-1].name)
+    if not wanted:
+        return 0
+    rows = list(
+        TaskResult.objects.using(RESULTS_DB)
+        .filter(task_id__in=list(wanted), status="SUCCESS")
+        .values_list("task_id", "result")
+    )
+    for task_id, stored in rows:
+        saga, step_name = wanted[task_id]
+        try:
+            report = report_verified(json.loads(stored), saga.id, step_name)
+        except (InvalidMessage, ValueError, TypeError) as error:
+            logger.error("saga %s: the stored record of %s is not its step's: %s; dropped", saga.id, task_id, error)
+            continue
+        with saga_trace_context(saga.trace_context, why="saga.record"):
+            saga_step_succeeded(saga_id=saga.id, step_name=step_name, result=report)
+    if rows:
+        with connections[RESULTS_DB].cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'",
+                [[task_id for task_id, _ in rows]],
+            )
+    return len(rows)
+
+
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:
     """Record that a chain's reporting step committed, with the timeline of the steps
     before it, and move the saga to its next step or its end.
@@ -267,7 +336,8 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
                 # succeeded without its attempt and times: its outcome was not recorded.
                 saga.status = finished
                 saga.current_step = ""
-                saga.finished_at = now
+                # When it ended, not when the store heard of it (reports are drained).
+                saga.finished_at = step.finished_at or now
                 for earlier in steps.values():
                     if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
                         earlier.status, earlier.deadline_at = StepStatus.UNKNOWN, None
@@ -671,6 +741,9 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         done.update(recovery.orphans_restore())
     except Exception:  # the watchdog must never stop the sweep
         logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+    # Before looking for stalled steps: a chain whose record waits here is not stalled.
+    if recorded := saga_reports_drain():
+        done["recorded"] += recorded
     stalled = list(
         SagaStep.objects.using(DB)
         .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
