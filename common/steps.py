@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from celery import Task, shared_task
-from celery.app.task import get_actual_ignore_result
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
@@ -45,6 +44,8 @@ from .exceptions import InvalidMessage, TransientError
 from .signing import AUTHORITY_KWARG, SEAL_FIELD, authority_verify, seal
 
 RETRYABLE = (TransientError, OperationalError, InterfaceError)
+# Sent (True) to a chain's last step, whose result is the chain's record (saga.engine).
+RECORD_KWARG = "record"
 # A chain is a handful of steps; the cap only keeps a malformed context from growing.
 MAX_TIMELINE = 16
 
@@ -161,6 +162,7 @@ def saga_step_task(
             self.request.argsrepr = stored_args_repr(ctx)
             # Only what the coordinator decided, for this task, over this context (issue 12).
             authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
+            record = kwargs.pop(RECORD_KWARG, False) is True
             if phase and authority.phase != phase:
                 raise InvalidMessage(f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message")
             ctx = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
@@ -175,7 +177,7 @@ def saga_step_task(
             }
             earlier = ctx.get("_steps")
             earlier = earlier[-MAX_TIMELINE:] if isinstance(earlier, list) else []
-            if not get_actual_ignore_result(self, self.request):
+            if record:
                 # A chain's last step: its result is the chain's record, which the result
                 # backend keeps until the coordinator drains it (saga.engine). Ids, this
                 # step's output and the timeline only: no customer data at rest there.

@@ -112,15 +112,13 @@ TEMPLATES = [
 # --- Databases: one per service (ARCHITECTURE.md "Databases") -------------------------
 _LOCAL_PG = "postgres://postgres@127.0.0.1:5432"
 _DB_OPTIONS = {
-    # Workers and web keep connections between tasks/requests. In the web process the
-    # health check (a `SELECT 1` before a connection's first query in each request) makes
-    # a connection that died with a PostgreSQL restart get replaced, not fail a request. A
-    # worker skips that round trip on every task: before each task it drops the connections
-    # the server has closed (orders_project.celery, no round trip); one that died unnoticed
-    # fails its task with an OperationalError, which retries (common.steps, saga.tasks),
-    # and Django closes it after that task, so the retry connects afresh.
+    # Workers and web keep connections between tasks/requests. Before each task and each
+    # request the connections the server has closed (a PostgreSQL restart) are dropped
+    # (orders_project.db_health: a poll() each, no round trip), so they are replaced, not
+    # failed on. Django's own health check (a `SELECT 1` per database per request) is
+    # there for networks that cut connections silently: DB_CONN_HEALTH_CHECKS=True.
     "CONN_MAX_AGE": env.int("DB_CONN_MAX_AGE", default=60),
-    "CONN_HEALTH_CHECKS": env.bool("DB_CONN_HEALTH_CHECKS", default=not env.str("CELERY_SERVICE", default="")),
+    "CONN_HEALTH_CHECKS": env.bool("DB_CONN_HEALTH_CHECKS", default=False),
 }
 
 

@@ -11,9 +11,9 @@ Each step signature carries
   behaviour in every topology.
 
 No step reports its success with a message of its own. Each appends its timing to the
-context it passes on (`_steps`, common.steps); the chain's last step alone stores its
-result (`ignore_result=False` on its signature; every other task ignores results), which
-is then the whole chain's record: its output and timeline, sealed, with ids only. The
+context it passes on (`_steps`, common.steps); the chain's last step alone (its `record`
+keyword) returns the chain's record and stores it (`ignore_result=False` on its
+signature; every other task ignores results): its output and timeline, sealed, with ids only. The
 coordinator drains those records from the result backend in batches
 (saga.services.saga_reports_drain, each sweep) instead of running a Celery task per
 report: a report costs the last step one insert, not a message, a task and its events
@@ -34,6 +34,7 @@ from celery import Signature, chain
 from kombu.utils import json
 
 from common.signing import AUTHORITY_KWARG, authority_mint
+from common.steps import RECORD_KWARG
 from orders_project.celery import app
 
 from .definition import Step
@@ -78,7 +79,8 @@ def step_signature(
         context=context,
         after=after,
     )
-    sig = app.signature(step.task, kwargs={**step.kwargs, AUTHORITY_KWARG: authority})
+    kwargs = {**step.kwargs, AUTHORITY_KWARG: authority, **({RECORD_KWARG: True} if report else {})}
+    sig = app.signature(step.task, kwargs=kwargs)
     # Flower, task events, the worker logs and stored failures show these instead of the
     # saga context and the authority: no customer's email or card token there, nothing
     # that could be sent again, and no repr of the context on every publish (a few % of a
