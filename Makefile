@@ -25,6 +25,7 @@ test: $(STAMP) browser
 	$(PY) -m pip check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m devstack test $(ARGS)
 
 # The admin's browser test (tests/test_admin.py) drives Debian's Chromium through Playwright,
@@ -49,9 +50,11 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
 
+# lint-imports: the boundaries between the services (pyproject.toml, [tool.importlinter]).
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

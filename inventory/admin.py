@@ -4,7 +4,7 @@ from django.db import connections, router
 from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
-from saga.admin import ReadOnlyAdminMixin
+from common.admin_mixins import ReadOnlyAdminMixin
 
 from . import services
 from .exceptions import StockBelowReserved

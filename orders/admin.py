@@ -5,7 +5,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from common.admin_links import order_notifications_link, order_payments_link
-from saga.admin import ReadOnlyAdminMixin
+from common.admin_mixins import ReadOnlyAdminMixin
 from saga.models import SagaInstance
 
 from .models import Order, OrderLine

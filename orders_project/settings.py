@@ -78,6 +78,8 @@ INSTALLED_APPS = [
     "inventory",
     "payments",
     "notifications",
+    # The operator's cross-service checks (`manage.py saga_audit`); no models.
+    "audit",
 ]
 
 MIDDLEWARE = [
@@ -208,6 +210,12 @@ REST_FRAMEWORK = {
     # header, lets a client pick its own address and dodge the per-client limits.
     "NUM_PROXIES": env.int("NUM_PROXIES", default=0),
 }
+
+# Who may see an order, asked by the payments' and notifications' `?order=` filter
+# (common.api.order_filter). The orders service answers it; named here, where the project
+# puts its services together, because `common` may not import a service (pyproject.toml,
+# [tool.importlinter]).
+ORDER_VISIBLE = "orders.selectors.order_visible"
 
 # How long an API token works after it is issued (seconds; README "Security").
 API_TOKEN_TTL = env.int("API_TOKEN_TTL", default=30 * 24 * 3600)

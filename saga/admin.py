@@ -25,6 +25,7 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from common.admin_links import order_notifications_link, order_payments_link
+from common.admin_mixins import ReadOnlyAdminMixin
 
 from . import services
 from .engine import task_id_for
@@ -33,19 +34,6 @@ from .selectors import failure_fingerprint_counts, sagas_with_fingerprints
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
 PREVIEW_ROWS = 100
-
-
-class ReadOnlyAdminMixin:
-    """Records only the saga may change: visible to operators, never edited by hand."""
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 class SagaPartInline(ReadOnlyAdminMixin):

@@ -1,7 +1,10 @@
 """Cross-database invariants of the order saga, checked from the outside.
 
-Reads every service's database (this is an operator's tool, not a service) and returns
-one line per violation. `python manage.py saga_audit` prints them and exits non-zero.
+Reads every service's database and returns one line per violation. `python manage.py
+saga_audit` prints them and exits non-zero. This is an operator's tool, not a service: it
+is the one package allowed to import every service's models, which is why it lives here
+and not in the coordinator (`saga`), whose boundaries the import contracts check
+(pyproject.toml, [tool.importlinter]).
 """
 
 from collections import Counter, defaultdict
@@ -14,8 +17,7 @@ from inventory.models import Product, Reservation
 from notifications.models import Notification
 from orders.models import Order
 from payments.models import FakeProviderOperation, Payment, Refund
-
-from .models import SagaInstance, SagaStatus, SagaStep, StepStatus
+from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
 
 FINAL_ORDER = {Order.Status.CONFIRMED, Order.Status.FAILED, Order.Status.CANCELLED}
 OUTCOME_KIND = {
