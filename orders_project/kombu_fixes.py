@@ -20,7 +20,7 @@ idempotent, so running one again is safe.
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-_connparams = kombu_redis.Channel._connparams
+_connparams = kombu_redis.Channel._connparams  # type: ignore[attr-defined]
 
 
 def _connparams_of_a_live_connection(self, asynchronous=False):
@@ -30,4 +30,4 @@ def _connparams_of_a_live_connection(self, asynchronous=False):
 
 
 def apply() -> None:
-    kombu_redis.Channel._connparams = _connparams_of_a_live_connection
+    kombu_redis.Channel._connparams = _connparams_of_a_live_connection  # type: ignore[attr-defined]

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 _configured = False
 _lock = threading.Lock()
 # Publish spans between before_task_publish and after_task_publish, by (thread, task id).
-_publishing: dict[tuple[int, str], Any] = {}
+_publishing: dict[tuple[int, str | None], Any] = {}
 _PUBLISHING_MAX = 10_000  # publishes that failed never see after_task_publish
 
 
