@@ -411,13 +411,21 @@ if LOG_FORMAT not in ("text", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"task_context": {"()": "orders_project.log.TaskContextFilter"}},
+    "filters": {
+        "task_context": {"()": "orders_project.log.TaskContextFilter"},
+        # A sweep that found nothing logs nothing (orders_project.log.QuietHousekeepingFilter).
+        "quiet_housekeeping": {"()": "orders_project.log.QuietHousekeepingFilter"},
+    },
     "formatters": {
         "text": {"()": "orders_project.log.TextFormatter"},
         "json": {"()": "orders_project.log.JsonFormatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["task_context"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["quiet_housekeeping", "task_context"],
+        },
     },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
