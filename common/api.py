@@ -1,5 +1,5 @@
 """What every service's API shares: the `?order=` filter, JSON errors under /api/, and the
-error bodies the OpenAPI schema documents (README "Security"). The DRF classes settings.py
+error bodies the OpenAPI schema documents (docs/SECURITY.md). The DRF classes settings.py
 names are in common.drf."""
 
 import uuid

@@ -1,5 +1,5 @@
 """The REST framework classes settings.py names (parser, exception handler, pagination,
-throttle): README "Security".
+throttle): docs/SECURITY.md.
 
 Kept apart from common.api on purpose: DRF resolves these dotted paths when it first
 builds `APIView`, so this module must not import `rest_framework.views` (or anything

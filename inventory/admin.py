@@ -56,7 +56,7 @@ class AvailabilityFilter(admin.SimpleListFilter):
 def catalogue_writable(request: HttpRequest) -> bool:
     """Whether this process's database role may change products, asked once per request.
 
-    The running web's role may only read the catalogue (README "Security"): there the admin
+    The running web's role may only read the catalogue (docs/SECURITY.md): there the admin
     shows products read-only instead of failing on save. `manage.py` (the owner) may write.
     """
     if not hasattr(request, "_catalogue_writable"):

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 # Periodic housekeeping whose routine runs say nothing at INFO: the sweeper, which beat
-# sends every SAGA_SWEEP_INTERVAL seconds (README "Failures and recovery"). A sweep that
+# sends every SAGA_SWEEP_INTERVAL seconds (docs/OPERATIONS.md, "Failures and recovery"). A sweep that
 # acts says so: saga.services and saga.recovery log each re-publish, compensation and
 # restored message at WARNING, and its "succeeded" line carries a non-empty result.
 QUIET_TASKS = frozenset({"saga.sweep"})

@@ -1,6 +1,6 @@
 """Settings for every process (web, workers, beat, Flower), driven by the environment.
 
-Every variable is documented in README.md ("Configuration") and `.env.example`.
+Every variable is documented in docs/CONFIGURATION.md and `.env.example`.
 Local defaults point at the servers `make run` starts (or the ones you name);
 nothing here exists only in production.
 """
@@ -30,7 +30,7 @@ DEBUG = env.bool("DEBUG", default=False)
 # make run's local mode: Flower may run without a login, on a loopback address only.
 LOCAL_MODE = env.bool("LOCAL_MODE", default=False)
 # The local default is public. With DEBUG off, a public or weak key stops the process at
-# start-up; a relaxed process says so (common.apps). README "Security".
+# start-up; a relaxed process says so (common.apps). docs/SECURITY.md.
 SECRET_KEY = env.str("SECRET_KEY", default="insecure-local-only-key-change-me")
 # Old keys still accepted for signatures while you rotate SECRET_KEY (comma-separated).
 SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
@@ -144,7 +144,7 @@ CELERY_SERVICE = env.str("CELERY_SERVICE", default="")
 # Least privilege (orders_project.db_roles): a process logs in to every database as the role
 # of its job, DATABASE_LOGIN ("role:password"), which the Procfile sets per process (compose
 # writes the role into each URL instead). "none": no database credentials at all (Flower).
-# Unset: each URL as given (manage.py and `migrate`: each database's owner). README "Security".
+# Unset: each URL as given (manage.py and `migrate`: each database's owner). docs/SECURITY.md.
 DATABASE_LOGIN = env.str("DATABASE_LOGIN", default="")
 if DATABASE_LOGIN == "none":
     DATABASES = {}  # Django's dummy backend: any query fails
@@ -217,7 +217,7 @@ REST_FRAMEWORK = {
 # [tool.importlinter]).
 ORDER_VISIBLE = "orders.selectors.order_visible"
 
-# How long an API token works after it is issued (seconds; README "Security").
+# How long an API token works after it is issued (seconds; docs/SECURITY.md).
 API_TOKEN_TTL = env.int("API_TOKEN_TTL", default=30 * 24 * 3600)
 
 # --- Input limits (a clear 400 or 413, never a 500) -----------------------------------
@@ -394,7 +394,7 @@ if CACHES["default"]["BACKEND"].endswith("RedisCache"):
     # A Redis outage must not hang requests: the throttle then lets them through.
     CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
 
-# --- Operator's console (README "Operating it") ----------------------------------------
+# --- Operator's console (docs/OPERATIONS.md) ----------------------------------------
 # Links from the admin's saga page: a step's Celery task in Flower (<FLOWER_URL>/task/<id>;
 # empty: no links) and the saga's trace ({trace_id} is replaced; empty: no link).
 FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.str('FLOWER_PORT', default='5555')}").rstrip("/")

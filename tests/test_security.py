@@ -1,4 +1,4 @@
-"""Hardening (README "Security"): least privilege between services, hostile input, and
+"""Hardening (docs/SECURITY.md): least privilege between services, hostile input, and
 production settings. Each claim is checked against real processes: the test topology,
 extra web processes with other settings, and `manage.py` / `celery` run as subprocesses
 with a worker's or compose's environment.
@@ -244,7 +244,7 @@ def test_hsts_is_sent_on_https_requests_from_the_proxy(production_web: Topology)
 
 
 def schemathesis_command(base_url: str, token: str, *extra: str) -> list[str]:
-    """The fuzzing run; README "Security" has the long one, with the same options."""
+    """The fuzzing run; docs/SECURITY.md has the long one, with the same options."""
     return [
         str(Path(sys.executable).parent / "st"),
         "run",

@@ -32,7 +32,7 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 )
 ORDER_ID = OpenApiParameter("order_id", type=uuid.UUID, location=OpenApiParameter.PATH)
 # Reading other customers' orders, and stopping them: the admin's own permissions
-# (README "Security"). Staff without them are customers here.
+# (docs/SECURITY.md). Staff without them are customers here.
 VIEW_ORDERS = "orders.view_order"
 COMPENSATE_SAGA = "saga.compensate_saga"
 
