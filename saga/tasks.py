@@ -10,7 +10,7 @@ from common.steps import SagaStepTask, require_str, require_uuid
 from . import services
 from .timeline import ATTEMPT_HEADER, TIMELINE_HEADER
 
-RETRY = {
+RETRY: dict[str, Any] = {
     "autoretry_for": (OperationalError, InterfaceError),
     "retry_backoff": 1,
     "retry_backoff_max": 30,
