@@ -23,6 +23,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.module_loading import import_string
 
+from common.db import insert_together
 from common.exceptions import InvalidMessage
 from common.signing import seal_verify
 from common.steps import MAX_TIMELINE
@@ -99,9 +100,19 @@ def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapp
     created the order, so an order never exists without its saga (and the chain is never
     published for an order that rolled back).
     """
+    saga = saga_new(definition=definition, order_id=order_id, context=context)
+    insert_together(DB, [saga], saga._prefetched_objects_cache["steps"])
+    saga_publish(saga)
+    return saga
+
+
+def saga_new(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapping[str, Any]) -> SagaInstance:
+    """A new saga of `definition` for `order_id` and its forward steps, not yet written: the
+    caller writes them (with its order, in one statement: common.db.insert_together), then
+    calls `saga_publish`. The steps are in the saga's `steps` prefetch cache."""
     saga_id = uuid.uuid4()
     now = timezone.now()
-    saga = SagaInstance.objects.using(DB).create(
+    saga = SagaInstance(
         id=saga_id,
         definition=definition.name,
         order_id=order_id,
@@ -118,10 +129,14 @@ def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapp
     ]
     deadline = _segment_deadline(definition, definition.steps, 0)
     _mark_running(steps[0], deadline_seconds=deadline, now=now, generation=saga.generation, saga_id=saga.id)
-    SagaStep.objects.using(DB).bulk_create(steps)
     saga._prefetched_objects_cache = {"steps": steps}
-    _publish_on_commit(definition.steps, saga)
     return saga
+
+
+def saga_publish(saga: SagaInstance) -> None:
+    """Publish a new saga's forward chain once the `orders` transaction that wrote it
+    commits (at once, if none is open: the statement that wrote it has committed)."""
+    _publish_on_commit(get_definition(saga.definition).steps, saga)
 
 
 def _lock_saga(saga_id: uuid.UUID | str) -> SagaInstance | None:
