@@ -168,31 +168,93 @@ STEP_FIELDS = ["status", "queued_at", "started_at", "finished_at", "deadline_at"
 
 
 def _save_steps(rows: Iterable[SagaStep]) -> None:
-    """Write the timeline fields of `rows` in one statement (UPDATE ... FROM VALUES).
+    """Write the timeline fields of `rows` in one statement. Precondition: the saga's row
+    lock is held."""
+    _save(None, rows)
 
-    Django's bulk_update builds a CASE expression per field and row, which cost the saga
-    worker more CPU than the query itself (BENCHMARKS.md). Precondition: the saga's row
-    lock is held.
+
+def _save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:
+    """Write the timeline fields of the steps `rows` (UPDATE ... FROM VALUES) and the
+    saga's `fields` (all of them by default; `updated_at` always), in one statement.
+
+    Django's bulk_update builds a CASE expression per field and row, and a save per model
+    is a statement each: on the coordinator's every record that cost more CPU than the
+    queries (BENCHMARKS.md). Precondition: the saga's row lock is held.
     """
     rows = list(rows)
-    if not rows:
-        return
-    table = connections[DB].ops.quote_name(SagaStep._meta.db_table)
-    row_sql = "(%s::bigint, %s, " + "%s::timestamptz, " * 4 + "%s::integer, %s, %s::jsonb, %s)"
-    params: list[Any] = []
-    for row in rows:
-        params += [row.pk, row.status, row.queued_at, row.started_at, row.finished_at, row.deadline_at]
-        params += [row.attempts, row.worker, json.dumps(row.result or {}), row.celery_task_id]
-    with connections[DB].cursor() as cursor:
-        cursor.execute(
+    connection = connections[DB]
+    sql, params = [], []
+    if rows:
+        table = connection.ops.quote_name(SagaStep._meta.db_table)
+        row_sql = "(%s::bigint, %s, " + "%s::timestamptz, " * 4 + "%s::integer, %s, %s::jsonb, %s)"
+        for row in rows:
+            params += [row.pk, row.status, row.queued_at, row.started_at, row.finished_at, row.deadline_at]
+            params += [row.attempts, row.worker, json.dumps(row.result or {}), row.celery_task_id]
+        sql.append(
             f"UPDATE {table} AS s SET status = v.status, queued_at = v.queued_at, started_at = v.started_at, "
             "finished_at = v.finished_at, deadline_at = v.deadline_at, attempts = v.attempts, worker = v.worker, "
             "result = v.result, celery_task_id = v.celery_task_id "
             f"FROM (VALUES {', '.join([row_sql] * len(rows))}) "
             "AS v(id, status, queued_at, started_at, finished_at, deadline_at, attempts, worker, result, "
-            "celery_task_id) WHERE s.id = v.id",
-            params,
+            "celery_task_id) WHERE s.id = v.id"
         )
+    if saga is not None:
+        wanted = None if fields is None else {*fields, "updated_at"}
+        columns = [
+            f for f in SagaInstance._meta.concrete_fields if not f.primary_key and (wanted is None or f.name in wanted)
+        ]
+        values = [f.get_db_prep_save(f.pre_save(saga, add=False), connection) for f in columns]
+        table = connection.ops.quote_name(SagaInstance._meta.db_table)
+        assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in columns)
+        sql.append(f"UPDATE {table} SET {assignments} WHERE id = %s")
+        params += [*values, saga.pk]
+    if not sql:
+        return
+    statement = sql[0] if len(sql) == 1 else f"WITH steps AS ({sql[0]}) {sql[1]}"
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+
+
+def _lock_saga_with_steps(
+    saga_id: uuid.UUID | str, *, phase: str | None = None
+) -> tuple[SagaInstance | None, dict[str, SagaStep]]:
+    """The saga, locked (FOR UPDATE), and its steps (of `phase`, or all) by name: one
+    statement where the ORM takes two. Precondition: inside `transaction.atomic(using="orders")`."""
+    connection = connections[DB]
+    quote = connection.ops.quote_name
+    saga_fields, step_fields = SagaInstance._meta.concrete_fields, SagaStep._meta.concrete_fields
+    columns = [f"s.{quote(f.column)}" for f in saga_fields] + [f"t.{quote(f.column)}" for f in step_fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join(columns)} FROM {quote(SagaInstance._meta.db_table)} AS s "
+            f"LEFT JOIN {quote(SagaStep._meta.db_table)} AS t ON t.saga_id = s.id"
+            + (" AND t.phase = %s" if phase else "")
+            + " WHERE s.id = %s ORDER BY t.phase, t.position FOR UPDATE OF s",
+            [*([phase] if phase else []), saga_id],
+        )
+        rows = cursor.fetchall()
+    if not rows:
+        return None, {}
+    split = len(saga_fields)
+    saga = _from_row(SagaInstance, saga_fields, rows[0][:split], connection)
+    steps = {}
+    for row in rows:
+        if row[split] is not None:
+            step = _from_row(SagaStep, step_fields, row[split:], connection)
+            step._state.fields_cache["saga"] = saga
+            steps[step.name] = step
+    if phase is None:
+        saga._prefetched_objects_cache = {"steps": list(steps.values())}
+    return saga, steps
+
+
+def _from_row(model: Any, fields: Any, values: Any, connection: Any) -> Any:
+    """A model instance from its columns, as the ORM would have read it (JSON decoded)."""
+    converted = [
+        f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
+        for f, v in zip(fields, values, strict=True)
+    ]
+    return model.from_db(DB, [f.attname for f in fields], converted)
 
 
 def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline: Any) -> list[SagaStep]:
@@ -309,11 +371,10 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
     result = dict(result or {})
     timeline = result.pop("_steps", None)
     with transaction.atomic(using=DB):
-        saga = _lock_saga(saga_id)
+        saga, steps = _lock_saga_with_steps(saga_id)
         if saga is None:
             logger.error("step %s succeeded for unknown saga %s; ignored", step_name, saga_id)
             return
-        steps = {s.name: s for s in saga.steps.all()}
         step = steps.get(step_name)
         if step is None:
             logger.error("saga %s has no step %s; success report ignored", saga_id, step_name)
@@ -373,9 +434,7 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
                     )
                     saga.current_step = nxt.name
                     changed[nxt_row.name] = nxt_row
-        if changed:
-            _save_steps(changed.values())
-        saga.save(using=DB)
+        _save(saga, changed.values())
 
 
 @dataclass(frozen=True)
@@ -555,7 +614,7 @@ def saga_pivot_commit(
     pivot and this record commit together. Takes the saga's row lock: the coordinator's
     decision to compensate takes it too, so exactly one of the two wins.
     """
-    saga = _lock_saga(saga_id)
+    saga, steps = _lock_saga_with_steps(saga_id, phase=StepPhase.FORWARD)
     if saga is None or str(saga.order_id) != str(order_id) or saga.status != SagaStatus.RUNNING:
         return False
     if saga.pivot_committed_at is not None:
@@ -563,7 +622,6 @@ def saga_pivot_commit(
     now = timezone.now()
     saga.pivot_committed_at = now
     definition = get_definition(saga.definition)
-    steps = {s.name: s for s in saga.steps.filter(phase=StepPhase.FORWARD)}
     changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
     saga.context = {**saga.context, **dict(output or {})}
     pivot = steps.get(definition.pivot)
@@ -593,9 +651,7 @@ def saga_pivot_commit(
                 nxt.queued_at = now
                 saga.current_step = nxt.name
                 changed[nxt.name] = nxt
-    if changed:
-        _save_steps(changed.values())
-    saga.save(using=DB, update_fields=["pivot_committed_at", "current_step", "context", "updated_at"])
+    _save(saga, changed.values(), fields=["pivot_committed_at", "current_step", "context"])
     return True
 
 
