@@ -19,6 +19,7 @@ from saga.models import SagaAuditEntry, SagaInstance
 from .. import selectors, services
 from ..exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
 from ..models import Order
+from .render import order_body
 from .serializers import OrderCreateInput, OrderOutput
 
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-:.]{1,255}$")
@@ -41,7 +42,8 @@ def render_orders(orders: list[Order], sagas: Iterable[SagaInstance] | None = No
     """The orders' API bodies, in order (a list)."""
     if sagas is None:
         sagas = SagaInstance.objects.filter(order_id__in=[o.id for o in orders]).prefetch_related("steps")
-    return OrderOutput(orders, many=True, context={"sagas": {s.order_id: s for s in sagas}}).data
+    by_order = {s.order_id: s for s in sagas}
+    return [order_body(order, by_order.get(order.id)) for order in orders]
 
 
 def render_order(order: Order) -> dict:
