@@ -158,15 +158,21 @@ def saga_step_task(
             started_at = timezone.now()
             if not isinstance(ctx, dict):
                 raise InvalidMessage(f"{name} expects a saga context object, got {type(ctx).__name__}")
-            # A failure or retry stores this, not the context (result backend, Flower).
-            self.request.argsrepr = stored_args_repr(ctx)
-            # Only what the coordinator decided, for this task, over this context (issue 12).
-            authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
-            record = kwargs.pop(RECORD_KWARG, False) is True
-            if phase and authority.phase != phase:
-                raise InvalidMessage(f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message")
+            try:
+                # Only what the coordinator decided, for this task, over this context (issue 12).
+                authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
+                record = kwargs.pop(RECORD_KWARG, False) is True
+                if phase and authority.phase != phase:
+                    raise InvalidMessage(
+                        f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message"
+                    )
+                output = fn({k: v for k, v in ctx.items() if k != SEAL_FIELD}, **kwargs)
+            except BaseException:
+                # A failure or retry stores this, not the context (result backend, Flower);
+                # worked out only then, off the path every step takes.
+                self.request.argsrepr = stored_args_repr(ctx)
+                raise
             ctx = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
-            output = fn(ctx, **kwargs)
             meta = {
                 "task_id": self.request.id,
                 "started_at": started_at.isoformat(),
