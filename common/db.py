@@ -4,6 +4,8 @@ from collections.abc import Sequence
 
 from django.db import connections, models
 
+from .sql import prepared
+
 
 def insert_together(using: str, *groups: Sequence[models.Model]) -> None:
     """Insert every instance of `groups` (each a list of one model's new instances, parents
@@ -40,7 +42,7 @@ def insert_together(using: str, *groups: Sequence[models.Model]) -> None:
     if not ctes:
         return
     final = ", ".join(sql for _, _, sql in returning) or "1"
-    with connection.cursor() as cursor:
+    with prepared(using) as cursor:
         cursor.execute(f"WITH {', '.join(ctes)} SELECT {final}", params)
         ids = cursor.fetchone()
     for (group, auto, _), values in zip(returning, ids, strict=False):

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from common.exceptions import InvalidMessage, StepRefused
 from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
-from common.sql import is_step_abort
+from common.sql import is_step_abort, prepared
 
 from .exceptions import InsufficientStock, PriceChanged, StockBelowReserved, UnknownProduct
 from .models import ProcessedKey, Product, Reservation
@@ -109,7 +109,7 @@ def _reserve_at_once(
     """
     skus = [sku for sku, _, _ in lines]
     try:
-        with connections[DB].cursor() as cursor:
+        with prepared(DB) as cursor:
             cursor.execute(
                 "WITH w AS (SELECT * FROM unnest(%s::varchar[], %s::integer[], %s::numeric[]) AS w(sku, q, price)), "
                 f"guard AS (INSERT INTO {PROCESSED_KEY} (key, result, created_at) "

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from common.exceptions import TransientError
 from common.idempotency import processed_record, processed_result, saga_lock, step_key
+from common.sql import prepared
 
 from . import channels
 from .models import Notification, ProcessedKey
@@ -136,7 +137,7 @@ def _claim_new(
     until this statement commits, then inserts nothing: exactly one copy claims a new row.
     """
     channels = [channel for channel, _ in recipients]
-    with connections[DB].cursor() as cursor:
+    with prepared(DB) as cursor:
         cursor.execute(
             f"WITH done AS (SELECT result FROM {PROCESSED_KEY} WHERE key = %s), "
             f"new AS (INSERT INTO {NOTIFICATION} (saga_id, kind, channel, order_id, recipient, subject, body, "
@@ -234,7 +235,7 @@ def _finish(pk: int, claim: uuid.UUID, *, key: str, result: dict[str, Any], reco
     """Mark a delivered row sent if this attempt still holds its claim and, with `record`,
     record the outcome's key in the same statement (not if the claim was lost: the copy
     that took it over records it)."""
-    with connections[DB].cursor() as cursor:
+    with prepared(DB) as cursor:
         cursor.execute(
             f"WITH sent AS (UPDATE {NOTIFICATION} SET status = %s, sent_at = statement_timestamp() "
             "WHERE id = %s AND claim_token = %s AND status = %s RETURNING id) "

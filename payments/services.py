@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from common.exceptions import StepRefused, TransientError
 from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
+from common.sql import prepared
 
 from .exceptions import PaymentDeclined
 from .gateways import CardDeclined, ChargeVoided, ProviderError, get_gateway
@@ -165,7 +166,7 @@ def _begin_first(
     """
     now = timezone.now()
     keys = [step_key(saga_id, STEP, direction) for direction in ("do", "undo")]
-    with connections[DB].cursor() as cursor:
+    with prepared(DB) as cursor:
         cursor.execute(
             f"WITH guard AS (INSERT INTO {PROCESSED_KEY} (key, result, created_at) "
             f"SELECT %s, '{{}}'::jsonb, %s WHERE NOT EXISTS (SELECT 1 FROM {PROCESSED_KEY} WHERE key = ANY(%s)) "
@@ -274,7 +275,7 @@ def _settle_first(
     the saga lock. One statement, so a refund (which locks the payment row) sees the
     attempt in flight and the payment pending, or both settled."""
     status = Payment.Status.CAPTURED if outcome == Outcome.SUCCEEDED else Payment.Status.DECLINED
-    with connections[DB].cursor() as cursor:
+    with prepared(DB) as cursor:
         cursor.execute(
             f"WITH a AS (UPDATE {ATTEMPT} SET outcome = %s, error = %s, finished_at = now() WHERE id = %s), "
             f"s AS (UPDATE {PAYMENT} SET status = %s, provider_charge_id = %s, decline_code = %s, updated_at = now() "

@@ -25,6 +25,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import IntegrityError, connections, transaction
 
+from common.sql import prepared
 from payments.models import FakeProviderAttempt, FakeProviderOperation
 
 from .base import CardDeclined, ChargeResult, ChargeVoided, ProviderError, RefundResult
@@ -130,7 +131,7 @@ class FakeGateway:
             "charge_reference": "",
         }
         operations, attempts = FakeProviderOperation._meta.db_table, FakeProviderAttempt._meta.db_table
-        with connections[DB].cursor() as cursor:
+        with prepared(DB) as cursor:
             cursor.execute(
                 f"WITH prev AS (SELECT * FROM {operations} WHERE idempotency_key = %s), "
                 f"counted AS (INSERT INTO {attempts} (idempotency_key, attempts) SELECT %s, 1 "
