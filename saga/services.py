@@ -325,10 +325,11 @@ def saga_reports_drain() -> int:
     from django_celery_results.models import TaskResult
 
     wanted: dict[str, tuple[SagaInstance, str]] = {}
+    # A saga that needs attention too: a re-published copy of the step that stopped it may
+    # yet succeed, and its record resumes the saga (saga_step_succeeded).
+    active = [SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.NEEDS_ATTENTION]
     for saga in (
-        SagaInstance.objects.using(DB)
-        .filter(status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
-        .only("id", "definition", "generation", "trace_context")
+        SagaInstance.objects.using(DB).filter(status__in=active).only("id", "definition", "generation", "trace_context")
     ):
         definition = get_definition(saga.definition)
         for phase in (StepPhase.FORWARD, StepPhase.COMPENSATION):
@@ -343,22 +344,25 @@ def saga_reports_drain() -> int:
         .filter(task_id__in=list(wanted), status="SUCCESS")
         .values_list("task_id", "result")
     )
+    recorded = 0
     for task_id, stored in rows:
         saga, step_name = wanted[task_id]
         try:
             report = report_verified(json.loads(stored), saga.id, step_name)
         except (InvalidMessage, ValueError, TypeError) as error:
+            # Not what the step sealed: someone wrote the result backend. Dropped with the rest.
             logger.error("saga %s: the stored record of %s is not its step's: %s; dropped", saga.id, task_id, error)
             continue
         with saga_trace_context(saga.trace_context, why="saga.record"):
             saga_step_succeeded(saga_id=saga.id, step_name=step_name, result=report)
+        recorded += 1
     if rows:
         with connections[RESULTS_DB].cursor() as cursor:
             cursor.execute(
                 f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'",
                 [[task_id for task_id, _ in rows]],
             )
-    return len(rows)
+    return recorded
 
 
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:
