@@ -385,7 +385,19 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
             return
         already = step.status == StepStatus.SUCCEEDED and step.started_at is not None
         changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
-        if step.status != StepStatus.SUCCEEDED:
+        entries = [m for m in timeline if isinstance(m, dict)] if isinstance(timeline, list) else []
+        own = next((m for m in reversed(entries) if step_name_of(m.get("task_id"), saga.id) == step.name), None)
+        if step.status == StepStatus.FAILED and own is not None:
+            # A copy of a step that failed for good succeeded after all (a duplicate that
+            # outlived the breaker): it did commit, so the store says so, with that copy's
+            # attempt and times. Its compensation, already under way, undoes it.
+            logger.warning("saga %s: %s succeeded after it had failed for good", saga.id, step.name)
+            step.status, step.deadline_at, step.finished_at = StepStatus.SUCCEEDED, None, None
+            before = entries[: entries.index(own)]
+            queued = before[-1].get("finished_at") if before else None
+            _apply_timing(step, own, queued_at=parse_datetime(queued) if isinstance(queued, str) else None)
+            changed[step.name] = step
+        elif step.status in UNSETTLED:
             # A report without its own timeline entry (a foreign or old-format message).
             step.status, step.deadline_at = StepStatus.SUCCEEDED, None
             step.finished_at = step.finished_at or timezone.now()
@@ -404,7 +416,11 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
             if step.phase == StepPhase.FORWARD
             else (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
         )
-        if saga.status == SagaStatus.NEEDS_ATTENTION and saga.failure_step == step.name:
+        if (
+            saga.status == SagaStatus.NEEDS_ATTENTION
+            and saga.failure_step == step.name
+            and step.status == StepStatus.SUCCEEDED
+        ):
             # A re-published copy of the step that failed for good has now succeeded: the
             # reason for stopping is gone, so the saga carries on where it was.
             logger.warning("saga %s: %s succeeded after all; resuming", saga.id, step.name)

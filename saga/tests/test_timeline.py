@@ -196,3 +196,25 @@ def test_a_late_refused_copy_does_not_rewrite_the_failure_that_started_the_compe
 
     step = rows(saga)["reserve_inventory"]
     assert (step.status, step.last_error) == (StepStatus.FAILED, "OutOfStock: no")
+
+
+def test_a_copy_that_succeeds_after_its_step_failed_for_good_is_shown_with_its_attempt_and_times(
+    monkeypatch,
+) -> None:
+    """A duplicate of the charge outlived the breaker that failed the step for good: the
+    saga is compensating, and the late copy's own record shows what it did (helper-8's
+    replicated chaos run found it shown succeeded with no start time)."""
+    saga = start()
+    reserve = record(saga, "reserve_inventory")
+    attempt = {"attempt": 6, "worker": "p@h"}
+    fail(monkeypatch, saga, "charge_payment", "CircuitOpen", timeline=[reserve], attempt=attempt)
+    assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING
+    assert rows(saga)["charge_payment"].status == StepStatus.FAILED
+
+    late = record(saga, "charge_payment", attempt=7, worker="p2@h", seconds=1)
+    services.saga_step_succeeded(
+        saga_id=saga.id, step_name="charge_payment", result={**saga.context, "_steps": [reserve, late]}
+    )
+
+    assert_recorded(rows(saga)["charge_payment"], attempts=7, worker="p2@h")
+    assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING  # its refund undoes it
