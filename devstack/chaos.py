@@ -2,6 +2,7 @@
 
     python -m devstack chaos --orders 300 --seed 7 --budget 600 [--kills 5] [--broker-restarts 2]
                              [--duplicates 20] [--races 20] [--drops 10] [--rate 15] [--broker redis|amqp]
+                             [--replicas 2]
 
 It starts fresh `*_chaos` databases on the configured (or embedded) PostgreSQL, a private
 Redis-compatible broker that it may restart at will (or the RabbitMQ named by
@@ -16,6 +17,10 @@ long each fault took to recover from (for a kill, seconds until every task the w
 was received again by a live worker; for the others, until the sagas it caught moved
 again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
 only when every saga finished and the audit is clean.
+
+With `--replicas N`, every worker and beat runs N times (devstack.topology), as on N
+hosts: N workers per queue, each its own node, and N beats each sending the sweep, so N
+sweeps run at once on the saga workers. A kill then takes down one replica of a queue.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from devstack import services, stack
-from devstack.topology import WORKERS, Topology, free_port, wait_for
+from devstack.topology import WORKERS, Topology, free_port, program_of, wait_for
 
 logger = logging.getLogger("devstack")
 
@@ -72,6 +77,7 @@ class Report:
     seed: int
     broker: str
     orders: int
+    replicas: int = 1
     submitted: int = 0
     faults: list[Fault] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -106,6 +112,7 @@ class Report:
             "seed": self.seed,
             "broker": self.broker,
             "orders": self.orders,
+            "replicas": self.replicas,
             "submitted": self.submitted,
             "faults": by_kind,
             "outcomes": self.outcomes,
@@ -168,7 +175,7 @@ class Chaos:
         self.topology = topology
         self.broker = broker
         self.rng = random.Random(args.seed)
-        self.report = Report(seed=args.seed, broker=args.broker, orders=args.orders)
+        self.report = Report(seed=args.seed, broker=args.broker, orders=args.orders, replicas=args.replicas)
         self.order_ids: list[str] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -309,7 +316,7 @@ class Chaos:
         return [t["id"] for t in tasks if t.get("name") != "saga.sweep"]
 
     def _inject_kill(self) -> None:
-        name = self.rng.choice(WORKERS)
+        name = self.rng.choice([n for n in self.topology.processes if program_of(n) in WORKERS])
         # Recovery from a kill is measured on what the worker held when it died: the time
         # until each of those tasks is received again by a live worker (task events).
         held: list[str] = []
@@ -562,7 +569,7 @@ def _run(
     skus = _seed_catalogue(rng)
     token = _api_token()
     topology = Topology(env=env, log_dir=log_dir / "logs")
-    topology.start()
+    topology.start(replicas=args.replicas)
     chaos = Chaos(args, topology, broker)
     watcher = threading.Thread(target=chaos.watch_recoveries, daemon=True)
     watcher.start()
@@ -572,9 +579,9 @@ def _run(
         window = args.orders / args.rate
         injector = threading.Thread(target=chaos.inject_all, args=(chaos.plan(window), time.monotonic()), daemon=True)
         logger.info(
-            "chaos: %d orders at %.0f/s, seed %d, broker %s; faults: %d kills, %d broker restarts, "
-            "%d duplicates, %d races, %d drops",
-            args.orders, args.rate, args.seed, args.broker, args.kills,
+            "chaos: %d orders at %.0f/s, seed %d, broker %s, %d replica(s); faults: %d kills, "
+            "%d broker restarts, %d duplicates, %d races, %d drops",
+            args.orders, args.rate, args.seed, args.broker, args.replicas, args.kills,
             args.broker_restarts if broker else 0, args.duplicates, args.races, args.drops,
         )  # fmt: skip
         injector.start()
@@ -623,7 +630,10 @@ def _count(values: Any) -> dict[str, int]:
 def _print_report(report: Report) -> None:
     summary = report.summary()
     print("\nchaos report")
-    print(f"  seed {report.seed}, broker {report.broker}, orders submitted {report.submitted}/{report.orders}")
+    print(
+        f"  seed {report.seed}, broker {report.broker}, {report.replicas} replica(s) of each worker and beat, "
+        f"orders submitted {report.submitted}/{report.orders}"
+    )
     print(f"  faults injected: {summary['faults']}")
     for fault in report.faults:
         took = "nothing caught" if not (fault.caught or fault.held) else (
@@ -669,14 +679,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--drops", type=int, default=5, help="queued messages to drop (redis only; default 5)")
     parser.add_argument("--broker", choices=("redis", "amqp"), default="redis", help="broker (default redis)")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="processes of each worker and of beat, each its own node (default 1)"
+    )
     return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.orders < 1 or args.rate <= 0 or args.budget <= 0:
-        parser.error("--orders must be at least 1, and --rate and --budget positive")
+    if args.orders < 1 or args.rate <= 0 or args.budget <= 0 or args.replicas < 1:
+        parser.error("--orders and --replicas must be at least 1, and --rate and --budget positive")
     if min(args.kills, args.broker_restarts, args.duplicates, args.races, args.drops) < 0:
         parser.error("fault counts cannot be negative")
     return args
