@@ -111,9 +111,18 @@ class Process:
         log.close()
 
     def stop(self, timeout: float = 15) -> None:
+        self.terminate()
+        self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """Ask the whole process group to stop (SIGTERM: a worker's warm shutdown)."""
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 15) -> None:
+        """Wait for the process to exit after `terminate`; SIGKILL it after `timeout` seconds."""
         if self.popen is None or self.popen.poll() is not None:
             return
-        os.killpg(self.popen.pid, signal.SIGTERM)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -188,8 +197,12 @@ class Topology:
         self.wait_ready([name])
 
     def stop(self) -> None:
+        # All at once: each warm shutdown takes a second or two, and with replicas there are
+        # a dozen processes to stop.
         for process in self.processes.values():
-            process.stop()
+            process.terminate()
+        for process in self.processes.values():
+            process.wait_stopped()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.processes.values())
