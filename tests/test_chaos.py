@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
@@ -29,8 +30,10 @@ def test_a_short_replicated_chaos_run_finishes_every_saga_with_a_clean_audit() -
     args = ["--orders", "40", "--rate", "10", "--seed", "11", "--budget", "300"]
     args += ["--kills", "2", "--duplicates", "6", "--races", "6", "--replicas", "2"]
     if settings.CELERY_BROKER_URL.startswith("amqp"):
-        # A vhost of its own, next to the one this test session's workers consume.
-        env["CHAOS_AMQP_URL"] = settings.CELERY_BROKER_URL.rsplit("/", 1)[0] + "/saga_chaos"
+        # A vhost of its own, named after the one this test session's workers consume, so
+        # that checkouts sharing a RabbitMQ (each with its TEST_AMQP_URL) keep apart.
+        url = urlsplit(settings.CELERY_BROKER_URL)
+        env["CHAOS_AMQP_URL"] = url._replace(path=f"/{url.path.lstrip('/') or 'saga'}_chaos").geturl()
         args += ["--broker", "amqp", "--broker-restarts", "0", "--drops", "0"]
     else:
         args += ["--broker-restarts", "1", "--drops", "3"]
