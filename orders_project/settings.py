@@ -406,8 +406,10 @@ SMS_FILE_PATH = env.str("SMS_FILE_PATH", default=str(BASE_DIR / ".data" / "sms")
 
 # --- Cache: shared by every process (API rate limits) --------------------------------
 # Redis; by default the broker's server when the broker is Redis. With RabbitMQ name a
-# Redis here (compose runs one). "locmem://" gives each process its own counts.
-CACHE_URL = env.str("CACHE_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "locmem://")
+# Redis here (compose runs one). "locmemcache://" gives each process its own counts.
+CACHE_URL = env.str(
+    "CACHE_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "locmemcache://"
+)
 CACHES = {"default": environ.Env.cache_url_config(CACHE_URL)}
 CACHES["default"].setdefault("KEY_PREFIX", "saga-cache")
 if CACHES["default"]["BACKEND"].endswith("RedisCache"):
