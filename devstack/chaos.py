@@ -550,6 +550,10 @@ def run(base_dir: Path, argv: list[str]) -> int:
         env["ORDER_CREATE_RATE"] = "1000000/minute"
         if broker is None:
             env.setdefault("PAYMENT_BREAKER_REDIS_URL", stack.with_redis_db(urls["CELERY_BROKER_URL"], "11"))
+            # Rate-limit counts of its own, never a test session's (the RabbitMQ pass hands us
+            # its CACHE_URL): counts are kept by user id, and the fresh *_chaos databases'
+            # users have the ids the session's own first users had.
+            env["CACHE_URL"] = stack.with_redis_db(urls["CELERY_BROKER_URL"], "11")
         stack.migrate_all(base_dir, env)
         _setup_django(env)
         return _run(args, env, broker, log_dir, started_at)
