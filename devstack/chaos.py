@@ -88,6 +88,9 @@ class Report:
     # Processes that exited without being killed by us, restarted as a process manager
     # would (compose's `restart: unless-stopped`): "<name> (exit <code>)".
     crashes: list[str] = field(default_factory=list)
+    # Sweeps each saga worker ran (its node -> count), asked before the topology stops:
+    # with replicas, each saga worker is a sweeper of its own.
+    sweeps: dict[str, int] = field(default_factory=dict)
 
     def recovery_by_kind(self) -> dict[str, dict[str, Any]]:
         """Per kind of fault: how many caught something, and the median and worst recovery."""
@@ -125,6 +128,7 @@ class Report:
             "quiescent_after_s": None if self.quiescent_after is None else round(self.quiescent_after, 1),
             "wall_seconds": round(self.wall_seconds, 1),
             "crashes": list(self.crashes),
+            "sweeps": dict(self.sweeps),
         }
 
 
@@ -567,7 +571,7 @@ def run(base_dir: Path, argv: list[str]) -> int:
 def _run(
     args: argparse.Namespace, env: dict[str, str], broker: PrivateBroker | None, log_dir: Path, started_at: float
 ) -> int:
-    from saga.audit import audit
+    from audit.invariants import audit
 
     rng = random.Random(args.seed)
     skus = _seed_catalogue(rng)
@@ -601,6 +605,7 @@ def _run(
         else:
             chaos.report.quiescent_after = time.monotonic() - submitted_at
         time.sleep(1)  # let the watcher see the last steps finish
+        chaos.report.sweeps = _sweeps_by_node(topology)
     finally:
         with chaos.lock:  # the supervisor must not restart what we now stop
             chaos.stop.set()
@@ -622,6 +627,22 @@ def _run(
     (log_dir / "report.json").write_text(json.dumps(result, indent=2, default=str))
     clean = chaos.report.quiescent_after is not None and not chaos.report.violations
     return 0 if clean else 1
+
+
+def _sweeps_by_node(topology: Topology) -> dict[str, int]:
+    """How many sweeps each saga worker has run (Celery's own per-node task counts): a
+    routine sweep writes no log line (orders_project.log.QuietHousekeepingFilter)."""
+    import socket
+
+    from orders_project.celery import app
+
+    nodes = [f"{name}@{socket.gethostname()}" for name in topology.processes if program_of(name) == "saga"]
+    try:
+        stats = app.control.inspect(destination=nodes, timeout=2.0).stats() or {}
+    except Exception as error:  # a report without the counts, not a failed run
+        logger.warning("could not ask the saga workers how many sweeps they ran: %s", error)
+        return {}
+    return {node: int(stats.get(node, {}).get("total", {}).get("saga.sweep", 0)) for node in nodes}
 
 
 def _count(values: Any) -> dict[str, int]:
@@ -660,6 +681,8 @@ def _print_report(report: Report) -> None:
     print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
     if report.crashes:
         print(f"  exited on their own and restarted (not injected): {', '.join(report.crashes)}")
+    if report.sweeps:
+        print(f"  sweeps run per saga worker: {report.sweeps}")
     print(f"  audit: {len(report.violations)} violation(s)")
     for violation in report.violations[:50]:
         print(f"    VIOLATION {violation}")

@@ -25,6 +25,7 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from common.admin_links import order_notifications_link, order_payments_link
+from common.admin_mixins import ReadOnlyAdminMixin
 
 from . import services
 from .engine import task_id_for
@@ -33,19 +34,6 @@ from .selectors import failure_fingerprint_counts, sagas_with_fingerprints
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
 PREVIEW_ROWS = 100
-
-
-class ReadOnlyAdminMixin:
-    """Records only the saga may change: visible to operators, never edited by hand."""
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 class SagaPartInline(ReadOnlyAdminMixin):
@@ -124,7 +112,7 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
     ordering = ["-phase", "position"]
     template = "admin/saga/sagainstance/compact_inline.html"
     verbose_name_plural = "timeline: steps, then compensations"
-    fields = [
+    fields = readonly_fields = (
         "phase",
         "name",
         "state",
@@ -139,8 +127,7 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
         "worker",
         "task_link",
         "last_error",
-    ]
-    readonly_fields = fields
+    )
     live: dict[str, tuple[str, str]]
 
     def get_formset(self, request: HttpRequest, obj: SagaInstance | None = None, **kwargs: Any) -> Any:
@@ -190,8 +177,7 @@ class SagaAuditEntryInline(SagaPartInline, admin.TabularInline):
     can_delete = False
     template = "admin/saga/sagainstance/compact_inline.html"
     verbose_name_plural = "operator actions (audit)"
-    fields = ["when", "username", "action", "outcome", "status_before", "status_after", "detail"]
-    readonly_fields = fields
+    fields = readonly_fields = ("when", "username", "action", "outcome", "status_before", "status_after", "detail")
 
     @admin.display(description="when")
     def when(self, entry: SagaAuditEntry) -> str:
@@ -208,9 +194,9 @@ class FailureFingerprintFilter(admin.SimpleListFilter):
         return [(fingerprint, f"{fingerprint} ({n})") for fingerprint, n in failure_fingerprint_counts()[:50]]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if not self.value():
+        if not (fingerprint := self.value()):
             return queryset
-        return queryset.filter(pk__in=sagas_with_fingerprints([self.value()]).values("pk"))
+        return queryset.filter(pk__in=sagas_with_fingerprints([fingerprint]).values("pk"))
 
 
 @admin.register(SagaInstance)
@@ -242,7 +228,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         ("Times", {"fields": ["created_at", "updated_at", "finished_at"]}),
         ("Context (what every step receives)", {"fields": ["context"], "classes": ["collapse"]}),
     ]
-    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+    readonly_fields = [str(field) for _, options in fieldsets for field in options["fields"]]
 
     def has_view_permission(self, request, obj=None) -> bool:
         return super().has_view_permission(request, obj) or request.user.has_perm("saga.change_sagainstance")
@@ -452,7 +438,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             # Posted back to the changelist (its filters are in the URL), as delete_selected
             # does; with "select all", a few ids and select_across stand for the whole selection.
             select_across = request.POST.get("select_across") == "1"
-            ids = [] if selected is None else selected.values_list("pk", flat=True)
+            ids: QuerySet | list[Any] = [] if selected is None else selected.values_list("pk", flat=True)
             hidden = [("action", action), ("select_across", "1" if select_across else "0")]
             hidden += [(helpers.ACTION_CHECKBOX_NAME, pk) for pk in (ids[:PREVIEW_ROWS] if select_across else ids)]
         context = {
