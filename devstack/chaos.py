@@ -637,12 +637,17 @@ def _sweeps_by_node(topology: Topology) -> dict[str, int]:
     from orders_project.celery import app
 
     nodes = [f"{name}@{socket.gethostname()}" for name in topology.processes if program_of(name) == "saga"]
-    try:
-        stats = app.control.inspect(destination=nodes, timeout=2.0).stats() or {}
-    except Exception as error:  # a report without the counts, not a failed run
-        logger.warning("could not ask the saga workers how many sweeps they ran: %s", error)
-        return {}
-    return {node: int(stats.get(node, {}).get("total", {}).get("saga.sweep", 0)) for node in nodes}
+    stats: dict[str, Any] = {}
+    for attempt in range(3):  # a broker restart leaves our pooled connection stale
+        try:
+            stats = app.control.inspect(destination=nodes, timeout=2.0).stats() or {}
+        except Exception as error:  # a report without the counts, not a failed run
+            if attempt == 2:
+                logger.warning("could not ask the saga workers how many sweeps they ran: %s", error)
+            continue
+        if set(nodes) <= set(stats):
+            break
+    return {node: int(stats.get(node, {}).get("total", {}).get("saga.sweep", 0)) for node in nodes if node in stats}
 
 
 def _count(values: Any) -> dict[str, int]:
