@@ -45,7 +45,8 @@ browser:
 		|| echo "make: could not install chromium: the admin's browser test will be skipped"; \
 	else echo "make: no $(CHROMIUM), and installing it needs root and apt: the admin's browser test will be skipped"; fi
 
-# make chaos ARGS="--orders 2000 --kills 20 --broker-restarts 2 --seed 7": faults while orders flow, then the audit
+# make chaos ARGS="--orders 2000 --kills 20 --broker-restarts 2 --seed 7 [--replicas 2]": faults while orders
+# flow (with --replicas, two of each worker and of beat, as on two hosts), then the audit
 chaos: $(STAMP)
 	$(PY) -m devstack chaos $(ARGS)
 

@@ -36,6 +36,8 @@ from . import sql
 # the same environment variables and defaults, so both systems run under the same delivery
 # semantics, time limits and broker options. bench/tests/test_bare_settings.py asserts
 # they equal the product's, and that every product setting is either here or in NOT_MIRRORED.
+_AMQP = os.environ.get("CELERY_BROKER_URL", "").startswith(("amqp://", "amqps://", "pyamqp://"))
+_QUEUE_TYPE = os.environ.get("CELERY_QUEUE_TYPE", "quorum" if _AMQP else "classic")
 PRODUCT_SETTINGS: dict[str, Any] = {
     "task_serializer": "json",
     "result_serializer": "json",
@@ -52,7 +54,11 @@ PRODUCT_SETTINGS: dict[str, Any] = {
         "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "60")),
         "unacked_restore_interval": 2,
         "unacked_restore_throttle": 1,
+        **({"confirm_publish": True} if _AMQP else {}),
     },
+    # The same queues on RabbitMQ: a queue's type is fixed when it is first declared.
+    "task_default_queue_type": _QUEUE_TYPE,
+    "task_create_missing_queue_type": _QUEUE_TYPE,
     "broker_connection_retry_on_startup": True,
     "task_publish_retry_policy": {"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
     "worker_send_task_events": True,
@@ -70,6 +76,7 @@ NOT_MIRRORED = {
     "CELERY_RESULT_BACKEND_MAX_SLEEP_BETWEEN_RETRIES_MS": "no result backend",
     "CELERY_TASK_STORE_ERRORS_EVEN_IF_IGNORED": "no result backend (the saga reads failures from it)",
     "CELERY_VISIBILITY_TIMEOUT": "not a Celery setting: part of broker_transport_options",
+    "CELERY_QUEUE_TYPE": "not a Celery setting: read for task_default_queue_type and task_create_missing_queue_type",
     "CELERY_TASK_ROUTES": "other task names, the same queues: TASK_ROUTES below",
     "CELERY_TASK_DEFAULT_QUEUE": "every bare task is routed; the saga queue is not used",
     "CELERY_BEAT_SCHEDULER": "no beat: nothing sweeps",

@@ -523,6 +523,21 @@ def test_one_worker_per_celery_service_consuming_its_own_queue() -> None:
     assert settings_celery_queues() <= {command.options["--queues"] for command in workers.values()}
 
 
+def test_workers_scale_without_editing_the_file() -> None:
+    """`docker compose up --scale worker-inventory=3` (README "Several hosts"): every replica
+    runs the same definition, so none may hold what is one per system (a published port, a
+    volume of its own), and each is its own Celery node: `%h` is its container's hostname,
+    which differs per replica (the sweeper tells workers apart by node name)."""
+    for name, command in worker_services().items():
+        service = services()[name]
+        assert "ports" not in service, name
+        assert command.options["--hostname"].endswith("@%h"), name
+        # A named volume is shared by the replicas; only notifications' (the dev SMS file
+        # backend's output directory) exists, and sharing it is what it is for.
+        volumes = [str(volume).split(":")[0] for volume in service.get("volumes", [])]
+        assert volumes == (["notifications-data"] if name == "worker-notifications" else []), name
+
+
 def test_only_workers_set_celery_service() -> None:
     for name, service in app_services().items():
         if name not in worker_services():

@@ -2,6 +2,7 @@
 
     python -m devstack chaos --orders 300 --seed 7 --budget 600 [--kills 5] [--broker-restarts 2]
                              [--duplicates 20] [--races 20] [--drops 10] [--rate 15] [--broker redis|amqp]
+                             [--replicas 2]
 
 It starts fresh `*_chaos` databases on the configured (or embedded) PostgreSQL, a private
 Redis-compatible broker that it may restart at will (or the RabbitMQ named by
@@ -16,6 +17,10 @@ long each fault took to recover from (for a kill, seconds until every task the w
 was received again by a live worker; for the others, until the sagas it caught moved
 again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
 only when every saga finished and the audit is clean.
+
+With `--replicas N`, every worker and beat runs N times (devstack.topology), as on N
+hosts: N workers per queue, each its own node, and N beats each sending the sweep, so N
+sweeps run at once on the saga workers. A kill then takes down one replica of a queue.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from devstack import services, stack
-from devstack.topology import WORKERS, Topology, free_port, wait_for
+from devstack.topology import WORKERS, Topology, free_port, program_of, wait_for
 
 logger = logging.getLogger("devstack")
 
@@ -72,6 +77,7 @@ class Report:
     seed: int
     broker: str
     orders: int
+    replicas: int = 1
     submitted: int = 0
     faults: list[Fault] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -82,6 +88,9 @@ class Report:
     # Processes that exited without being killed by us, restarted as a process manager
     # would (compose's `restart: unless-stopped`): "<name> (exit <code>)".
     crashes: list[str] = field(default_factory=list)
+    # Sweeps each saga worker ran (its node -> count), asked before the topology stops:
+    # with replicas, each saga worker is a sweeper of its own.
+    sweeps: dict[str, int] = field(default_factory=dict)
 
     def recovery_by_kind(self) -> dict[str, dict[str, Any]]:
         """Per kind of fault: how many caught something, and the median and worst recovery."""
@@ -106,6 +115,7 @@ class Report:
             "seed": self.seed,
             "broker": self.broker,
             "orders": self.orders,
+            "replicas": self.replicas,
             "submitted": self.submitted,
             "faults": by_kind,
             "outcomes": self.outcomes,
@@ -118,6 +128,7 @@ class Report:
             "quiescent_after_s": None if self.quiescent_after is None else round(self.quiescent_after, 1),
             "wall_seconds": round(self.wall_seconds, 1),
             "crashes": list(self.crashes),
+            "sweeps": dict(self.sweeps),
         }
 
 
@@ -168,7 +179,7 @@ class Chaos:
         self.topology = topology
         self.broker = broker
         self.rng = random.Random(args.seed)
-        self.report = Report(seed=args.seed, broker=args.broker, orders=args.orders)
+        self.report = Report(seed=args.seed, broker=args.broker, orders=args.orders, replicas=args.replicas)
         self.order_ids: list[str] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -309,7 +320,7 @@ class Chaos:
         return [t["id"] for t in tasks if t.get("name") != "saga.sweep"]
 
     def _inject_kill(self) -> None:
-        name = self.rng.choice(WORKERS)
+        name = self.rng.choice([n for n in self.topology.processes if program_of(n) in WORKERS])
         # Recovery from a kill is measured on what the worker held when it died: the time
         # until each of those tasks is received again by a live worker (task events).
         held: list[str] = []
@@ -543,6 +554,10 @@ def run(base_dir: Path, argv: list[str]) -> int:
         env["ORDER_CREATE_RATE"] = "1000000/minute"
         if broker is None:
             env.setdefault("PAYMENT_BREAKER_REDIS_URL", stack.with_redis_db(urls["CELERY_BROKER_URL"], "11"))
+            # Rate-limit counts of its own, never a test session's (the RabbitMQ pass hands us
+            # its CACHE_URL): counts are kept by user id, and the fresh *_chaos databases'
+            # users have the ids the session's own first users had.
+            env["CACHE_URL"] = stack.with_redis_db(urls["CELERY_BROKER_URL"], "11")
         stack.migrate_all(base_dir, env)
         _setup_django(env)
         return _run(args, env, broker, log_dir, started_at)
@@ -562,7 +577,7 @@ def _run(
     skus = _seed_catalogue(rng)
     token = _api_token()
     topology = Topology(env=env, log_dir=log_dir / "logs")
-    topology.start()
+    topology.start(replicas=args.replicas)
     chaos = Chaos(args, topology, broker)
     watcher = threading.Thread(target=chaos.watch_recoveries, daemon=True)
     watcher.start()
@@ -572,9 +587,9 @@ def _run(
         window = args.orders / args.rate
         injector = threading.Thread(target=chaos.inject_all, args=(chaos.plan(window), time.monotonic()), daemon=True)
         logger.info(
-            "chaos: %d orders at %.0f/s, seed %d, broker %s; faults: %d kills, %d broker restarts, "
-            "%d duplicates, %d races, %d drops",
-            args.orders, args.rate, args.seed, args.broker, args.kills,
+            "chaos: %d orders at %.0f/s, seed %d, broker %s, %d replica(s); faults: %d kills, "
+            "%d broker restarts, %d duplicates, %d races, %d drops",
+            args.orders, args.rate, args.seed, args.broker, args.replicas, args.kills,
             args.broker_restarts if broker else 0, args.duplicates, args.races, args.drops,
         )  # fmt: skip
         injector.start()
@@ -590,6 +605,7 @@ def _run(
         else:
             chaos.report.quiescent_after = time.monotonic() - submitted_at
         time.sleep(1)  # let the watcher see the last steps finish
+        chaos.report.sweeps = _sweeps_by_node(topology)
     finally:
         with chaos.lock:  # the supervisor must not restart what we now stop
             chaos.stop.set()
@@ -613,6 +629,27 @@ def _run(
     return 0 if clean else 1
 
 
+def _sweeps_by_node(topology: Topology) -> dict[str, int]:
+    """How many sweeps each saga worker has run (Celery's own per-node task counts): a
+    routine sweep writes no log line (orders_project.log.QuietHousekeepingFilter)."""
+    import socket
+
+    from orders_project.celery import app
+
+    nodes = [f"{name}@{socket.gethostname()}" for name in topology.processes if program_of(name) == "saga"]
+    stats: dict[str, Any] = {}
+    for attempt in range(3):  # a broker restart leaves our pooled connection stale
+        try:
+            stats = app.control.inspect(destination=nodes, timeout=2.0).stats() or {}
+        except Exception as error:  # a report without the counts, not a failed run
+            if attempt == 2:
+                logger.warning("could not ask the saga workers how many sweeps they ran: %s", error)
+            continue
+        if set(nodes) <= set(stats):
+            break
+    return {node: int(stats.get(node, {}).get("total", {}).get("saga.sweep", 0)) for node in nodes if node in stats}
+
+
 def _count(values: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for value in values:
@@ -623,7 +660,10 @@ def _count(values: Any) -> dict[str, int]:
 def _print_report(report: Report) -> None:
     summary = report.summary()
     print("\nchaos report")
-    print(f"  seed {report.seed}, broker {report.broker}, orders submitted {report.submitted}/{report.orders}")
+    print(
+        f"  seed {report.seed}, broker {report.broker}, {report.replicas} replica(s) of each worker and beat, "
+        f"orders submitted {report.submitted}/{report.orders}"
+    )
     print(f"  faults injected: {summary['faults']}")
     for fault in report.faults:
         took = "nothing caught" if not (fault.caught or fault.held) else (
@@ -646,6 +686,8 @@ def _print_report(report: Report) -> None:
     print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
     if report.crashes:
         print(f"  exited on their own and restarted (not injected): {', '.join(report.crashes)}")
+    if report.sweeps:
+        print(f"  sweeps run per saga worker: {report.sweeps}")
     print(f"  audit: {len(report.violations)} violation(s)")
     for violation in report.violations[:50]:
         print(f"    VIOLATION {violation}")
@@ -669,14 +711,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--drops", type=int, default=5, help="queued messages to drop (redis only; default 5)")
     parser.add_argument("--broker", choices=("redis", "amqp"), default="redis", help="broker (default redis)")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="processes of each worker and of beat, each its own node (default 1)"
+    )
     return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.orders < 1 or args.rate <= 0 or args.budget <= 0:
-        parser.error("--orders must be at least 1, and --rate and --budget positive")
+    if args.orders < 1 or args.rate <= 0 or args.budget <= 0 or args.replicas < 1:
+        parser.error("--orders and --replicas must be at least 1, and --rate and --budget positive")
     if min(args.kills, args.broker_restarts, args.duplicates, args.races, args.drops) < 0:
         parser.error("fault counts cannot be negative")
     return args

@@ -3,6 +3,12 @@
 The commands come from the Procfile itself, so the tests run exactly what `make run`
 and a Procfile-based host run: one worker per queue, each registering only its own
 service's tasks, and the web app under gunicorn.
+
+With `replicas` above one, every worker and beat runs that many times, as on several
+hosts (README "Several hosts"): replica k of a worker is the process `<name>-<k>` with the
+node name `<name>-<k>@<host>` (node names must differ: replies to the sweeper's broadcasts
+are told apart by them), and every beat replica sends the whole schedule, as a beat
+duplicated by mistake would.
 """
 
 import os
@@ -21,6 +27,33 @@ import requests
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WORKERS = ("orders", "saga", "inventory", "payments", "notifications")
+# Programs that run once per replica (the web already runs several gunicorn processes).
+REPLICATED = (*WORKERS, "beat")
+
+
+def replica_name(program: str, index: int) -> str:
+    """The process (and, for a worker, node) name of replica `index` (1-based) of `program`."""
+    return program if index == 1 else f"{program}-{index}"
+
+
+def program_of(process_name: str) -> str:
+    """The Procfile program a process name runs: `inventory-2` -> `inventory`."""
+    base, _, index = process_name.rpartition("-")
+    return base if base in REPLICATED and index.isdigit() else process_name
+
+
+def replica_command(command: str, process_name: str) -> str:
+    """The Procfile command for `process_name`: a worker replica gets a node name of its own.
+
+    Precondition: a worker's command names its node `-n <program>@%h`, as the Procfile does.
+    """
+    program = program_of(process_name)
+    if program not in WORKERS or process_name == program:
+        return command
+    renamed, count = re.subn(rf"(-n\s+){re.escape(program)}@", rf"\g<1>{process_name}@", command)
+    if count != 1:
+        raise ValueError(f"the Procfile's {program} command does not name its node `-n {program}@%h`")
+    return renamed
 
 
 def read_procfile(path: Path = BASE_DIR / "Procfile") -> dict[str, str]:
@@ -78,9 +111,18 @@ class Process:
         log.close()
 
     def stop(self, timeout: float = 15) -> None:
+        self.terminate()
+        self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """Ask the whole process group to stop (SIGTERM: a worker's warm shutdown)."""
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 15) -> None:
+        """Wait for the process to exit after `terminate`; SIGKILL it after `timeout` seconds."""
         if self.popen is None or self.popen.poll() is not None:
             return
-        os.killpg(self.popen.pid, signal.SIGTERM)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -107,15 +149,20 @@ class Topology:
     processes: dict[str, Process] = field(default_factory=dict)
     base_url: str = ""
 
-    def start(self, names: Iterable[str] = ("web", *WORKERS, "beat")) -> None:
+    def start(self, names: Iterable[str] = ("web", *WORKERS, "beat"), *, replicas: int = 1) -> None:
         procfile = read_procfile()
+        names = [
+            replica_name(name, index)
+            for name in names
+            for index in range(1, (replicas if name in REPLICATED else 1) + 1)
+        ]
         port = free_port()
         # The Procfile names programs (celery, gunicorn) as installed in this virtualenv.
         path = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         self.env = {**self.env, "PORT": str(port), "PATH": path}
         self.base_url = f"http://127.0.0.1:{port}"
         for name in names:
-            process = Process(name, procfile[name], self.log_dir / f"{name}.log")
+            process = Process(name, replica_command(procfile[program_of(name)], name), self.log_dir / f"{name}.log")
             self.processes[name] = process
             process.start(self.env)
         self.wait_ready(names)
@@ -123,7 +170,7 @@ class Topology:
     def wait_ready(self, names: Iterable[str]) -> None:
         from orders_project.celery import app
 
-        workers = [n for n in names if n in WORKERS]
+        workers = [n for n in names if program_of(n) in WORKERS]
         for name in names:
             process = self.processes[name]
             if process.popen.poll() is not None:
@@ -150,8 +197,12 @@ class Topology:
         self.wait_ready([name])
 
     def stop(self) -> None:
+        # All at once: each warm shutdown takes a second or two, and with replicas there are
+        # a dozen processes to stop.
         for process in self.processes.values():
-            process.stop()
+            process.terminate()
+        for process in self.processes.values():
+            process.wait_stopped()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.processes.values())

@@ -98,6 +98,15 @@ class TaskContextFilter(logging.Filter):
         return True
 
 
+class DelayedDeliveryNoticeFilter(logging.Filter):
+    """Drops the warning Celery logs at each countdown (a retry) published to a quorum queue
+    behind a direct exchange: keeping retries out of native delayed delivery is our choice
+    (settings, CELERY_QUEUE_TYPE), and a warning per retry would bury real ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Direct exchanges are not supported with native delayed delivery")
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")

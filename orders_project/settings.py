@@ -297,6 +297,34 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "unacked_restore_interval": 2,
     "unacked_restore_throttle": 1,
 }
+# RabbitMQ (README "Several hosts"): the queues survive a broker restart and a node's loss,
+# and a publish returns only once the broker has the message.
+# - CELERY_QUEUE_TYPE: `quorum` (the default on amqp; RabbitMQ 3.8 or newer) replicates each
+#   queue over the cluster's nodes; `classic` keeps plain durable queues, for an older server
+#   or a vhost whose classic queues are still in use (a queue's type cannot change in place:
+#   drain and delete the five queues, or use a new vhost, before switching). Celery then
+#   uses per-consumer QoS (quorum queues have no global QoS; worker_detect_quorum_queues).
+#   The queues keep their direct exchanges, so a retry's countdown is held by the worker
+#   that will run it, where the sweeper's broadcast sees it (saga.recovery), not parked in
+#   native delayed delivery's broker queues, where no worker holds it and the sweeper would
+#   take a retry waiting out its countdown for a lost message. kombu notes that choice at
+#   each worker's start; Celery's same warning at each countdown is filtered (LOGGING).
+#   The cost: per-consumer QoS cannot grow while a worker holds retries, so a worker whose
+#   every slot holds one waits out their countdowns (TASK_RETRY_BACKOFF_MAX at most) before
+#   it takes another message; the queue's other replicas take it meanwhile.
+# - confirm_publish: py-amqp waits for the broker's ack of every publish (a refused or
+#   unroutable publish raises instead of vanishing), at a round trip per message.
+# Ignored on Redis, whose queues are lists of the one server.
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-default-queue-type
+# https://www.rabbitmq.com/docs/quorum-queues
+_AMQP = CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://"))
+CELERY_QUEUE_TYPE = env.str("CELERY_QUEUE_TYPE", default="quorum" if _AMQP else "classic")
+if CELERY_QUEUE_TYPE not in ("classic", "quorum"):
+    raise ImproperlyConfigured(f"CELERY_QUEUE_TYPE must be classic or quorum, not {CELERY_QUEUE_TYPE!r}")
+CELERY_TASK_DEFAULT_QUEUE_TYPE = CELERY_QUEUE_TYPE
+CELERY_TASK_CREATE_MISSING_QUEUE_TYPE = CELERY_QUEUE_TYPE
+if _AMQP:
+    CELERY_BROKER_TRANSPORT_OPTIONS["confirm_publish"] = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Publishing (the next chain step, a progress report, a retry) rides through a broker
 # restart of a few seconds instead of failing the task that publishes.
@@ -384,8 +412,10 @@ SMS_FILE_PATH = env.str("SMS_FILE_PATH", default=str(BASE_DIR / ".data" / "sms")
 
 # --- Cache: shared by every process (API rate limits) --------------------------------
 # Redis; by default the broker's server when the broker is Redis. With RabbitMQ name a
-# Redis here (compose runs one). "locmem://" gives each process its own counts.
-CACHE_URL = env.str("CACHE_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "locmem://")
+# Redis here (compose runs one). "locmemcache://" gives each process its own counts.
+CACHE_URL = env.str(
+    "CACHE_URL", default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "locmemcache://"
+)
 CACHES = {"default": environ.Env.cache_url_config(CACHE_URL)}
 CACHES["default"].setdefault("KEY_PREFIX", "saga-cache")
 if CACHES["default"]["BACKEND"].endswith("RedisCache"):
@@ -413,6 +443,7 @@ LOGGING = {
         "task_context": {"()": "orders_project.log.TaskContextFilter"},
         # A sweep that found nothing logs nothing (orders_project.log.QuietHousekeepingFilter).
         "quiet_housekeeping": {"()": "orders_project.log.QuietHousekeepingFilter"},
+        "delayed_delivery_notice": {"()": "orders_project.log.DelayedDeliveryNoticeFilter"},
     },
     "formatters": {
         "text": {"()": "orders_project.log.TextFormatter"},
@@ -426,5 +457,8 @@ LOGGING = {
         },
     },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "celery.app.base": {"filters": ["delayed_delivery_notice"]},
+    },
 }

@@ -18,6 +18,7 @@ Three questions, each answered on Redis and on RabbitMQ alike where they can be:
   worker has claimed it in two looks a couple of seconds apart.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from redis.exceptions import LockError
 
 from orders_project.celery import app
 
@@ -246,9 +248,12 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
         if not old:
             client.delete(SUSPECTS_KEY)
             return {}
-        # One look at a time: sweeps may overlap (a slow broadcast), and each must see the
-        # suspects the one before it wrote.
-        if not client.set(LOCK_KEY, "1", nx=True, ex=30):
+        # One look at a time: sweeps overlap (a slow broadcast; several beats or saga
+        # workers on several hosts), and each must see the suspects the one before it
+        # wrote. Only its owner frees the lock: a look slower than the lock's 30 s must not
+        # free the next look's.
+        lock = client.lock(LOCK_KEY, timeout=30, blocking=False)
+        if not lock.acquire():
             return {}
         try:
             suspects = {_text(tag): float(seen) for tag, seen in client.hgetall(SUSPECTS_KEY).items()}
@@ -279,7 +284,8 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
                 pipe.hset(SUSPECTS_KEY, mapping=still)
             pipe.execute()
         finally:
-            client.delete(LOCK_KEY)
+            with contextlib.suppress(LockError):
+                lock.release()
     return {key: value for key, value in done.items() if value}
 
 

@@ -26,7 +26,7 @@ from saga.models import SagaInstance, SagaStep
 
 from .api import Api, make_product, steps_by_name, stock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 # Delivered once more, or four copies at once.
 COPIES = pytest.mark.parametrize("copies", [1, 4], ids=["again", "four-at-once"])

@@ -44,7 +44,7 @@ from .api import (
     stock,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 EMBEDDED = os.environ.get("DEVSTACK_MODE") == "embedded"
 SWEPT = re.compile(r"Task saga\.sweep\[[^\]]+\] succeeded")

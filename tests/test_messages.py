@@ -31,7 +31,7 @@ from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatu
 
 from .api import Api, make_product, stock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 SERVICE_DATABASES = ("orders", "inventory", "payments", "notifications")
 # In the shared database only these are business data: Celery's results and beat's

@@ -14,7 +14,7 @@ from saga.models import SagaInstance
 
 from .api import Api, make_product, steps_by_name, stock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 FORWARD = ["reserve_inventory", "charge_payment", "confirm_order", "notify_customer"]
 COMPENSATION = ["refund_payment", "release_inventory", "fail_order", "notify_failure"]

@@ -20,7 +20,7 @@ from saga.models import SagaInstance
 
 from .api import Api, make_product, steps_by_name, stock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 
 @contextmanager

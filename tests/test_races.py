@@ -27,7 +27,7 @@ from saga.models import SagaInstance
 
 from .api import Api, make_product
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 PHONE = "+15550100"
 

@@ -17,7 +17,7 @@ from saga.models import SagaInstance, SagaStep
 from .api import Api, make_product
 from .otlp import OtlpReceiver, ReceivedSpan
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 # A declined payment: reserve, charge (declined), then the four compensations; every task
 # once, and the failure report. The compensation chain's record (its last step's result,
