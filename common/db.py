@@ -34,11 +34,11 @@ def insert_together(using: str, *groups: Sequence[models.Model]) -> None:
             params.extend(values)
         name = f"i{index}"
         ctes.append(
-            f"{name} AS (INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-            f"VALUES {', '.join(rows)} RETURNING {quote(auto.column) if auto else '1'})"
+            f"{name} AS (INSERT INTO {quote(meta.db_table)} ({', '.join(quote(str(f.column)) for f in fields)}) "
+            f"VALUES {', '.join(rows)} RETURNING {quote(str(auto.column)) if auto else '1'})"
         )
         if auto:
-            returning.append((group, auto, f"(SELECT array_agg({quote(auto.column)}) FROM {name})"))
+            returning.append((group, auto, f"(SELECT array_agg({quote(str(auto.column))}) FROM {name})"))
     if not ctes:
         return
     final = ", ".join(sql for _, _, sql in returning) or "1"
