@@ -9,7 +9,17 @@ class SagaConfig(AppConfig):
     def ready(self) -> None:
         from celery import signals
 
+        from . import checks
+        from .definition import register_from_paths
         from .recovery import stamp_sent_at
+
+        # Every process registers the same definitions (the setting): the web process starts
+        # sagas on the newest, the coordinator runs each on its own version (issue 14).
+        register_from_paths(settings.SAGA_DEFINITIONS)
+        # Registered here, not on import: `migrate` and `check --database orders` run it.
+        checks.register()
+        # The coordinator's workers refuse to start when a running saga's version is missing.
+        signals.worker_init.connect(checks.on_worker_init, weak=False)
         from .timeline import attach_failure_timeline
 
         # Every process publishes (a chain's next step, a retry): each message says when it
