@@ -55,7 +55,6 @@ class SagaDefinition:
     name: str
     steps: tuple[Step, ...]
     pivot: str
-    version: int = 1
     after_compensation: tuple[Step, ...] = ()
     # Dotted path of `fn(*, saga) -> str | None`, called when an operator compensates a
     # saga by hand (saga.services.saga_compensate), before the saga row is locked. It must
@@ -69,6 +68,8 @@ class SagaDefinition:
     # `failure_reason` (what the after-compensation steps read); the raw error stays in the
     # saga's own `failure_reason`, for operators. Without it, customers are given no reason.
     customer_reason: str = ""
+    # Which shape of the saga this is (see above); what a saga stores and runs to its end on.
+    version: int = 1
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.steps]
@@ -131,11 +132,6 @@ def register_from_paths(paths: Iterable[str]) -> list[SagaDefinition]:
             raise TypeError(f"SAGA_DEFINITIONS: {path} is a {type(definition).__name__}, not a SagaDefinition")
         registered.append(register(definition))
     return registered
-
-
-def unregister_all() -> None:
-    """Forget every definition (for tests that load another deployment's list)."""
-    _REGISTRY.clear()
 
 
 def registered_versions() -> dict[str, list[int]]:
