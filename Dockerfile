@@ -19,8 +19,10 @@ RUN groupadd --system --gid 10001 app \
 
 WORKDIR /app
 
-# Dependencies first, so this layer is rebuilt only when requirements.txt changes.
-# psycopg[binary] brings its own libpq: no compiler or system libraries are needed.
+# Dependencies first, so this layer is rebuilt only when requirements.txt changes. The
+# runtime set only: no test or development tool (requirements-dev.txt) goes into the image
+# (compose_tests/test_requirements.py). psycopg[binary] brings its own libpq: no compiler
+# or system libraries are needed.
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 

@@ -5,17 +5,21 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+# One virtualenv for every make target, with the development set (requirements-dev.txt,
+# which includes the runtime set requirements.txt): `make run` needs its embedded servers
+# and honcho too. The image installs the runtime set only (Dockerfile). The stamp names
+# a checksum of both files, so a change to either reinstalls.
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
 .PHONY: run test browser chaos bench lint format services-up services-down clean-data venv
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=python3.11)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: $(STAMP)
@@ -25,6 +29,8 @@ test: $(STAMP) browser
 	$(PY) -m pip check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
+	DEBUG=True $(VENV)/bin/mypy
 	$(PY) -m devstack test $(ARGS)
 
 # The admin's browser test (tests/test_admin.py) drives Debian's Chromium through Playwright,
@@ -49,9 +55,14 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
 
+# lint-imports: the boundaries between the services (pyproject.toml, [tool.importlinter]);
+# mypy: the product's types ([tool.mypy]; the django-stubs plugin loads the settings, which
+# need DEBUG on outside a deployment). The same checks run in pre-commit.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
+	DEBUG=True $(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

@@ -62,5 +62,5 @@ class TokenRevokeApi(APIView):
         if isinstance(request.auth, ApiToken):
             api_token_revoke(token=request.auth)
         else:
-            api_token_revoke(user=request.user)
+            api_token_revoke(user=request.user)  # type: ignore[arg-type]  # authenticated: IsAuthenticated
         return Response(status=status.HTTP_204_NO_CONTENT)

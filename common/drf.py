@@ -1,5 +1,5 @@
 """The REST framework classes settings.py names (parser, exception handler, pagination,
-throttle): README "Security".
+throttle): docs/SECURITY.md.
 
 Kept apart from common.api on purpose: DRF resolves these dotted paths when it first
 builds `APIView`, so this module must not import `rest_framework.views` (or anything
@@ -9,6 +9,7 @@ views (celery beat does) would find it half-initialised.
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -37,7 +38,7 @@ class JSONParser(parsers.JSONParser):
     """DRF's JSON parser, for which JSON nested too deeply for Python's parser is a 400
     like any other malformed JSON, not a 500."""
 
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
         try:
             return super().parse(stream, media_type, parser_context)
         except RecursionError:
@@ -65,6 +66,8 @@ class Pagination(LimitOffsetPagination):
     ignored); `limit` from 1, capped at API_MAX_PAGE_SIZE."""
 
     max_limit = settings.API_MAX_PAGE_SIZE
+    # DRF's own default (PAGE_SIZE), which settings always set: never None here.
+    default_limit: int = settings.REST_FRAMEWORK["PAGE_SIZE"]
 
     def _parse(self, request: Request, name: str, minimum: int) -> int | None:
         raw = request.query_params.get(name)

@@ -44,6 +44,8 @@ from .exceptions import InvalidMessage, TransientError
 from .signing import AUTHORITY_KWARG, SEAL_FIELD, authority_verify, seal
 
 RETRYABLE = (TransientError, OperationalError, InterfaceError)
+# Sent (True) to a chain's last step, whose result is the chain's record (saga.engine).
+RECORD_KWARG = "record"
 # A chain is a handful of steps; the cap only keeps a malformed context from growing.
 MAX_TIMELINE = 16
 
@@ -156,14 +158,21 @@ def saga_step_task(
             started_at = timezone.now()
             if not isinstance(ctx, dict):
                 raise InvalidMessage(f"{name} expects a saga context object, got {type(ctx).__name__}")
-            # A failure or retry stores this, not the context (result backend, Flower).
-            self.request.argsrepr = stored_args_repr(ctx)
-            # Only what the coordinator decided, for this task, over this context (issue 12).
-            authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
-            if phase and authority.phase != phase:
-                raise InvalidMessage(f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message")
+            try:
+                # Only what the coordinator decided, for this task, over this context (issue 12).
+                authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
+                record = kwargs.pop(RECORD_KWARG, False) is True
+                if phase and authority.phase != phase:
+                    raise InvalidMessage(
+                        f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message"
+                    )
+                output = fn({k: v for k, v in ctx.items() if k != SEAL_FIELD}, **kwargs)
+            except BaseException:
+                # A failure or retry stores this, not the context (result backend, Flower);
+                # worked out only then, off the path every step takes.
+                self.request.argsrepr = stored_args_repr(ctx)
+                raise
             ctx = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
-            output = fn(ctx, **kwargs)
             meta = {
                 "task_id": self.request.id,
                 "started_at": started_at.isoformat(),
@@ -174,6 +183,12 @@ def saga_step_task(
             }
             earlier = ctx.get("_steps")
             earlier = earlier[-MAX_TIMELINE:] if isinstance(earlier, list) else []
+            if record:
+                # A chain's last step: its result is the chain's record, which the result
+                # backend keeps until the coordinator drains it (saga.engine). Ids, this
+                # step's output and the timeline only: no customer data at rest there.
+                ids = {k: ctx[k] for k in ("saga_id", "order_id") if k in ctx}
+                return SagaContext(seal({**ids, **output, "_steps": [*earlier, meta]}, authority))
             return SagaContext(seal({**ctx, **output, "_steps": [*earlier, meta]}, authority))
 
         task.__doc__ = fn.__doc__

@@ -25,14 +25,15 @@ def api_token_create(*, user: AbstractBaseUser, ttl: timedelta | None = None) ->
     now = timezone.now()
     expires_at = now + (ttl if ttl is not None else timedelta(seconds=settings.API_TOKEN_TTL))
     with transaction.atomic(using="default"):
-        ApiToken.objects.filter(user=user, expires_at__lte=now).delete()
-        token = ApiToken.objects.create(user=user, digest=token_digest(key), expires_at=expires_at)
+        # django-stubs type the foreign key as auth.User, AUTH_USER_MODEL's default: any user model is fine.
+        ApiToken.objects.filter(user=user, expires_at__lte=now).delete()  # type: ignore[misc]
+        token = ApiToken.objects.create(user=user, digest=token_digest(key), expires_at=expires_at)  # type: ignore[misc]
     return token, key
 
 
 def api_token_revoke(*, token: ApiToken | None = None, user: AbstractBaseUser | None = None) -> int:
     """Delete one token, or every token of `user`; return how many were deleted."""
-    tokens = ApiToken.objects.filter(pk=token.pk) if token is not None else ApiToken.objects.filter(user=user)
+    tokens = ApiToken.objects.filter(pk=token.pk) if token is not None else ApiToken.objects.filter(user=user)  # type: ignore[misc]
     return tokens.delete()[0]
 
 

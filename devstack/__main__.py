@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("`%s` failed (exit %s)", shlex.join(map(str, exc.cmd)), exc.returncode)
         return exc.returncode if exc.returncode > 0 else 1
     except ImportError as exc:
-        logger.error("a required Python package is missing (%s): run `pip install -r requirements.txt`", exc)
+        logger.error("a required Python package is missing (%s): run `pip install -r requirements-dev.txt`", exc)
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted")

@@ -556,7 +556,7 @@ def run(base_dir: Path, argv: list[str]) -> int:
 def _run(
     args: argparse.Namespace, env: dict[str, str], broker: PrivateBroker | None, log_dir: Path, started_at: float
 ) -> int:
-    from saga.audit import audit
+    from audit.invariants import audit
 
     rng = random.Random(args.seed)
     skus = _seed_catalogue(rng)

@@ -608,7 +608,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     spec = find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
-        raise ServiceError(f"the {pip_name} package is not installed; run `pip install -r requirements.txt`")
+        raise ServiceError(f"the {pip_name} package is not installed; run `pip install -r requirements-dev.txt`")
     return Path(locations[0])
 
 

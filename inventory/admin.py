@@ -4,7 +4,7 @@ from django.db import connections, router
 from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
-from saga.admin import ReadOnlyAdminMixin
+from common.admin_mixins import ReadOnlyAdminMixin
 
 from . import services
 from .exceptions import StockBelowReserved
@@ -56,14 +56,14 @@ class AvailabilityFilter(admin.SimpleListFilter):
 def catalogue_writable(request: HttpRequest) -> bool:
     """Whether this process's database role may change products, asked once per request.
 
-    The running web's role may only read the catalogue (README "Security"): there the admin
+    The running web's role may only read the catalogue (docs/SECURITY.md): there the admin
     shows products read-only instead of failing on save. `manage.py` (the owner) may write.
     """
     if not hasattr(request, "_catalogue_writable"):
         with connections[router.db_for_write(Product)].cursor() as cursor:
             cursor.execute("SELECT has_table_privilege(%s, 'UPDATE')", [Product._meta.db_table])
-            request._catalogue_writable = cursor.fetchone()[0]
-    return request._catalogue_writable
+            request._catalogue_writable = cursor.fetchone()[0]  # type: ignore[attr-defined]
+    return request._catalogue_writable  # type: ignore[attr-defined]
 
 
 @admin.register(Product)
@@ -76,7 +76,7 @@ class ProductAdmin(admin.ModelAdmin):
     list_filter = [AvailabilityFilter, "updated_at"]
     search_fields = ["sku", "name"]
 
-    def get_fields(self, request: HttpRequest, obj: Product | None = None) -> list[str]:
+    def get_fields(self, request: HttpRequest, obj: Product | None = None) -> list[str]:  # type: ignore[override]
         if obj is None:
             return ["sku", "name", "price", "on_hand"]
         return ["sku", "name", "price", "on_hand", "reserved", "available", "on_hand_delta", "created_at", "updated_at"]
@@ -108,7 +108,7 @@ class ProductAdmin(admin.ModelAdmin):
                     sku=data["sku"], name=data["name"], price=data["price"], on_hand=data["on_hand"]
                 )
         except (StockBelowReserved, ValueError) as refused:
-            request._stock_refused = str(refused)  # reported by response_change
+            request._stock_refused = str(refused)  # type: ignore[attr-defined]  # reported by response_change
             return
         obj.pk, obj.on_hand, obj.reserved = product.pk, product.on_hand, product.reserved
 

@@ -6,18 +6,21 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from common.exceptions import InvalidMessage, StepRefused
 from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
+from common.sql import is_step_abort
 
 from .exceptions import InsufficientStock, PriceChanged, StockBelowReserved, UnknownProduct
 from .models import ProcessedKey, Product, Reservation
 
 DB = "inventory"
 STEP = "reserve_inventory"
+# In the reservation's key, what `stock_release` leaves when it came first.
+TOMBSTONE = "tombstone"
 PRODUCT, RESERVATION, PROCESSED_KEY = (f'"{m._meta.db_table}"' for m in (Product, Reservation, ProcessedKey))
 
 
@@ -35,22 +38,26 @@ def stock_reserve(
     price raises `PriceChanged` and the transaction rolls the reservation back, so the
     customer is never charged a price they did not see.
 
-    Plain SQL, six round trips in all (BEGIN, lock, key lookup, the UPDATE, one INSERT for
-    the reservations and the key, COMMIT): this runs once per order (BENCHMARKS.md).
+    The first copy does all of that in one statement, one round trip (`_reserve_at_once`);
+    a copy that finds the key taken, or stock it cannot take, goes the general way below,
+    under the saga lock, which returns the stored result or says what is wrong.
     """
     do_key, undo_key = step_key(saga_id, STEP, "do"), step_key(saga_id, STEP, "undo")
     lines = sorted(lines)
     skus, quantities = [sku for sku, _, _ in lines], [q for _, q, _ in lines]
     if len(set(skus)) != len(skus):
         raise InvalidMessage(f"saga {saga_id}: an order names each SKU once, got {skus}")
+    result = {"reserved": [{"sku": sku, "quantity": q} for sku, q, _ in lines]}
+    if _reserve_at_once(saga_id=saga_id, order_id=order_id, lines=lines, result=result):
+        return result
     connection = connections[DB]
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
         processed = processed_results(ProcessedKey, do_key, undo_key)
+        if undo_key in processed or TOMBSTONE in processed.get(do_key, {}):
+            raise StepRefused(f"saga {saga_id}: stock was already released; not reserving")
         if (done := processed.get(do_key)) is not None:
             return done
-        if undo_key in processed:
-            raise StepRefused(f"saga {saga_id}: stock was already released; not reserving")
         with connection.cursor() as cursor:
             if len(lines) > 1:
                 cursor.execute(f"SELECT 1 FROM {PRODUCT} WHERE sku = ANY(%s) ORDER BY sku FOR UPDATE", [skus])
@@ -66,7 +73,6 @@ def stock_reserve(
                 raise PriceChanged(_price_changed_reason(changed))
             if len(prices) < len(lines):
                 _refuse_reservation(cursor, [(sku, q) for sku, q, _ in lines], prices)
-            result = {"reserved": [{"sku": sku, "quantity": q} for sku, q, _ in lines]}
             # The reservations and the idempotency key in one statement.
             cursor.execute(
                 f"WITH held AS (INSERT INTO {RESERVATION} "
@@ -86,6 +92,58 @@ def stock_reserve(
                 ],
             )
     return result
+
+
+def _reserve_at_once(
+    *, saga_id: uuid.UUID, order_id: uuid.UUID, lines: Sequence[tuple[str, int, Decimal]], result: dict[str, Any]
+) -> bool:
+    """The first copy's reservation in one statement: the key, then every line at its
+    quoted price, then the reservations. True if it reserved; False if the key is taken
+    (a copy or the release's tombstone got there first) or a line could not be reserved,
+    in which case nothing was written (`saga_step_abort` undoes the statement).
+
+    No saga lock: the key's unique index serialises copies (a racing insert waits for this
+    statement, then finds the key), and `stock_release` writes its tombstone into this same
+    key, so a release and this statement wait for each other the same way. Products are
+    locked in SKU order (`locked`), as the general path does.
+    """
+    skus = [sku for sku, _, _ in lines]
+    try:
+        with connections[DB].cursor() as cursor:
+            cursor.execute(
+                "WITH w AS (SELECT * FROM unnest(%s::varchar[], %s::integer[], %s::numeric[]) AS w(sku, q, price)), "
+                f"guard AS (INSERT INTO {PROCESSED_KEY} (key, result, created_at) "
+                f"SELECT %s, %s::jsonb, now() WHERE NOT EXISTS (SELECT 1 FROM {PROCESSED_KEY} WHERE key = %s) "
+                "ON CONFLICT (key) DO NOTHING RETURNING 1), "
+                f"locked AS MATERIALIZED (SELECT sku FROM {PRODUCT} WHERE sku = ANY(%s) "
+                "AND EXISTS (SELECT 1 FROM guard) ORDER BY sku FOR UPDATE), "
+                f"taken AS (UPDATE {PRODUCT} AS p SET reserved = p.reserved + w.q, updated_at = now() "
+                "FROM w JOIN locked USING (sku) "
+                "WHERE p.sku = w.sku AND p.on_hand >= p.reserved + w.q AND p.price = w.price RETURNING p.sku), "
+                f"held AS (INSERT INTO {RESERVATION} "
+                "(saga_id, order_id, sku, quantity, unit_price, status, created_at) "
+                "SELECT %s, %s, w.sku, w.q, w.price, %s, now() FROM w JOIN taken USING (sku)) "
+                "SELECT CASE WHEN (SELECT count(*) FROM taken) = %s THEN EXISTS (SELECT 1 FROM guard) "
+                "ELSE saga_step_abort('a line could not be reserved') END",
+                [
+                    skus,
+                    [q for _, q, _ in lines],
+                    [price for _, _, price in lines],
+                    step_key(saga_id, STEP, "do"),
+                    json.dumps(result),
+                    step_key(saga_id, STEP, "undo"),
+                    skus,
+                    saga_id,
+                    order_id,
+                    Reservation.Status.HELD,
+                    len(lines),
+                ],
+            )
+            return bool(cursor.fetchone()[0])
+    except DatabaseError as error:
+        if is_step_abort(error):
+            return False
+        raise
 
 
 def _price_changed_reason(changed: Sequence[tuple[str, Decimal, Decimal]]) -> str:
@@ -115,6 +173,10 @@ def stock_release(*, saga_id: uuid.UUID) -> dict[str, Any]:
         saga_lock(using=DB, saga_id=saga_id)
         if (done := processed_result(ProcessedKey, undo_key)) is not None:
             return done
+        # The tombstone goes into the reservation's own key too, first: a reservation that
+        # takes no saga lock (`_reserve_at_once`) and is committing now is waited for here,
+        # and its stock is then released below; one that comes later finds the key taken.
+        processed_record(ProcessedKey, step_key(saga_id, STEP, "do"), {TOMBSTONE: "released"}, if_new=True)
         held = list(
             Reservation.objects.select_for_update()
             .filter(saga_id=saga_id, status=Reservation.Status.HELD)

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from saga.admin import ReadOnlyAdminMixin
+from common.admin_mixins import ReadOnlyAdminMixin
 
 from .models import Notification, ProcessedKey
 

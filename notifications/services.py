@@ -1,12 +1,13 @@
 """Tell the customer about an order's outcome, once per outcome and channel."""
 
 import contextlib
+import json
 import uuid
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -17,7 +18,7 @@ from . import channels
 from .models import Notification, ProcessedKey
 
 DB = "notifications"
-NOTIFICATION = f'"{Notification._meta.db_table}"'
+NOTIFICATION, PROCESSED_KEY = (f'"{m._meta.db_table}"' for m in (Notification, ProcessedKey))
 SENDING = Notification.Status.SENDING
 LEASE_MARGIN_SECONDS = 5
 
@@ -77,45 +78,19 @@ def notification_send(
     result = {"notified": kind, "channels": [channel for channel, _ in recipients]}
     claim, lease = uuid.uuid4(), lease_seconds()
 
-    with transaction.atomic(using=DB):
-        saga_lock(using=DB, saga_id=saga_id)
-        if (done := processed_result(ProcessedKey, key)) is not None:
-            return done
-        # The saga lock serialises every copy's claim: a plain read, then insert what is
-        # missing, already claimed by this attempt (no get_or_create savepoints).
-        existing = {n.channel: n for n in Notification.objects.filter(saga_id=saga_id, kind=kind)}
-        missing = [
-            Notification(
-                saga_id=saga_id,
-                kind=kind,
-                channel=channel,
-                order_id=order_id,
-                recipient=recipient,
-                subject=subject,
-                body=body,
-                status=Notification.Status.SENDING,
-                claim_token=claim,
-                lease_until=Now() + timedelta(seconds=lease),
-            )
-            for channel, recipient in recipients
-            if channel not in existing
-        ]
-        Notification.objects.bulk_create(missing)
-        mine = {n.channel for n in missing}
-        # Rows left by an earlier copy: the conditional UPDATE claims those nobody holds
-        # (pending, or a dead owner's expired lease). Only a redelivery gets here.
-        if any(n.status != Notification.Status.SENT for n in existing.values()):
-            mine |= _claim(saga_id=saga_id, kind=kind, claim=claim, lease=lease)
-        rows = {**existing, **{n.channel: n for n in missing}}
-        claimed = [rows[channel] for channel, _ in recipients if channel in mine]
-        held = sorted(
-            n.channel for n in existing.values() if n.status != Notification.Status.SENT and n.channel not in mine
-        )
+    message = {"saga_id": saga_id, "order_id": order_id, "kind": kind, "key": key, "subject": subject, "body": body}
+    claimed = _claim_new(**message, recipients=recipients, claim=claim, lease=lease)
+    held: list[str] = []
+    if isinstance(claimed, dict):
+        return claimed  # recorded by an earlier copy
+    if claimed is None:
+        # Rows an earlier copy left (a redelivery, a racing copy): the general path.
+        outcome = _claim_existing(**message, recipients=recipients, result=result, claim=claim, lease=lease)
+        if isinstance(outcome, dict):
+            return outcome
+        claimed, held = outcome
         if not claimed:
-            if held:
-                raise TransientError(f"saga {saga_id}: {kind} by {', '.join(held)} is being sent by another copy")
-            processed_record(ProcessedKey, key, result)  # sent by earlier copies: the outcome is known
-            return result
+            raise TransientError(f"saga {saga_id}: {kind} by {', '.join(held)} is being sent by another copy")
 
     try:
         for index, notification in enumerate(claimed):
@@ -131,15 +106,142 @@ def notification_send(
         with contextlib.suppress(Exception):  # if this fails too, the lease runs out instead
             _release(claimed, claim)
         raise
-    # The last delivery is marked sent in the transaction that records the key: one commit
-    # fewer per message. A crash before it commits re-sends that one (as documented above).
-    with transaction.atomic(using=DB):
-        if _mark_sent(claimed[-1].pk, claim) and not held:
-            processed_record(ProcessedKey, key, result, if_new=True)
+    # The last delivery is marked sent in the statement that records the key. A crash
+    # before it commits re-sends that one (as documented above).
+    _finish(claimed[-1].pk, claim, key=key, result=result, record=not held)
     if held:
         # Delivered ours; another copy holds the rest. Not done until it is: retry.
         raise TransientError(f"saga {saga_id}: {kind} by {', '.join(held)} is being sent by another copy")
     return result
+
+
+def _claim_new(
+    *,
+    saga_id: uuid.UUID,
+    order_id: uuid.UUID,
+    kind: str,
+    key: str,
+    subject: str,
+    body: str,
+    recipients: list[tuple[str, str]],
+    claim: uuid.UUID,
+    lease: int,
+) -> dict[str, Any] | list[Notification] | None:
+    """The first copy's claim, in one statement and no transaction of its own: the stored
+    result if the outcome was already recorded; else this outcome's rows, inserted already
+    claimed by this attempt; or None if some of them exist already (an earlier or racing
+    copy made them: `_claim_existing` decides under the saga lock).
+
+    A racing copy's insert of the same row waits on the unique (saga, kind, channel) index
+    until this statement commits, then inserts nothing: exactly one copy claims a new row.
+    """
+    channels = [channel for channel, _ in recipients]
+    with connections[DB].cursor() as cursor:
+        cursor.execute(
+            f"WITH done AS (SELECT result FROM {PROCESSED_KEY} WHERE key = %s), "
+            f"new AS (INSERT INTO {NOTIFICATION} (saga_id, kind, channel, order_id, recipient, subject, body, "
+            "status, claim_token, lease_until, created_at) "
+            "SELECT %s, %s, c.channel, %s, c.recipient, %s, %s, %s, %s, "
+            "statement_timestamp() + make_interval(secs => %s), statement_timestamp() "
+            "FROM unnest(%s::varchar[], %s::varchar[]) AS c(channel, recipient) "
+            "WHERE NOT EXISTS (SELECT 1 FROM done) "
+            "ON CONFLICT (saga_id, kind, channel) DO NOTHING RETURNING id, channel) "
+            "SELECT (SELECT result FROM done), (SELECT json_object_agg(channel, id) FROM new)",
+            [key, saga_id, kind, order_id, subject, body, SENDING, claim, lease, channels, [r for _, r in recipients]],
+        )
+        done, ids = cursor.fetchone()
+    if done is not None:
+        return done if isinstance(done, dict) else json.loads(done)
+    ids = (ids if isinstance(ids, dict) else json.loads(ids)) if ids else {}
+    if len(ids) < len(recipients):
+        return None
+    return [
+        Notification(
+            pk=ids[channel],
+            saga_id=saga_id,
+            kind=kind,
+            channel=channel,
+            order_id=order_id,
+            recipient=recipient,
+            subject=subject,
+            body=body,
+            status=SENDING,
+            claim_token=claim,
+        )
+        for channel, recipient in recipients
+    ]
+
+
+def _claim_existing(
+    *,
+    saga_id: uuid.UUID,
+    order_id: uuid.UUID,
+    kind: str,
+    key: str,
+    subject: str,
+    body: str,
+    recipients: list[tuple[str, str]],
+    result: dict[str, Any],
+    claim: uuid.UUID,
+    lease: int,
+) -> dict[str, Any] | tuple[list[Notification], list[str]]:
+    """Claim what nobody holds of an outcome whose rows an earlier copy made, under the
+    saga lock; the stored result if the outcome is recorded, else (rows this attempt
+    claimed, channels another copy holds)."""
+    with transaction.atomic(using=DB):
+        saga_lock(using=DB, saga_id=saga_id)
+        if (done := processed_result(ProcessedKey, key)) is not None:
+            return done
+        existing = {n.channel: n for n in Notification.objects.filter(saga_id=saga_id, kind=kind)}
+        missing = [
+            Notification(
+                saga_id=saga_id,
+                kind=kind,
+                channel=channel,
+                order_id=order_id,
+                recipient=recipient,
+                subject=subject,
+                body=body,
+                status=SENDING,
+                claim_token=claim,
+                lease_until=Now() + timedelta(seconds=lease),
+            )
+            for channel, recipient in recipients
+            if channel not in existing
+        ]
+        try:
+            Notification.objects.bulk_create(missing)
+        except IntegrityError:
+            # A first copy's claim (`_claim_new`, which takes no saga lock) made them just now.
+            raise TransientError(f"saga {saga_id}: {kind} is being sent by another copy") from None
+        mine = {n.channel for n in missing}
+        # Rows left by an earlier copy: the conditional UPDATE claims those nobody holds
+        # (pending, or a dead owner's expired lease).
+        if any(n.status != Notification.Status.SENT for n in existing.values()):
+            mine |= _claim(saga_id=saga_id, kind=kind, claim=claim, lease=lease)
+        rows = {**existing, **{n.channel: n for n in missing}}
+        claimed = [rows[channel] for channel, _ in recipients if channel in mine]
+        held = sorted(
+            n.channel for n in existing.values() if n.status != Notification.Status.SENT and n.channel not in mine
+        )
+        if not claimed and not held:
+            processed_record(ProcessedKey, key, result)  # sent by earlier copies: the outcome is known
+            return result
+    return claimed, held
+
+
+def _finish(pk: int, claim: uuid.UUID, *, key: str, result: dict[str, Any], record: bool) -> None:
+    """Mark a delivered row sent if this attempt still holds its claim and, with `record`,
+    record the outcome's key in the same statement (not if the claim was lost: the copy
+    that took it over records it)."""
+    with connections[DB].cursor() as cursor:
+        cursor.execute(
+            f"WITH sent AS (UPDATE {NOTIFICATION} SET status = %s, sent_at = statement_timestamp() "
+            "WHERE id = %s AND claim_token = %s AND status = %s RETURNING id) "
+            f"INSERT INTO {PROCESSED_KEY} (key, result, created_at) "
+            "SELECT %s, %s::jsonb, statement_timestamp() FROM sent WHERE %s ON CONFLICT (key) DO NOTHING",
+            [Notification.Status.SENT, pk, claim, SENDING, key, json.dumps(result), record],
+        )
 
 
 def lease_seconds() -> int:

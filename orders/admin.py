@@ -5,7 +5,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from common.admin_links import order_notifications_link, order_payments_link
-from saga.admin import ReadOnlyAdminMixin
+from common.admin_mixins import ReadOnlyAdminMixin
 from saga.models import SagaInstance
 
 from .models import Order, OrderLine
@@ -14,8 +14,7 @@ from .models import Order, OrderLine
 class OrderLineInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = OrderLine
     extra = 0
-    fields = ["sku", "name", "quantity", "unit_price"]
-    readonly_fields = fields
+    fields = readonly_fields = ("sku", "name", "quantity", "unit_price")
 
 
 @admin.register(Order)
@@ -25,7 +24,7 @@ class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     search_fields = ["=id", "email", "=idempotency_key"]
     date_hierarchy = "created_at"
     inlines = [OrderLineInline]
-    readonly_fields = [
+    readonly_fields = fields = (
         "id",
         "status",
         "user_id",
@@ -41,8 +40,7 @@ class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "saga_link",
         "payments_link",
         "notifications_link",
-    ]
-    fields = readonly_fields
+    )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         # The saga lives in the same (orders) database: one query for the whole page.
@@ -57,8 +55,9 @@ class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def saga_link(self, order: Order) -> str:
         if getattr(order, "saga_pk", None) is None:
             return "-"
-        url = reverse("admin:saga_sagainstance_change", args=[order.saga_pk])
-        return format_html('<a href="{}">{}</a>', url, order.saga_status)
+        # saga_pk and saga_status are annotations of get_queryset.
+        url = reverse("admin:saga_sagainstance_change", args=[getattr(order, "saga_pk")])  # noqa: B009
+        return format_html('<a href="{}">{}</a>', url, getattr(order, "saga_status"))  # noqa: B009
 
     @admin.display(description="payments")
     def payments_link(self, order: Order) -> str:

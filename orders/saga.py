@@ -8,24 +8,14 @@ default: version 1, PLACE_ORDER). Version 2 is a change made the safe way (READM
 "Changing a saga"): a new version beside the old one, never an edit of it.
 """
 
+from dataclasses import replace
+
 from django.conf import settings
 
 from saga.definition import SagaDefinition, Step
 
 # The provider may be slow (tok_slow): the charge's deadline allows for it.
 _CHARGE_TIMEOUT = settings.SAGA_STEP_TIMEOUT + int(settings.FAKE_PROVIDER_SLOW_SECONDS)
-_COMMON = {
-    "pivot": "confirm_order",
-    # The order's row lock, which orders.confirm also takes (an operator's "compensate now").
-    "pivot_guard": "orders.services.order_lock_for_compensation",
-    # What the customer is told (the order's failure_reason, the email), by failure kind.
-    "customer_reason": "orders.failure_text.customer_reason",
-    "after_compensation": (
-        Step("fail_order", "orders.fail"),
-        Step("notify_failure", "notifications.notify"),
-    ),
-}
-
 PLACE_ORDER = SagaDefinition(
     name="place_order",
     version=1,
@@ -44,14 +34,22 @@ PLACE_ORDER = SagaDefinition(
         Step("confirm_order", "orders.confirm"),
         Step("notify_customer", "notifications.notify"),
     ),
-    **_COMMON,
+    pivot="confirm_order",
+    # The order's row lock, which orders.confirm also takes (an operator's "compensate now").
+    pivot_guard="orders.services.order_lock_for_compensation",
+    # What the customer is told (the order's failure_reason, the email), by failure kind.
+    customer_reason="orders.failure_text.customer_reason",
+    after_compensation=(
+        Step("fail_order", "orders.fail"),
+        Step("notify_failure", "notifications.notify"),
+    ),
 )
 
 # Version 2 adds a first step, a read-only stock and price check that fails an order
 # before anything is held or locked (inventory.check_stock), and renames charge_payment
 # to capture_payment. Sagas that started on version 1 finish on version 1.
-PLACE_ORDER_V2 = SagaDefinition(
-    name="place_order",
+PLACE_ORDER_V2 = replace(
+    PLACE_ORDER,
     version=2,
     steps=(
         Step("check_stock", "inventory.check_stock"),
@@ -69,5 +67,4 @@ PLACE_ORDER_V2 = SagaDefinition(
         Step("confirm_order", "orders.confirm"),
         Step("notify_customer", "notifications.notify"),
     ),
-    **_COMMON,
 )

@@ -7,12 +7,11 @@ separate deployments would be. The web process, beat and Flower set no service a
 register no task of ours.
 """
 
-import contextlib
 import os
-import select
-from typing import Any
 
 from celery import Celery, signals
+
+from orders_project.db_health import close_connections_closed_by_server
 
 from . import kombu_fixes
 
@@ -37,39 +36,13 @@ def _service_packages() -> list[str]:
 app.autodiscover_tasks(_service_packages)
 
 
-# Before each task: a connection PostgreSQL has closed (a restart, a failover, an admin's
-# pg_terminate_backend, idle_session_timeout) is dropped, so the task and its result's
-# write (the result backend shares `default`) open a new one instead of failing on it
-# (issue 15). PostgreSQL says so on the connection itself: it sends a FATAL notice and
-# closes its end, so the idle socket turns readable. Asking the socket is one poll() per
-# open connection and no round trip; CONN_HEALTH_CHECKS would be a SELECT 1 per
-# connection per task. A connection cut without a word (a network partition) is still
-# found by the first query that uses it: the task retries (common.steps, saga.tasks) and
-# the result backend retries its write (orders_project.result_backend).
+# Before each task: drop the connections PostgreSQL has closed, so the task and its
+# result's write (the result backend shares `default`) open new ones (issue 15).
 @signals.task_prerun.connect
 def _close_connections_closed_by_server(task: object = None, **_: object) -> None:
     if getattr(getattr(task, "request", None), "is_eager", False):
         return
-    from django.db import DatabaseError, connections
-
-    for connection in connections.all(initialized_only=True):
-        if connection.connection is None or connection.in_atomic_block:
-            continue
-        if _closed_by_server(connection.connection):
-            with contextlib.suppress(DatabaseError):
-                connection.close()
-
-
-def _closed_by_server(raw: Any) -> bool:
-    """Whether the server has spoken on an idle connection. Between queries it has nothing
-    to say unless it is closing the session (no LISTEN here, no asynchronous notices)."""
-    try:
-        fd = raw.fileno()
-    except Exception:  # psycopg: "the connection is lost"
-        return True
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)  # POLLHUP and POLLERR are always reported
-    return bool(poller.poll(0))
+    close_connections_closed_by_server()
 
 
 # What a web request gets from Django (request_finished): after each task, a connection

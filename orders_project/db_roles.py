@@ -1,4 +1,4 @@
-"""What each process's database role may do (README "Security", docs/DECISIONS.md "Security").
+"""What each process's database role may do (docs/SECURITY.md, docs/DECISIONS.md "Security").
 
 Migrations run as each database's owner. Every process runs as a role of its own that owns
 nothing: DML on the tables of the apps its job uses, SELECT where it only reads, and no

@@ -1,6 +1,11 @@
 """Route each service's models to its own database (ARCHITECTURE.md "Databases")."""
 
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # settings load this module before the apps: no model import at run time
+    from django.db.models import Model
 
 # The saga store lives beside the orders so that "create order + create saga" is one
 # local transaction.
@@ -18,10 +23,10 @@ def database_for(app_label: str) -> str:
 
 
 class ServiceRouter:
-    def db_for_read(self, model: type, **hints: Any) -> str:
+    def db_for_read(self, model: type[Model], **hints: Any) -> str:
         return database_for(model._meta.app_label)
 
-    def db_for_write(self, model: type, **hints: Any) -> str:
+    def db_for_write(self, model: type[Model], **hints: Any) -> str:
         return database_for(model._meta.app_label)
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool:

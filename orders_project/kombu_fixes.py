@@ -15,19 +15,38 @@ handle (the close ignores it; the ack is logged as not done). Nothing is lost: t
 messages stay in Redis's unacked index, and `restore_visible` (every worker runs it)
 returns them to their queues once their visibility timeout has passed; the steps are
 idempotent, so running one again is safe.
+
+Upstream: celery/kombu#582 reports this very failure (`Channel.close` -> `_delete` ->
+`conn_or_acquire` -> `_connparams`: `'NoneType' object has no attribute 'hostname'`); it
+was closed without a fix for this path, which kombu 5.7.0 still takes. Written for kombu
+PATCHED_VERSION only: `apply()` refuses another release, so an upgrade makes every test
+fail until someone checks the patch against it. orders_project/tests/test_library_patches.py
+fails once kombu stops raising AttributeError there: then remove this module.
 """
+
+from importlib import metadata
 
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-_connparams = kombu_redis.Channel._connparams
+PATCHED_VERSION = "5.7.0"
+UPSTREAM_ISSUE = "celery/kombu#582"
+
+# kombu's own method, kept to delegate to (and for the test that the bug is still there).
+upstream_connparams = kombu_redis.Channel._connparams  # type: ignore[attr-defined]
 
 
 def _connparams_of_a_live_connection(self, asynchronous=False):
     if getattr(self.connection, "client", None) is None:
         raise RedisConnectionError("this channel's broker connection is closed")
-    return _connparams(self, asynchronous=asynchronous)
+    return upstream_connparams(self, asynchronous=asynchronous)
 
 
 def apply() -> None:
-    kombu_redis.Channel._connparams = _connparams_of_a_live_connection
+    """Patch kombu's Redis channel. Precondition: kombu is PATCHED_VERSION."""
+    if (installed := metadata.version("kombu")) != PATCHED_VERSION:
+        raise RuntimeError(
+            f"orders_project.kombu_fixes patches kombu {PATCHED_VERSION}, not {installed}: check whether "
+            f"{UPSTREAM_ISSUE} is fixed in it (then delete the patch) or re-check the patch and update PATCHED_VERSION"
+        )
+    kombu_redis.Channel._connparams = _connparams_of_a_live_connection  # type: ignore[attr-defined]

@@ -15,6 +15,46 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+# Periodic housekeeping whose routine runs say nothing at INFO: the sweeper, which beat
+# sends every SAGA_SWEEP_INTERVAL seconds (docs/OPERATIONS.md, "Failures and recovery"). A sweep that
+# acts says so: saga.services and saga.recovery log each re-publish, compensation and
+# restored message at WARNING, and its "succeeded" line carries a non-empty result.
+QUIET_TASKS = frozenset({"saga.sweep"})
+# The result of a sweep that found nothing to do (saga.services.saga_sweep).
+ROUTINE_RESULTS = frozenset({"{}", "None"})
+
+
+def _routine_housekeeping(record: logging.LogRecord) -> bool:
+    """Is this one of Celery's INFO lines about a routine run of a QUIET_TASKS task:
+    beat sending it, the worker receiving it, or its success with nothing done?"""
+    args = record.args
+    if record.name == "celery.beat":
+        # celery.beat.Scheduler.apply_entry: "Scheduler: Sending due task %s (%s)", name, task
+        return (
+            str(record.msg).startswith("Scheduler: Sending due task")
+            and isinstance(args, tuple)
+            and len(args) == 2
+            and args[1] in QUIET_TASKS
+        )
+    if not isinstance(args, Mapping) or args.get("name") not in QUIET_TASKS:
+        return False
+    if record.name == "celery.worker.strategy":  # celery.app.trace.LOG_RECEIVED
+        return True
+    # celery.app.trace.LOG_SUCCESS, with the result's repr as return_value
+    return record.name == "celery.app.trace" and args.get("return_value") in ROUTINE_RESULTS
+
+
+class QuietHousekeepingFilter(logging.Filter):
+    """Drops the INFO lines of routine housekeeping (`_routine_housekeeping`), so that a
+    quiet system's log is quiet: without it beat and the saga worker write three lines per
+    sweep, every second or two, whether or not anything happened. With LOG_LEVEL=DEBUG
+    they are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        return not _routine_housekeeping(record)
+
 
 def task_ids(request: Any) -> tuple[str, str]:
     """(saga id, order id) of a Celery task request: from the saga context a participant

@@ -10,6 +10,9 @@ failed to store a task's outcome: a step's failure, which the coordinator reads 
 was lost or stored as that `OperationalError` instead (issue 15).
 """
 
+from typing import Any
+
+from celery import states
 from django.db import InterfaceError, OperationalError, connections, router
 from django_celery_results.backends.database import DatabaseBackend as _DatabaseBackend
 
@@ -30,3 +33,46 @@ class DatabaseBackend(_DatabaseBackend):
         # Django opens a new connection on the next query; the dead one would fail again.
         for alias in self._aliases():
             connections[alias].close()
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        status: str,
+        traceback: str | None = None,
+        request: Any = None,
+        using: str | None = None,
+    ) -> Any:
+        """Store a task's outcome as one upsert by task id, one round trip.
+
+        django-celery-results' own store is `get_or_create` (a read, then an insert in a
+        transaction of its own, then maybe an update): three statements and two commits on
+        every stored result, and a chain's last step stores one per saga (saga.engine).
+        Same columns, same encoding, same last-write-wins as the original.
+        """
+        content_type, content_encoding, encoded = self.encode_content(result)
+        meta = {**self._get_meta_from_request(request), "children": self.current_task_children(request)}
+        _, _, encoded_meta = self.encode_content(meta)
+        fields = {
+            "status": status,
+            "result": encoded,
+            "traceback": traceback,
+            "meta": encoded_meta,
+            "content_encoding": content_encoding,
+            "content_type": content_type,
+            **self._get_extended_properties(request, traceback),
+        }
+        fields["traceback"] = fields["traceback"] if fields["traceback"] is not None else traceback
+        names = list(fields)
+        started = ", date_started" if status == states.STARTED else ""
+        alias = using or router.db_for_write(self.TaskModel)
+        table = connections[alias].ops.quote_name(self.TaskModel._meta.db_table)
+        with connections[alias].cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} (task_id, {', '.join(names)}, date_created, date_done{started}) "
+                f"VALUES (%s, {', '.join(['%s'] * len(names))}, now(), now(){', now()' if started else ''}) "
+                f"ON CONFLICT (task_id) DO UPDATE SET {', '.join(f'{n} = EXCLUDED.{n}' for n in names)}, "
+                f"date_done = EXCLUDED.date_done{', date_started = EXCLUDED.date_started' if started else ''}",
+                [task_id, *fields.values()],
+            )
+        return encoded

@@ -1,4 +1,4 @@
-"""Start-up guards for settings.py: what may run where (README "Security").
+"""Start-up guards for settings.py: what may run where (docs/SECURITY.md).
 
 Local mode (DEBUG on, or make run's LOCAL_MODE) may be relaxed, and says so once per
 process. With DEBUG off a process refuses to start on a secret that is public (the local
@@ -111,5 +111,5 @@ def local_mode_notice(*, debug: bool, secret_key: str, local_mode: bool = False)
     if not reasons:
         return None
     return (
-        f"LOCAL MODE: {' and '.join(reasons)}. Fine on your own machine; never expose this process (README, Security)."
+        f"LOCAL MODE: {' and '.join(reasons)}. Fine on your own machine; never expose this process (docs/SECURITY.md)."
     )

@@ -1,6 +1,6 @@
 """Settings for every process (web, workers, beat, Flower), driven by the environment.
 
-Every variable is documented in README.md ("Configuration") and `.env.example`.
+Every variable is documented in docs/CONFIGURATION.md and `.env.example`.
 Local defaults point at the servers `make run` starts (or the ones you name);
 nothing here exists only in production.
 """
@@ -30,7 +30,7 @@ DEBUG = env.bool("DEBUG", default=False)
 # make run's local mode: Flower may run without a login, on a loopback address only.
 LOCAL_MODE = env.bool("LOCAL_MODE", default=False)
 # The local default is public. With DEBUG off, a public or weak key stops the process at
-# start-up; a relaxed process says so (common.apps). README "Security".
+# start-up; a relaxed process says so (common.apps). docs/SECURITY.md.
 SECRET_KEY = env.str("SECRET_KEY", default="insecure-local-only-key-change-me")
 # Old keys still accepted for signatures while you rotate SECRET_KEY (comma-separated).
 SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
@@ -78,6 +78,8 @@ INSTALLED_APPS = [
     "inventory",
     "payments",
     "notifications",
+    # The operator's cross-service checks (`manage.py saga_audit`); no models.
+    "audit",
 ]
 
 MIDDLEWARE = [
@@ -112,15 +114,13 @@ TEMPLATES = [
 # --- Databases: one per service (ARCHITECTURE.md "Databases") -------------------------
 _LOCAL_PG = "postgres://postgres@127.0.0.1:5432"
 _DB_OPTIONS = {
-    # Workers and web keep connections between tasks/requests. In the web process the
-    # health check (a `SELECT 1` before a connection's first query in each request) makes
-    # a connection that died with a PostgreSQL restart get replaced, not fail a request. A
-    # worker skips that round trip on every task: before each task it drops the connections
-    # the server has closed (orders_project.celery, no round trip); one that died unnoticed
-    # fails its task with an OperationalError, which retries (common.steps, saga.tasks),
-    # and Django closes it after that task, so the retry connects afresh.
+    # Workers and web keep connections between tasks/requests. Before each task and each
+    # request the connections the server has closed (a PostgreSQL restart) are dropped
+    # (orders_project.db_health: a poll() each, no round trip), so they are replaced, not
+    # failed on. Django's own health check (a `SELECT 1` per database per request) is
+    # there for networks that cut connections silently: DB_CONN_HEALTH_CHECKS=True.
     "CONN_MAX_AGE": env.int("DB_CONN_MAX_AGE", default=60),
-    "CONN_HEALTH_CHECKS": env.bool("DB_CONN_HEALTH_CHECKS", default=not env.str("CELERY_SERVICE", default="")),
+    "CONN_HEALTH_CHECKS": env.bool("DB_CONN_HEALTH_CHECKS", default=False),
 }
 
 
@@ -142,7 +142,7 @@ CELERY_SERVICE = env.str("CELERY_SERVICE", default="")
 # Least privilege (orders_project.db_roles): a process logs in to every database as the role
 # of its job, DATABASE_LOGIN ("role:password"), which the Procfile sets per process (compose
 # writes the role into each URL instead). "none": no database credentials at all (Flower).
-# Unset: each URL as given (manage.py and `migrate`: each database's owner). README "Security".
+# Unset: each URL as given (manage.py and `migrate`: each database's owner). docs/SECURITY.md.
 DATABASE_LOGIN = env.str("DATABASE_LOGIN", default="")
 if DATABASE_LOGIN == "none":
     DATABASES = {}  # Django's dummy backend: any query fails
@@ -209,7 +209,13 @@ REST_FRAMEWORK = {
     "NUM_PROXIES": env.int("NUM_PROXIES", default=0),
 }
 
-# How long an API token works after it is issued (seconds; README "Security").
+# Who may see an order, asked by the payments' and notifications' `?order=` filter
+# (common.api.order_filter). The orders service answers it; named here, where the project
+# puts its services together, because `common` may not import a service (pyproject.toml,
+# [tool.importlinter]).
+ORDER_VISIBLE = "orders.selectors.order_visible"
+
+# How long an API token works after it is issued (seconds; docs/SECURITY.md).
 API_TOKEN_TTL = env.int("API_TOKEN_TTL", default=30 * 24 * 3600)
 
 # --- Input limits (a clear 400 or 413, never a 500) -----------------------------------
@@ -394,7 +400,7 @@ if CACHES["default"]["BACKEND"].endswith("RedisCache"):
     # A Redis outage must not hang requests: the throttle then lets them through.
     CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
 
-# --- Operator's console (README "Operating it") ----------------------------------------
+# --- Operator's console (docs/OPERATIONS.md) ----------------------------------------
 # Links from the admin's saga page: a step's Celery task in Flower (<FLOWER_URL>/task/<id>;
 # empty: no links) and the saga's trace ({trace_id} is replaced; empty: no link).
 FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.str('FLOWER_PORT', default='5555')}").rstrip("/")
@@ -411,13 +417,21 @@ if LOG_FORMAT not in ("text", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"task_context": {"()": "orders_project.log.TaskContextFilter"}},
+    "filters": {
+        "task_context": {"()": "orders_project.log.TaskContextFilter"},
+        # A sweep that found nothing logs nothing (orders_project.log.QuietHousekeepingFilter).
+        "quiet_housekeeping": {"()": "orders_project.log.QuietHousekeepingFilter"},
+    },
     "formatters": {
         "text": {"()": "orders_project.log.TextFormatter"},
         "json": {"()": "orders_project.log.JsonFormatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["task_context"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["quiet_housekeeping", "task_context"],
+        },
     },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from saga.admin import ReadOnlyAdminMixin
+from common.admin_mixins import ReadOnlyAdminMixin
 
 from .models import FakeProviderOperation, Payment, PaymentAttempt, ProcessedKey, Refund
 
@@ -9,8 +9,7 @@ class RefundInline(ReadOnlyAdminMixin, admin.StackedInline):
     model = Refund
     extra = 0
     can_delete = False
-    fields = ["amount", "provider_refund_id", "created_at"]
-    readonly_fields = fields
+    fields = readonly_fields = ("amount", "provider_refund_id", "created_at")
 
 
 class PaymentAttemptInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -20,8 +19,7 @@ class PaymentAttemptInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = PaymentAttempt
     extra = 0
     can_delete = False
-    fields = ["task_id", "started_at", "lease_until", "finished_at", "outcome", "error"]
-    readonly_fields = fields
+    fields = readonly_fields = ("task_id", "started_at", "lease_until", "finished_at", "outcome", "error")
 
 
 @admin.register(Payment)

@@ -14,6 +14,7 @@ charge or a refund may run at once (a redelivery, a retry, a sweeper re-publish)
   before it records its tombstone. A charge still on its way then fails, uncharged.
 """
 
+import json
 import logging
 import uuid
 from datetime import timedelta
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 DB = "payments"
 STEP = "charge_payment"
-PAYMENT, ATTEMPT = (f'"{m._meta.db_table}"' for m in (Payment, PaymentAttempt))
+PAYMENT, ATTEMPT, PROCESSED_KEY = (f'"{m._meta.db_table}"' for m in (Payment, PaymentAttempt, ProcessedKey))
 Outcome = PaymentAttempt.Outcome
 
 
@@ -59,10 +60,159 @@ def payment_charge(
     refuses after the refund's tombstone, or once the refund has settled the payment. A
     decline is recorded, then raised as `PaymentDeclined` (the saga compensates); a replay
     raises it again. Safe with concurrent copies: each records its own attempt.
+
+    The first copy's bookkeeping is one statement before the provider call and one after
+    (`_begin_first`, `_settle_first`), with no saga lock: each takes the row or key it
+    decides on, so a racing copy or the refund waits for it there. Anything else (a later
+    copy, a refund in between) is decided under the saga lock.
     """
+    do_key = step_key(saga_id, STEP, "do")
+    attempt_id = uuid.uuid4()
+    payment_id = _begin_first(
+        saga_id=saga_id, order_id=order_id, amount=amount, currency=currency, attempt_id=attempt_id, task_id=task_id
+    )
+    resume = None
+    if payment_id is None:
+        again = _begin_again(
+            saga_id=saga_id, order_id=order_id, amount=amount, currency=currency, attempt_id=attempt_id, task_id=task_id
+        )
+        if isinstance(again, dict):
+            return again  # charged by an earlier copy
+        payment_id, resume = again
+    if resume is not None:
+        # A refund is due (its call failed, or it is under way in a racing copy): any copy
+        # may finish it, under the refund's own provider key.
+        _refund_at_provider(resume)
+        raise StepRefused(f"saga {saga_id}: its compensation is refunding the charge; not charging")
+
+    try:
+        charge = call_provider(
+            get_gateway().charge, amount=amount, currency=currency, token=token, idempotency_key=do_key
+        )
+    except CardDeclined as declined:
+        if not _settle_first(
+            attempt_id,
+            payment_id,
+            Outcome.DECLINED,
+            declined.code,
+            do_key=do_key,
+            result=(
+                result := {
+                    "payment_id": str(payment_id),
+                    "status": Payment.Status.DECLINED,
+                    "decline_code": declined.code,
+                }
+            ),
+        ):
+            with transaction.atomic(using=DB):
+                saga_lock(using=DB, saga_id=saga_id)
+                if (done := processed_result(ProcessedKey, do_key)) is not None:
+                    raise _declined(done) from None  # a concurrent copy of this message recorded it
+                raise StepRefused(f"saga {saga_id}: its compensation settled the payment first") from None
+        raise _declined(result) from None
+    except ChargeVoided as voided:
+        _attempt_finish(attempt_id, Outcome.VOIDED, str(voided))
+        raise StepRefused(f"saga {saga_id}: its compensation voided the charge first; nothing was charged") from None
+    except BaseException as error:
+        # Only this attempt is over, and only if the provider cannot still complete it: a
+        # racing copy's attempt stays in flight, and so does a call that timed out.
+        if isinstance(error, CircuitOpen):
+            outcome = Outcome.NOT_SENT
+        elif isinstance(error, ProviderError):
+            outcome = Outcome.FAILED
+        else:
+            outcome = Outcome.UNKNOWN
+        _attempt_finish(attempt_id, outcome, f"{type(error).__name__}: {error}")
+        raise
+
+    result = {"payment_id": str(payment_id), "status": Payment.Status.CAPTURED}
+    if _settle_first(attempt_id, payment_id, Outcome.SUCCEEDED, charge.charge_id, do_key=do_key, result=result):
+        return result
+    with transaction.atomic(using=DB):
+        saga_lock(using=DB, saga_id=saga_id)
+        # Not pending: a concurrent copy of this message got the same answer and recorded
+        # it, or the refund settled the payment meanwhile.
+        if (done := processed_result(ProcessedKey, do_key)) is not None:
+            return done
+        payment = Payment.objects.get(pk=payment_id)
+        if payment.status != Payment.Status.VOIDED:
+            # The refund's `void_charge` found this very charge: it refunds it.
+            raise StepRefused(f"saga {saga_id}: its compensation settled the charge ({payment.status}); refunding")
+        # The refund voided the key at the provider, yet the provider charged it: an adapter
+        # whose `void_charge` broke its contract. Record the money and give it back.
+        logger.error("saga %s: charge %s completed after it was voided; refunding it", saga_id, charge.charge_id)
+        payment.status, payment.provider_charge_id = Payment.Status.REFUNDING, charge.charge_id
+        payment.save(update_fields=["status", "provider_charge_id", "updated_at"])
+    _refund_at_provider(payment)
+    raise StepRefused(f"saga {saga_id}: charge completed after its compensation voided it; refunded")
+
+
+def _begin_first(
+    *,
+    saga_id: uuid.UUID,
+    order_id: uuid.UUID,
+    amount: Decimal,
+    currency: str,
+    attempt_id: uuid.UUID,
+    task_id: str,
+) -> uuid.UUID | None:
+    """The first copy's payment and attempt, in one statement with no saga lock; None if
+    this is not the first copy (or the refund came first): `_begin_again` decides then.
+
+    The guard is the `begun` key: the first insert of it wins, a racing copy's insert
+    waits on its unique index and then finds it taken, and `payment_refund` inserts it
+    first thing too, so a refund and this statement wait for each other the same way.
+    """
+    now = timezone.now()
+    keys = [step_key(saga_id, STEP, direction) for direction in ("do", "undo")]
+    with connections[DB].cursor() as cursor:
+        cursor.execute(
+            f"WITH guard AS (INSERT INTO {PROCESSED_KEY} (key, result, created_at) "
+            f"SELECT %s, '{{}}'::jsonb, %s WHERE NOT EXISTS (SELECT 1 FROM {PROCESSED_KEY} WHERE key = ANY(%s)) "
+            "ON CONFLICT (key) DO NOTHING RETURNING 1), "
+            f"p AS (INSERT INTO {PAYMENT} (id, saga_id, order_id, amount, currency, status, decline_code, "
+            "provider_charge_id, created_at, updated_at) "
+            "SELECT %s, %s, %s, %s, %s, %s, '', '', %s, %s WHERE EXISTS (SELECT 1 FROM guard) "
+            "ON CONFLICT (saga_id) DO NOTHING RETURNING id) "
+            f"INSERT INTO {ATTEMPT} (id, payment_id, task_id, started_at, lease_until, outcome, error) "
+            "SELECT %s, p.id, %s, %s, %s, '', '' FROM p RETURNING payment_id",
+            [
+                begun_key(saga_id),
+                now,
+                keys,
+                uuid.uuid4(),
+                saga_id,
+                order_id,
+                amount,
+                currency,
+                Payment.Status.PENDING,
+                now,
+                now,
+                attempt_id,
+                task_id[:255],
+                now,
+                now + attempt_lease(),
+            ],
+        )
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def _begin_again(
+    *,
+    saga_id: uuid.UUID,
+    order_id: uuid.UUID,
+    amount: Decimal,
+    currency: str,
+    attempt_id: uuid.UUID,
+    task_id: str,
+) -> dict[str, Any] | tuple[uuid.UUID, Payment | None]:
+    """A later copy's attempt, decided under the saga lock: (its payment, None), or (the
+    payment, itself) when a refund is due that this copy must finish, or the recorded
+    result of a charge already made. Raises the recorded outcome of a decline, or
+    `StepRefused` once the refund has settled the payment."""
     do_key, undo_key = step_key(saga_id, STEP, "do"), step_key(saga_id, STEP, "undo")
     now = timezone.now()
-    attempt_id = uuid.uuid4()
     with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
         saga_lock(using=DB, saga_id=saga_id)
         processed = processed_results(ProcessedKey, do_key, undo_key)
@@ -107,68 +257,45 @@ def payment_charge(
             else:
                 cursor.execute(f"WITH p AS (SELECT %s::uuid AS id) {attempt}", [row[0], *attempt_params])
             payment_id = cursor.fetchone()[0]
-    if resume is not None:
-        # A refund is due (its call failed, or it is under way in a racing copy): any copy
-        # may finish it, under the refund's own provider key.
-        _refund_at_provider(resume)
-        raise StepRefused(f"saga {saga_id}: its compensation is refunding the charge; not charging")
+    return payment_id, resume
 
-    try:
-        charge = call_provider(
-            get_gateway().charge, amount=amount, currency=currency, token=token, idempotency_key=do_key
-        )
-    except CardDeclined as declined:
-        with transaction.atomic(using=DB):
-            saga_lock(using=DB, saga_id=saga_id)
-            _attempt_finish(attempt_id, Outcome.DECLINED, declined.code)
-            if (done := processed_result(ProcessedKey, do_key)) is not None:
-                raise _declined(done) from None  # a concurrent copy of this message recorded it
-            Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
-                status=Payment.Status.DECLINED, decline_code=declined.code
-            )
-            result = {"payment_id": str(payment_id), "status": Payment.Status.DECLINED, "decline_code": declined.code}
-            processed_record(ProcessedKey, do_key, result)
-        raise _declined(result) from None
-    except ChargeVoided as voided:
-        _attempt_finish(attempt_id, Outcome.VOIDED, str(voided))
-        raise StepRefused(f"saga {saga_id}: its compensation voided the charge first; nothing was charged") from None
-    except BaseException as error:
-        # Only this attempt is over, and only if the provider cannot still complete it: a
-        # racing copy's attempt stays in flight, and so does a call that timed out.
-        if isinstance(error, CircuitOpen):
-            outcome = Outcome.NOT_SENT
-        elif isinstance(error, ProviderError):
-            outcome = Outcome.FAILED
-        else:
-            outcome = Outcome.UNKNOWN
-        _attempt_finish(attempt_id, outcome, f"{type(error).__name__}: {error}")
-        raise
 
-    with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
-        saga_lock(using=DB, saga_id=saga_id)
-        _attempt_finish(attempt_id, Outcome.SUCCEEDED, charge.charge_id)
-        result = {"payment_id": str(payment_id), "status": Payment.Status.CAPTURED}
-        # Still pending: ours to capture. Otherwise a concurrent copy of this message got
-        # the same answer and recorded it, or the refund settled the payment meanwhile.
-        captured = Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
-            status=Payment.Status.CAPTURED, provider_charge_id=charge.charge_id, updated_at=timezone.now()
+def begun_key(saga_id: uuid.UUID | str) -> str:
+    """The key a charge's first copy and a refund both insert first (`_begin_first`)."""
+    return f"{saga_id}:{STEP}:begun"
+
+
+def _settle_first(
+    attempt_id: uuid.UUID, payment_id: uuid.UUID, outcome: str, detail: str, *, do_key: str, result: dict[str, Any]
+) -> bool:
+    """Record this attempt's outcome and, if the payment is still pending, settle it
+    (captured, or declined) with its key, in one statement. False if the payment was no
+    longer pending (a copy or the refund settled it): the caller finds out which under
+    the saga lock. One statement, so a refund (which locks the payment row) sees the
+    attempt in flight and the payment pending, or both settled."""
+    status = Payment.Status.CAPTURED if outcome == Outcome.SUCCEEDED else Payment.Status.DECLINED
+    with connections[DB].cursor() as cursor:
+        cursor.execute(
+            f"WITH a AS (UPDATE {ATTEMPT} SET outcome = %s, error = %s, finished_at = now() WHERE id = %s), "
+            f"s AS (UPDATE {PAYMENT} SET status = %s, provider_charge_id = %s, decline_code = %s, updated_at = now() "
+            "WHERE id = %s AND status = %s RETURNING id), "
+            f"k AS (INSERT INTO {PROCESSED_KEY} (key, result, created_at) SELECT %s, %s::jsonb, now() FROM s "
+            "ON CONFLICT (key) DO NOTHING) "
+            "SELECT count(*) FROM s",
+            [
+                outcome,
+                detail[:255],
+                attempt_id,
+                status,
+                detail if status == Payment.Status.CAPTURED else "",
+                "" if status == Payment.Status.CAPTURED else detail,
+                payment_id,
+                Payment.Status.PENDING,
+                do_key,
+                json.dumps(result),
+            ],
         )
-        if captured:
-            processed_record(ProcessedKey, do_key, result)
-            return result
-        if (done := processed_result(ProcessedKey, do_key)) is not None:
-            return done
-        payment = Payment.objects.get(pk=payment_id)
-        if payment.status != Payment.Status.VOIDED:
-            # The refund's `void_charge` found this very charge: it refunds it.
-            raise StepRefused(f"saga {saga_id}: its compensation settled the charge ({payment.status}); refunding")
-        # The refund voided the key at the provider, yet the provider charged it: an adapter
-        # whose `void_charge` broke its contract. Record the money and give it back.
-        logger.error("saga %s: charge %s completed after it was voided; refunding it", saga_id, charge.charge_id)
-        payment.status, payment.provider_charge_id = Payment.Status.REFUNDING, charge.charge_id
-        payment.save(update_fields=["status", "provider_charge_id", "updated_at"])
-    _refund_at_provider(payment)
-    raise StepRefused(f"saga {saga_id}: charge completed after its compensation voided it; refunded")
+        return bool(cursor.fetchone()[0])
 
 
 def _attempt_finish(attempt_id: uuid.UUID, outcome: str, detail: str = "") -> None:
@@ -201,6 +328,10 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
             saga_lock(using=DB, saga_id=saga_id)
             if (done := processed_result(ProcessedKey, undo_key)) is not None:
                 return done
+            # First, the key a charge's first copy inserts without the saga lock: one that
+            # is committing now is waited for, and its payment is read below; one that
+            # comes later finds the key taken and decides under the saga lock.
+            processed_record(ProcessedKey, begun_key(saga_id), {"refund": "first"}, if_new=True)
             payment = Payment.objects.select_for_update().filter(saga_id=saga_id).first()
             if payment is None or payment.status in (Payment.Status.DECLINED, Payment.Status.VOIDED):
                 result = {"refund": None, "reason": "nothing was charged"}

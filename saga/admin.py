@@ -25,6 +25,7 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from common.admin_links import order_notifications_link, order_payments_link
+from common.admin_mixins import ReadOnlyAdminMixin
 
 from . import services
 from .definition import registered_versions
@@ -34,19 +35,6 @@ from .selectors import failure_fingerprint_counts, saga_version_counts, sagas_wi
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
 PREVIEW_ROWS = 100
-
-
-class ReadOnlyAdminMixin:
-    """Records only the saga may change: visible to operators, never edited by hand."""
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 class SagaPartInline(ReadOnlyAdminMixin):
@@ -125,7 +113,7 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
     ordering = ["-phase", "position"]
     template = "admin/saga/sagainstance/compact_inline.html"
     verbose_name_plural = "timeline: steps, then compensations"
-    fields = [
+    fields = readonly_fields = (
         "phase",
         "name",
         "state",
@@ -140,8 +128,7 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
         "worker",
         "task_link",
         "last_error",
-    ]
-    readonly_fields = fields
+    )
     live: dict[str, tuple[str, str]]
 
     def get_formset(self, request: HttpRequest, obj: SagaInstance | None = None, **kwargs: Any) -> Any:
@@ -191,8 +178,7 @@ class SagaAuditEntryInline(SagaPartInline, admin.TabularInline):
     can_delete = False
     template = "admin/saga/sagainstance/compact_inline.html"
     verbose_name_plural = "operator actions (audit)"
-    fields = ["when", "username", "action", "outcome", "status_before", "status_after", "detail"]
-    readonly_fields = fields
+    fields = readonly_fields = ("when", "username", "action", "outcome", "status_before", "status_after", "detail")
 
     @admin.display(description="when")
     def when(self, entry: SagaAuditEntry) -> str:
@@ -209,9 +195,9 @@ class FailureFingerprintFilter(admin.SimpleListFilter):
         return [(fingerprint, f"{fingerprint} ({n})") for fingerprint, n in failure_fingerprint_counts()[:50]]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if not self.value():
+        if not (fingerprint := self.value()):
             return queryset
-        return queryset.filter(pk__in=sagas_with_fingerprints([self.value()]).values("pk"))
+        return queryset.filter(pk__in=sagas_with_fingerprints([fingerprint]).values("pk"))
 
 
 class DefinitionVersionFilter(admin.SimpleListFilter):
@@ -231,9 +217,10 @@ class DefinitionVersionFilter(admin.SimpleListFilter):
         ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if not self.value():
+        value = self.value()
+        if not value:
             return queryset
-        name, _, version = self.value().rpartition(":")
+        name, _, version = value.rpartition(":")
         if not version.isdigit():
             return queryset.none()
         return queryset.filter(definition=name, definition_version=int(version))
@@ -277,7 +264,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         ("Times", {"fields": ["created_at", "updated_at", "finished_at"]}),
         ("Context (what every step receives)", {"fields": ["context"], "classes": ["collapse"]}),
     ]
-    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+    readonly_fields = [str(field) for _, options in fieldsets for field in options["fields"]]
 
     def has_view_permission(self, request, obj=None) -> bool:
         return super().has_view_permission(request, obj) or request.user.has_perm("saga.change_sagainstance")
@@ -491,7 +478,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             # Posted back to the changelist (its filters are in the URL), as delete_selected
             # does; with "select all", a few ids and select_across stand for the whole selection.
             select_across = request.POST.get("select_across") == "1"
-            ids = [] if selected is None else selected.values_list("pk", flat=True)
+            ids: QuerySet | list[Any] = [] if selected is None else selected.values_list("pk", flat=True)
             hidden = [("action", action), ("select_across", "1" if select_across else "0")]
             hidden += [(helpers.ACTION_CHECKBOX_NAME, pk) for pk in (ids[:PREVIEW_ROWS] if select_across else ids)]
         context = {

@@ -10,13 +10,15 @@ Each step signature carries
   exception (and the failed step's arguments) from the result backend: the same
   behaviour in every topology.
 
-Only the chain's last step has a `link` -> `saga.step_succeeded`. The steps before it
-report nothing on their own: each appends its timing to the context it passes on
-(`_steps`, common.steps), so the last step's report carries the whole chain's timeline.
-One report per chain instead of one per step is what keeps the saga's bookkeeping near
-the cost of a bare chain (BENCHMARKS.md). The pivot records the steps before it in its
-own transaction (saga.services.saga_pivot_commit), so the store never lags a confirmed
-order.
+No step reports its success with a message of its own. Each appends its timing to the
+context it passes on (`_steps`, common.steps); the chain's last step alone (its `record`
+keyword) returns the chain's record and stores it (`ignore_result=False` on its
+signature; every other task ignores results): its output and timeline, sealed, with ids only. The
+coordinator drains those records from the result backend in batches
+(saga.services.saga_reports_drain, each sweep) instead of running a Celery task per
+report: a report costs the last step one insert, not a message, a task and its events
+(BENCHMARKS.md). The pivot records the steps before it in its own transaction
+(saga.services.saga_pivot_commit), so the store never lags a confirmed order.
 
 Each step's message carries the coordinator's authority for that step (common.signing):
 its saga, step, task, phase and generation, the digest of the context the chain starts
@@ -32,10 +34,12 @@ from celery import Signature, chain
 from kombu.utils import json
 
 from common.signing import AUTHORITY_KWARG, authority_mint
+from common.steps import RECORD_KWARG
 from orders_project.celery import app
 
 from .definition import Step
 
+# Still registered for success reports published before reports were drained.
 STEP_SUCCEEDED_TASK = "saga.step_succeeded"
 STEP_FAILED_TASK = "saga.step_failed"
 
@@ -63,8 +67,8 @@ def step_signature(
     report: bool = True,
 ) -> Signature:
     """One step's signature, with its authority for a chain starting from `context` in
-    which it follows the step `after` ("" for the first); with `report`, its success is
-    reported to the coordinator."""
+    which it follows the step `after` ("" for the first); with `report`, it stores its
+    result (the chain's record) for the coordinator to drain."""
     callback_kwargs = {"saga_id": str(saga_id), "step": step.name}
     authority = authority_mint(
         saga_id=saga_id,
@@ -75,7 +79,8 @@ def step_signature(
         context=context,
         after=after,
     )
-    sig = app.signature(step.task, kwargs={**step.kwargs, AUTHORITY_KWARG: authority})
+    kwargs = {**step.kwargs, AUTHORITY_KWARG: authority, **({RECORD_KWARG: True} if report else {})}
+    sig = app.signature(step.task, kwargs=kwargs)
     # Flower, task events, the worker logs and stored failures show these instead of the
     # saga context and the authority: no customer's email or card token there, nothing
     # that could be sent again, and no repr of the context on every publish (a few % of a
@@ -86,10 +91,7 @@ def step_signature(
         kwargsrepr=f"{{'{AUTHORITY_KWARG}': <{phase} step {step.name} g{generation}>}}",
     )
     if report:
-        report_sig = app.signature(STEP_SUCCEEDED_TASK, kwargs=callback_kwargs)
-        # It is called with this step's result: the whole context.
-        report_sig.set(argsrepr=f"(<saga {saga_id} {step.name} result>,)")
-        sig.link(report_sig)
+        sig.set(ignore_result=False)
     sig.link_error(app.signature(STEP_FAILED_TASK, kwargs=callback_kwargs))
     return sig
 

@@ -122,7 +122,8 @@ def queue_heads(queues: Iterable[str]) -> dict[str, float]:
     heads: dict[str, float] = {}
     try:
         with app.connection_for_read() as connection:
-            channel = connection.default_channel
+            # The transport's own channel (redis or amqp): its internals are untyped.
+            channel: Any = connection.default_channel
             if is_redis():
                 # kombu pushes on the left and workers pop from the right: -1 is the oldest.
                 pipe = channel.client.pipeline(transaction=False)
@@ -237,7 +238,7 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
     now = now or time.time()
     done = {"restored": 0, "suspected": 0}
     with app.connection_for_write() as connection:
-        channel = connection.default_channel
+        channel: Any = connection.default_channel
         client = channel.client
         old = client.zrange(
             channel.unacked_index_key, now - settings.SAGA_ORPHAN_GRACE, 0, desc=True, byscore=True, withscores=False

@@ -23,6 +23,9 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.module_loading import import_string
 
+from common.db import insert_together
+from common.exceptions import InvalidMessage
+from common.signing import seal_verify
 from common.steps import MAX_TIMELINE
 from orders_project.celery import app
 
@@ -35,6 +38,7 @@ from .tracing import saga_trace_context, trace_carrier, trace_id_of
 logger = logging.getLogger(__name__)
 
 DB = "orders"
+RESULTS_DB = "default"  # the result backend (django-celery-results)
 OUTCOME_FAILED = "failed"
 OUTCOME_CANCELLED = "cancelled"
 
@@ -96,9 +100,19 @@ def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapp
     created the order, so an order never exists without its saga (and the chain is never
     published for an order that rolled back).
     """
+    saga = saga_new(definition=definition, order_id=order_id, context=context)
+    insert_together(DB, [saga], saga._prefetched_objects_cache["steps"])
+    saga_publish(saga)
+    return saga
+
+
+def saga_new(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapping[str, Any]) -> SagaInstance:
+    """A new saga of `definition` for `order_id` and its forward steps, not yet written: the
+    caller writes them (with its order, in one statement: common.db.insert_together), then
+    calls `saga_publish`. The steps are in the saga's `steps` prefetch cache."""
     saga_id = uuid.uuid4()
     now = timezone.now()
-    saga = SagaInstance.objects.using(DB).create(
+    saga = SagaInstance(
         id=saga_id,
         definition=definition.name,
         # Pinned: every later step, compensation and retry of this saga uses this version.
@@ -117,10 +131,14 @@ def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapp
     ]
     deadline = _segment_deadline(definition, definition.steps, 0)
     _mark_running(steps[0], deadline_seconds=deadline, now=now, generation=saga.generation, saga_id=saga.id)
-    SagaStep.objects.using(DB).bulk_create(steps)
     saga._prefetched_objects_cache = {"steps": steps}
-    _publish_on_commit(definition.steps, saga)
     return saga
+
+
+def saga_publish(saga: SagaInstance) -> None:
+    """Publish a new saga's forward chain once the `orders` transaction that wrote it
+    commits (at once, if none is open: the statement that wrote it has committed)."""
+    _publish_on_commit(get_definition(saga.definition, saga.definition_version).steps, saga)
 
 
 def _lock_saga(saga_id: uuid.UUID | str) -> SagaInstance | None:
@@ -152,31 +170,93 @@ STEP_FIELDS = ["status", "queued_at", "started_at", "finished_at", "deadline_at"
 
 
 def _save_steps(rows: Iterable[SagaStep]) -> None:
-    """Write the timeline fields of `rows` in one statement (UPDATE ... FROM VALUES).
+    """Write the timeline fields of `rows` in one statement. Precondition: the saga's row
+    lock is held."""
+    _save(None, rows)
 
-    Django's bulk_update builds a CASE expression per field and row, which cost the saga
-    worker more CPU than the query itself (BENCHMARKS.md). Precondition: the saga's row
-    lock is held.
+
+def _save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:
+    """Write the timeline fields of the steps `rows` (UPDATE ... FROM VALUES) and the
+    saga's `fields` (all of them by default; `updated_at` always), in one statement.
+
+    Django's bulk_update builds a CASE expression per field and row, and a save per model
+    is a statement each: on the coordinator's every record that cost more CPU than the
+    queries (BENCHMARKS.md). Precondition: the saga's row lock is held.
     """
     rows = list(rows)
-    if not rows:
-        return
-    table = connections[DB].ops.quote_name(SagaStep._meta.db_table)
-    row_sql = "(%s::bigint, %s, " + "%s::timestamptz, " * 4 + "%s::integer, %s, %s::jsonb, %s)"
-    params: list[Any] = []
-    for row in rows:
-        params += [row.pk, row.status, row.queued_at, row.started_at, row.finished_at, row.deadline_at]
-        params += [row.attempts, row.worker, json.dumps(row.result or {}), row.celery_task_id]
-    with connections[DB].cursor() as cursor:
-        cursor.execute(
+    connection = connections[DB]
+    sql, params = [], []
+    if rows:
+        table = connection.ops.quote_name(SagaStep._meta.db_table)
+        row_sql = "(%s::bigint, %s, " + "%s::timestamptz, " * 4 + "%s::integer, %s, %s::jsonb, %s)"
+        for row in rows:
+            params += [row.pk, row.status, row.queued_at, row.started_at, row.finished_at, row.deadline_at]
+            params += [row.attempts, row.worker, json.dumps(row.result or {}), row.celery_task_id]
+        sql.append(
             f"UPDATE {table} AS s SET status = v.status, queued_at = v.queued_at, started_at = v.started_at, "
             "finished_at = v.finished_at, deadline_at = v.deadline_at, attempts = v.attempts, worker = v.worker, "
             "result = v.result, celery_task_id = v.celery_task_id "
             f"FROM (VALUES {', '.join([row_sql] * len(rows))}) "
             "AS v(id, status, queued_at, started_at, finished_at, deadline_at, attempts, worker, result, "
-            "celery_task_id) WHERE s.id = v.id",
-            params,
+            "celery_task_id) WHERE s.id = v.id"
         )
+    if saga is not None:
+        wanted = None if fields is None else {*fields, "updated_at"}
+        columns = [
+            f for f in SagaInstance._meta.concrete_fields if not f.primary_key and (wanted is None or f.name in wanted)
+        ]
+        values = [f.get_db_prep_save(f.pre_save(saga, add=False), connection) for f in columns]
+        table = connection.ops.quote_name(SagaInstance._meta.db_table)
+        assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in columns)
+        sql.append(f"UPDATE {table} SET {assignments} WHERE id = %s")
+        params += [*values, saga.pk]
+    if not sql:
+        return
+    statement = sql[0] if len(sql) == 1 else f"WITH steps AS ({sql[0]}) {sql[1]}"
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+
+
+def _lock_saga_with_steps(
+    saga_id: uuid.UUID | str, *, phase: str | None = None
+) -> tuple[SagaInstance | None, dict[str, SagaStep]]:
+    """The saga, locked (FOR UPDATE), and its steps (of `phase`, or all) by name: one
+    statement where the ORM takes two. Precondition: inside `transaction.atomic(using="orders")`."""
+    connection = connections[DB]
+    quote = connection.ops.quote_name
+    saga_fields, step_fields = SagaInstance._meta.concrete_fields, SagaStep._meta.concrete_fields
+    columns = [f"s.{quote(f.column)}" for f in saga_fields] + [f"t.{quote(f.column)}" for f in step_fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join(columns)} FROM {quote(SagaInstance._meta.db_table)} AS s "
+            f"LEFT JOIN {quote(SagaStep._meta.db_table)} AS t ON t.saga_id = s.id"
+            + (" AND t.phase = %s" if phase else "")
+            + " WHERE s.id = %s ORDER BY t.phase, t.position FOR UPDATE OF s",
+            [*([phase] if phase else []), saga_id],
+        )
+        rows = cursor.fetchall()
+    if not rows:
+        return None, {}
+    split = len(saga_fields)
+    saga = _from_row(SagaInstance, saga_fields, rows[0][:split], connection)
+    steps = {}
+    for row in rows:
+        if row[split] is not None:
+            step = _from_row(SagaStep, step_fields, row[split:], connection)
+            step._state.fields_cache["saga"] = saga
+            steps[step.name] = step
+    if phase is None:
+        saga._prefetched_objects_cache = {"steps": list(steps.values())}
+    return saga, steps
+
+
+def _from_row(model: Any, fields: Any, values: Any, connection: Any) -> Any:
+    """A model instance from its columns, as the ORM would have read it (JSON decoded)."""
+    converted = [
+        f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
+        for f, v in zip(fields, values, strict=True)
+    ]
+    return model.from_db(DB, [f.attname for f in fields], converted)
 
 
 def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline: Any) -> list[SagaStep]:
@@ -217,6 +297,72 @@ def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline
     return list(changed.values())
 
 
+def report_verified(result: Any, saga_id: uuid.UUID | str, step: str) -> dict[str, Any]:
+    """A chain's record as the step that produced it sealed it; InvalidMessage otherwise.
+
+    A report carries the step's output, sealed by that step (common.signing). A forged one
+    (unsealed, altered, another saga's or another step's) would move a saga past a step
+    that never ran: whoever can write the broker or the result backend must not do that.
+    """
+    if not isinstance(result, dict):
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report carries no step output")
+    sealed_by = seal_verify(result)
+    if result.get("saga_id") != str(saga_id) or sealed_by.saga_id != str(saga_id):
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report is for another saga")
+    if sealed_by.step != step:
+        raise InvalidMessage(f"step {step} of saga {saga_id}: the success report is the output of {sealed_by.step}")
+    return result
+
+
+def saga_reports_drain() -> int:
+    """Record every chain whose last step has committed; the number recorded.
+
+    A chain's last step stores its result, the chain's sealed record, in the result
+    backend (saga.engine); nothing else stores a success there. One read finds the
+    records of every active saga's chains (any generation: a superseded chain's record is
+    a duplicate the store ignores), each is recorded as a success report in its saga's own
+    transaction, and the drained rows are deleted after. Safe to run concurrently and
+    again after a crash between the two: recording a report twice changes nothing.
+    """
+    from django_celery_results.models import TaskResult
+
+    wanted: dict[str, tuple[SagaInstance, str]] = {}
+    for saga in (
+        SagaInstance.objects.using(DB)
+        .filter(status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
+        .only("id", "definition", "definition_version", "generation", "trace_context")
+    ):
+        definition = get_definition(saga.definition, saga.definition_version)
+        for phase in (StepPhase.FORWARD, StepPhase.COMPENSATION):
+            plan = _phase_plan(definition, phase)
+            if plan:
+                for generation in range(saga.generation + 1):
+                    wanted[task_id_for(saga.id, plan[-1].name, generation)] = (saga, plan[-1].name)
+    if not wanted:
+        return 0
+    rows = list(
+        TaskResult.objects.using(RESULTS_DB)
+        .filter(task_id__in=list(wanted), status="SUCCESS")
+        .values_list("task_id", "result")
+    )
+    for task_id, stored in rows:
+        saga, step_name = wanted[task_id]
+        try:
+            report = report_verified(json.loads(stored), saga.id, step_name)
+        except (InvalidMessage, ValueError, TypeError) as error:
+            logger.error("saga %s: the stored record of %s is not its step's: %s; dropped", saga.id, task_id, error)
+            continue
+        with saga_trace_context(saga.trace_context, why="saga.record"):
+            saga_step_succeeded(saga_id=saga.id, step_name=step_name, result=report)
+    if rows:
+        with connections[RESULTS_DB].cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'",
+                [[task_id for task_id, _ in rows]],
+            )
+    return len(rows)
+
+
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:
     """Record that a chain's reporting step committed, with the timeline of the steps
     before it, and move the saga to its next step or its end.
@@ -227,11 +373,10 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
     result = dict(result or {})
     timeline = result.pop("_steps", None)
     with transaction.atomic(using=DB):
-        saga = _lock_saga(saga_id)
+        saga, steps = _lock_saga_with_steps(saga_id)
         if saga is None:
             logger.error("step %s succeeded for unknown saga %s; ignored", step_name, saga_id)
             return
-        steps = {s.name: s for s in saga.steps.all()}
         step = steps.get(step_name)
         if step is None:
             logger.error("saga %s has no step %s; success report ignored", saga_id, step_name)
@@ -269,7 +414,8 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
                 # succeeded without its attempt and times: its outcome was not recorded.
                 saga.status = finished
                 saga.current_step = ""
-                saga.finished_at = now
+                # When it ended, not when the store heard of it (reports are drained).
+                saga.finished_at = step.finished_at or now
                 for earlier in steps.values():
                     if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
                         earlier.status, earlier.deadline_at = StepStatus.UNKNOWN, None
@@ -290,9 +436,7 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
                     )
                     saga.current_step = nxt.name
                     changed[nxt_row.name] = nxt_row
-        if changed:
-            _save_steps(changed.values())
-        saga.save(using=DB)
+        _save(saga, changed.values())
 
 
 @dataclass(frozen=True)
@@ -472,7 +616,7 @@ def saga_pivot_commit(
     pivot and this record commit together. Takes the saga's row lock: the coordinator's
     decision to compensate takes it too, so exactly one of the two wins.
     """
-    saga = _lock_saga(saga_id)
+    saga, steps = _lock_saga_with_steps(saga_id, phase=StepPhase.FORWARD)
     if saga is None or str(saga.order_id) != str(order_id) or saga.status != SagaStatus.RUNNING:
         return False
     if saga.pivot_committed_at is not None:
@@ -480,7 +624,6 @@ def saga_pivot_commit(
     now = timezone.now()
     saga.pivot_committed_at = now
     definition = get_definition(saga.definition, saga.definition_version)
-    steps = {s.name: s for s in saga.steps.filter(phase=StepPhase.FORWARD)}
     changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
     saga.context = {**saga.context, **dict(output or {})}
     pivot = steps.get(definition.pivot)
@@ -510,9 +653,7 @@ def saga_pivot_commit(
                 nxt.queued_at = now
                 saga.current_step = nxt.name
                 changed[nxt.name] = nxt
-    if changed:
-        _save_steps(changed.values())
-    saga.save(using=DB, update_fields=["pivot_committed_at", "current_step", "context", "updated_at"])
+    _save(saga, changed.values(), fields=["pivot_committed_at", "current_step", "context"])
     return True
 
 
@@ -673,6 +814,9 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         done.update(recovery.orphans_restore())
     except Exception:  # the watchdog must never stop the sweep
         logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+    # Before looking for stalled steps: a chain whose record waits here is not stalled.
+    if recorded := saga_reports_drain():
+        done["recorded"] += recorded
     stalled = list(
         SagaStep.objects.using(DB)
         .filter(status=StepStatus.RUNNING, deadline_at__lt=now)

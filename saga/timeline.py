@@ -36,4 +36,7 @@ def attach_failure_timeline(sender: Any = None, headers: dict[str, Any] | None =
     steps = args[0].get("_steps")
     if isinstance(steps, list):
         headers[TIMELINE_HEADER] = [meta for meta in steps[-MAX_ENTRIES:] if isinstance(meta, dict)]
-    headers[ATTEMPT_HEADER] = {"attempt": (getattr(request, "retries", 0) or 0) + 1, "worker": request.hostname or ""}
+    headers[ATTEMPT_HEADER] = {
+        "attempt": (getattr(request, "retries", 0) or 0) + 1,
+        "worker": getattr(request, "hostname", None) or "",
+    }

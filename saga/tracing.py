@@ -100,7 +100,7 @@ def adopt_saga_trace(task: Any = None, kwargs: Mapping[str, Any] | None = None, 
         return
     saga_id = (kwargs or {}).get("saga_id")
     try:
-        row = SagaInstance.objects.filter(id=saga_id).values_list("order_id", "trace_context").first()
+        row = SagaInstance.objects.filter(id=saga_id).values_list("order_id", "trace_context").first()  # type: ignore[misc]
     except Exception:  # a malformed id: the task itself rejects it
         return
     if row is None:

@@ -1,7 +1,7 @@
 """Schemathesis checks of our own: load with SCHEMATHESIS_HOOKS=tests/fuzz_checks.py.
 
-`st run ... --checks all` then also runs `no_internals_leak` on every response (README
-"Security": the short run in tests/test_security.py, the long one in the README).
+`st run ... --checks all` then also runs `no_internals_leak` on every response
+(docs/SECURITY.md: the short run in tests/test_security.py, the long one there).
 """
 
 import re

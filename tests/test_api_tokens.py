@@ -1,4 +1,4 @@
-"""API tokens at rest (README "Security"): the database holds nothing that logs in, and a
+"""API tokens at rest (docs/SECURITY.md): the database holds nothing that logs in, and a
 token can be revoked and expires. Through the HTTP API, as a client uses it."""
 
 import uuid

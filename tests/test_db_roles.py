@@ -1,4 +1,4 @@
-"""Least authority in the databases (README "Security"): owners migrate, and each process runs
+"""Least authority in the databases (docs/SECURITY.md): owners migrate, and each process runs
 as a role that may do only its job. Every claim is checked by PostgreSQL itself, under the
 settings each Procfile process really gets (its command's environment prefix), so what is
 tested is what `make run` and the test topology run. That each process can still do its job

@@ -1,4 +1,4 @@
-"""Least authority for logins (issue 12, README "Security"): what a customer is told of a
+"""Least authority for logins (issue 12, docs/SECURITY.md): what a customer is told of a
 failure, and settings and Flower that are safe unless make run's local mode relaxes them.
 
 (Which records a staff login may read or stop through the API: tests/test_api.py.)

@@ -9,7 +9,7 @@ from common.api import ORDER_FILTER, error_responses, order_filter
 from ..models import Notification
 from ..selectors import notification_list
 
-# Needed to read other customers' records (README "Security").
+# Needed to read other customers' records (docs/SECURITY.md).
 VIEW_NOTIFICATIONS = "notifications.view_notification"
 
 

@@ -1,5 +1,7 @@
 import re
 import uuid
+from collections.abc import Iterable
+from typing import Any
 
 from django.http import Http404
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
@@ -17,6 +19,7 @@ from saga.models import SagaAuditEntry, SagaInstance
 from .. import selectors, services
 from ..exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
 from ..models import Order
+from .render import order_body
 from .serializers import OrderCreateInput, OrderOutput
 
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-:.]{1,255}$")
@@ -30,15 +33,17 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 )
 ORDER_ID = OpenApiParameter("order_id", type=uuid.UUID, location=OpenApiParameter.PATH)
 # Reading other customers' orders, and stopping them: the admin's own permissions
-# (README "Security"). Staff without them are customers here.
+# (docs/SECURITY.md). Staff without them are customers here.
 VIEW_ORDERS = "orders.view_order"
 COMPENSATE_SAGA = "saga.compensate_saga"
 
 
-def render_orders(orders: list[Order], sagas: list[SagaInstance] | None = None) -> list[dict]:
+def render_orders(orders: list[Order], sagas: Iterable[SagaInstance] | None = None) -> Any:
+    """The orders' API bodies, in order (a list)."""
     if sagas is None:
         sagas = SagaInstance.objects.filter(order_id__in=[o.id for o in orders]).prefetch_related("steps")
-    return OrderOutput(orders, many=True, context={"sagas": {s.order_id: s for s in sagas}}).data
+    by_order = {s.order_id: s for s in sagas}
+    return [order_body(order, by_order.get(order.id)) for order in orders]
 
 
 def render_order(order: Order) -> dict:
@@ -79,7 +84,7 @@ class OrderListCreateApi(GenericAPIView):
         user_id = visible_user_id(request, permission=VIEW_ORDERS)
         orders = selectors.order_list(user_id=user_id).prefetch_related("lines")
         page = self.paginate_queryset(orders)
-        return self.get_paginated_response(render_orders(list(page)))
+        return self.get_paginated_response(render_orders(list(page or [])))
 
     @extend_schema(
         operation_id="orders_create",
@@ -122,7 +127,7 @@ class OrderListCreateApi(GenericAPIView):
         data = serializer.validated_data
         try:
             order, created = services.order_place(
-                user_id=request.user.id,
+                user_id=request.user.id,  # type: ignore[arg-type]  # authenticated: IsAuthenticated
                 email=data["email"],
                 phone=data["phone"],
                 items=[services.OrderItem(sku=i["sku"], quantity=i["quantity"]) for i in data["items"]],
@@ -144,10 +149,10 @@ class OrderListCreateApi(GenericAPIView):
         headers = {"Location": f"/api/orders/{order.id}/"}
         if created:
             # As written by order_place, with its lines and saga: nothing to read back.
-            body = render_orders([order], sagas=[order.placed_saga])[0]
+            body = render_orders([order], sagas=[order.placed_saga])[0]  # type: ignore[attr-defined]
         else:
             headers["Idempotent-Replayed"] = "true"
-            body = render_order(selectors.order_get(order_id=order.id, user_id=None))
+            body = render_order(selectors.order_get(order_id=order.id, user_id=None))  # type: ignore[arg-type]
         return Response(body, status=status.HTTP_202_ACCEPTED, headers=headers)
 
 

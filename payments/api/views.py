@@ -9,7 +9,7 @@ from common.api import ORDER_FILTER, error_responses, order_filter
 from ..models import Payment
 from ..selectors import payment_list
 
-# Needed to read other customers' records (README "Security").
+# Needed to read other customers' records (docs/SECURITY.md).
 VIEW_PAYMENTS = "payments.view_payment"
 
 

@@ -46,7 +46,9 @@ VOIDED = "voided"
 
 class FakeGateway:
     def charge(self, *, amount: Decimal, currency: str, token: str, idempotency_key: str) -> ChargeResult:
-        previous = FakeProviderOperation.objects.filter(idempotency_key=idempotency_key).first()
+        previous = self._charge_at_once(amount=amount, currency=currency, token=token, idempotency_key=idempotency_key)
+        if previous is None:
+            previous = FakeProviderOperation.objects.filter(idempotency_key=idempotency_key).first()
         if previous is None:
             attempt = self._count_attempt(idempotency_key)
             if token == UNAVAILABLE_TOKEN or (token == TRANSIENT_TOKEN and attempt <= TRANSIENT_FAILURES):
@@ -104,6 +106,47 @@ class FakeGateway:
             reference=f"vo_{uuid.uuid4().hex[:24]}",
         )
         return ChargeResult(charge_id=settled.reference) if settled.outcome == "succeeded" else None
+
+    @staticmethod
+    def _charge_at_once(
+        *, amount: Decimal, currency: str, token: str, idempotency_key: str
+    ) -> FakeProviderOperation | None:
+        """A charge whose outcome the token decides at once (succeed, decline), as one
+        statement: the attempt counted, the outcome recorded under the key, or the
+        outcome recorded there before returned. None for the tokens that behave over
+        time (slow, hanging, unavailable), and when a racing call's record is not
+        visible to this statement yet: the caller's general path reads it."""
+        if token in SLOW_TOKENS or token in (TRANSIENT_TOKEN, UNAVAILABLE_TOKEN, HANG_TOKEN):
+            return None
+        succeeded = token in SUCCEEDING_TOKENS
+        fields = {
+            "kind": "charge",
+            "amount": amount,
+            "currency": currency,
+            "outcome": "succeeded" if succeeded else "declined",
+            "code": "" if succeeded else DECLINING_TOKENS.get(token, "invalid_token"),
+            "reference": f"ch_{uuid.uuid4().hex[:24]}",
+            "token": token,
+            "charge_reference": "",
+        }
+        operations, attempts = FakeProviderOperation._meta.db_table, FakeProviderAttempt._meta.db_table
+        with connections[DB].cursor() as cursor:
+            cursor.execute(
+                f"WITH prev AS (SELECT * FROM {operations} WHERE idempotency_key = %s), "
+                f"counted AS (INSERT INTO {attempts} (idempotency_key, attempts) SELECT %s, 1 "
+                "WHERE NOT EXISTS (SELECT 1 FROM prev) "
+                f"ON CONFLICT (idempotency_key) DO UPDATE SET attempts = {attempts}.attempts + 1), "
+                f"new AS (INSERT INTO {operations} (idempotency_key, {', '.join(fields)}, created_at) "
+                f"SELECT %s, {', '.join(['%s'] * len(fields))}, now() WHERE NOT EXISTS (SELECT 1 FROM prev) "
+                "ON CONFLICT (idempotency_key) DO NOTHING RETURNING *) "
+                "SELECT * FROM new UNION ALL SELECT * FROM prev",
+                [idempotency_key, idempotency_key, idempotency_key, *fields.values()],
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            columns = [column.name for column in cursor.description]
+        return FakeProviderOperation.from_db(DB, columns, row)
 
     @staticmethod
     def _count_attempt(idempotency_key: str) -> int:

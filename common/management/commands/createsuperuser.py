@@ -21,19 +21,19 @@ from orders_project.security import PUBLIC_DEFAULT_MARKER
 class Command(createsuperuser.Command):
     help = f"{createsuperuser.Command.help} A password from DJANGO_SUPERUSER_PASSWORD must pass the validators."
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def handle(self, *args: Any, **options: Any) -> str | None:
         password = os.environ.get("DJANGO_SUPERUSER_PASSWORD")
         if not options["interactive"] and password:
             self._check_password(password, options)
         return super().handle(*args, **options)
 
     def _check_password(self, password: str, options: dict[str, Any]) -> None:
-        username_field = self.UserModel.USERNAME_FIELD
+        username_field = self.UserModel.USERNAME_FIELD  # type: ignore[attr-defined]  # every user model has it
         username = options.get(username_field) or os.environ.get(f"DJANGO_SUPERUSER_{username_field.upper()}", "")
         email = options.get("email") or os.environ.get("DJANGO_SUPERUSER_EMAIL", "")
         candidate = self.UserModel(**{username_field: username, "email": email})
         try:
-            validate_password(password, user=candidate)
+            validate_password(password, user=candidate)  # type: ignore[arg-type]
         except ValidationError as error:
             raise CommandError(f"DJANGO_SUPERUSER_PASSWORD is refused: {' '.join(error.messages)}") from None
         if not settings.DEBUG and PUBLIC_DEFAULT_MARKER.search(password):

@@ -2,7 +2,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError
 
-from saga.audit import audit
+from audit.invariants import audit
 
 
 class Command(BaseCommand):

@@ -1,7 +1,10 @@
 """Cross-database invariants of the order saga, checked from the outside.
 
-Reads every service's database (this is an operator's tool, not a service) and returns
-one line per violation. `python manage.py saga_audit` prints them and exits non-zero.
+Reads every service's database and returns one line per violation. `python manage.py
+saga_audit` prints them and exits non-zero. This is an operator's tool, not a service: it
+is the one package allowed to import every service's models, which is why it lives here
+and not in the coordinator (`saga`), whose boundaries the import contracts check
+(pyproject.toml, [tool.importlinter]).
 """
 
 from collections import Counter, defaultdict
@@ -14,16 +17,16 @@ from inventory.models import Product, Reservation
 from notifications.models import Notification
 from orders.models import Order
 from payments.models import FakeProviderOperation, Payment, Refund
+from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 
-from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
-
-FINAL_ORDER = {Order.Status.CONFIRMED, Order.Status.FAILED, Order.Status.CANCELLED}
-OUTCOME_KIND = {
+# Keyed by the status strings the rows hold.
+FINAL_ORDER: set[str] = {Order.Status.CONFIRMED, Order.Status.FAILED, Order.Status.CANCELLED}
+OUTCOME_KIND: dict[str, str] = {
     Order.Status.CONFIRMED: Notification.Kind.ORDER_CONFIRMED,
     Order.Status.FAILED: Notification.Kind.ORDER_FAILED,
     Order.Status.CANCELLED: Notification.Kind.ORDER_CANCELLED,
 }
-SAGA_FOR_ORDER = {
+SAGA_FOR_ORDER: dict[str, set[str]] = {
     Order.Status.CONFIRMED: {SagaStatus.COMPLETED},
     Order.Status.FAILED: {SagaStatus.COMPENSATED},
     Order.Status.CANCELLED: {SagaStatus.COMPENSATED},
@@ -65,8 +68,8 @@ def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = Non
         if product.reserved > product.on_hand:
             violations.append(f"product {product.sku}: available is negative ({product.on_hand - product.reserved})")
     for reservation in Reservation.objects.all():
-        order = orders.get(reservation.order_id)
-        status = order.status if order else None
+        owner = orders.get(reservation.order_id)
+        status = owner.status if owner else None
         if reservation.status == Reservation.Status.HELD and status in (Order.Status.FAILED, Order.Status.CANCELLED):
             violations.append(f"order {reservation.order_id}: is {status} but still holds {reservation.sku}")
         if reservation.status == Reservation.Status.RELEASED and status == Order.Status.CONFIRMED:
@@ -92,8 +95,8 @@ def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = Non
     for row in Payment.objects.values("order_id").annotate(n=Count("id")).filter(n__gt=1):
         violations.append(f"order {row['order_id']}: has {row['n']} payments")
     for payment in Payment.objects.all():
-        order = orders.get(payment.order_id)
-        status = order.status if order else None
+        payer = orders.get(payment.order_id)
+        status = payer.status if payer else None
         if status not in FINAL_ORDER:
             continue
         money_kept = provider_charges[str(payment.saga_id)] - provider_refunds[str(payment.saga_id)]
@@ -149,8 +152,8 @@ def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = Non
     blind = SagaStep.objects.filter(status=StepStatus.SUCCEEDED).filter(
         Q(attempts=0) | Q(started_at__isnull=True) | Q(finished_at__isnull=True)
     )
-    for saga_id, name in blind.values_list("saga_id", "name"):
-        violations.append(f"saga {saga_id}: {name} is shown succeeded without its attempt and times")
+    for blind_saga_id, name in blind.values_list("saga_id", "name"):
+        violations.append(f"saga {blind_saga_id}: {name} is shown succeeded without its attempt and times")
     for saga in sagas.values():
         if saga.status == SagaStatus.NEEDS_ATTENTION:
             violations.append(f"saga {saga.id}: needs attention")

@@ -1,0 +1,105 @@
+"""Each patch of a library's internals, against the library as installed.
+
+For each patch: the version it was written for is the one requirements.txt pins and the
+one installed (apply() refuses any other), and the upstream bug it works around is still
+there. When an upgrade brings the upstream fix, the last test fails: remove the patch
+(and this test) then.
+"""
+
+import re
+import threading
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from kombu.transport import redis as kombu_redis
+from opentelemetry import trace
+from opentelemetry.instrumentation.celery import CeleryInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from orders_project import kombu_fixes, telemetry
+
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
+
+
+def pinned(package: str) -> str:
+    match = re.search(rf"^{re.escape(package)}(\[[a-z,]+\])?==(\S+)$", REQUIREMENTS.read_text(), re.MULTILINE)
+    assert match, f"{package} is not pinned in requirements.txt"
+    return match[2]
+
+
+@pytest.mark.parametrize(
+    ("package", "patched"),
+    [
+        ("kombu", kombu_fixes.PATCHED_VERSION),
+        ("opentelemetry-instrumentation-celery", telemetry.PATCHED_CELERY_INSTRUMENTATION),
+    ],
+)
+def test_each_patch_is_for_the_pinned_and_installed_release(package: str, patched: str) -> None:
+    assert pinned(package) == metadata.version(package) == patched
+
+
+def test_the_kombu_patch_refuses_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kombu_fixes, "PATCHED_VERSION", "0.0.1")
+    with pytest.raises(RuntimeError, match="celery/kombu#582"):
+        kombu_fixes.apply()
+
+
+def _torn_down_channel() -> kombu_redis.Channel:
+    # A channel whose broker connection was torn down: kombu's Transport drops `client`.
+    channel = object.__new__(kombu_redis.Channel)
+    channel.connection = SimpleNamespace(client=None, default_port=6379)
+    return channel
+
+
+def test_the_kombu_patch_reports_a_torn_down_connection_as_a_connection_error() -> None:
+    with pytest.raises(RedisConnectionError):
+        kombu_fixes._connparams_of_a_live_connection(_torn_down_channel())
+
+
+def test_upstream_kombu_still_raises_attribute_error_on_a_torn_down_connection() -> None:
+    """celery/kombu#582. When this fails, kombu raises something it handles: remove
+    orders_project/kombu_fixes.py and this test."""
+    with pytest.raises(AttributeError, match="hostname"):
+        kombu_fixes.upstream_connparams(_torn_down_channel())
+
+
+def test_upstream_celery_instrumentation_still_ends_an_unregistered_tasks_publish_span_before_the_publish() -> None:
+    """open-telemetry/opentelemetry-python-contrib#609 and the anonymous-task support of
+    #1407: the publish span of a task the publishing process does not register (how this
+    system calls every other service) is kept by nothing, so it ends as the before-publish
+    hook returns, before the message is sent. When this fails, upstream keeps it until
+    after the publish: remove our publish hooks (orders_project.telemetry) and this test.
+
+    Run in a thread of its own, so that whatever context the hooks leave stays there.
+    """
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # The instrumentor is a process-wide singleton: call its hooks on a stand-in instead.
+    instrumentor = SimpleNamespace(_tracer=provider.get_tracer(__name__))
+    name = "upstream_probe.not_registered_here"
+    seen: dict[str, object] = {}
+
+    def publish() -> None:
+        headers = {"id": "probe-task-id", "task": name}
+        CeleryInstrumentor._trace_before_publish(instrumentor, sender=name, headers=headers, body=None)
+        # Here the message would be sent.
+        seen["ended_before_the_publish"] = [span.name for span in exporter.get_finished_spans()]
+        seen["traceparent"] = headers.get("traceparent")
+        CeleryInstrumentor._trace_after_publish(sender=name, headers=headers, body=None)
+        seen["current_after"] = trace.get_current_span()
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
+    assert seen["traceparent"]  # the message still carries the context
+    assert seen["ended_before_the_publish"] == [f"apply_async/{name}"]
+    assert len(exporter.get_finished_spans()) == 1
+    assert not seen["current_after"].get_span_context().is_valid  # type: ignore[attr-defined]
