@@ -15,10 +15,10 @@ from datetime import timedelta
 
 import pytest
 
+from audit.invariants import audit
 from devstack.topology import BASE_DIR, WORKERS, Topology, read_procfile, wait_for
 from orders.saga import PLACE_ORDER, PLACE_ORDER_V2
 from payments.models import Payment
-from saga.audit import audit
 from saga.models import SagaInstance
 
 from .api import Api, make_product, stock
