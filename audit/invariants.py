@@ -17,7 +17,7 @@ from inventory.models import Product, Reservation
 from notifications.models import Notification
 from orders.models import Order
 from payments.models import FakeProviderOperation, Payment, Refund
-from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
+from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 
 # Keyed by the status strings the rows hold.
 FINAL_ORDER: set[str] = {Order.Status.CONFIRMED, Order.Status.FAILED, Order.Status.CANCELLED}
@@ -136,14 +136,17 @@ def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = Non
     reserved_orders = set(Reservation.objects.values_list("order_id", flat=True))
     captured_sagas = {str(s) for s in provider_charges}
     by_id = {saga.id: saga for saga in sagas.values()}
-    succeeded = SagaStep.objects.filter(status=StepStatus.SUCCEEDED, name__in=["reserve_inventory", "charge_payment"])
+    # By task, not step name: a definition version may rename a step (saga.definition).
+    succeeded = SagaStep.objects.filter(
+        status=StepStatus.SUCCEEDED, phase=StepPhase.FORWARD, task_name__in=["inventory.reserve", "payments.charge"]
+    )
     for step in succeeded:
         saga = by_id.get(step.saga_id)
         if saga is None:
             continue
-        if step.name == "reserve_inventory" and saga.order_id not in reserved_orders:
+        if step.task_name == "inventory.reserve" and saga.order_id not in reserved_orders:
             violations.append(f"saga {saga.id}: log says stock was reserved, inventory has no reservation")
-        if step.name == "charge_payment" and str(saga.id) not in captured_sagas:
+        if step.task_name == "payments.charge" and str(saga.id) not in captured_sagas:
             violations.append(f"saga {saga.id}: log says it charged, the provider has no charge")
     # 6. The timeline tells the truth (issue 11): a step shown succeeded has its attempt and times.
     blind = SagaStep.objects.filter(status=StepStatus.SUCCEEDED).filter(

@@ -18,7 +18,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,19 @@ class Process:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(5)
 
+    def shutdown(self, timeout: float = 30) -> None:
+        """Stop as a deploy does: SIGTERM to the program only (a Celery worker's warm
+        shutdown finishes the tasks its pool holds; gunicorn finishes its requests), then
+        the whole group if it has not exited by `timeout`."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        # `bash -c <one command>` execs it: the pid is the program's own.
+        os.kill(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+
     def kill(self) -> None:
         """SIGKILL the whole process group: the main process and its pool children."""
         if self.popen is not None and self.popen.poll() is None:
@@ -203,6 +217,21 @@ class Topology:
             process.terminate()
         for process in self.processes.values():
             process.wait_stopped()
+
+    def stop_processes(self, names: Iterable[str]) -> None:
+        """Stop `names` at once, as a deploy does (Process.shutdown): each finishes what it
+        holds, none takes a new message meanwhile."""
+        with ThreadPoolExecutor() as pool:
+            list(pool.map(lambda name: self.processes[name].shutdown(), names))
+
+    def start_processes(self, names: Iterable[str], env: Mapping[str, str | None]) -> None:
+        """Start `names` again with `env` changed (None unsets a variable): a deploy of new
+        settings. Processes not named keep running on what they had."""
+        names = list(names)
+        self.env = {k: v for k, v in {**self.env, **env}.items() if v is not None}
+        for name in names:
+            self.processes[name].start(self.env)
+        self.wait_ready(names)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.processes.values())

@@ -1,7 +1,10 @@
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import Any
 
 from django.db.models import F, QuerySet
 
+from .exceptions import InsufficientStock, PriceChanged, UnknownProduct
 from .models import Product
 
 
@@ -12,3 +15,24 @@ def product_list() -> QuerySet[Product]:
 def product_prices(*, skus: Iterable[str]) -> dict[str, Product]:
     """The catalogue entries for `skus`, by SKU; unknown SKUs are simply absent."""
     return {p.sku: p for p in Product.objects.filter(sku__in=list(skus)).only("sku", "name", "price")}
+
+
+def stock_check(*, lines: Sequence[tuple[str, int, Decimal]]) -> dict[str, Any]:
+    """Whether every line `(sku, quantity, quoted unit price)` could be reserved now: the
+    SKU exists, enough is available, the price is still the quoted one. Raises the reserve
+    step's own failures (UnknownProduct, InsufficientStock, PriceChanged) otherwise.
+
+    The place-order saga's first step from version 2 (inventory.check_stock): it fails an
+    order before anything is held or locked. It only reads, so a repeated or late copy is
+    harmless; the reservation after it still decides, under its conditional UPDATE.
+    """
+    rows = Product.objects.filter(sku__in=[sku for sku, _, _ in lines]).only("sku", "on_hand", "reserved", "price")
+    found = {p.sku: p for p in rows}
+    if unknown := [sku for sku, _, _ in lines if sku not in found]:
+        raise UnknownProduct(f"unknown SKU(s): {', '.join(unknown)}")
+    if changed := [(sku, quoted, found[sku].price) for sku, _, quoted in lines if found[sku].price != quoted]:
+        moves = " and ".join(f"the price of {sku} changed from {quoted} to {now}" for sku, quoted, now in changed)
+        raise PriceChanged(f"price_changed: {moves} since you ordered; nothing was charged")
+    if short := [(sku, q) for sku, q, _ in lines if found[sku].on_hand - found[sku].reserved < q]:
+        raise InsufficientStock(f"not enough stock for {short[0][0]}: {short[0][1]} requested")
+    return {"checked": sorted(found)}

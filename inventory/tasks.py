@@ -4,7 +4,7 @@ from typing import Any
 from common.exceptions import InvalidMessage
 from common.steps import require_uuid, saga_step_task
 
-from . import services
+from . import selectors, services
 
 
 def _price(value: Any, field: str) -> Decimal:
@@ -45,3 +45,9 @@ def reserve(ctx: dict[str, Any]) -> dict[str, Any]:
 @saga_step_task("inventory.release", compensation=True, phase="compensation")
 def release(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.stock_release(saga_id=require_uuid(ctx, "saga_id"))
+
+
+@saga_step_task("inventory.check_stock", phase="forward")
+def check_stock(ctx: dict[str, Any]) -> dict[str, Any]:
+    """place_order version 2's first step: fail before anything is held (reads only)."""
+    return selectors.stock_check(lines=_lines(ctx))

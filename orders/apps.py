@@ -4,7 +4,4 @@ from django.apps import AppConfig
 class OrdersConfig(AppConfig):
     name = "orders"
     verbose_name = "Order service"
-
-    def ready(self) -> None:
-        # Registers the place-order saga definition with the coordinator.
-        from . import saga  # noqa: F401
+    # The place-order saga (orders.saga) is registered by the saga app, from SAGA_DEFINITIONS.

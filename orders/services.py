@@ -15,6 +15,7 @@ from django.utils import timezone
 from common.db import insert_together
 from common.exceptions import StepRefused
 from inventory.selectors import product_prices
+from saga.definition import get_definition
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus
 from saga.services import (
     OUTCOME_CANCELLED,
@@ -95,7 +96,8 @@ def order_place(
         for i in items
     ]
     saga = saga_new(
-        definition=PLACE_ORDER,
+        # The newest registered version: a new order starts on what this deployment runs.
+        definition=get_definition(PLACE_ORDER.name),
         order_id=order.id,
         context={
             "email": email,

@@ -350,6 +350,14 @@ CELERY_TASK_ROUTES = {
 CELERY_TASK_DEFAULT_QUEUE = "saga"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 
+# --- Saga definitions (issue 14: deploy while sagas run) -----------------------------
+# The saga definitions this deployment can run, as dotted paths of SagaDefinition objects,
+# the same in every process. New sagas start on the newest version of each name; a saga
+# runs to its end on the version it started with, so a version stays here until
+# `manage.py saga_versions` shows no unfinished saga on it (README, "Changing a saga").
+# The coordinator's processes refuse to start, and `migrate` refuses to run, without it.
+SAGA_DEFINITIONS = env.list("SAGA_DEFINITIONS", default=["orders.saga.PLACE_ORDER"])
+
 # --- Saga recovery (the coordinator's own watchdog) ----------------------------------
 # A running step that has not reported back by its deadline is re-published (safe: steps
 # are idempotent) up to SAGA_REPUBLISH_BUDGET times, each time with a doubled deadline;

@@ -14,3 +14,9 @@ django.setup(set_prefix=False)
 telemetry.setup(django=True, celery=True)
 
 application = get_wsgi_application()
+
+# The web process starts sagas and cancels them: it refuses to start without a saga
+# definition version that an unfinished saga runs on (saga.checks, issue 14).
+from saga.checks import refuse_start_without_versions_in_use  # noqa: E402
+
+refuse_start_without_versions_in_use()

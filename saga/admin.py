@@ -28,9 +28,10 @@ from common.admin_links import order_notifications_link, order_payments_link
 from common.admin_mixins import ReadOnlyAdminMixin
 
 from . import services
+from .definition import registered_versions
 from .engine import task_id_for
 from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus, fingerprint_of
-from .selectors import failure_fingerprint_counts, sagas_with_fingerprints
+from .selectors import failure_fingerprint_counts, saga_version_counts, sagas_with_fingerprints
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
 PREVIEW_ROWS = 100
@@ -199,11 +200,38 @@ class FailureFingerprintFilter(admin.SimpleListFilter):
         return queryset.filter(pk__in=sagas_with_fingerprints([fingerprint]).values("pk"))
 
 
+class DefinitionVersionFilter(admin.SimpleListFilter):
+    """Sagas by definition version, each with how many unfinished sagas still run on it:
+    what tells an operator whether an old version may be retired (README, "Changing a
+    saga"). Registered versions with none left are listed too, with 0."""
+
+    title = "definition version (unfinished sagas)"
+    parameter_name = "version"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        counts = saga_version_counts()
+        registered = {(name, v) for name, versions in registered_versions().items() for v in versions}
+        return [
+            (f"{name}:{version}", f"{name} v{version} ({counts.get((name, version), 0)} unfinished)")
+            for name, version in sorted({*counts, *registered})
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if not value:
+            return queryset
+        name, _, version = value.rpartition(":")
+        if not version.isdigit():
+            return queryset.none()
+        return queryset.filter(definition=name, definition_version=int(version))
+
+
 @admin.register(SagaInstance)
 class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "status",
+        "version",
         "current_step",
         "age",
         "step_attempts",
@@ -212,14 +240,22 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "order_link",
         "created_at",
     ]
-    list_filter = ["status", FailureFingerprintFilter, "current_step", "failure_step", "created_at", "definition"]
+    list_filter = [
+        "status",
+        DefinitionVersionFilter,
+        FailureFingerprintFilter,
+        "current_step",
+        "failure_step",
+        "created_at",
+        "definition",
+    ]
     search_fields = ["=id", "=order_id", "=trace_id", "context__email"]
     date_hierarchy = "created_at"
     inlines = [SagaStepInline, SagaAuditEntryInline]
     actions = ["retry_sagas", "retry_same_failure", "compensate_sagas"]
     change_form_template = "admin/saga/sagainstance/change_form.html"
     fieldsets = [
-        (None, {"fields": ["id", "definition", "status", "current_step", "generation", "age"]}),
+        (None, {"fields": ["id", "definition", "definition_version", "status", "current_step", "generation", "age"]}),
         ("Links", {"fields": ["order_link", "payments_link", "notifications_link", "trace_link", "trace_id"]}),
         (
             "Why it failed",
@@ -253,6 +289,10 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         )
 
     # --- Columns and fields ---------------------------------------------------------
+
+    @admin.display(description="version", ordering="definition_version")
+    def version(self, saga: SagaInstance) -> str:
+        return f"{saga.definition} v{saga.definition_version}"
 
     @admin.display(description="age", ordering="created_at")
     def age(self, saga: SagaInstance) -> str:

@@ -9,8 +9,18 @@ class SagaConfig(AppConfig):
     def ready(self) -> None:
         from celery import signals
 
+        from . import checks
+        from .definition import register_from_paths
         from .recovery import stamp_sent_at
         from .timeline import attach_failure_timeline
+
+        # Every process registers the same definitions (the setting): the web process starts
+        # sagas on the newest, the coordinator runs each on its own version (issue 14).
+        register_from_paths(settings.SAGA_DEFINITIONS)
+        # The version check (saga.checks): `migrate` and `check --database orders` run it.
+        checks.register()
+        # The coordinator's workers refuse to start when a running saga's version is missing.
+        signals.worker_init.connect(checks.on_worker_init, weak=False)
 
         # Every process publishes (a chain's next step, a retry): each message says when it
         # was sent, which tells the sweeper whether a stalled step can still be queued.

@@ -2,10 +2,20 @@
 
 A definition is data. The engine (`saga.engine`) turns it into Celery chains of
 signatures called by task name, so the coordinator imports no participant code.
+
+Definitions are versioned (issue 14): a saga runs to its end, compensations and operator
+retries included, on the (name, version) it started with, which its SagaInstance stores;
+new sagas start on the newest registered version. What a deployment registers is the
+setting SAGA_DEFINITIONS (dotted paths of SagaDefinition objects), loaded by every process
+at start-up (saga.apps). A version may leave that list only once no unfinished saga uses
+it: saga.checks refuses the start-up of the coordinator's processes, `migrate` and
+`check --database orders` otherwise, and `manage.py saga_versions` shows what is in use.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from django.utils.module_loading import import_string
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,10 @@ class SagaDefinition:
     Steps up to and including the pivot may be compensated; steps after it are only
     retried (the order is confirmed: there is no going back). After the compensations,
     `after_compensation` steps run in order (mark the order failed, tell the customer).
+
+    `version` tells apart two shapes of the same saga: a change to the steps (added,
+    removed, renamed, reordered, another pivot) is a new version, never an edit of one
+    that sagas may still be running on (README, "Changing a saga").
     """
 
     name: str
@@ -54,6 +68,8 @@ class SagaDefinition:
     # `failure_reason` (what the after-compensation steps read); the raw error stays in the
     # saga's own `failure_reason`, for operators. Without it, customers are given no reason.
     customer_reason: str = ""
+    # Which shape of the saga this is (see above); what a saga stores and runs to its end on.
+    version: int = 1
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.steps]
@@ -63,6 +79,8 @@ class SagaDefinition:
             raise ValueError(f"saga {self.name!r}: step names must be unique, got {names}")
         if self.pivot not in {s.name for s in self.steps}:
             raise ValueError(f"saga {self.name!r}: pivot {self.pivot!r} is not a forward step")
+        if not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"saga {self.name!r}: version must be a positive integer, got {self.version!r}")
 
     @property
     def pivot_index(self) -> int:
@@ -89,16 +107,54 @@ class SagaDefinition:
         return undo + self.after_compensation
 
 
-_REGISTRY: dict[str, SagaDefinition] = {}
+# (name, version) -> definition: every version this process may run a saga on.
+_REGISTRY: dict[tuple[str, int], SagaDefinition] = {}
 
 
 def register(definition: SagaDefinition) -> SagaDefinition:
-    _REGISTRY[definition.name] = definition
+    """Make `definition` runnable in this process. Registering the same (name, version)
+    twice is allowed only for the same definition: two shapes under one version would
+    let a saga change steps mid-run."""
+    key = (definition.name, definition.version)
+    existing = _REGISTRY.get(key)
+    if existing is not None and existing != definition:
+        raise ValueError(f"saga {definition.name!r} version {definition.version} is already registered, differently")
+    _REGISTRY[key] = definition
     return definition
 
 
-def get_definition(name: str) -> SagaDefinition:
+def register_from_paths(paths: Iterable[str]) -> list[SagaDefinition]:
+    """Register the SagaDefinition objects named by dotted paths (SAGA_DEFINITIONS)."""
+    registered = []
+    for path in paths:
+        definition = import_string(path)
+        if not isinstance(definition, SagaDefinition):
+            raise TypeError(f"SAGA_DEFINITIONS: {path} is a {type(definition).__name__}, not a SagaDefinition")
+        registered.append(register(definition))
+    return registered
+
+
+def registered_versions() -> dict[str, list[int]]:
+    """Each registered saga name with its versions, oldest first."""
+    versions: dict[str, list[int]] = {}
+    for name, version in sorted(_REGISTRY):
+        versions.setdefault(name, []).append(version)
+    return versions
+
+
+def get_definition(name: str, version: int | None = None) -> SagaDefinition:
+    """The definition `name` at `version`; with no version, the newest registered one
+    (what a new saga starts on). Every path that acts on an existing saga passes the
+    saga's own `definition_version`. LookupError if this process does not have it."""
+    if version is None:
+        versions = registered_versions().get(name)
+        if not versions:
+            raise LookupError(f"no saga definition named {name!r}; known: {registered_versions()}")
+        version = versions[-1]
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[(name, version)]
     except KeyError:
-        raise LookupError(f"no saga definition named {name!r}; known: {sorted(_REGISTRY)}") from None
+        raise LookupError(
+            f"saga definition {name!r} version {version} is not registered in this process "
+            f"(SAGA_DEFINITIONS); registered: {registered_versions()}"
+        ) from None

@@ -11,6 +11,11 @@ class SagaStatus(models.TextChoices):
     NEEDS_ATTENTION = "needs_attention"
 
 
+# A saga in one of these states may still act (an operator may retry one that needs
+# attention): its definition version must stay registered (saga.checks).
+UNFINISHED_STATUSES = (SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.NEEDS_ATTENTION)
+
+
 class StepPhase(models.TextChoices):
     FORWARD = "forward"
     COMPENSATION = "compensation"
@@ -42,6 +47,9 @@ class SagaInstance(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     definition = models.CharField(max_length=64)
+    # The version of `definition` it started on and runs to its end on (saga.definition).
+    # db_default: rows written without it (before versions, bench's bulk history) are 1.
+    definition_version = models.PositiveIntegerField(default=1, db_default=1)
     order_id = models.UUIDField(unique=True)
     status = models.CharField(max_length=20, choices=SagaStatus.choices, default=SagaStatus.RUNNING)
     current_step = models.CharField(max_length=64, blank=True)
@@ -76,7 +84,7 @@ class SagaInstance(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.definition} {self.id} ({self.status})"
+        return f"{self.definition} v{self.definition_version} {self.id} ({self.status})"
 
     @property
     def is_finished(self) -> bool:

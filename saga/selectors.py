@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from django.db.models import Count, Q, QuerySet
 
-from .models import SagaInstance, fingerprint_of, fingerprint_parts
+from .models import UNFINISHED_STATUSES, SagaInstance, fingerprint_of, fingerprint_parts
 
 
 def sagas_with_fingerprints(fingerprints: Iterable[str]) -> QuerySet[SagaInstance]:
@@ -29,3 +29,15 @@ def failure_fingerprint_counts() -> list[tuple[str, int]]:
         .order_by("-n", "failure_type", "failure_step")
     )
     return [(fingerprint_of(row["failure_type"], row["failure_step"]), row["n"]) for row in rows]
+
+
+def saga_version_counts() -> dict[tuple[str, int], int]:
+    """How many unfinished sagas (running, compensating, needing attention) each
+    (definition, version) has; versions with none are absent."""
+    rows = (
+        SagaInstance.objects.filter(status__in=UNFINISHED_STATUSES)
+        .values("definition", "definition_version")
+        .annotate(n=Count("id"))
+        .values_list("definition", "definition_version", "n")
+    )
+    return {(name, version): n for name, version, n in rows}

@@ -56,7 +56,7 @@ def _publish(signature: Any, saga_id: uuid.UUID, trace_context: Mapping[str, str
 
 def _publish_on_commit(steps: tuple[Step, ...], saga: SagaInstance) -> None:
     # A chain is one phase: forward steps, or the compensation plan (common.signing binds it).
-    forward = steps[0] in get_definition(saga.definition).steps
+    forward = steps[0] in get_definition(saga.definition, saga.definition_version).steps
     phase = StepPhase.FORWARD if forward else StepPhase.COMPENSATION
     signature = build_chain(steps, saga_id=saga.id, generation=saga.generation, phase=phase, context=saga.context)
     transaction.on_commit(partial(_publish, signature, saga.id, saga.trace_context), using=DB)
@@ -115,6 +115,8 @@ def saga_new(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mappin
     saga = SagaInstance(
         id=saga_id,
         definition=definition.name,
+        # Pinned: every later step, compensation and retry of this saga uses this version.
+        definition_version=definition.version,
         order_id=order_id,
         status=SagaStatus.RUNNING,
         current_step=definition.steps[0].name,
@@ -136,7 +138,7 @@ def saga_new(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mappin
 def saga_publish(saga: SagaInstance) -> None:
     """Publish a new saga's forward chain once the `orders` transaction that wrote it
     commits (at once, if none is open: the statement that wrote it has committed)."""
-    _publish_on_commit(get_definition(saga.definition).steps, saga)
+    _publish_on_commit(get_definition(saga.definition, saga.definition_version).steps, saga)
 
 
 def _lock_saga(saga_id: uuid.UUID | str) -> SagaInstance | None:
@@ -329,9 +331,11 @@ def saga_reports_drain() -> int:
     # yet succeed, and its record resumes the saga (saga_step_succeeded).
     active = [SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.NEEDS_ATTENTION]
     for saga in (
-        SagaInstance.objects.using(DB).filter(status__in=active).only("id", "definition", "generation", "trace_context")
+        SagaInstance.objects.using(DB)
+        .filter(status__in=active)
+        .only("id", "definition", "definition_version", "generation", "trace_context")
     ):
-        definition = get_definition(saga.definition)
+        definition = get_definition(saga.definition, saga.definition_version)
         for phase in (StepPhase.FORWARD, StepPhase.COMPENSATION):
             plan = _phase_plan(definition, phase)
             if plan:
@@ -409,7 +413,7 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
         # operator retry) starts from this context.
         saga.context = {**saga.context, **{k: v for k, v in result.items() if not k.startswith("_")}}
 
-        definition = get_definition(saga.definition)
+        definition = get_definition(saga.definition, saga.definition_version)
         plan = _phase_plan(definition, step.phase)
         active, finished = (
             (SagaStatus.RUNNING, SagaStatus.COMPLETED)
@@ -585,7 +589,7 @@ def saga_step_failed(
                 s.status, s.finished_at = StepStatus.PENDING, None
             _save_steps(later)
 
-        definition = get_definition(saga.definition)
+        definition = get_definition(saga.definition, saga.definition_version)
         if step.phase == StepPhase.FORWARD:
             if saga.status != SagaStatus.RUNNING:
                 # Already compensating (e.g. a cancel): this step refusing is expected.
@@ -641,7 +645,7 @@ def saga_pivot_commit(
         return True
     now = timezone.now()
     saga.pivot_committed_at = now
-    definition = get_definition(saga.definition)
+    definition = get_definition(saga.definition, saga.definition_version)
     changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
     saga.context = {**saga.context, **dict(output or {})}
     pivot = steps.get(definition.pivot)
@@ -691,7 +695,7 @@ def saga_begin_compensation(
         raise ValueError(f"saga {saga.id} is {saga.status}, not running")
     if saga.pivot_committed_at is not None:
         raise ValueError(f"saga {saga.id} is past its pivot: it cannot compensate")
-    definition = get_definition(saga.definition)
+    definition = get_definition(saga.definition, saga.definition_version)
     plan = definition.compensation_steps()
     now = timezone.now()
     saga.status = SagaStatus.COMPENSATING
@@ -741,7 +745,7 @@ def saga_republish_from(saga: SagaInstance, step: SagaStep, *, now: datetime | N
     on `saga`.
     """
     now = now or timezone.now()
-    definition = get_definition(saga.definition)
+    definition = get_definition(saga.definition, saga.definition_version)
     plan = _phase_plan(definition, step.phase)
     saga.generation += 1
     saga.current_step = step.name
@@ -759,7 +763,7 @@ def saga_republish_from(saga: SagaInstance, step: SagaStep, *, now: datetime | N
 
 
 def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
-    definition = get_definition(saga.definition)
+    definition = get_definition(saga.definition, saga.definition_version)
     if (
         saga.pivot_committed_at is not None
         and step.phase == StepPhase.FORWARD
@@ -792,7 +796,7 @@ def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
 
 def _segment_chain(saga: SagaInstance, step: SagaStep) -> list[tuple[str, str, float]]:
     """(task id, queue, deadline) of each step of the segment the store waits on, from `step`."""
-    definition = get_definition(saga.definition)
+    definition = get_definition(saga.definition, saga.definition_version)
     plan = _phase_plan(definition, step.phase)
     stop = len(plan) - 1
     if step.phase == StepPhase.FORWARD and step.position <= definition.pivot_index:
@@ -995,7 +999,7 @@ def saga_compensate_check(saga: SagaInstance) -> str | None:
     cancel: the compensations undo what ran, their tombstones stop what is in flight), and
     a saga that needs attention at its pivot (a confirm that never reported back).
     """
-    definition = get_definition(saga.definition)
+    definition = get_definition(saga.definition, saga.definition_version)
     if not definition.pivot_guard:
         return f"saga {definition.name!r} names no pivot guard: compensating it by hand could race its pivot"
     if saga.status == SagaStatus.RUNNING:
@@ -1084,10 +1088,11 @@ def saga_compensate(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
     (refused here) or will find the saga compensating and refuse. The order then fails
     and the customer is told, as for any failure. Raises `SagaInstance.DoesNotExist`.
     """
-    found = SagaInstance.objects.using(DB).filter(id=saga_id).only("id", "definition", "order_id").first()
+    fields = ("id", "definition", "definition_version", "order_id")
+    found = SagaInstance.objects.using(DB).filter(id=saga_id).only(*fields).first()
     if found is None:
         raise SagaInstance.DoesNotExist(f"no saga {saga_id}")
-    definition = get_definition(found.definition)
+    definition = get_definition(found.definition, found.definition_version)
     with transaction.atomic(using=DB):
         guard_refusal = import_string(definition.pivot_guard)(saga=found) if definition.pivot_guard else None
         saga = _lock_saga(saga_id)

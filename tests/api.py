@@ -128,6 +128,7 @@ def held_saga(step: str, *, context: Mapping[str, Any], **order: Any) -> SagaIns
     saga = SagaInstance.objects.create(
         id=saga_id,
         definition=definition.name,
+        definition_version=definition.version,
         order_id=order_row.id,
         current_step=step,
         context={"saga_id": str(saga_id), "order_id": str(order_row.id), **context},
@@ -148,7 +149,7 @@ def held_saga(step: str, *, context: Mapping[str, Any], **order: Any) -> SagaIns
 def publish_step(saga: SagaInstance) -> AsyncResult:
     """Publish the saga's current step as the coordinator does (saga.engine): its signed
     context, its task id, its `link_error` to the coordinator."""
-    definition = get_definition(saga.definition)
+    definition = get_definition(saga.definition, saga.definition_version)
     spec = definition.steps[definition.forward_index(saga.current_step)]
     return build_chain(
         (spec,), saga_id=saga.id, generation=saga.generation, phase="forward", context=saga.context
