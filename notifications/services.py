@@ -3,6 +3,7 @@
 import contextlib
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -79,14 +80,14 @@ def notification_send(
     result = {"notified": kind, "channels": [channel for channel, _ in recipients]}
     claim, lease = uuid.uuid4(), lease_seconds()
 
-    message = {"saga_id": saga_id, "order_id": order_id, "kind": kind, "key": key, "subject": subject, "body": body}
-    claimed = _claim_new(**message, recipients=recipients, claim=claim, lease=lease)
+    message = _Message(saga_id, order_id, kind, key, subject, body, recipients, claim)
+    claimed = _claim_new(message, lease=lease)
     held: list[str] = []
     if isinstance(claimed, dict):
         return claimed  # recorded by an earlier copy
     if claimed is None:
         # Rows an earlier copy left (a redelivery, a racing copy): the general path.
-        outcome = _claim_existing(**message, recipients=recipients, result=result, claim=claim, lease=lease)
+        outcome = _claim_existing(message, result=result, lease=lease)
         if isinstance(outcome, dict):
             return outcome
         claimed, held = outcome
@@ -116,18 +117,36 @@ def notification_send(
     return result
 
 
-def _claim_new(
-    *,
-    saga_id: uuid.UUID,
-    order_id: uuid.UUID,
-    kind: str,
-    key: str,
-    subject: str,
-    body: str,
-    recipients: list[tuple[str, str]],
-    claim: uuid.UUID,
-    lease: int,
-) -> dict[str, Any] | list[Notification] | None:
+@dataclass(frozen=True)
+class _Message:
+    """One outcome's notification, as this attempt would claim it."""
+
+    saga_id: uuid.UUID
+    order_id: uuid.UUID
+    kind: str
+    key: str
+    subject: str
+    body: str
+    recipients: list[tuple[str, str]]  # (channel, recipient)
+    claim: uuid.UUID
+
+    def row(self, channel: str, recipient: str, **fields: Any) -> Notification:
+        """Its row on `channel`, claimed by this attempt."""
+        return Notification(
+            saga_id=self.saga_id,
+            kind=self.kind,
+            channel=channel,
+            order_id=self.order_id,
+            recipient=recipient,
+            subject=self.subject,
+            body=self.body,
+            status=SENDING,
+            claim_token=self.claim,
+            **fields,
+        )
+
+
+def _claim_new(message: _Message, *, lease: int) -> dict[str, Any] | list[Notification] | None:
     """The first copy's claim, in one statement and no transaction of its own: the stored
     result if the outcome was already recorded; else this outcome's rows, inserted already
     claimed by this attempt; or None if some of them exist already (an earlier or racing
@@ -136,7 +155,7 @@ def _claim_new(
     A racing copy's insert of the same row waits on the unique (saga, kind, channel) index
     until this statement commits, then inserts nothing: exactly one copy claims a new row.
     """
-    channels = [channel for channel, _ in recipients]
+    m = message
     with prepared(DB) as cursor:
         cursor.execute(
             f"WITH done AS (SELECT result FROM {PROCESSED_KEY} WHERE key = %s), "
@@ -148,66 +167,36 @@ def _claim_new(
             "WHERE NOT EXISTS (SELECT 1 FROM done) "
             "ON CONFLICT (saga_id, kind, channel) DO NOTHING RETURNING id, channel) "
             "SELECT (SELECT result FROM done), (SELECT json_object_agg(channel, id) FROM new)",
-            [key, saga_id, kind, order_id, subject, body, SENDING, claim, lease, channels, [r for _, r in recipients]],
+            [
+                *(m.key, m.saga_id, m.kind, m.order_id, m.subject, m.body, SENDING, m.claim, lease),
+                [channel for channel, _ in m.recipients],
+                [recipient for _, recipient in m.recipients],
+            ],
         )
         done, ids = cursor.fetchone()
     if done is not None:
         return done if isinstance(done, dict) else json.loads(done)
     ids = (ids if isinstance(ids, dict) else json.loads(ids)) if ids else {}
-    if len(ids) < len(recipients):
+    if len(ids) < len(m.recipients):
         return None
-    return [
-        Notification(
-            pk=ids[channel],
-            saga_id=saga_id,
-            kind=kind,
-            channel=channel,
-            order_id=order_id,
-            recipient=recipient,
-            subject=subject,
-            body=body,
-            status=SENDING,
-            claim_token=claim,
-        )
-        for channel, recipient in recipients
-    ]
+    return [m.row(channel, recipient, pk=ids[channel]) for channel, recipient in m.recipients]
 
 
 def _claim_existing(
-    *,
-    saga_id: uuid.UUID,
-    order_id: uuid.UUID,
-    kind: str,
-    key: str,
-    subject: str,
-    body: str,
-    recipients: list[tuple[str, str]],
-    result: dict[str, Any],
-    claim: uuid.UUID,
-    lease: int,
+    message: _Message, *, result: dict[str, Any], lease: int
 ) -> dict[str, Any] | tuple[list[Notification], list[str]]:
     """Claim what nobody holds of an outcome whose rows an earlier copy made, under the
     saga lock; the stored result if the outcome is recorded, else (rows this attempt
     claimed, channels another copy holds)."""
+    saga_id, kind, key = message.saga_id, message.kind, message.key
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
         if (done := processed_result(ProcessedKey, key)) is not None:
             return done
         existing = {n.channel: n for n in Notification.objects.filter(saga_id=saga_id, kind=kind)}
         missing = [
-            Notification(
-                saga_id=saga_id,
-                kind=kind,
-                channel=channel,
-                order_id=order_id,
-                recipient=recipient,
-                subject=subject,
-                body=body,
-                status=SENDING,
-                claim_token=claim,
-                lease_until=Now() + timedelta(seconds=lease),
-            )
-            for channel, recipient in recipients
+            message.row(channel, recipient, lease_until=Now() + timedelta(seconds=lease))
+            for channel, recipient in message.recipients
             if channel not in existing
         ]
         try:
@@ -219,9 +208,9 @@ def _claim_existing(
         # Rows left by an earlier copy: the conditional UPDATE claims those nobody holds
         # (pending, or a dead owner's expired lease).
         if any(n.status != Notification.Status.SENT for n in existing.values()):
-            mine |= _claim(saga_id=saga_id, kind=kind, claim=claim, lease=lease)
+            mine |= _claim(saga_id=saga_id, kind=kind, claim=message.claim, lease=lease)
         rows = {**existing, **{n.channel: n for n in missing}}
-        claimed = [rows[channel] for channel, _ in recipients if channel in mine]
+        claimed = [rows[channel] for channel, _ in message.recipients if channel in mine]
         held = sorted(
             n.channel for n in existing.values() if n.status != Notification.Status.SENT and n.channel not in mine
         )

@@ -53,18 +53,8 @@ PLACE_ORDER_V2 = replace(
     version=2,
     steps=(
         Step("check_stock", "inventory.check_stock"),
-        Step(
-            "reserve_inventory",
-            "inventory.reserve",
-            compensation=Step("release_inventory", "inventory.release"),
-        ),
-        Step(
-            "capture_payment",
-            "payments.charge",
-            compensation=Step("refund_payment", "payments.refund"),
-            timeout=_CHARGE_TIMEOUT,
-        ),
-        Step("confirm_order", "orders.confirm"),
-        Step("notify_customer", "notifications.notify"),
+        PLACE_ORDER.steps[0],
+        replace(PLACE_ORDER.steps[1], name="capture_payment"),
+        *PLACE_ORDER.steps[2:],
     ),
 )

@@ -17,7 +17,8 @@ charge or a refund may run at once (a redelivery, a retry, a sweeper re-publish)
 import json
 import logging
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -69,14 +70,11 @@ def payment_charge(
     """
     do_key = step_key(saga_id, STEP, "do")
     attempt_id = uuid.uuid4()
-    payment_id = _begin_first(
-        saga_id=saga_id, order_id=order_id, amount=amount, currency=currency, attempt_id=attempt_id, task_id=task_id
-    )
+    attempt = _Attempt(saga_id, order_id, amount, currency, attempt_id, task_id)
+    payment_id = _begin_first(attempt)
     resume = None
     if payment_id is None:
-        again = _begin_again(
-            saga_id=saga_id, order_id=order_id, amount=amount, currency=currency, attempt_id=attempt_id, task_id=task_id
-        )
+        again = _begin_again(attempt)
         if isinstance(again, dict):
             return again  # charged by an earlier copy
         payment_id, resume = again
@@ -148,15 +146,7 @@ def payment_charge(
     raise StepRefused(f"saga {saga_id}: charge completed after its compensation voided it; refunded")
 
 
-def _begin_first(
-    *,
-    saga_id: uuid.UUID,
-    order_id: uuid.UUID,
-    amount: Decimal,
-    currency: str,
-    attempt_id: uuid.UUID,
-    task_id: str,
-) -> uuid.UUID | None:
+def _begin_first(attempt: "_Attempt") -> uuid.UUID | None:
     """The first copy's payment and attempt, in one statement with no saga lock; None if
     this is not the first copy (or the refund came first): `_begin_again` decides then.
 
@@ -164,54 +154,33 @@ def _begin_first(
     waits on its unique index and then finds it taken, and `payment_refund` inserts it
     first thing too, so a refund and this statement wait for each other the same way.
     """
-    now = timezone.now()
+    now, saga_id = timezone.now(), attempt.saga_id
     keys = [step_key(saga_id, STEP, direction) for direction in ("do", "undo")]
     with prepared(DB) as cursor:
         cursor.execute(
             f"WITH guard AS (INSERT INTO {PROCESSED_KEY} (key, result, created_at) "
             f"SELECT %s, '{{}}'::jsonb, %s WHERE NOT EXISTS (SELECT 1 FROM {PROCESSED_KEY} WHERE key = ANY(%s)) "
             "ON CONFLICT (key) DO NOTHING RETURNING 1), "
-            f"p AS (INSERT INTO {PAYMENT} (id, saga_id, order_id, amount, currency, status, decline_code, "
-            "provider_charge_id, created_at, updated_at) "
-            "SELECT %s, %s, %s, %s, %s, %s, '', '', %s, %s WHERE EXISTS (SELECT 1 FROM guard) "
-            "ON CONFLICT (saga_id) DO NOTHING RETURNING id) "
-            f"INSERT INTO {ATTEMPT} (id, payment_id, task_id, started_at, lease_until, outcome, error) "
-            "SELECT %s, p.id, %s, %s, %s, '', '' FROM p RETURNING payment_id",
+            f"p AS ({NEW_PAYMENT} WHERE EXISTS (SELECT 1 FROM guard) ON CONFLICT (saga_id) DO NOTHING RETURNING id) "
+            f"{NEW_ATTEMPT}",
             [
                 begun_key(saga_id),
                 now,
                 keys,
-                uuid.uuid4(),
-                saga_id,
-                order_id,
-                amount,
-                currency,
-                Payment.Status.PENDING,
-                now,
-                now,
-                attempt_id,
-                task_id[:255],
-                now,
-                now + attempt_lease(),
+                *attempt.payment_params(now),
+                *attempt.attempt_params(now),
             ],
         )
         row = cursor.fetchone()
     return None if row is None else row[0]
 
 
-def _begin_again(
-    *,
-    saga_id: uuid.UUID,
-    order_id: uuid.UUID,
-    amount: Decimal,
-    currency: str,
-    attempt_id: uuid.UUID,
-    task_id: str,
-) -> dict[str, Any] | tuple[uuid.UUID, Payment | None]:
+def _begin_again(attempt: "_Attempt") -> dict[str, Any] | tuple[uuid.UUID, Payment | None]:
     """A later copy's attempt, decided under the saga lock: (its payment, None), or (the
     payment, itself) when a refund is due that this copy must finish, or the recorded
     result of a charge already made. Raises the recorded outcome of a decline, or
     `StepRefused` once the refund has settled the payment."""
+    saga_id = attempt.saga_id
     do_key, undo_key = step_key(saga_id, STEP, "do"), step_key(saga_id, STEP, "undo")
     now = timezone.now()
     with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
@@ -233,32 +202,48 @@ def _begin_again(
             resume = None
             # The payment (if new) and this attempt in one statement. The saga lock
             # serialises every copy of this message, so the plain read above decides.
-            attempt = (
-                f"INSERT INTO {ATTEMPT} (id, payment_id, task_id, started_at, lease_until, outcome, error) "
-                "SELECT %s, p.id, %s, %s, %s, '', '' FROM p RETURNING payment_id"
-            )
-            attempt_params = [attempt_id, task_id[:255], now, now + attempt_lease()]
             if row is None:
                 cursor.execute(
-                    f"WITH p AS (INSERT INTO {PAYMENT} (id, saga_id, order_id, amount, currency, status, "
-                    "decline_code, provider_charge_id, created_at, updated_at) "
-                    f"VALUES (%s, %s, %s, %s, %s, %s, '', '', %s, %s) RETURNING id) {attempt}",
-                    [
-                        uuid.uuid4(),
-                        saga_id,
-                        order_id,
-                        amount,
-                        currency,
-                        Payment.Status.PENDING,
-                        now,
-                        now,
-                        *attempt_params,
-                    ],
+                    f"WITH p AS ({NEW_PAYMENT} RETURNING id) {NEW_ATTEMPT}",
+                    [*attempt.payment_params(now), *attempt.attempt_params(now)],
                 )
             else:
-                cursor.execute(f"WITH p AS (SELECT %s::uuid AS id) {attempt}", [row[0], *attempt_params])
+                params = [row[0], *attempt.attempt_params(now)]
+                cursor.execute(f"WITH p AS (SELECT %s::uuid AS id) {NEW_ATTEMPT}", params)
             payment_id = cursor.fetchone()[0]
     return payment_id, resume
+
+
+# A new payment, pending (a SELECT, so a caller can add WHERE and ON CONFLICT), and this
+# attempt at charging it, of the payment the CTE `p` names.
+NEW_PAYMENT = (
+    f"INSERT INTO {PAYMENT} (id, saga_id, order_id, amount, currency, status, decline_code, provider_charge_id, "
+    "created_at, updated_at) SELECT %s, %s, %s, %s, %s, %s, '', '', %s, %s"
+)
+NEW_ATTEMPT = (
+    f"INSERT INTO {ATTEMPT} (id, payment_id, task_id, started_at, lease_until, outcome, error) "
+    "SELECT %s, p.id, %s, %s, %s, '', '' FROM p RETURNING payment_id"
+)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One copy's attempt at a saga's charge."""
+
+    saga_id: uuid.UUID
+    order_id: uuid.UUID
+    amount: Decimal
+    currency: str
+    attempt_id: uuid.UUID
+    task_id: str
+
+    def payment_params(self, now: datetime) -> list[Any]:
+        """NEW_PAYMENT's parameters."""
+        return [uuid.uuid4(), self.saga_id, self.order_id, self.amount, self.currency, Payment.Status.PENDING, now, now]
+
+    def attempt_params(self, now: datetime) -> list[Any]:
+        """NEW_ATTEMPT's parameters."""
+        return [self.attempt_id, self.task_id[:255], now, now + attempt_lease()]
 
 
 def begun_key(saga_id: uuid.UUID | str) -> str:
