@@ -8,11 +8,13 @@ import secrets
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import transaction
+from django.db import connections, router, transaction
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
+from .db import from_row
 from .models import ApiToken, token_digest
 
 
@@ -45,10 +47,32 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
     """
 
     def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, ApiToken]:
-        try:
-            token = ApiToken.objects.select_related("user").get(digest=token_digest(key))
-        except ApiToken.DoesNotExist:
-            token = None
+        token = _token_with_user(token_digest(key))
         if token is None or token.expires_at <= timezone.now() or not token.user.is_active:
             raise exceptions.AuthenticationFailed("Invalid token.")
         return token.user, token
+
+
+def _token_with_user(digest: str) -> ApiToken | None:
+    """The token with this digest and its user, in one statement: what
+    `ApiToken.objects.select_related("user").get(digest=...)` reads, without building the
+    query on every request (it runs on every API call: BENCHMARKS.md)."""
+    connection = connections[router.db_for_read(ApiToken)]
+    user_model = get_user_model()
+    token_fields, user_fields = ApiToken._meta.concrete_fields, user_model._meta.concrete_fields
+    quote = connection.ops.quote_name
+    columns = [f"t.{quote(str(f.column))}" for f in token_fields] + [f"u.{quote(str(f.column))}" for f in user_fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join(columns)} FROM {quote(ApiToken._meta.db_table)} AS t "
+            f"JOIN {quote(user_model._meta.db_table)} AS u ON u.{quote(str(user_model._meta.pk.column))} = t.user_id "
+            "WHERE t.digest = %s",
+            [digest],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    split = len(token_fields)
+    token = from_row(ApiToken, token_fields, row[:split], connection.alias)
+    token.user = from_row(user_model, user_fields, row[split:], connection.alias)
+    return token

@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.module_loading import import_string
 
-from common.db import insert_together
+from common.db import from_row, insert_together
 from common.exceptions import InvalidMessage
 from common.signing import seal_verify
 from common.steps import MAX_TIMELINE
@@ -238,25 +238,16 @@ def _lock_saga_with_steps(
     if not rows:
         return None, {}
     split = len(saga_fields)
-    saga = _from_row(SagaInstance, saga_fields, rows[0][:split], connection)
+    saga = from_row(SagaInstance, saga_fields, rows[0][:split], DB)
     steps = {}
     for row in rows:
         if row[split] is not None:
-            step = _from_row(SagaStep, step_fields, row[split:], connection)
+            step = from_row(SagaStep, step_fields, row[split:], DB)
             step._state.fields_cache["saga"] = saga
             steps[step.name] = step
     if phase is None:
         saga._prefetched_objects_cache = {"steps": list(steps.values())}
     return saga, steps
-
-
-def _from_row(model: Any, fields: Any, values: Any, connection: Any) -> Any:
-    """A model instance from its columns, as the ORM would have read it (JSON decoded)."""
-    converted = [
-        f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
-        for f, v in zip(fields, values, strict=True)
-    ]
-    return model.from_db(DB, [f.attname for f in fields], converted)
 
 
 def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline: Any) -> list[SagaStep]:
