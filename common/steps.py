@@ -102,12 +102,14 @@ def stored_args_repr(ctx: Mapping[str, Any]) -> str:
 class SagaStepTask(Task):
     """A participant task: a retry keeps the message's redacted argument reprs."""
 
-    def signature_from_request(self, request: Any = None, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+    def signature_from_request(
+        self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None, **options: Any
+    ) -> Any:
         request = self.request if request is None else request
         for name in ("argsrepr", "kwargsrepr"):
             if getattr(request, name, None) is not None:
                 options.setdefault(name, getattr(request, name))
-        return super().signature_from_request(request, args, kwargs, **options)
+        return super().signature_from_request(request, args, kwargs, queue, **options)
 
 
 def require_uuid(ctx: Mapping[str, Any], field: str) -> uuid.UUID:

@@ -87,10 +87,10 @@ def notification_send(
         return claimed  # recorded by an earlier copy
     if claimed is None:
         # Rows an earlier copy left (a redelivery, a racing copy): the general path.
-        outcome = _claim_existing(message, result=result, lease=lease)
-        if isinstance(outcome, dict):
-            return outcome
-        claimed, held = outcome
+        again = _claim_existing(message, result=result, lease=lease)
+        if isinstance(again, dict):
+            return again
+        claimed, held = again
         if not claimed:
             raise TransientError(f"saga {saga_id}: {kind} by {', '.join(held)} is being sent by another copy")
 
@@ -127,7 +127,7 @@ class _Message:
     key: str
     subject: str
     body: str
-    recipients: list[tuple[str, str]]  # (channel, recipient)
+    recipients: list[tuple[Any, str]]  # (channel, recipient)
     claim: uuid.UUID
 
     def row(self, channel: str, recipient: str, **fields: Any) -> Notification:

@@ -113,7 +113,7 @@ def order_place(
     try:
         # The order, its lines, its saga and its steps in one statement, which commits on
         # its own: one round trip where the ORM took six (BENCHMARKS.md).
-        insert_together(DB, [order], lines, [saga], saga._prefetched_objects_cache["steps"])
+        insert_together(DB, [order], lines, [saga], saga._prefetched_objects_cache["steps"])  # type: ignore[attr-defined]  # Django's prefetch cache
     except IntegrityError:
         # The key was used before (a replay), or two requests with it raced: the order
         # that committed stands.
@@ -122,8 +122,8 @@ def order_place(
         raise
     saga_publish(saga)
     # What the response shows, as written: the caller need not read it back (four queries).
-    order._prefetched_objects_cache = {"lines": lines}
-    order.placed_saga = saga
+    order._prefetched_objects_cache = {"lines": lines}  # type: ignore[attr-defined]  # Django's prefetch cache
+    order.placed_saga = saga  # type: ignore[attr-defined]  # read by the view that placed it
     return order, True
 
 

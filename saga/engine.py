@@ -48,7 +48,7 @@ def task_id_for(saga_id: uuid.UUID | str, step_name: str, generation: int) -> st
     return f"{saga_id}-{step_name}-g{generation}"
 
 
-def step_name_of(task_id: str, saga_id: uuid.UUID | str) -> str | None:
+def step_name_of(task_id: Any, saga_id: uuid.UUID | str) -> str | None:
     """The step a task id of `saga_id` names (inverse of task_id_for); None if it is not one."""
     prefix = f"{saga_id}-"
     if not isinstance(task_id, str) or not task_id.startswith(prefix) or "-g" not in task_id:
@@ -85,13 +85,14 @@ def step_signature(
     # saga context and the authority: no customer's email or card token there, nothing
     # that could be sent again, and no repr of the context on every publish (a few % of a
     # participant's CPU, BENCHMARKS.md).
-    sig.set(
-        task_id=task_id_for(saga_id, step.name, generation),
-        argsrepr=f"(<saga {saga_id} context>,)",
-        kwargsrepr=f"{{'{AUTHORITY_KWARG}': <{phase} step {step.name} g{generation}>}}",
-    )
+    options: dict[str, Any] = {
+        "task_id": task_id_for(saga_id, step.name, generation),
+        "argsrepr": f"(<saga {saga_id} context>,)",
+        "kwargsrepr": f"{{'{AUTHORITY_KWARG}': <{phase} step {step.name} g{generation}>}}",
+    }
     if report:
-        sig.set(ignore_result=False)
+        options["ignore_result"] = False
+    sig.set(**options)
     sig.link_error(app.signature(STEP_FAILED_TASK, kwargs=callback_kwargs))
     return sig
 
@@ -122,7 +123,7 @@ def build_chain(
         for i, step in enumerate(steps)
     ]
     first = signatures[0]
-    first.args = (context,)
+    first["args"] = (context,)
     if len(signatures) == 1:
         return first
     return chain(*signatures, app=app)

@@ -101,7 +101,7 @@ def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapp
     published for an order that rolled back).
     """
     saga = saga_new(definition=definition, order_id=order_id, context=context)
-    insert_together(DB, [saga], saga._prefetched_objects_cache["steps"])
+    insert_together(DB, [saga], saga._prefetched_objects_cache["steps"])  # type: ignore[attr-defined]  # Django's prefetch cache
     saga_publish(saga)
     return saga
 
@@ -131,7 +131,7 @@ def saga_new(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mappin
     ]
     deadline = _segment_deadline(definition, definition.steps, 0)
     _mark_running(steps[0], deadline_seconds=deadline, now=now, generation=saga.generation, saga_id=saga.id)
-    saga._prefetched_objects_cache = {"steps": steps}
+    saga._prefetched_objects_cache = {"steps": steps}  # type: ignore[attr-defined]  # Django's prefetch cache
     return saga
 
 
@@ -185,7 +185,8 @@ def _save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[
     """
     rows = list(rows)
     connection = connections[DB]
-    sql, params = [], []
+    sql: list[str] = []
+    params: list[Any] = []
     if rows:
         table = connection.ops.quote_name(SagaStep._meta.db_table)
         row_sql = "(%s::bigint, %s, " + "%s::timestamptz, " * 4 + "%s::integer, %s, %s::jsonb, %s)"
@@ -207,7 +208,7 @@ def _save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[
         ]
         values = [f.get_db_prep_save(f.pre_save(saga, add=False), connection) for f in columns]
         table = connection.ops.quote_name(SagaInstance._meta.db_table)
-        assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in columns)
+        assignments = ", ".join(f"{connection.ops.quote_name(str(f.column))} = %s" for f in columns)
         sql.append(f"UPDATE {table} SET {assignments} WHERE id = %s")
         params += [*values, saga.pk]
     if not sql:
@@ -225,7 +226,7 @@ def _lock_saga_with_steps(
     connection = connections[DB]
     quote = connection.ops.quote_name
     saga_fields, step_fields = SagaInstance._meta.concrete_fields, SagaStep._meta.concrete_fields
-    columns = [f"s.{quote(f.column)}" for f in saga_fields] + [f"t.{quote(f.column)}" for f in step_fields]
+    columns = [f"s.{quote(str(f.column))}" for f in saga_fields] + [f"t.{quote(str(f.column))}" for f in step_fields]
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {', '.join(columns)} FROM {quote(SagaInstance._meta.db_table)} AS s "
@@ -463,7 +464,7 @@ def _failure_from_backend(task_id: str) -> StoredFailure | None:
     """The failure of a task as its worker stored it (with its arguments: the result
     backend is extended); None when the result backend has no failure for that task id."""
     try:
-        result = AsyncResult(task_id, app=app)
+        result: AsyncResult = AsyncResult(task_id, app=app)
         exc = result.result if result.state == "FAILURE" else None
     except Exception as error:  # a corrupt or foreign record must not stop compensation
         return StoredFailure(type(error).__name__, f"could not read the failure of task {task_id}: {error}")
@@ -858,7 +859,7 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
                 .first()
             )
             step = None if saga is None else saga.steps.filter(name=step_name, status=StepStatus.RUNNING).first()
-            if step is None or step.deadline_at is None or step.deadline_at >= now:
+            if saga is None or step is None or step.deadline_at is None or step.deadline_at >= now:
                 done["skipped"] += 1
                 continue
             chain = _segment_chain(saga, step)
@@ -1087,6 +1088,8 @@ def saga_compensate(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
     with transaction.atomic(using=DB):
         guard_refusal = import_string(definition.pivot_guard)(saga=found) if definition.pivot_guard else None
         saga = _lock_saga(saga_id)
+        if saga is None:
+            raise SagaInstance.DoesNotExist(f"no saga {saga_id}")
         status_before, fingerprint = saga.status, saga.failure_fingerprint
         refusal = saga_compensate_check(saga) or guard_refusal
         if refusal is None:
