@@ -524,7 +524,7 @@ def test_one_worker_per_celery_service_consuming_its_own_queue() -> None:
 
 
 def test_workers_scale_without_editing_the_file() -> None:
-    """`docker compose up --scale worker-inventory=3` (README "Several hosts"): every replica
+    """`docker compose up --scale worker-inventory=3` (docs/CONTAINERS.md "Several hosts"): every replica
     runs the same definition, so none may hold what is one per system (a published port, a
     volume of its own), and each is its own Celery node: `%h` is its container's hostname,
     which differs per replica (the sweeper tells workers apart by node name)."""

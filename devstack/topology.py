@@ -5,7 +5,7 @@ and a Procfile-based host run: one worker per queue, each registering only its o
 service's tasks, and the web app under gunicorn.
 
 With `replicas` above one, every worker and beat runs that many times, as on several
-hosts (README "Several hosts"): replica k of a worker is the process `<name>-<k>` with the
+hosts (docs/CONTAINERS.md "Several hosts"): replica k of a worker is the process `<name>-<k>` with the
 node name `<name>-<k>@<host>` (node names must differ: replies to the sweeper's broadcasts
 are told apart by them), and every beat replica sends the whole schedule, as a beat
 duplicated by mistake would.

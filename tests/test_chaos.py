@@ -1,6 +1,6 @@
 """A short, seeded `make chaos` run: faults while orders flow, then the audit must be clean.
 
-Replicated, as on two hosts (README "Several hosts"): two workers per queue, each its own
+Replicated, as on two hosts (docs/CONTAINERS.md "Several hosts"): two workers per queue, each its own
 node, and two beats, so every sweep is sent twice and two sweepers (the two saga workers)
 run at once, while a kill takes down one replica of a queue. One run covers both the
 faults and the replicas: the topology's start and the databases' set-up, not the orders,

@@ -1,4 +1,4 @@
-"""RabbitMQ as the broker (README "Several hosts"): the service queues are durable quorum
+"""RabbitMQ as the broker (docs/CONTAINERS.md "Several hosts"): the service queues are durable quorum
 queues, and every publish, the workers' included, waits for the broker's confirm.
 
 Runs in `make test`'s RabbitMQ pass (marked `broker`); on Redis there is nothing to check
