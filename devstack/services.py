@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import io
 import logging
 import os
 import pwd
@@ -35,6 +36,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import environ
 
 logger = logging.getLogger(__name__)
 
@@ -123,37 +126,17 @@ class ServerStatus:
 # Configuration
 # --------------------------------------------------------------------------------------------------
 
-# The grammar of django-environ's Env.read_env, which the Django settings apply to the same file: both must
-# see the same values.
-_ENV_LINE_RE = re.compile(r"(?:export )?([A-Za-z_0-9]+)=(.*)")
-
 
 def parse_env_text(text: str) -> dict[str, str]:
-    r"""Parse .env content the way django-environ's `Env.read_env` does (Django reads the same file).
+    """The variables of .env content, read by django-environ's `Env.read_env`, the reader the Django
+    settings use on the same file, so devstack and Django cannot disagree about a value.
 
-    `KEY=VALUE` lines, optionally prefixed by `export `; lines starting with `#` are comments. There
-    are no inline comments: the value is everything after `=` (so `#` may appear in values). A value
-    wholly in single quotes is taken literally, one wholly in double quotes has backslash escapes
-    removed (`\n`, `\t`, `\r` stay as written). Unlike django-environ, whitespace around an unquoted value
-    is dropped, because a stray trailing space would otherwise end up in a database name. Other lines are
-    skipped with a warning.
+    `read_env` writes into its class's `ENVIRON`: a subclass whose ENVIRON is a fresh dict keeps
+    os.environ untouched. Malformed lines are skipped with django-environ's warning.
     """
-    values: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        match = _ENV_LINE_RE.fullmatch(line)
-        if match is None:
-            if line and not line.startswith("#"):
-                logger.warning(".env line %d ignored (not KEY=VALUE): %r", lineno, line)
-            continue
-        key, value = match.groups()
-        if single := re.fullmatch(r"'(.*)'", value):
-            value = single.group(1)
-        elif double := re.fullmatch(r'"(.*)"', value):
-            value = re.sub(r"\\(.)", lambda m: "\\" + m[1] if m[1] in "rnt" else m[1], double.group(1))
-        else:
-            value = value.strip()
-        values[key] = value
-    return values
+    reader = type("EnvFileReader", (environ.Env,), {"ENVIRON": {}})
+    reader.read_env(io.StringIO(text), overwrite=True)
+    return dict(reader.ENVIRON)
 
 
 def _read_settings(base_dir: Path) -> dict[str, str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from honcho.environ import parse_procfile
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WORKERS = ("orders", "saga", "inventory", "payments", "notifications")
@@ -58,12 +59,8 @@ def replica_command(command: str, process_name: str) -> str:
 
 
 def read_procfile(path: Path = BASE_DIR / "Procfile") -> dict[str, str]:
-    processes = {}
-    for line in path.read_text().splitlines():
-        match = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line.strip())
-        if match:
-            processes[match.group(1)] = match.group(2)
-    return processes
+    """Each Procfile process and its command, parsed by honcho (what `make run` starts)."""
+    return dict(parse_procfile(path.read_text()).processes)
 
 
 def free_port() -> int:
