@@ -124,9 +124,21 @@ _DB_OPTIONS = {
 }
 
 
+# The hot path's few long statements (a step's key, checks and effect in one) run prepared
+# (common.sql.prepared): PostgreSQL parses and plans each once per connection. Django leaves
+# psycopg's prepare_threshold at None, which refuses even an explicit prepare; a threshold
+# that is never reached lets the explicit ones through and prepares nothing else (Django's
+# own cursors bind on the client and are never prepared). Behind a pooler in transaction
+# mode without prepared-statement support (PgBouncer before 1.21), set
+# DB_PREPARED_STATEMENTS=False.
+_PREPARED_STATEMENTS = env.bool("DB_PREPARED_STATEMENTS", default=True)
+
+
 def _database(var: str, default_name: str) -> dict:
     config = env.db_url(var, default=f"{_LOCAL_PG}/{default_name}")
     config.update(_DB_OPTIONS)
+    if _PREPARED_STATEMENTS:
+        config.setdefault("OPTIONS", {}).setdefault("prepare_threshold", 2**31 - 1)
     return config
 
 
