@@ -554,6 +554,17 @@ def saga_step_failed(
             # the compensation; or it was refused before) refused again: keep what happened.
             logger.warning("saga %s step %s: a late copy failed while compensating: %s", saga_id, step_name, error)
             return
+        definition = get_definition(saga.definition, saga.definition_version)
+        if (
+            step.phase == StepPhase.FORWARD
+            and saga.pivot_committed_at is not None
+            and not definition.is_after_pivot(step_name)
+        ):
+            # A late copy of an earlier step failed after the pivot committed: the
+            # original succeeded (the pivot needed it). Nothing to undo, and the step is
+            # not shown failed: the chain's record still shows it succeeded.
+            logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step_name, error)
+            return
         # Refused because the saga was already compensating (a cancel, a failure elsewhere):
         # the step did nothing, by design; it did not fail.
         step.status = StepStatus.REFUSED if compensating and error_type == "StepRefused" else StepStatus.FAILED
@@ -581,15 +592,9 @@ def saga_step_failed(
                 s.status, s.finished_at = StepStatus.PENDING, None
             _save_steps(later)
 
-        definition = get_definition(saga.definition, saga.definition_version)
         if step.phase == StepPhase.FORWARD:
             if saga.status != SagaStatus.RUNNING:
                 # Already compensating (e.g. a cancel): this step refusing is expected.
-                return
-            if saga.pivot_committed_at is not None and not definition.is_after_pivot(step_name):
-                # A late copy of an earlier step failed after the pivot committed: the
-                # original succeeded (the pivot needed it). Nothing to undo.
-                logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step_name, error)
                 return
             if definition.is_after_pivot(step_name):
                 _needs_attention(saga, step_name, error_type, error)

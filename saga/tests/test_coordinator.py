@@ -7,6 +7,7 @@ published is read from the orders connection's on-commit callbacks (saga.tests.c
 Operator actions, cancels and the sweeper: test_coordinator_operators.py.
 """
 
+import logging
 import uuid
 from datetime import timedelta
 
@@ -290,6 +291,40 @@ def test_a_late_failure_of_a_step_that_succeeded_is_ignored(django_capture_on_co
         fail(saga, "confirm_order", StepRefused("order is confirmed"))
     assert snapshot(saga) == done
     assert published(callbacks) == []
+
+
+def test_a_late_failure_of_an_earlier_step_after_the_pivot_never_compensates(
+    django_capture_on_commit_callbacks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pivot committed without the charge's record; a copy of the charge then fails
+    (a duplicate past its time limit): the original committed, the order is confirmed.
+
+    Before the fix the copy's failure marked the step failed for good: no later record
+    could correct it, and the completed saga showed a failed charge."""
+    saga = start()
+    assert pivot(saga, steps=["reserve_inventory"])
+    with django_capture_on_commit_callbacks(using="orders") as callbacks, caplog.at_level(logging.WARNING):
+        fail(saga, "charge_payment", TransientError("time limit"), timeline=timeline(saga, ["reserve_inventory"]))
+
+    row = saga_row(saga)
+    assert (row.status, row.generation, row.current_step, row.failure_step) == (
+        SagaStatus.RUNNING,
+        0,
+        "notify_customer",
+        "",
+    )
+    assert not rows(saga).keys() & set(COMPENSATION)
+    # The step committed (the pivot needed it): a copy's failure does not make it failed.
+    assert statuses(saga, FORWARD) == ["succeeded", "unknown", "succeeded", "running"]
+    assert published(callbacks) == []
+    assert "failed after the pivot committed" in caplog.text
+
+    # The chain's record, drained later, shows the charge as the original ran it.
+    steps = timeline(saga, FORWARD)
+    services.saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
+    assert saga_row(saga).status == SagaStatus.COMPLETED
+    charge = rows(saga)["charge_payment"]
+    assert (charge.status, charge.last_error) == (StepStatus.SUCCEEDED, "")
 
 
 def test_a_failure_after_the_pivot_needs_attention_and_compensates_nothing(django_capture_on_commit_callbacks) -> None:
