@@ -522,6 +522,13 @@ def saga_step_failed(
         if step is None:
             logger.error("saga %s has no step %s; failure report ignored", saga_id, step_name)
             return
+        reported, current = _generation_of(task_id), _generation_of(step.celery_task_id)
+        if step.status == StepStatus.RUNNING and reported is not None and current is not None and reported < current:
+            # A copy that a re-publish superseded (e.g. the errback of the failure an operator
+            # retried, repeated): the step's current copy reports for itself, and the sweeper
+            # keeps watching its deadline.
+            logger.warning("saga %s step %s: %s was superseded; its failure is ignored", saga_id, step_name, task_id)
+            return
         if step.status != StepStatus.SUCCEEDED:
             # The steps before it in its chain committed (a chain runs a step only after the
             # previous one did); their records travelled with the failure report.
@@ -604,6 +611,12 @@ def saga_step_failed(
                 )
         elif saga.status == SagaStatus.COMPENSATING:
             _needs_attention(saga, step_name, error_type, error)
+
+
+def _generation_of(task_id: str) -> int | None:
+    """The generation a task id names (saga.engine.task_id_for), or None."""
+    _, separator, generation = task_id.rpartition("-g")
+    return int(generation) if separator and generation.isdigit() else None
 
 
 def _needs_attention(saga: SagaInstance, step_name: str, error_type: str, error: str) -> None:

@@ -232,6 +232,31 @@ def test_a_retry_races_the_late_success_of_the_step_it_re_publishes(django_captu
     assert published(callbacks) == []
 
 
+def test_a_repeated_errback_of_the_failure_a_retry_superseded_changes_nothing(
+    django_capture_on_commit_callbacks,
+) -> None:
+    """The errback of the failure that stopped the saga fires again after the operator's
+    retry (errbacks may repeat): the re-published copy is in flight and reports for itself.
+
+    Before the fix the old copy's failure failed the step again under the old task id and
+    flagged the saga once more, and the sweeper no longer watched the retried copy."""
+    saga = needing_attention_at_notify()
+    services.saga_retry(saga_id=saga.id, user=None)
+    done = snapshot(saga)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "notify_customer", TransientError("SMTP down"), generation=0)
+
+    assert snapshot(saga) == done
+    notify = rows(saga)["notify_customer"]
+    assert (saga_row(saga).status, notify.status) == (SagaStatus.RUNNING, StepStatus.RUNNING)
+    assert notify.celery_task_id == f"{saga.id}-notify_customer-g1" and notify.deadline_at is not None
+    assert published(callbacks) == []
+
+    # The retried copy's own failure still counts.
+    fail(saga, "notify_customer", TransientError("SMTP still down"), generation=1)
+    assert (saga_row(saga).status, saga_row(saga).failure_reason) == (SagaStatus.NEEDS_ATTENTION, "SMTP still down")
+
+
 def test_a_late_success_before_the_retry_completes_the_saga_and_the_retry_is_refused() -> None:
     saga = needing_attention_at_notify()
     steps = timeline(saga, FORWARD, worker="late@host")
