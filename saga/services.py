@@ -522,6 +522,13 @@ def saga_step_failed(
         if step is None:
             logger.error("saga %s has no step %s; failure report ignored", saga_id, step_name)
             return
+        reported, current = _generation_of(task_id), _generation_of(step.celery_task_id)
+        if step.status == StepStatus.RUNNING and reported is not None and current is not None and reported < current:
+            # A copy that a re-publish superseded (e.g. the errback of the failure an operator
+            # retried, repeated): the step's current copy reports for itself, and the sweeper
+            # keeps watching its deadline.
+            logger.warning("saga %s step %s: %s was superseded; its failure is ignored", saga_id, step_name, task_id)
+            return
         if step.status != StepStatus.SUCCEEDED:
             # The steps before it in its chain committed (a chain runs a step only after the
             # previous one did); their records travelled with the failure report.
@@ -554,6 +561,17 @@ def saga_step_failed(
             # the compensation; or it was refused before) refused again: keep what happened.
             logger.warning("saga %s step %s: a late copy failed while compensating: %s", saga_id, step_name, error)
             return
+        definition = get_definition(saga.definition, saga.definition_version)
+        if (
+            step.phase == StepPhase.FORWARD
+            and saga.pivot_committed_at is not None
+            and not definition.is_after_pivot(step_name)
+        ):
+            # A late copy of an earlier step failed after the pivot committed: the
+            # original succeeded (the pivot needed it). Nothing to undo, and the step is
+            # not shown failed: the chain's record still shows it succeeded.
+            logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step_name, error)
+            return
         # Refused because the saga was already compensating (a cancel, a failure elsewhere):
         # the step did nothing, by design; it did not fail.
         step.status = StepStatus.REFUSED if compensating and error_type == "StepRefused" else StepStatus.FAILED
@@ -581,15 +599,9 @@ def saga_step_failed(
                 s.status, s.finished_at = StepStatus.PENDING, None
             _save_steps(later)
 
-        definition = get_definition(saga.definition, saga.definition_version)
         if step.phase == StepPhase.FORWARD:
             if saga.status != SagaStatus.RUNNING:
                 # Already compensating (e.g. a cancel): this step refusing is expected.
-                return
-            if saga.pivot_committed_at is not None and not definition.is_after_pivot(step_name):
-                # A late copy of an earlier step failed after the pivot committed: the
-                # original succeeded (the pivot needed it). Nothing to undo.
-                logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step_name, error)
                 return
             if definition.is_after_pivot(step_name):
                 _needs_attention(saga, step_name, error_type, error)
@@ -599,6 +611,12 @@ def saga_step_failed(
                 )
         elif saga.status == SagaStatus.COMPENSATING:
             _needs_attention(saga, step_name, error_type, error)
+
+
+def _generation_of(task_id: str) -> int | None:
+    """The generation a task id names (saga.engine.task_id_for), or None."""
+    _, separator, generation = task_id.rpartition("-g")
+    return int(generation) if separator and generation.isdigit() else None
 
 
 def _needs_attention(saga: SagaInstance, step_name: str, error_type: str, error: str) -> None:

@@ -1,0 +1,162 @@
+"""What the coordinator's tests (test_coordinator*.py) share: a saga in the orders test
+database, the messages that reach the coordinator as their senders write them, and a look
+at what it publishes.
+
+Nothing here stands in for the system: a failure report's exception is stored in the real
+result backend (the `default` test database, as a failing worker stores it) and read back
+by `saga.services`; a chain's record is sealed as its last step seals it and stored where
+that step stores it; what the coordinator publishes is read from the `transaction.on_commit`
+callbacks it registers on the orders connection (`django_capture_on_commit_callbacks`,
+not executed: no worker runs in these tests, and the test's transaction never commits).
+"""
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import states
+from django.db import transaction
+from django.utils import timezone
+from django_celery_results.models import TaskResult
+
+from common.signing import Authority, context_digest, seal
+from orders.saga import PLACE_ORDER
+from orders_project.celery import app
+from saga import services
+from saga.definition import SagaDefinition
+from saga.engine import task_id_for
+from saga.models import SagaInstance, SagaStep, StepPhase
+
+FORWARD = tuple(step.name for step in PLACE_ORDER.steps)
+COMPENSATION = tuple(step.name for step in PLACE_ORDER.compensation_steps())
+COMPENSATION_TASKS = ["payments.refund", "inventory.release", "orders.fail", "notifications.notify"]
+
+
+class PaymentDeclined(Exception):
+    """A business failure as a participant raises it (the coordinator reads only its type
+    and message: it imports no participant)."""
+
+
+def start(definition: SagaDefinition = PLACE_ORDER, **context: Any) -> SagaInstance:
+    """A new saga, as the order request writes it (its chain's publish never runs: the
+    test's transaction does not commit)."""
+    with transaction.atomic(using="orders"):
+        return services.saga_start(definition=definition, order_id=uuid.uuid4(), context={"items": [], **context})
+
+
+def saga_row(saga: SagaInstance) -> SagaInstance:
+    return SagaInstance.objects.using("orders").get(id=saga.id)
+
+
+def rows(saga: SagaInstance) -> dict[str, SagaStep]:
+    return {step.name: step for step in SagaStep.objects.using("orders").filter(saga_id=saga.id)}
+
+
+def statuses(saga: SagaInstance, names: Iterable[str]) -> list[str]:
+    steps = rows(saga)
+    return [steps[name].status for name in names]
+
+
+def snapshot(saga: SagaInstance) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Every column of the saga and its steps: equal snapshots mean nothing was written."""
+    row = saga_row(saga)
+    saga_fields = {f.attname: getattr(row, f.attname) for f in SagaInstance._meta.concrete_fields}
+    step_fields = {
+        name: {f.attname: getattr(step, f.attname) for f in SagaStep._meta.concrete_fields}
+        for name, step in rows(saga).items()
+    }
+    return saga_fields, step_fields
+
+
+def entry(
+    saga: SagaInstance,
+    step: str,
+    *,
+    generation: int | None = None,
+    attempt: int = 1,
+    worker: str = "w@host",
+    finished: datetime | None = None,
+    output: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A participant's `_steps` entry (common.steps) for `step`: it committed."""
+    finished = finished or timezone.now() - timedelta(seconds=5)
+    return {
+        "task_id": task_id_for(saga.id, step, saga.generation if generation is None else generation),
+        "started_at": (finished - timedelta(milliseconds=40)).isoformat(),
+        "finished_at": finished.isoformat(),
+        "attempt": attempt,
+        "worker": worker,
+        "output": output or {},
+    }
+
+
+def timeline(saga: SagaInstance, names: Sequence[str], *, generation: int | None = None, **kw: Any) -> list[dict]:
+    """Entries for `names` in order, each finishing a second after the one before."""
+    end = timezone.now() - timedelta(seconds=5)
+    return [
+        entry(saga, name, generation=generation, finished=end - timedelta(seconds=len(names) - i), **kw)
+        for i, name in enumerate(names)
+    ]
+
+
+def report(saga: SagaInstance, steps: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """A success report's body: the reporting step's output with the chain's timeline."""
+    return {"saga_id": str(saga.id), "order_id": str(saga.order_id), **fields, "_steps": steps}
+
+
+def sealed_record(
+    saga: SagaInstance, step: str, steps: list[dict[str, Any]], *, phase: str = StepPhase.FORWARD, generation: int = 0
+) -> dict[str, Any]:
+    """A chain's record as its last step seals it (common.steps): under the authority the
+    coordinator minted for that step (this test holds SECRET_KEY, as every process does)."""
+    authority = Authority(str(saga.id), step, "", phase, generation, context_digest(saga.context), "")
+    return seal(report(saga, steps), authority)
+
+
+def store_record(saga: SagaInstance, step: str, record: dict[str, Any], *, generation: int = 0) -> str:
+    """Store `record` where the chain's last step stores it: the result backend, by task id."""
+    task_id = task_id_for(saga.id, step, generation)
+    # An upsert, as the backend's (orders_project.result_backend): a copy that succeeds
+    # under a task id that failed before replaces its failure.
+    TaskResult.objects.using("default").update_or_create(
+        task_id=task_id,
+        defaults={"status": states.SUCCESS, "result": json.dumps(record), "content_type": "application/json"},
+    )
+    return task_id
+
+
+def fail(
+    saga: SagaInstance,
+    step: str,
+    error: BaseException,
+    *,
+    generation: int | None = None,
+    timeline: list[dict[str, Any]] | None = None,
+    attempt: dict[str, Any] | None = None,
+) -> str:
+    """A step's failure report, as it reaches the coordinator: the failing worker stored
+    the exception in the result backend, then its errback names the task id."""
+    task_id = task_id_for(saga.id, step, saga_row(saga).generation if generation is None else generation)
+    app.backend.store_result(task_id, error, states.FAILURE)
+    services.saga_step_failed(saga_id=saga.id, step_name=step, task_id=task_id, timeline=timeline, attempt=attempt)
+    return task_id
+
+
+def published(callbacks: Iterable[Any]) -> list[list[tuple[str, str]]]:
+    """Each chain the coordinator would publish on commit: (task name, task id) per step.
+
+    Precondition: `callbacks` from `django_capture_on_commit_callbacks(using="orders")`;
+    each is `partial(saga.services._publish, signature, ...)`.
+    """
+    chains = []
+    for callback in callbacks:
+        signature = callback.args[0]
+        tasks = getattr(signature, "tasks", None) or [signature]
+        chains.append([(task.task, task.options["task_id"]) for task in tasks])
+    return chains
+
+
+def ids(saga: SagaInstance, names: Iterable[str], generation: int) -> list[str]:
+    return [task_id_for(saga.id, name, generation) for name in names]

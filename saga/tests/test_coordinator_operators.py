@@ -1,0 +1,482 @@
+"""The coordinator's state machine where people and the sweeper act on it: a customer's
+cancel and an operator's "compensate now" racing the pivot and late reports, an operator's
+retry racing a late success, retry by fingerprint, and the recovery sweeper's branches.
+
+The orders and default test databases, and the real test broker that the sweeper asks
+(no worker consumes it here: every queue it reads is empty, or holds only what a test
+put there); no workers. What would be published is read from the orders connection's
+on-commit callbacks (saga.tests.coordinator).
+"""
+
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from common.exceptions import StepRefused, TransientError
+from orders.models import Order
+from orders.saga import PLACE_ORDER
+from orders_project.celery import app
+from saga import services
+from saga.definition import SagaDefinition, Step, register
+from saga.models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus
+from saga.recovery import SENT_AT
+
+from .coordinator import (
+    COMPENSATION,
+    COMPENSATION_TASKS,
+    FORWARD,
+    PaymentDeclined,
+    fail,
+    ids,
+    published,
+    report,
+    rows,
+    saga_row,
+    sealed_record,
+    snapshot,
+    start,
+    statuses,
+    store_record,
+    timeline,
+)
+
+pytestmark = pytest.mark.django_db(databases=["orders", "default"])
+FORWARD_TASKS = [step.task for step in PLACE_ORDER.steps]
+
+
+@pytest.fixture(autouse=True)
+def _quick_broadcast(settings) -> None:
+    # No worker answers the sweeper's broadcast here: do not wait a second for nobody.
+    settings.SAGA_INSPECT_TIMEOUT = 0.05
+
+
+def with_order(saga: SagaInstance, status: str = Order.Status.PENDING) -> Order:
+    """The saga's order row: the pivot guard (orders.services) locks and reads it."""
+    return Order.objects.using("orders").create(
+        id=saga.order_id, user_id=1, email="c@example.com", payment_token="tok_visa", total=Decimal("20.00"),
+        currency="EUR", status=status,
+    )  # fmt: skip
+
+
+def pivot(saga: SagaInstance, steps=("reserve_inventory", "charge_payment")) -> bool:
+    with transaction.atomic(using="orders"):
+        return services.saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps))
+
+
+def cancel(saga: SagaInstance) -> None:
+    """What the customer's cancel does to the saga (orders.services.order_cancel)."""
+    with transaction.atomic(using="orders"):
+        locked = saga_row(saga)
+        services.saga_begin_compensation(
+            locked, outcome="cancelled", failure_step=locked.current_step, failure_type="Cancelled", reason="asked"
+        )
+
+
+def stall(saga: SagaInstance, step: str, *, republished: int = 0, ago: int = 60) -> None:
+    """`step` is running and `ago` seconds past its deadline, re-published `republished` times."""
+    now = timezone.now()
+    SagaStep.objects.using("orders").filter(saga_id=saga.id, name=step).update(
+        status=StepStatus.RUNNING,
+        republished=republished,
+        queued_at=now - timedelta(seconds=ago + 100),
+        deadline_at=now - timedelta(seconds=ago),
+    )
+
+
+# --- Cancels racing the pivot and reports -----------------------------------------------
+
+
+def test_a_cancel_before_the_pivot_wins_and_late_reports_only_fill_in_the_timeline(
+    django_capture_on_commit_callbacks,
+) -> None:
+    saga = start()
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        cancel(saga)
+        # The confirm commits after the cancel: the saga may no longer pass its pivot.
+        assert not pivot(saga)
+        # The reserve had committed before the cancel; its report arrives now.
+        steps = timeline(saga, ["reserve_inventory"], generation=0)
+        services.saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps))
+        fail(saga, "confirm_order", StepRefused("the order is being cancelled"), generation=0)
+
+    row = saga_row(saga)
+    assert (row.status, row.outcome, row.generation, row.current_step) == (
+        SagaStatus.COMPENSATING,
+        "cancelled",
+        1,
+        "refund_payment",
+    )
+    assert row.pivot_committed_at is None
+    assert statuses(saga, FORWARD) == ["succeeded", "unknown", "refused", "pending"]
+    assert statuses(saga, COMPENSATION) == ["running", "pending", "pending", "pending"]
+    # Only the cancel published: its compensations, once.
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 1), strict=True))]
+
+
+def test_after_the_pivot_neither_a_cancel_nor_an_operator_can_compensate(django_capture_on_commit_callbacks) -> None:
+    saga = start()
+    assert pivot(saga)
+    with_order(saga, Order.Status.CONFIRMED)
+    done = snapshot(saga)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        with pytest.raises(ValueError, match="past its pivot"), transaction.atomic(using="orders"):
+            services.saga_begin_compensation(
+                saga_row(saga), outcome="cancelled", failure_step="", failure_type="Cancelled", reason="x"
+            )
+        audit = services.saga_compensate(saga_id=saga.id, user=None)
+
+    assert (audit.outcome, audit.status_before, audit.status_after) == ("refused", "running", "running")
+    assert "past its pivot" in audit.detail
+    assert snapshot(saga) == done
+    assert published(callbacks) == []
+
+
+def test_an_operator_compensates_a_running_saga_once_and_the_pivot_then_refuses(
+    django_capture_on_commit_callbacks,
+) -> None:
+    saga = start()
+    with_order(saga)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        first = services.saga_compensate(saga_id=saga.id, user=None)
+        second = services.saga_compensate(saga_id=saga.id, user=None)  # a second click
+        assert not pivot(saga)
+
+    assert (first.outcome, first.status_before, first.status_after) == ("done", "running", "compensating")
+    assert (second.outcome, second.detail) == ("refused", "it is already compensating")
+    row = saga_row(saga)
+    assert (row.status, row.outcome, row.failure_type, row.failure_step, row.generation) == (
+        SagaStatus.COMPENSATING,
+        "failed",
+        services.OPERATOR_COMPENSATED,
+        "reserve_inventory",
+        1,
+    )
+    assert statuses(saga, FORWARD) == ["unknown", "unknown", "unknown", "pending"]
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 1), strict=True))]
+    assert list(SagaAuditEntry.objects.using("orders").filter(saga_id=saga.id).values_list("outcome", flat=True)) == [
+        "refused",
+        "done",
+    ]
+
+
+def test_an_operator_may_compensate_a_pivot_that_never_reported_but_not_a_later_step() -> None:
+    saga = start()
+    with_order(saga)
+    services.saga_step_succeeded(
+        saga_id=saga.id,
+        step_name="charge_payment",
+        result=report(saga, timeline(saga, ["reserve_inventory", "charge_payment"])),
+    )
+    stall(saga, "confirm_order", republished=settings.SAGA_REPUBLISH_BUDGET)
+    services.saga_sweep()
+    assert (saga_row(saga).status, saga_row(saga).failure_step) == (SagaStatus.NEEDS_ATTENTION, "confirm_order")
+
+    assert services.saga_compensate(saga_id=saga.id, user=None).outcome == "done"
+    assert (saga_row(saga).status, saga_row(saga).generation) == (SagaStatus.COMPENSATING, 1)
+
+    later = start()
+    with_order(later)
+    assert pivot(later)
+    fail(later, "notify_customer", TransientError("SMTP down"))
+    audit = services.saga_compensate(saga_id=later.id, user=None)
+    assert (audit.outcome, audit.detail) == (
+        "refused",
+        "it is past its pivot (confirm_order committed): retry it instead",
+    )
+
+
+# --- Operator retry -----------------------------------------------------------------------
+
+
+def needing_attention_at_notify() -> SagaInstance:
+    saga = start()
+    assert pivot(saga)
+    fail(saga, "notify_customer", TransientError("SMTP down"))
+    return saga
+
+
+def test_a_retry_races_the_late_success_of_the_step_it_re_publishes(django_capture_on_commit_callbacks) -> None:
+    saga = needing_attention_at_notify()
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        audit = services.saga_retry(saga_id=saga.id, user=None)
+
+    assert (audit.outcome, audit.status_before, audit.status_after) == ("done", "needs_attention", "running")
+    assert audit.failure_fingerprint == "TransientError @ notify_customer"
+    row, notify = saga_row(saga), rows(saga)["notify_customer"]
+    assert (row.status, row.generation, row.current_step) == (SagaStatus.RUNNING, 1, "notify_customer")
+    # A fresh budget: the retry is its first re-publish, with twice the step's deadline.
+    assert (notify.status, notify.republished, notify.attempts) == (StepStatus.RUNNING, 1, 2)
+    assert (notify.celery_task_id, notify.finished_at) == (f"{saga.id}-notify_customer-g1", None)
+    assert notify.deadline_at > timezone.now() + timedelta(seconds=PLACE_ORDER.steps[-1].deadline_seconds)
+    assert published(callbacks) == [[("notifications.notify", f"{saga.id}-notify_customer-g1")]]
+
+    # The copy that had failed for good succeeds after all, and so does the retry's: both
+    # records are drained, the saga completes once.
+    for generation, worker in ((0, "late@host"), (1, "retry@host")):
+        steps = timeline(saga, FORWARD, generation=generation, worker=worker)
+        record = sealed_record(saga, "notify_customer", steps, generation=generation)
+        store_record(saga, "notify_customer", record, generation=generation)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        services.saga_reports_drain()
+        again = services.saga_retry(saga_id=saga.id, user=None)
+
+    row = saga_row(saga)
+    assert (row.status, row.current_step, row.generation) == (SagaStatus.COMPLETED, "", 1)
+    assert rows(saga)["notify_customer"].status == StepStatus.SUCCEEDED
+    assert (again.outcome, again.detail) == ("refused", "it completed: nothing to retry")
+    assert published(callbacks) == []
+
+
+def test_a_repeated_errback_of_the_failure_a_retry_superseded_changes_nothing(
+    django_capture_on_commit_callbacks,
+) -> None:
+    """The errback of the failure that stopped the saga fires again after the operator's
+    retry (errbacks may repeat): the re-published copy is in flight and reports for itself.
+
+    Before the fix the old copy's failure failed the step again under the old task id and
+    flagged the saga once more, and the sweeper no longer watched the retried copy."""
+    saga = needing_attention_at_notify()
+    services.saga_retry(saga_id=saga.id, user=None)
+    done = snapshot(saga)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "notify_customer", TransientError("SMTP down"), generation=0)
+
+    assert snapshot(saga) == done
+    notify = rows(saga)["notify_customer"]
+    assert (saga_row(saga).status, notify.status) == (SagaStatus.RUNNING, StepStatus.RUNNING)
+    assert notify.celery_task_id == f"{saga.id}-notify_customer-g1" and notify.deadline_at is not None
+    assert published(callbacks) == []
+
+    # The retried copy's own failure still counts.
+    fail(saga, "notify_customer", TransientError("SMTP still down"), generation=1)
+    assert (saga_row(saga).status, saga_row(saga).failure_reason) == (SagaStatus.NEEDS_ATTENTION, "SMTP still down")
+
+
+def test_a_late_success_before_the_retry_completes_the_saga_and_the_retry_is_refused() -> None:
+    saga = needing_attention_at_notify()
+    steps = timeline(saga, FORWARD, worker="late@host")
+    store_record(saga, "notify_customer", sealed_record(saga, "notify_customer", steps))
+    services.saga_reports_drain()
+    done = snapshot(saga)
+    assert done[0]["status"] == SagaStatus.COMPLETED
+
+    audit = services.saga_retry(saga_id=saga.id, user=None)
+    assert (audit.outcome, audit.status_before, audit.status_after) == ("refused", "completed", "completed")
+    assert snapshot(saga) == done
+
+
+def test_a_retry_of_a_failed_compensation_finishes_compensating(django_capture_on_commit_callbacks) -> None:
+    saga = start()
+    fail(saga, "charge_payment", PaymentDeclined("declined"), timeline=timeline(saga, ["reserve_inventory"]))
+    fail(saga, "release_inventory", TransientError("down"), timeline=timeline(saga, ["refund_payment"]))
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        audit = services.saga_retry(saga_id=saga.id, user=None)
+
+    assert (audit.outcome, audit.status_after) == ("done", "compensating")
+    row = saga_row(saga)
+    assert (row.status, row.generation, row.current_step) == (SagaStatus.COMPENSATING, 2, "release_inventory")
+    assert statuses(saga, COMPENSATION) == ["succeeded", "running", "pending", "pending"]
+    rest = COMPENSATION[1:]
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS[1:], ids(saga, rest, 2), strict=True))]
+
+
+def test_what_a_retry_does_by_state() -> None:
+    running = start()
+    assert "not stuck" in services.saga_retry(saga_id=running.id, user=None).detail
+    stall(running, "reserve_inventory")
+    assert services.saga_retry(saga_id=running.id, user=None).detail.startswith("re-published reserve_inventory")
+    assert (saga_row(running).generation, rows(running)["reserve_inventory"].republished) == (1, 1)
+
+    compensated = start()
+    fail(compensated, "reserve_inventory", PaymentDeclined("x"), timeline=[])
+    services.saga_step_succeeded(
+        saga_id=compensated.id,
+        step_name="notify_failure",
+        result=report(compensated, timeline(compensated, COMPENSATION)),
+    )
+    audit = services.saga_retry(saga_id=compensated.id, user=None)
+    assert (audit.outcome, audit.status_after) == ("refused", "compensated")
+
+    # Flagged at the confirm, which has since succeeded, as has every step after it.
+    finished = needing_attention_at_notify()
+    SagaStep.objects.using("orders").filter(saga_id=finished.id).update(status=StepStatus.SUCCEEDED)
+    audit = services.saga_retry(saga_id=finished.id, user=None)
+    assert (audit.outcome, audit.status_after) == ("done", "completed")
+    row = saga_row(finished)
+    assert (row.current_step, row.generation) == ("", 0) and row.finished_at is not None
+
+
+def test_a_retry_by_fingerprint_takes_the_oldest_matching_sagas_up_to_its_limit() -> None:
+    sagas = [needing_attention_at_notify() for _ in range(3)]
+    other = start()  # flagged for another failure
+    assert pivot(other)
+    fail(other, "notify_customer", StepRefused("no address"))
+    entries, remaining = services.saga_retry_by_fingerprint(
+        fingerprints=["TransientError @ notify_customer"], user=None, limit=2
+    )
+    assert [entry.saga_id for entry in entries] == [saga.id for saga in sagas[:2]]
+    assert remaining == 1
+    assert [saga_row(saga).status for saga in sagas] == ["running", "running", "needs_attention"]
+    assert saga_row(other).status == SagaStatus.NEEDS_ATTENTION
+    assert not SagaAuditEntry.objects.using("orders").filter(saga_id=other.id).exists()
+
+
+# --- The sweeper ------------------------------------------------------------------------
+
+
+def test_the_sweeper_re_publishes_a_lost_chain_as_a_new_generation(django_capture_on_commit_callbacks) -> None:
+    saga = start()
+    stall(saga, "reserve_inventory")
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        now = timezone.now()
+        services.saga_sweep(now=now)
+
+    row, reserve = saga_row(saga), rows(saga)["reserve_inventory"]
+    assert (row.status, row.generation, row.current_step) == (SagaStatus.RUNNING, 1, "reserve_inventory")
+    assert (reserve.status, reserve.republished, reserve.attempts, reserve.queued_at) == ("running", 1, 1, now)
+    segment = sum(step.deadline_seconds for step in PLACE_ORDER.steps[:3])  # up to the pivot
+    assert reserve.deadline_at == now + timedelta(seconds=segment * 2)
+    assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
+
+
+def test_past_its_budget_a_step_before_the_pivot_fails_and_the_saga_compensates(
+    django_capture_on_commit_callbacks,
+) -> None:
+    saga = start()
+    stall(saga, "reserve_inventory", republished=settings.SAGA_REPUBLISH_BUDGET)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        services.saga_sweep()
+
+    row, reserve = saga_row(saga), rows(saga)["reserve_inventory"]
+    assert (row.status, row.failure_type, row.generation) == (SagaStatus.COMPENSATING, "StepTimedOut", 1)
+    assert (reserve.status, reserve.deadline_at) == (StepStatus.FAILED, None)
+    budget = settings.SAGA_REPUBLISH_BUDGET
+    assert reserve.last_error == f"StepTimedOut: reserve_inventory did not report back after {budget} re-publishes"
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 1), strict=True))]
+
+
+@pytest.mark.parametrize("where", ["pivot", "after the pivot", "compensation"])
+def test_past_its_budget_a_step_that_cannot_be_undone_needs_attention(
+    where: str, django_capture_on_commit_callbacks
+) -> None:
+    saga = start()
+    if where == "pivot":
+        steps = timeline(saga, ["reserve_inventory", "charge_payment"])
+        services.saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result=report(saga, steps))
+        step = "confirm_order"
+    elif where == "after the pivot":
+        assert pivot(saga)
+        step = "notify_customer"
+    else:
+        fail(saga, "reserve_inventory", PaymentDeclined("x"), timeline=[])
+        step = "refund_payment"
+    stall(saga, step, republished=settings.SAGA_REPUBLISH_BUDGET)
+    generation = saga_row(saga).generation
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        services.saga_sweep()
+
+    row = saga_row(saga)
+    assert (row.status, row.failure_step, row.failure_type) == (SagaStatus.NEEDS_ATTENTION, step, "StepTimedOut")
+    assert row.generation == generation
+    assert rows(saga)[step].status == StepStatus.FAILED
+    assert published(callbacks) == []
+
+
+def test_the_sweeper_re_publishes_a_lost_compensation_from_where_it_stalled(
+    django_capture_on_commit_callbacks,
+) -> None:
+    saga = start()
+    fail(saga, "reserve_inventory", PaymentDeclined("x"), timeline=[])
+    stall(saga, "refund_payment")
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        services.saga_sweep()
+    assert (saga_row(saga).status, saga_row(saga).generation) == (SagaStatus.COMPENSATING, 2)
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 2), strict=True))]
+
+
+def test_a_stalled_step_before_a_committed_pivot_is_not_re_published(django_capture_on_commit_callbacks) -> None:
+    saga = start()
+    assert pivot(saga)
+    stall(saga, "charge_payment")  # a row left running by an old coordinator
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        services.saga_sweep()
+    charge = rows(saga)["charge_payment"]
+    assert (charge.status, charge.deadline_at, saga_row(saga).generation) == (StepStatus.UNKNOWN, None, 0)
+    assert published(callbacks) == []
+
+
+def test_a_chain_whose_record_waits_is_recorded_not_re_published(django_capture_on_commit_callbacks) -> None:
+    saga = start()
+    assert pivot(saga)
+    stall(saga, "notify_customer")
+    store_record(saga, "notify_customer", sealed_record(saga, "notify_customer", timeline(saga, FORWARD)))
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        done = services.saga_sweep()
+    assert done.get("recorded", 0) >= 1 and not done.get("republished")
+    assert (saga_row(saga).status, saga_row(saga).generation) == (SagaStatus.COMPLETED, 0)
+    assert published(callbacks) == []
+
+
+def test_a_stalled_step_of_a_saga_that_no_longer_runs_is_skipped() -> None:
+    saga = needing_attention_at_notify()
+    stall(saga, "notify_customer")  # as an old coordinator left it
+    done = snapshot(saga)
+    assert services.saga_sweep().get("skipped", 0) >= 1
+    assert snapshot(saga) == done
+
+
+# A saga whose steps go to a queue no worker consumes, so a test can put a message there.
+QUEUE = "coordinator_unit_test"
+BACKLOGGED = register(
+    SagaDefinition(
+        name=QUEUE,
+        steps=(
+            Step("hold", f"{QUEUE}.hold", compensation=Step("unhold", f"{QUEUE}.unhold"), timeout=10),
+            Step("confirm", f"{QUEUE}.confirm", timeout=10),
+        ),
+        pivot="confirm",
+    )
+)
+
+
+@pytest.fixture
+def backlog() -> Iterator[None]:
+    """An older message at the head of the saga's queue, in the real broker."""
+    with app.connection_for_write() as connection:
+        client = connection.default_channel.client
+        client.delete(QUEUE)
+        client.lpush(QUEUE, '{"headers": {"%s": %f}}' % (SENT_AT, timezone.now().timestamp() - 600))  # noqa: UP031
+        try:
+            yield
+        finally:
+            client.delete(QUEUE)
+
+
+@pytest.mark.usefixtures("backlog")
+def test_a_chain_that_may_wait_behind_a_backlog_gets_time_not_a_re_publish(django_capture_on_commit_callbacks) -> None:
+    saga = start(BACKLOGGED)
+    now = timezone.now()
+    SagaStep.objects.using("orders").filter(saga_id=saga.id, name="hold").update(
+        queued_at=now - timedelta(seconds=25), deadline_at=now - timedelta(seconds=5)
+    )
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert services.saga_sweep(now=now).get("waiting", 0) >= 1
+    hold = rows(saga)["hold"]
+    assert (hold.status, hold.republished, saga_row(saga).generation) == (StepStatus.RUNNING, 0, 0)
+    assert now < hold.deadline_at <= now + timedelta(seconds=20)
+    assert published(callbacks) == []
+
+    # Past its patience (SAGA_BACKLOG_PATIENCE segments since it was queued): re-published.
+    SagaStep.objects.using("orders").filter(saga_id=saga.id, name="hold").update(
+        queued_at=now - timedelta(seconds=600), deadline_at=now - timedelta(seconds=5)
+    )
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert services.saga_sweep(now=now).get("republished", 0) >= 1
+    assert published(callbacks) == [
+        [(f"{QUEUE}.hold", f"{saga.id}-hold-g1"), (f"{QUEUE}.confirm", f"{saga.id}-confirm-g1")]
+    ]
