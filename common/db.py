@@ -1,10 +1,10 @@
-"""Writing several new rows of several models in one statement."""
+"""Writing several rows of several models in one statement."""
 
 import datetime
 import decimal
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.db import connections, models
@@ -62,6 +62,47 @@ def insert_together(using: str, *groups: Sequence[models.Model]) -> None:
     for group in groups:
         for instance in group:
             instance._state.adding, instance._state.db = False, using
+
+
+def update_together(using: str, *groups: tuple[Sequence[models.Model], Iterable[str] | None]) -> None:
+    """Write the named fields (None: every field) of each group's saved instances, each
+    group one model's, in one statement: one round trip, and the statement's text the same
+    whatever the number of rows (each table's rows go as one JSON parameter, typed by the
+    table's row type), so it runs prepared.
+
+    What `save(update_fields=...)` would write, auto_now fields included (set on the
+    instances). Precondition: the caller holds the rows' locks, or may overwrite them.
+    """
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    ctes, params = [], []
+    for index, (group, names) in enumerate((g, n) for g, n in groups if g):
+        meta = type(group[0])._meta
+        wanted = None if names is None else set(names)
+        fields = [
+            f
+            for f in meta.concrete_fields
+            if not f.primary_key and (wanted is None or f.name in wanted or getattr(f, "auto_now", False))
+        ]
+        pk, table = quote(str(meta.pk.column)), quote(meta.db_table)
+        params.append(
+            json.dumps(
+                [
+                    {str(meta.pk.column): instance.pk}
+                    | {str(f.column): f.pre_save(instance, add=False) for f in fields}
+                    for instance in group
+                ],
+                default=_json_value,
+            )
+        )
+        assignments = ", ".join(f"{quote(str(f.column))} = v.{quote(str(f.column))}" for f in fields)
+        ctes.append(
+            f"u{index} AS (UPDATE {table} AS t SET {assignments} "
+            f"FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb) AS v WHERE t.{pk} = v.{pk})"
+        )
+    if ctes:
+        with prepared(using) as cursor:
+            cursor.execute(f"WITH {', '.join(ctes)} SELECT 1", params)
 
 
 def _json_value(value: Any) -> Any:

@@ -10,7 +10,7 @@ import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.module_loading import import_string
 
-from common.db import from_row, insert_together
+from common.db import from_row, insert_together, update_together
 from common.exceptions import InvalidMessage
 from common.signing import seal_verify
 from common.steps import MAX_TIMELINE
@@ -175,47 +175,34 @@ def _save_steps(rows: Iterable[SagaStep]) -> None:
     _save(None, rows)
 
 
+# The step columns the coordinator writes: its timeline.
+STEP_WRITTEN = (
+    "status",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "deadline_at",
+    "attempts",
+    "worker",
+    "result",
+    "celery_task_id",
+)
+
+
 def _save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:
-    """Write the timeline fields of the steps `rows` (UPDATE ... FROM VALUES) and the
-    saga's `fields` (all of them by default; `updated_at` always), in one statement.
+    """Write the timeline of the steps `rows` and the saga's `fields` (all of them by
+    default; `updated_at` always) in one prepared statement (common.db.update_together).
 
     Django's bulk_update builds a CASE expression per field and row, and a save per model
     is a statement each: on the coordinator's every record that cost more CPU than the
     queries (BENCHMARKS.md). Precondition: the saga's row lock is held.
     """
-    rows = list(rows)
-    connection = connections[DB]
-    sql: list[str] = []
-    params: list[Any] = []
-    if rows:
-        table = connection.ops.quote_name(SagaStep._meta.db_table)
-        row_sql = "(%s::bigint, %s, " + "%s::timestamptz, " * 4 + "%s::integer, %s, %s::jsonb, %s)"
-        for row in rows:
-            params += [row.pk, row.status, row.queued_at, row.started_at, row.finished_at, row.deadline_at]
-            params += [row.attempts, row.worker, json.dumps(row.result or {}), row.celery_task_id]
-        sql.append(
-            f"UPDATE {table} AS s SET status = v.status, queued_at = v.queued_at, started_at = v.started_at, "
-            "finished_at = v.finished_at, deadline_at = v.deadline_at, attempts = v.attempts, worker = v.worker, "
-            "result = v.result, celery_task_id = v.celery_task_id "
-            f"FROM (VALUES {', '.join([row_sql] * len(rows))}) "
-            "AS v(id, status, queued_at, started_at, finished_at, deadline_at, attempts, worker, result, "
-            "celery_task_id) WHERE s.id = v.id"
-        )
-    if saga is not None:
-        wanted = None if fields is None else {*fields, "updated_at"}
-        columns = [
-            f for f in SagaInstance._meta.concrete_fields if not f.primary_key and (wanted is None or f.name in wanted)
-        ]
-        values = [f.get_db_prep_save(f.pre_save(saga, add=False), connection) for f in columns]
-        table = connection.ops.quote_name(SagaInstance._meta.db_table)
-        assignments = ", ".join(f"{connection.ops.quote_name(str(f.column))} = %s" for f in columns)
-        sql.append(f"UPDATE {table} SET {assignments} WHERE id = %s")
-        params += [*values, saga.pk]
-    if not sql:
-        return
-    statement = sql[0] if len(sql) == 1 else f"WITH steps AS ({sql[0]}) {sql[1]}"
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params)
+    _save_many([saga] if saga is not None else [], rows, fields)
+
+
+def _save_many(sagas: Sequence[SagaInstance], rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:
+    """`_save` for several sagas at once. Precondition: every saga's row lock is held."""
+    update_together(DB, (list(rows), STEP_WRITTEN), (list(sagas), fields))
 
 
 def _lock_saga_with_steps(
@@ -223,6 +210,17 @@ def _lock_saga_with_steps(
 ) -> tuple[SagaInstance | None, dict[str, SagaStep]]:
     """The saga, locked (FOR UPDATE), and its steps (of `phase`, or all) by name: one
     statement where the ORM takes two. Precondition: inside `transaction.atomic(using="orders")`."""
+    found = _lock_sagas_with_steps([saga_id], phase=phase)
+    return next(iter(found.values()), (None, {}))
+
+
+def _lock_sagas_with_steps(
+    saga_ids: Sequence[uuid.UUID | str], *, phase: str | None = None, skip_locked: bool = False
+) -> dict[uuid.UUID, tuple[SagaInstance, dict[str, SagaStep]]]:
+    """Each of the sagas, locked, with its steps (of `phase`, or all) by name, in one
+    statement. Rows are locked in id order, so two callers never wait on each other in a
+    cycle; with `skip_locked`, a saga another transaction holds is left out (its caller
+    comes back for it). Precondition: inside `transaction.atomic(using="orders")`."""
     connection = connections[DB]
     quote = connection.ops.quote_name
     saga_fields, step_fields = SagaInstance._meta.concrete_fields, SagaStep._meta.concrete_fields
@@ -232,23 +230,27 @@ def _lock_saga_with_steps(
             f"SELECT {', '.join(columns)} FROM {quote(SagaInstance._meta.db_table)} AS s "
             f"LEFT JOIN {quote(SagaStep._meta.db_table)} AS t ON t.saga_id = s.id"
             + (" AND t.phase = %s" if phase else "")
-            + " WHERE s.id = %s ORDER BY t.phase, t.position FOR UPDATE OF s",
-            [*([phase] if phase else []), saga_id],
+            + " WHERE s.id = ANY(%s::uuid[]) ORDER BY s.id, t.phase, t.position FOR UPDATE OF s"
+            + (" SKIP LOCKED" if skip_locked else ""),
+            [*([phase] if phase else []), [str(i) for i in saga_ids]],
         )
         rows = cursor.fetchall()
-    if not rows:
-        return None, {}
     split = len(saga_fields)
-    saga = from_row(SagaInstance, saga_fields, rows[0][:split], DB)
-    steps = {}
+    found: dict[uuid.UUID, tuple[SagaInstance, dict[str, SagaStep]]] = {}
     for row in rows:
+        saga_id = row[0]
+        if saga_id not in found:
+            found[saga_id] = (from_row(SagaInstance, saga_fields, row[:split], DB), {})
+        saga, steps = found[saga_id]
         if row[split] is not None:
             step = from_row(SagaStep, step_fields, row[split:], DB)
             step._state.fields_cache["saga"] = saga
             steps[step.name] = step
     if phase is None:
-        saga._prefetched_objects_cache = {"steps": list(steps.values())}
-    return saga, steps
+        for saga, steps in found.values():
+            # What prefetch_related("steps") would leave: saga.steps.all() reads no rows.
+            saga._prefetched_objects_cache = {"steps": list(steps.values())}  # type: ignore[attr-defined]
+    return found
 
 
 def _record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline: Any) -> list[SagaStep]:
@@ -312,9 +314,10 @@ def saga_reports_drain() -> int:
     A chain's last step stores its result, the chain's sealed record, in the result
     backend (saga.engine); nothing else stores a success there. One read finds the
     records of every active saga's chains (any generation: a superseded chain's record is
-    a duplicate the store ignores), each is recorded as a success report in its saga's own
-    transaction, and the drained rows are deleted after. Safe to run concurrently and
-    again after a crash between the two: recording a report twice changes nothing.
+    a duplicate the store ignores); all are recorded as success reports in one transaction
+    (one locked read of their sagas, one write), and the drained rows are deleted after.
+    Safe to run concurrently (a saga another transaction holds is left for the next sweep)
+    and again after a crash between the two: recording a report twice changes nothing.
     """
     from django_celery_results.models import TaskResult
 
@@ -340,23 +343,50 @@ def saga_reports_drain() -> int:
         .filter(task_id__in=list(wanted), status="SUCCESS")
         .values_list("task_id", "result")
     )
-    recorded = 0
+    reports: list[tuple[str, SagaInstance, str, dict[str, Any]]] = []
+    done: list[str] = []  # drained rows: recorded, or not what their step sealed
     for task_id, stored in rows:
         saga, step_name = wanted[task_id]
         try:
-            report = report_verified(json.loads(stored), saga.id, step_name)
+            reports.append((task_id, saga, step_name, report_verified(json.loads(stored), saga.id, step_name)))
         except (InvalidMessage, ValueError, TypeError) as error:
             # Not what the step sealed: someone wrote the result backend. Dropped with the rest.
             logger.error("saga %s: the stored record of %s is not its step's: %s; dropped", saga.id, task_id, error)
-            continue
-        with saga_trace_context(saga.trace_context, why="saga.record"):
-            saga_step_succeeded(saga_id=saga.id, step_name=step_name, result=report)
-        recorded += 1
-    if rows:
+            done.append(task_id)
+    recorded = 0
+    if reports:
+        # Every saga with a record, in one transaction: one read of them (locked) and one
+        # write, instead of a lock, a read and a write per saga. A saga another transaction
+        # holds (an operator, a failure report) is skipped; its record waits for the next sweep.
+        with transaction.atomic(using=DB):
+            locked = _lock_sagas_with_steps([saga.id for _, saga, _, _ in reports], skip_locked=True)
+            changed: dict[uuid.UUID, dict[str, SagaStep]] = {}
+            for task_id, saga, step_name, report in reports:
+                if saga.id not in locked:
+                    continue
+                current, steps = locked[saga.id]
+                try:
+                    with saga_trace_context(saga.trace_context, why="saga.record"):
+                        rows_changed = _apply_success(current, steps, step_name, report)
+                except Exception:
+                    # One saga's bug must not hold back every other saga's record: this one
+                    # is left out of the write, and its record stays for the next sweep.
+                    logger.exception("saga %s: recording %s failed; left for the next sweep", saga.id, task_id)
+                    changed.pop(saga.id, None)
+                    locked.pop(saga.id)
+                    continue
+                if rows_changed is not None:
+                    changed.setdefault(saga.id, {}).update(rows_changed)
+                done.append(task_id)
+                recorded += 1
+            _save_many(
+                [locked[saga_id][0] for saga_id in changed],
+                [row for rows_of in changed.values() for row in rows_of.values()],
+            )
+    if done:
         with connections[RESULTS_DB].cursor() as cursor:
             cursor.execute(
-                f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'",
-                [[task_id for task_id, _ in rows]],
+                f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'", [done]
             )
     return recorded
 
@@ -368,89 +398,100 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
     The chain itself has already published any next step; this only keeps the store in
     step with it. Idempotent: a duplicate report of a succeeded step changes nothing.
     """
-    result = dict(result or {})
-    timeline = result.pop("_steps", None)
     with transaction.atomic(using=DB):
         saga, steps = _lock_saga_with_steps(saga_id)
         if saga is None:
             logger.error("step %s succeeded for unknown saga %s; ignored", step_name, saga_id)
             return
-        step = steps.get(step_name)
-        if step is None:
-            logger.error("saga %s has no step %s; success report ignored", saga_id, step_name)
-            return
-        already = step.status == StepStatus.SUCCEEDED and step.started_at is not None
-        changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
-        entries = [m for m in timeline if isinstance(m, dict)] if isinstance(timeline, list) else []
-        own = next((m for m in reversed(entries) if step_name_of(m.get("task_id"), saga.id) == step.name), None)
-        if step.status == StepStatus.FAILED and own is not None:
-            # A copy of a step that failed for good succeeded after all (a duplicate that
-            # outlived the breaker): it did commit, so the store says so, with that copy's
-            # attempt and times. Its compensation, already under way, undoes it.
-            logger.warning("saga %s: %s succeeded after it had failed for good", saga.id, step.name)
-            step.status, step.deadline_at, step.finished_at = StepStatus.SUCCEEDED, None, None
-            before = entries[: entries.index(own)]
-            queued = before[-1].get("finished_at") if before else None
-            _apply_timing(step, own, queued_at=parse_datetime(queued) if isinstance(queued, str) else None)
-            changed[step.name] = step
-        elif step.status in UNSETTLED:
-            # A report without its own timeline entry (a foreign or old-format message).
-            step.status, step.deadline_at = StepStatus.SUCCEEDED, None
-            step.finished_at = step.finished_at or timezone.now()
-            changed[step.name] = step
-        if already and not changed:
-            return  # a duplicate report
-        now = timezone.now()
-        # Later steps need what this one produced (e.g. the amount); a re-publish (sweeper,
-        # operator retry) starts from this context.
-        saga.context = {**saga.context, **{k: v for k, v in result.items() if not k.startswith("_")}}
+        changed = _apply_success(saga, steps, step_name, result)
+        if changed is not None:
+            _save(saga, changed.values())
 
-        definition = get_definition(saga.definition, saga.definition_version)
-        plan = _phase_plan(definition, step.phase)
-        active, finished = (
-            (SagaStatus.RUNNING, SagaStatus.COMPLETED)
-            if step.phase == StepPhase.FORWARD
-            else (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
-        )
-        if (
-            saga.status == SagaStatus.NEEDS_ATTENTION
-            and saga.failure_step == step.name
-            and step.status == StepStatus.SUCCEEDED
-        ):
-            # A re-published copy of the step that failed for good has now succeeded: the
-            # reason for stopping is gone, so the saga carries on where it was.
-            logger.warning("saga %s: %s succeeded after all; resuming", saga.id, step.name)
-            saga.status = active
-        if saga.status == active and not already:
-            if step.position + 1 == len(plan):
-                # The last step of a chain runs only after every earlier one committed, but
-                # one whose record is missing (a chain re-published midway) is not shown
-                # succeeded without its attempt and times: its outcome was not recorded.
-                saga.status = finished
-                saga.current_step = ""
-                # When it ended, not when the store heard of it (reports are drained).
-                saga.finished_at = step.finished_at or now
-                for earlier in steps.values():
-                    if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
-                        earlier.status, earlier.deadline_at = StepStatus.UNKNOWN, None
-                        changed[earlier.name] = earlier
-            else:
-                nxt = plan[step.position + 1]
-                nxt_row = steps[nxt.name]
-                # Reports may arrive out of order: a late one never rewinds a step that
-                # already started or finished.
-                if nxt_row.status == StepStatus.PENDING:
-                    _mark_running(
-                        nxt_row,
-                        deadline_seconds=_segment_deadline(definition, plan, step.position + 1),
-                        now=now,
-                        generation=saga.generation,
-                        saga_id=saga.id,
-                        queued_at=step.finished_at,
-                    )
-                    saga.current_step = nxt.name
-                    changed[nxt_row.name] = nxt_row
-        _save(saga, changed.values())
+
+def _apply_success(
+    saga: SagaInstance, steps: Mapping[str, SagaStep], step_name: str, result: Mapping[str, Any]
+) -> dict[str, SagaStep] | None:
+    """Apply a success report to `saga` and its `steps` in memory; the rows to write (the
+    saga always), or None when it changes nothing (a duplicate). Precondition: the saga's
+    row lock is held, and the caller writes the saga and the rows returned."""
+    step = steps.get(step_name)
+    if step is None:
+        logger.error("saga %s has no step %s; success report ignored", saga.id, step_name)
+        return None
+    result = dict(result or {})
+    timeline = result.pop("_steps", None)
+    already = step.status == StepStatus.SUCCEEDED and step.started_at is not None
+    changed = {s.name: s for s in _record_timeline(saga, steps, timeline)}
+    entries = [m for m in timeline if isinstance(m, dict)] if isinstance(timeline, list) else []
+    own = next((m for m in reversed(entries) if step_name_of(m.get("task_id"), saga.id) == step.name), None)
+    if step.status == StepStatus.FAILED and own is not None:
+        # A copy of a step that failed for good succeeded after all (a duplicate that
+        # outlived the breaker): it did commit, so the store says so, with that copy's
+        # attempt and times. Its compensation, already under way, undoes it.
+        logger.warning("saga %s: %s succeeded after it had failed for good", saga.id, step.name)
+        step.status, step.deadline_at, step.finished_at = StepStatus.SUCCEEDED, None, None
+        before = entries[: entries.index(own)]
+        queued = before[-1].get("finished_at") if before else None
+        _apply_timing(step, own, queued_at=parse_datetime(queued) if isinstance(queued, str) else None)
+        changed[step.name] = step
+    elif step.status in UNSETTLED:
+        # A report without its own timeline entry (a foreign or old-format message).
+        step.status, step.deadline_at = StepStatus.SUCCEEDED, None
+        step.finished_at = step.finished_at or timezone.now()
+        changed[step.name] = step
+    if already and not changed:
+        return None  # a duplicate report
+    now = timezone.now()
+    # Later steps need what this one produced (e.g. the amount); a re-publish (sweeper,
+    # operator retry) starts from this context.
+    saga.context = {**saga.context, **{k: v for k, v in result.items() if not k.startswith("_")}}
+
+    definition = get_definition(saga.definition, saga.definition_version)
+    plan = _phase_plan(definition, step.phase)
+    active, finished = (
+        (SagaStatus.RUNNING, SagaStatus.COMPLETED)
+        if step.phase == StepPhase.FORWARD
+        else (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
+    )
+    if (
+        saga.status == SagaStatus.NEEDS_ATTENTION
+        and saga.failure_step == step.name
+        and step.status == StepStatus.SUCCEEDED
+    ):
+        # A re-published copy of the step that failed for good has now succeeded: the
+        # reason for stopping is gone, so the saga carries on where it was.
+        logger.warning("saga %s: %s succeeded after all; resuming", saga.id, step.name)
+        saga.status = active
+    if saga.status == active and not already:
+        if step.position + 1 == len(plan):
+            # The last step of a chain runs only after every earlier one committed, but
+            # one whose record is missing (a chain re-published midway) is not shown
+            # succeeded without its attempt and times: its outcome was not recorded.
+            saga.status = finished
+            saga.current_step = ""
+            # When it ended, not when the store heard of it (reports are drained).
+            saga.finished_at = step.finished_at or now
+            for earlier in steps.values():
+                if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                    earlier.status, earlier.deadline_at = StepStatus.UNKNOWN, None
+                    changed[earlier.name] = earlier
+        else:
+            nxt = plan[step.position + 1]
+            nxt_row = steps[nxt.name]
+            # Reports may arrive out of order: a late one never rewinds a step that
+            # already started or finished.
+            if nxt_row.status == StepStatus.PENDING:
+                _mark_running(
+                    nxt_row,
+                    deadline_seconds=_segment_deadline(definition, plan, step.position + 1),
+                    now=now,
+                    generation=saga.generation,
+                    saga_id=saga.id,
+                    queued_at=step.finished_at,
+                )
+                saga.current_step = nxt.name
+                changed[nxt_row.name] = nxt_row
+    return changed
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,16 @@ def test_a_record_of_an_ended_saga_or_a_failure_is_not_drained() -> None:
     TaskResult.objects.create(task_id=failed, status="FAILURE", result=json.dumps({"exc_type": "X"}))
     assert services.saga_reports_drain() == 0
     assert TaskResult.objects.filter(task_id=failed).exists()  # the failure report's to read
+
+
+def test_several_sagas_records_are_recorded_together() -> None:
+    sagas = [start() for _ in range(3)]
+    for saga in sagas:
+        store(saga, chain_record(saga))
+
+    assert services.saga_reports_drain() == 3
+
+    for saga in sagas:
+        saga.refresh_from_db()
+        assert saga.status == SagaStatus.COMPLETED
+    assert not TaskResult.objects.exists()
