@@ -126,6 +126,21 @@ def stock(sku: str) -> tuple[int, int]:
     return on_hand + sold, reserved + sold
 
 
+def wait_settled(saga_ids: Any, timeout: float = 60) -> None:
+    """Until every saga in `saga_ids` that passed its pivot is settled: its confirmed
+    order's stock sold (saga.settlement, a sweep or two after the pivot)."""
+    ids = [str(saga_id) for saga_id in saga_ids]
+    wait_for(
+        lambda: (
+            not SagaInstance.objects.filter(
+                id__in=ids, pivot_committed_at__isnull=False, settled_at__isnull=True
+            ).exists()
+        ),
+        timeout=timeout,
+        what="the confirmed orders' sales to be settled",
+    )
+
+
 def steps_by_name(order: dict) -> dict[str, dict]:
     return {step["name"]: step for step in order["saga"]["steps"]}
 
