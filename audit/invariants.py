@@ -8,6 +8,7 @@ and not in the coordinator (`saga`), whose boundaries the import contracts check
 """
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from django.db.models import Count, Q, Sum
@@ -17,6 +18,7 @@ from inventory.models import Product, Reservation
 from notifications.models import Notification
 from orders.models import Order
 from payments.models import FakeProviderOperation, Payment, Refund
+from saga.definition import registered_definitions
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 
 # Keyed by the status strings the rows hold.
@@ -33,11 +35,25 @@ SAGA_FOR_ORDER: dict[str, set[str]] = {
 }
 
 
-def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = None) -> list[str]:
+def audit(
+    *,
+    grace: timedelta = timedelta(minutes=5),
+    now: datetime | None = None,
+    initial_stock: Mapping[str, int] | None = None,
+) -> list[str]:
+    """Every violation found now, one line each. `grace`: how long an order may still be
+    pending, and a confirmed one's sale unsettled. `initial_stock` (SKU -> units on hand at
+    the start, with no adjustment since): checks that each of those SKUs' on hand plus
+    what was sold is still that (stock conservation), as the chaos run does."""
     now = now or timezone.now()
     violations: list[str] = []
     orders = {o.id: o for o in Order.objects.only("id", "status", "created_at", "email")}
-    sagas = {s.order_id: s for s in SagaInstance.objects.only("id", "order_id", "status", "definition")}
+    sagas = {
+        s.order_id: s
+        for s in SagaInstance.objects.only(
+            "id", "order_id", "status", "definition", "definition_version", "pivot_committed_at", "settled_at"
+        )
+    }
 
     # 1. Every order ends confirmed, failed or cancelled, unless still inside its grace period.
     for order in orders.values():
@@ -52,12 +68,18 @@ def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = Non
         if saga.status not in SAGA_FOR_ORDER[order.status]:
             violations.append(f"order {order.id}: is {order.status} but its saga is {saga.status}")
 
-    # 2. Stock: reserved is exactly what held reservations hold; held ones belong to live orders.
-    held = dict(
-        Reservation.objects.filter(status=Reservation.Status.HELD)
-        .values_list("sku")
-        .annotate(total=Sum("quantity"))
-        .values_list("sku", "total")
+    # 2. Stock: reserved is exactly what held reservations hold; held ones belong to orders
+    # in flight; a confirmed order's reservation is sold once its saga is settled (and only
+    # then), an unconfirmed order's never; with the initial stock known, on hand plus sold
+    # is still that.
+    held, sold = (
+        dict(
+            Reservation.objects.filter(status=status)
+            .values_list("sku")
+            .annotate(total=Sum("quantity"))
+            .values_list("sku", "total")
+        )
+        for status in (Reservation.Status.HELD, Reservation.Status.SOLD)
     )
     for product in Product.objects.all():
         if product.reserved != held.get(product.sku, 0):
@@ -67,13 +89,35 @@ def audit(*, grace: timedelta = timedelta(minutes=5), now: datetime | None = Non
             )
         if product.reserved > product.on_hand:
             violations.append(f"product {product.sku}: available is negative ({product.on_hand - product.reserved})")
+        if initial_stock is not None and product.sku in initial_stock:
+            if product.on_hand + sold.get(product.sku, 0) != initial_stock[product.sku]:
+                violations.append(
+                    f"product {product.sku}: on_hand={product.on_hand} plus {sold.get(product.sku, 0)} sold is not "
+                    f"the {initial_stock[product.sku]} it started with"
+                )
     for reservation in Reservation.objects.all():
         owner = orders.get(reservation.order_id)
         status = owner.status if owner else None
+        owner_saga = sagas.get(reservation.order_id)
+        settled = owner_saga is not None and owner_saga.settled_at is not None
         if reservation.status == Reservation.Status.HELD and status in (Order.Status.FAILED, Order.Status.CANCELLED):
             violations.append(f"order {reservation.order_id}: is {status} but still holds {reservation.sku}")
         if reservation.status == Reservation.Status.RELEASED and status == Order.Status.CONFIRMED:
             violations.append(f"order {reservation.order_id}: is confirmed but its {reservation.sku} was released")
+        if reservation.status == Reservation.Status.SOLD and status != Order.Status.CONFIRMED:
+            violations.append(f"order {reservation.order_id}: is {status} but its {reservation.sku} was sold")
+        if reservation.status != Reservation.Status.SOLD and status == Order.Status.CONFIRMED and settled:
+            violations.append(
+                f"order {reservation.order_id}: is confirmed and settled but its {reservation.sku} is "
+                f"{reservation.status}, not sold"
+            )
+    # What a definition settles after its pivot (saga.settlement); one without settles nothing.
+    settling = {(d.name, d.version) for d in registered_definitions() if d.settlement is not None}
+    for saga in sagas.values():
+        if (saga.definition, saga.definition_version) not in settling or saga.settled_at is not None:
+            continue
+        if saga.pivot_committed_at is not None and saga.pivot_committed_at < now - grace:
+            violations.append(f"saga {saga.id}: confirmed at {saga.pivot_committed_at} but its sale is not settled")
 
     # 3. Money: captured only for confirmed orders; others declined, refunded or never charged.
     refunded = set(Refund.objects.values_list("payment_id", flat=True))

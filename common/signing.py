@@ -42,7 +42,7 @@ broker is Celery's message signing (celery.security).
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,3 +188,49 @@ def seal_verify(ctx: Mapping[str, Any]) -> Authority:
         )
     except (KeyError, TypeError, ValueError):
         raise InvalidMessage("bad step output seal: forged or altered") from None
+
+
+# --- Batches: one message for many sagas (saga.settlement) -------------------------------
+#
+# A settlement (a confirmed order's held stock becoming a sale) is sent for a batch of
+# sagas at once, outside any chain. Its authority names the task and the digest of the
+# batch's saga ids, so a message with another task or another batch (a saga added, one
+# whose order was never confirmed) acts on nothing. The participant seals what it did the
+# same way, for the coordinator's task that records it.
+_BATCH_AUTHORITY_SALT = "saga.batch-authority"
+_BATCH_SEAL_SALT = "saga.batch-seal"
+
+
+def _ids_digest(ids: Iterable[Any]) -> str:
+    return hashlib.sha256(",".join(sorted(str(i) for i in ids)).encode()).hexdigest()
+
+
+def batch_authority_mint(*, task: str, saga_ids: Iterable[Any]) -> str:
+    """The coordinator's authority for `task` to act on exactly the sagas `saga_ids`."""
+    return signing.dumps({"task": task, "ids": _ids_digest(saga_ids)}, salt=_BATCH_AUTHORITY_SALT)
+
+
+def batch_authority_verify(token: Any, *, task: str, saga_ids: Iterable[Any]) -> None:
+    """Raise InvalidMessage unless `token` authorises `task` over exactly `saga_ids`."""
+    claim = _loads(token, _BATCH_AUTHORITY_SALT, "batch authority")
+    if claim.get("task") != task:
+        raise InvalidMessage(f"the message authorises {str(claim.get('task'))[:64]}, not {task}")
+    if claim.get("ids") != _ids_digest(saga_ids):
+        raise InvalidMessage(f"{task}: the batch is not the one the coordinator signed")
+
+
+def batch_seal(*, task: str, saga_ids: Sequence[str]) -> dict[str, Any]:
+    """What a batch task returns: the sagas it settled, sealed as `task`'s output."""
+    token = signing.dumps({"task": task, "ids": _ids_digest(saga_ids)}, salt=_BATCH_SEAL_SALT)
+    return {"sagas": list(saga_ids), "task": task, SEAL_FIELD: token}
+
+
+def batch_seal_verify(output: Any) -> tuple[str, list[str]]:
+    """(task, saga ids) of a sealed batch output; InvalidMessage if it is not what that task returned."""
+    if not isinstance(output, Mapping) or not isinstance(output.get("sagas"), list):
+        raise InvalidMessage("a batch output must be an object with a list of sagas")
+    claim = _loads(output.get(SEAL_FIELD), _BATCH_SEAL_SALT, "batch output seal")
+    saga_ids = [str(i) for i in output["sagas"]]
+    if claim.get("task") != output.get("task") or claim.get("ids") != _ids_digest(saga_ids):
+        raise InvalidMessage("the batch output was altered after its task")
+    return str(claim["task"]), saga_ids

@@ -12,8 +12,10 @@ provider, cancel mid-saga) and meanwhile SIGKILLs random workers, restarts the b
 publishes duplicate copies of step messages, races several copies of one step at once
 (now and then with the provider's circuit open around them and the customer cancelling
 in between) and drops queued messages. Then it waits
-until every saga has finished, runs the saga audit, and prints what it injected, how
-long each fault took to recover from (for a kill, seconds until every task the worker held
+until every saga has finished and every confirmed order's stock is sold (saga.settlement),
+runs the saga audit (with stock conservation: on hand plus sold is what each product
+started with), and prints what it injected, how long each fault took to recover from (for
+a kill, seconds until every task the worker held
 was received again by a live worker; for the others, until the sagas it caught moved
 again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
 only when every saga finished and the audit is clean.
@@ -497,22 +499,28 @@ class Chaos:
         ids = list(self.order_ids)
         finished = Order.objects.filter(id__in=ids).exclude(status="pending").count()
         sagas_open = SagaInstance.objects.filter(order_id__in=ids, status__in=["running", "compensating"]).count()
-        return finished == len(ids) and sagas_open == 0
+        # A confirmed order's stock becomes a sale a sweep or two later (saga.settlement).
+        unsettled = SagaInstance.objects.filter(
+            order_id__in=ids, pivot_committed_at__isnull=False, settled_at__isnull=True
+        ).count()
+        return finished == len(ids) and sagas_open == 0 and unsettled == 0
 
 
-def _seed_catalogue(rng: random.Random) -> list[str]:
+def _seed_catalogue(rng: random.Random) -> dict[str, int]:
+    """The products orders are placed for, with the units each starts with (the audit
+    checks that on hand plus sold is still that at the end)."""
     from decimal import Decimal
 
     from inventory.services import product_upsert
 
-    skus = []
+    stock = {}
     for i in range(12):
         sku = f"CHAOS-{i:02d}"
         # Two scarce products, so some orders fail for stock under concurrency.
         on_hand = 15 if i < 2 else 100_000
         product_upsert(sku=sku, name=f"Chaos product {i}", price=Decimal(rng.randint(100, 5000)) / 100, on_hand=on_hand)
-        skus.append(sku)
-    return skus
+        stock[sku] = on_hand
+    return stock
 
 
 def _api_token() -> str:
@@ -574,7 +582,8 @@ def _run(
     from audit.invariants import audit
 
     rng = random.Random(args.seed)
-    skus = _seed_catalogue(rng)
+    initial_stock = _seed_catalogue(rng)
+    skus = list(initial_stock)
     token = _api_token()
     topology = Topology(env=env, log_dir=log_dir / "logs")
     topology.start(replicas=args.replicas)
@@ -619,7 +628,7 @@ def _run(
     chaos.report.sagas = _count(SagaInstance.objects.filter(order_id__in=ids).values_list("status", flat=True))
     from datetime import timedelta
 
-    chaos.report.violations = audit(grace=timedelta(seconds=0))
+    chaos.report.violations = audit(grace=timedelta(seconds=0), initial_stock=initial_stock)
     chaos.report.wall_seconds = time.monotonic() - started_at
     _print_report(chaos.report)
     log_dir.mkdir(parents=True, exist_ok=True)

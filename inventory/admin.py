@@ -69,7 +69,9 @@ def catalogue_writable(request: HttpRequest) -> bool:
 @admin.register(Product)
 class ProductAdmin(admin.ModelAdmin):
     """Products are created and changed through inventory.services, never by saving the row:
-    `reserved` moves only with reservations, `on_hand` only by adjustments."""
+    `reserved` moves only with reservations in flight, `on_hand` by adjustments and by sales
+    (a confirmed order's reservation, settled: inventory.services.stock_sell). What was
+    sold is listed under Reservations, status "sold"."""
 
     form = ProductForm
     list_display = ["sku", "name", "price", "on_hand", "reserved", "available", "updated_at"]
@@ -122,7 +124,17 @@ class ProductAdmin(admin.ModelAdmin):
 
 @admin.register(Reservation)
 class ReservationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["saga_id", "order_id", "sku", "quantity", "unit_price", "status", "created_at", "released_at"]
+    list_display = [
+        "saga_id",
+        "order_id",
+        "sku",
+        "quantity",
+        "unit_price",
+        "status",
+        "created_at",
+        "released_at",
+        "sold_at",
+    ]
     list_filter = ["status", "created_at"]
     search_fields = ["=saga_id", "=order_id", "sku"]
 

@@ -7,9 +7,9 @@ from common.idempotency import ProcessedKeyBase
 class Product(models.Model):
     """A catalogue entry and its stock.
 
-    `on_hand` is what the warehouse holds; `reserved` what orders hold (pending ones
-    and confirmed ones awaiting fulfilment, which is outside this system). Both change
-    only through conditional single-statement updates in `inventory.services`.
+    `on_hand` is what the warehouse holds; `reserved` what orders in flight hold. When an
+    order is confirmed its reservation becomes a sale (`stock_sell`): its units leave both.
+    Both change only through conditional single-statement updates in `inventory.services`.
     """
 
     sku = models.CharField(max_length=64, unique=True)
@@ -40,6 +40,8 @@ class Reservation(models.Model):
     class Status(models.TextChoices):
         HELD = "held"
         RELEASED = "released"
+        # The order was confirmed: the units left stock (never released).
+        SOLD = "sold"
 
     saga_id = models.UUIDField(db_index=True)
     order_id = models.UUIDField(db_index=True)
@@ -49,6 +51,7 @@ class Reservation(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.HELD)
     created_at = models.DateTimeField(auto_now_add=True)
     released_at = models.DateTimeField(null=True, blank=True)
+    sold_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

@@ -195,6 +195,38 @@ def stock_release(*, saga_id: uuid.UUID) -> dict[str, Any]:
     return result
 
 
+def stock_sell(*, saga_ids: Sequence[uuid.UUID]) -> list[str]:
+    """Turn the held reservations of confirmed orders' sagas into sales: each leaves
+    stock (`on_hand` and `reserved` both fall by its quantity); return the sagas given,
+    none of which holds anything any more.
+
+    Precondition: every saga in `saga_ids` passed its pivot (its order is confirmed), so
+    no compensation will ever release its reservation; the coordinator's authority for
+    the batch says so (inventory.tasks.record_sales). A SOLD reservation is never
+    released (`stock_release` gives back HELD ones only).
+
+    One statement, no processed key: idempotent by the reservation's status. Its rows are
+    locked in id order and its products in SKU order (as a reservation and a release lock
+    them), and a racing copy of the same batch waits on those row locks, then finds them
+    no longer HELD and sells nothing (READ COMMITTED re-checks the condition on the row
+    it waited for). The CHECK `reserved <= on_hand` holds throughout: both fall together.
+    """
+    with prepared(DB) as cursor:
+        cursor.execute(
+            "WITH mine AS MATERIALIZED ("
+            f"SELECT id FROM {RESERVATION} WHERE saga_id = ANY(%s::uuid[]) AND status = %s ORDER BY id FOR UPDATE), "
+            f"sold AS (UPDATE {RESERVATION} AS r SET status = %s, sold_at = now() FROM mine "
+            "WHERE r.id = mine.id RETURNING r.sku, r.quantity), "
+            "by_sku AS MATERIALIZED (SELECT sku, sum(quantity)::integer AS q FROM sold GROUP BY sku), "
+            f"locked AS MATERIALIZED (SELECT p.sku FROM {PRODUCT} AS p JOIN by_sku USING (sku) "
+            "ORDER BY p.sku FOR UPDATE OF p) "
+            f"UPDATE {PRODUCT} AS p SET on_hand = p.on_hand - b.q, reserved = p.reserved - b.q, updated_at = now() "
+            "FROM by_sku AS b JOIN locked USING (sku) WHERE p.sku = b.sku",
+            [[str(saga_id) for saga_id in saga_ids], Reservation.Status.HELD, Reservation.Status.SOLD],
+        )
+    return [str(saga_id) for saga_id in saga_ids]
+
+
 def product_upsert(*, sku: str, name: str, price: Decimal, on_hand: int) -> Product:
     """Create a product or set its catalogue data and stock (seeding, tests, admin).
 

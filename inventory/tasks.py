@@ -1,7 +1,11 @@
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from celery import shared_task
+from django.db import InterfaceError, OperationalError
+
 from common.exceptions import InvalidMessage
+from common.signing import AUTHORITY_KWARG, batch_authority_verify, batch_seal
 from common.steps import require_uuid, saga_step_task
 
 from . import selectors, services
@@ -51,3 +55,27 @@ def release(ctx: dict[str, Any]) -> dict[str, Any]:
 def check_stock(ctx: dict[str, Any]) -> dict[str, Any]:
     """place_order version 2's first step: fail before anything is held (reads only)."""
     return selectors.stock_check(lines=_lines(ctx))
+
+
+RECORD_SALES = "inventory.record_sales"
+# A batch is what one sweep sends (SAGA_SWEEP_BATCH); anything much bigger is not ours.
+MAX_BATCH = 10_000
+
+
+@shared_task(
+    name=RECORD_SALES,
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=None,  # the coordinator sends the batch again anyway; retrying is cheaper
+)
+def record_sales(saga_ids: Any, **kwargs: Any) -> dict[str, Any]:
+    """Confirmed orders' reservations become sales (services.stock_sell), for the batch
+    of sagas the coordinator authorised; returns that batch, sealed, for `saga.settled`."""
+    if not isinstance(saga_ids, list) or not saga_ids or len(saga_ids) > MAX_BATCH:
+        raise InvalidMessage(f"{RECORD_SALES} expects a non-empty list of at most {MAX_BATCH} saga ids")
+    ids = [require_uuid({"saga_id": saga_id}, "saga_id") for saga_id in saga_ids]
+    batch_authority_verify(kwargs.get(AUTHORITY_KWARG), task=RECORD_SALES, saga_ids=ids)
+    sold = services.stock_sell(saga_ids=ids)
+    return batch_seal(task=RECORD_SALES, saga_ids=sold)

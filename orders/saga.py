@@ -1,4 +1,5 @@
-"""The place-order saga: reserve -> charge -> confirm (pivot) -> notify.
+"""The place-order saga: reserve -> charge -> confirm (pivot) -> notify; then, in a
+batch with other confirmed orders, the reservation becomes a sale (the settlement).
 
 Compensations sit next to the actions they undo. After compensating, the order is
 marked failed (or cancelled) and the customer is told.
@@ -43,6 +44,9 @@ PLACE_ORDER = SagaDefinition(
         Step("fail_order", "orders.fail"),
         Step("notify_failure", "notifications.notify"),
     ),
+    # Once confirmed, the order's reservation becomes a sale: sent by the coordinator's
+    # sweep for a batch of confirmed orders at once, not as a fifth step (saga.settlement).
+    settlement=Step("record_sales", "inventory.record_sales"),
 )
 
 # Version 2 adds a first step, a read-only stock and price check that fails an order

@@ -261,7 +261,19 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "Why it failed",
             {"fields": ["fingerprint", "failure_step", "failure_type", "failure_reason", "outcome"]},
         ),
-        ("Times", {"fields": ["created_at", "updated_at", "finished_at"]}),
+        (
+            "Times",
+            {
+                "fields": [
+                    "created_at",
+                    "updated_at",
+                    "finished_at",
+                    "pivot_committed_at",
+                    "settlement_sent_at",
+                    "settled_at",
+                ]
+            },
+        ),
         ("Context (what every step receives)", {"fields": ["context"], "classes": ["collapse"]}),
     ]
     readonly_fields = [str(field) for _, options in fieldsets for field in options["fields"]]

@@ -70,11 +70,18 @@ class SagaDefinition:
     customer_reason: str = ""
     # Which shape of the saga this is (see above); what a saga stores and runs to its end on.
     version: int = 1
+    # What makes a saga's provisional effects final once its pivot committed (a confirmed
+    # order's held stock becomes a sale): a task that takes a list of saga ids, sent for a
+    # batch of sagas by the coordinator's sweep, never as a step of each saga's chain
+    # (saga.settlement). Its `timeout` is how long the coordinator waits for the batch to
+    # be recorded before it sends those sagas again. None: nothing to settle.
+    settlement: Step | None = None
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.steps]
         names += [s.compensation.name for s in self.steps if s.compensation]
         names += [s.name for s in self.after_compensation]
+        names += [self.settlement.name] if self.settlement else []
         if len(names) != len(set(names)):
             raise ValueError(f"saga {self.name!r}: step names must be unique, got {names}")
         if self.pivot not in {s.name for s in self.steps}:
@@ -140,6 +147,11 @@ def registered_versions() -> dict[str, list[int]]:
     for name, version in sorted(_REGISTRY):
         versions.setdefault(name, []).append(version)
     return versions
+
+
+def registered_definitions() -> list[SagaDefinition]:
+    """Every definition this process may run a saga on, by (name, version)."""
+    return [_REGISTRY[key] for key in sorted(_REGISTRY)]
 
 
 def get_definition(name: str, version: int | None = None) -> SagaDefinition:

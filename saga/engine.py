@@ -33,7 +33,7 @@ from typing import Any
 from celery import Signature, chain
 from kombu.utils import json
 
-from common.signing import AUTHORITY_KWARG, authority_mint
+from common.signing import AUTHORITY_KWARG, authority_mint, batch_authority_mint
 from common.steps import RECORD_KWARG
 from orders_project.celery import app
 
@@ -42,6 +42,8 @@ from .definition import Step
 # Still registered for success reports published before reports were drained.
 STEP_SUCCEEDED_TASK = "saga.step_succeeded"
 STEP_FAILED_TASK = "saga.step_failed"
+# The coordinator's task that records a settled batch (saga.settlement).
+SETTLED_TASK = "saga.settled"
 
 
 def task_id_for(saga_id: uuid.UUID | str, step_name: str, generation: int) -> str:
@@ -127,3 +129,27 @@ def build_chain(
     if len(signatures) == 1:
         return first
     return chain(*signatures, app=app)
+
+
+def settlement_chain(step: Step, *, saga_ids: Iterable[uuid.UUID | str]) -> Signature:
+    """The one message that settles a batch of sagas: `step.task(saga_ids)`, authorised
+    for exactly those sagas, then `saga.settled` with its sealed output (the sagas it
+    settled). Results travel down the chain in the message: nothing is stored."""
+    ids = sorted(str(saga_id) for saga_id in saga_ids)
+    if not ids:
+        raise ValueError("a settlement needs at least one saga")
+    settle = app.signature(
+        step.task,
+        args=(ids,),
+        kwargs={**step.kwargs, AUTHORITY_KWARG: batch_authority_mint(task=step.task, saga_ids=ids)},
+    )
+    # Flower and the logs show how many sagas, not the ids and the authority.
+    shown: dict[str, Any] = {
+        "argsrepr": f"(<{len(ids)} sagas>,)",
+        "kwargsrepr": f"{{'{AUTHORITY_KWARG}': <settlement {step.name}>}}",
+    }
+    settle.set(**shown)
+    settled = app.signature(SETTLED_TASK, kwargs={"step": step.name})
+    shown = {"argsrepr": f"(<{len(ids)} sagas settled>,)"}
+    settled.set(**shown)
+    return chain(settle, settled, app=app)

@@ -63,6 +63,11 @@ class SagaInstance(models.Model):
     # Set, in the pivot step's own transaction, when the pivot commits: from then on the
     # saga never compensates, however late the reports of earlier steps arrive.
     pivot_committed_at = models.DateTimeField(null=True, blank=True)
+    # After the pivot, the definition's settlement (saga.settlement) makes the saga's
+    # provisional effects final: sent in a batch at `settlement_sent_at` (sent again when
+    # that is older than the settlement's deadline), recorded at `settled_at`.
+    settlement_sent_at = models.DateTimeField(null=True, blank=True)
+    settled_at = models.DateTimeField(null=True, blank=True)
     # Bumped each time a chain is (re)published, so task ids stay unique per publish.
     generation = models.PositiveIntegerField(default=0)
     # The trace of the request that placed the order (OpenTelemetry; empty with tracing
@@ -77,6 +82,12 @@ class SagaInstance(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["status", "updated_at"], name="saga_status_updated_idx"),
+            # The sweep's scan for sagas to settle: only those past the pivot and not yet settled.
+            models.Index(
+                fields=["pivot_committed_at"],
+                name="saga_unsettled_idx",
+                condition=models.Q(pivot_committed_at__isnull=False, settled_at__isnull=True),
+            ),
         ]
         permissions = [
             ("retry_saga", "Can retry a saga from the step that failed or stalled"),

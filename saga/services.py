@@ -890,6 +890,7 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     # Before looking for stalled steps: a chain whose record waits here is not stalled.
     if recorded := saga_reports_drain():
         done["recorded"] += recorded
+    done.update(_settlements_send(now))
     stalled = list(
         SagaStep.objects.using(DB)
         .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
@@ -943,6 +944,18 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
             logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)
             done[outcome] += 1
     return dict(done)
+
+
+def _settlements_send(now: datetime) -> dict[str, int]:
+    """Sagas past their pivot get their settlement (a confirmed order's stock becomes a
+    sale): saga.settlement. It must never stop the sweep."""
+    from .settlement import saga_settlements_send
+
+    try:
+        return saga_settlements_send(now=now)
+    except Exception:
+        logger.warning("sending settlements failed; the next sweep tries again", exc_info=True)
+        return {}
 
 
 # --- Operator actions: the admin's retry and compensate (README "Operating it") ---------

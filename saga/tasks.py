@@ -7,7 +7,7 @@ from django.db import InterfaceError, OperationalError
 
 from common.steps import SagaStepTask, require_str, require_uuid
 
-from . import services
+from . import services, settlement
 from .timeline import ATTEMPT_HEADER, TIMELINE_HEADER
 
 RETRY: dict[str, Any] = {
@@ -54,3 +54,10 @@ def step_failed(self: Any, task_id: str, *, saga_id: str, step: str) -> None:
 def sweep() -> dict[str, int]:
     """The coordinator's watchdog, run by celery beat every SAGA_SWEEP_INTERVAL seconds."""
     return services.saga_sweep()
+
+
+@shared_task(name="saga.settled", **RETRY)
+def settled(output: Any, *, step: str) -> int:
+    """Record a settled batch (saga.settlement): the last task of a settlement's chain."""
+    require_str({"step": step}, "step", max_length=64)
+    return settlement.saga_settled(step=step, output=output)

@@ -12,12 +12,14 @@ import requests
 from celery.result import AsyncResult
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.db.models import OuterRef, Subquery, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from common.tokens import api_token_create
 from devstack.topology import WORKERS, wait_for
-from inventory.models import Product
+from inventory.models import Product, Reservation
 from inventory.services import product_upsert
 from orders.models import Order
 from orders_project.celery import app
@@ -102,10 +104,41 @@ def make_product(sku: str, *, on_hand: int, price: str = "10.00") -> Product:
     return product_upsert(sku=sku, name=f"Test product {sku}", price=Decimal(price), on_hand=on_hand)
 
 
+def shelf(sku: str) -> tuple[int, int, int]:
+    """(on_hand, reserved, sold) as the inventory database holds them now, in one read."""
+    sold = Subquery(
+        Reservation.objects.filter(sku=OuterRef("sku"), status=Reservation.Status.SOLD)
+        .values("sku")
+        .annotate(total=Sum("quantity"))
+        .values("total")
+    )
+    product = Product.objects.annotate(sold=Coalesce(sold, 0)).get(sku=sku)
+    return product.on_hand, product.reserved, product.sold
+
+
 def stock(sku: str) -> tuple[int, int]:
-    """(on_hand, reserved) as the inventory database holds them now."""
-    product = Product.objects.get(sku=sku)
-    return product.on_hand, product.reserved
+    """(units received, units taken by orders) as the inventory database holds them now:
+    on hand and reserved, each plus what was sold. A confirmed order's reservation becomes
+    a sale a sweep or two after the order is confirmed (saga.settlement); these two
+    numbers are the same before and after, so a test of something else need not wait for
+    it. `shelf` gives the plain counters."""
+    on_hand, reserved, sold = shelf(sku)
+    return on_hand + sold, reserved + sold
+
+
+def wait_settled(saga_ids: Any, timeout: float = 60) -> None:
+    """Until every saga in `saga_ids` that passed its pivot is settled: its confirmed
+    order's stock sold (saga.settlement, a sweep or two after the pivot)."""
+    ids = [str(saga_id) for saga_id in saga_ids]
+    wait_for(
+        lambda: (
+            not SagaInstance.objects.filter(
+                id__in=ids, pivot_committed_at__isnull=False, settled_at__isnull=True
+            ).exists()
+        ),
+        timeout=timeout,
+        what="the confirmed orders' sales to be settled",
+    )
 
 
 def steps_by_name(order: dict) -> dict[str, dict]:

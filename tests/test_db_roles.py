@@ -127,6 +127,12 @@ def expectations(process: str, tokens: list[str]) -> dict[tuple[str, str], bool]
         expected[_reads(alias, table)] = process == "web" or alias == own
         expected[_writes(alias, table)] = alias == own or (process == "web" and alias == "orders")
         expected[_alters(alias, table)] = False  # only `migrate`, as the owner, changes a schema
+    # Issue 13's settlement: the saga worker stamps its sagas settled, the inventory worker
+    # sells reservations; nobody else writes either (the web's orders role covers the saga store).
+    settle = ("orders", "UPDATE saga_sagainstance SET settlement_sent_at = now(), settled_at = now() WHERE false")
+    sell = ("inventory", "UPDATE inventory_reservation SET status = 'sold', sold_at = now() WHERE false")
+    expected[settle] = process in ("web", "orders", "saga")
+    expected[sell] = process == "inventory"
     expected[_alters("default", RESULTS)] = False
     expected[("default", "CREATE TABLE least_authority_probe (id integer)")] = False
     return expected

@@ -12,7 +12,7 @@ from orders.models import Order
 from payments.models import FakeProviderOperation, Payment
 from saga.models import SagaInstance
 
-from .api import Api, make_product, steps_by_name, stock
+from .api import Api, make_product, shelf, steps_by_name, stock, wait_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
@@ -121,10 +121,11 @@ def test_multi_line_order_reserves_all_lines_or_none(api: Api, sku: str) -> None
     assert order["total"] == "42.50"
     assert stock(plenty) == (10, 4)
     assert stock(scarce) == (1, 1)
+    wait_settled([order["saga"]["id"]])  # then the confirmed order's lines are sold
     held = Reservation.objects.filter(order_id=order["id"]).order_by("sku")
     assert [(r.sku, r.quantity, str(r.unit_price), r.status) for r in held] == [
-        (plenty, 4, "10.00", "held"),
-        (scarce, 1, "2.50", "held"),
+        (plenty, 4, "10.00", "sold"),
+        (scarce, 1, "2.50", "sold"),
     ]
     [payment] = Payment.objects.filter(order_id=order["id"])
     assert (str(payment.amount), payment.status) == ("42.50", "captured")
@@ -226,7 +227,9 @@ def test_concurrent_orders_for_the_last_units_confirm_exactly_that_many(topology
     statuses = sorted(order["status"] for order in finals)
     assert statuses == ["confirmed"] * 3 + ["failed"] * 7
     assert stock(sku) == (3, 3)
-    assert Reservation.objects.filter(sku=sku, status="held").count() == 3
+    wait_settled(order["saga"]["id"] for order in finals)
+    assert Reservation.objects.filter(sku=sku, status="sold").count() == 3
+    assert shelf(sku) == (0, 0, 3)
     order_ids = [order["id"] for order in finals]
     assert Payment.objects.filter(order_id__in=order_ids, status="captured").count() == 3
     assert Notification.objects.filter(order_id__in=order_ids).count() == 10

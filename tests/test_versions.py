@@ -21,7 +21,7 @@ from orders.saga import PLACE_ORDER, PLACE_ORDER_V2
 from payments.models import Payment
 from saga.models import SagaInstance
 
-from .api import Api, make_product, stock
+from .api import Api, make_product, stock, wait_settled
 
 pytestmark = pytest.mark.integration
 
@@ -158,4 +158,5 @@ def test_sagas_finish_on_the_version_they_started_with(api: Api, deploy: Topolog
 
     # The audit's verdict on everything this test made (other tests' leftovers aside).
     ours = [sku, *(o["id"] for o in old + new), *(o["saga"]["id"] for o in old + new)]
+    wait_settled(o["saga"]["id"] for o in old + new)  # both versions settle their sales
     assert [v for v in audit(grace=timedelta(0)) if any(str(x) in v for x in ours)] == []

@@ -4,6 +4,7 @@ test looks only at the violations that name its own records."""
 
 import io
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -59,3 +60,38 @@ def test_the_command_exits_non_zero_and_prints_each_violation() -> None:
         call_command("saga_audit", "--grace", "0", stdout=out)
 
     assert f"VIOLATION order {orphan.id}: has no saga\n" in out.getvalue()
+
+
+def test_a_confirmed_orders_stock_is_sold_once_settled_and_no_other_orders_ever() -> None:
+    from django.utils import timezone
+
+    from inventory.models import Product, Reservation
+
+    sku = f"AUDIT-{uuid.uuid4().hex[:8]}"
+    Product.objects.create(sku=sku, name="audit", price=Decimal("10.00"), on_hand=7, reserved=1)
+    confirmed, failed = order_create(status=Order.Status.CONFIRMED), order_create(status=Order.Status.FAILED)
+    with transaction.atomic(using="orders"):
+        saga = services.saga_start(definition=PLACE_ORDER, order_id=confirmed.id, context={"items": []})
+    long_ago = timezone.now() - timedelta(hours=1)
+    saga.status, saga.pivot_committed_at = SagaStatus.COMPLETED, long_ago
+    saga.save(update_fields=["status", "pivot_committed_at"])
+
+    def reserve(order: Order, status: str, quantity: int) -> None:
+        Reservation.objects.create(
+            saga_id=uuid.uuid4(), order_id=order.id, sku=sku, quantity=quantity, unit_price="10.00", status=status
+        )
+
+    reserve(confirmed, Reservation.Status.HELD, 1)
+    reserve(failed, Reservation.Status.SOLD, 2)
+
+    violations = audit(initial_stock={sku: 10})
+
+    assert about(saga.id, violations) == [f"saga {saga.id}: confirmed at {long_ago} but its sale is not settled"]
+    assert f"order {failed.id}: is failed but its {sku} was sold" in violations
+    assert f"product {sku}: on_hand=7 plus 2 sold is not the 10 it started with" in violations
+    # Settled, the confirmed order's reservation must be sold: it still holds.
+    saga.settled_at = timezone.now()
+    saga.save(update_fields=["settled_at"])
+    violations = audit(initial_stock={sku: 10})
+    assert about(saga.id, violations) == []
+    assert f"order {confirmed.id}: is confirmed and settled but its {sku} is held, not sold" in violations

@@ -8,7 +8,8 @@ from audit.invariants import audit
 class Command(BaseCommand):
     help = (
         "Check the order saga's invariants across every service database: orders end confirmed, failed or "
-        "cancelled; stock adds up; no charge without a confirmed order or a refund; one notification per "
+        "cancelled; stock adds up (reserved is what orders in flight hold, a confirmed order's stock is sold once "
+        "settled); no charge without a confirmed order or a refund; one notification per "
         "outcome; the saga log agrees with the participants. Exits 1 and names each violation."
     )
 
@@ -17,7 +18,10 @@ class Command(BaseCommand):
             "--grace",
             type=float,
             default=300,
-            help="seconds an order may still be pending before that counts as a violation (default 300)",
+            help=(
+                "seconds an order may still be pending, or a confirmed order's sale unsettled, before that counts "
+                "as a violation (default 300)"
+            ),
         )
 
     def handle(self, *args: object, grace: float, **options: object) -> None:
