@@ -14,6 +14,7 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from celery import states
@@ -59,10 +60,19 @@ def statuses(saga: SagaInstance, names: Iterable[str]) -> list[str]:
     return [steps[name].status for name in names]
 
 
+SETTLEMENT_FIELDS = ("settlement_sent_at", "settled_at")
+
+
 def snapshot(saga: SagaInstance) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Every column of the saga and its steps: equal snapshots mean nothing was written."""
+    """Every column of the saga and its steps: equal snapshots mean nothing was written.
+    The settlement's columns are left out: the sweep settles any saga past its pivot
+    (saga.settlement), whatever else it does or does not do to it."""
     row = saga_row(saga)
-    saga_fields = {f.attname: getattr(row, f.attname) for f in SagaInstance._meta.concrete_fields}
+    saga_fields = {
+        f.attname: getattr(row, f.attname)
+        for f in SagaInstance._meta.concrete_fields
+        if f.attname not in SETTLEMENT_FIELDS
+    }
     step_fields = {
         name: {f.attname: getattr(step, f.attname) for f in SagaStep._meta.concrete_fields}
         for name, step in rows(saga).items()
@@ -152,6 +162,8 @@ def published(callbacks: Iterable[Any]) -> list[list[tuple[str, str]]]:
     """
     chains = []
     for callback in callbacks:
+        if not isinstance(callback, partial) or callback.func.__name__ != "_publish":
+            continue  # not a saga's chain: e.g. the sweep's settlement batch (saga.settlement)
         signature = callback.args[0]
         tasks = getattr(signature, "tasks", None) or [signature]
         chains.append([(task.task, task.options["task_id"]) for task in tasks])
