@@ -15,10 +15,10 @@ context it passes on (`_steps`, common.steps); the chain's last step alone (its 
 keyword) returns the chain's record and stores it (`ignore_result=False` on its
 signature; every other task ignores results): its output and timeline, sealed, with ids only. The
 coordinator drains those records from the result backend in batches
-(saga.services.saga_reports_drain, each sweep) instead of running a Celery task per
+(saga.progress.saga_reports_drain, each sweep) instead of running a Celery task per
 report: a report costs the last step one insert, not a message, a task and its events
 (BENCHMARKS.md). The pivot records the steps before it in its own transaction
-(saga.services.saga_pivot_commit), so the store never lags a confirmed order.
+(saga.progress.saga_pivot_commit), so the store never lags a confirmed order.
 
 Each step's message carries the coordinator's authority for that step (common.signing):
 its saga, step, task, phase and generation, the digest of the context the chain starts

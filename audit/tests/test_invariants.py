@@ -13,8 +13,8 @@ from django.db import transaction
 from audit.invariants import audit
 from orders.models import Order
 from orders.saga import PLACE_ORDER
-from saga import services
 from saga.models import SagaStatus
+from saga.publish import saga_start
 
 pytestmark = pytest.mark.django_db(databases=["default", "orders", "inventory", "payments", "notifications"])
 
@@ -38,7 +38,7 @@ def test_an_order_without_a_saga_and_a_confirmation_without_money_are_named() ->
     orphan = order_create(status=Order.Status.PENDING)
     confirmed = order_create(status=Order.Status.CONFIRMED)
     with transaction.atomic(using="orders"):
-        saga = services.saga_start(definition=PLACE_ORDER, order_id=confirmed.id, context={"items": []})
+        saga = saga_start(definition=PLACE_ORDER, order_id=confirmed.id, context={"items": []})
     saga.status = SagaStatus.COMPLETED
     saga.save(update_fields=["status"])
 
