@@ -39,8 +39,6 @@ from orders_project.celery import app
 
 from .definition import Step
 
-# Still registered for success reports published before reports were drained.
-STEP_SUCCEEDED_TASK = "saga.step_succeeded"
 STEP_FAILED_TASK = "saga.step_failed"
 
 

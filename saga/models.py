@@ -47,8 +47,8 @@ class StepStatus(models.TextChoices):
 class SagaInstance(models.Model):
     """One run of a saga definition. Lives in the orders database, beside its order.
 
-    Changed only by the coordinator's modules (saga.progress, saga.failure, saga.sweeper,
-    saga.operator), under `select_for_update` on this row. The `mark_*` methods change
+    Changed only by the coordinator (saga.publish, saga.progress, saga.failure,
+    saga.sweeper, saga.operator), under `select_for_update` on this row. The `mark_*` methods change
     the state in memory; the caller saves it.
     """
 
@@ -94,13 +94,13 @@ class SagaInstance(models.Model):
         return f"{self.definition} v{self.definition_version} {self.id} ({self.status})"
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
-
-    @property
     def failure_fingerprint(self) -> str:
         """Exception type and step of the last failure: identical failures share it."""
         return fingerprint_of(self.failure_type, self.failure_step)
+
+    def mark_resumed(self, phase: str) -> None:
+        """Acting again in `phase` (running forward, or compensating) after it needed attention."""
+        self.status = SagaStatus.RUNNING if phase == StepPhase.FORWARD else SagaStatus.COMPENSATING
 
     def mark_finished(self, status: str, *, at: datetime) -> None:
         """Ended `status` (completed or compensated) at `at`: no step is current any more."""
@@ -111,14 +111,14 @@ class SagaInstance(models.Model):
         error, for operators) or was cancelled: `outcome` says which."""
         self.status = SagaStatus.COMPENSATING
         self.outcome = outcome
-        self.mark_failure(failure_step=failure_step, failure_type=failure_type, reason=reason)
+        self._set_failure(failure_step=failure_step, failure_type=failure_type, reason=reason)
 
     def mark_needs_attention(self, *, failure_step: str, failure_type: str, reason: str) -> None:
         """Stopped for an operator: `failure_step` failed and nothing may undo or skip it."""
         self.status = SagaStatus.NEEDS_ATTENTION
-        self.mark_failure(failure_step=failure_step, failure_type=failure_type, reason=reason)
+        self._set_failure(failure_step=failure_step, failure_type=failure_type, reason=reason)
 
-    def mark_failure(self, *, failure_step: str, failure_type: str, reason: str) -> None:
+    def _set_failure(self, *, failure_step: str, failure_type: str, reason: str) -> None:
         self.failure_step, self.failure_type, self.failure_reason = failure_step, failure_type, reason
 
 

@@ -189,7 +189,7 @@ def saga_retry(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
         detail, step = plan.detail, plan.step
         if step is not None:
             if saga.status == SagaStatus.NEEDS_ATTENTION:
-                saga.status = SagaStatus.RUNNING if step.phase == StepPhase.FORWARD else SagaStatus.COMPENSATING
+                saga.mark_resumed(step.phase)
                 step.republished = 0
             saga_republish_from(saga, step, now=now)
             detail = f"{detail} (generation {saga.generation})"
@@ -230,7 +230,7 @@ def saga_compensate(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
         if refusal is None:
             failure_step = saga.current_step or saga.failure_step
             # A saga that needed attention at its pivot compensates like a running one.
-            saga.status = SagaStatus.RUNNING
+            saga.mark_resumed(StepPhase.FORWARD)
             saga_begin_compensation(
                 saga,
                 outcome=OUTCOME_FAILED,

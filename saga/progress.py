@@ -162,14 +162,14 @@ def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Map
             # A re-published copy of the step that failed for good has now succeeded: the
             # reason for stopping is gone, so the saga carries on where it was.
             logger.warning("saga %s: %s succeeded after all; resuming", saga.id, step.name)
-            saga.status = active
+            saga.mark_resumed(step.phase)
         if saga.status == active and not already:
             if step.position + 1 == len(plan):
+                # When it ended, not when the store heard of it (reports are drained).
+                saga.mark_finished(finished, at=step.finished_at or now)
                 # The last step of a chain runs only after every earlier one committed, but
                 # one whose record is missing (a chain re-published midway) is not shown
                 # succeeded without its attempt and times: its outcome was not recorded.
-                # When it ended, not when the store heard of it (reports are drained).
-                saga.mark_finished(finished, at=step.finished_at or now)
                 for earlier in steps.values():
                     if earlier.phase == step.phase and earlier.status in (StepStatus.PENDING, StepStatus.RUNNING):
                         earlier.mark_unknown()
