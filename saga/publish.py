@@ -41,6 +41,8 @@ def _publish(signature: Any, saga_id: uuid.UUID, trace_context: Mapping[str, str
 
 
 def publish_on_commit(steps: tuple[Step, ...], saga: SagaInstance) -> None:
+    """Publish `steps` as one chain of `saga`'s current generation, from its context, once
+    the `orders` transaction commits (at once, if none is open)."""
     # A chain is one phase: forward steps, or the compensation plan (common.signing binds it).
     forward = steps[0] in get_definition(saga.definition, saga.definition_version).steps
     phase = StepPhase.FORWARD if forward else StepPhase.COMPENSATION
