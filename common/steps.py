@@ -24,7 +24,7 @@ next one's argument), so what changes is how Celery *shows* it:
   sends it as the plain object it wraps;
 - a failed or retried step's stored arguments (the result backend, extended results) are
   its request's `argsrepr`, which the step replaces with its ids and the chain's timing
-  (`_steps`): the coordinator reads that timeline (saga.services._failure_from_backend);
+  (`_steps`): the coordinator reads that timeline (saga.failure._failure_from_backend);
 - a retry keeps the message's `argsrepr`/`kwargsrepr` (Celery would otherwise render the
   whole context, and the authority, again for the retried message's events).
 """

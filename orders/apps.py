@@ -4,4 +4,5 @@ from django.apps import AppConfig
 class OrdersConfig(AppConfig):
     name = "orders"
     verbose_name = "Order service"
-    # The place-order saga (orders.saga) is registered by the saga app, from SAGA_DEFINITIONS.
+    # The place-order saga (orders.saga) is registered from SAGA_DEFINITIONS on first use
+    # (saga.definition.definitions_load).

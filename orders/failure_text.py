@@ -41,7 +41,7 @@ def customer_reason(failure_type: str) -> str:
 def error_kind(last_error: str) -> str:
     """A step's error as the API shows it: its kind ("PaymentDeclined"), never its text;
     a kind customers are not told about is "InternalError". `last_error` is stored as
-    "<ExceptionType>: <message>" (saga.services)."""
+    "<ExceptionType>: <message>" (SagaStep.mark_failed)."""
     if not last_error:
         return ""
     kind = last_error.partition(":")[0].strip()

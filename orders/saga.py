@@ -4,9 +4,14 @@ batch with other confirmed orders, the reservation becomes a sale (the settlemen
 Compensations sit next to the actions they undo. After compensating, the order is
 marked failed (or cancelled) and the customer is told.
 
+The engine calls back into orders only through what the definition hands it here: the
+pivot guard (`order_lock_for_compensation`, below) and the customer's sentence for a
+failure (orders.failure_text.customer_reason). It never imports orders.
+
 Definitions here are only declared: a deployment runs those SAGA_DEFINITIONS names (the
-default: version 1, PLACE_ORDER). Version 2 is a change made the safe way (README,
-"Changing a saga"): a new version beside the old one, never an edit of it.
+default: version 1, PLACE_ORDER), which saga.definition.definitions_load registers.
+Version 2 is a change made the safe way (README, "Changing a saga"): a new version beside
+the old one, never an edit of it.
 """
 
 from dataclasses import replace
@@ -14,6 +19,32 @@ from dataclasses import replace
 from django.conf import settings
 
 from saga.definition import SagaDefinition, Step
+from saga.models import SagaInstance
+
+from .failure_text import customer_reason
+from .models import Order
+
+
+def order_lock_for_compensation(*, saga: SagaInstance) -> str | None:
+    """The place-order saga's pivot guard (saga.definition.SagaDefinition.pivot_guard).
+
+    Locks the order row, as `order_confirm` and `order_cancel` (orders.services) do before
+    they read the saga, and says why the saga can no longer be compensated, or None while
+    the order is pending: a confirm that has not committed yet then finds the saga
+    compensating and refuses. Precondition: inside `transaction.atomic(using="orders")`,
+    before the saga row is locked.
+    """
+    order = Order.objects.select_for_update().filter(id=saga.order_id).first()
+    if order is None:
+        return f"its order {saga.order_id} does not exist"
+    if order.status == Order.Status.CONFIRMED:
+        return "its order is confirmed: the pivot committed and nothing before it can be undone"
+    if order.status != Order.Status.PENDING:
+        return f"its order is already {order.status}"
+    if order.cancel_requested_at:
+        return "its order is already being cancelled"
+    return None
+
 
 # The provider may be slow (tok_slow): the charge's deadline allows for it.
 _CHARGE_TIMEOUT = settings.SAGA_STEP_TIMEOUT + int(settings.FAKE_PROVIDER_SLOW_SECONDS)
@@ -37,9 +68,9 @@ PLACE_ORDER = SagaDefinition(
     ),
     pivot="confirm_order",
     # The order's row lock, which orders.confirm also takes (an operator's "compensate now").
-    pivot_guard="orders.services.order_lock_for_compensation",
+    pivot_guard=order_lock_for_compensation,
     # What the customer is told (the order's failure_reason, the email), by failure kind.
-    customer_reason="orders.failure_text.customer_reason",
+    customer_reason=customer_reason,
     after_compensation=(
         Step("fail_order", "orders.fail"),
         Step("notify_failure", "notifications.notify"),

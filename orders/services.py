@@ -17,15 +17,9 @@ from common.exceptions import StepRefused
 from inventory.selectors import product_prices
 from saga.definition import get_definition
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus
-from saga.services import (
-    OUTCOME_CANCELLED,
-    OUTCOME_FAILED,
-    saga_begin_compensation,
-    saga_compensate,
-    saga_new,
-    saga_pivot_commit,
-    saga_publish,
-)
+from saga.operator import saga_compensate
+from saga.progress import saga_pivot_commit
+from saga.publish import OUTCOME_CANCELLED, OUTCOME_FAILED, saga_begin_compensation, saga_new, saga_publish
 
 from .exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
 from .models import Order, OrderLine
@@ -184,7 +178,7 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal, ti
     """
     table = f'"{Order._meta.db_table}"'
     with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
-        # The order's row lock first, as `order_lock_for_compensation` takes it, then the
+        # The order's row lock first, as `orders.saga.order_lock_for_compensation` takes it, then the
         # saga's (saga_pivot_commit). Plain SQL: this runs once per order (BENCHMARKS.md).
         cursor.execute(f"SELECT status, total, cancel_requested_at FROM {table} WHERE id = %s FOR UPDATE", [order_id])
         row = cursor.fetchone()
@@ -228,24 +222,3 @@ def order_fail(*, order_id: uuid.UUID, saga_id: uuid.UUID, reason: str) -> dict[
             order.save(update_fields=["status", "failure_reason", "updated_at"])
     outcome = OUTCOME_CANCELLED if order.status == Order.Status.CANCELLED else OUTCOME_FAILED
     return {"outcome": outcome}
-
-
-def order_lock_for_compensation(*, saga: SagaInstance) -> str | None:
-    """The place-order saga's pivot guard (saga.definition.SagaDefinition.pivot_guard).
-
-    Locks the order row, as `order_confirm` and `order_cancel` do before they read the
-    saga, and says why the saga can no longer be compensated, or None while the order is
-    pending: a confirm that has not committed yet then finds the saga compensating and
-    refuses. Precondition: inside `transaction.atomic(using="orders")`, before the saga
-    row is locked.
-    """
-    order = Order.objects.select_for_update().filter(id=saga.order_id).first()
-    if order is None:
-        return f"its order {saga.order_id} does not exist"
-    if order.status == Order.Status.CONFIRMED:
-        return "its order is confirmed: the pivot committed and nothing before it can be undone"
-    if order.status != Order.Status.PENDING:
-        return f"its order is already {order.status}"
-    if order.cancel_requested_at:
-        return "its order is already being cancelled"
-    return None

@@ -18,7 +18,7 @@ READ = "SELECT"
 WRITE = "SELECT, INSERT, UPDATE, DELETE"
 
 # What the result backend needs: every worker stores failed tasks' results (and the saga
-# worker reads them, saga.services).
+# worker reads them: saga.failure, saga.progress).
 _RESULTS = {"django_celery_results": WRITE}
 
 # process role -> database alias -> app label -> privileges. The orders and saga workers

@@ -17,10 +17,10 @@ from typing import Any
 
 # Periodic housekeeping whose routine runs say nothing at INFO: the sweeper, which beat
 # sends every SAGA_SWEEP_INTERVAL seconds (docs/OPERATIONS.md, "Failures and recovery"). A sweep that
-# acts says so: saga.services and saga.recovery log each re-publish, compensation and
+# acts says so: saga.sweeper and saga.recovery log each re-publish, compensation and
 # restored message at WARNING, and its "succeeded" line carries a non-empty result.
 QUIET_TASKS = frozenset({"saga.sweep"})
-# The result of a sweep that found nothing to do (saga.services.saga_sweep).
+# The result of a sweep that found nothing to do (saga.sweeper.saga_sweep).
 ROUTINE_RESULTS = frozenset({"{}", "None"})
 
 

@@ -3,7 +3,7 @@
 The actions follow Django's own `delete_selected` (django/contrib/admin/actions.py): a
 dedicated permission, a confirmation page that says what will happen to each saga, then
 the action and a `message_user` report. The work and its audit entry are
-`saga.services.saga_retry` / `saga_compensate`, which check the saga's state again under
+`saga.operator.saga_retry` / `saga_compensate`, which check the saga's state again under
 its row lock: a second click, or a second operator, is refused and recorded as such.
 """
 
@@ -27,7 +27,7 @@ from django.utils.timesince import timesince
 from common.admin_links import order_notifications_link, order_payments_link
 from common.admin_mixins import ReadOnlyAdminMixin
 
-from . import services
+from . import operator
 from .definition import registered_versions
 from .engine import task_id_for
 from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus, fingerprint_of
@@ -405,7 +405,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def retry_same_failure(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
         fingerprints = sorted({saga.failure_fingerprint for saga in queryset[: settings.SAGA_BULK_RETRY_LIMIT]} - {""})
         if request.POST.get("post"):
-            entries, remaining = services.saga_retry_by_fingerprint(fingerprints=fingerprints, user=request.user)
+            entries, remaining = operator.saga_retry_by_fingerprint(fingerprints=fingerprints, user=request.user)
             self._report(request, "retry", entries, remaining=remaining)
             return None
         targets = sagas_with_fingerprints(fingerprints).filter(status=SagaStatus.NEEDS_ATTENTION).order_by("created_at")
@@ -535,12 +535,12 @@ class Operation:
 
 
 def _retry_preview(saga: SagaInstance) -> tuple[bool, str]:
-    plan = services.saga_retry_check(saga)
+    plan = operator.saga_retry_check(saga)
     return plan.possible, plan.detail
 
 
 def _compensate_preview(saga: SagaInstance) -> tuple[bool, str]:
-    refusal = services.saga_compensate_check(saga)
+    refusal = operator.saga_compensate_check(saga)
     if refusal:
         return False, refusal
     return True, (
@@ -551,7 +551,7 @@ def _compensate_preview(saga: SagaInstance) -> tuple[bool, str]:
 
 OPERATIONS = {
     "retry": Operation(
-        service=services.saga_retry,
+        service=operator.saga_retry,
         allowed=SagaInstanceAdmin.has_retry_permission,
         preview=_retry_preview,
         title="Retry sagas",
@@ -561,7 +561,7 @@ OPERATIONS = {
         past="retried",
     ),
     "compensate": Operation(
-        service=services.saga_compensate,
+        service=operator.saga_compensate,
         allowed=SagaInstanceAdmin.has_compensate_permission,
         preview=_compensate_preview,
         title="Compensate sagas now",

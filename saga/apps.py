@@ -10,13 +10,12 @@ class SagaConfig(AppConfig):
         from celery import signals
 
         from . import checks
-        from .definition import register_from_paths
         from .recovery import stamp_sent_at
         from .timeline import attach_failure_timeline
 
-        # Every process registers the same definitions (the setting): the web process starts
-        # sagas on the newest, the coordinator runs each on its own version (issue 14).
-        register_from_paths(settings.SAGA_DEFINITIONS)
+        # Signals and checks only: the saga definitions (SAGA_DEFINITIONS) are registered on
+        # first use, by saga.definition.definitions_load.
+
         # The version check (saga.checks): `migrate` and `check --database orders` run it.
         checks.register()
         # The coordinator's workers refuse to start when a running saga's version is missing.

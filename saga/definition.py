@@ -6,13 +6,15 @@ signatures called by task name, so the coordinator imports no participant code.
 Definitions are versioned (issue 14): a saga runs to its end, compensations and operator
 retries included, on the (name, version) it started with, which its SagaInstance stores;
 new sagas start on the newest registered version. What a deployment registers is the
-setting SAGA_DEFINITIONS (dotted paths of SagaDefinition objects), loaded by every process
-at start-up (saga.apps). A version may leave that list only once no unfinished saga uses
-it: saga.checks refuses the start-up of the coordinator's processes, `migrate` and
-`check --database orders` otherwise, and `manage.py saga_versions` shows what is in use.
+setting SAGA_DEFINITIONS (dotted paths of SagaDefinition objects), which the registry
+loads on first use (`definitions_load`, below), the same in every process. A version may
+leave that list only once no unfinished saga uses it: saga.checks refuses the start-up of
+the coordinator's processes, `migrate` and `check --database orders` otherwise, and
+`manage.py saga_versions` shows what is in use.
 """
 
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from django.utils.module_loading import import_string
@@ -56,18 +58,18 @@ class SagaDefinition:
     steps: tuple[Step, ...]
     pivot: str
     after_compensation: tuple[Step, ...] = ()
-    # Dotted path of `fn(*, saga) -> str | None`, called when an operator compensates a
-    # saga by hand (saga.services.saga_compensate), before the saga row is locked. It must
-    # take the lock the pivot step takes (in the pivot's lock order), and return why the
-    # saga can no longer be compensated (the pivot committed), or None. Only the pivot's
-    # own service knows whether it committed: the chain runs the pivot before the saga
-    # store hears of the step before it. Without a guard, sagas cannot be compensated by hand.
-    pivot_guard: str = ""
-    # Dotted path of `fn(failure_type: str) -> str`: the fixed sentence the customer is
-    # told for a failure of that kind. `saga_begin_compensation` puts it in the context as
+    # `fn(*, saga) -> str | None`, called when an operator compensates a saga by hand
+    # (saga.operator.saga_compensate), before the saga row is locked. It must take the
+    # lock the pivot step takes (in the pivot's lock order), and return why the saga can
+    # no longer be compensated (the pivot committed), or None. Only the pivot's own
+    # service knows whether it committed: the chain runs the pivot before the saga store
+    # hears of the step before it. Without a guard, sagas cannot be compensated by hand.
+    pivot_guard: Callable[..., str | None] | None = None
+    # `fn(failure_type: str) -> str`: the fixed sentence the customer is told for a
+    # failure of that kind. `saga_begin_compensation` puts it in the context as
     # `failure_reason` (what the after-compensation steps read); the raw error stays in the
     # saga's own `failure_reason`, for operators. Without it, customers are given no reason.
-    customer_reason: str = ""
+    customer_reason: Callable[[str], str] | None = None
     # Which shape of the saga this is (see above); what a saga stores and runs to its end on.
     version: int = 1
     # What makes a saga's provisional effects final once its pivot committed (a confirmed
@@ -114,8 +116,11 @@ class SagaDefinition:
         return undo + self.after_compensation
 
 
-# (name, version) -> definition: every version this process may run a saga on.
+# (name, version) -> definition: every version this process may run a saga on. Read only
+# through `_registry()`, which fills it from SAGA_DEFINITIONS first.
 _REGISTRY: dict[tuple[str, int], SagaDefinition] = {}
+_LOADED = threading.Event()
+_LOADING = threading.Lock()
 
 
 def register(definition: SagaDefinition) -> SagaDefinition:
@@ -141,10 +146,35 @@ def register_from_paths(paths: Iterable[str]) -> list[SagaDefinition]:
     return registered
 
 
+def definitions_load() -> None:
+    """Register the definitions this deployment runs, the setting SAGA_DEFINITIONS, once
+    per process; every lookup below calls it first.
+
+    The one place the deployment's sagas are registered. On first use, not at import or
+    in `apps.ready()`, so the definitions' modules (orders.saga, with the callables it
+    names) are imported after every app is ready. A process that acts on sagas uses the
+    registry at start-up (saga.checks: the web process, the saga and orders workers,
+    `migrate --database=orders`), so a wrong path still stops it there.
+    """
+    if _LOADED.is_set():
+        return
+    from django.conf import settings
+
+    with _LOADING:
+        if not _LOADED.is_set():
+            register_from_paths(settings.SAGA_DEFINITIONS)
+            _LOADED.set()
+
+
+def _registry() -> dict[tuple[str, int], SagaDefinition]:
+    definitions_load()
+    return _REGISTRY
+
+
 def registered_versions() -> dict[str, list[int]]:
     """Each registered saga name with its versions, oldest first."""
     versions: dict[str, list[int]] = {}
-    for name, version in sorted(_REGISTRY):
+    for name, version in sorted(_registry()):
         versions.setdefault(name, []).append(version)
     return versions
 
@@ -164,7 +194,7 @@ def get_definition(name: str, version: int | None = None) -> SagaDefinition:
             raise LookupError(f"no saga definition named {name!r}; known: {registered_versions()}")
         version = versions[-1]
     try:
-        return _REGISTRY[(name, version)]
+        return _registry()[(name, version)]
     except KeyError:
         raise LookupError(
             f"saga definition {name!r} version {version} is not registered in this process "

@@ -15,10 +15,10 @@ context it passes on (`_steps`, common.steps); the chain's last step alone (its 
 keyword) returns the chain's record and stores it (`ignore_result=False` on its
 signature; every other task ignores results): its output and timeline, sealed, with ids only. The
 coordinator drains those records from the result backend in batches
-(saga.services.saga_reports_drain, each sweep) instead of running a Celery task per
+(saga.progress.saga_reports_drain, each sweep) instead of running a Celery task per
 report: a report costs the last step one insert, not a message, a task and its events
 (BENCHMARKS.md). The pivot records the steps before it in its own transaction
-(saga.services.saga_pivot_commit), so the store never lags a confirmed order.
+(saga.progress.saga_pivot_commit), so the store never lags a confirmed order.
 
 Each step's message carries the coordinator's authority for that step (common.signing):
 its saga, step, task, phase and generation, the digest of the context the chain starts
@@ -39,8 +39,6 @@ from orders_project.celery import app
 
 from .definition import Step
 
-# Still registered for success reports published before reports were drained.
-STEP_SUCCEEDED_TASK = "saga.step_succeeded"
 STEP_FAILED_TASK = "saga.step_failed"
 # The coordinator's task that records a settled batch (saga.settlement).
 SETTLED_TASK = "saga.settled"

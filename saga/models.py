@@ -1,6 +1,11 @@
 import uuid
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import models
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 
 class SagaStatus(models.TextChoices):
@@ -42,7 +47,9 @@ class StepStatus(models.TextChoices):
 class SagaInstance(models.Model):
     """One run of a saga definition. Lives in the orders database, beside its order.
 
-    Changed only by `saga.services`, under `select_for_update` on this row.
+    Changed only by the coordinator (saga.publish, saga.progress, saga.failure,
+    saga.sweeper, saga.operator), under `select_for_update` on this row. The `mark_*` methods change
+    the state in memory; the caller saves it.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -98,13 +105,32 @@ class SagaInstance(models.Model):
         return f"{self.definition} v{self.definition_version} {self.id} ({self.status})"
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
-
-    @property
     def failure_fingerprint(self) -> str:
         """Exception type and step of the last failure: identical failures share it."""
         return fingerprint_of(self.failure_type, self.failure_step)
+
+    def mark_resumed(self, phase: str) -> None:
+        """Acting again in `phase` (running forward, or compensating) after it needed attention."""
+        self.status = SagaStatus.RUNNING if phase == StepPhase.FORWARD else SagaStatus.COMPENSATING
+
+    def mark_finished(self, status: str, *, at: datetime) -> None:
+        """Ended `status` (completed or compensated) at `at`: no step is current any more."""
+        self.status, self.current_step, self.finished_at = status, "", at
+
+    def mark_compensating(self, *, outcome: str, failure_step: str, failure_type: str, reason: str) -> None:
+        """Compensating because `failure_step` failed with `failure_type` (`reason`, the raw
+        error, for operators) or was cancelled: `outcome` says which."""
+        self.status = SagaStatus.COMPENSATING
+        self.outcome = outcome
+        self._set_failure(failure_step=failure_step, failure_type=failure_type, reason=reason)
+
+    def mark_needs_attention(self, *, failure_step: str, failure_type: str, reason: str) -> None:
+        """Stopped for an operator: `failure_step` failed and nothing may undo or skip it."""
+        self.status = SagaStatus.NEEDS_ATTENTION
+        self._set_failure(failure_step=failure_step, failure_type=failure_type, reason=reason)
+
+    def _set_failure(self, *, failure_step: str, failure_type: str, reason: str) -> None:
+        self.failure_step, self.failure_type, self.failure_reason = failure_step, failure_type, reason
 
 
 FINGERPRINT_SEPARATOR = " @ "
@@ -169,11 +195,98 @@ class SagaStep(models.Model):
             return (self.finished_at - self.started_at).total_seconds() * 1000
         return None
 
+    # State transitions. Each changes this row in memory; the caller, holding its saga's
+    # row lock, saves it (saga.store). A step no longer running has no deadline: the
+    # sweeper's scan reads only running steps past theirs.
+
+    def mark_running(self, *, task_id: str, queued_at: datetime, deadline_at: datetime) -> None:
+        """Published (as task `task_id`) at `queued_at`, to report back by `deadline_at`."""
+        self.status = StepStatus.RUNNING
+        self.celery_task_id = task_id
+        self.queued_at, self.deadline_at, self.finished_at = queued_at, deadline_at, None
+
+    def mark_republished(self, *, task_id: str, at: datetime, segment_seconds: float) -> None:
+        """Published again at `at`, as a new attempt (by the sweeper or an operator). Its
+        deadline, `segment_seconds` at first, doubles with each re-publish, so a slow
+        participant is not flooded."""
+        self.republished += 1
+        self.attempts += 1
+        deadline_at = at + timedelta(seconds=segment_seconds * 2**self.republished)
+        self.mark_running(task_id=task_id, queued_at=at, deadline_at=deadline_at)
+
+    def mark_succeeded(self, record: Mapping[str, Any] | None = None, *, queued_at: datetime | None = None) -> None:
+        """Committed. With the participant's `record` of it (common.steps: times, attempt,
+        worker, task id, output), those are the record's (`queued_at`: when the step
+        before it finished); without one, it finished when last known to, or now."""
+        self.status, self.deadline_at = StepStatus.SUCCEEDED, None
+        if record is None:
+            self.finished_at = self.finished_at or timezone.now()
+        else:
+            self.finished_at = None  # a cancel's time is not the step's
+            self.take_record(record, queued_at=queued_at)
+
+    def mark_committed(self, *, at: datetime, output: Mapping[str, Any], queued_at: datetime | None) -> None:
+        """Committed at `at`, in the transaction running now (the pivot records itself),
+        with `output`. Its record (worker, start) comes later and fills in the rest."""
+        self.status, self.deadline_at, self.finished_at = StepStatus.SUCCEEDED, None, at
+        self.queued_at = self.queued_at or queued_at
+        self.started_at = self.started_at or at
+        self.attempts = max(self.attempts, 1)
+        self.result = dict(output)
+
+    def mark_unknown(self) -> None:
+        """Whether it committed is not known (no record of it; the saga compensates or
+        its chain went on without one): not shown succeeded without an attempt or time."""
+        self.status, self.deadline_at = StepStatus.UNKNOWN, None
+
+    def mark_pending(self) -> None:
+        """Never ran: its chain stopped before it."""
+        self.status, self.finished_at = StepStatus.PENDING, None
+
+    def mark_failed(self, error: str, *, at: datetime, refused: bool = False, task_id: str | None = None) -> None:
+        """Failed for good with `error` ("Type: message") at `at`; or, `refused`, did
+        nothing because its saga was compensating. `task_id`: the failed task, when a
+        failure report names it (the step may never have been marked running: nothing
+        reports mid-chain)."""
+        self.status = StepStatus.REFUSED if refused else StepStatus.FAILED
+        self.last_error = error
+        self.finished_at, self.deadline_at = at, None
+        if task_id is not None:
+            self.celery_task_id = task_id
+
+    def take_attempt(self, attempt: Any) -> None:
+        """The failed task's attempt number and worker, as its failure report carries them
+        (saga.timeline); a report without them counts one attempt."""
+        try:
+            self.attempts = max(self.attempts, int(attempt["attempt"]), 1)
+        except (TypeError, KeyError, ValueError):
+            self.attempts = max(self.attempts, 1)
+        if isinstance(attempt, dict) and isinstance(attempt.get("worker"), str):
+            self.worker = attempt["worker"][:255]
+
+    def take_record(self, record: Mapping[str, Any], *, queued_at: datetime | None = None) -> None:
+        """The timing, attempt, worker, task id and output of the participant's `record` of
+        this step (common.steps), keeping what the record lacks."""
+        started = parse_datetime(record["started_at"]) if isinstance(record.get("started_at"), str) else None
+        finished = parse_datetime(record["finished_at"]) if isinstance(record.get("finished_at"), str) else None
+        self.queued_at = self.queued_at or queued_at
+        self.started_at = started or self.started_at
+        self.finished_at = finished or self.finished_at or timezone.now()
+        try:
+            self.attempts = max(self.attempts, int(record.get("attempt") or 1))
+        except (TypeError, ValueError):
+            self.attempts = max(self.attempts, 1)
+        self.worker = str(record.get("worker") or "")[:255]
+        if isinstance(record.get("task_id"), str):
+            self.celery_task_id = record["task_id"][:255]
+        output = record.get("output")
+        self.result = output if isinstance(output, dict) else self.result
+
 
 class SagaAuditEntry(models.Model):
     """What an operator asked of a saga (retry, compensate), when, and what came of it.
 
-    Written by `saga.services` in the transaction of the action itself, refusals included
+    Written by `saga.operator` in the transaction of the action itself, refusals included
     (a second click on the same button is one), so the log and the saga never disagree.
     """
 

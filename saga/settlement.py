@@ -7,7 +7,7 @@ the order was confirmed; then the reservation becomes a sale (on hand falls, and
 
 Not a step of each saga's chain: that would add a fifth task, its message and its events
 to every order (issue 11 measures the saga against a bare four-task chain). Instead the
-coordinator's sweep (saga.services.saga_sweep, every SAGA_SWEEP_INTERVAL) claims the sagas
+coordinator's sweep (saga.sweeper.saga_sweep, every SAGA_SWEEP_INTERVAL) claims the sagas
 whose pivot committed and that are not settled, and sends ONE message per batch: the chain
 `<settlement task>(saga_ids) | saga.settled` (saga.engine.settlement_chain). The
 participant settles the whole batch in one statement, idempotent by its own rows' status,

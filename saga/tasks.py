@@ -7,7 +7,10 @@ from django.db import InterfaceError, OperationalError
 
 from common.steps import SagaStepTask, require_str, require_uuid
 
-from . import services, settlement
+from . import settlement
+from .failure import saga_step_failed
+from .progress import report_verified, saga_step_succeeded
+from .sweeper import saga_sweep
 from .timeline import ATTEMPT_HEADER, TIMELINE_HEADER
 
 RETRY: dict[str, Any] = {
@@ -31,8 +34,8 @@ def _check_report(saga_id: Any, step: Any) -> None:
 @shared_task(name="saga.step_succeeded", base=SagaStepTask, **RETRY)
 def step_succeeded(result: Any, *, saga_id: str, step: str) -> None:
     _check_report(saga_id, step)
-    report = services.report_verified(result, saga_id, step)
-    services.saga_step_succeeded(saga_id=saga_id, step_name=step, result=report)
+    report = report_verified(result, saga_id, step)
+    saga_step_succeeded(saga_id=saga_id, step_name=step, result=report)
 
 
 @shared_task(name="saga.step_failed", bind=True, **RETRY)
@@ -41,7 +44,7 @@ def step_failed(self: Any, task_id: str, *, saga_id: str, step: str) -> None:
     require_str({"task_id": task_id}, "task_id")
     # What the failing worker knew of the chain (saga.timeline): the records of the steps
     # before the failed one, and the failed attempt's number and worker.
-    services.saga_step_failed(
+    saga_step_failed(
         saga_id=saga_id,
         step_name=step,
         task_id=task_id,
@@ -53,7 +56,7 @@ def step_failed(self: Any, task_id: str, *, saga_id: str, step: str) -> None:
 @shared_task(name="saga.sweep", ignore_result=True)
 def sweep() -> dict[str, int]:
     """The coordinator's watchdog, run by celery beat every SAGA_SWEEP_INTERVAL seconds."""
-    return services.saga_sweep()
+    return saga_sweep()
 
 
 @shared_task(name="saga.settled", **RETRY)

@@ -27,7 +27,7 @@ from orders.failure_text import GENERIC_REASON, customer_reason, error_kind
 from orders_project import security
 from orders_project.celery import app
 from payments.models import Payment
-from saga.services import saga_step_failed
+from saga.failure import saga_step_failed
 
 from .api import Api, make_product
 

@@ -1,4 +1,4 @@
-"""What retry and compensate-now would do to a saga in each state (saga.services), read
+"""What retry and compensate-now would do to a saga in each state (saga.operator), read
 from the saga store alone. The sagas are written and rolled back in one transaction:
 nothing is published and no worker ever sees them (the end-to-end paths are in
 tests/test_admin.py)."""
@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from orders.saga import PLACE_ORDER
 from saga.models import SagaInstance, SagaStep
-from saga.services import saga_compensate_check, saga_retry_check
+from saga.operator import saga_compensate_check, saga_retry_check
 
 FORWARD = [step.name for step in PLACE_ORDER.steps]
 COMPENSATION = [step.name for step in PLACE_ORDER.compensation_steps()]

@@ -14,8 +14,8 @@ from django.db import transaction
 from audit.invariants import audit
 from orders.models import Order
 from orders.saga import PLACE_ORDER
-from saga import services
 from saga.models import SagaStatus
+from saga.publish import saga_start
 
 pytestmark = pytest.mark.django_db(databases=["default", "orders", "inventory", "payments", "notifications"])
 
@@ -39,7 +39,7 @@ def test_an_order_without_a_saga_and_a_confirmation_without_money_are_named() ->
     orphan = order_create(status=Order.Status.PENDING)
     confirmed = order_create(status=Order.Status.CONFIRMED)
     with transaction.atomic(using="orders"):
-        saga = services.saga_start(definition=PLACE_ORDER, order_id=confirmed.id, context={"items": []})
+        saga = saga_start(definition=PLACE_ORDER, order_id=confirmed.id, context={"items": []})
     saga.status = SagaStatus.COMPLETED
     saga.save(update_fields=["status"])
 
@@ -71,7 +71,7 @@ def test_a_confirmed_orders_stock_is_sold_once_settled_and_no_other_orders_ever(
     Product.objects.create(sku=sku, name="audit", price=Decimal("10.00"), on_hand=7, reserved=1)
     confirmed, failed = order_create(status=Order.Status.CONFIRMED), order_create(status=Order.Status.FAILED)
     with transaction.atomic(using="orders"):
-        saga = services.saga_start(definition=PLACE_ORDER, order_id=confirmed.id, context={"items": []})
+        saga = saga_start(definition=PLACE_ORDER, order_id=confirmed.id, context={"items": []})
     long_ago = timezone.now() - timedelta(hours=1)
     saga.status, saga.pivot_committed_at = SagaStatus.COMPLETED, long_ago
     saga.save(update_fields=["status", "pivot_committed_at"])

@@ -58,9 +58,7 @@ def test_a_sweep_that_acted_and_every_other_task_still_log(root_at_info: None) -
     quiet = QuietHousekeepingFilter()
     kept = [
         succeeded("saga.sweep", "{'republished': 1}"),
-        record(
-            "saga.services", "saga %s: step %s stalled past its deadline: %s", ("s", "charge", "x"), logging.WARNING
-        ),
+        record("saga.sweeper", "saga %s: step %s stalled past its deadline: %s", ("s", "charge", "x"), logging.WARNING),
         received("saga.step_succeeded"),
         succeeded("saga.step_succeeded", "None"),
         record("celery.beat", BEAT_SENDING, ("celery.backend_cleanup", "celery.backend_cleanup")),

@@ -4,8 +4,8 @@ at what it publishes.
 
 Nothing here stands in for the system: a failure report's exception is stored in the real
 result backend (the `default` test database, as a failing worker stores it) and read back
-by `saga.services`; a chain's record is sealed as its last step seals it and stored where
-that step stores it; what the coordinator publishes is read from the `transaction.on_commit`
+by the coordinator (saga.failure); a chain's record is sealed as its last step seals it and
+stored where that step stores it; what the coordinator publishes is read from the `transaction.on_commit`
 callbacks it registers on the orders connection (`django_capture_on_commit_callbacks`,
 not executed: no worker runs in these tests, and the test's transaction never commits).
 """
@@ -25,10 +25,11 @@ from django_celery_results.models import TaskResult
 from common.signing import Authority, context_digest, seal
 from orders.saga import PLACE_ORDER
 from orders_project.celery import app
-from saga import services
 from saga.definition import SagaDefinition
 from saga.engine import task_id_for
+from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStep, StepPhase
+from saga.publish import saga_start
 
 FORWARD = tuple(step.name for step in PLACE_ORDER.steps)
 COMPENSATION = tuple(step.name for step in PLACE_ORDER.compensation_steps())
@@ -44,7 +45,7 @@ def start(definition: SagaDefinition = PLACE_ORDER, **context: Any) -> SagaInsta
     """A new saga, as the order request writes it (its chain's publish never runs: the
     test's transaction does not commit)."""
     with transaction.atomic(using="orders"):
-        return services.saga_start(definition=definition, order_id=uuid.uuid4(), context={"items": [], **context})
+        return saga_start(definition=definition, order_id=uuid.uuid4(), context={"items": [], **context})
 
 
 def saga_row(saga: SagaInstance) -> SagaInstance:
@@ -150,7 +151,7 @@ def fail(
     the exception in the result backend, then its errback names the task id."""
     task_id = task_id_for(saga.id, step, saga_row(saga).generation if generation is None else generation)
     app.backend.store_result(task_id, error, states.FAILURE)
-    services.saga_step_failed(saga_id=saga.id, step_name=step, task_id=task_id, timeline=timeline, attempt=attempt)
+    saga_step_failed(saga_id=saga.id, step_name=step, task_id=task_id, timeline=timeline, attempt=attempt)
     return task_id
 
 
@@ -158,7 +159,7 @@ def published(callbacks: Iterable[Any]) -> list[list[tuple[str, str]]]:
     """Each chain the coordinator would publish on commit: (task name, task id) per step.
 
     Precondition: `callbacks` from `django_capture_on_commit_callbacks(using="orders")`;
-    each is `partial(saga.services._publish, signature, ...)`.
+    each is `partial(saga.publish._publish, signature, ...)`.
     """
     chains = []
     for callback in callbacks:

@@ -18,8 +18,11 @@ from django_celery_results.models import TaskResult
 
 from common.exceptions import InvalidMessage, StepFailed, StepRefused, TransientError
 from orders.saga import PLACE_ORDER
-from saga import services
+from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStatus, StepPhase, StepStatus
+from saga.operator import saga_compensate_check
+from saga.progress import saga_pivot_commit, saga_reports_drain, saga_step_succeeded
+from saga.publish import saga_begin_compensation, saga_republish_from
 
 from .coordinator import (
     COMPENSATION,
@@ -47,9 +50,7 @@ pytestmark = pytest.mark.django_db(databases=["orders", "default"])
 def pivot(saga, steps=("reserve_inventory", "charge_payment"), **output) -> bool:
     """The pivot's own transaction records it (orders.confirm -> saga_pivot_commit)."""
     with transaction.atomic(using="orders"):
-        return services.saga_pivot_commit(
-            saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps), output=output
-        )
+        return saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps), output=output)
 
 
 # --- Success reports --------------------------------------------------------------------
@@ -61,9 +62,9 @@ def test_the_chains_record_completes_the_saga_and_a_duplicate_changes_nothing(
     saga = start()
     steps = timeline(saga, FORWARD)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        services.saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
+        saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
         done = snapshot(saga)
-        services.saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
+        saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
 
     row = saga_row(saga)
     assert (row.status, row.current_step, row.generation) == (SagaStatus.COMPLETED, "", 0)
@@ -82,7 +83,7 @@ def test_a_report_of_a_step_moves_the_saga_to_the_next_and_the_next_segment_gets
     saga = start()
     steps = timeline(saga, ["reserve_inventory"])
     before = timezone.now()
-    services.saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps))
+    saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps))
 
     row, step = saga_row(saga), rows(saga)
     assert (row.status, row.current_step, row.generation) == (SagaStatus.RUNNING, "charge_payment", 0)
@@ -104,7 +105,7 @@ def test_a_late_report_of_an_earlier_step_never_rewinds_the_saga() -> None:
     assert statuses(saga, FORWARD) == ["succeeded", "unknown", "succeeded", "running"]
 
     # The charge's own report arrives now, out of order.
-    services.saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result=report(saga, []))
+    saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result=report(saga, []))
     row = saga_row(saga)
     assert (row.status, row.current_step) == (SagaStatus.RUNNING, "notify_customer")
     assert statuses(saga, FORWARD) == ["succeeded", "succeeded", "succeeded", "running"]
@@ -112,7 +113,7 @@ def test_a_late_report_of_an_earlier_step_never_rewinds_the_saga() -> None:
     # And the reserve's, again: a duplicate.
     done = snapshot(saga)
     steps = timeline(saga, ["reserve_inventory"])
-    services.saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps))
+    saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps))
     assert snapshot(saga) == done
 
 
@@ -122,7 +123,7 @@ def test_a_record_from_an_earlier_generation_completes_the_saga_once(django_capt
     saga = start()
     with transaction.atomic(using="orders"):
         locked = saga_row(saga)
-        services.saga_republish_from(locked, rows(saga)["reserve_inventory"])
+        saga_republish_from(locked, rows(saga)["reserve_inventory"])
     assert saga_row(saga).generation == 1
 
     first = timeline(saga, FORWARD, generation=0, worker="old@host")
@@ -132,7 +133,7 @@ def test_a_record_from_an_earlier_generation_completes_the_saga_once(django_capt
         saga, "notify_customer", sealed_record(saga, "notify_customer", second, generation=1), generation=1
     )
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        assert services.saga_reports_drain() >= 2
+        assert saga_reports_drain() >= 2
 
     row = saga_row(saga)
     assert (row.status, row.generation) == (SagaStatus.COMPLETED, 1)
@@ -146,11 +147,11 @@ def test_a_record_from_an_earlier_generation_completes_the_saga_once(django_capt
 def test_a_record_of_a_saga_that_has_ended_is_not_drained_and_changes_nothing() -> None:
     saga = start()
     steps = timeline(saga, FORWARD)
-    services.saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
     done = snapshot(saga)
 
     late = store_record(saga, "notify_customer", sealed_record(saga, "notify_customer", steps))
-    services.saga_reports_drain()
+    saga_reports_drain()
     assert snapshot(saga) == done
     # Only active sagas' records are read: this one waits for the result backend's expiry.
     assert TaskResult.objects.filter(task_id=late).exists()
@@ -162,14 +163,14 @@ def test_a_success_report_for_a_compensated_saga_records_the_step_and_moves_noth
     saga = start()
     fail(saga, "reserve_inventory", StepFailed("out of stock"), timeline=[])
     undo = timeline(saga, COMPENSATION, generation=1)
-    services.saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, undo))
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, undo))
     ended = saga_row(saga)
     assert ended.status == SagaStatus.COMPENSATED
 
     # A late forward report (a duplicate that committed before its tombstone, since undone).
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         steps = timeline(saga, ["reserve_inventory", "charge_payment"], generation=0)
-        services.saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result=report(saga, steps))
+        saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result=report(saga, steps))
 
     row = saga_row(saga)
     assert (row.status, row.finished_at, row.current_step) == (SagaStatus.COMPENSATED, ended.finished_at, "")
@@ -181,8 +182,8 @@ def test_a_success_report_for_a_compensated_saga_records_the_step_and_moves_noth
 def test_a_report_for_an_unknown_saga_or_step_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
     saga = start()
     done = snapshot(saga)
-    services.saga_step_succeeded(saga_id=uuid.uuid4(), step_name="notify_customer", result={})
-    services.saga_step_succeeded(saga_id=saga.id, step_name="no_such_step", result={})
+    saga_step_succeeded(saga_id=uuid.uuid4(), step_name="notify_customer", result={})
+    saga_step_succeeded(saga_id=saga.id, step_name="no_such_step", result={})
     assert snapshot(saga) == done
     assert "succeeded for unknown saga" in caplog.text and "has no step no_such_step" in caplog.text
 
@@ -193,7 +194,7 @@ def test_a_report_for_an_unknown_saga_or_step_is_ignored(caplog: pytest.LogCaptu
 def test_the_pivot_records_once_and_only_for_its_own_running_saga() -> None:
     saga = start()
     with transaction.atomic(using="orders"):
-        assert not services.saga_pivot_commit(saga_id=saga.id, order_id=uuid.uuid4())
+        assert not saga_pivot_commit(saga_id=saga.id, order_id=uuid.uuid4())
     assert saga_row(saga).pivot_committed_at is None
 
     assert pivot(saga, amount="20.00")
@@ -271,7 +272,7 @@ def test_a_failure_report_with_no_stored_failure_or_a_refused_message_is_ignored
     done = snapshot(saga)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         # Forged: nothing failed under that task id.
-        services.saga_step_failed(saga_id=saga.id, step_name="charge_payment", task_id=f"{saga.id}-charge_payment-g0")
+        saga_step_failed(saga_id=saga.id, step_name="charge_payment", task_id=f"{saga.id}-charge_payment-g0")
         # The participant refused an unsigned message before acting: nothing to undo.
         fail(saga, "charge_payment", InvalidMessage("bad authority"))
         fail(SagaInstance(id=uuid.uuid4()), "charge_payment", StepFailed("x"), generation=0)
@@ -321,7 +322,7 @@ def test_a_late_failure_of_an_earlier_step_after_the_pivot_never_compensates(
 
     # The chain's record, drained later, shows the charge as the original ran it.
     steps = timeline(saga, FORWARD)
-    services.saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
     assert saga_row(saga).status == SagaStatus.COMPLETED
     charge = rows(saga)["charge_payment"]
     assert (charge.status, charge.last_error) == (StepStatus.SUCCEEDED, "")
@@ -365,7 +366,7 @@ def test_a_failed_compensation_needs_attention(django_capture_on_commit_callback
     assert statuses(saga, COMPENSATION) == ["succeeded", "failed", "pending", "pending"]
     assert all(step.deadline_at is None for step in rows(saga).values())  # the sweeper leaves it alone
     assert published(callbacks) == []
-    assert services.saga_compensate_check(row) == (
+    assert saga_compensate_check(row) == (
         "it is already compensating (release_inventory failed): retry it to finish compensating"
     )
 
@@ -376,7 +377,7 @@ def test_a_forward_step_that_fails_while_compensating_is_recorded_and_starts_not
     """The charge declines while a failure elsewhere (or a cancel) compensates the saga."""
     saga = start()
     with transaction.atomic(using="orders"):
-        services.saga_begin_compensation(
+        saga_begin_compensation(
             saga_row(saga), outcome="cancelled", failure_step="reserve_inventory", failure_type="Cancelled", reason="x"
         )
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
@@ -409,7 +410,7 @@ def test_a_success_report_of_the_step_that_needed_attention_resumes_the_saga(
     task_id = store_record(saga, "notify_customer", record)
 
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        services.saga_reports_drain()
+        saga_reports_drain()
 
     row = saga_row(saga)
     assert (row.status, row.current_step) == (SagaStatus.COMPLETED, "")
@@ -427,7 +428,7 @@ def test_the_compensation_chains_record_ends_the_saga_compensated() -> None:
     record = sealed_record(saga, "notify_failure", undo, phase=StepPhase.COMPENSATION, generation=1)
     store_record(saga, "notify_failure", record, generation=1)
 
-    services.saga_reports_drain()
+    saga_reports_drain()
 
     row = saga_row(saga)
     assert (row.status, row.current_step, row.outcome) == (SagaStatus.COMPENSATED, "", "failed")
@@ -439,9 +440,7 @@ def test_the_compensation_chains_record_ends_the_saga_compensated() -> None:
 def test_a_report_carries_its_output_into_the_context_later_steps_start_from() -> None:
     saga = start()
     steps = [entry(saga, "reserve_inventory", output={"reservation_id": "r1", "_private": 1})]
-    services.saga_step_succeeded(
-        saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps, amount="9.99")
-    )
+    saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps, amount="9.99"))
     context = saga_row(saga).context
     assert (context["reservation_id"], context["amount"]) == ("r1", "9.99")
     assert "_private" not in context and "_steps" not in context

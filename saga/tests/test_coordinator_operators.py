@@ -21,10 +21,13 @@ from common.exceptions import StepRefused, TransientError
 from orders.models import Order
 from orders.saga import PLACE_ORDER
 from orders_project.celery import app
-from saga import services
 from saga.definition import SagaDefinition, Step, register
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus
+from saga.operator import OPERATOR_COMPENSATED, saga_compensate, saga_retry, saga_retry_by_fingerprint
+from saga.progress import saga_pivot_commit, saga_reports_drain, saga_step_succeeded
+from saga.publish import saga_begin_compensation
 from saga.recovery import SENT_AT
+from saga.sweeper import saga_sweep
 
 from .coordinator import (
     COMPENSATION,
@@ -65,14 +68,14 @@ def with_order(saga: SagaInstance, status: str = Order.Status.PENDING) -> Order:
 
 def pivot(saga: SagaInstance, steps=("reserve_inventory", "charge_payment")) -> bool:
     with transaction.atomic(using="orders"):
-        return services.saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps))
+        return saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps))
 
 
 def cancel(saga: SagaInstance) -> None:
     """What the customer's cancel does to the saga (orders.services.order_cancel)."""
     with transaction.atomic(using="orders"):
         locked = saga_row(saga)
-        services.saga_begin_compensation(
+        saga_begin_compensation(
             locked, outcome="cancelled", failure_step=locked.current_step, failure_type="Cancelled", reason="asked"
         )
 
@@ -101,7 +104,7 @@ def test_a_cancel_before_the_pivot_wins_and_late_reports_only_fill_in_the_timeli
         assert not pivot(saga)
         # The reserve had committed before the cancel; its report arrives now.
         steps = timeline(saga, ["reserve_inventory"], generation=0)
-        services.saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps))
+        saga_step_succeeded(saga_id=saga.id, step_name="reserve_inventory", result=report(saga, steps))
         fail(saga, "confirm_order", StepRefused("the order is being cancelled"), generation=0)
 
     row = saga_row(saga)
@@ -125,10 +128,10 @@ def test_after_the_pivot_neither_a_cancel_nor_an_operator_can_compensate(django_
     done = snapshot(saga)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         with pytest.raises(ValueError, match="past its pivot"), transaction.atomic(using="orders"):
-            services.saga_begin_compensation(
+            saga_begin_compensation(
                 saga_row(saga), outcome="cancelled", failure_step="", failure_type="Cancelled", reason="x"
             )
-        audit = services.saga_compensate(saga_id=saga.id, user=None)
+        audit = saga_compensate(saga_id=saga.id, user=None)
 
     assert (audit.outcome, audit.status_before, audit.status_after) == ("refused", "running", "running")
     assert "past its pivot" in audit.detail
@@ -142,8 +145,8 @@ def test_an_operator_compensates_a_running_saga_once_and_the_pivot_then_refuses(
     saga = start()
     with_order(saga)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        first = services.saga_compensate(saga_id=saga.id, user=None)
-        second = services.saga_compensate(saga_id=saga.id, user=None)  # a second click
+        first = saga_compensate(saga_id=saga.id, user=None)
+        second = saga_compensate(saga_id=saga.id, user=None)  # a second click
         assert not pivot(saga)
 
     assert (first.outcome, first.status_before, first.status_after) == ("done", "running", "compensating")
@@ -152,7 +155,7 @@ def test_an_operator_compensates_a_running_saga_once_and_the_pivot_then_refuses(
     assert (row.status, row.outcome, row.failure_type, row.failure_step, row.generation) == (
         SagaStatus.COMPENSATING,
         "failed",
-        services.OPERATOR_COMPENSATED,
+        OPERATOR_COMPENSATED,
         "reserve_inventory",
         1,
     )
@@ -167,23 +170,23 @@ def test_an_operator_compensates_a_running_saga_once_and_the_pivot_then_refuses(
 def test_an_operator_may_compensate_a_pivot_that_never_reported_but_not_a_later_step() -> None:
     saga = start()
     with_order(saga)
-    services.saga_step_succeeded(
+    saga_step_succeeded(
         saga_id=saga.id,
         step_name="charge_payment",
         result=report(saga, timeline(saga, ["reserve_inventory", "charge_payment"])),
     )
     stall(saga, "confirm_order", republished=settings.SAGA_REPUBLISH_BUDGET)
-    services.saga_sweep()
+    saga_sweep()
     assert (saga_row(saga).status, saga_row(saga).failure_step) == (SagaStatus.NEEDS_ATTENTION, "confirm_order")
 
-    assert services.saga_compensate(saga_id=saga.id, user=None).outcome == "done"
+    assert saga_compensate(saga_id=saga.id, user=None).outcome == "done"
     assert (saga_row(saga).status, saga_row(saga).generation) == (SagaStatus.COMPENSATING, 1)
 
     later = start()
     with_order(later)
     assert pivot(later)
     fail(later, "notify_customer", TransientError("SMTP down"))
-    audit = services.saga_compensate(saga_id=later.id, user=None)
+    audit = saga_compensate(saga_id=later.id, user=None)
     assert (audit.outcome, audit.detail) == (
         "refused",
         "it is past its pivot (confirm_order committed): retry it instead",
@@ -203,7 +206,7 @@ def needing_attention_at_notify() -> SagaInstance:
 def test_a_retry_races_the_late_success_of_the_step_it_re_publishes(django_capture_on_commit_callbacks) -> None:
     saga = needing_attention_at_notify()
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        audit = services.saga_retry(saga_id=saga.id, user=None)
+        audit = saga_retry(saga_id=saga.id, user=None)
 
     assert (audit.outcome, audit.status_before, audit.status_after) == ("done", "needs_attention", "running")
     assert audit.failure_fingerprint == "TransientError @ notify_customer"
@@ -222,8 +225,8 @@ def test_a_retry_races_the_late_success_of_the_step_it_re_publishes(django_captu
         record = sealed_record(saga, "notify_customer", steps, generation=generation)
         store_record(saga, "notify_customer", record, generation=generation)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        services.saga_reports_drain()
-        again = services.saga_retry(saga_id=saga.id, user=None)
+        saga_reports_drain()
+        again = saga_retry(saga_id=saga.id, user=None)
 
     row = saga_row(saga)
     assert (row.status, row.current_step, row.generation) == (SagaStatus.COMPLETED, "", 1)
@@ -241,7 +244,7 @@ def test_a_repeated_errback_of_the_failure_a_retry_superseded_changes_nothing(
     Before the fix the old copy's failure failed the step again under the old task id and
     flagged the saga once more, and the sweeper no longer watched the retried copy."""
     saga = needing_attention_at_notify()
-    services.saga_retry(saga_id=saga.id, user=None)
+    saga_retry(saga_id=saga.id, user=None)
     done = snapshot(saga)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         fail(saga, "notify_customer", TransientError("SMTP down"), generation=0)
@@ -261,11 +264,11 @@ def test_a_late_success_before_the_retry_completes_the_saga_and_the_retry_is_ref
     saga = needing_attention_at_notify()
     steps = timeline(saga, FORWARD, worker="late@host")
     store_record(saga, "notify_customer", sealed_record(saga, "notify_customer", steps))
-    services.saga_reports_drain()
+    saga_reports_drain()
     done = snapshot(saga)
     assert done[0]["status"] == SagaStatus.COMPLETED
 
-    audit = services.saga_retry(saga_id=saga.id, user=None)
+    audit = saga_retry(saga_id=saga.id, user=None)
     assert (audit.outcome, audit.status_before, audit.status_after) == ("refused", "completed", "completed")
     assert snapshot(saga) == done
 
@@ -275,7 +278,7 @@ def test_a_retry_of_a_failed_compensation_finishes_compensating(django_capture_o
     fail(saga, "charge_payment", PaymentDeclined("declined"), timeline=timeline(saga, ["reserve_inventory"]))
     fail(saga, "release_inventory", TransientError("down"), timeline=timeline(saga, ["refund_payment"]))
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        audit = services.saga_retry(saga_id=saga.id, user=None)
+        audit = saga_retry(saga_id=saga.id, user=None)
 
     assert (audit.outcome, audit.status_after) == ("done", "compensating")
     row = saga_row(saga)
@@ -287,25 +290,25 @@ def test_a_retry_of_a_failed_compensation_finishes_compensating(django_capture_o
 
 def test_what_a_retry_does_by_state() -> None:
     running = start()
-    assert "not stuck" in services.saga_retry(saga_id=running.id, user=None).detail
+    assert "not stuck" in saga_retry(saga_id=running.id, user=None).detail
     stall(running, "reserve_inventory")
-    assert services.saga_retry(saga_id=running.id, user=None).detail.startswith("re-published reserve_inventory")
+    assert saga_retry(saga_id=running.id, user=None).detail.startswith("re-published reserve_inventory")
     assert (saga_row(running).generation, rows(running)["reserve_inventory"].republished) == (1, 1)
 
     compensated = start()
     fail(compensated, "reserve_inventory", PaymentDeclined("x"), timeline=[])
-    services.saga_step_succeeded(
+    saga_step_succeeded(
         saga_id=compensated.id,
         step_name="notify_failure",
         result=report(compensated, timeline(compensated, COMPENSATION)),
     )
-    audit = services.saga_retry(saga_id=compensated.id, user=None)
+    audit = saga_retry(saga_id=compensated.id, user=None)
     assert (audit.outcome, audit.status_after) == ("refused", "compensated")
 
     # Flagged at the confirm, which has since succeeded, as has every step after it.
     finished = needing_attention_at_notify()
     SagaStep.objects.using("orders").filter(saga_id=finished.id).update(status=StepStatus.SUCCEEDED)
-    audit = services.saga_retry(saga_id=finished.id, user=None)
+    audit = saga_retry(saga_id=finished.id, user=None)
     assert (audit.outcome, audit.status_after) == ("done", "completed")
     row = saga_row(finished)
     assert (row.current_step, row.generation) == ("", 0) and row.finished_at is not None
@@ -316,7 +319,7 @@ def test_a_retry_by_fingerprint_takes_the_oldest_matching_sagas_up_to_its_limit(
     other = start()  # flagged for another failure
     assert pivot(other)
     fail(other, "notify_customer", StepRefused("no address"))
-    entries, remaining = services.saga_retry_by_fingerprint(
+    entries, remaining = saga_retry_by_fingerprint(
         fingerprints=["TransientError @ notify_customer"], user=None, limit=2
     )
     assert [entry.saga_id for entry in entries] == [saga.id for saga in sagas[:2]]
@@ -334,7 +337,7 @@ def test_the_sweeper_re_publishes_a_lost_chain_as_a_new_generation(django_captur
     stall(saga, "reserve_inventory")
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         now = timezone.now()
-        services.saga_sweep(now=now)
+        saga_sweep(now=now)
 
     row, reserve = saga_row(saga), rows(saga)["reserve_inventory"]
     assert (row.status, row.generation, row.current_step) == (SagaStatus.RUNNING, 1, "reserve_inventory")
@@ -350,7 +353,7 @@ def test_past_its_budget_a_step_before_the_pivot_fails_and_the_saga_compensates(
     saga = start()
     stall(saga, "reserve_inventory", republished=settings.SAGA_REPUBLISH_BUDGET)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        services.saga_sweep()
+        saga_sweep()
 
     row, reserve = saga_row(saga), rows(saga)["reserve_inventory"]
     assert (row.status, row.failure_type, row.generation) == (SagaStatus.COMPENSATING, "StepTimedOut", 1)
@@ -367,7 +370,7 @@ def test_past_its_budget_a_step_that_cannot_be_undone_needs_attention(
     saga = start()
     if where == "pivot":
         steps = timeline(saga, ["reserve_inventory", "charge_payment"])
-        services.saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result=report(saga, steps))
+        saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result=report(saga, steps))
         step = "confirm_order"
     elif where == "after the pivot":
         assert pivot(saga)
@@ -378,7 +381,7 @@ def test_past_its_budget_a_step_that_cannot_be_undone_needs_attention(
     stall(saga, step, republished=settings.SAGA_REPUBLISH_BUDGET)
     generation = saga_row(saga).generation
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        services.saga_sweep()
+        saga_sweep()
 
     row = saga_row(saga)
     assert (row.status, row.failure_step, row.failure_type) == (SagaStatus.NEEDS_ATTENTION, step, "StepTimedOut")
@@ -394,7 +397,7 @@ def test_the_sweeper_re_publishes_a_lost_compensation_from_where_it_stalled(
     fail(saga, "reserve_inventory", PaymentDeclined("x"), timeline=[])
     stall(saga, "refund_payment")
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        services.saga_sweep()
+        saga_sweep()
     assert (saga_row(saga).status, saga_row(saga).generation) == (SagaStatus.COMPENSATING, 2)
     assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 2), strict=True))]
 
@@ -404,7 +407,7 @@ def test_a_stalled_step_before_a_committed_pivot_is_not_re_published(django_capt
     assert pivot(saga)
     stall(saga, "charge_payment")  # a row left running by an old coordinator
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        services.saga_sweep()
+        saga_sweep()
     charge = rows(saga)["charge_payment"]
     assert (charge.status, charge.deadline_at, saga_row(saga).generation) == (StepStatus.UNKNOWN, None, 0)
     assert published(callbacks) == []
@@ -416,7 +419,7 @@ def test_a_chain_whose_record_waits_is_recorded_not_re_published(django_capture_
     stall(saga, "notify_customer")
     store_record(saga, "notify_customer", sealed_record(saga, "notify_customer", timeline(saga, FORWARD)))
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        done = services.saga_sweep()
+        done = saga_sweep()
     assert done.get("recorded", 0) >= 1 and not done.get("republished")
     assert (saga_row(saga).status, saga_row(saga).generation) == (SagaStatus.COMPLETED, 0)
     assert published(callbacks) == []
@@ -426,7 +429,7 @@ def test_a_stalled_step_of_a_saga_that_no_longer_runs_is_skipped() -> None:
     saga = needing_attention_at_notify()
     stall(saga, "notify_customer")  # as an old coordinator left it
     done = snapshot(saga)
-    assert services.saga_sweep().get("skipped", 0) >= 1
+    assert saga_sweep().get("skipped", 0) >= 1
     assert snapshot(saga) == done
 
 
@@ -465,7 +468,7 @@ def test_a_chain_that_may_wait_behind_a_backlog_gets_time_not_a_re_publish(djang
         queued_at=now - timedelta(seconds=25), deadline_at=now - timedelta(seconds=5)
     )
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        assert services.saga_sweep(now=now).get("waiting", 0) >= 1
+        assert saga_sweep(now=now).get("waiting", 0) >= 1
     hold = rows(saga)["hold"]
     assert (hold.status, hold.republished, saga_row(saga).generation) == (StepStatus.RUNNING, 0, 0)
     assert now < hold.deadline_at <= now + timedelta(seconds=20)
@@ -476,7 +479,7 @@ def test_a_chain_that_may_wait_behind_a_backlog_gets_time_not_a_re_publish(djang
         queued_at=now - timedelta(seconds=600), deadline_at=now - timedelta(seconds=5)
     )
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        assert services.saga_sweep(now=now).get("republished", 0) >= 1
+        assert saga_sweep(now=now).get("republished", 0) >= 1
     assert published(callbacks) == [
         [(f"{QUEUE}.hold", f"{saga.id}-hold-g1"), (f"{QUEUE}.confirm", f"{saga.id}-confirm-g1")]
     ]

@@ -1,5 +1,5 @@
 """The coordinator learns a chain's end from the record its last step stored in the result
-backend (saga.engine, saga.services.saga_reports_drain): no workers, the orders and
+backend (saga.engine, saga.progress.saga_reports_drain): no workers, the orders and
 default databases only."""
 
 import json
@@ -13,16 +13,17 @@ from django_celery_results.models import TaskResult
 
 from common.signing import Authority, context_digest, seal
 from orders.saga import PLACE_ORDER
-from saga import services
 from saga.engine import task_id_for
 from saga.models import SagaInstance, SagaStatus, StepStatus
+from saga.progress import saga_reports_drain
+from saga.publish import saga_start
 
 pytestmark = pytest.mark.django_db(databases=["orders", "default"])
 
 
 def start() -> SagaInstance:
     with transaction.atomic(using="orders"):
-        return services.saga_start(definition=PLACE_ORDER, order_id=uuid.uuid4(), context={"items": []})
+        return saga_start(definition=PLACE_ORDER, order_id=uuid.uuid4(), context={"items": []})
 
 
 def chain_record(saga: SagaInstance, *, step: str = "notify_customer", ended: timedelta = timedelta(0)) -> dict:
@@ -59,7 +60,7 @@ def test_a_stored_record_completes_its_saga_at_the_time_its_last_step_finished()
     saga = start()
     task_id = store(saga, chain_record(saga, ended=timedelta(seconds=5)))
 
-    assert services.saga_reports_drain() == 1
+    assert saga_reports_drain() == 1
 
     saga.refresh_from_db()
     assert saga.status == SagaStatus.COMPLETED
@@ -69,7 +70,7 @@ def test_a_stored_record_completes_its_saga_at_the_time_its_last_step_finished()
     assert all(s.worker and s.started_at for s in saga.steps.all())
     # Drained: the record is gone, and draining again finds nothing.
     assert not TaskResult.objects.filter(task_id=task_id).exists()
-    assert services.saga_reports_drain() == 0
+    assert saga_reports_drain() == 0
 
 
 @pytest.mark.parametrize(
@@ -85,7 +86,7 @@ def test_a_forged_record_moves_nothing(forge, caplog: pytest.LogCaptureFixture) 
     saga = start()
     store(saga, forge(saga, chain_record(saga)))
 
-    assert services.saga_reports_drain() == 0
+    assert saga_reports_drain() == 0
 
     saga.refresh_from_db()
     assert saga.status == SagaStatus.RUNNING
@@ -96,7 +97,7 @@ def test_a_record_of_an_ended_saga_or_a_failure_is_not_drained() -> None:
     saga = start()
     failed = task_id_for(saga.id, "notify_customer", saga.generation)
     TaskResult.objects.create(task_id=failed, status="FAILURE", result=json.dumps({"exc_type": "X"}))
-    assert services.saga_reports_drain() == 0
+    assert saga_reports_drain() == 0
     assert TaskResult.objects.filter(task_id=failed).exists()  # the failure report's to read
 
 
@@ -105,7 +106,7 @@ def test_several_sagas_records_are_recorded_together() -> None:
     for saga in sagas:
         store(saga, chain_record(saga))
 
-    assert services.saga_reports_drain() == 3
+    assert saga_reports_drain() == 3
 
     for saga in sagas:
         saga.refresh_from_db()

@@ -60,7 +60,7 @@ def test_forward_chain_calls_each_service_by_name_and_only_its_last_step_stores_
         assert sig.options["task_id"] == f"{SAGA_ID}-{spec.name}-g3"
         # No success report messages: the steps before the last carry their timing in the
         # context (common.steps), and the last stores the chain's record in the result
-        # backend, which the coordinator drains (saga.services.saga_reports_drain).
+        # backend, which the coordinator drains (saga.progress.saga_reports_drain).
         assert "link" not in sig.options
         assert sig.options.get("ignore_result") is (False if spec is PLACE_ORDER.steps[-1] else None)
         [errback] = sig.options["link_error"]

@@ -15,18 +15,20 @@ from django.db import transaction
 from django.utils import timezone
 
 from orders.saga import PLACE_ORDER
-from saga import services
+from saga import failure
 from saga.admin import step_state
 from saga.engine import task_id_for
+from saga.failure import StoredFailure, saga_step_failed
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
-from saga.services import StoredFailure
+from saga.progress import saga_pivot_commit, saga_step_succeeded
+from saga.publish import saga_begin_compensation, saga_start
 
 pytestmark = pytest.mark.django_db(databases=["orders"])
 
 
 def start() -> SagaInstance:
     with transaction.atomic(using="orders"):
-        return services.saga_start(definition=PLACE_ORDER, order_id=uuid.uuid4(), context={"items": []})
+        return saga_start(definition=PLACE_ORDER, order_id=uuid.uuid4(), context={"items": []})
 
 
 def record(saga: SagaInstance, step: str, *, attempt: int = 1, worker: str = "w@host", seconds: int = 0) -> dict:
@@ -46,14 +48,14 @@ def cancel(saga: SagaInstance) -> None:
     """What the cancel endpoint does to the saga (orders.services.order_cancel)."""
     with transaction.atomic(using="orders"):
         locked = SagaInstance.objects.select_for_update().get(id=saga.id)
-        services.saga_begin_compensation(
+        saga_begin_compensation(
             locked, outcome="cancelled", failure_step=locked.current_step, failure_type="Cancelled", reason="x"
         )
 
 
 def fail(monkeypatch, saga: SagaInstance, step: str, error_type: str, *, timeline=None, attempt=None) -> None:
-    monkeypatch.setattr(services, "_failure_from_backend", lambda task_id: StoredFailure(error_type, "no"))
-    services.saga_step_failed(
+    monkeypatch.setattr(failure, "_failure_from_backend", lambda task_id: StoredFailure(error_type, "no"))
+    saga_step_failed(
         saga_id=saga.id,
         step_name=step,
         task_id=task_id_for(saga.id, step, 0),
@@ -153,7 +155,7 @@ def test_the_pivot_records_itself_and_the_steps_before_it_with_their_times() -> 
     saga = start()
     timeline = [record(saga, "reserve_inventory"), record(saga, "charge_payment", seconds=1)]
     with transaction.atomic(using="orders"):
-        assert services.saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline, output={})
+        assert saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline, output={})
 
     steps = rows(saga)
     assert_recorded(steps["reserve_inventory"])
@@ -168,7 +170,7 @@ def test_the_pivot_records_itself_and_the_steps_before_it_with_their_times() -> 
     # The chain's final report brings the pivot's own record (its worker and start).
     report = {**saga.context, "_steps": [*timeline, record(saga, "confirm_order", worker="o@h", seconds=2)]}
     report["_steps"].append(record(saga, "notify_customer", worker="n@h", seconds=3))
-    services.saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report)
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report)
     steps = rows(saga)
     assert_recorded(steps["confirm_order"], worker="o@h")
     assert_recorded(steps["notify_customer"], worker="n@h")
@@ -212,9 +214,7 @@ def test_a_copy_that_succeeds_after_its_step_failed_for_good_is_shown_with_its_a
     assert rows(saga)["charge_payment"].status == StepStatus.FAILED
 
     late = record(saga, "charge_payment", attempt=7, worker="p2@h", seconds=1)
-    services.saga_step_succeeded(
-        saga_id=saga.id, step_name="charge_payment", result={**saga.context, "_steps": [reserve, late]}
-    )
+    saga_step_succeeded(saga_id=saga.id, step_name="charge_payment", result={**saga.context, "_steps": [reserve, late]})
 
     assert_recorded(rows(saga)["charge_payment"], attempts=7, worker="p2@h")
     assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING  # its refund undoes it

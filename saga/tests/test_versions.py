@@ -7,10 +7,12 @@ import uuid
 import pytest
 from django.db import transaction
 
-from saga import services
 from saga.checks import check_saga_versions
 from saga.definition import SagaDefinition, Step, get_definition, register, registered_versions
 from saga.models import SagaInstance, SagaStatus, SagaStep
+from saga.operator import saga_retry
+from saga.progress import saga_step_succeeded
+from saga.publish import saga_begin_compensation, saga_start
 
 pytestmark = pytest.mark.django_db(databases=["orders"])
 
@@ -44,7 +46,7 @@ V2 = register(
 
 def start(version: int | None) -> SagaInstance:
     with transaction.atomic(using="orders"):
-        return services.saga_start(definition=get_definition(NAME, version), order_id=uuid.uuid4(), context={})
+        return saga_start(definition=get_definition(NAME, version), order_id=uuid.uuid4(), context={})
 
 
 def test_a_new_saga_starts_on_the_newest_version_and_an_old_one_is_found_by_its_own() -> None:
@@ -66,7 +68,7 @@ def test_a_new_saga_starts_on_the_newest_version_and_an_old_one_is_found_by_its_
 def test_a_saga_runs_to_its_end_on_the_version_it_started_with() -> None:
     old = start(1)
     # Its last step reports: by version 1 that is the end (version 2 has a step after it).
-    services.saga_step_succeeded(saga_id=old.id, step_name="confirm", result={})
+    saga_step_succeeded(saga_id=old.id, step_name="confirm", result={})
     old.refresh_from_db()
     assert (old.status, old.definition_version) == (SagaStatus.COMPLETED, 1)
 
@@ -74,7 +76,7 @@ def test_a_saga_runs_to_its_end_on_the_version_it_started_with() -> None:
     failing = start(1)
     with transaction.atomic(using="orders"):
         locked = SagaInstance.objects.select_for_update().get(id=failing.id)
-        services.saga_begin_compensation(
+        saga_begin_compensation(
             locked, outcome="failed", failure_step="reserve", failure_type="InsufficientStock", reason="x"
         )
     compensation = SagaStep.objects.filter(saga=failing, phase="compensation").order_by("position")
@@ -104,7 +106,7 @@ def test_an_operator_retry_re_publishes_the_steps_of_the_saga_own_version(
     )
 
     with django_capture_on_commit_callbacks(using="orders") as published:
-        entry = services.saga_retry(saga_id=saga.id, user=None)
+        entry = saga_retry(saga_id=saga.id, user=None)
 
     assert entry.outcome == "done", entry.detail
     # Version 1 has nothing after confirm; version 2's plan would have sent confirm and notify.

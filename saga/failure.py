@@ -1,0 +1,193 @@
+"""Steps that failed for good: record the failure, then compensate (before the pivot) or
+stop the saga for an operator (after it, or when a compensation fails).
+
+A failing step's `link_error` queues `saga.step_failed` with the failed task's id; the
+failure itself, with the records of the steps before it, is read from the result backend.
+Reports may be duplicated or late: a second errback for the same failure changes nothing.
+"""
+
+import contextlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from celery.result import AsyncResult
+from django.db import transaction
+from django.utils import timezone
+
+from orders_project.celery import app
+
+from . import store
+from .definition import get_definition
+from .models import SagaInstance, SagaStatus, StepPhase, StepStatus
+from .publish import OUTCOME_FAILED, saga_begin_compensation
+from .store import DB, UNSETTLED
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredFailure:
+    error_type: str
+    error: str
+    timeline: Any = None  # the `_steps` the failed task received: the steps before it
+
+
+def _failure_from_backend(task_id: str) -> StoredFailure | None:
+    """The failure of a task as its worker stored it (with its arguments: the result
+    backend is extended); None when the result backend has no failure for that task id."""
+    try:
+        result: AsyncResult = AsyncResult(task_id, app=app)
+        exc = result.result if result.state == "FAILURE" else None
+    except Exception as error:  # a corrupt or foreign record must not stop compensation
+        return StoredFailure(type(error).__name__, f"could not read the failure of task {task_id}: {error}")
+    if not isinstance(exc, BaseException):
+        return None
+    timeline = None
+    with contextlib.suppress(Exception):  # the timing is nice to have, never a reason to stop
+        args = result.args or ()
+        if isinstance(args, str):
+            # A step stores its ids and timing as its argsrepr, not its context (common.steps).
+            args = json.loads(args)
+        if args and isinstance(args[0], dict):
+            timeline = args[0].get("_steps")
+    return StoredFailure(type(exc).__name__, str(exc), timeline)
+
+
+def saga_step_failed(
+    *,
+    saga_id: uuid.UUID | str,
+    step_name: str,
+    task_id: str,
+    timeline: Any = None,
+    attempt: Any = None,
+) -> None:
+    """Handle a step that failed for good (its own retries exhausted or a business failure).
+
+    Before the pivot: compensate. After the pivot, or in the compensation phase: the saga
+    needs an operator. A forward step refused because the saga was already compensating
+    is recorded `refused`, not failed. `timeline` is the failed task's `_steps` (the
+    records of the steps before it) and `attempt` its attempt number and worker, as the
+    failure report carries them (saga.timeline). Idempotent: a second errback for the same
+    failure changes nothing.
+    """
+    failure = _failure_from_backend(task_id)
+    if failure is None:
+        # Celery stores the failure before it sends the errback, so a report without one
+        # is forged or foreign: acting on it would compensate a healthy saga. A step that
+        # really vanished is the sweeper's to find.
+        logger.error("saga %s: failure report for task %s has no stored failure; ignored", saga_id, task_id)
+        return
+    error_type, error = failure.error_type, failure.error
+    if error_type == "InvalidMessage":
+        # The participant refused a malformed or unsigned message before acting: nothing
+        # happened that needs undoing, and a forged message must not steer the saga. If
+        # the real step is lost, the sweeper finds it.
+        logger.error("saga %s: step %s refused a message (%s); ignored", saga_id, step_name, error)
+        return
+    with transaction.atomic(using=DB):
+        saga = store.lock_saga(saga_id)
+        if saga is None:
+            logger.error("step %s failed for unknown saga %s; ignored", step_name, saga_id)
+            return
+        steps = {s.name: s for s in saga.steps.all()}
+        step = steps.get(step_name)
+        if step is None:
+            logger.error("saga %s has no step %s; failure report ignored", saga_id, step_name)
+            return
+        reported, current = _generation_of(task_id), _generation_of(step.celery_task_id)
+        if step.status == StepStatus.RUNNING and reported is not None and current is not None and reported < current:
+            # A copy that a re-publish superseded (e.g. the errback of the failure an operator
+            # retried, repeated): the step's current copy reports for itself, and the sweeper
+            # keeps watching its deadline.
+            logger.warning("saga %s step %s: %s was superseded; its failure is ignored", saga_id, step_name, task_id)
+            return
+        if step.status != StepStatus.SUCCEEDED:
+            # The steps before it in its chain committed (a chain runs a step only after the
+            # previous one did); their records travelled with the failure report.
+            recorded = store.record_timeline(saga, steps, timeline if timeline is not None else failure.timeline)
+            # One without a record (a failure reported from a worker's main process, after
+            # a hard time limit) is not shown succeeded with no attempt or time: unknown.
+            recorded += [
+                s
+                for s in steps.values()
+                if s.phase == step.phase
+                and s.position < step.position
+                and s.status in (StepStatus.PENDING, StepStatus.RUNNING)
+                and s not in recorded
+            ]
+            for earlier in recorded:
+                if earlier.status != StepStatus.SUCCEEDED:
+                    earlier.mark_unknown()
+            if recorded:
+                store.save_steps(recorded)
+                saga.save(using=DB, update_fields=["context", "updated_at"])
+        if step.status == StepStatus.SUCCEEDED:
+            # A late duplicate failed after the original committed: nothing to undo here.
+            logger.warning("saga %s step %s: duplicate failed after success: %s", saga_id, step_name, error)
+            return
+        if step.status in (StepStatus.FAILED, StepStatus.REFUSED) and step.celery_task_id == task_id:
+            return
+        compensating = step.phase == StepPhase.FORWARD and saga.status != SagaStatus.RUNNING
+        if compensating and step.status not in UNSETTLED:
+            # A late copy of a step whose outcome is already recorded (its failure started
+            # the compensation; or it was refused before) refused again: keep what happened.
+            logger.warning("saga %s step %s: a late copy failed while compensating: %s", saga_id, step_name, error)
+            return
+        definition = get_definition(saga.definition, saga.definition_version)
+        if (
+            step.phase == StepPhase.FORWARD
+            and saga.pivot_committed_at is not None
+            and not definition.is_after_pivot(step_name)
+        ):
+            # A late copy of an earlier step failed after the pivot committed: the
+            # original succeeded (the pivot needed it). Nothing to undo, and the step is
+            # not shown failed: the chain's record still shows it succeeded.
+            logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step_name, error)
+            return
+        # Refused because the saga was already compensating (a cancel, a failure elsewhere):
+        # the step did nothing, by design; it did not fail.
+        refused = compensating and error_type == "StepRefused"
+        step.mark_failed(f"{error_type}: {error}", at=timezone.now(), refused=refused, task_id=task_id)
+        step.take_attempt(attempt)
+        step.save(using=DB)
+        if compensating:
+            # The chain stopped here: the steps after it that the cancel left unknown never ran.
+            later = [
+                s
+                for s in steps.values()
+                if s.phase == step.phase and s.position > step.position and s.status == StepStatus.UNKNOWN
+            ]
+            for s in later:
+                s.mark_pending()
+            store.save_steps(later)
+
+        if step.phase == StepPhase.FORWARD:
+            if saga.status != SagaStatus.RUNNING:
+                # Already compensating (e.g. a cancel): this step refusing is expected.
+                return
+            if definition.is_after_pivot(step_name):
+                needs_attention(saga, step_name, error_type, error)
+            else:
+                saga_begin_compensation(
+                    saga, outcome=OUTCOME_FAILED, failure_step=step_name, failure_type=error_type, reason=error
+                )
+        elif saga.status == SagaStatus.COMPENSATING:
+            needs_attention(saga, step_name, error_type, error)
+
+
+def _generation_of(task_id: str) -> int | None:
+    """The generation a task id names (saga.engine.task_id_for), or None."""
+    _, separator, generation = task_id.rpartition("-g")
+    return int(generation) if separator and generation.isdigit() else None
+
+
+def needs_attention(saga: SagaInstance, step_name: str, error_type: str, error: str) -> None:
+    """Stop `saga` for an operator: `step_name` failed (`error_type`: `error`) where nothing
+    may undo or skip it. Precondition: the saga's row lock is held."""
+    saga.mark_needs_attention(failure_step=step_name, failure_type=error_type, reason=error)
+    saga.save(using=DB)
+    # Nothing runs on its own any more: keep the sweeper's scan to sagas it can act on.
+    saga.steps.filter(status=StepStatus.RUNNING).update(deadline_at=None)

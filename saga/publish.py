@@ -1,0 +1,200 @@
+"""Publishing a saga's chains: a new saga's forward chain, its compensation chain when it
+fails or is cancelled before its pivot, and the rest of a phase again (the sweeper, an
+operator's retry). Each publishes only once the `orders` transaction that wrote the steps
+commits, so a chain never runs for a saga that rolled back.
+"""
+
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from common.db import insert_together
+
+from .definition import SagaDefinition, Step, get_definition
+from .engine import build_chain, task_id_for
+from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
+from .store import DB
+from .tracing import saga_trace_context, trace_carrier, trace_id_of
+
+logger = logging.getLogger(__name__)
+
+# What a compensation phase is for (the saga's `outcome`, and its context's).
+OUTCOME_FAILED = "failed"
+OUTCOME_CANCELLED = "cancelled"
+
+
+def _publish(signature: Any, saga_id: uuid.UUID, trace_context: Mapping[str, str] | None = None) -> None:
+    # A failure to publish leaves the step running with a deadline: the recovery
+    # sweeper re-publishes it. Not raising keeps the already-committed request intact.
+    try:
+        # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
+        with saga_trace_context(trace_context):
+            signature.apply_async()
+    except Exception:
+        logger.exception("saga %s: publishing its next steps failed; the sweeper will retry", saga_id)
+
+
+def publish_on_commit(steps: tuple[Step, ...], saga: SagaInstance) -> None:
+    """Publish `steps` as one chain of `saga`'s current generation, from its context, once
+    the `orders` transaction commits (at once, if none is open)."""
+    # A chain is one phase: forward steps, or the compensation plan (common.signing binds it).
+    forward = steps[0] in get_definition(saga.definition, saga.definition_version).steps
+    phase = StepPhase.FORWARD if forward else StepPhase.COMPENSATION
+    signature = build_chain(steps, saga_id=saga.id, generation=saga.generation, phase=phase, context=saga.context)
+    transaction.on_commit(partial(_publish, signature, saga.id, saga.trace_context), using=DB)
+
+
+def segment_deadline(definition: SagaDefinition, plan: tuple[Step, ...], index: int) -> int:
+    """Seconds a chain published from `plan[index]` may take to reach its next record.
+
+    Nothing reports between records (saga.engine): the pivot records itself, and the
+    chain's last step reports. The store therefore gives the whole segment the sum of
+    its steps' deadlines, on the segment's first step.
+    """
+    stop = len(plan) - 1
+    if plan is definition.steps and index <= definition.pivot_index:
+        stop = definition.pivot_index
+    return sum(step.deadline_seconds for step in plan[index : stop + 1])
+
+
+def phase_plan(definition: SagaDefinition, phase: str) -> tuple[Step, ...]:
+    """The steps of `phase` (forward, or compensation) in `definition`, in order."""
+    return definition.steps if phase == StepPhase.FORWARD else definition.compensation_steps()
+
+
+def start_running(
+    step: SagaStep, *, saga: SagaInstance, deadline_seconds: float, now: datetime, queued_at: datetime | None = None
+) -> None:
+    """Mark `step` running in `saga`'s current generation: published now, or when the
+    previous step finished (`queued_at`, which may be before the coordinator heard of it:
+    queue wait is measured from there)."""
+    step.mark_running(
+        task_id=task_id_for(saga.id, step.name, saga.generation),
+        queued_at=queued_at or now,
+        deadline_at=now + timedelta(seconds=deadline_seconds),
+    )
+
+
+def saga_start(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapping[str, Any]) -> SagaInstance:
+    """Create the saga and its forward steps, and publish its chain when the transaction commits.
+    Returns the saga with its steps (as written) in its `steps` prefetch cache.
+
+    Precondition: inside `transaction.atomic(using="orders")`, in the same transaction that
+    created the order, so an order never exists without its saga (and the chain is never
+    published for an order that rolled back).
+    """
+    saga = saga_new(definition=definition, order_id=order_id, context=context)
+    insert_together(DB, [saga], saga._prefetched_objects_cache["steps"])  # type: ignore[attr-defined]  # Django's prefetch cache
+    saga_publish(saga)
+    return saga
+
+
+def saga_new(*, definition: SagaDefinition, order_id: uuid.UUID, context: Mapping[str, Any]) -> SagaInstance:
+    """A new saga of `definition` for `order_id` and its forward steps, not yet written: the
+    caller writes them (with its order, in one statement: common.db.insert_together), then
+    calls `saga_publish`. The steps are in the saga's `steps` prefetch cache."""
+    saga_id = uuid.uuid4()
+    now = timezone.now()
+    saga = SagaInstance(
+        id=saga_id,
+        definition=definition.name,
+        # Pinned: every later step, compensation and retry of this saga uses this version.
+        definition_version=definition.version,
+        order_id=order_id,
+        status=SagaStatus.RUNNING,
+        current_step=definition.steps[0].name,
+        context={**context, "saga_id": str(saga_id), "order_id": str(order_id)},
+        # The placing request's trace: every chain of this saga is published in it.
+        trace_context=(carrier := trace_carrier()),
+        trace_id=trace_id_of(carrier),
+    )
+    steps = [
+        SagaStep(saga=saga, phase=StepPhase.FORWARD, position=i, name=spec.name, task_name=spec.task)
+        for i, spec in enumerate(definition.steps)
+    ]
+    start_running(steps[0], saga=saga, deadline_seconds=segment_deadline(definition, definition.steps, 0), now=now)
+    saga._prefetched_objects_cache = {"steps": steps}  # type: ignore[attr-defined]  # Django's prefetch cache
+    return saga
+
+
+def saga_publish(saga: SagaInstance) -> None:
+    """Publish a new saga's forward chain once the `orders` transaction that wrote it
+    commits (at once, if none is open: the statement that wrote it has committed)."""
+    publish_on_commit(get_definition(saga.definition, saga.definition_version).steps, saga)
+
+
+def saga_begin_compensation(
+    saga: SagaInstance, *, outcome: str, failure_step: str, failure_type: str, reason: str
+) -> None:
+    """Switch a running saga to compensating and publish its compensations on commit.
+
+    `reason` is the raw error, kept on the saga for operators; the compensation's context
+    carries instead the customer's fixed sentence for `failure_type` (the definition's
+    `customer_reason`), which is all the order and the email ever show.
+
+    Precondition: inside `transaction.atomic(using="orders")` holding `select_for_update`
+    on `saga`, whose status is running.
+    """
+    if saga.status != SagaStatus.RUNNING:
+        raise ValueError(f"saga {saga.id} is {saga.status}, not running")
+    if saga.pivot_committed_at is not None:
+        raise ValueError(f"saga {saga.id} is past its pivot: it cannot compensate")
+    definition = get_definition(saga.definition, saga.definition_version)
+    plan = definition.compensation_steps()
+    now = timezone.now()
+    saga.mark_compensating(outcome=outcome, failure_step=failure_step, failure_type=failure_type, reason=reason)
+    saga.generation += 1
+    saga.current_step = plan[0].name
+    customer = definition.customer_reason(failure_type) if definition.customer_reason else ""
+    saga.context = {**saga.context, "outcome": outcome, "failure_reason": customer}
+    saga.save(using=DB)
+
+    # The chain may be at any step of its segment (the store hears of it at the pivot and
+    # at the end): from the running step to the pivot, what happened is unknown until a
+    # report says (a record in the timeline, a refusal). The compensations cover them all.
+    running = saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).order_by("position").first()
+    if running is not None:
+        saga.steps.filter(
+            phase=StepPhase.FORWARD,
+            status__in=[StepStatus.RUNNING, StepStatus.PENDING],
+            position__gte=running.position,
+            position__lte=definition.pivot_index,
+        ).update(status=StepStatus.UNKNOWN, deadline_at=None)  # in bulk: SagaStep.mark_unknown
+    rows = [
+        SagaStep(saga=saga, phase=StepPhase.COMPENSATION, position=i, name=spec.name, task_name=spec.task)
+        for i, spec in enumerate(plan)
+    ]
+    start_running(rows[0], saga=saga, deadline_seconds=segment_deadline(definition, plan, 0), now=now)
+    SagaStep.objects.using(DB).bulk_create(rows)
+    publish_on_commit(plan, saga)
+
+
+def saga_republish_from(saga: SagaInstance, step: SagaStep, *, now: datetime | None = None) -> None:
+    """Publish the rest of the step's phase again, from this step, as a new generation.
+
+    Safe whether or not the earlier messages are still somewhere: every step is
+    idempotent, so a duplicate returns its recorded result. The new deadline doubles
+    with each re-publish, so a slow participant is not flooded.
+
+    Precondition: inside `transaction.atomic(using="orders")` holding `select_for_update`
+    on `saga`.
+    """
+    now = now or timezone.now()
+    definition = get_definition(saga.definition, saga.definition_version)
+    plan = phase_plan(definition, step.phase)
+    saga.generation += 1
+    saga.current_step = step.name
+    saga.save(using=DB)
+    step.mark_republished(
+        task_id=task_id_for(saga.id, step.name, saga.generation),
+        at=now,
+        segment_seconds=segment_deadline(definition, plan, step.position),
+    )
+    step.save(using=DB)
+    publish_on_commit(plan[step.position :], saga)

@@ -1,0 +1,163 @@
+"""The sweeper (`saga.sweep`, every SAGA_SWEEP_INTERVAL): drains the chains' records, then
+finds running steps past their deadline and recovers them: re-published, compensated, or
+handed to an operator. Where a stalled chain's messages are is asked of the broker and
+the workers (saga.recovery); a chain that is slow, not lost, gets more time.
+"""
+
+import logging
+from collections import Counter
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from . import recovery
+from .definition import get_definition
+from .engine import task_id_for
+from .failure import needs_attention
+from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
+from .progress import saga_reports_drain
+from .publish import OUTCOME_FAILED, phase_plan, saga_begin_compensation, saga_republish_from
+from .settlement import saga_settlements_send
+from .store import DB
+
+logger = logging.getLogger(__name__)
+
+
+def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
+    definition = get_definition(saga.definition, saga.definition_version)
+    if (
+        saga.pivot_committed_at is not None
+        and step.phase == StepPhase.FORWARD
+        and definition.forward_index(step.name) <= definition.pivot_index
+    ):
+        # The pivot committed, so this step did too; only its report is late or lost, and
+        # without it there is no attempt or time to show.
+        step.mark_unknown()
+        step.save(using=DB)
+        return "succeeded"
+    if step.republished < settings.SAGA_REPUBLISH_BUDGET:
+        saga_republish_from(saga, step, now=now)
+        return "republished"
+    reason = f"{step.name} did not report back after {step.republished} re-publishes"
+    step.mark_failed(f"StepTimedOut: {reason}", at=now)
+    step.save(using=DB)
+    pivot_or_later = step.phase == StepPhase.FORWARD and definition.forward_index(step.name) >= definition.pivot_index
+    if step.phase == StepPhase.FORWARD and saga.status == SagaStatus.RUNNING and not pivot_or_later:
+        saga_begin_compensation(
+            saga, outcome=OUTCOME_FAILED, failure_step=step.name, failure_type="StepTimedOut", reason=reason
+        )
+        return "compensating"
+    # A pivot that never reported may have committed: an operator decides, not the sweeper.
+    needs_attention(saga, step.name, "StepTimedOut", reason)
+    return "needs_attention"
+
+
+def _segment_chain(saga: SagaInstance, step: SagaStep) -> list[tuple[str, str, float]]:
+    """(task id, queue, deadline) of each step of the segment the store waits on, from `step`."""
+    definition = get_definition(saga.definition, saga.definition_version)
+    plan = phase_plan(definition, step.phase)
+    stop = len(plan) - 1
+    if step.phase == StepPhase.FORWARD and step.position <= definition.pivot_index:
+        stop = definition.pivot_index
+    return [
+        (task_id_for(saga.id, spec.name, saga.generation), _queue_of(spec.task), float(spec.deadline_seconds))
+        for spec in plan[step.position : stop + 1]
+    ]
+
+
+def _queue_of(task_name: str) -> str:
+    return task_name.split(".")[0]
+
+
+def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict[str, int]:
+    """Find running steps past their deadline and recover them; return what was done.
+
+    Covers a lost or dropped message, a worker that died with its message, a chain whose
+    publish failed after the order committed (its first step never started), and a
+    stalled compensation. The scan reads only running steps past their deadline (a
+    partial index), oldest first, in bounded batches; each saga is handled in its own
+    short transaction and skipped if another sweeper holds it (SKIP LOCKED).
+
+    First the watchdog returns the messages of workers that died holding them (Redis:
+    saga.recovery.orphans_restore). Then, per stalled step, the broker and the workers are
+    asked where its chain is (saga.recovery.chain_whereabouts: one broadcast and one look
+    at each queue's oldest message for the whole batch): held by a live worker, or possibly
+    still waiting behind older messages, it gets a new deadline without spending its
+    budget (slow is not broken); otherwise its message is lost and it is recovered.
+    """
+    now = now or timezone.now()
+    batch = batch or settings.SAGA_SWEEP_BATCH
+    done: Counter[str] = Counter()
+    try:
+        done.update(recovery.orphans_restore())
+    except Exception:  # the watchdog must never stop the sweep
+        logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+    # Before looking for stalled steps: a chain whose record waits here is not stalled.
+    if recorded := saga_reports_drain():
+        done["recorded"] += recorded
+    done.update(_settlements_send(now))
+    stalled = list(
+        SagaStep.objects.using(DB)
+        .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
+        .order_by("deadline_at")
+        .values_list("saga_id", "name")[:batch]
+    )
+    if not stalled:
+        return dict(done)
+    wanted = set(stalled)
+    chains = [
+        _segment_chain(saga, step)
+        for saga in SagaInstance.objects.using(DB).filter(id__in={s for s, _ in stalled}).prefetch_related("steps")
+        for step in saga.steps.all()
+        if (saga.id, step.name) in wanted
+    ]
+    view = recovery.broker_view(
+        queues={queue for chain in chains for _, queue, _ in chain} | {"saga"},
+        task_ids=sorted({task_id for chain in chains for task_id, _, _ in chain}),
+    )
+    for saga_id, step_name in stalled:
+        with transaction.atomic(using=DB):
+            saga = (
+                SagaInstance.objects.using(DB)
+                .select_for_update(skip_locked=True)
+                .filter(id=saga_id, status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
+                .first()
+            )
+            step = None if saga is None else saga.steps.filter(name=step_name, status=StepStatus.RUNNING).first()
+            if saga is None or step is None or step.deadline_at is None or step.deadline_at >= now:
+                done["skipped"] += 1
+                continue
+            chain = _segment_chain(saga, step)
+            queued_at = step.queued_at or (step.deadline_at - timedelta(seconds=sum(d for _, _, d in chain)))
+            where = recovery.chain_whereabouts(
+                queued_at=queued_at.timestamp(), chain=chain, view=view, now=now.timestamp()
+            )
+            patience = sum(d for _, _, d in chain) * settings.SAGA_BACKLOG_PATIENCE
+            if where.verdict == "held" or (where.verdict == "waiting" and (now - queued_at).total_seconds() < patience):
+                # Being worked on, or possibly queued behind older messages: the system is
+                # slow, not broken. Re-publishing would only add to the pile, so look again
+                # later without spending the step's budget. (Waiting is bounded: in a FIFO
+                # queue the head moves past our message, or, where the head cannot be read
+                # (AMQP), SAGA_BACKLOG_PATIENCE segments after it was queued.)
+                again = chain[0][2] if where.verdict == "held" else where.wait
+                again = min(max(again, settings.SAGA_SWEEP_INTERVAL), sum(d for _, _, d in chain))
+                step.deadline_at = now + timedelta(seconds=again)
+                step.save(using=DB, update_fields=["deadline_at"])
+                done[where.verdict] += 1
+                continue
+            outcome = _recover_stalled(saga, step, now)
+            logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)
+            done[outcome] += 1
+    return dict(done)
+
+
+def _settlements_send(now: datetime) -> dict[str, int]:
+    """Sagas past their pivot get their settlement (a confirmed order's stock becomes a
+    sale): saga.settlement. It must never stop the sweep."""
+    try:
+        return saga_settlements_send(now=now)
+    except Exception:
+        logger.warning("sending settlements failed; the next sweep tries again", exc_info=True)
+        return {}
