@@ -29,6 +29,7 @@ from saga.definition import SagaDefinition
 from saga.engine import task_id_for
 from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStep, StepPhase
+from saga.progress import saga_pivot_commit
 from saga.publish import saga_start
 
 FORWARD = tuple(step.name for step in PLACE_ORDER.steps)
@@ -173,3 +174,9 @@ def published(callbacks: Iterable[Any]) -> list[list[tuple[str, str]]]:
 
 def ids(saga: SagaInstance, names: Iterable[str], generation: int) -> list[str]:
     return [task_id_for(saga.id, name, generation) for name in names]
+
+
+def pivot(saga: SagaInstance, steps: Sequence[str] = ("reserve_inventory", "charge_payment"), **output: Any) -> bool:
+    """The pivot's own transaction records it (orders.confirm -> saga_pivot_commit)."""
+    with transaction.atomic(using="orders"):
+        return saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps), output=output)

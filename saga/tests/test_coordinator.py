@@ -32,6 +32,7 @@ from .coordinator import (
     entry,
     fail,
     ids,
+    pivot,
     published,
     report,
     rows,
@@ -45,12 +46,6 @@ from .coordinator import (
 )
 
 pytestmark = pytest.mark.django_db(databases=["orders", "default"])
-
-
-def pivot(saga, steps=("reserve_inventory", "charge_payment"), **output) -> bool:
-    """The pivot's own transaction records it (orders.confirm -> saga_pivot_commit)."""
-    with transaction.atomic(using="orders"):
-        return saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps), output=output)
 
 
 # --- Success reports --------------------------------------------------------------------

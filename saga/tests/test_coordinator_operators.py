@@ -24,7 +24,7 @@ from orders_project.celery import app
 from saga.definition import SagaDefinition, Step, register
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.operator import OPERATOR_COMPENSATED, saga_compensate, saga_retry, saga_retry_by_fingerprint
-from saga.progress import saga_pivot_commit, saga_reports_drain, saga_step_succeeded
+from saga.progress import saga_reports_drain, saga_step_succeeded
 from saga.publish import saga_begin_compensation
 from saga.recovery import SENT_AT
 from saga.sweeper import saga_sweep
@@ -36,6 +36,7 @@ from .coordinator import (
     PaymentDeclined,
     fail,
     ids,
+    pivot,
     published,
     report,
     rows,
@@ -64,11 +65,6 @@ def with_order(saga: SagaInstance, status: str = Order.Status.PENDING) -> Order:
         id=saga.order_id, user_id=1, email="c@example.com", payment_token="tok_visa", total=Decimal("20.00"),
         currency="EUR", status=status,
     )  # fmt: skip
-
-
-def pivot(saga: SagaInstance, steps=("reserve_inventory", "charge_payment")) -> bool:
-    with transaction.atomic(using="orders"):
-        return saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=timeline(saga, steps))
 
 
 def cancel(saga: SagaInstance) -> None:
