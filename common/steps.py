@@ -84,6 +84,16 @@ class SagaContext(Mapping[str, Any]):
 register_type(SagaContext, None, SagaContext.as_dict)
 
 
+class SealedBatch(SagaContext):
+    """A batch task's return value (common.signing.batch_seal), shown without its seal: the
+    seal must not reach the logs or Flower, where it could be sent again."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<sealed batch of {len(self._data.get('sagas') or [])} sagas from {self._data.get('task')}>"
+
+
 def stored_args_repr(ctx: Mapping[str, Any]) -> str:
     """What the result backend keeps as a step's arguments: ids and the chain's timing."""
     timeline = ctx.get("_steps")

@@ -6,7 +6,7 @@ from django.db import InterfaceError, OperationalError
 
 from common.exceptions import InvalidMessage
 from common.signing import AUTHORITY_KWARG, batch_authority_verify, batch_seal
-from common.steps import require_uuid, saga_step_task
+from common.steps import SealedBatch, require_uuid, saga_step_task
 
 from . import selectors, services
 
@@ -70,7 +70,7 @@ MAX_BATCH = 10_000
     retry_jitter=True,
     max_retries=None,  # the coordinator sends the batch again anyway; retrying is cheaper
 )
-def record_sales(saga_ids: Any, **kwargs: Any) -> dict[str, Any]:
+def record_sales(saga_ids: Any, **kwargs: Any) -> SealedBatch:
     """Confirmed orders' reservations become sales (services.stock_sell), for the batch
     of sagas the coordinator authorised; returns that batch, sealed, for `saga.settled`."""
     if not isinstance(saga_ids, list) or not saga_ids or len(saga_ids) > MAX_BATCH:
@@ -78,4 +78,4 @@ def record_sales(saga_ids: Any, **kwargs: Any) -> dict[str, Any]:
     ids = [require_uuid({"saga_id": saga_id}, "saga_id") for saga_id in saga_ids]
     batch_authority_verify(kwargs.get(AUTHORITY_KWARG), task=RECORD_SALES, saga_ids=ids)
     sold = services.stock_sell(saga_ids=ids)
-    return batch_seal(task=RECORD_SALES, saga_ids=sold)
+    return SealedBatch(batch_seal(task=RECORD_SALES, saga_ids=sold))
