@@ -164,6 +164,8 @@ def test_finished_sagas_are_not_retried_and_the_refusal_is_recorded(api: Api, sk
 
 def test_compensate_now_stops_a_running_saga_before_its_pivot_once(api: Api, sku: str) -> None:
     make_product(sku, on_hand=3)
+    # Logged in first: the slow charge gives the operator FAKE_PROVIDER_SLOW_SECONDS to act.
+    client, user = admin_client("compensate_saga")
     placed = api.place_order([(sku, 2)], token="tok_slow")
     saga_id = placed["saga"]["id"]
     wait_for(
@@ -171,7 +173,6 @@ def test_compensate_now_stops_a_running_saga_before_its_pivot_once(api: Api, sku
         timeout=30,
         what="the charge to be in flight",
     )
-    client, user = admin_client("compensate_saga")
 
     # The store records the forward chain at the pivot (saga.engine): until then it knows
     # the chain is in flight from its first step, not which step it has reached.
