@@ -748,15 +748,18 @@ def _sweeps_by_node(topology: Topology) -> dict[str, int]:
 
     nodes = [f"{name}@{socket.gethostname()}" for name in topology.processes if program_of(name) == "saga"]
     stats: dict[str, Any] = {}
-    for attempt in range(3):  # a broker restart leaves our pooled connection stale
+    # Asked until each has answered, for up to a minute: a saga worker killed late in the
+    # run may still be starting on a busy machine (and a broker restart leaves our pooled
+    # connection stale). A worker that never answers is left out of the report.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not set(nodes) <= set(stats):
+        missing = [node for node in nodes if node not in stats]
         try:
-            stats = app.control.inspect(destination=nodes, timeout=2.0).stats() or {}
+            stats.update(app.control.inspect(destination=missing, timeout=2.0).stats() or {})
         except Exception as error:  # a report without the counts, not a failed run
-            if attempt == 2:
-                logger.warning("could not ask the saga workers how many sweeps they ran: %s", error)
-            continue
-        if set(nodes) <= set(stats):
-            break
+            logger.info("asking the saga workers how many sweeps they ran: %s", error)
+    if not set(nodes) <= set(stats):
+        logger.warning("saga workers %s did not say how many sweeps they ran", sorted(set(nodes) - set(stats)))
     return {node: int(stats.get(node, {}).get("total", {}).get("saga.sweep", 0)) for node in nodes if node in stats}
 
 
