@@ -79,6 +79,10 @@ class Fault:
     # died, and when each was received again by a live worker (seconds after the kill).
     held: list[str] = field(default_factory=list)
     received_again: dict[str, float] = field(default_factory=dict)
+    # Held tasks a later drop took off their queue before any worker received them again
+    # (a restored message waits at the head of its queue, where a drop takes from): their
+    # fate is the drop's, so the kill's recovery is measured without them.
+    dropped_later: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class Report:
             "median_recovery_s": round(statistics.median(recoveries), 1) if recoveries else None,
             "recovery_by_kind": self.recovery_by_kind(),
             "unrecovered_faults": sum(1 for f in self.faults if (f.caught or f.held) and f.recovered_after is None),
+            "held_then_dropped": sum(len(f.dropped_later) for f in self.faults),
             "quiescent_after_s": None if self.quiescent_after is None else round(self.quiescent_after, 1),
             "wall_seconds": round(self.wall_seconds, 1),
             "crashes": list(self.crashes),
@@ -510,6 +515,13 @@ class Chaos:
         if dropped is None:
             return  # nothing was waiting in any queue
         queue, task_id = dropped
+        with self.lock:
+            for fault in self.report.faults:
+                if task_id in fault.held and task_id not in fault.received_again:
+                    fault.held.remove(task_id)
+                    fault.dropped_later.append(task_id)
+                    if fault.held and len(fault.received_again) == len(fault.held):
+                        fault.recovered_after = max(fault.received_again.values())
         caught = [(s, n) for s, n in self._running_steps() if task_id and s == task_id[:36]]
         self._record("drop", queue, caught)
 
@@ -632,7 +644,8 @@ def run(base_dir: Path, argv: list[str]) -> int:
     if args.broker == "redis":
         broker = private = PrivateBroker(log_dir / "broker")
     else:
-        broker = RabbitBroker(os.environ.get("CHAOS_AMQP_URL", DEFAULT_AMQP_URL))
+        # Environment first, then .env (as make test reads TEST_AMQP_URL).
+        broker = RabbitBroker(services._read_settings(base_dir).get("CHAOS_AMQP_URL") or DEFAULT_AMQP_URL)
         # Refused before anything starts: a RabbitMQ restart stops every vhost's clients.
         if args.broker_restarts and (refusal := broker.restart_refusal()):
             raise services.ConfigError(
@@ -785,6 +798,8 @@ def _print_report(report: Report) -> None:
         what = f"caught {len(fault.caught):3} running steps"
         if fault.kind == "kill":
             what = f"held {len(fault.held):3} tasks"
+            if fault.dropped_later:
+                what += f" (+{len(fault.dropped_later)} a later drop took)"
         print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
     for kind, numbers in summary["recovery_by_kind"].items():
