@@ -228,6 +228,7 @@ class RabbitBroker:
     def restart(self, down_seconds: float) -> None:
         """Stop the broker application, wait `down_seconds`, start it, and return once our
         vhost's queues answer again (quorum queues elect their leader after the start)."""
+        began = time.monotonic()
         try:
             self._ctl("stop_app")
             time.sleep(down_seconds)
@@ -236,6 +237,7 @@ class RabbitBroker:
             self._ctl("start_app", timeout=300)
         self._ctl("await_startup", timeout=300)
         wait_for(self._queues_answer, timeout=120, what="the RabbitMQ queues after a restart", interval=0.5)
+        logger.info("RabbitMQ restarted: its queues answered %.1fs after stop_app", time.monotonic() - began)
 
     def _queues_answer(self) -> bool:
         from kombu import Connection
