@@ -79,13 +79,13 @@ class BrokerView:
 _workers_seen = 0
 
 
-def _query(task_ids: Sequence[str], *, early: bool = False) -> dict[str, Any]:
+def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> dict[str, Any]:
     global _workers_seen
     if not task_ids:
         return {}
     limit = _workers_seen if early and _workers_seen else None
     try:
-        inspect = app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT, limit=limit)
+        inspect = app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT, limit=limit, connection=connection)
         replies = inspect.query_task(*task_ids) or {}
     except Exception:
         logger.warning("could not ask the workers which tasks they hold", exc_info=True)
@@ -95,14 +95,15 @@ def _query(task_ids: Sequence[str], *, early: bool = False) -> dict[str, Any]:
     return replies
 
 
-def held_task_ids(task_ids: Sequence[str], *, early: bool = False) -> tuple[set[str], int]:
+def held_task_ids(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> tuple[set[str], int]:
     """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
     retry's countdown), and how many workers answered. One broadcast; with `early`, it
     returns as soon as every worker that answered before has answered again, instead of
     always waiting the whole timeout (only a worker that joined since, and is slow to
     answer, can then be missed: a sweeper's mistake costs a duplicate, and the watchdog
-    looks twice)."""
-    replies = _query(task_ids, early=early)
+    looks twice). `connection`: the broker connection to broadcast on (default: the
+    process's pool)."""
+    replies = _query(task_ids, early=early, connection=connection)
     held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
     return held, len(replies)
 
@@ -289,7 +290,11 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
                     task_of[tag] = json.loads(raw)[0]["headers"]["id"]
                 except (TypeError, ValueError, KeyError, IndexError):
                     continue  # acknowledged meanwhile, or not a Celery task
-            held, answered = held_task_ids(sorted(set(task_of.values())), early=True)
+            # A connection of its own for the broadcast rather than the process's pool, which
+            # a broker restart can leave stale (the look then hears no worker and restores
+            # nothing). A look that broadcasts is at most one a second for the fleet.
+            with app.connection_for_write() as control:
+                held, answered = held_task_ids(sorted(set(task_of.values())), early=True, connection=control)
             if not answered:
                 return {}  # no worker answered at all: the control channel is in trouble, not them
             still: dict[str, float] = {}
