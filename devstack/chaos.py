@@ -408,6 +408,15 @@ class Chaos:
             steps = steps.filter(task_name__startswith=f"{task_prefix}.")
         return [(str(saga_id), name) for saga_id, name in steps.values_list("saga_id", "name")]
 
+    def _running_steps_soon(self, within: float = 3.0) -> list[tuple[str, str]]:
+        """The running steps, waiting up to `within` seconds for one: a duplicate or a race
+        planned at an instant when no step happened to run (between orders, or before the
+        first) is injected a moment later instead of not at all."""
+        deadline = time.monotonic() + within
+        while not (running := self._running_steps()) and time.monotonic() < deadline and not self.stop.is_set():
+            time.sleep(0.1)
+        return running
+
     def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> None:
         fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught, held=held or [])
         with self.lock:
@@ -463,7 +472,7 @@ class Chaos:
         from saga.engine import build_chain
         from saga.models import SagaInstance
 
-        running = self._running_steps()
+        running = self._running_steps_soon()
         if not running:
             return
         saga_id, step_name = self.rng.choice(running)
@@ -488,7 +497,7 @@ class Chaos:
         from saga.engine import build_chain
         from saga.models import SagaInstance
 
-        running = self._running_steps()
+        running = self._running_steps_soon()
         if not running:
             return
         saga_id, step_name = self.rng.choice(running)
