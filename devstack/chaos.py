@@ -5,8 +5,11 @@
                              [--replicas 2]
 
 It starts fresh `*_chaos` databases on the configured (or embedded) PostgreSQL, a private
-Redis-compatible broker that it may restart at will (or the RabbitMQ named by
-CHAOS_AMQP_URL with `--broker amqp`), and the Procfile's web, five workers and beat. It
+Redis-compatible broker that it may restart at will (or, with `--broker amqp`, a fresh vhost
+on the RabbitMQ named by CHAOS_AMQP_URL: drops take messages off that vhost's queues, and a
+broker restart is `rabbitmqctl stop_app` / `start_app` of the node, which every vhost's
+clients see, so it is refused unless that node runs on this machine), and the Procfile's
+web, five workers and beat. It
 submits a seeded mix of orders (success, decline, transient provider errors, slow
 provider, cancel mid-saga) and meanwhile SIGKILLs random workers, restarts the broker,
 publishes duplicate copies of step messages, races several copies of one step at once
@@ -34,6 +37,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import threading
@@ -41,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from devstack import services, stack
 from devstack.topology import WORKERS, Topology, free_port, program_of, wait_for
@@ -57,6 +62,8 @@ ORDER_MIX = (
     ("slow", "tok_slow", 7),
     ("cancel", "tok_slow", 8),
 )
+# The queues the workers consume (the Procfile's -Q), where a drop takes a message from.
+QUEUES = ("inventory", "payments", "orders", "notifications", "saga")
 # A vhost of its own (recreated when rabbitmqctl is at hand), apart from any other user's queues.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_chaos"
 
@@ -72,6 +79,10 @@ class Fault:
     # died, and when each was received again by a live worker (seconds after the kill).
     held: list[str] = field(default_factory=list)
     received_again: dict[str, float] = field(default_factory=dict)
+    # Held tasks a later drop took off their queue before any worker received them again
+    # (a restored message waits at the head of its queue, where a drop takes from): their
+    # fate is the drop's, so the kill's recovery is measured without them.
+    dropped_later: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -127,6 +138,7 @@ class Report:
             "median_recovery_s": round(statistics.median(recoveries), 1) if recoveries else None,
             "recovery_by_kind": self.recovery_by_kind(),
             "unrecovered_faults": sum(1 for f in self.faults if (f.caught or f.held) and f.recovered_after is None),
+            "held_then_dropped": sum(len(f.dropped_later) for f in self.faults),
             "quiescent_after_s": None if self.quiescent_after is None else round(self.quiescent_after, 1),
             "wall_seconds": round(self.wall_seconds, 1),
             "crashes": list(self.crashes),
@@ -166,6 +178,106 @@ class PrivateBroker:
         time.sleep(down_seconds)
         self.start()
 
+    def drop(self, rng: random.Random) -> tuple[str, str | None] | None:
+        """Take the oldest message off a random non-empty queue, for good: (queue, task id)."""
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        queues = [q for q in QUEUES if client.llen(q)]
+        if not queues:
+            return None
+        queue = rng.choice(queues)
+        raw = client.rpop(queue)  # the oldest message: the next one a worker would take
+        if raw is None:
+            return None
+        try:
+            return queue, json.loads(raw)["headers"]["id"]
+        except (ValueError, KeyError, TypeError):
+            return queue, None
+
+
+class RabbitBroker:
+    """The RabbitMQ named by CHAOS_AMQP_URL (a vhost of its own). Drops take a message off
+    one of our vhost's queues; restarts stop and start the broker application of the node
+    on this machine (`rabbitmqctl stop_app` / `start_app`: every client's connection drops
+    and the queues recover from disk, as in a broker restart), which every vhost of that
+    broker notices, so they are refused unless the broker is local (see `restart_refusal`)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def restart_refusal(self) -> str | None:
+        """Why this broker cannot be restarted from here, or None when it can."""
+        host = urlsplit(self.url).hostname or "localhost"
+        local = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+        if host not in local:
+            return f"the broker at {host} is not on this machine, and restarting it is not ours to do"
+        ctl = shutil.which("rabbitmqctl")
+        if ctl is None:
+            return "rabbitmqctl is not installed here"
+        try:
+            subprocess.run([ctl, "-q", "status"], check=True, capture_output=True, timeout=60)
+        except (subprocess.SubprocessError, OSError) as error:
+            return f"`rabbitmqctl status` failed ({error}): no local node we may control"
+        return None
+
+    def _ctl(self, *args: str, timeout: float = 120) -> None:
+        ctl = shutil.which("rabbitmqctl") or "rabbitmqctl"
+        subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=timeout)
+
+    def restart(self, down_seconds: float) -> None:
+        """Stop the broker application, wait `down_seconds`, start it, and return once our
+        vhost's queues answer again (quorum queues elect their leader after the start)."""
+        began = time.monotonic()
+        try:
+            self._ctl("stop_app")
+            time.sleep(down_seconds)
+        finally:
+            # Whatever happened above, the broker must come back: other vhosts use it too.
+            self._ctl("start_app", timeout=300)
+        self._ctl("await_startup", timeout=300)
+        wait_for(self._queues_answer, timeout=120, what="the RabbitMQ queues after a restart", interval=0.5)
+        logger.info("RabbitMQ restarted: its queues answered %.1fs after stop_app", time.monotonic() - began)
+
+    def _queues_answer(self) -> bool:
+        from kombu import Connection
+
+        with Connection(self.url, connect_timeout=3) as connection:
+            channel: Any = connection.channel()
+            for queue in QUEUES:
+                try:
+                    channel.queue_declare(queue=queue, passive=True)
+                except Exception as error:
+                    if getattr(error, "code", None) != 404:  # a queue not declared yet is fine
+                        raise
+                    channel = connection.channel()
+        return True
+
+    def drop(self, rng: random.Random, queues: tuple[str, ...] = QUEUES) -> tuple[str, str | None] | None:
+        """Take the oldest message off a random non-empty one of `queues` (of our vhost) and
+        acknowledge it (`basic.get`, `basic.ack`): lost, as if a consumer took it and dropped
+        it. Returns (queue, task id), or None when every queue was empty."""
+        from kombu import Connection
+
+        with Connection(self.url, connect_timeout=5) as connection:
+            channel: Any = connection.channel()
+            waiting = []
+            for queue in queues:
+                try:
+                    if channel.queue_declare(queue=queue, passive=True).message_count:
+                        waiting.append(queue)
+                except Exception:  # not declared yet: holds nothing
+                    channel = connection.channel()
+            if not waiting:
+                return None
+            queue = rng.choice(waiting)
+            message = channel.basic_get(queue=queue, no_ack=False)
+            if message is None:  # a worker took it first
+                return None
+            channel.basic_ack(message.delivery_tag)
+            headers = message.headers or {}
+            return queue, headers.get("id")
+
 
 def _setup_django(env: dict[str, str]) -> None:
     os.environ.update(env)
@@ -176,7 +288,7 @@ def _setup_django(env: dict[str, str]) -> None:
 
 
 class Chaos:
-    def __init__(self, args: argparse.Namespace, topology: Topology, broker: PrivateBroker | None) -> None:
+    def __init__(self, args: argparse.Namespace, topology: Topology, broker: PrivateBroker | RabbitBroker) -> None:
         self.args = args
         self.topology = topology
         self.broker = broker
@@ -270,9 +382,8 @@ class Chaos:
             ("duplicate", self.args.duplicates),
             ("race", self.args.races),
             ("drop", self.args.drops),
+            ("broker_restart", self.args.broker_restarts),
         ]
-        if self.broker is not None:
-            events.append(("broker_restart", self.args.broker_restarts))
         plan = [(self.rng.uniform(1.0, max(window, 2.0)), kind) for kind, count in events for _ in range(count)]
         return sorted(plan)
 
@@ -296,6 +407,15 @@ class Chaos:
         if task_prefix:
             steps = steps.filter(task_name__startswith=f"{task_prefix}.")
         return [(str(saga_id), name) for saga_id, name in steps.values_list("saga_id", "name")]
+
+    def _running_steps_soon(self, within: float = 3.0) -> list[tuple[str, str]]:
+        """The running steps, waiting up to `within` seconds for one: a duplicate or a race
+        planned at an instant when no step happened to run (between orders, or before the
+        first) is injected a moment later instead of not at all."""
+        deadline = time.monotonic() + within
+        while not (running := self._running_steps()) and time.monotonic() < deadline and not self.stop.is_set():
+            time.sleep(0.1)
+        return running
 
     def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> None:
         fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught, held=held or [])
@@ -352,7 +472,7 @@ class Chaos:
         from saga.engine import build_chain
         from saga.models import SagaInstance
 
-        running = self._running_steps()
+        running = self._running_steps_soon()
         if not running:
             return
         saga_id, step_name = self.rng.choice(running)
@@ -377,7 +497,7 @@ class Chaos:
         from saga.engine import build_chain
         from saga.models import SagaInstance
 
-        running = self._running_steps()
+        running = self._running_steps_soon()
         if not running:
             return
         saga_id, step_name = self.rng.choice(running)
@@ -402,26 +522,18 @@ class Chaos:
         self._record("race", f"{step_name}{detail}", [(saga_id, step_name)])
 
     def _inject_drop(self) -> None:
-        if self.broker is None:
-            return  # AMQP: no queue we can pop a message from without consuming it properly
-        import redis
-
-        client = redis.Redis.from_url(self.broker.url)
-        queues = [q for q in ("inventory", "payments", "orders", "notifications", "saga") if client.llen(q)]
-        if not queues:
-            return
-        queue = self.rng.choice(queues)
-        raw = client.rpop(queue)  # the oldest message: the next one a worker would take
-        if raw is None:
-            return
-        caught = []
-        try:
-            message = json.loads(raw)
-            task_id = message["headers"]["id"]
-            saga_id = task_id[:36]
-            caught = [(s, n) for s, n in self._running_steps() if s == saga_id]
-        except (ValueError, KeyError):
-            pass
+        dropped = self.broker.drop(self.rng)
+        if dropped is None:
+            return  # nothing was waiting in any queue
+        queue, task_id = dropped
+        with self.lock:
+            for fault in self.report.faults:
+                if task_id in fault.held and task_id not in fault.received_again:
+                    fault.held.remove(task_id)
+                    fault.dropped_later.append(task_id)
+                    if fault.held and len(fault.received_again) == len(fault.held):
+                        fault.recovered_after = max(fault.received_again.values())
+        caught = [(s, n) for s, n in self._running_steps() if task_id and s == task_id[:36]]
         self._record("drop", queue, caught)
 
     # --- watching --------------------------------------------------------------------
@@ -537,21 +649,30 @@ def _api_token() -> str:
 def run(base_dir: Path, argv: list[str]) -> int:
     args = parse_args(argv)
     started_at = time.monotonic()
-    urls = services.ensure_services(base_dir)
-    broker: PrivateBroker | None = None
     log_dir = base_dir / ".data" / "chaos"
+    broker: PrivateBroker | RabbitBroker
+    private: PrivateBroker | None = None
+    if args.broker == "redis":
+        broker = private = PrivateBroker(log_dir / "broker")
+    else:
+        # Environment first, then .env (as make test reads TEST_AMQP_URL).
+        broker = RabbitBroker(services._read_settings(base_dir).get("CHAOS_AMQP_URL") or DEFAULT_AMQP_URL)
+        # Refused before anything starts: a RabbitMQ restart stops every vhost's clients.
+        if args.broker_restarts and (refusal := broker.restart_refusal()):
+            raise services.ConfigError(
+                f"--broker-restarts {args.broker_restarts} on RabbitMQ refused: {refusal}. "
+                "Run with --broker-restarts 0, or against a RabbitMQ on this machine."
+            )
+    urls = services.ensure_services(base_dir)
     shutil.rmtree(log_dir, ignore_errors=True)
     try:
         db_urls = {key: stack.with_database_suffix(urls[key], "_chaos") for key in stack.ALIASES.values()}
         services.ensure_databases(db_urls, recreate=True)
-        if args.broker == "redis":
-            broker = PrivateBroker(log_dir / "broker")
+        if isinstance(broker, PrivateBroker):
             broker.start()
-            broker_url = broker.url
-        else:
-            broker_url = os.environ.get("CHAOS_AMQP_URL", DEFAULT_AMQP_URL)
-            if not stack._fresh_amqp_vhost(broker_url):
-                raise services.ServiceError(f"no AMQP broker answers at {services.redact_url(broker_url)}")
+        elif not stack._fresh_amqp_vhost(broker.url):
+            raise services.ServiceError(f"no AMQP broker answers at {services.redact_url(broker.url)}")
+        broker_url = broker.url
         env = stack._base_env(base_dir, {**db_urls, "CELERY_BROKER_URL": broker_url})
         # As make test: DEBUG on explicitly (settings default to off, and a public key).
         env.setdefault("DEBUG", "True")
@@ -560,7 +681,7 @@ def run(base_dir: Path, argv: list[str]) -> int:
         env.update(EMAIL_FILE_PATH=str(log_dir / "mail"), SMS_FILE_PATH=str(log_dir / "sms"))
         # A load generator, not an abusive customer: the per-user rate limit stays out of the way.
         env["ORDER_CREATE_RATE"] = "1000000/minute"
-        if broker is None:
+        if private is None:
             env.setdefault("PAYMENT_BREAKER_REDIS_URL", stack.with_redis_db(urls["CELERY_BROKER_URL"], "11"))
             # Rate-limit counts of its own, never a test session's (the RabbitMQ pass hands us
             # its CACHE_URL): counts are kept by user id, and the fresh *_chaos databases'
@@ -570,14 +691,18 @@ def run(base_dir: Path, argv: list[str]) -> int:
         _setup_django(env)
         return _run(args, env, broker, log_dir, started_at)
     finally:
-        if broker is not None:
-            broker.stop()
+        if private is not None:
+            private.stop()
         if urls.started_by_us:
             services.stop_services(base_dir, only=urls.started_by_us)
 
 
 def _run(
-    args: argparse.Namespace, env: dict[str, str], broker: PrivateBroker | None, log_dir: Path, started_at: float
+    args: argparse.Namespace,
+    env: dict[str, str],
+    broker: PrivateBroker | RabbitBroker,
+    log_dir: Path,
+    started_at: float,
 ) -> int:
     from audit.invariants import audit
 
@@ -599,7 +724,7 @@ def _run(
             "chaos: %d orders at %.0f/s, seed %d, broker %s, %d replica(s); faults: %d kills, "
             "%d broker restarts, %d duplicates, %d races, %d drops",
             args.orders, args.rate, args.seed, args.broker, args.replicas, args.kills,
-            args.broker_restarts if broker else 0, args.duplicates, args.races, args.drops,
+            args.broker_restarts, args.duplicates, args.races, args.drops,
         )  # fmt: skip
         injector.start()
         chaos.submit_all(token, skus)
@@ -647,15 +772,18 @@ def _sweeps_by_node(topology: Topology) -> dict[str, int]:
 
     nodes = [f"{name}@{socket.gethostname()}" for name in topology.processes if program_of(name) == "saga"]
     stats: dict[str, Any] = {}
-    for attempt in range(3):  # a broker restart leaves our pooled connection stale
+    # Asked until each has answered, for up to a minute: a saga worker killed late in the
+    # run may still be starting on a busy machine (and a broker restart leaves our pooled
+    # connection stale). A worker that never answers is left out of the report.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not set(nodes) <= set(stats):
+        missing = [node for node in nodes if node not in stats]
         try:
-            stats = app.control.inspect(destination=nodes, timeout=2.0).stats() or {}
+            stats.update(app.control.inspect(destination=missing, timeout=2.0).stats() or {})
         except Exception as error:  # a report without the counts, not a failed run
-            if attempt == 2:
-                logger.warning("could not ask the saga workers how many sweeps they ran: %s", error)
-            continue
-        if set(nodes) <= set(stats):
-            break
+            logger.info("asking the saga workers how many sweeps they ran: %s", error)
+    if not set(nodes) <= set(stats):
+        logger.warning("saga workers %s did not say how many sweeps they ran", sorted(set(nodes) - set(stats)))
     return {node: int(stats.get(node, {}).get("total", {}).get("saga.sweep", 0)) for node in nodes if node in stats}
 
 
@@ -681,6 +809,8 @@ def _print_report(report: Report) -> None:
         what = f"caught {len(fault.caught):3} running steps"
         if fault.kind == "kill":
             what = f"held {len(fault.held):3} tasks"
+            if fault.dropped_later:
+                what += f" (+{len(fault.dropped_later)} a later drop took)"
         print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
     for kind, numbers in summary["recovery_by_kind"].items():
@@ -710,7 +840,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="random seed: same seed, same plan (default 1)")
     parser.add_argument("--budget", type=float, default=900, help="seconds for the whole run (default 900)")
     parser.add_argument("--kills", type=int, default=5, help="workers to SIGKILL (default 5)")
-    parser.add_argument("--broker-restarts", type=int, default=1, help="broker restarts (redis only; default 1)")
+    parser.add_argument(
+        "--broker-restarts",
+        type=int,
+        default=1,
+        help="broker restarts (RabbitMQ: only a broker on this machine; default 1)",
+    )
     parser.add_argument("--duplicates", type=int, default=20, help="duplicate step messages (default 20)")
     parser.add_argument(
         "--races",
@@ -718,7 +853,7 @@ def _parser() -> argparse.ArgumentParser:
         default=20,
         help="races of 2-4 copies of one step at once, some with the circuit open or a cancel (default 20)",
     )
-    parser.add_argument("--drops", type=int, default=5, help="queued messages to drop (redis only; default 5)")
+    parser.add_argument("--drops", type=int, default=5, help="queued messages to drop (default 5)")
     parser.add_argument("--broker", choices=("redis", "amqp"), default="redis", help="broker (default redis)")
     parser.add_argument(
         "--replicas", type=int, default=1, help="processes of each worker and of beat, each its own node (default 1)"

@@ -376,9 +376,8 @@ SAGA_DEFINITIONS = env.list("SAGA_DEFINITIONS", default=["orders.saga.PLACE_ORDE
 # then the saga compensates (before the pivot) or needs an operator (after it).
 SAGA_STEP_TIMEOUT = env.int("SAGA_STEP_TIMEOUT", default=30)
 SAGA_REPUBLISH_BUDGET = env.int("SAGA_REPUBLISH_BUDGET", default=3)
-# Every 2 s: the sweep also returns a SIGKILLed worker's messages (saga.recovery), which
-# must happen within 15 s; when nothing is stalled or abandoned it is one index scan and
-# one Redis command.
+# Every 2 s; when nothing is stalled it is one index scan. (A SIGKILLed worker's messages
+# are returned by every worker's watchdog, SAGA_ORPHAN_INTERVAL below, not by the sweep.)
 SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=2.0)
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=200)
 # How the sweeper tells a stalled step's lost message from a slow one (saga.recovery):
@@ -391,9 +390,12 @@ SAGA_CLOCK_SLACK = env.float("SAGA_CLOCK_SLACK", default=3.0)
 SAGA_BACKLOG_PATIENCE = env.float("SAGA_BACKLOG_PATIENCE", default=3.0)
 # Redis: a message taken by a worker and not acknowledged for SAGA_ORPHAN_GRACE seconds,
 # which no live worker claims in two looks SAGA_ORPHAN_CONFIRM seconds apart, is returned
-# to its queue (its worker died), long before the visibility timeout would return it.
+# to its queue (its worker died), long before the visibility timeout would return it. Every
+# worker's watchdog thread looks (one look per SAGA_ORPHAN_INTERVAL for the whole fleet;
+# 0 turns the watchdog off): a kill is undone about GRACE + CONFIRM + INTERVAL after it.
 SAGA_ORPHAN_GRACE = env.float("SAGA_ORPHAN_GRACE", default=3.0)
 SAGA_ORPHAN_CONFIRM = env.float("SAGA_ORPHAN_CONFIRM", default=2.0)
+SAGA_ORPHAN_INTERVAL = env.float("SAGA_ORPHAN_INTERVAL", default=1.0)
 # How many times a compensation retries a transient error before the saga needs an operator.
 SAGA_COMPENSATION_MAX_RETRIES = env.int("SAGA_COMPENSATION_MAX_RETRIES", default=12)
 # How long a step's authority (common.signing) stays valid. A message older than this is

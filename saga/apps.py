@@ -10,7 +10,7 @@ class SagaConfig(AppConfig):
         from celery import signals
 
         from . import checks
-        from .recovery import stamp_sent_at
+        from .recovery import stamp_sent_at, watchdog_start, watchdog_stop
         from .timeline import attach_failure_timeline
 
         # Signals and checks only: the saga definitions (SAGA_DEFINITIONS) are registered on
@@ -20,6 +20,10 @@ class SagaConfig(AppConfig):
         checks.register()
         # The coordinator's workers refuse to start when a running saga's version is missing.
         signals.worker_init.connect(checks.on_worker_init, weak=False)
+
+        # Every worker returns the messages of a worker that died holding them (Redis only).
+        signals.worker_ready.connect(watchdog_start, weak=False, dispatch_uid="saga.recovery.watchdog")
+        signals.worker_shutdown.connect(watchdog_stop, weak=False, dispatch_uid="saga.recovery.watchdog")
 
         # Every process publishes (a chain's next step, a retry): each message says when it
         # was sent, which tells the sweeper whether a stalled step can still be queued.

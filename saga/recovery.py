@@ -15,13 +15,18 @@ Three questions, each answered on Redis and on RabbitMQ alike where they can be:
   each delivered message in the `unacked` hash, by delivery tag, with the time it was
   delivered in the `unacked_index` sorted set, and returns it to its queue only after the
   visibility timeout (60 s in production). `orphans_restore` returns it as soon as no live
-  worker has claimed it in two looks a couple of seconds apart.
+  worker has claimed it in two looks a couple of seconds apart. It runs in a thread of
+  every worker's main process (`watchdog_start`), not in the sweep task: a sweep waits in
+  the `saga` queue behind the coordinator's backlog (and expires there), and none runs
+  while the saga worker itself is the one that died.
 """
 
 import contextlib
 import json
 import logging
 import math
+import random
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +46,9 @@ SENT_AT = "saga_sent_at"
 # The watchdog's own notes in Redis: delivery tag -> when it was first seen abandoned.
 SUSPECTS_KEY = "saga:watchdog:suspects"
 LOCK_KEY = "saga:watchdog:lock"
+# Set (with a time to live of about one interval) by the watchdog that takes a look: every
+# worker runs a watchdog, and one look per interval for the whole fleet is enough.
+LOOKED_KEY = "saga:watchdog:looked"
 
 EMPTY = math.inf  # a queue with nothing waiting: any message sent before now was taken
 UNKNOWN = -math.inf  # a non-empty queue whose head we cannot read (AMQP): assume the worst
@@ -71,13 +79,13 @@ class BrokerView:
 _workers_seen = 0
 
 
-def _query(task_ids: Sequence[str], *, early: bool = False) -> dict[str, Any]:
+def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> dict[str, Any]:
     global _workers_seen
     if not task_ids:
         return {}
     limit = _workers_seen if early and _workers_seen else None
     try:
-        inspect = app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT, limit=limit)
+        inspect = app.control.inspect(timeout=settings.SAGA_INSPECT_TIMEOUT, limit=limit, connection=connection)
         replies = inspect.query_task(*task_ids) or {}
     except Exception:
         logger.warning("could not ask the workers which tasks they hold", exc_info=True)
@@ -87,14 +95,15 @@ def _query(task_ids: Sequence[str], *, early: bool = False) -> dict[str, Any]:
     return replies
 
 
-def held_task_ids(task_ids: Sequence[str], *, early: bool = False) -> tuple[set[str], int]:
+def held_task_ids(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> tuple[set[str], int]:
     """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
     retry's countdown), and how many workers answered. One broadcast; with `early`, it
     returns as soon as every worker that answered before has answered again, instead of
     always waiting the whole timeout (only a worker that joined since, and is slow to
     answer, can then be missed: a sweeper's mistake costs a duplicate, and the watchdog
-    looks twice)."""
-    replies = _query(task_ids, early=early)
+    looks twice). `connection`: the broker connection to broadcast on (default: the
+    process's pool)."""
+    replies = _query(task_ids, early=early, connection=connection)
     held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
     return held, len(replies)
 
@@ -222,7 +231,15 @@ def _restore(channel: Any, client: Any, tag: str) -> bool:
     return restored
 
 
-def orphans_restore(*, now: float | None = None) -> dict[str, int]:
+def _lock_seconds() -> float:
+    """How long the look's lock lives if its holder dies without freeing it (a SIGKILLed
+    worker): a look is one broadcast (SAGA_INSPECT_TIMEOUT) and a few Redis commands, so a
+    few seconds. (It was 30 s: a sweeper killed during its look stopped every watchdog for
+    longer than the visibility timeout of the test timings, whose restore then won.)"""
+    return max(5.0, 3 * settings.SAGA_INSPECT_TIMEOUT)
+
+
+def orphans_restore(*, now: float | None = None, spaced: bool = False, connection: Any = None) -> dict[str, int]:
     """Return to their queues the messages a worker took and that no live worker holds.
 
     Cheap when nothing is wrong: one `ZRANGE` of the deliveries older than
@@ -231,15 +248,19 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
     deliveries does it ask the workers (one `query_task` broadcast). A message is restored
     when no worker has claimed it in two looks at least SAGA_ORPHAN_CONFIRM apart, so a
     worker slow to answer one broadcast does not get its message copied. Restoring is a
-    transaction on kombu's `unacked` hash (as kombu's own restore is), so this, a second
-    sweep and kombu's visibility-timeout restore never all put a message back. A copy
+    transaction on kombu's `unacked` hash (as kombu's own restore is), so this, another
+    watchdog and kombu's visibility-timeout restore never all put a message back. A copy
     restored by mistake would run twice, which every step survives (they are idempotent).
+
+    With `spaced` (the workers' watchdogs), a look is skipped when another watchdog took
+    one less than SAGA_ORPHAN_INTERVAL ago. `connection`: a broker connection to use (the
+    watchdog keeps one), else one is opened for the call.
     """
     if not is_redis():
         return {}
     now = now or time.time()
     done = {"restored": 0, "suspected": 0}
-    with app.connection_for_write() as connection:
+    with contextlib.nullcontext(connection) if connection is not None else app.connection_for_write() as connection:
         channel: Any = connection.default_channel
         client = channel.client
         old = client.zrange(
@@ -248,11 +269,16 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
         if not old:
             client.delete(SUSPECTS_KEY)
             return {}
-        # One look at a time: sweeps overlap (a slow broadcast; several beats or saga
-        # workers on several hosts), and each must see the suspects the one before it
-        # wrote. Only its owner frees the lock: a look slower than the lock's 30 s must not
-        # free the next look's.
-        lock = client.lock(LOCK_KEY, timeout=30, blocking=False)
+        if spaced:
+            spacing = max(int(settings.SAGA_ORPHAN_INTERVAL * 900), 1)  # ms: 90 %, for the timers' jitter
+            if not client.set(LOOKED_KEY, now, nx=True, px=spacing):
+                return {}
+        # One look at a time: looks overlap (a slow broadcast; a watchdog in every worker,
+        # on several hosts), and each must see the suspects the one before it wrote. Only
+        # its owner frees the lock: a look slower than the lock must not free the next
+        # look's. (Two looks that did overlap would only delay a restore: each restore
+        # needs a suspicion written by an earlier look at least SAGA_ORPHAN_CONFIRM ago.)
+        lock = client.lock(LOCK_KEY, timeout=_lock_seconds(), blocking=False)
         if not lock.acquire():
             return {}
         try:
@@ -264,7 +290,11 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
                     task_of[tag] = json.loads(raw)[0]["headers"]["id"]
                 except (TypeError, ValueError, KeyError, IndexError):
                     continue  # acknowledged meanwhile, or not a Celery task
-            held, answered = held_task_ids(sorted(set(task_of.values())), early=True)
+            # A connection of its own for the broadcast rather than the process's pool, which
+            # a broker restart can leave stale (the look then hears no worker and restores
+            # nothing). A look that broadcasts is at most one a second for the fleet.
+            with app.connection_for_write() as control:
+                held, answered = held_task_ids(sorted(set(task_of.values())), early=True, connection=control)
             if not answered:
                 return {}  # no worker answered at all: the control channel is in trouble, not them
             still: dict[str, float] = {}
@@ -291,3 +321,40 @@ def orphans_restore(*, now: float | None = None) -> dict[str, int]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# --- Every worker runs the watchdog ----------------------------------------------------
+
+_watchdog_stop = threading.Event()
+
+
+def _watchdog_loop() -> None:
+    interval = settings.SAGA_ORPHAN_INTERVAL
+    connection = None
+    while not _watchdog_stop.wait(interval * random.uniform(0.9, 1.1)):
+        try:
+            connection = connection or app.connection_for_write()
+            orphans_restore(spaced=True, connection=connection)
+        except Exception:  # a broker restart, a timeout: a new connection, and look again
+            logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    connection.release()
+            connection = None
+
+
+def watchdog_start(**_: Any) -> None:
+    """`worker_ready` receiver: every worker's main process looks for a dead worker's
+    messages every SAGA_ORPHAN_INTERVAL (Redis only; RabbitMQ returns them itself), so any
+    live worker, whatever its queue and however backed up the `saga` queue is, returns them.
+    The thread only talks to Redis and broadcasts (no database), and is a daemon: a warm
+    shutdown stops it (`watchdog_stop`), a SIGKILL takes it down with the worker."""
+    if not is_redis() or settings.SAGA_ORPHAN_INTERVAL <= 0:
+        return
+    _watchdog_stop.clear()
+    threading.Thread(target=_watchdog_loop, name="saga-orphan-watchdog", daemon=True).start()
+
+
+def watchdog_stop(**_: Any) -> None:
+    """`worker_shutdown` receiver."""
+    _watchdog_stop.set()

@@ -80,8 +80,8 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     partial index), oldest first, in bounded batches; each saga is handled in its own
     short transaction and skipped if another sweeper holds it (SKIP LOCKED).
 
-    First the watchdog returns the messages of workers that died holding them (Redis:
-    saga.recovery.orphans_restore). Then, per stalled step, the broker and the workers are
+    (The messages of workers that died holding them are returned by every worker's
+    watchdog, saga.recovery.orphans_restore, not here.) Per stalled step, the broker and the workers are
     asked where its chain is (saga.recovery.chain_whereabouts: one broadcast and one look
     at each queue's oldest message for the whole batch): held by a live worker, or possibly
     still waiting behind older messages, it gets a new deadline without spending its
@@ -90,10 +90,6 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     now = now or timezone.now()
     batch = batch or settings.SAGA_SWEEP_BATCH
     done: Counter[str] = Counter()
-    try:
-        done.update(recovery.orphans_restore())
-    except Exception:  # the watchdog must never stop the sweep
-        logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
     # Before looking for stalled steps: a chain whose record waits here is not stalled.
     if recorded := saga_reports_drain():
         done["recorded"] += recorded
