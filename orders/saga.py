@@ -10,7 +10,7 @@ failure (orders.failure_text.customer_reason). It never imports orders.
 
 Definitions here are only declared: a deployment runs those SAGA_DEFINITIONS names (the
 default: version 1, PLACE_ORDER), which saga.definition.definitions_load registers.
-Version 2 is a change made the safe way (README, "Changing a saga"): a new version beside
+Version 2 is a change made the safe way (docs/OPERATIONS.md, "Changing a saga"): a new version beside
 the old one, never an edit of it.
 """
 

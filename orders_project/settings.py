@@ -366,7 +366,7 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # The saga definitions this deployment can run, as dotted paths of SagaDefinition objects,
 # the same in every process. New sagas start on the newest version of each name; a saga
 # runs to its end on the version it started with, so a version stays here until
-# `manage.py saga_versions` shows no unfinished saga on it (README, "Changing a saga").
+# `manage.py saga_versions` shows no unfinished saga on it (docs/OPERATIONS.md, "Changing a saga").
 # The coordinator's processes refuse to start, and `migrate` refuses to run, without it.
 SAGA_DEFINITIONS = env.list("SAGA_DEFINITIONS", default=["orders.saga.PLACE_ORDER"])
 

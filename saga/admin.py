@@ -202,8 +202,8 @@ class FailureFingerprintFilter(admin.SimpleListFilter):
 
 class DefinitionVersionFilter(admin.SimpleListFilter):
     """Sagas by definition version, each with how many unfinished sagas still run on it:
-    what tells an operator whether an old version may be retired (README, "Changing a
-    saga"). Registered versions with none left are listed too, with 0."""
+    what tells an operator whether an old version may be retired (docs/OPERATIONS.md,
+    "Changing a saga"). Registered versions with none left are listed too, with 0."""
 
     title = "definition version (unfinished sagas)"
     parameter_name = "version"

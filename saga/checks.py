@@ -67,7 +67,7 @@ def refusal(missing: list[tuple[str, int, int]]) -> str:
     return (
         "; ".join(lines)
         + ". Keep that version in SAGA_DEFINITIONS until `manage.py saga_versions` shows no saga on it "
-        "(README, 'Changing a saga')."
+        "(docs/OPERATIONS.md, 'Changing a saga')."
     )
 
 

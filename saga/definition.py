@@ -51,7 +51,7 @@ class SagaDefinition:
 
     `version` tells apart two shapes of the same saga: a change to the steps (added,
     removed, renamed, reordered, another pivot) is a new version, never an edit of one
-    that sagas may still be running on (README, "Changing a saga").
+    that sagas may still be running on (docs/OPERATIONS.md, "Changing a saga").
     """
 
     name: str
