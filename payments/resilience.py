@@ -41,13 +41,58 @@ class _LogTransitions(pybreaker.CircuitBreakerListener):
         logger.warning("payment provider circuit breaker: %s -> %s", old_state.name, new_state.name)
 
 
+class OneTripRedisStorage(pybreaker.CircuitRedisStorage):
+    """pybreaker's shared Redis state at one round trip per successful call.
+
+    pybreaker reads the state before each call (GET) and resets the failure count after
+    each success (SET): two round trips on every charge. Here the state and the count are
+    read together (MGET), and a success resets the count only if that read saw failures,
+    or this process counted one since. Whoever counts a failure concurrently with our
+    success is counted either way: calls in flight at once have no order to keep.
+
+    Precondition: one call at a time per instance (pybreaker's breaker holds its lock for
+    the length of a call; each worker process has its own breaker).
+    """
+
+    _failures_seen = True  # until the first read says otherwise
+
+    def _read_state(self) -> str:
+        try:
+            state_bytes, counter = self._redis.mget(self._namespace("state"), self._namespace("fail_counter"))
+        except redis.RedisError:
+            self.logger.exception("RedisError: falling back to default circuit state")
+            self._failures_seen = True
+            return self._fallback_circuit_state
+        self._failures_seen = counter not in (b"0", "0", 0)
+        if state_bytes is None:
+            # The state is gone from Redis (flushed): start again, as pybreaker does.
+            self._initialize_redis_state(self._fallback_circuit_state)
+            return self._fallback_circuit_state
+        return state_bytes.decode("utf-8") if isinstance(state_bytes, bytes) else str(state_bytes)
+
+    def _write_state(self, state: str) -> None:
+        self._failures_seen = True  # a transition resets the count for real
+        pybreaker.CircuitRedisStorage.state.fset(self, state)  # type: ignore[attr-defined]
+
+    state = property(_read_state, _write_state)
+
+    def increment_counter(self) -> None:
+        self._failures_seen = True
+        super().increment_counter()
+
+    def reset_counter(self) -> None:
+        if self._failures_seen:
+            super().reset_counter()
+            self._failures_seen = False
+
+
 @cache
 def provider_breaker() -> pybreaker.CircuitBreaker:
     storage = None
     if settings.PAYMENT_BREAKER_REDIS_URL:
         # pybreaker stores bytes: no decode_responses on this client.
         client = redis.Redis.from_url(settings.PAYMENT_BREAKER_REDIS_URL, socket_timeout=2)
-        storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace="payment-gateway")
+        storage = OneTripRedisStorage(pybreaker.STATE_CLOSED, client, namespace="payment-gateway")
     return pybreaker.CircuitBreaker(
         fail_max=settings.PAYMENT_BREAKER_FAIL_MAX,
         reset_timeout=settings.PAYMENT_BREAKER_RESET_SECONDS,
