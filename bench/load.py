@@ -97,6 +97,9 @@ class Run:
     sent: dict[str, float] = field(default_factory=dict)
     finished: dict[str, tuple[float, str]] = field(default_factory=dict)  # key -> (epoch s, outcome)
     cpu: dict[str, float] = field(default_factory=dict)
+    # Of `cpu`, what each tree group's root used: a Celery worker's main process (the
+    # consumer: broker I/O, acks, task events), the rest being its pool's tasks.
+    cpu_main: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     work: dict[str, float] = field(default_factory=dict)  # WorkCounters.delta, when counted
     polls: int = 0  # finished() calls: the load generator's own reads
@@ -128,6 +131,9 @@ class Run:
             "latency_ms": percentiles(self.latencies()),
             "cpu_cores": {k: round(v / self.wall, 3) for k, v in sorted(self.cpu.items())} if self.wall else {},
             "cpu_ms_per_saga": round(busy * 1000 / max(len(self.finished), 1), 2),
+            "cpu_ms_per_saga_main_process": {
+                k: round(v * 1000 / max(len(self.finished), 1), 2) for k, v in sorted(self.cpu_main.items())
+            },
             "wall_s": round(self.wall, 1),
             **({"work_per_saga": WorkCounters.per_saga(self.work, len(self.finished))} if self.work else {}),
             # For the figure's distributions; a saturation phase's latencies say nothing (all queued at once).
@@ -202,7 +208,8 @@ def drive(
         time.sleep(0.25)
     end = max([t for t, _ in run.finished.values()] or [time.time()])
     run.wall = max(end - start, 1e-9)
-    run.cpu = cpu.delta(start_cpu, cpu.sample())
+    end_cpu = cpu.sample()
+    run.cpu, run.cpu_main = cpu.delta(start_cpu, end_cpu), cpu.main_delta(start_cpu, end_cpu)
     progress.done(len(run.finished), run.throughput())
     if work and start_work is not None:
         run.work = work.delta(start_work, work.settled_sample(), polls=run.polls)
@@ -364,6 +371,15 @@ class ProcessGroups:
         return {
             group: sum(max(0.0, t - before.get(group, {}).get(pid, 0.0)) for pid, t in pids.items())
             for group, pids in after.items()
+        }
+
+    def main_delta(self, before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+        """Of `delta`, what each tree group's root processes used (not their children)."""
+        return {
+            group: sum(
+                max(0.0, after.get(group, {}).get(pid, 0.0) - before.get(group, {}).get(pid, 0.0)) for pid in pids
+            )
+            for group, pids in self.roots.items()
         }
 
     def rss_mb(self, group: str) -> float:

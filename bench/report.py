@@ -66,6 +66,11 @@ def table(results: dict[str, Any]) -> str:
                 f"{label} {how}, per saga: CPU {row['cpu_ms_per_saga']} ms, transactions "
                 + _counts(work["transactions"])
             )
+            if row.get("cpu_ms_per_saga_main_process"):
+                lines.append(
+                    "  of which each main process (a worker's consumer), ms: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in row["cpu_ms_per_saga_main_process"].items())
+                )
             if work.get("redis_commands"):
                 lines.append("  Redis commands " + _counts(work["redis_commands"]))
     for phase in ("saturation", "rate_20", "rate_half"):
