@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -23,7 +24,7 @@ from common.signing import seal_verify
 from . import store
 from .definition import get_definition
 from .engine import step_name_of, task_id_for
-from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
+from .models import UNFINISHED_STATUSES, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .publish import phase_plan, segment_deadline, start_running
 from .store import DB, UNSETTLED
 from .tracing import saga_trace_context
@@ -50,43 +51,83 @@ def report_verified(result: Any, saga_id: uuid.UUID | str, step: str) -> dict[st
     return result
 
 
-def saga_reports_drain() -> int:
+def saga_reports_drain(*, batch: int | None = None) -> int:
     """Record every chain whose last step has committed; the number recorded.
 
     A chain's last step stores its result, the chain's sealed record, in the result
-    backend (saga.engine); nothing else stores a success there. One read finds the
-    records of every active saga's chains (any generation: a superseded chain's record is
-    a duplicate the store ignores); all are recorded as success reports in one transaction
-    (one locked read of their sagas, one write), and the drained rows are deleted after.
-    Safe to run concurrently (a saga another transaction holds is left for the next sweep)
-    and again after a crash between the two: recording a report twice changes nothing.
+    backend (saga.engine); nothing else stores a success there. The records are read
+    directly (up to `batch` per read, oldest first, read again while a read comes back
+    full), so a sweep costs what there is to record, not what is in flight: listing every
+    running saga's possible task ids made each sweep cost as much as the backlog
+    (BENCHMARKS.md). All are recorded as success reports in one transaction (one locked
+    read of their sagas, one write), and the drained rows are deleted after. A record of a
+    saga that has ended, or that is not a chain's record of a saga we know, changes nothing
+    and is deleted with them. Safe to run concurrently (a saga another transaction holds is
+    left for the next sweep) and again after a crash between the two: recording a report
+    twice changes nothing.
     """
+    batch = batch or settings.SAGA_SWEEP_BATCH
+    recorded = 0
+    for _ in range(DRAIN_READS_PER_SWEEP):
+        read, recorded_now = _drain_once(batch)
+        recorded += recorded_now
+        if read < batch:
+            break
+    return recorded
+
+
+# A sweep reads at most this many batches of records: the rest wait for the next sweep.
+DRAIN_READS_PER_SWEEP = 10
+
+
+def _saga_and_step_of(task_id: str) -> tuple[uuid.UUID, str] | None:
+    """(saga id, step name) a chain step's task id names (engine.task_id_for); None if it is not one."""
+    try:
+        saga_id = uuid.UUID(task_id[:36])
+    except ValueError:
+        return None
+    step = step_name_of(task_id, task_id[:36])
+    return (saga_id, step) if step else None
+
+
+def _drain_once(batch: int) -> tuple[int, int]:
+    """One read of at most `batch` records, recorded: (records read, recorded)."""
     from django_celery_results.models import TaskResult
 
-    wanted: dict[str, tuple[SagaInstance, str]] = {}
+    with connections[RESULTS_DB].cursor() as cursor:
+        cursor.execute(
+            f"SELECT task_id, result FROM {TaskResult._meta.db_table} WHERE status = 'SUCCESS' "
+            "ORDER BY date_done LIMIT %s",
+            [batch],
+        )
+        rows = cursor.fetchall()
+    if not rows:
+        return 0, 0
+    read = len(rows)
+    named = {task_id: _saga_and_step_of(task_id) for task_id, _ in rows}
     # A saga that needs attention too: a re-published copy of the step that stopped it may
     # yet succeed, and its record resumes the saga (saga_step_succeeded).
-    active = [SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.NEEDS_ATTENTION]
-    for saga in (
-        SagaInstance.objects.using(DB)
-        .filter(status__in=active)
+    sagas = {
+        saga.id: saga
+        for saga in SagaInstance.objects.using(DB)
+        .filter(id__in={found[0] for found in named.values() if found}, status__in=UNFINISHED_STATUSES)
         .only("id", "definition", "definition_version", "generation", "trace_context")
-    ):
+    }
+    wanted: dict[str, tuple[SagaInstance, str]] = {}
+    for task_id, found in named.items():
+        saga = sagas.get(found[0]) if found else None
+        if saga is None:
+            continue
         definition = get_definition(saga.definition, saga.definition_version)
-        for phase in (StepPhase.FORWARD, StepPhase.COMPENSATION):
-            plan = phase_plan(definition, phase)
-            if plan:
-                for generation in range(saga.generation + 1):
-                    wanted[task_id_for(saga.id, plan[-1].name, generation)] = (saga, plan[-1].name)
-    if not wanted:
-        return 0
-    rows = list(
-        TaskResult.objects.using(RESULTS_DB)
-        .filter(task_id__in=list(wanted), status="SUCCESS")
-        .values_list("task_id", "result")
-    )
+        plans = (phase_plan(definition, phase) for phase in (StepPhase.FORWARD, StepPhase.COMPENSATION))
+        last_steps = {plan[-1].name for plan in plans if plan}
+        if found[1] in last_steps and any(
+            task_id == task_id_for(saga.id, found[1], generation) for generation in range(saga.generation + 1)
+        ):
+            wanted[task_id] = (saga, found[1])
+    done = [task_id for task_id in named if task_id not in wanted]  # an ended saga's, or not a record
+    rows = [(task_id, stored) for task_id, stored in rows if task_id in wanted]
     reports: list[tuple[str, SagaInstance, str, dict[str, Any]]] = []
-    done: list[str] = []  # drained rows: recorded, or not what their step sealed
     for task_id, stored in rows:
         saga, step_name = wanted[task_id]
         try:
@@ -130,7 +171,7 @@ def saga_reports_drain() -> int:
             cursor.execute(
                 f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'", [done]
             )
-    return recorded
+    return read, recorded
 
 
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:

@@ -139,17 +139,30 @@ def test_a_record_from_an_earlier_generation_completes_the_saga_once(django_capt
     assert published(callbacks) == []
 
 
-def test_a_record_of_a_saga_that_has_ended_is_not_drained_and_changes_nothing() -> None:
+def test_a_record_of_a_saga_that_has_ended_changes_nothing_and_is_deleted() -> None:
     saga = start()
     steps = timeline(saga, FORWARD)
     saga_step_succeeded(saga_id=saga.id, step_name="notify_customer", result=report(saga, steps))
     done = snapshot(saga)
 
     late = store_record(saga, "notify_customer", sealed_record(saga, "notify_customer", steps))
-    saga_reports_drain()
+    assert saga_reports_drain() == 0
     assert snapshot(saga) == done
-    # Only active sagas' records are read: this one waits for the result backend's expiry.
-    assert TaskResult.objects.filter(task_id=late).exists()
+    # A duplicate: read no more (it used to stay until the result backend's expiry).
+    assert not TaskResult.objects.filter(task_id=late).exists()
+
+
+def test_the_drain_reads_records_in_batches_whatever_is_in_flight() -> None:
+    """Each read takes at most a batch of records, oldest first, and the drain reads again
+    while a read comes back full: three sagas' records with a batch of two."""
+    sagas = [start() for _ in range(3)]
+    for saga in sagas:
+        store_record(saga, "notify_customer", sealed_record(saga, "notify_customer", timeline(saga, FORWARD)))
+    idle = start()  # in flight, with no record: costs the drain nothing
+    assert saga_reports_drain(batch=2) == 3
+    assert [saga_row(saga).status for saga in sagas] == [SagaStatus.COMPLETED] * 3
+    assert saga_row(idle).status == SagaStatus.RUNNING
+    assert not TaskResult.objects.filter(status="SUCCESS").exists()
 
 
 def test_a_success_report_for_a_compensated_saga_records_the_step_and_moves_nothing(
