@@ -2,6 +2,7 @@
 
 import datetime
 import decimal
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Sequence
@@ -25,23 +26,45 @@ def insert_together(using: str, *groups: Sequence[models.Model]) -> None:
     hold: PostgreSQL checks them at the end of the statement. Raises IntegrityError as
     `create` would (nothing is written then).
     """
-    connection = connections[using]
-    quote = connection.ops.quote_name
-    ctes, params, returning = [], [], []
-    for index, group in enumerate(g for g in groups if g):
-        meta = type(group[0])._meta
-        auto = meta.pk if isinstance(meta.pk, models.AutoField) else None
+    groups = tuple(g for g in groups if g)
+    if not groups:
+        return
+    statement, plans = _insert_plan(using, tuple(type(group[0]) for group in groups))
+    params = [
+        # The rows as one JSON array, typed by the table's own row type: one parameter per
+        # table, so the statement's text and plan are the same whatever the number of rows.
+        json.dumps(
+            [{column: f.pre_save(instance, add=True) for column, f in fields} for instance in group],
+            default=_json_value,
+        )
+        for group, (fields, _) in zip(groups, plans, strict=True)
+    ]
+    with prepared(using) as cursor:
+        cursor.execute(statement, params)
+        ids = iter(cursor.fetchone())
+    for group, (_, auto) in zip(groups, plans, strict=True):
+        if auto is not None:
+            for instance, value in zip(group, next(ids), strict=True):
+                setattr(instance, auto.attname, value)
+        for instance in group:
+            instance._state.adding, instance._state.db = False, using
+
+
+@functools.cache
+def _insert_plan(
+    using: str, model_types: tuple[type[models.Model], ...]
+) -> tuple[str, list[tuple[list[tuple[str, models.Field]], models.Field | None]]]:
+    """`insert_together`'s statement for groups of these models on `using`, and for each
+    group the (column, field) pairs it writes and its auto primary key (None if it has
+    none): built once per process, not on every call."""
+    quote = connections[using].ops.quote_name
+    ctes, returning, plans = [], [], []
+    for index, model in enumerate(model_types):
+        meta = model._meta
+        auto: models.Field | None = meta.pk if isinstance(meta.pk, models.AutoField) else None
         fields = [f for f in meta.concrete_fields if f is not auto]
         columns = ", ".join(quote(str(f.column)) for f in fields)
         table = quote(meta.db_table)
-        # The rows as one JSON array, typed by the table's own row type: one parameter per
-        # table, so the statement's text and plan are the same whatever the number of rows.
-        params.append(
-            json.dumps(
-                [{str(f.column): f.pre_save(instance, add=True) for f in fields} for instance in group],
-                default=_json_value,
-            )
-        )
         name = f"i{index}"
         ctes.append(
             f"{name} AS (INSERT INTO {table} ({columns}) SELECT {columns} "
@@ -49,19 +72,9 @@ def insert_together(using: str, *groups: Sequence[models.Model]) -> None:
             f"RETURNING {quote(str(auto.column)) if auto else '1'})"
         )
         if auto:
-            returning.append((group, auto, f"(SELECT array_agg({quote(str(auto.column))}) FROM {name})"))
-    if not ctes:
-        return
-    final = ", ".join(sql for _, _, sql in returning) or "1"
-    with prepared(using) as cursor:
-        cursor.execute(f"WITH {', '.join(ctes)} SELECT {final}", params)
-        ids = cursor.fetchone()
-    for (group, auto, _), values in zip(returning, ids, strict=False):
-        for instance, value in zip(group, values, strict=True):
-            setattr(instance, auto.attname, value)
-    for group in groups:
-        for instance in group:
-            instance._state.adding, instance._state.db = False, using
+            returning.append(f"(SELECT array_agg({quote(str(auto.column))}) FROM {name})")
+        plans.append(([(str(f.column), f) for f in fields], auto))
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(returning) or '1'}", plans
 
 
 def update_together(using: str, *groups: tuple[Sequence[models.Model], Iterable[str] | None]) -> None:

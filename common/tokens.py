@@ -4,6 +4,7 @@ The key is shown once, when issued; the database keeps only its digest. Authenti
 request is one indexed lookup (digest, with the user joined), as DRF's own tokens are.
 """
 
+import functools
 import secrets
 from datetime import timedelta
 
@@ -11,11 +12,13 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connections, router, transaction
+from django.db.models import Field
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from .db import from_row
 from .models import ApiToken, token_digest
+from .sql import prepared
 
 
 def api_token_create(*, user: AbstractBaseUser, ttl: timedelta | None = None) -> tuple[ApiToken, str]:
@@ -54,25 +57,33 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
 
 
 def _token_with_user(digest: str) -> ApiToken | None:
-    """The token with this digest and its user, in one statement: what
+    """The token with this digest and its user, in one prepared statement: what
     `ApiToken.objects.select_related("user").get(digest=...)` reads, without building the
-    query on every request (it runs on every API call: BENCHMARKS.md)."""
-    connection = connections[router.db_for_read(ApiToken)]
-    user_model = get_user_model()
-    token_fields, user_fields = ApiToken._meta.concrete_fields, user_model._meta.concrete_fields
-    quote = connection.ops.quote_name
-    columns = [f"t.{quote(str(f.column))}" for f in token_fields] + [f"u.{quote(str(f.column))}" for f in user_fields]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {', '.join(columns)} FROM {quote(ApiToken._meta.db_table)} AS t "
-            f"JOIN {quote(user_model._meta.db_table)} AS u ON u.{quote(str(user_model._meta.pk.column))} = t.user_id "
-            "WHERE t.digest = %s",
-            [digest],
-        )
+    query, or having PostgreSQL plan it, on every request (it runs on every API call:
+    BENCHMARKS.md)."""
+    alias = router.db_for_read(ApiToken)
+    statement, token_fields, user_fields = _token_query(alias)
+    with prepared(alias) as cursor:
+        cursor.execute(statement, [digest])
         row = cursor.fetchone()
     if row is None:
         return None
     split = len(token_fields)
-    token = from_row(ApiToken, token_fields, row[:split], connection.alias)
-    token.user = from_row(user_model, user_fields, row[split:], connection.alias)
+    token = from_row(ApiToken, token_fields, row[:split], alias)
+    token.user = from_row(get_user_model(), user_fields, row[split:], alias)
     return token
+
+
+@functools.cache
+def _token_query(alias: str) -> tuple[str, list[Field], list[Field]]:
+    """The statement `_token_with_user` runs on `alias`, and the fields of its columns."""
+    user_model = get_user_model()
+    token_fields, user_fields = list(ApiToken._meta.concrete_fields), list(user_model._meta.concrete_fields)
+    quote = connections[alias].ops.quote_name
+    columns = [f"t.{quote(str(f.column))}" for f in token_fields] + [f"u.{quote(str(f.column))}" for f in user_fields]
+    statement = (
+        f"SELECT {', '.join(columns)} FROM {quote(ApiToken._meta.db_table)} AS t "
+        f"JOIN {quote(user_model._meta.db_table)} AS u ON u.{quote(str(user_model._meta.pk.column))} = t.user_id "
+        "WHERE t.digest = %s"
+    )
+    return statement, token_fields, user_fields

@@ -4,8 +4,14 @@ from typing import Any
 
 from django.db.models import F, QuerySet
 
+from common.sql import prepared
+
 from .exceptions import InsufficientStock, PriceChanged, UnknownProduct
 from .models import Product
+
+DB = "inventory"  # the catalogue's database (orders_project.db_routers)
+_PRICE_FIELDS = ["id", "sku", "name", "price"]
+_PRICES = f'SELECT {", ".join(_PRICE_FIELDS)} FROM "{Product._meta.db_table}" WHERE sku = ANY(%s::varchar[])'
 
 
 def product_list() -> QuerySet[Product]:
@@ -13,8 +19,17 @@ def product_list() -> QuerySet[Product]:
 
 
 def product_prices(*, skus: Iterable[str]) -> dict[str, Product]:
-    """The catalogue entries for `skus`, by SKU; unknown SKUs are simply absent."""
-    return {p.sku: p for p in Product.objects.filter(sku__in=list(skus)).only("sku", "name", "price")}
+    """The catalogue entries for `skus`, by SKU; unknown SKUs are simply absent. Each has its
+    id, SKU, name and price, the rest deferred: what
+    `Product.objects.filter(sku__in=skus).only("sku", "name", "price")` reads.
+
+    One prepared statement: it runs on every order placed, where the ORM built the query
+    anew each time (15 % of the web's CPU under load in issue 11's profile).
+    """
+    with prepared(DB) as cursor:
+        cursor.execute(_PRICES, [list(skus)])
+        rows = cursor.fetchall()
+    return {row[1]: Product.from_db(DB, _PRICE_FIELDS, row) for row in rows}
 
 
 def stock_check(*, lines: Sequence[tuple[str, int, Decimal]]) -> dict[str, Any]:
