@@ -62,22 +62,25 @@ def saga_reports_drain(*, batch: int | None = None) -> int:
     (BENCHMARKS.md). All are recorded as success reports in one transaction (one locked
     read of their sagas, one write), and the drained rows are deleted after. A record of a
     saga that has ended, or that is not a chain's record of a saga we know, changes nothing
-    and is deleted with them. Safe to run concurrently (a saga another transaction holds is
+    and is deleted with them once UNWANTED_RECORD_GRACE_SECONDS old (its publisher may
+    still be reading it). Safe to run concurrently (a saga another transaction holds is
     left for the next sweep) and again after a crash between the two: recording a report
     twice changes nothing.
     """
     batch = batch or settings.SAGA_SWEEP_BATCH
     recorded = 0
     for _ in range(DRAIN_READS_PER_SWEEP):
-        read, recorded_now = _drain_once(batch)
+        read, recorded_now, deleted = _drain_once(batch)
         recorded += recorded_now
-        if read < batch:
-            break
+        if read < batch or not deleted:
+            break  # all read, or what is left is waiting (a held saga, a fresh duplicate)
     return recorded
 
 
 # A sweep reads at most this many batches of records: the rest wait for the next sweep.
 DRAIN_READS_PER_SWEEP = 10
+# A stored success that is not a record the store wants is deleted once this old.
+UNWANTED_RECORD_GRACE_SECONDS = 60
 
 
 def _saga_and_step_of(task_id: str) -> tuple[uuid.UUID, str] | None:
@@ -90,20 +93,22 @@ def _saga_and_step_of(task_id: str) -> tuple[uuid.UUID, str] | None:
     return (saga_id, step) if step else None
 
 
-def _drain_once(batch: int) -> tuple[int, int]:
-    """One read of at most `batch` records, recorded: (records read, recorded)."""
+def _drain_once(batch: int) -> tuple[int, int, int]:
+    """One read of at most `batch` records, recorded: (records read, recorded, deleted)."""
     from django_celery_results.models import TaskResult
 
     with connections[RESULTS_DB].cursor() as cursor:
         cursor.execute(
-            f"SELECT task_id, result FROM {TaskResult._meta.db_table} WHERE status = 'SUCCESS' "
-            "ORDER BY date_done LIMIT %s",
-            [batch],
+            f"SELECT task_id, result, date_done < now() - make_interval(secs => %s) "
+            f"FROM {TaskResult._meta.db_table} WHERE status = 'SUCCESS' ORDER BY date_done LIMIT %s",
+            [UNWANTED_RECORD_GRACE_SECONDS, batch],
         )
-        rows = cursor.fetchall()
-    if not rows:
-        return 0, 0
-    read = len(rows)
+        found_rows = cursor.fetchall()
+    if not found_rows:
+        return 0, 0, 0
+    read = len(found_rows)
+    stale = {task_id for task_id, _, old in found_rows if old}
+    rows = [(task_id, stored) for task_id, stored, _ in found_rows]
     named = {task_id: _saga_and_step_of(task_id) for task_id, _ in rows}
     # A saga that needs attention too: a re-published copy of the step that stopped it may
     # yet succeed, and its record resumes the saga (saga_step_succeeded).
@@ -115,17 +120,19 @@ def _drain_once(batch: int) -> tuple[int, int]:
     }
     wanted: dict[str, tuple[SagaInstance, str]] = {}
     for task_id, found in named.items():
-        saga = sagas.get(found[0]) if found else None
-        if saga is None:
+        if found is None or (saga := sagas.get(found[0])) is None:
             continue
+        step_name = found[1]
         definition = get_definition(saga.definition, saga.definition_version)
         plans = (phase_plan(definition, phase) for phase in (StepPhase.FORWARD, StepPhase.COMPENSATION))
         last_steps = {plan[-1].name for plan in plans if plan}
-        if found[1] in last_steps and any(
-            task_id == task_id_for(saga.id, found[1], generation) for generation in range(saga.generation + 1)
+        if step_name in last_steps and any(
+            task_id == task_id_for(saga.id, step_name, generation) for generation in range(saga.generation + 1)
         ):
-            wanted[task_id] = (saga, found[1])
-    done = [task_id for task_id in named if task_id not in wanted]  # an ended saga's, or not a record
+            wanted[task_id] = (saga, step_name)
+    # An ended saga's record (a duplicate), or not a saga's record: whoever published it may
+    # still read it (AsyncResult.get, as the tests' copies do), so it goes once it is stale.
+    done = [task_id for task_id in named if task_id not in wanted and task_id in stale]
     rows = [(task_id, stored) for task_id, stored in rows if task_id in wanted]
     reports: list[tuple[str, SagaInstance, str, dict[str, Any]]] = []
     for task_id, stored in rows:
@@ -171,7 +178,7 @@ def _drain_once(batch: int) -> tuple[int, int]:
             cursor.execute(
                 f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'", [done]
             )
-    return read, recorded
+    return read, recorded, len(done)
 
 
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:
