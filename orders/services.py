@@ -9,11 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connections, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from common.db import insert_together
 from common.exceptions import StepRefused
+from common.sql import prepared
 from inventory.selectors import product_prices
 from saga.definition import get_definition
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus
@@ -177,9 +178,9 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal, ti
     the saga store takes in this transaction.
     """
     table = f'"{Order._meta.db_table}"'
-    with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
+    with transaction.atomic(using=DB), prepared(DB) as cursor:
         # The order's row lock first, as `orders.saga.order_lock_for_compensation` takes it, then the
-        # saga's (saga_pivot_commit). Plain SQL: this runs once per order (BENCHMARKS.md).
+        # saga's (saga_pivot_commit). Plain SQL, prepared: this runs once per order (BENCHMARKS.md).
         cursor.execute(f"SELECT status, total, cancel_requested_at FROM {table} WHERE id = %s FOR UPDATE", [order_id])
         row = cursor.fetchone()
         if row is None:

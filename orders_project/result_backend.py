@@ -16,6 +16,8 @@ from celery import states
 from django.db import InterfaceError, OperationalError, connections, router
 from django_celery_results.backends.database import DatabaseBackend as _DatabaseBackend
 
+from common.sql import prepared
+
 
 class DatabaseBackend(_DatabaseBackend):
     def _aliases(self) -> set[str]:
@@ -67,7 +69,7 @@ class DatabaseBackend(_DatabaseBackend):
         started = ", date_started" if status == states.STARTED else ""
         alias = using or router.db_for_write(self.TaskModel)
         table = connections[alias].ops.quote_name(self.TaskModel._meta.db_table)
-        with connections[alias].cursor() as cursor:
+        with prepared(alias) as cursor:  # a chain's record per saga: parsed and planned once
             cursor.execute(
                 f"INSERT INTO {table} (task_id, {', '.join(names)}, date_created, date_done{started}) "
                 f"VALUES (%s, {', '.join(['%s'] * len(names))}, now(), now(){', now()' if started else ''}) "

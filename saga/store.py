@@ -13,6 +13,7 @@ from django.db import connections
 from django.utils.dateparse import parse_datetime
 
 from common.db import from_row, update_together
+from common.sql import prepared
 from common.steps import MAX_TIMELINE
 
 from .engine import step_name_of
@@ -49,7 +50,7 @@ def lock_sagas_with_steps(
     quote = connection.ops.quote_name
     saga_fields, step_fields = SagaInstance._meta.concrete_fields, SagaStep._meta.concrete_fields
     columns = [f"s.{quote(str(f.column))}" for f in saga_fields] + [f"t.{quote(str(f.column))}" for f in step_fields]
-    with connection.cursor() as cursor:
+    with prepared(DB) as cursor:  # the pivot's and every drain's: parsed and planned once
         cursor.execute(
             f"SELECT {', '.join(columns)} FROM {quote(SagaInstance._meta.db_table)} AS s "
             f"LEFT JOIN {quote(SagaStep._meta.db_table)} AS t ON t.saga_id = s.id"
