@@ -23,6 +23,17 @@ was received again by a live worker; for the others, until the sagas it caught m
 again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
 only when every saga finished and the audit is clean.
 
+A kill is "a worker SIGKILLed mid-step": it asks every worker we run and have not just
+killed what it holds (`inspect active/reserved/scheduled`, one broadcast each), and kills
+one that answered (so it is up and consuming: a replacement still starting does not
+answer) and is running a task now, else one holding a task (prefetched, or waiting out a
+retry's countdown) (`kill_target`). When none does, it looks again every half second for
+up to KILL_WAIT_SECONDS, then kills a worker that answered though it holds nothing (its
+recovery is then "nothing caught"). A kill whose recovery window overlaps a broker
+restart's downtime (from the broker's stop until it answers again) cannot recover while
+the broker is down: it is reported apart, as "kill during a broker restart", with its
+time from the kill and from the broker being back (`overlapping_restart`).
+
 With `--replicas N`, every worker and beat runs N times (devstack.topology), as on N
 hosts: N workers per queue, each its own node, and N beats each sending the sweep, so N
 sweeps run at once on the saga workers. A kill then takes down one replica of a queue.
@@ -66,6 +77,10 @@ ORDER_MIX = (
 QUEUES = ("inventory", "payments", "orders", "notifications", "saga")
 # A vhost of its own (recreated when rabbitmqctl is at hand), apart from any other user's queues.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_chaos"
+# How long a kill waits for a worker to be mid-step before it takes one that is up but idle.
+KILL_WAIT_SECONDS = 10.0
+# The kind under which a kill overlapping a broker restart's downtime is reported.
+KILL_DURING_RESTART = "kill during a broker restart"
 
 
 @dataclass
@@ -83,6 +98,54 @@ class Fault:
     # (a restored message waits at the head of its queue, where a drop takes from): their
     # fate is the drop's, so the kill's recovery is measured without them.
     dropped_later: list[str] = field(default_factory=list)
+    # A broker restart: seconds after `at` (its stop) until the broker answered again.
+    back_after: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerLook:
+    """What a worker that answered a look held: task ids it was running, and task ids it
+    held otherwise (prefetched, or waiting out a retry's countdown)."""
+
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+
+    @property
+    def held(self) -> list[str]:
+        return [*self.running, *self.waiting]
+
+
+def kill_target(looks: dict[str, WorkerLook], rng: random.Random) -> str | None:
+    """The worker a kill takes down, among those that answered the look (`looks`: process
+    name -> what it held; a worker still starting, or killed and not yet replaced, does not
+    answer and is not in it): one running a task now, else one holding a task; None when
+    none holds anything. Pure."""
+    for busy in (
+        sorted(name for name, look in looks.items() if look.running),
+        sorted(name for name, look in looks.items() if look.held),
+    ):
+        if busy:
+            return rng.choice(busy)
+    return None
+
+
+def overlapping_restart(kill: Fault, restarts: list[Fault]) -> Fault | None:
+    """The first broker restart whose downtime (its stop until the broker answered again;
+    to the end of the run if it never did) overlaps the kill's recovery window (the kill
+    until everything it held was received again; to the end of the run if never). Pure."""
+    ends = kill.at + (kill.recovered_after if kill.recovered_after is not None else float("inf"))
+    for restart in restarts:
+        back = restart.at + (restart.back_after if restart.back_after is not None else float("inf"))
+        if restart.at < ends and back > kill.at:
+            return restart
+    return None
+
+
+def after_broker_back(kill: Fault, restart: Fault) -> float | None:
+    """Seconds from the broker answering again after `restart` until the kill recovered."""
+    if kill.recovered_after is None or restart.back_after is None:
+        return None
+    return max(0.0, kill.at + kill.recovered_after - (restart.at + restart.back_after))
 
 
 @dataclass
@@ -105,11 +168,22 @@ class Report:
     # with replicas, each saga worker is a sweeper of its own.
     sweeps: dict[str, int] = field(default_factory=dict)
 
+    def kind_of(self, fault: Fault) -> str:
+        """The kind a fault is reported under: a kill overlapping a broker restart's
+        downtime is KILL_DURING_RESTART, apart from the kills that had the broker up."""
+        if fault.kind == "kill" and overlapping_restart(fault, self.restarts()):
+            return KILL_DURING_RESTART
+        return fault.kind
+
+    def restarts(self) -> list[Fault]:
+        return [f for f in self.faults if f.kind == "broker_restart"]
+
     def recovery_by_kind(self) -> dict[str, dict[str, Any]]:
-        """Per kind of fault: how many caught something, and the median and worst recovery."""
+        """Per kind of fault: how many caught something, and the median and worst recovery.
+        A kill during a broker restart also gets them counted from the broker being back."""
         kinds: dict[str, dict[str, Any]] = {}
-        for kind in sorted({f.kind for f in self.faults}):
-            caught = [f for f in self.faults if f.kind == kind and (f.caught or f.held)]
+        for kind in sorted({self.kind_of(f) for f in self.faults}):
+            caught = [f for f in self.faults if self.kind_of(f) == kind and (f.caught or f.held)]
             times = [f.recovered_after for f in caught if f.recovered_after is not None]
             kinds[kind] = {
                 "caught": len(caught),
@@ -117,7 +191,15 @@ class Report:
                 "median_s": round(statistics.median(times), 1) if times else None,
                 "worst_s": round(max(times), 1) if times else None,
             }
+            if kind == KILL_DURING_RESTART:
+                after = [a for f in caught if (a := self.after_broker_back(f)) is not None]
+                kinds[kind]["after_broker_back_median_s"] = round(statistics.median(after), 1) if after else None
+                kinds[kind]["after_broker_back_worst_s"] = round(max(after), 1) if after else None
         return kinds
+
+    def after_broker_back(self, kill: Fault) -> float | None:
+        restart = overlapping_restart(kill, self.restarts())
+        return None if restart is None else after_broker_back(kill, restart)
 
     def summary(self) -> dict[str, Any]:
         recoveries = [f.recovered_after for f in self.faults if f.recovered_after is not None]
@@ -426,8 +508,10 @@ class Chaos:
         recent = SagaStep.objects.filter(status="succeeded", phase="forward").order_by("-finished_at")[:8]
         return [(str(saga_id), name) for saga_id, name in recent.values_list("saga_id", "name")]
 
-    def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> None:
-        fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught, held=held or [])
+    def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> Fault:
+        fault = Fault(
+            kind=kind, target=target, at=time.monotonic(), caught=caught, held=list(dict.fromkeys(held or []))
+        )
         with self.lock:
             # A task that finished between our look and the kill left nothing to return.
             fault.received_again = {t: 0.0 for t in fault.held if t in self.finished}
@@ -435,33 +519,77 @@ class Chaos:
                 fault.recovered_after = 0.0
             self.report.faults.append(fault)
         logger.info("fault: %s %s (%d sagas caught, %d tasks held)", kind, target, len(caught), len(fault.held))
+        return fault
 
-    def _held_by(self, name: str) -> list[str]:
-        """Task ids the worker `name` holds now: running, prefetched, or waiting for a retry."""
+    def _look_at_workers(self) -> dict[str, WorkerLook]:
+        """What each worker we run (and have not just killed) holds now, for those that answer
+        (process name -> WorkerLook): one broadcast per question, each returning as soon as
+        every worker asked has answered. A worker still starting does not answer yet."""
         import socket
 
         from orders_project.celery import app
 
-        node = f"{name}@{socket.gethostname()}"
-        inspect = app.control.inspect(destination=[node], timeout=1.0, limit=1)
-        tasks = list((inspect.active() or {}).get(node, []))
-        tasks += (inspect.reserved() or {}).get(node, [])
-        tasks += [t["request"] for t in (inspect.scheduled() or {}).get(node, [])]
-        # The sweep expires after its interval and is not received again: the next one runs.
-        return [t["id"] for t in tasks if t.get("name") != "saga.sweep"]
+        host = socket.gethostname()
+        with self.lock:
+            nodes = {
+                f"{name}@{host}": name
+                for name, process in self.topology.processes.items()
+                if program_of(name) in WORKERS
+                and name not in self.killed_on_purpose
+                and process.popen is not None
+                and process.popen.poll() is None
+            }
+        if not nodes:
+            return {}
+        inspect = app.control.inspect(destination=list(nodes), timeout=1.0, limit=len(nodes))
+        active = inspect.active() or {}
+        reserved = inspect.reserved() or {}
+        scheduled = inspect.scheduled() or {}
 
-    def _inject_kill(self) -> None:
-        name = self.rng.choice([n for n in self.topology.processes if program_of(n) in WORKERS])
-        # Recovery from a kill is measured on what the worker held when it died: the time
-        # until each of those tasks is received again by a live worker (task events).
-        held: list[str] = []
+        def ids(tasks: list[dict[str, Any]]) -> tuple[str, ...]:
+            # The sweep expires after its interval and is not received again: the next one runs.
+            return tuple(t["id"] for t in tasks if t.get("name") != "saga.sweep")
+
+        looks = {}
+        for node, name in nodes.items():
+            if node not in active:
+                continue
+            running = ids(active[node])
+            # A task waiting out its countdown is listed as reserved and as scheduled.
+            others = ids(reserved.get(node, [])) + ids([t["request"] for t in scheduled.get(node, [])])
+            looks[name] = WorkerLook(
+                running=running, waiting=tuple(t for t in dict.fromkeys(others) if t not in running)
+            )
+        return looks
+
+    def _look_with_retries(self) -> dict[str, WorkerLook]:
         for attempt in range(3):  # a broker restart leaves our pooled connection stale
             try:
-                held = self._held_by(name)
-                break
+                return self._look_at_workers()
             except Exception as error:
                 if attempt == 2:
-                    logger.warning("could not ask %s what it holds: %s", name, error)
+                    logger.warning("could not ask the workers what they hold: %s", error)
+        return {}
+
+    def _inject_kill(self) -> None:
+        """SIGKILL a worker mid-step (see the module's docstring and `kill_target`), and
+        start it again 0.5 to 2 s later, as a process manager would."""
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        while True:
+            looks = self._look_with_retries()
+            name = kill_target(looks, self.rng)
+            if name is not None or time.monotonic() > deadline or self.stop.is_set():
+                break
+            time.sleep(0.5)
+        if name is None:
+            if not looks:
+                logger.warning("kill not injected: no worker answered for %.0fs", KILL_WAIT_SECONDS)
+                return
+            name = self.rng.choice(sorted(looks))
+            logger.info("no worker was mid-step for %.0fs: killing %s, which holds nothing", KILL_WAIT_SECONDS, name)
+        # Recovery from a kill is measured on what the worker held when it died: the time
+        # until each of those tasks is received again by a live worker (task events).
+        held = looks[name].held
         with self.lock:
             self.killed_on_purpose.add(name)
         self.topology.processes[name].kill()
@@ -473,8 +601,10 @@ class Chaos:
 
     def _inject_broker_restart(self) -> None:
         caught = self._running_steps()
-        self._record("broker_restart", "broker", caught)
+        restart = self._record("broker_restart", "broker", caught)
         self.broker.restart(down_seconds=self.rng.uniform(0.5, 2.0))
+        # Returns once the broker answers again (Redis: a ping; RabbitMQ: our queues).
+        restart.back_after = time.monotonic() - restart.at
 
     def _inject_duplicate(self) -> None:
         from orders.saga import PLACE_ORDER
@@ -815,6 +945,12 @@ def _print_report(report: Report) -> None:
         took = "nothing caught" if not (fault.caught or fault.held) else (
             f"recovered in {fault.recovered_after:.1f}s" if fault.recovered_after is not None else "NOT recovered"
         )  # fmt: skip
+        if report.kind_of(fault) == KILL_DURING_RESTART and (fault.caught or fault.held):
+            after = report.after_broker_back(fault)
+            back = "" if after is None else f"; {after:.1f}s after it was back"
+            took += f" (a broker restart overlapped{back})"
+        if fault.kind == "broker_restart" and fault.back_after is not None:
+            took += f"; the broker answered again {fault.back_after:.1f}s after its stop"
         what = f"caught {len(fault.caught):3} running steps"
         if fault.kind == "kill":
             what = f"held {len(fault.held):3} tasks"
@@ -830,6 +966,11 @@ def _print_report(report: Report) -> None:
             f"    {kind:15} {numbers['caught']:3} caught something: median {numbers['median_s']}s, "
             f"worst {numbers['worst_s']}s, not recovered {numbers['unrecovered']}"
         )
+        if kind == KILL_DURING_RESTART:
+            print(
+                f"    {'':15}     counted from the broker being back: median "
+                f"{numbers['after_broker_back_median_s']}s, worst {numbers['after_broker_back_worst_s']}s"
+            )
     print(f"  orders: {report.outcomes}   sagas: {report.sagas}")
     print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
     if report.crashes:
