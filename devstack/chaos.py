@@ -29,7 +29,9 @@ one that answered (so it is up and consuming: a replacement still starting does 
 answer) and is running a task now, else one holding a task (prefetched, or waiting out a
 retry's countdown) (`kill_target`). When none does, it looks again every half second for
 up to KILL_WAIT_SECONDS, then kills a worker that answered though it holds nothing (its
-recovery is then "nothing caught"). A kill whose recovery window overlaps a broker
+recovery is then "nothing caught"). What it held is what the look saw, less the tasks that
+finished before the SIGKILL (task events): a kill that caught nothing running or waiting
+counts in no recovery figure, rather than as a recovery in 0 s. A kill whose recovery window overlaps a broker
 restart's downtime (from the broker's stop until it answers again) cannot recover while
 the broker is down: it is reported apart, as "kill during a broker restart", with its
 time from the kill and from the broker being back (`overlapping_restart`).
@@ -98,6 +100,8 @@ class Fault:
     # (a restored message waits at the head of its queue, where a drop takes from): their
     # fate is the drop's, so the kill's recovery is measured without them.
     dropped_later: list[str] = field(default_factory=list)
+    # A kill: tasks of the look that finished before the SIGKILL (not held when it died).
+    finished_before: list[str] = field(default_factory=list)
     # A broker restart: seconds after `at` (its stop) until the broker answered again.
     back_after: float | None = None
 
@@ -513,10 +517,12 @@ class Chaos:
             kind=kind, target=target, at=time.monotonic(), caught=caught, held=list(dict.fromkeys(held or []))
         )
         with self.lock:
-            # A task that finished between our look and the kill left nothing to return.
-            fault.received_again = {t: 0.0 for t in fault.held if t in self.finished}
-            if fault.held and len(fault.received_again) == len(fault.held):
-                fault.recovered_after = 0.0
+            # A task that finished between our look and the kill left nothing to return: the
+            # kill did not catch it (a kill whose every task finished caught nothing, rather
+            # than counting as a recovery in 0 s). One whose end we hear of only after the
+            # kill is received again the moment we do (watch_task_events).
+            fault.finished_before = [t for t in fault.held if t in self.finished]
+            fault.held = [t for t in fault.held if t not in self.finished]
             self.report.faults.append(fault)
         logger.info("fault: %s %s (%d sagas caught, %d tasks held)", kind, target, len(caught), len(fault.held))
         return fault
@@ -542,9 +548,10 @@ class Chaos:
         if not nodes:
             return {}
         inspect = app.control.inspect(destination=list(nodes), timeout=1.0, limit=len(nodes))
-        active = inspect.active() or {}
+        # What it runs last: the kill follows at once, while that is still running.
         reserved = inspect.reserved() or {}
         scheduled = inspect.scheduled() or {}
+        active = inspect.active() or {}
 
         def ids(tasks: list[dict[str, Any]]) -> tuple[str, ...]:
             # The sweep expires after its interval and is not received again: the next one runs.
@@ -956,6 +963,8 @@ def _print_report(report: Report) -> None:
             what = f"held {len(fault.held):3} tasks"
             if fault.dropped_later:
                 what += f" (+{len(fault.dropped_later)} a later drop took)"
+            if fault.finished_before:
+                what += f" (+{len(fault.finished_before)} finished before the kill)"
         print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
     for kind, numbers in summary["recovery_by_kind"].items():

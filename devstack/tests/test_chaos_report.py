@@ -144,3 +144,14 @@ def test_an_unrecovered_kill_overlaps_any_later_restart_and_one_still_down() -> 
     assert chaos.overlapping_restart(
         a_fault("kill", 100.0, held=["a"], recovered_after=5.0), [a_fault("broker_restart", 50.0)]
     )
+
+
+def test_a_kill_holds_only_what_had_not_finished_when_it_died() -> None:
+    run = a_chaos(FakeBroker([]))
+    run.finished["t-done"] = 1.0
+    run._record("kill", "orders", [], ["t-done", "t-running", "t-running"])
+    run._record("kill", "saga", [], ["t-done"])
+    held, nothing = run.report.faults
+    assert held.held == ["t-running"] and held.finished_before == ["t-done"]
+    assert nothing.held == [] and nothing.recovered_after is None
+    assert run.report.recovery_by_kind()["kill"]["caught"] == 1
