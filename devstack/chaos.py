@@ -81,6 +81,9 @@ QUEUES = ("inventory", "payments", "orders", "notifications", "saga")
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_chaos"
 # How long a kill waits for a worker to be mid-step before it takes one that is up but idle.
 KILL_WAIT_SECONDS = 10.0
+# Task events after which a worker no longer holds the task's message (a retry's countdown
+# runs on a new message, published to the queue).
+ENDED = ("task-succeeded", "task-failed", "task-retried")
 # The kind under which a kill overlapping a broker restart's downtime is reported.
 KILL_DURING_RESTART = "kill during a broker restart"
 
@@ -385,7 +388,9 @@ class Chaos:
         self.stop = threading.Event()
         self.killed_on_purpose: set[str] = set()  # down between our SIGKILL and our restart
         self.token = ""  # the API token orders are placed with (a race may cancel one)
-        self.finished: dict[str, float] = {}  # task id -> when its task-succeeded/failed event came
+        # Task id -> when its last run ended (succeeded, failed, or retried: its message is
+        # acknowledged, a retry is a new message in the queue), unless received again since.
+        self.finished: dict[str, float] = {}
 
     # --- orders ----------------------------------------------------------------------
     def submit_all(self, token: str, skus: list[str]) -> None:
@@ -713,10 +718,12 @@ class Chaos:
         def received(event: dict[str, Any]) -> None:
             task_id, now = event.get("uuid"), time.monotonic()
             with self.lock:
-                if event.get("type") in ("task-succeeded", "task-failed"):
+                if event.get("type") in ENDED:
                     self.finished[task_id] = now
                     if len(self.finished) > 10_000:
                         self.finished.pop(next(iter(self.finished)))
+                else:  # a retry's message (same id) received: held again
+                    self.finished.pop(task_id, None)
                 for fault in self.report.faults:
                     if task_id in fault.held and task_id not in fault.received_again and now > fault.at:
                         # Received again; or it finished just before the kill (acknowledged,
@@ -725,7 +732,7 @@ class Chaos:
                         if len(fault.received_again) == len(fault.held):
                             fault.recovered_after = max(fault.received_again.values())
 
-        handlers = dict.fromkeys(("task-received", "task-succeeded", "task-failed"), received)
+        handlers = dict.fromkeys(("task-received", *ENDED), received)
         while not self.stop.is_set():
             try:
                 with app.connection() as connection:
