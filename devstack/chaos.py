@@ -716,21 +716,7 @@ class Chaos:
         from orders_project.celery import app
 
         def received(event: dict[str, Any]) -> None:
-            task_id, now = event.get("uuid"), time.monotonic()
-            with self.lock:
-                if event.get("type") in ENDED:
-                    self.finished[task_id] = now
-                    if len(self.finished) > 10_000:
-                        self.finished.pop(next(iter(self.finished)))
-                else:  # a retry's message (same id) received: held again
-                    self.finished.pop(task_id, None)
-                for fault in self.report.faults:
-                    if task_id in fault.held and task_id not in fault.received_again and now > fault.at:
-                        # Received again; or it finished just before the kill (acknowledged,
-                        # so nothing was left to return).
-                        fault.received_again[task_id] = now - fault.at
-                        if len(fault.received_again) == len(fault.held):
-                            fault.recovered_after = max(fault.received_again.values())
+            self.on_task_event(event.get("type", ""), event.get("uuid", ""), time.monotonic())
 
         handlers = dict.fromkeys(("task-received", *ENDED), received)
         while not self.stop.is_set():
@@ -740,6 +726,23 @@ class Chaos:
                     receiver.capture(limit=None, timeout=1.0, wakeup=False)
             except Exception:  # no event for a second, or the broker is restarting: listen again
                 time.sleep(0.2)
+
+    def on_task_event(self, kind: str, task_id: str, now: float) -> None:
+        """A task event (`kind`: task-received or one of ENDED) came at `now` (monotonic)."""
+        with self.lock:
+            if kind in ENDED:
+                self.finished[task_id] = now
+                if len(self.finished) > 10_000:
+                    self.finished.pop(next(iter(self.finished)))
+            else:  # received: a retry's message has the same id, and is held again
+                self.finished.pop(task_id, None)
+            for fault in self.report.faults:
+                if task_id in fault.held and task_id not in fault.received_again and now > fault.at:
+                    # Received again; or it finished just before the kill (acknowledged,
+                    # so nothing was left to return).
+                    fault.received_again[task_id] = now - fault.at
+                    if len(fault.received_again) == len(fault.held):
+                        fault.recovered_after = max(fault.received_again.values())
 
     def watch_recoveries(self) -> None:
         """Mark a fault recovered once none of the steps it caught is still running."""

@@ -155,3 +155,17 @@ def test_a_kill_holds_only_what_had_not_finished_when_it_died() -> None:
     assert held.held == ["t-running"] and held.finished_before == ["t-done"]
     assert nothing.held == [] and nothing.recovered_after is None
     assert run.report.recovery_by_kind()["kill"]["caught"] == 1
+
+
+def test_a_task_that_ended_in_a_retry_is_not_held_until_its_retry_is_received() -> None:
+    run = a_chaos(FakeBroker([]))
+    run.on_task_event("task-received", "t-refund", 1.0)
+    run.on_task_event("task-retried", "t-refund", 2.0)  # its retry: a new message in the queue
+    run._record("kill", "payments", [], ["t-refund"])
+    assert run.report.faults[0].held == []
+    run.on_task_event("task-received", "t-refund", 3.0)  # the retry's message, by a worker
+    run._record("kill", "payments", [], ["t-refund"])
+    kill = run.report.faults[1]
+    assert kill.held == ["t-refund"]
+    run.on_task_event("task-received", "t-refund", kill.at + 4.0)
+    assert kill.recovered_after == 4.0
