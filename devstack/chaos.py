@@ -31,7 +31,9 @@ retry's countdown) (`kill_target`). When none does, it looks again every half se
 up to KILL_WAIT_SECONDS, then kills a worker that answered though it holds nothing (its
 recovery is then "nothing caught"). What it held is what the look saw, less the tasks that
 finished before the SIGKILL (task events): a kill that caught nothing running or waiting
-counts in no recovery figure, rather than as a recovery in 0 s. A kill whose recovery window overlaps a broker
+counts in no recovery figure, rather than as a recovery in 0 s. A held task never received
+again whose end the killed worker had logged before the SIGKILL (its task event died with
+the worker, the message acknowledged) is listed as such, not as unrecovered. A kill whose recovery window overlaps a broker
 restart's downtime (from the broker's stop until it answers again) cannot recover while
 the broker is down: it is reported apart, as "kill during a broker restart", with its
 time from the kill and from the broker being back (`overlapping_restart`).
@@ -105,6 +107,10 @@ class Fault:
     dropped_later: list[str] = field(default_factory=list)
     # A kill: tasks of the look that finished before the SIGKILL (not held when it died).
     finished_before: list[str] = field(default_factory=list)
+    # A kill: held tasks never received again whose end (succeeded, raised, retry) the
+    # killed worker had logged before the SIGKILL; their task event died with the worker.
+    ended_per_log: list[str] = field(default_factory=list)
+    at_wall: float = 0.0  # `at` on the wall clock, as the workers' log lines are
     # A broker restart: seconds after `at` (its stop) until the broker answered again.
     back_after: float | None = None
 
@@ -521,6 +527,7 @@ class Chaos:
         fault = Fault(
             kind=kind, target=target, at=time.monotonic(), caught=caught, held=list(dict.fromkeys(held or []))
         )
+        fault.at_wall = time.time()
         with self.lock:
             # A task that finished between our look and the kill left nothing to return: the
             # kill did not catch it (a kill whose every task finished caught nothing, rather
@@ -744,6 +751,27 @@ class Chaos:
                     if len(fault.received_again) == len(fault.held):
                         fault.recovered_after = max(fault.received_again.values())
 
+    def settle_from_logs(self) -> None:
+        """At the end: a held task never received again may have ended just before the
+        SIGKILL, its task event lost with the worker (the pool logs the end; the main
+        process then acknowledges the message and sends the event). Had the ack not
+        happened, the broker (RabbitMQ) or the watchdog (Redis) would have returned the
+        message and a worker received it again. Such a task, whose end the killed worker
+        logged before the kill, is moved to `ended_per_log` (reported), not left unrecovered."""
+        for fault in self.report.faults:
+            missing = [t for t in fault.held if t not in fault.received_again]
+            if fault.kind != "kill" or not missing:
+                continue
+            process = self.topology.processes.get(fault.target)
+            log = process.log_path.read_text(errors="replace") if process and process.log_path.exists() else ""
+            ended = {t for t in missing if any(when <= fault.at_wall for when in logged_ends(log, t))}
+            if ended:
+                with self.lock:
+                    fault.ended_per_log = sorted(ended)
+                    fault.held = [t for t in fault.held if t not in ended]
+                    if fault.held and len(fault.received_again) == len(fault.held):
+                        fault.recovered_after = max(fault.received_again.values())
+
     def watch_recoveries(self) -> None:
         """Mark a fault recovered once none of the steps it caught is still running."""
         while not self.stop.is_set():
@@ -772,6 +800,20 @@ class Chaos:
             order_id__in=ids, pivot_committed_at__isnull=False, settled_at__isnull=True
         ).count()
         return finished == len(ids) and sagas_open == 0 and unsettled == 0
+
+
+# A worker's log line at a task's end (celery.app.trace): "2026-12-03 14:28:22,053 INFO
+# celery.app.trace [...] Task notifications.notify[<id>] succeeded in 0.03s: ..."
+_END_LINE = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*?\[{id}\] (?:succeeded in|raised|retry:)"
+
+
+def logged_ends(log: str, task_id: str) -> list[float]:
+    """When (wall clock, in this process's time zone, which is Django's TIME_ZONE as the
+    workers' is) each end of a run of `task_id` was logged in `log`. Pure."""
+    import re
+
+    ends = re.findall(_END_LINE.replace("{id}", re.escape(task_id)), log, flags=re.MULTILINE)
+    return [time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000 for stamp, millis in ends]
 
 
 def _seed_catalogue(rng: random.Random) -> dict[str, int]:
@@ -896,6 +938,7 @@ def _run(
             chaos.report.quiescent_after = time.monotonic() - submitted_at
         time.sleep(1)  # let the watcher see the last steps finish
         chaos.report.sweeps = _sweeps_by_node(topology)
+        chaos.settle_from_logs()
     finally:
         with chaos.lock:  # the supervisor must not restart what we now stop
             chaos.stop.set()
@@ -975,6 +1018,8 @@ def _print_report(report: Report) -> None:
                 what += f" (+{len(fault.dropped_later)} a later drop took)"
             if fault.finished_before:
                 what += f" (+{len(fault.finished_before)} finished before the kill)"
+            if fault.ended_per_log:
+                what += f" (+{len(fault.ended_per_log)} logged as ended before the kill, its event lost)"
         print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
     for kind, numbers in summary["recovery_by_kind"].items():

@@ -169,3 +169,43 @@ def test_a_task_that_ended_in_a_retry_is_not_held_until_its_retry_is_received() 
     assert kill.held == ["t-refund"]
     run.on_task_event("task-received", "t-refund", kill.at + 4.0)
     assert kill.recovered_after == 4.0
+
+
+LOG = """\
+2026-12-03 14:28:22,000 INFO celery.worker.strategy Task notifications.notify[s-notify_failure-g1] received
+2026-12-03 14:28:22,053 INFO celery.app.trace [saga=s order=o] Task notifications.notify[s-notify_failure-g1] \
+succeeded in 0.034s: None
+2026-12-03 14:28:23,000 INFO celery.app.trace [saga=t order=o] Task payments.refund[t-refund_payment-g1] retry: \
+Retry in 1s: TransientError('a charge is in flight')
+"""
+
+
+def test_a_tasks_logged_ends_are_read_from_the_workers_log() -> None:
+    import time
+
+    assert chaos.logged_ends(LOG, "s-notify_failure-g1") == [time.mktime((2026, 12, 3, 14, 28, 22, 0, 0, -1)) + 0.053]
+    assert len(chaos.logged_ends(LOG, "t-refund_payment-g1")) == 1
+    assert chaos.logged_ends(LOG, "s-notify") == []  # an id is matched whole
+
+
+def test_a_held_task_whose_end_the_killed_worker_logged_before_the_kill_is_not_unrecovered(tmp_path: Any) -> None:
+    import time
+    from types import SimpleNamespace
+
+    run = a_chaos(FakeBroker([]))
+    log = tmp_path / "notifications.log"
+    log.write_text(LOG)
+    run.topology = SimpleNamespace(processes={"notifications": SimpleNamespace(log_path=log)})  # type: ignore[assignment]
+    run._record("kill", "notifications", [], ["s-notify_failure-g1", "u-notify_customer-g0"])
+    kill = run.report.faults[0]
+    kill.at_wall = time.mktime((2026, 12, 3, 14, 28, 22, 0, 0, -1)) + 0.15
+    kill.received_again["u-notify_customer-g0"] = 2.5
+
+    run.settle_from_logs()
+
+    assert kill.ended_per_log == ["s-notify_failure-g1"] and kill.held == ["u-notify_customer-g0"]
+    assert kill.recovered_after == 2.5
+    kill.at_wall -= 1.0  # had it been logged after the kill, the kill would stay unrecovered
+    kill.held, kill.ended_per_log, kill.recovered_after = ["s-notify_failure-g1", "u-notify_customer-g0"], [], None
+    run.settle_from_logs()
+    assert kill.recovered_after is None and not kill.ended_per_log
