@@ -23,20 +23,22 @@ was received again by a live worker; for the others, until the sagas it caught m
 again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
 only when every saga finished and the audit is clean.
 
-A kill is "a worker SIGKILLed mid-step": it asks every worker we run and have not just
-killed what it holds (`inspect active/reserved/scheduled`, one broadcast each), and kills
-one that answered (so it is up and consuming: a replacement still starting does not
-answer) and is running a task now, else one holding a task (prefetched, or waiting out a
-retry's countdown) (`kill_target`). When none does, it looks again every half second for
-up to KILL_WAIT_SECONDS, then kills a worker that answered though it holds nothing (its
-recovery is then "nothing caught"). What it held is what the look saw, less the tasks that
-finished before the SIGKILL (task events): a kill that caught nothing running or waiting
-counts in no recovery figure, rather than as a recovery in 0 s. A held task never received
-again whose end the killed worker had logged before the SIGKILL (its task event died with
-the worker, the message acknowledged) is listed as such, not as unrecovered. A kill whose recovery window overlaps a broker
-restart's downtime (from the broker's stop until it answers again) cannot recover while
-the broker is down: it is reported apart, as "kill during a broker restart", with its
-time from the kill and from the broker being back (`overlapping_restart`).
+A kill is "a worker SIGKILLed mid-step": it draws a worker (every one alike), then asks
+every worker we run and have not just killed what it holds (`inspect
+active/reserved/scheduled`, one broadcast each), and kills the drawn one once it answers
+(so it is up and consuming: a replacement still starting does not answer) holding a task
+(running it, prefetched, or waiting out a retry's countdown). It looks again every 0.2
+s; after KILL_WAIT_SECONDS it takes another worker that is running a task, else one
+holding one (`kill_target`), else one that answered though it holds nothing (its
+recovery is then "nothing caught"). What it held is what the look saw, less the tasks
+that finished before the SIGKILL (task events): a kill that caught nothing running or
+waiting counts in no recovery figure, rather than as a recovery in 0 s. A held task
+never received again whose end the killed worker had logged before the SIGKILL (its task
+event died with the worker, the message acknowledged) is listed as such, not as
+unrecovered. A kill whose recovery window overlaps a broker restart's downtime (from the
+broker's stop until it answers again) cannot recover while the broker is down: it is
+reported apart, as "kill during a broker restart", with its time from the kill and from
+the broker being back (`overlapping_restart`).
 
 With `--replicas N`, every worker and beat runs N times (devstack.topology), as on N
 hosts: N workers per queue, each its own node, and N beats each sending the sweep, so N
@@ -128,11 +130,13 @@ class WorkerLook:
         return [*self.running, *self.waiting]
 
 
-def kill_target(looks: dict[str, WorkerLook], rng: random.Random) -> str | None:
+def kill_target(looks: dict[str, WorkerLook], rng: random.Random, wanted: str | None = None) -> str | None:
     """The worker a kill takes down, among those that answered the look (`looks`: process
     name -> what it held; a worker still starting, or killed and not yet replaced, does not
-    answer and is not in it): one running a task now, else one holding a task; None when
-    none holds anything. Pure."""
+    answer and is not in it): `wanted` if it holds a task (running or not); else one running
+    a task now, else one holding a task; None when none holds anything. Pure."""
+    if wanted is not None and wanted in looks and looks[wanted].held:
+        return wanted
     for busy in (
         sorted(name for name, look in looks.items() if look.running),
         sorted(name for name, look in looks.items() if look.held),
@@ -592,20 +596,29 @@ class Chaos:
 
     def _inject_kill(self) -> None:
         """SIGKILL a worker mid-step (see the module's docstring and `kill_target`), and
-        start it again 0.5 to 2 s later, as a process manager would."""
+        start it again 0.5 to 2 s later, as a process manager would. The worker is drawn
+        first, every worker alike, then awaited until it holds a task: drawing among the
+        busy ones would nearly always hit payments (slow charges, retries' countdowns),
+        whose tasks outlast a look, where the others' take milliseconds."""
+        wanted = self.rng.choice([n for n in self.topology.processes if program_of(n) in WORKERS])
         deadline = time.monotonic() + KILL_WAIT_SECONDS
         while True:
             looks = self._look_with_retries()
-            name = kill_target(looks, self.rng)
-            if name is not None or time.monotonic() > deadline or self.stop.is_set():
+            if wanted in looks and looks[wanted].held:
+                name: str | None = wanted
                 break
-            time.sleep(0.5)
+            if time.monotonic() > deadline or self.stop.is_set():
+                name = kill_target(looks, self.rng, wanted)
+                break
+            time.sleep(0.2)
         if name is None:
             if not looks:
                 logger.warning("kill not injected: no worker answered for %.0fs", KILL_WAIT_SECONDS)
                 return
-            name = self.rng.choice(sorted(looks))
+            name = wanted if wanted in looks else self.rng.choice(sorted(looks))
             logger.info("no worker was mid-step for %.0fs: killing %s, which holds nothing", KILL_WAIT_SECONDS, name)
+        elif name != wanted:
+            logger.info("%s held nothing for %.0fs: killing %s, mid-step", wanted, KILL_WAIT_SECONDS, name)
         # Recovery from a kill is measured on what the worker held when it died: the time
         # until each of those tasks is received again by a live worker (task events).
         held = looks[name].held

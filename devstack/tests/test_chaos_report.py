@@ -92,6 +92,14 @@ def test_a_kill_takes_a_worker_holding_a_task_when_none_runs_one() -> None:
     assert chaos.kill_target(looks, random.Random(1)) == "orders"
 
 
+def test_a_kill_takes_the_drawn_worker_when_it_holds_a_task_even_if_another_runs_one() -> None:
+    looks = {"orders": chaos.WorkerLook(waiting=("t-prefetched",)), "payments": chaos.WorkerLook(running=("t-charge",))}
+    assert chaos.kill_target(looks, random.Random(1), wanted="orders") == "orders"
+    # Drawn but idle, or not answering (still starting): a busy one instead.
+    assert chaos.kill_target({**looks, "saga": chaos.WorkerLook()}, random.Random(1), wanted="saga") == "payments"
+    assert chaos.kill_target(looks, random.Random(1), wanted="inventory") == "payments"
+
+
 def test_no_kill_target_when_no_worker_that_answered_holds_anything() -> None:
     # A worker still starting (or not yet replaced) does not answer, so it is not in the look.
     assert chaos.kill_target({"orders": chaos.WorkerLook(), "saga": chaos.WorkerLook()}, random.Random(1)) is None
