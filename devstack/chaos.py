@@ -23,6 +23,23 @@ was received again by a live worker; for the others, until the sagas it caught m
 again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
 only when every saga finished and the audit is clean.
 
+A kill is "a worker SIGKILLed mid-step": it draws a worker (every one alike), then asks
+every worker we run and have not just killed what it holds (`inspect
+active/reserved/scheduled`, one broadcast each), and kills the drawn one once it answers
+(so it is up and consuming: a replacement still starting does not answer) holding a task
+(running it, prefetched, or waiting out a retry's countdown). It looks again every 0.2
+s; after KILL_WAIT_SECONDS it takes another worker that is running a task, else one
+holding one (`kill_target`), else one that answered though it holds nothing (its
+recovery is then "nothing caught"). What it held is what the look saw, less the tasks
+that finished before the SIGKILL (task events): a kill that caught nothing running or
+waiting counts in no recovery figure, rather than as a recovery in 0 s. A held task
+never received again whose end the killed worker had logged before the SIGKILL (its task
+event died with the worker, the message acknowledged) is listed as such, not as
+unrecovered. A kill whose recovery window overlaps a broker restart's downtime (from the
+broker's stop until it answers again) cannot recover while the broker is down: it is
+reported apart, as "kill during a broker restart", with its time from the kill and from
+the broker being back (`overlapping_restart`).
+
 With `--replicas N`, every worker and beat runs N times (devstack.topology), as on N
 hosts: N workers per queue, each its own node, and N beats each sending the sweep, so N
 sweeps run at once on the saga workers. A kill then takes down one replica of a queue.
@@ -66,6 +83,13 @@ ORDER_MIX = (
 QUEUES = ("inventory", "payments", "orders", "notifications", "saga")
 # A vhost of its own (recreated when rabbitmqctl is at hand), apart from any other user's queues.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/saga_chaos"
+# How long a kill waits for a worker to be mid-step before it takes one that is up but idle.
+KILL_WAIT_SECONDS = 10.0
+# Task events after which a worker no longer holds the task's message (a retry's countdown
+# runs on a new message, published to the queue).
+ENDED = ("task-succeeded", "task-failed", "task-retried")
+# The kind under which a kill overlapping a broker restart's downtime is reported.
+KILL_DURING_RESTART = "kill during a broker restart"
 
 
 @dataclass
@@ -83,6 +107,62 @@ class Fault:
     # (a restored message waits at the head of its queue, where a drop takes from): their
     # fate is the drop's, so the kill's recovery is measured without them.
     dropped_later: list[str] = field(default_factory=list)
+    # A kill: tasks of the look that finished before the SIGKILL (not held when it died).
+    finished_before: list[str] = field(default_factory=list)
+    # A kill: held tasks never received again whose end (succeeded, raised, retry) the
+    # killed worker had logged before the SIGKILL; their task event died with the worker.
+    ended_per_log: list[str] = field(default_factory=list)
+    at_wall: float = 0.0  # `at` on the wall clock, as the workers' log lines are
+    # A broker restart: seconds after `at` (its stop) until the broker answered again.
+    back_after: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerLook:
+    """What a worker that answered a look held: task ids it was running, and task ids it
+    held otherwise (prefetched, or waiting out a retry's countdown)."""
+
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+
+    @property
+    def held(self) -> list[str]:
+        return [*self.running, *self.waiting]
+
+
+def kill_target(looks: dict[str, WorkerLook], rng: random.Random, wanted: str | None = None) -> str | None:
+    """The worker a kill takes down, among those that answered the look (`looks`: process
+    name -> what it held; a worker still starting, or killed and not yet replaced, does not
+    answer and is not in it): `wanted` if it holds a task (running or not); else one running
+    a task now, else one holding a task; None when none holds anything. Pure."""
+    if wanted is not None and wanted in looks and looks[wanted].held:
+        return wanted
+    for busy in (
+        sorted(name for name, look in looks.items() if look.running),
+        sorted(name for name, look in looks.items() if look.held),
+    ):
+        if busy:
+            return rng.choice(busy)
+    return None
+
+
+def overlapping_restart(kill: Fault, restarts: list[Fault]) -> Fault | None:
+    """The first broker restart whose downtime (its stop until the broker answered again;
+    to the end of the run if it never did) overlaps the kill's recovery window (the kill
+    until everything it held was received again; to the end of the run if never). Pure."""
+    ends = kill.at + (kill.recovered_after if kill.recovered_after is not None else float("inf"))
+    for restart in restarts:
+        back = restart.at + (restart.back_after if restart.back_after is not None else float("inf"))
+        if restart.at < ends and back > kill.at:
+            return restart
+    return None
+
+
+def after_broker_back(kill: Fault, restart: Fault) -> float | None:
+    """Seconds from the broker answering again after `restart` until the kill recovered."""
+    if kill.recovered_after is None or restart.back_after is None:
+        return None
+    return max(0.0, kill.at + kill.recovered_after - (restart.at + restart.back_after))
 
 
 @dataclass
@@ -105,11 +185,22 @@ class Report:
     # with replicas, each saga worker is a sweeper of its own.
     sweeps: dict[str, int] = field(default_factory=dict)
 
+    def kind_of(self, fault: Fault) -> str:
+        """The kind a fault is reported under: a kill overlapping a broker restart's
+        downtime is KILL_DURING_RESTART, apart from the kills that had the broker up."""
+        if fault.kind == "kill" and overlapping_restart(fault, self.restarts()):
+            return KILL_DURING_RESTART
+        return fault.kind
+
+    def restarts(self) -> list[Fault]:
+        return [f for f in self.faults if f.kind == "broker_restart"]
+
     def recovery_by_kind(self) -> dict[str, dict[str, Any]]:
-        """Per kind of fault: how many caught something, and the median and worst recovery."""
+        """Per kind of fault: how many caught something, and the median and worst recovery.
+        A kill during a broker restart also gets them counted from the broker being back."""
         kinds: dict[str, dict[str, Any]] = {}
-        for kind in sorted({f.kind for f in self.faults}):
-            caught = [f for f in self.faults if f.kind == kind and (f.caught or f.held)]
+        for kind in sorted({self.kind_of(f) for f in self.faults}):
+            caught = [f for f in self.faults if self.kind_of(f) == kind and (f.caught or f.held)]
             times = [f.recovered_after for f in caught if f.recovered_after is not None]
             kinds[kind] = {
                 "caught": len(caught),
@@ -117,7 +208,15 @@ class Report:
                 "median_s": round(statistics.median(times), 1) if times else None,
                 "worst_s": round(max(times), 1) if times else None,
             }
+            if kind == KILL_DURING_RESTART:
+                after = [a for f in caught if (a := self.after_broker_back(f)) is not None]
+                kinds[kind]["after_broker_back_median_s"] = round(statistics.median(after), 1) if after else None
+                kinds[kind]["after_broker_back_worst_s"] = round(max(after), 1) if after else None
         return kinds
+
+    def after_broker_back(self, kill: Fault) -> float | None:
+        restart = overlapping_restart(kill, self.restarts())
+        return None if restart is None else after_broker_back(kill, restart)
 
     def summary(self) -> dict[str, Any]:
         recoveries = [f.recovered_after for f in self.faults if f.recovered_after is not None]
@@ -299,7 +398,9 @@ class Chaos:
         self.stop = threading.Event()
         self.killed_on_purpose: set[str] = set()  # down between our SIGKILL and our restart
         self.token = ""  # the API token orders are placed with (a race may cancel one)
-        self.finished: dict[str, float] = {}  # task id -> when its task-succeeded/failed event came
+        # Task id -> when its last run ended (succeeded, failed, or retried: its message is
+        # acknowledged, a retry is a new message in the queue), unless received again since.
+        self.finished: dict[str, float] = {}
 
     # --- orders ----------------------------------------------------------------------
     def submit_all(self, token: str, skus: list[str]) -> None:
@@ -426,42 +527,101 @@ class Chaos:
         recent = SagaStep.objects.filter(status="succeeded", phase="forward").order_by("-finished_at")[:8]
         return [(str(saga_id), name) for saga_id, name in recent.values_list("saga_id", "name")]
 
-    def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> None:
-        fault = Fault(kind=kind, target=target, at=time.monotonic(), caught=caught, held=held or [])
+    def _record(self, kind: str, target: str, caught: list[tuple[str, str]], held: list[str] | None = None) -> Fault:
+        fault = Fault(
+            kind=kind, target=target, at=time.monotonic(), caught=caught, held=list(dict.fromkeys(held or []))
+        )
+        fault.at_wall = time.time()
         with self.lock:
-            # A task that finished between our look and the kill left nothing to return.
-            fault.received_again = {t: 0.0 for t in fault.held if t in self.finished}
-            if fault.held and len(fault.received_again) == len(fault.held):
-                fault.recovered_after = 0.0
+            # A task that finished between our look and the kill left nothing to return: the
+            # kill did not catch it (a kill whose every task finished caught nothing, rather
+            # than counting as a recovery in 0 s). One whose end we hear of only after the
+            # kill is received again the moment we do (watch_task_events).
+            fault.finished_before = [t for t in fault.held if t in self.finished]
+            fault.held = [t for t in fault.held if t not in self.finished]
             self.report.faults.append(fault)
         logger.info("fault: %s %s (%d sagas caught, %d tasks held)", kind, target, len(caught), len(fault.held))
+        return fault
 
-    def _held_by(self, name: str) -> list[str]:
-        """Task ids the worker `name` holds now: running, prefetched, or waiting for a retry."""
+    def _look_at_workers(self) -> dict[str, WorkerLook]:
+        """What each worker we run (and have not just killed) holds now, for those that answer
+        (process name -> WorkerLook): one broadcast per question, each returning as soon as
+        every worker asked has answered. A worker still starting does not answer yet."""
         import socket
 
         from orders_project.celery import app
 
-        node = f"{name}@{socket.gethostname()}"
-        inspect = app.control.inspect(destination=[node], timeout=1.0, limit=1)
-        tasks = list((inspect.active() or {}).get(node, []))
-        tasks += (inspect.reserved() or {}).get(node, [])
-        tasks += [t["request"] for t in (inspect.scheduled() or {}).get(node, [])]
-        # The sweep expires after its interval and is not received again: the next one runs.
-        return [t["id"] for t in tasks if t.get("name") != "saga.sweep"]
+        host = socket.gethostname()
+        with self.lock:
+            nodes = {
+                f"{name}@{host}": name
+                for name, process in self.topology.processes.items()
+                if program_of(name) in WORKERS
+                and name not in self.killed_on_purpose
+                and process.popen is not None
+                and process.popen.poll() is None
+            }
+        if not nodes:
+            return {}
+        inspect = app.control.inspect(destination=list(nodes), timeout=1.0, limit=len(nodes))
+        # What it runs last: the kill follows at once, while that is still running.
+        reserved = inspect.reserved() or {}
+        scheduled = inspect.scheduled() or {}
+        active = inspect.active() or {}
 
-    def _inject_kill(self) -> None:
-        name = self.rng.choice([n for n in self.topology.processes if program_of(n) in WORKERS])
-        # Recovery from a kill is measured on what the worker held when it died: the time
-        # until each of those tasks is received again by a live worker (task events).
-        held: list[str] = []
+        def ids(tasks: list[dict[str, Any]]) -> tuple[str, ...]:
+            # The sweep expires after its interval and is not received again: the next one runs.
+            return tuple(t["id"] for t in tasks if t.get("name") != "saga.sweep")
+
+        looks = {}
+        for node, name in nodes.items():
+            if node not in active:
+                continue
+            running = ids(active[node])
+            # A task waiting out its countdown is listed as reserved and as scheduled.
+            others = ids(reserved.get(node, [])) + ids([t["request"] for t in scheduled.get(node, [])])
+            looks[name] = WorkerLook(
+                running=running, waiting=tuple(t for t in dict.fromkeys(others) if t not in running)
+            )
+        return looks
+
+    def _look_with_retries(self) -> dict[str, WorkerLook]:
         for attempt in range(3):  # a broker restart leaves our pooled connection stale
             try:
-                held = self._held_by(name)
-                break
+                return self._look_at_workers()
             except Exception as error:
                 if attempt == 2:
-                    logger.warning("could not ask %s what it holds: %s", name, error)
+                    logger.warning("could not ask the workers what they hold: %s", error)
+        return {}
+
+    def _inject_kill(self) -> None:
+        """SIGKILL a worker mid-step (see the module's docstring and `kill_target`), and
+        start it again 0.5 to 2 s later, as a process manager would. The worker is drawn
+        first, every worker alike, then awaited until it holds a task: drawing among the
+        busy ones would nearly always hit payments (slow charges, retries' countdowns),
+        whose tasks outlast a look, where the others' take milliseconds."""
+        wanted = self.rng.choice([n for n in self.topology.processes if program_of(n) in WORKERS])
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        while True:
+            looks = self._look_with_retries()
+            if wanted in looks and looks[wanted].held:
+                name: str | None = wanted
+                break
+            if time.monotonic() > deadline or self.stop.is_set():
+                name = kill_target(looks, self.rng, wanted)
+                break
+            time.sleep(0.2)
+        if name is None:
+            if not looks:
+                logger.warning("kill not injected: no worker answered for %.0fs", KILL_WAIT_SECONDS)
+                return
+            name = wanted if wanted in looks else self.rng.choice(sorted(looks))
+            logger.info("no worker was mid-step for %.0fs: killing %s, which holds nothing", KILL_WAIT_SECONDS, name)
+        elif name != wanted:
+            logger.info("%s held nothing for %.0fs: killing %s, mid-step", wanted, KILL_WAIT_SECONDS, name)
+        # Recovery from a kill is measured on what the worker held when it died: the time
+        # until each of those tasks is received again by a live worker (task events).
+        held = looks[name].held
         with self.lock:
             self.killed_on_purpose.add(name)
         self.topology.processes[name].kill()
@@ -473,8 +633,10 @@ class Chaos:
 
     def _inject_broker_restart(self) -> None:
         caught = self._running_steps()
-        self._record("broker_restart", "broker", caught)
+        restart = self._record("broker_restart", "broker", caught)
         self.broker.restart(down_seconds=self.rng.uniform(0.5, 2.0))
+        # Returns once the broker answers again (Redis: a ping; RabbitMQ: our queues).
+        restart.back_after = time.monotonic() - restart.at
 
     def _inject_duplicate(self) -> None:
         from orders.saga import PLACE_ORDER
@@ -574,21 +736,9 @@ class Chaos:
         from orders_project.celery import app
 
         def received(event: dict[str, Any]) -> None:
-            task_id, now = event.get("uuid"), time.monotonic()
-            with self.lock:
-                if event.get("type") in ("task-succeeded", "task-failed"):
-                    self.finished[task_id] = now
-                    if len(self.finished) > 10_000:
-                        self.finished.pop(next(iter(self.finished)))
-                for fault in self.report.faults:
-                    if task_id in fault.held and task_id not in fault.received_again and now > fault.at:
-                        # Received again; or it finished just before the kill (acknowledged,
-                        # so nothing was left to return).
-                        fault.received_again[task_id] = now - fault.at
-                        if len(fault.received_again) == len(fault.held):
-                            fault.recovered_after = max(fault.received_again.values())
+            self.on_task_event(event.get("type", ""), event.get("uuid", ""), time.monotonic())
 
-        handlers = dict.fromkeys(("task-received", "task-succeeded", "task-failed"), received)
+        handlers = dict.fromkeys(("task-received", *ENDED), received)
         while not self.stop.is_set():
             try:
                 with app.connection() as connection:
@@ -596,6 +746,44 @@ class Chaos:
                     receiver.capture(limit=None, timeout=1.0, wakeup=False)
             except Exception:  # no event for a second, or the broker is restarting: listen again
                 time.sleep(0.2)
+
+    def on_task_event(self, kind: str, task_id: str, now: float) -> None:
+        """A task event (`kind`: task-received or one of ENDED) came at `now` (monotonic)."""
+        with self.lock:
+            if kind in ENDED:
+                self.finished[task_id] = now
+                if len(self.finished) > 10_000:
+                    self.finished.pop(next(iter(self.finished)))
+            else:  # received: a retry's message has the same id, and is held again
+                self.finished.pop(task_id, None)
+            for fault in self.report.faults:
+                if task_id in fault.held and task_id not in fault.received_again and now > fault.at:
+                    # Received again; or it finished just before the kill (acknowledged,
+                    # so nothing was left to return).
+                    fault.received_again[task_id] = now - fault.at
+                    if len(fault.received_again) == len(fault.held):
+                        fault.recovered_after = max(fault.received_again.values())
+
+    def settle_from_logs(self) -> None:
+        """At the end: a held task never received again may have ended just before the
+        SIGKILL, its task event lost with the worker (the pool logs the end; the main
+        process then acknowledges the message and sends the event). Had the ack not
+        happened, the broker (RabbitMQ) or the watchdog (Redis) would have returned the
+        message and a worker received it again. Such a task, whose end the killed worker
+        logged before the kill, is moved to `ended_per_log` (reported), not left unrecovered."""
+        for fault in self.report.faults:
+            missing = [t for t in fault.held if t not in fault.received_again]
+            if fault.kind != "kill" or not missing:
+                continue
+            process = self.topology.processes.get(fault.target)
+            log = process.log_path.read_text(errors="replace") if process and process.log_path.exists() else ""
+            ended = {t for t in missing if any(when <= fault.at_wall for when in logged_ends(log, t))}
+            if ended:
+                with self.lock:
+                    fault.ended_per_log = sorted(ended)
+                    fault.held = [t for t in fault.held if t not in ended]
+                    if fault.held and len(fault.received_again) == len(fault.held):
+                        fault.recovered_after = max(fault.received_again.values())
 
     def watch_recoveries(self) -> None:
         """Mark a fault recovered once none of the steps it caught is still running."""
@@ -625,6 +813,20 @@ class Chaos:
             order_id__in=ids, pivot_committed_at__isnull=False, settled_at__isnull=True
         ).count()
         return finished == len(ids) and sagas_open == 0 and unsettled == 0
+
+
+# A worker's log line at a task's end (celery.app.trace): "2026-12-03 14:28:22,053 INFO
+# celery.app.trace [...] Task notifications.notify[<id>] succeeded in 0.03s: ..."
+_END_LINE = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*?\[{id}\] (?:succeeded in|raised|retry:)"
+
+
+def logged_ends(log: str, task_id: str) -> list[float]:
+    """When (wall clock, in this process's time zone, which is Django's TIME_ZONE as the
+    workers' is) each end of a run of `task_id` was logged in `log`. Pure."""
+    import re
+
+    ends = re.findall(_END_LINE.replace("{id}", re.escape(task_id)), log, flags=re.MULTILINE)
+    return [time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000 for stamp, millis in ends]
 
 
 def _seed_catalogue(rng: random.Random) -> dict[str, int]:
@@ -749,6 +951,7 @@ def _run(
             chaos.report.quiescent_after = time.monotonic() - submitted_at
         time.sleep(1)  # let the watcher see the last steps finish
         chaos.report.sweeps = _sweeps_by_node(topology)
+        chaos.settle_from_logs()
     finally:
         with chaos.lock:  # the supervisor must not restart what we now stop
             chaos.stop.set()
@@ -815,11 +1018,21 @@ def _print_report(report: Report) -> None:
         took = "nothing caught" if not (fault.caught or fault.held) else (
             f"recovered in {fault.recovered_after:.1f}s" if fault.recovered_after is not None else "NOT recovered"
         )  # fmt: skip
+        if report.kind_of(fault) == KILL_DURING_RESTART and (fault.caught or fault.held):
+            after = report.after_broker_back(fault)
+            back = "" if after is None else f"; {after:.1f}s after it was back"
+            took += f" (a broker restart overlapped{back})"
+        if fault.kind == "broker_restart" and fault.back_after is not None:
+            took += f"; the broker answered again {fault.back_after:.1f}s after its stop"
         what = f"caught {len(fault.caught):3} running steps"
         if fault.kind == "kill":
             what = f"held {len(fault.held):3} tasks"
             if fault.dropped_later:
                 what += f" (+{len(fault.dropped_later)} a later drop took)"
+            if fault.finished_before:
+                what += f" (+{len(fault.finished_before)} finished before the kill)"
+            if fault.ended_per_log:
+                what += f" (+{len(fault.ended_per_log)} logged as ended before the kill, its event lost)"
         print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
     print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
     for kind, numbers in summary["recovery_by_kind"].items():
@@ -830,6 +1043,11 @@ def _print_report(report: Report) -> None:
             f"    {kind:15} {numbers['caught']:3} caught something: median {numbers['median_s']}s, "
             f"worst {numbers['worst_s']}s, not recovered {numbers['unrecovered']}"
         )
+        if kind == KILL_DURING_RESTART:
+            print(
+                f"    {'':15}     counted from the broker being back: median "
+                f"{numbers['after_broker_back_median_s']}s, worst {numbers['after_broker_back_worst_s']}s"
+            )
     print(f"  orders: {report.outcomes}   sagas: {report.sagas}")
     print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
     if report.crashes:

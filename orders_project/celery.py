@@ -17,6 +17,13 @@ from . import kombu_fixes
 
 kombu_fixes.apply()
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
+# Celery's Django fixup runs Django's system checks at every worker start: with the URL
+# checks they import the whole web side (every view, DRF, drf-spectacular, the admin), a
+# fifth of a worker's start-up CPU, for checks of code that `migrate` (a deploy's first
+# job), `manage.py check` and the tests already ran. A worker started after a SIGKILL
+# takes its queue's messages that much sooner (issue 11). CELERY_SKIP_CHECKS= (empty)
+# in the environment runs them again.
+os.environ.setdefault("CELERY_SKIP_CHECKS", "1")
 
 SERVICES = ("orders", "saga", "inventory", "payments", "notifications")
 

@@ -73,3 +73,147 @@ def test_the_run_refuses_a_remote_rabbitmq_restart_before_starting_anything(tmp_
     with pytest.raises(chaos.services.ConfigError, match="--broker-restarts 1 on RabbitMQ refused"):
         chaos.run(tmp_path, ["--broker", "amqp", "--broker-restarts", "1"])
     assert not started
+
+
+# --- which worker a kill takes down -------------------------------------------------
+
+
+def test_a_kill_takes_a_worker_running_a_task_over_one_only_holding_one() -> None:
+    looks = {
+        "orders": chaos.WorkerLook(waiting=("t-prefetched",)),
+        "payments": chaos.WorkerLook(running=("t-charge",)),
+        "inventory": chaos.WorkerLook(),
+    }
+    assert {chaos.kill_target(looks, random.Random(seed)) for seed in range(20)} == {"payments"}
+
+
+def test_a_kill_takes_a_worker_holding_a_task_when_none_runs_one() -> None:
+    looks = {"orders": chaos.WorkerLook(waiting=("t-countdown",)), "inventory": chaos.WorkerLook()}
+    assert chaos.kill_target(looks, random.Random(1)) == "orders"
+
+
+def test_a_kill_takes_the_drawn_worker_when_it_holds_a_task_even_if_another_runs_one() -> None:
+    looks = {"orders": chaos.WorkerLook(waiting=("t-prefetched",)), "payments": chaos.WorkerLook(running=("t-charge",))}
+    assert chaos.kill_target(looks, random.Random(1), wanted="orders") == "orders"
+    # Drawn but idle, or not answering (still starting): a busy one instead.
+    assert chaos.kill_target({**looks, "saga": chaos.WorkerLook()}, random.Random(1), wanted="saga") == "payments"
+    assert chaos.kill_target(looks, random.Random(1), wanted="inventory") == "payments"
+
+
+def test_no_kill_target_when_no_worker_that_answered_holds_anything() -> None:
+    # A worker still starting (or not yet replaced) does not answer, so it is not in the look.
+    assert chaos.kill_target({"orders": chaos.WorkerLook(), "saga": chaos.WorkerLook()}, random.Random(1)) is None
+    assert chaos.kill_target({}, random.Random(1)) is None
+
+
+def test_the_kill_target_is_the_seeds_choice_among_the_busy_workers() -> None:
+    looks = {name: chaos.WorkerLook(running=(f"t-{name}",)) for name in ("saga", "orders", "payments")}
+    picks = {chaos.kill_target(dict(reversed(looks.items())), random.Random(seed)) for seed in range(30)}
+    assert picks == {"saga", "orders", "payments"}
+    assert chaos.kill_target(looks, random.Random(5)) == chaos.kill_target(
+        dict(reversed(looks.items())), random.Random(5)
+    )
+
+
+# --- a kill next to a broker restart ------------------------------------------------
+
+
+def a_fault(kind: str, at: float, **fields: Any) -> chaos.Fault:
+    return chaos.Fault(kind=kind, target="x", at=at, **fields)
+
+
+def test_a_kill_whose_recovery_spans_a_broker_restart_is_reported_apart_with_both_figures() -> None:
+    report = chaos.Report(seed=1, broker="redis", orders=1)
+    overlapped = a_fault("kill", 100.0, held=["a"], recovered_after=20.0)
+    clean = a_fault("kill", 200.0, held=["b"], recovered_after=6.0)
+    idle = a_fault("kill", 300.0)
+    restart = a_fault("broker_restart", 105.0, caught=[("s", "step")], back_after=9.0, recovered_after=30.0)
+    report.faults = [overlapped, restart, clean, idle]
+
+    assert chaos.overlapping_restart(overlapped, [restart]) is restart
+    assert chaos.overlapping_restart(clean, [restart]) is None
+    by_kind = report.recovery_by_kind()
+    assert by_kind["kill"] == {"caught": 1, "unrecovered": 0, "median_s": 6.0, "worst_s": 6.0}
+    # From the kill, 20 s; from the broker answering again (105 + 9 = 114), 6 s.
+    assert by_kind[chaos.KILL_DURING_RESTART]["worst_s"] == 20.0
+    assert by_kind[chaos.KILL_DURING_RESTART]["after_broker_back_worst_s"] == 6.0
+    assert report.summary()["faults"] == {"kill": 3, "broker_restart": 1}
+
+
+def test_a_kill_that_recovered_before_the_broker_stopped_is_an_ordinary_kill() -> None:
+    kill = a_fault("kill", 100.0, held=["a"], recovered_after=4.0)
+    assert chaos.overlapping_restart(kill, [a_fault("broker_restart", 104.5, back_after=3.0)]) is None
+    assert chaos.overlapping_restart(kill, [a_fault("broker_restart", 90.0, back_after=9.9)]) is None
+
+
+def test_an_unrecovered_kill_overlaps_any_later_restart_and_one_still_down() -> None:
+    kill = a_fault("kill", 100.0, held=["a"])
+    assert chaos.overlapping_restart(kill, [a_fault("broker_restart", 500.0, back_after=3.0)]) is not None
+    assert chaos.overlapping_restart(
+        a_fault("kill", 100.0, held=["a"], recovered_after=5.0), [a_fault("broker_restart", 50.0)]
+    )
+
+
+def test_a_kill_holds_only_what_had_not_finished_when_it_died() -> None:
+    run = a_chaos(FakeBroker([]))
+    run.finished["t-done"] = 1.0
+    run._record("kill", "orders", [], ["t-done", "t-running", "t-running"])
+    run._record("kill", "saga", [], ["t-done"])
+    held, nothing = run.report.faults
+    assert held.held == ["t-running"] and held.finished_before == ["t-done"]
+    assert nothing.held == [] and nothing.recovered_after is None
+    assert run.report.recovery_by_kind()["kill"]["caught"] == 1
+
+
+def test_a_task_that_ended_in_a_retry_is_not_held_until_its_retry_is_received() -> None:
+    run = a_chaos(FakeBroker([]))
+    run.on_task_event("task-received", "t-refund", 1.0)
+    run.on_task_event("task-retried", "t-refund", 2.0)  # its retry: a new message in the queue
+    run._record("kill", "payments", [], ["t-refund"])
+    assert run.report.faults[0].held == []
+    run.on_task_event("task-received", "t-refund", 3.0)  # the retry's message, by a worker
+    run._record("kill", "payments", [], ["t-refund"])
+    kill = run.report.faults[1]
+    assert kill.held == ["t-refund"]
+    run.on_task_event("task-received", "t-refund", kill.at + 4.0)
+    assert kill.recovered_after == 4.0
+
+
+LOG = """\
+2026-12-03 14:28:22,000 INFO celery.worker.strategy Task notifications.notify[s-notify_failure-g1] received
+2026-12-03 14:28:22,053 INFO celery.app.trace [saga=s order=o] Task notifications.notify[s-notify_failure-g1] \
+succeeded in 0.034s: None
+2026-12-03 14:28:23,000 INFO celery.app.trace [saga=t order=o] Task payments.refund[t-refund_payment-g1] retry: \
+Retry in 1s: TransientError('a charge is in flight')
+"""
+
+
+def test_a_tasks_logged_ends_are_read_from_the_workers_log() -> None:
+    import time
+
+    assert chaos.logged_ends(LOG, "s-notify_failure-g1") == [time.mktime((2026, 12, 3, 14, 28, 22, 0, 0, -1)) + 0.053]
+    assert len(chaos.logged_ends(LOG, "t-refund_payment-g1")) == 1
+    assert chaos.logged_ends(LOG, "s-notify") == []  # an id is matched whole
+
+
+def test_a_held_task_whose_end_the_killed_worker_logged_before_the_kill_is_not_unrecovered(tmp_path: Any) -> None:
+    import time
+    from types import SimpleNamespace
+
+    run = a_chaos(FakeBroker([]))
+    log = tmp_path / "notifications.log"
+    log.write_text(LOG)
+    run.topology = SimpleNamespace(processes={"notifications": SimpleNamespace(log_path=log)})  # type: ignore[assignment]
+    run._record("kill", "notifications", [], ["s-notify_failure-g1", "u-notify_customer-g0"])
+    kill = run.report.faults[0]
+    kill.at_wall = time.mktime((2026, 12, 3, 14, 28, 22, 0, 0, -1)) + 0.15
+    kill.received_again["u-notify_customer-g0"] = 2.5
+
+    run.settle_from_logs()
+
+    assert kill.ended_per_log == ["s-notify_failure-g1"] and kill.held == ["u-notify_customer-g0"]
+    assert kill.recovered_after == 2.5
+    kill.at_wall -= 1.0  # had it been logged after the kill, the kill would stay unrecovered
+    kill.held, kill.ended_per_log, kill.recovered_after = ["s-notify_failure-g1", "u-notify_customer-g0"], [], None
+    run.settle_from_logs()
+    assert kill.recovered_after is None and not kill.ended_per_log
