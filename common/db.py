@@ -86,9 +86,18 @@ def update_together(using: str, *groups: tuple[Sequence[models.Model], Iterable[
     What `save(update_fields=...)` would write, auto_now fields included (set on the
     instances). Precondition: the caller holds the rows' locks, or may overwrite them.
     """
+    sql, params = update_statement(using, *groups)
+    if sql:
+        with prepared(using) as cursor:
+            cursor.execute(sql, params)
+
+
+def update_statement(using: str, *groups: tuple[Sequence[models.Model], Iterable[str] | None]) -> tuple[str, list[Any]]:
+    """`update_together`'s statement and parameters ("" when there is nothing to write)."""
     connection = connections[using]
     quote = connection.ops.quote_name
-    ctes, params = [], []
+    ctes: list[str] = []
+    params: list[Any] = []
     for index, (group, names) in enumerate((g, n) for g, n in groups if g):
         meta = type(group[0])._meta
         wanted = None if names is None else set(names)
@@ -109,13 +118,17 @@ def update_together(using: str, *groups: tuple[Sequence[models.Model], Iterable[
             )
         )
         assignments = ", ".join(f"{quote(str(f.column))} = v.{quote(str(f.column))}" for f in fields)
+        # The keys again, as an array: the statement runs prepared, and a generic plan
+        # guesses 100 rows for the JSON, which on a table of some thousand rows makes a hash
+        # join over a sequential scan of the whole table, for every write (BENCHMARKS.md). A
+        # key array is estimated at ten rows, which its primary key index finds.
+        params.append([instance.pk for instance in group])
         ctes.append(
             f"u{index} AS (UPDATE {table} AS t SET {assignments} "
-            f"FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb) AS v WHERE t.{pk} = v.{pk})"
+            f"FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb) AS v "
+            f"WHERE t.{pk} = v.{pk} AND t.{pk} = ANY(%s::{meta.pk.db_type(connection)}[]))"
         )
-    if ctes:
-        with prepared(using) as cursor:
-            cursor.execute(f"WITH {', '.join(ctes)} SELECT 1", params)
+    return (f"WITH {', '.join(ctes)} SELECT 1" if ctes else ""), params
 
 
 def _json_value(value: Any) -> Any:
