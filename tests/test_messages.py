@@ -40,7 +40,15 @@ DEFAULT_TABLES = ("auth_user", "common_apitoken")
 
 
 def database_snapshot() -> dict[str, str]:
-    """A digest of every row of every table of the service databases (and the users)."""
+    """A digest of every row of every table of the service databases (and the users), once
+    no saga's settlement is in flight: a confirmed order's stock becomes a sale a sweep or
+    two after its saga completes (saga.settlement), which would change the digest of a
+    system that is otherwise at rest."""
+    wait_for(
+        lambda: not SagaInstance.objects.filter(pivot_committed_at__isnull=False, settled_at__isnull=True).exists(),
+        timeout=60,
+        what="every confirmed order's settlement",
+    )
     digests = {}
     for alias in ("default", *SERVICE_DATABASES):
         connection = connections[alias]
