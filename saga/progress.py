@@ -56,24 +56,28 @@ def saga_reports_drain(*, batch: int | None = None) -> int:
 
     A chain's last step stores its result, the chain's sealed record, in the result
     backend (saga.engine); nothing else stores a success there. The records are read
-    directly (up to `batch` per read, oldest first, read again while a read comes back
-    full), so a sweep costs what there is to record, not what is in flight: listing every
-    running saga's possible task ids made each sweep cost as much as the backlog
-    (BENCHMARKS.md). All are recorded as success reports in one transaction (one locked
-    read of their sagas, one write), and the drained rows are deleted after. A record of a
-    saga that has ended, or that is not a chain's record of a saga we know, changes nothing
-    and is deleted with them once UNWANTED_RECORD_GRACE_SECONDS old (its publisher may
-    still be reading it). Safe to run concurrently (a saga another transaction holds is
-    left for the next sweep) and again after a crash between the two: recording a report
-    twice changes nothing.
+    directly (up to `batch` per read, oldest first, each read after the last one's, read
+    again while a read comes back full), so a sweep costs what there is to record, not
+    what is in flight: listing every running saga's possible task ids made each sweep cost
+    as much as the backlog (BENCHMARKS.md). All are recorded as success reports in one
+    transaction (one locked read of their sagas, one write), and the drained rows are
+    deleted after. A record of a saga that has ended, or that is not a chain's record of a
+    saga we know, changes nothing and is deleted with them once
+    UNWANTED_RECORD_GRACE_SECONDS old (its publisher may still be reading it). A record
+    that waits (its saga held, a fresh duplicate) is read past, not read again in the same
+    sweep: a batch of them never holds back the records behind them.
+
+    Safe to run concurrently (a saga another transaction holds is left for the next
+    sweep; tests/test_drain_races.py) and again after a crash between the two: recording
+    a report twice changes nothing.
     """
     batch = batch or settings.SAGA_SWEEP_BATCH
-    recorded = 0
+    recorded, after = 0, None
     for _ in range(DRAIN_READS_PER_SWEEP):
-        read, recorded_now, deleted = _drain_once(batch)
+        read, recorded_now, after = _drain_once(batch, after=after)
         recorded += recorded_now
-        if read < batch or not deleted:
-            break  # all read, or what is left is waiting (a held saga, a fresh duplicate)
+        if read < batch:
+            break  # all read
     return recorded
 
 
@@ -93,22 +97,25 @@ def _saga_and_step_of(task_id: str) -> tuple[uuid.UUID, str] | None:
     return (saga_id, step) if step else None
 
 
-def _drain_once(batch: int) -> tuple[int, int, int]:
-    """One read of at most `batch` records, recorded: (records read, recorded, deleted)."""
+def _drain_once(batch: int, *, after: tuple[Any, str] | None = None) -> tuple[int, int, tuple[Any, str] | None]:
+    """One read of at most `batch` records, oldest first and after the record `after`
+    (date done, task id) if given, recorded: (records read, recorded, the last one read)."""
     from django_celery_results.models import TaskResult
 
     with connections[RESULTS_DB].cursor() as cursor:
         cursor.execute(
-            f"SELECT task_id, result, date_done < now() - make_interval(secs => %s) "
-            f"FROM {TaskResult._meta.db_table} WHERE status = 'SUCCESS' ORDER BY date_done LIMIT %s",
-            [UNWANTED_RECORD_GRACE_SECONDS, batch],
+            f"SELECT task_id, result, date_done < now() - make_interval(secs => %s), date_done "
+            f"FROM {TaskResult._meta.db_table} WHERE status = 'SUCCESS' "
+            "AND (%s::timestamptz IS NULL OR (date_done, task_id) > (%s::timestamptz, %s)) "
+            "ORDER BY date_done, task_id LIMIT %s",
+            [UNWANTED_RECORD_GRACE_SECONDS, *((after[0], after[0], after[1]) if after else (None, None, "")), batch],
         )
         found_rows = cursor.fetchall()
     if not found_rows:
-        return 0, 0, 0
-    read = len(found_rows)
-    stale = {task_id for task_id, _, old in found_rows if old}
-    rows = [(task_id, stored) for task_id, stored, _ in found_rows]
+        return 0, 0, after
+    read, last = len(found_rows), (found_rows[-1][3], found_rows[-1][0])
+    stale = {task_id for task_id, _, old, _ in found_rows if old}
+    rows = [(task_id, stored) for task_id, stored, _, _ in found_rows]
     named = {task_id: _saga_and_step_of(task_id) for task_id, _ in rows}
     # A saga that needs attention too: a re-published copy of the step that stopped it may
     # yet succeed, and its record resumes the saga (saga_step_succeeded).
@@ -178,7 +185,7 @@ def _drain_once(batch: int) -> tuple[int, int, int]:
             cursor.execute(
                 f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'", [done]
             )
-    return read, recorded, len(done)
+    return read, recorded, last
 
 
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:

@@ -112,3 +112,53 @@ def test_several_sagas_records_are_recorded_together() -> None:
         saga.refresh_from_db()
         assert saga.status == SagaStatus.COMPLETED
     assert not TaskResult.objects.exists()
+
+
+def test_records_that_wait_do_not_hold_back_the_records_behind_them() -> None:
+    """A full read of records the drain must leave (fresh copies it does not want, whose
+    publisher may still read them) is read past: the record behind them is recorded in the
+    same sweep, not once they are a minute old."""
+    early = timezone.now() - timedelta(seconds=5)
+    for n in range(2):  # a test's copy, say: not a chain's record of a saga we know
+        TaskResult.objects.create(task_id=f"copy-{n}-{uuid.uuid4()}", status="SUCCESS", result="{}")
+    TaskResult.objects.update(date_done=early)
+    saga = start()
+    task_id = store(saga, chain_record(saga))
+
+    assert saga_reports_drain(batch=2) == 1
+
+    saga.refresh_from_db()
+    assert saga.status == SagaStatus.COMPLETED
+    assert not TaskResult.objects.filter(task_id=task_id).exists()
+    assert TaskResult.objects.filter(task_id__startswith="copy-").count() == 2  # fresh: kept
+
+
+def test_a_drain_that_read_a_record_another_drain_recorded_meanwhile_changes_nothing(monkeypatch) -> None:
+    """Two drains (two saga workers, or a sweep that overran the next) read the same record;
+    one records it and deletes it between the other's read and its lock. The late one finds
+    the saga completed: it writes nothing, and the timeline is the one recorded."""
+    from saga import progress
+    from saga import store as saga_store
+
+    saga = start()
+    store(saga, chain_record(saga, ended=timedelta(seconds=5)))
+    real_lock = saga_store.lock_sagas_with_steps
+    interleaved: list[int | None] = []
+
+    def lock_after_the_other_drain(saga_ids, **options):
+        if not interleaved:
+            interleaved.append(None)
+            interleaved[0] = progress.saga_reports_drain()  # the other drain, start to end
+        return real_lock(saga_ids, **options)
+
+    monkeypatch.setattr(saga_store, "lock_sagas_with_steps", lock_after_the_other_drain)
+    saga_reports_drain()
+
+    assert interleaved == [1]
+    saga.refresh_from_db()
+    assert saga.status == SagaStatus.COMPLETED
+    steps = {s.name: s for s in saga.steps.all()}
+    assert {s.status for s in steps.values()} == {StepStatus.SUCCEEDED}
+    assert all(s.attempts == 1 for s in steps.values())
+    assert not TaskResult.objects.exists()
+    assert saga_reports_drain() == 0
