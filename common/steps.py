@@ -8,7 +8,11 @@ step (queue wait vs work time). Underscored keys are never part of the saga's st
 
 Retry policy lives here, on the task: transient errors (a provider hiccup, a dropped
 database connection) retry with exponential backoff and jitter; business failures
-(`StepFailed`) are never retried and make the saga compensate.
+(`StepFailed`) are never retried and make the saga compensate. A `BusinessFailure` is the
+task's `throws`: Celery still stores it and calls the step's errback, but logs it as
+"raised expected" at INFO, without a traceback. A declined card is how a saga is meant to
+fail, not an error an operator must read (each was 20 lines at ERROR); a malformed or
+forged message (`InvalidMessage`) still is.
 
 A participant acts only on what its message authorises (common.signing): the
 coordinator's authority for this task, over this context. The context it returns is
@@ -40,7 +44,7 @@ from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 from kombu.utils.json import register_type
 
-from .exceptions import InvalidMessage, TransientError
+from .exceptions import BusinessFailure, InvalidMessage, TransientError
 from .signing import AUTHORITY_KWARG, SEAL_FIELD, authority_verify, seal
 
 RETRYABLE = (TransientError, OperationalError, InterfaceError)
@@ -160,6 +164,7 @@ def saga_step_task(
             base=SagaStepTask,
             bind=True,
             autoretry_for=RETRYABLE,
+            throws=(BusinessFailure,),
             retry_backoff=1,
             retry_backoff_max=settings.TASK_RETRY_BACKOFF_MAX,
             retry_jitter=True,

@@ -1,11 +1,11 @@
-from common.exceptions import StepFailed
+from common.exceptions import BusinessFailure
 
 
-class InsufficientStock(StepFailed):
+class InsufficientStock(BusinessFailure):
     pass
 
 
-class UnknownProduct(StepFailed):
+class UnknownProduct(BusinessFailure):
     pass
 
 
@@ -13,6 +13,6 @@ class StockBelowReserved(ValueError):
     """A stock change would leave fewer units on hand than orders hold."""
 
 
-class PriceChanged(StepFailed):
+class PriceChanged(BusinessFailure):
     """A line's catalogue price is not the price the customer was quoted: the order
     fails rather than charging something other than what was quoted."""

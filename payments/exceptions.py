@@ -1,5 +1,5 @@
-from common.exceptions import StepFailed
+from common.exceptions import BusinessFailure
 
 
-class PaymentDeclined(StepFailed):
+class PaymentDeclined(BusinessFailure):
     pass

@@ -21,7 +21,7 @@ from django.db import connections
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
-from common.exceptions import InvalidMessage, StepRefused
+from common.exceptions import BusinessFailure, InvalidMessage, StepRefused
 from common.signing import Authority, context_digest, seal
 from devstack.topology import Topology, wait_for
 from orders.models import Order
@@ -302,7 +302,10 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
         result.get(timeout=60, propagate=False)
         assert result.state == "FAILURE", (task, result.state, result.result)
         assert isinstance(result.result, error) and text in str(result.result), (task, result.result)
-        line = f"{task}[{result.id}] raised unexpected: {type(result.result).__name__}"
+        # A refusal is a business outcome (the task's `throws`: common.steps), logged at
+        # INFO; a malformed or forged message is an error.
+        kind = "expected" if isinstance(result.result, BusinessFailure) else "unexpected"
+        line = f"{task}[{result.id}] raised {kind}: {type(result.result).__name__}"
         wait_for(lambda queue=queue, line=line: logged(queue, line), timeout=10, what=f"the {queue} worker's log")
     unknown.get(timeout=60)
     assert unknown.state == "SUCCESS"

@@ -86,6 +86,25 @@ def test_declined_payment_releases_stock_and_charges_nothing(api: Api, sku: str)
     assert notification["kind"] == "order_failed"
 
 
+def test_a_declined_card_is_logged_as_expected_not_as_an_error(api: Api, sku: str, topology) -> None:
+    """A business failure is the task's `throws` (common.steps): one INFO line, no
+    traceback; the saga still compensates, from the failure Celery stored."""
+    make_product(sku, on_hand=5)
+    log = topology.processes["payments"].log_path
+    start = log.stat().st_size
+
+    order = api.wait_until_final(api.place_order([(sku, 1)], token="tok_chargeDeclined")["id"])
+
+    assert (order["status"], order["saga"]["status"]) == ("failed", "compensated")
+    with log.open("rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+    [at] = [i for i, line in enumerate(lines) if order["saga"]["id"] in line and "raised" in line]
+    assert " INFO celery.app.trace " in lines[at]
+    assert "raised expected: PaymentDeclined('payment declined: card_declined')" in lines[at]
+    assert not lines[at + 1 :] or not lines[at + 1].startswith("Traceback")
+
+
 def test_insufficient_stock_fails_before_any_charge(api: Api, sku: str) -> None:
     make_product(sku, on_hand=2)
 
