@@ -10,7 +10,7 @@ Each takes one message argument so Celery's JSON result backend can carry it.
 
 
 class StepFailed(Exception):
-    """A business failure: the saga must compensate."""
+    """A failure the step must not retry: the saga must compensate."""
 
 
 class BusinessFailure(StepFailed):
