@@ -106,9 +106,8 @@ def _drain_once(batch: int, *, after: tuple[Any, str] | None = None) -> tuple[in
         cursor.execute(
             f"SELECT task_id, result, date_done < now() - make_interval(secs => %s), date_done "
             f"FROM {TaskResult._meta.db_table} WHERE status = 'SUCCESS' "
-            "AND (%s::timestamptz IS NULL OR (date_done, task_id) > (%s::timestamptz, %s)) "
-            "ORDER BY date_done, task_id LIMIT %s",
-            [UNWANTED_RECORD_GRACE_SECONDS, *((after[0], after[0], after[1]) if after else (None, None, "")), batch],
+            "AND (date_done, task_id) > (%s::timestamptz, %s) ORDER BY date_done, task_id LIMIT %s",
+            [UNWANTED_RECORD_GRACE_SECONDS, *(after or ("-infinity", "")), batch],
         )
         found_rows = cursor.fetchall()
     if not found_rows:
