@@ -81,14 +81,15 @@ def update_together(using: str, *groups: tuple[Sequence[models.Model], Iterable[
     """Write the named fields (None: every field) of each group's saved instances, each
     group one model's, in one statement: one round trip, and the statement's text the same
     whatever the number of rows (each table's rows go as one JSON parameter, typed by the
-    table's row type), so it runs prepared.
+    table's row type). It is planned for its rows at every execution (common.sql.prepared,
+    `plan_once=False`): it joins tables that grow by a key array.
 
     What `save(update_fields=...)` would write, auto_now fields included (set on the
     instances). Precondition: the caller holds the rows' locks, or may overwrite them.
     """
     sql, params = update_statement(using, *groups)
     if sql:
-        with prepared(using) as cursor:
+        with prepared(using, plan_once=False) as cursor:
             cursor.execute(sql, params)
 
 
@@ -118,10 +119,10 @@ def update_statement(using: str, *groups: tuple[Sequence[models.Model], Iterable
             )
         )
         assignments = ", ".join(f"{quote(str(f.column))} = v.{quote(str(f.column))}" for f in fields)
-        # The keys again, as an array: the statement runs prepared, and a generic plan
-        # guesses 100 rows for the JSON, which on a table of some thousand rows makes a hash
-        # join over a sequential scan of the whole table, for every write (BENCHMARKS.md). A
-        # key array is estimated at ten rows, which its primary key index finds.
+        # The keys again, as an array: PostgreSQL guesses 100 rows for the JSON of rows
+        # (a function's result), which on a table of some thousand rows made a hash join
+        # over a sequential scan of the whole table, for every write (BENCHMARKS.md); an
+        # array's rows it counts, and finds them by the primary key index.
         params.append([instance.pk for instance in group])
         ctes.append(
             f"u{index} AS (UPDATE {table} AS t SET {assignments} "

@@ -210,8 +210,10 @@ def stock_sell(*, saga_ids: Sequence[uuid.UUID]) -> list[str]:
     them), and a racing copy of the same batch waits on those row locks, then finds them
     no longer HELD and sells nothing (READ COMMITTED re-checks the condition on the row
     it waited for). The CHECK `reserved <= on_hand` holds throughout: both fall together.
+    Planned for its sagas at every execution: it locks reservations, a table that grows,
+    by a key array (common.sql.prepared).
     """
-    with prepared(DB) as cursor:
+    with prepared(DB, plan_once=False) as cursor:
         cursor.execute(
             "WITH mine AS MATERIALIZED ("
             f"SELECT id FROM {RESERVATION} WHERE saga_id = ANY(%s::uuid[]) AND status = %s ORDER BY id FOR UPDATE), "

@@ -50,7 +50,9 @@ def lock_sagas_with_steps(
     quote = connection.ops.quote_name
     saga_fields, step_fields = SagaInstance._meta.concrete_fields, SagaStep._meta.concrete_fields
     columns = [f"s.{quote(str(f.column))}" for f in saga_fields] + [f"t.{quote(str(f.column))}" for f in step_fields]
-    with prepared(DB) as cursor:  # the pivot's and every drain's: parsed and planned once
+    # Planned for its sagas at every execution: a plan kept from when the tables were
+    # small scanned them whole (common.sql.prepared).
+    with prepared(DB, plan_once=False) as cursor:
         cursor.execute(
             f"SELECT {', '.join(columns)} FROM {quote(SagaInstance._meta.db_table)} AS s "
             f"LEFT JOIN {quote(SagaStep._meta.db_table)} AS t ON t.saga_id = s.id"
@@ -100,7 +102,7 @@ STEP_WRITTEN = (
 
 def save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:
     """Write the timeline of the steps `rows` and the saga's `fields` (all of them by
-    default; `updated_at` always) in one prepared statement (common.db.update_together).
+    default; `updated_at` always) in one statement (common.db.update_together).
 
     Django's bulk_update builds a CASE expression per field and row, and a save per model
     is a statement each: on the coordinator's every record that cost more CPU than the

@@ -1,9 +1,10 @@
-"""The saga store's writes (common.db.update_statement) as PostgreSQL plans them once prepared."""
+"""The saga store's statements as PostgreSQL plans them."""
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 
 from common.db import update_statement
+from saga import store
 from saga.models import SagaInstance, SagaStep
 from saga.tests.coordinator import start
 
@@ -34,6 +35,29 @@ def test_a_prepared_update_finds_its_rows_by_index_not_by_scanning_the_table() -
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "Seq Scan on saga_sagastep" not in plan, plan
     assert len(params) == 4  # each table's rows, and their keys
+
+
+def test_the_store_never_keeps_a_plan_made_while_its_tables_were_small() -> None:
+    """A prepared statement may keep one generic plan for its connection's life from its
+    sixth execution. Made on new tables (a new deployment, each bench), the store's locked
+    read scanned both tables whole (`EXPLAIN (GENERIC_PLAN)` on new tables: sequential scans
+    in a nested loop), and kept scanning as they grew: the pivot's read went from 0.45 to
+    15 ms a call within one bench phase (BENCHMARKS.md). So the store's read and write are
+    never prepared: each is planned for its sagas at every execution (common.sql.prepared,
+    `plan_once=False`)."""
+    saga_ids = [start().id for _ in range(40)]
+    for saga_id in saga_ids:
+        with transaction.atomic(using="orders"):
+            saga, steps = store.lock_saga_with_steps(saga_id, phase="forward")
+            assert saga is not None
+            store.save(saga, steps.values())
+    with connections["orders"].cursor() as cursor:
+        cursor.execute(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE '%FROM \"saga_sagainstance\" AS s LEFT JOIN%' "
+            "OR statement LIKE '%UPDATE \"saga_sagastep\" AS t%'"
+        )
+        assert cursor.fetchall() == []
 
 
 def _numbered(sql: str) -> str:
