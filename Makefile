@@ -50,7 +50,7 @@ browser:
 chaos: $(STAMP)
 	$(PY) -m devstack chaos $(ARGS)
 
-# make bench ARGS="--orders 2000 --rate 20 --fail-rate 0.1 --broker redis|amqp [--history 1000000]":
+# make bench ARGS="--orders 2000 --rate 20 --fail-rate 0.1 --broker redis|amqp [--rounds 3] [--history 1000000]":
 # throughput and latency of the whole saga beside a bare Celery chain and a one-process floor,
 # in one run; writes bench/results/latest.json and latest.png (BENCHMARKS.md)
 bench: $(STAMP)

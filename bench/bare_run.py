@@ -133,9 +133,12 @@ def measure_bare(
     *,
     half_rate: float | None,
     groups_for: Callable[..., Any],
+    saturation_only: bool = False,
 ) -> dict[str, Any]:
-    """Saturation, then the fixed rates the saga ran at (so both are compared at the same load)."""
+    """Saturation, then the fixed rates the saga ran at (so both are compared at the same
+    load); with `saturation_only`, saturation alone (a later round: bench.run)."""
     with BareSystem(env, log_dir, args.broker, groups_for) as system:
-        out = measure_phases(system, "bare", orders, args, half_rate=half_rate)
-    out["latency_ms"] = {key: out[key]["latency_ms"] for key in ("rate_20", "rate_half")}
+        out = measure_phases(system, "bare", orders, args, half_rate=half_rate, saturation_only=saturation_only)
+    if not saturation_only:
+        out["latency_ms"] = {key: out[key]["latency_ms"] for key in ("rate_20", "rate_half")}
     return out

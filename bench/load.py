@@ -435,11 +435,13 @@ def measure_phases(
     *,
     half_rate: float | None,
     describe: Callable[[Run], dict[str, Any]] = Run.summary,
+    saturation_only: bool = False,
 ) -> dict[str, Any]:
     """A warm-up, saturation (`args.orders`), then `args.rate` and half of saturation (or
     `half_rate`, so that two systems are compared at the same load) for
-    `args.latency_seconds` each, each summarised by `describe`. `system.run(name, orders,
-    rate)` drives one phase."""
+    `args.latency_seconds` each, each summarised by `describe`; with `saturation_only`, not
+    the fixed rates (a later round: bench.run). `system.run(name, orders, rate)` drives one
+    phase."""
     # A few orders first, so that connections, imports and caches are warm in every process.
     system.run(f"{label} warm-up", orders(40), rate=None)
     sat = system.run(f"{label} saturation", orders(args.orders), rate=None, count_work=True)
@@ -451,6 +453,8 @@ def measure_phases(
             f"{label} without HTTP", orders(args.orders), rate=None, count_work=True, client=system.direct_client
         )
         out["direct"] = describe(direct)
+    if saturation_only:
+        return out
     half = half_rate or max(1.0, round(sat.throughput() / 2, 1))
     for key, phase_rate in (("rate_20", args.rate), ("rate_half", half)):
         count = max(20, int(phase_rate * args.latency_seconds))

@@ -1,7 +1,7 @@
 """`make bench`: the saga system's throughput and latency, beside its baselines, in one run.
 
     python -m bench [--orders 2000] [--rate 20] [--fail-rate 0.1] [--broker redis|amqp]
-                    [--latency-seconds 20] [--history 0] [--only saga|bare|floor ...]
+                    [--latency-seconds 20] [--history 0] [--only saga|bare|floor ...] [--rounds 1]
 
 On fresh `*_bench` databases on the configured (or embedded) PostgreSQL and the configured
 broker (a Redis database of its own, or the RabbitMQ vhost `saga_bench`), it measures:
@@ -13,7 +13,12 @@ broker (a Redis database of its own, or the RabbitMQ vhost `saga_bench`), it mea
    latency at a fixed rate (`--rate`, and half of the measured saturation);
 3. a bare Celery chain of the same steps (bench.bare, bench.bare_web) under the same load,
    started the same two ways;
-4. with `--history N`: N finished sagas seeded in bulk, then the saga phases again.
+4. with `--rounds N` (N > 1): the two systems' saturation phases again, alternately, N - 1
+   more times; the throughput ratios are then the median of each round's (saga / bare chain
+   in the same round), so a box whose speed drifts during the run (this project's box: the
+   one-process floor measured 388 to 523 sagas/s within an hour) does not favour whichever
+   system ran while it was fast;
+5. with `--history N`: N finished sagas seeded in bulk, then the saga phases again.
 
 It prints a table, writes bench/results/latest.json and bench/results/latest.png.
 """
@@ -28,6 +33,7 @@ import platform
 import random
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -63,11 +69,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--only", nargs="+", choices=("floor", "saga", "bare"), default=["floor", "saga", "bare"], help="systems to run"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="saturation rounds of each system, alternated (default 1)"
+    )
     parser.add_argument("--seed", type=int, default=5, help="random seed of the order mix (default 5)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="JSON results file")
     args = parser.parse_args(argv)
-    if args.orders < 1 or args.rate <= 0 or args.latency_seconds <= 0 or args.history < 0:
-        parser.error("--orders, --rate and --latency-seconds must be positive, --history not negative")
+    if args.orders < 1 or args.rate <= 0 or args.latency_seconds <= 0 or args.history < 0 or args.rounds < 1:
+        parser.error("--orders, --rate, --latency-seconds and --rounds must be positive, --history not negative")
     if not 0 <= args.fail_rate <= 1:
         parser.error("--fail-rate is a share between 0 and 1")
     return args
@@ -388,6 +397,24 @@ def measure(args: argparse.Namespace, env: dict[str, str], token: str, data_dir:
         bare = measure_bare(args, env, data_dir / "bare", orders, half_rate=half, groups_for=process_groups)
         results["bare_chain"] = bare
         results["bare_chain_sagas_per_s"] = bare["saturation"]["sagas_per_s"]
+    if args.rounds > 1 and {"saga", "bare"} <= set(args.only):
+        from .bare_run import measure_bare
+
+        rounds = [round_figures(results["saga"], results["bare_chain"])]
+        for number in range(2, args.rounds + 1):
+            logger.info("round %d of %d: both systems' saturation phases again", number, args.rounds)
+            saga_again = measure_saga(args, env, token, data_dir / f"saga-{number}", orders, saturation_only=True)
+            bare_again = measure_bare(
+                args,
+                env,
+                data_dir / f"bare-{number}",
+                orders,
+                half_rate=half,
+                groups_for=process_groups,
+                saturation_only=True,
+            )
+            rounds.append(round_figures(saga_again, bare_again))
+        results["rounds"] = rounds
     if args.history and "saga" in args.only:
         from .history import seed_history
 
@@ -410,13 +437,30 @@ def measure_saga(
     log_dir: Path,
     orders: Callable[[int], list[dict[str, Any]]],
     half: float | None = None,
+    saturation_only: bool = False,
 ) -> dict[str, Any]:
     def describe(run: Run) -> dict[str, Any]:
         return {**run.summary(), "steps": saga_step_times(list(run.finished))}
 
     with SagaSystem(env, log_dir, args.broker, token) as system:
-        out = measure_phases(system, "saga", orders, args, half_rate=half, describe=describe)
+        out = measure_phases(
+            system, "saga", orders, args, half_rate=half, describe=describe, saturation_only=saturation_only
+        )
     out["worker_rss_mb"] = system.rss
+    return out
+
+
+def round_figures(saga: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
+    """One round's saturation figures of both systems, and their ratios in that round."""
+    out: dict[str, Any] = {}
+    for phase, suffix in (("saturation", ""), ("direct", "_without_http")):
+        ours, theirs = (saga.get(phase) or {}), (bare.get(phase) or {})
+        if ours.get("sagas_per_s") and theirs.get("sagas_per_s"):
+            out[f"saga{suffix}_sagas_per_s"] = ours["sagas_per_s"]
+            out[f"bare{suffix}_sagas_per_s"] = theirs["sagas_per_s"]
+            out[f"saga_vs_bare{suffix}_throughput"] = round(ours["sagas_per_s"] / theirs["sagas_per_s"], 3)
+            if ours.get("cpu_ms_per_saga") and theirs.get("cpu_ms_per_saga"):
+                out[f"cpu_per_saga{suffix}_vs_bare"] = round(ours["cpu_ms_per_saga"] / theirs["cpu_ms_per_saga"], 2)
     return out
 
 
@@ -433,6 +477,14 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     bare_direct = (results.get("bare_chain") or {}).get("direct", {}).get("sagas_per_s")
     if saga_direct and bare_direct:
         out["saga_vs_bare_without_http_throughput"] = round(saga_direct / bare_direct, 3)
+    rounds = results.get("rounds") or []
+    for key in ("saga_vs_bare_throughput", "saga_vs_bare_without_http_throughput"):
+        each = [r[key] for r in rounds if key in r]
+        if len(each) > 1:
+            # Each round's systems ran minutes apart, not the whole run apart: the median of
+            # the rounds' ratios is the run's figure, and the rounds show the spread.
+            out[key] = round(statistics.median(each), 3)
+            out[f"{key}_rounds"] = each
     if saga and floor:
         out["saga_vs_floor_throughput"] = round(saga / floor, 3)
     if bare and floor:
