@@ -145,7 +145,13 @@ def draw(results: dict[str, Any], path: Path) -> None:
     for i, (_, v) in enumerate(bars):
         right.text(i, v, f"{v:.0f}", ha="center", va="bottom")
     right.set_ylabel("completed sagas per second")
-    right.set_title(f"Throughput, {results.get('orders')} orders")
+    title = f"Throughput, {results.get('orders')} orders"
+    rounds = (results.get("ratios") or {}).get("saga_vs_bare_throughput_rounds")
+    if rounds:
+        # The bars are the first round's; the run's ratio is the rounds' median (bench.run).
+        median = results["ratios"]["saga_vs_bare_throughput"]
+        title += f"\nbars: round 1; saga / bare, median of {len(rounds)} rounds: {median:g}"
+    right.set_title(title)
     m = results.get("machine", {})
     fig.suptitle(f"make bench: {m.get('cores')} cores, PostgreSQL {m.get('postgresql')}, {m.get('broker')}")
     fig.tight_layout()
