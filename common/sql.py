@@ -68,7 +68,7 @@ def prepared(using: str, *, plan_once: bool = True) -> Iterator[PreparedCursor]:
     table's size. It does not suit one that joins or locks by a key array on tables that
     grow: on tables that were new or small when the connection planned it, the generic plan
     scans them whole, and keeps scanning as they grow, until an ANALYZE happens to
-    invalidate it (the saga store's locked read went from 0.45 to 15 ms a call in one
+    invalidate it (the saga store's locked read went from 0.45 to 17 ms a call in one
     bench phase: BENCHMARKS.md). Such statements pass `plan_once=False`: sent with their
     parameters (still bound server-side, typed) and planned for those values at every
     execution, about 0.1 to 0.3 ms, against a stale plan's whole-table scans.

@@ -42,7 +42,7 @@ def test_the_store_never_keeps_a_plan_made_while_its_tables_were_small() -> None
     sixth execution. Made on new tables (a new deployment, each bench), the store's locked
     read scanned both tables whole (`EXPLAIN (GENERIC_PLAN)` on new tables: sequential scans
     in a nested loop), and kept scanning as they grew: the pivot's read went from 0.45 to
-    15 ms a call within one bench phase (BENCHMARKS.md). So the store's read and write are
+    17 ms a call within one bench phase (BENCHMARKS.md). So the store's read and write are
     never prepared: each is planned for its sagas at every execution (common.sql.prepared,
     `plan_once=False`)."""
     saga_ids = [start().id for _ in range(40)]
