@@ -398,8 +398,7 @@ def measure(args: argparse.Namespace, env: dict[str, str], token: str, data_dir:
         results["bare_chain"] = bare
         results["bare_chain_sagas_per_s"] = bare["saturation"]["sagas_per_s"]
     if args.rounds > 1 and {"saga", "bare"} <= set(args.only):
-        from .bare_run import measure_bare
-
+        # measure_bare: imported above, where the first round's bare chain ran.
         rounds = [round_figures(results["saga"], results["bare_chain"])]
         for number in range(2, args.rounds + 1):
             logger.info("round %d of %d: both systems' saturation phases again", number, args.rounds)
