@@ -208,7 +208,32 @@ def order_fail(*, order_id: uuid.UUID, saga_id: uuid.UUID, reason: str) -> dict[
 
     Idempotent by the order's state. Refuses unless the order's saga is compensating (or
     has compensated): a message of the saga's forward phase sent here fails nothing.
+
+    The first copy fails a pending order in one statement, one round trip: its row lock
+    is the one `order_confirm` and a cancel take, and PostgreSQL checks the order still
+    pending on the row it waited for, so a confirm that committed first leaves it alone.
+    Anything else (a copy that comes second, a confirmed order, a saga that is not
+    compensating) goes the general way below, which says what is the case.
     """
+    order_table, saga_table = f'"{Order._meta.db_table}"', f'"{SagaInstance._meta.db_table}"'
+    with prepared(DB) as cursor:
+        cursor.execute(
+            f"UPDATE {order_table} AS o SET status = CASE WHEN o.cancel_requested_at IS NULL THEN %s ELSE %s END, "
+            "failure_reason = %s, updated_at = now() WHERE o.id = %s AND o.status = %s "
+            f"AND EXISTS (SELECT 1 FROM {saga_table} AS s WHERE s.id = %s AND s.order_id = o.id AND s.outcome <> '') "
+            "RETURNING o.status",
+            [
+                Order.Status.FAILED,
+                Order.Status.CANCELLED,
+                reason[:2000],
+                order_id,
+                Order.Status.PENDING,
+                saga_id,
+            ],
+        )
+        failed = cursor.fetchone()
+    if failed is not None:
+        return {"outcome": OUTCOME_CANCELLED if failed[0] == Order.Status.CANCELLED else OUTCOME_FAILED}
     with transaction.atomic(using=DB):
         order = Order.objects.select_for_update().filter(id=order_id).first()
         if order is None:

@@ -1,0 +1,196 @@
+"""Copies of the release and of the order's fail step racing each other, a reservation
+that commits while the release runs, and a confirmation that commits while the order is
+being failed.
+
+Both compensations take their effect in a few statements now (inventory.services.
+stock_release, orders.services.order_fail), and each statement reads with a snapshot
+of its own: these tests force the interleavings that a snapshot taken too early would
+get wrong. Each copy is a thread calling the service against the real database (its own
+connection), as in tests/test_payment_races.py; the tests wait on PostgreSQL's own view
+of who waits on a lock, never on a fixed sleep.
+"""
+
+import threading
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import connections, transaction
+
+from common.exceptions import StepRefused
+from common.idempotency import step_key
+from devstack.topology import wait_for
+from inventory.models import ProcessedKey, Reservation
+from inventory.services import _reserve_at_once, stock_release, stock_reserve
+from orders.models import Order
+from orders.saga import PLACE_ORDER
+from orders.services import order_fail
+from saga.models import SagaInstance
+from saga.publish import saga_new
+
+from .api import make_product, shelf
+from .test_payment_races import Copy
+
+pytestmark = pytest.mark.usefixtures("db_access")
+
+PRICE = Decimal("10.00")
+
+
+def waiting_on_a_lock(alias: str, count: int = 1) -> bool:
+    """Whether `count` backends of `alias`'s database wait on a lock (a row, a key)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0] >= count
+
+
+class Held(threading.Thread):
+    """A transaction on `alias` that runs `fn`, then stays open (its locks held, its
+    writes not yet visible) until `commit` is set."""
+
+    def __init__(self, alias: str, fn: Any) -> None:
+        super().__init__(daemon=True)
+        self.alias, self.fn = alias, fn
+        self.done, self.commit = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with transaction.atomic(using=self.alias):
+                self.fn()
+                self.done.set()
+                assert self.commit.wait(30), "the test never let the transaction commit"
+        except BaseException as error:
+            self.error = error
+            self.done.set()
+        finally:
+            connections.close_all()
+
+    def finish(self) -> None:
+        self.commit.set()
+        self.join(30)
+        assert not self.is_alive() and self.error is None, self.error
+
+
+def test_a_release_waits_for_a_reservation_committing_and_gives_its_stock_back(sku: str) -> None:
+    make_product(sku, on_hand=5, price=str(PRICE))
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+    lines = [(sku, 2, PRICE)]
+    result = {"reserved": [{"sku": sku, "quantity": 2}]}
+    # The reservation's first copy, in one statement without the saga lock, not yet committed.
+    reserving = Held(
+        "inventory", lambda: _reserve_at_once(saga_id=saga_id, order_id=order_id, lines=lines, result=result)
+    )
+    reserving.start()
+    assert reserving.done.wait(30) and reserving.error is None
+
+    release = Copy("release", stock_release, saga_id=saga_id)
+    release.start()
+    # The release's tombstone waits on the reservation's key...
+    wait_for(lambda: waiting_on_a_lock("inventory"), timeout=30, what="the release waiting on the reservation's key")
+    reserving.finish()
+
+    # ...and then sees the reservation that committed meanwhile, and gives its stock back.
+    assert release.outcome() == {"released": [{"sku": sku, "quantity": 2}]}
+    assert shelf(sku) == (5, 0, 0)
+    assert list(Reservation.objects.filter(saga_id=saga_id).values_list("status", flat=True)) == ["released"]
+    keys = dict(ProcessedKey.objects.filter(key__startswith=str(saga_id)).values_list("key", "result"))
+    assert keys[step_key(saga_id, "reserve_inventory", "undo")] == {"released": [{"sku": sku, "quantity": 2}]}
+    # A late copy of the reservation meets the key and refuses to hold stock again.
+    with pytest.raises(StepRefused, match="already released"):
+        stock_reserve(saga_id=saga_id, order_id=order_id, lines=lines)
+    assert shelf(sku) == (5, 0, 0)
+
+
+def test_racing_releases_give_the_stock_back_once(sku: str) -> None:
+    other = f"{sku}-B"
+    make_product(sku, on_hand=5, price=str(PRICE))
+    make_product(other, on_hand=3, price=str(PRICE))
+    saga_id = uuid.uuid4()
+    stock_reserve(saga_id=saga_id, order_id=uuid.uuid4(), lines=[(sku, 2, PRICE), (other, 3, PRICE)])
+    assert (shelf(sku), shelf(other)) == ((5, 2, 0), (3, 3, 0))
+
+    copies = [Copy(f"release-{i}", stock_release, saga_id=saga_id) for i in range(4)]
+    for copy in copies:
+        copy.start()
+    released = [copy.outcome() for copy in copies]
+
+    expected = {"released": [{"sku": sku, "quantity": 2}, {"sku": other, "quantity": 3}]}
+    assert released == [expected] * 4
+    assert (shelf(sku), shelf(other)) == ((5, 0, 0), (3, 0, 0))
+
+
+def test_a_release_with_nothing_held_leaves_a_tombstone_the_reservation_meets(sku: str) -> None:
+    make_product(sku, on_hand=5, price=str(PRICE))
+    saga_id = uuid.uuid4()
+    assert stock_release(saga_id=saga_id) == {"released": []}
+    with pytest.raises(StepRefused, match="already released"):
+        stock_reserve(saga_id=saga_id, order_id=uuid.uuid4(), lines=[(sku, 1, PRICE)])
+    assert shelf(sku) == (5, 0, 0)
+
+
+def compensating_order(*, cancelled: bool = False) -> tuple[Order, uuid.UUID]:
+    """A pending order whose saga is compensating (the coordinator has decided), written
+    as order_place and saga_begin_compensation leave them, without publishing anything."""
+    order = Order.objects.create(
+        user_id=0, email="race@example.com", payment_token="tok_visa", total=PRICE, currency="EUR"
+    )
+    if cancelled:
+        Order.objects.filter(id=order.id).update(cancel_requested_at=order.created_at)
+    saga = saga_new(definition=PLACE_ORDER, order_id=order.id, context={})
+    saga.outcome = "cancelled" if cancelled else "failed"
+    saga.status = "compensating"
+    saga.save(using="orders")
+    return order, saga.id
+
+
+def test_racing_copies_of_the_fail_step_fail_the_order_once() -> None:
+    order, saga_id = compensating_order()
+    copies = [Copy(f"fail-{i}", order_fail, order_id=order.id, saga_id=saga_id, reason=f"reason {i}") for i in range(4)]
+    for copy in copies:
+        copy.start()
+    assert [copy.outcome() for copy in copies] == [{"outcome": "failed"}] * 4
+    order.refresh_from_db()
+    assert order.status == Order.Status.FAILED
+    assert order.failure_reason in {f"reason {i}" for i in range(4)}
+
+
+def test_a_cancelled_order_ends_cancelled() -> None:
+    order, saga_id = compensating_order(cancelled=True)
+    assert order_fail(order_id=order.id, saga_id=saga_id, reason="as you asked") == {"outcome": "cancelled"}
+    assert order_fail(order_id=order.id, saga_id=saga_id, reason="again") == {"outcome": "cancelled"}
+    order.refresh_from_db()
+    assert (order.status, order.failure_reason) == (Order.Status.CANCELLED, "as you asked")
+
+
+def test_the_fail_step_waits_for_a_confirmation_committing_and_then_refuses() -> None:
+    order, saga_id = compensating_order()
+
+    def confirm() -> None:
+        locked = Order.objects.select_for_update().get(id=order.id)
+        locked.status = Order.Status.CONFIRMED
+        locked.save(update_fields=["status", "updated_at"])
+
+    confirming = Held("orders", confirm)
+    confirming.start()
+    assert confirming.done.wait(30) and confirming.error is None
+    failing = Copy("fail", order_fail, order_id=order.id, saga_id=saga_id, reason="declined")
+    failing.start()
+    wait_for(lambda: waiting_on_a_lock("orders"), timeout=30, what="the fail step waiting on the order's row")
+    confirming.finish()
+
+    with pytest.raises(StepRefused, match="is confirmed; it cannot fail"):
+        failing.outcome()
+    order.refresh_from_db()
+    assert (order.status, order.failure_reason) == (Order.Status.CONFIRMED, "")
+
+
+def test_the_fail_step_refuses_an_order_whose_saga_is_not_compensating() -> None:
+    order, saga_id = compensating_order()
+    SagaInstance.objects.filter(id=saga_id).update(outcome="", status="running")
+    with pytest.raises(StepRefused, match="is not compensating"):
+        order_fail(order_id=order.id, saga_id=saga_id, reason="forged")
+    order.refresh_from_db()
+    assert order.status == Order.Status.PENDING
