@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from orders_project.celery import app
 
 from . import store
 from .definition import get_definition
-from .models import SagaInstance, SagaStatus, StepPhase, StepStatus
+from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .publish import OUTCOME_FAILED, saga_begin_compensation
 from .store import DB, UNSETTLED
 
@@ -88,94 +89,130 @@ def saga_step_failed(
         logger.error("saga %s: step %s refused a message (%s); ignored", saga_id, step_name, error)
         return
     with transaction.atomic(using=DB):
-        saga = store.lock_saga(saga_id)
+        saga, steps = store.lock_saga_with_steps(saga_id)
         if saga is None:
             logger.error("step %s failed for unknown saga %s; ignored", step_name, saga_id)
             return
-        steps = {s.name: s for s in saga.steps.all()}
         step = steps.get(step_name)
         if step is None:
             logger.error("saga %s has no step %s; failure report ignored", saga_id, step_name)
             return
-        reported, current = _generation_of(task_id), _generation_of(step.celery_task_id)
-        if step.status == StepStatus.RUNNING and reported is not None and current is not None and reported < current:
-            # A copy that a re-publish superseded (e.g. the errback of the failure an operator
-            # retried, repeated): the step's current copy reports for itself, and the sweeper
-            # keeps watching its deadline.
-            logger.warning("saga %s step %s: %s was superseded; its failure is ignored", saga_id, step_name, task_id)
-            return
-        if step.status != StepStatus.SUCCEEDED:
-            # The steps before it in its chain committed (a chain runs a step only after the
-            # previous one did); their records travelled with the failure report.
-            recorded = store.record_timeline(saga, steps, timeline if timeline is not None else failure.timeline)
-            # One without a record (a failure reported from a worker's main process, after
-            # a hard time limit) is not shown succeeded with no attempt or time: unknown.
-            recorded += [
-                s
-                for s in steps.values()
-                if s.phase == step.phase
-                and s.position < step.position
-                and s.status in (StepStatus.PENDING, StepStatus.RUNNING)
-                and s not in recorded
-            ]
-            for earlier in recorded:
-                if earlier.status != StepStatus.SUCCEEDED:
-                    earlier.mark_unknown()
-            if recorded:
-                store.save_steps(recorded)
-                saga.save(using=DB, update_fields=["context", "updated_at"])
-        if step.status == StepStatus.SUCCEEDED:
-            # A late duplicate failed after the original committed: nothing to undo here.
-            logger.warning("saga %s step %s: duplicate failed after success: %s", saga_id, step_name, error)
-            return
-        if step.status in (StepStatus.FAILED, StepStatus.REFUSED) and step.celery_task_id == task_id:
-            return
-        compensating = step.phase == StepPhase.FORWARD and saga.status != SagaStatus.RUNNING
-        if compensating and step.status not in UNSETTLED:
-            # A late copy of a step whose outcome is already recorded (its failure started
-            # the compensation; or it was refused before) refused again: keep what happened.
-            logger.warning("saga %s step %s: a late copy failed while compensating: %s", saga_id, step_name, error)
+        # What changed is written once, at the end, in one statement with the saga
+        # (store.save): this runs for every failed saga, on its failure path's latency.
+        changed, decide = _failure_recorded(
+            saga, steps, step, failure, task_id=task_id, timeline=timeline, attempt=attempt
+        )
+        if not decide:
+            if changed:
+                store.save(saga, changed, fields=["context"])
             return
         definition = get_definition(saga.definition, saga.definition_version)
-        if (
-            step.phase == StepPhase.FORWARD
-            and saga.pivot_committed_at is not None
-            and not definition.is_after_pivot(step_name)
-        ):
-            # A late copy of an earlier step failed after the pivot committed: the
-            # original succeeded (the pivot needed it). Nothing to undo, and the step is
-            # not shown failed: the chain's record still shows it succeeded.
-            logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step_name, error)
-            return
-        # Refused because the saga was already compensating (a cancel, a failure elsewhere):
-        # the step did nothing, by design; it did not fail.
-        refused = compensating and error_type == "StepRefused"
-        step.mark_failed(f"{error_type}: {error}", at=timezone.now(), refused=refused, task_id=task_id)
-        step.take_attempt(attempt)
-        step.save(using=DB)
-        if compensating:
-            # The chain stopped here: the steps after it that the cancel left unknown never ran.
-            later = [
-                s
-                for s in steps.values()
-                if s.phase == step.phase and s.position > step.position and s.status == StepStatus.UNKNOWN
-            ]
-            for s in later:
-                s.mark_pending()
-            store.save_steps(later)
-
-        if step.phase == StepPhase.FORWARD:
-            if saga.status != SagaStatus.RUNNING:
-                # Already compensating (e.g. a cancel): this step refusing is expected.
-                return
-            if definition.is_after_pivot(step_name):
-                needs_attention(saga, step_name, error_type, error)
-            else:
+        if step.phase == StepPhase.FORWARD and saga.status == SagaStatus.RUNNING:
+            if not definition.is_after_pivot(step_name):
                 saga_begin_compensation(
-                    saga, outcome=OUTCOME_FAILED, failure_step=step_name, failure_type=error_type, reason=error
+                    saga,
+                    outcome=OUTCOME_FAILED,
+                    failure_step=step_name,
+                    failure_type=failure.error_type,
+                    reason=failure.error,
+                    steps=steps.values(),
+                    also_save=changed,
                 )
-        elif saga.status == SagaStatus.COMPENSATING:
-            needs_attention(saga, step_name, error_type, error)
+                return
+            saga.mark_needs_attention(failure_step=step_name, failure_type=failure.error_type, reason=failure.error)
+            _stop_running(steps.values(), changed)
+        elif step.phase == StepPhase.COMPENSATION and saga.status == SagaStatus.COMPENSATING:
+            saga.mark_needs_attention(failure_step=step_name, failure_type=failure.error_type, reason=failure.error)
+            _stop_running(steps.values(), changed)
+        store.save(saga, changed)
+
+
+def _failure_recorded(
+    saga: SagaInstance,
+    steps: dict[str, SagaStep],
+    step: SagaStep,
+    failure: StoredFailure,
+    *,
+    task_id: str,
+    timeline: Any,
+    attempt: Any,
+) -> tuple[list[SagaStep], bool]:
+    """Record, in memory, what a failure report says about `step` and the steps before it.
+    Returns the rows changed (the caller writes them), and whether the saga must now
+    decide what the failure means (compensate, or stop for an operator): not for a
+    duplicate, a superseded or a late copy. Precondition: `saga`'s row lock is held,
+    `steps` are all its steps."""
+    error_type, error = failure.error_type, failure.error
+    reported, current = _generation_of(task_id), _generation_of(step.celery_task_id)
+    if step.status == StepStatus.RUNNING and reported is not None and current is not None and reported < current:
+        # A copy that a re-publish superseded (e.g. the errback of the failure an operator
+        # retried, repeated): the step's current copy reports for itself, and the sweeper
+        # keeps watching its deadline.
+        logger.warning("saga %s step %s: %s was superseded; its failure is ignored", saga.id, step.name, task_id)
+        return [], False
+    changed: list[SagaStep] = []
+    if step.status != StepStatus.SUCCEEDED:
+        # The steps before it in its chain committed (a chain runs a step only after the
+        # previous one did); their records travelled with the failure report.
+        changed = store.record_timeline(saga, steps, timeline if timeline is not None else failure.timeline)
+        # One without a record (a failure reported from a worker's main process, after
+        # a hard time limit) is not shown succeeded with no attempt or time: unknown.
+        changed += [
+            s
+            for s in steps.values()
+            if s.phase == step.phase
+            and s.position < step.position
+            and s.status in (StepStatus.PENDING, StepStatus.RUNNING)
+            and s not in changed
+        ]
+        for earlier in changed:
+            if earlier.status != StepStatus.SUCCEEDED:
+                earlier.mark_unknown()
+    if step.status == StepStatus.SUCCEEDED:
+        # A late duplicate failed after the original committed: nothing to undo here.
+        logger.warning("saga %s step %s: duplicate failed after success: %s", saga.id, step.name, error)
+        return changed, False
+    if step.status in (StepStatus.FAILED, StepStatus.REFUSED) and step.celery_task_id == task_id:
+        return changed, False
+    compensating = step.phase == StepPhase.FORWARD and saga.status != SagaStatus.RUNNING
+    if compensating and step.status not in UNSETTLED:
+        # A late copy of a step whose outcome is already recorded (its failure started
+        # the compensation; or it was refused before) refused again: keep what happened.
+        logger.warning("saga %s step %s: a late copy failed while compensating: %s", saga.id, step.name, error)
+        return changed, False
+    definition = get_definition(saga.definition, saga.definition_version)
+    if (
+        step.phase == StepPhase.FORWARD
+        and saga.pivot_committed_at is not None
+        and not definition.is_after_pivot(step.name)
+    ):
+        # A late copy of an earlier step failed after the pivot committed: the
+        # original succeeded (the pivot needed it). Nothing to undo, and the step is
+        # not shown failed: the chain's record still shows it succeeded.
+        logger.warning("saga %s: %s failed after the pivot committed: %s", saga.id, step.name, error)
+        return changed, False
+    # Refused because the saga was already compensating (a cancel, a failure elsewhere):
+    # the step did nothing, by design; it did not fail.
+    refused = compensating and error_type == "StepRefused"
+    step.mark_failed(f"{error_type}: {error}", at=timezone.now(), refused=refused, task_id=task_id)
+    step.take_attempt(attempt)
+    changed.append(step)
+    if compensating:
+        # The chain stopped here: the steps after it that the cancel left unknown never ran.
+        for s in steps.values():
+            if s.phase == step.phase and s.position > step.position and s.status == StepStatus.UNKNOWN:
+                s.mark_pending()
+                changed.append(s)
+    return changed, True
+
+
+def _stop_running(steps: Iterable[SagaStep], changed: list[SagaStep]) -> None:
+    """Nothing runs on its own any more: keep the sweeper's scan to sagas it can act on."""
+    for s in steps:
+        if s.status == StepStatus.RUNNING and s.deadline_at is not None:
+            s.deadline_at = None
+            if s not in changed:
+                changed.append(s)
 
 
 def _generation_of(task_id: str) -> int | None:

@@ -6,7 +6,7 @@ commits, so a chain never runs for a saga that rolled back.
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -20,6 +20,7 @@ from .definition import SagaDefinition, Step, get_definition
 from .engine import build_chain, task_id_for
 from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .store import DB
+from .store import save as store_save
 from .tracing import saga_trace_context, trace_carrier, trace_id_of
 
 logger = logging.getLogger(__name__)
@@ -130,13 +131,25 @@ def saga_publish(saga: SagaInstance) -> None:
 
 
 def saga_begin_compensation(
-    saga: SagaInstance, *, outcome: str, failure_step: str, failure_type: str, reason: str
+    saga: SagaInstance,
+    *,
+    outcome: str,
+    failure_step: str,
+    failure_type: str,
+    reason: str,
+    steps: Iterable[SagaStep] | None = None,
+    also_save: Sequence[SagaStep] = (),
 ) -> None:
     """Switch a running saga to compensating and publish its compensations on commit.
 
     `reason` is the raw error, kept on the saga for operators; the compensation's context
     carries instead the customer's fixed sentence for `failure_type` (the definition's
     `customer_reason`), which is all the order and the email ever show.
+
+    `steps`, if given, are all the saga's steps as read under its lock (store.
+    lock_saga_with_steps): the forward steps whose outcome is now unknown are found among
+    them, and written with the saga and the caller's changed rows (`also_save`) in one
+    statement, instead of read and written again.
 
     Precondition: inside `transaction.atomic(using="orders")` holding `select_for_update`
     on `saga`, whose status is running.
@@ -153,19 +166,36 @@ def saga_begin_compensation(
     saga.current_step = plan[0].name
     customer = definition.customer_reason(failure_type) if definition.customer_reason else ""
     saga.context = {**saga.context, "outcome": outcome, "failure_reason": customer}
-    saga.save(using=DB)
 
     # The chain may be at any step of its segment (the store hears of it at the pivot and
     # at the end): from the running step to the pivot, what happened is unknown until a
     # report says (a record in the timeline, a refusal). The compensations cover them all.
-    running = saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).order_by("position").first()
-    if running is not None:
-        saga.steps.filter(
-            phase=StepPhase.FORWARD,
-            status__in=[StepStatus.RUNNING, StepStatus.PENDING],
-            position__gte=running.position,
-            position__lte=definition.pivot_index,
-        ).update(status=StepStatus.UNKNOWN, deadline_at=None)  # in bulk: SagaStep.mark_unknown
+    if steps is None:
+        if also_save:
+            raise ValueError("also_save needs the saga's steps")
+        saga.save(using=DB)
+        running = saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).order_by("position").first()
+        if running is not None:
+            saga.steps.filter(
+                phase=StepPhase.FORWARD,
+                status__in=[StepStatus.RUNNING, StepStatus.PENDING],
+                position__gte=running.position,
+                position__lte=definition.pivot_index,
+            ).update(status=StepStatus.UNKNOWN, deadline_at=None)  # in bulk: SagaStep.mark_unknown
+    else:
+        forward = sorted((s for s in steps if s.phase == StepPhase.FORWARD), key=lambda s: s.position)
+        running_at = next((s.position for s in forward if s.status == StepStatus.RUNNING), None)
+        changed = list(also_save)
+        for s in forward:
+            if (
+                running_at is not None
+                and running_at <= s.position <= definition.pivot_index
+                and s.status in (StepStatus.RUNNING, StepStatus.PENDING)
+            ):
+                s.mark_unknown()
+                if s not in changed:
+                    changed.append(s)
+        store_save(saga, changed)
     rows = [
         SagaStep(saga=saga, phase=StepPhase.COMPENSATION, position=i, name=spec.name, task_name=spec.task)
         for i, spec in enumerate(plan)

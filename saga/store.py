@@ -97,6 +97,7 @@ STEP_WRITTEN = (
     "worker",
     "result",
     "celery_task_id",
+    "last_error",
 )
 
 
