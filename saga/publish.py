@@ -201,7 +201,7 @@ def saga_begin_compensation(
         for i, spec in enumerate(plan)
     ]
     start_running(rows[0], saga=saga, deadline_seconds=segment_deadline(definition, plan, 0), now=now)
-    SagaStep.objects.using(DB).bulk_create(rows)
+    insert_together(DB, rows)  # one statement; Django's bulk_create cost more CPU than the insert
     publish_on_commit(plan, saga)
 
 
