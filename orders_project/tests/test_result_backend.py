@@ -1,0 +1,76 @@
+"""The result backend reads a task's outcome in one statement (orders_project.result_backend)
+and returns exactly what django-celery-results' own read returns: the coordinator reads
+each failed step's exception and arguments there (saga.failure)."""
+
+import uuid
+from types import SimpleNamespace
+
+import pytest
+from celery import states
+from django_celery_results.backends.database import DatabaseBackend as LibraryBackend
+
+from common.exceptions import InvalidMessage
+from orders_project.celery import app
+from saga.tests.conftest import django_db_setup  # noqa: F401  (the fixture, shared)
+
+pytestmark = pytest.mark.django_db(databases=["default"])
+
+
+class PaymentDeclined(Exception):
+    pass
+
+
+def library_read(task_id: str) -> dict:
+    return LibraryBackend._get_task_meta_for(app.backend, task_id)
+
+
+def test_a_stored_failure_with_its_arguments_reads_as_the_library_reads_it() -> None:
+    task_id = f"test-{uuid.uuid4()}"
+    request = SimpleNamespace(
+        id=task_id,
+        task="payments.charge",
+        args='[{"saga_id": "s", "_steps": []}]',  # a step stores its ids and timing, not its context
+        kwargs={"record": True},
+        hostname="payments@host",
+        retries=2,
+        delivery_info={"routing_key": "payments", "exchange": ""},
+        argsrepr='[{"saga_id": "s", "_steps": []}]',
+        kwargsrepr="{}",
+        ignore_result=False,
+        group=None,
+        group_index=None,
+        parent_id=None,
+        root_id=None,
+        periodic_task_name=None,
+        children=[],
+        chord=None,
+    )
+    app.backend.store_result(task_id, PaymentDeclined("declined: card_declined"), states.FAILURE, request=request)
+
+    ours, theirs = app.backend._get_task_meta_for(task_id), library_read(task_id)
+    assert isinstance(ours["result"], PaymentDeclined) and str(ours["result"]) == "declined: card_declined"
+    assert type(ours["result"]) is type(theirs["result"]) and str(ours["result"]) == str(theirs["result"])
+    ours.pop("result"), theirs.pop("result")
+    assert ours == theirs
+    assert (ours["status"], ours["args"], ours["worker"]) == (states.FAILURE, request.args, "payments@host")
+
+    result = app.AsyncResult(task_id)
+    assert (result.state, type(result.result), result.args) == (states.FAILURE, PaymentDeclined, request.args)
+
+
+def test_a_success_and_an_unknown_task_read_as_the_library_reads_them() -> None:
+    task_id = f"test-{uuid.uuid4()}"
+    app.backend.store_result(task_id, {"saga_id": "s", "outcome": "confirmed"}, states.SUCCESS)
+    assert app.backend._get_task_meta_for(task_id) == library_read(task_id)
+    assert app.AsyncResult(task_id).result == {"saga_id": "s", "outcome": "confirmed"}
+
+    unknown = f"test-{uuid.uuid4()}"
+    assert app.backend._get_task_meta_for(unknown) == library_read(unknown)
+    assert app.AsyncResult(unknown).state == states.PENDING
+
+
+def test_a_refusal_reads_back_as_the_participants_exception() -> None:
+    task_id = f"test-{uuid.uuid4()}"
+    app.backend.store_result(task_id, InvalidMessage("forged"), states.FAILURE)
+    result = app.AsyncResult(task_id)
+    assert (result.state, type(result.result), str(result.result)) == (states.FAILURE, InvalidMessage, "forged")
