@@ -95,41 +95,58 @@ def update_together(using: str, *groups: tuple[Sequence[models.Model], Iterable[
 
 def update_statement(using: str, *groups: tuple[Sequence[models.Model], Iterable[str] | None]) -> tuple[str, list[Any]]:
     """`update_together`'s statement and parameters ("" when there is nothing to write)."""
+    groups = tuple((g, n) for g, n in groups if g)
+    if not groups:
+        return "", []
+    statement, plans = _update_plan(
+        using, tuple((type(group[0]), None if names is None else frozenset(names)) for group, names in groups)
+    )
+    params: list[Any] = []
+    for (group, _), (pk_column, fields) in zip(groups, plans, strict=True):
+        params.append(
+            json.dumps(
+                [
+                    {pk_column: instance.pk} | {column: f.pre_save(instance, add=False) for column, f in fields}
+                    for instance in group
+                ],
+                default=_json_value,
+            )
+        )
+        params.append([instance.pk for instance in group])
+    return statement, params
+
+
+@functools.cache
+def _update_plan(
+    using: str, shapes: tuple[tuple[type[models.Model], frozenset[str] | None], ...]
+) -> tuple[str, list[tuple[str, list[tuple[str, models.Field]]]]]:
+    """`update_statement`'s text for groups of these (model, field names) shapes on `using`,
+    and for each group its primary key column and the (column, field) pairs it writes:
+    built once per process, not on every write (the coordinator writes on every report)."""
     connection = connections[using]
     quote = connection.ops.quote_name
     ctes: list[str] = []
-    params: list[Any] = []
-    for index, (group, names) in enumerate((g, n) for g, n in groups if g):
-        meta = type(group[0])._meta
-        wanted = None if names is None else set(names)
+    plans = []
+    for index, (model, wanted) in enumerate(shapes):
+        meta = model._meta
         fields = [
             f
             for f in meta.concrete_fields
             if not f.primary_key and (wanted is None or f.name in wanted or getattr(f, "auto_now", False))
         ]
         pk, table = quote(str(meta.pk.column)), quote(meta.db_table)
-        params.append(
-            json.dumps(
-                [
-                    {str(meta.pk.column): instance.pk}
-                    | {str(f.column): f.pre_save(instance, add=False) for f in fields}
-                    for instance in group
-                ],
-                default=_json_value,
-            )
-        )
         assignments = ", ".join(f"{quote(str(f.column))} = v.{quote(str(f.column))}" for f in fields)
         # The keys again, as an array: PostgreSQL guesses 100 rows for the JSON of rows
         # (a function's result), which on a table of some thousand rows made a hash join
         # over a sequential scan of the whole table, for every write (BENCHMARKS.md); an
         # array's rows it counts, and finds them by the primary key index.
-        params.append([instance.pk for instance in group])
         ctes.append(
             f"u{index} AS (UPDATE {table} AS t SET {assignments} "
             f"FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb) AS v "
             f"WHERE t.{pk} = v.{pk} AND t.{pk} = ANY(%s::{meta.pk.db_type(connection)}[]))"
         )
-    return (f"WITH {', '.join(ctes)} SELECT 1" if ctes else ""), params
+        plans.append((str(meta.pk.column), [(str(f.column), f) for f in fields]))
+    return f"WITH {', '.join(ctes)} SELECT 1", plans
 
 
 def _json_value(value: Any) -> Any:
