@@ -12,6 +12,7 @@ of who waits on a lock, never on a fixed sleep.
 
 import threading
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +27,7 @@ from inventory.services import _reserve_at_once, stock_release, stock_reserve
 from orders.models import Order
 from orders.saga import PLACE_ORDER
 from orders.services import order_fail
-from saga.models import SagaInstance
+from saga.models import SagaInstance, SagaStatus
 from saga.publish import saga_new
 
 from .api import make_product, shelf
@@ -131,9 +132,24 @@ def test_a_release_with_nothing_held_leaves_a_tombstone_the_reservation_meets(sk
     assert shelf(sku) == (5, 0, 0)
 
 
+@pytest.fixture(autouse=True)
+def _sagas_end() -> Iterator[list[uuid.UUID]]:
+    """The sagas a test made compensating end compensated afterwards: no chain runs them
+    here, and later tests wait for every saga of the session to end."""
+    made: list[uuid.UUID] = []
+    _made.append(made)
+    yield made
+    _made.remove(made)
+    SagaInstance.objects.filter(id__in=made).update(status=SagaStatus.COMPENSATED)
+
+
+_made: list[list[uuid.UUID]] = []
+
+
 def compensating_order(*, cancelled: bool = False) -> tuple[Order, uuid.UUID]:
     """A pending order whose saga is compensating (the coordinator has decided), written
-    as order_place and saga_begin_compensation leave them, without publishing anything."""
+    as order_place and saga_begin_compensation leave them, without publishing anything
+    (its steps are not written: nothing for the sweeper to re-publish)."""
     order = Order.objects.create(
         user_id=0, email="race@example.com", payment_token="tok_visa", total=PRICE, currency="EUR"
     )
@@ -143,6 +159,7 @@ def compensating_order(*, cancelled: bool = False) -> tuple[Order, uuid.UUID]:
     saga.outcome = "cancelled" if cancelled else "failed"
     saga.status = "compensating"
     saga.save(using="orders")
+    _made[-1].append(saga.id)
     return order, saga.id
 
 
