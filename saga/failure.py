@@ -120,10 +120,10 @@ def saga_step_failed(
                 )
                 return
             saga.mark_needs_attention(failure_step=step_name, failure_type=failure.error_type, reason=failure.error)
-            _stop_running(steps.values(), changed)
+            stop_running(steps.values(), changed)
         elif step.phase == StepPhase.COMPENSATION and saga.status == SagaStatus.COMPENSATING:
             saga.mark_needs_attention(failure_step=step_name, failure_type=failure.error_type, reason=failure.error)
-            _stop_running(steps.values(), changed)
+            stop_running(steps.values(), changed)
         store.save(saga, changed)
 
 
@@ -206,8 +206,10 @@ def _failure_recorded(
     return changed, True
 
 
-def _stop_running(steps: Iterable[SagaStep], changed: list[SagaStep]) -> None:
-    """Nothing runs on its own any more: keep the sweeper's scan to sagas it can act on."""
+def stop_running(steps: Iterable[SagaStep], changed: list[SagaStep]) -> None:
+    """A saga stopped for an operator: nothing of it runs on its own any more, so its
+    running steps lose their deadline (the sweeper's scan keeps to sagas it can act on).
+    Adds what it changes to `changed`, for the caller's one write (store.save)."""
     for s in steps:
         if s.status == StepStatus.RUNNING and s.deadline_at is not None:
             s.deadline_at = None
@@ -219,12 +221,3 @@ def _generation_of(task_id: str) -> int | None:
     """The generation a task id names (saga.engine.task_id_for), or None."""
     _, separator, generation = task_id.rpartition("-g")
     return int(generation) if separator and generation.isdigit() else None
-
-
-def needs_attention(saga: SagaInstance, step_name: str, error_type: str, error: str) -> None:
-    """Stop `saga` for an operator: `step_name` failed (`error_type`: `error`) where nothing
-    may undo or skip it. Precondition: the saga's row lock is held."""
-    saga.mark_needs_attention(failure_step=step_name, failure_type=error_type, reason=error)
-    saga.save(using=DB)
-    # Nothing runs on its own any more: keep the sweeper's scan to sagas it can act on.
-    saga.steps.filter(status=StepStatus.RUNNING).update(deadline_at=None)

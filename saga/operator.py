@@ -222,7 +222,7 @@ def saga_compensate(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
     definition = get_definition(found.definition, found.definition_version)
     with transaction.atomic(using=DB):
         guard_refusal = definition.pivot_guard(saga=found) if definition.pivot_guard else None
-        saga = store.lock_saga(saga_id)
+        saga, steps = store.lock_saga_with_steps(saga_id)
         if saga is None:
             raise SagaInstance.DoesNotExist(f"no saga {saga_id}")
         status_before, fingerprint = saga.status, saga.failure_fingerprint
@@ -237,6 +237,7 @@ def saga_compensate(*, saga_id: uuid.UUID | str, user: Any) -> SagaAuditEntry:
                 failure_step=failure_step,
                 failure_type=OPERATOR_COMPENSATED,
                 reason=OPERATOR_COMPENSATED_REASON,
+                steps=steps.values(),
             )
         detail = (
             f"compensating from {saga.failure_step} (generation {saga.generation}): every step up to the pivot is "

@@ -146,10 +146,10 @@ def saga_begin_compensation(
     carries instead the customer's fixed sentence for `failure_type` (the definition's
     `customer_reason`), which is all the order and the email ever show.
 
-    `steps`, if given, are all the saga's steps as read under its lock (store.
-    lock_saga_with_steps): the forward steps whose outcome is now unknown are found among
-    them, and written with the saga and the caller's changed rows (`also_save`) in one
-    statement, instead of read and written again.
+    `steps`, if the caller holds them, are all the saga's steps as read under its lock
+    (store.lock_saga_with_steps); otherwise they are read here. The forward steps whose
+    outcome is now unknown are marked among them, and written with the saga and the
+    caller's changed rows (`also_save`) in one statement.
 
     Precondition: inside `transaction.atomic(using="orders")` holding `select_for_update`
     on `saga`, whose status is running.
@@ -171,31 +171,20 @@ def saga_begin_compensation(
     # at the end): from the running step to the pivot, what happened is unknown until a
     # report says (a record in the timeline, a refusal). The compensations cover them all.
     if steps is None:
-        if also_save:
-            raise ValueError("also_save needs the saga's steps")
-        saga.save(using=DB)
-        running = saga.steps.filter(phase=StepPhase.FORWARD, status=StepStatus.RUNNING).order_by("position").first()
-        if running is not None:
-            saga.steps.filter(
-                phase=StepPhase.FORWARD,
-                status__in=[StepStatus.RUNNING, StepStatus.PENDING],
-                position__gte=running.position,
-                position__lte=definition.pivot_index,
-            ).update(status=StepStatus.UNKNOWN, deadline_at=None)  # in bulk: SagaStep.mark_unknown
-    else:
-        forward = sorted((s for s in steps if s.phase == StepPhase.FORWARD), key=lambda s: s.position)
-        running_at = next((s.position for s in forward if s.status == StepStatus.RUNNING), None)
-        changed = list(also_save)
-        for s in forward:
-            if (
-                running_at is not None
-                and running_at <= s.position <= definition.pivot_index
-                and s.status in (StepStatus.RUNNING, StepStatus.PENDING)
-            ):
-                s.mark_unknown()
-                if s not in changed:
-                    changed.append(s)
-        store_save(saga, changed)
+        steps = SagaStep.objects.using(DB).filter(saga_id=saga.id, phase=StepPhase.FORWARD)
+    forward = sorted((s for s in steps if s.phase == StepPhase.FORWARD), key=lambda s: s.position)
+    running_at = next((s.position for s in forward if s.status == StepStatus.RUNNING), None)
+    changed = list(also_save)
+    for s in forward:
+        if (
+            running_at is not None
+            and running_at <= s.position <= definition.pivot_index
+            and s.status in (StepStatus.RUNNING, StepStatus.PENDING)
+        ):
+            s.mark_unknown()
+            if s not in changed:
+                changed.append(s)
+    store_save(saga, changed)
     rows = [
         SagaStep(saga=saga, phase=StepPhase.COMPENSATION, position=i, name=spec.name, task_name=spec.task)
         for i, spec in enumerate(plan)

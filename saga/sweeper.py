@@ -12,10 +12,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import recovery
+from . import recovery, store
 from .definition import get_definition
 from .engine import task_id_for
-from .failure import needs_attention
+from .failure import stop_running
 from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .progress import saga_reports_drain
 from .publish import OUTCOME_FAILED, phase_plan, saga_begin_compensation, saga_republish_from
@@ -25,7 +25,7 @@ from .store import DB
 logger = logging.getLogger(__name__)
 
 
-def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
+def _recover_stalled(saga: SagaInstance, step: SagaStep, steps: dict[str, SagaStep], now: datetime) -> str:
     definition = get_definition(saga.definition, saga.definition_version)
     if (
         saga.pivot_committed_at is not None
@@ -42,15 +42,23 @@ def _recover_stalled(saga: SagaInstance, step: SagaStep, now: datetime) -> str:
         return "republished"
     reason = f"{step.name} did not report back after {step.republished} re-publishes"
     step.mark_failed(f"StepTimedOut: {reason}", at=now)
-    step.save(using=DB)
     pivot_or_later = step.phase == StepPhase.FORWARD and definition.forward_index(step.name) >= definition.pivot_index
     if step.phase == StepPhase.FORWARD and saga.status == SagaStatus.RUNNING and not pivot_or_later:
         saga_begin_compensation(
-            saga, outcome=OUTCOME_FAILED, failure_step=step.name, failure_type="StepTimedOut", reason=reason
+            saga,
+            outcome=OUTCOME_FAILED,
+            failure_step=step.name,
+            failure_type="StepTimedOut",
+            reason=reason,
+            steps=steps.values(),
+            also_save=[step],
         )
         return "compensating"
     # A pivot that never reported may have committed: an operator decides, not the sweeper.
-    needs_attention(saga, step.name, "StepTimedOut", reason)
+    saga.mark_needs_attention(failure_step=step.name, failure_type="StepTimedOut", reason=reason)
+    changed = [step]
+    stop_running(steps.values(), changed)
+    store.save(saga, changed)
     return "needs_attention"
 
 
@@ -115,14 +123,16 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     )
     for saga_id, step_name in stalled:
         with transaction.atomic(using=DB):
-            saga = (
-                SagaInstance.objects.using(DB)
-                .select_for_update(skip_locked=True)
-                .filter(id=saga_id, status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
-                .first()
-            )
-            step = None if saga is None else saga.steps.filter(name=step_name, status=StepStatus.RUNNING).first()
-            if saga is None or step is None or step.deadline_at is None or step.deadline_at >= now:
+            saga, steps = store.lock_sagas_with_steps([saga_id], skip_locked=True).get(saga_id, (None, {}))
+            step = steps.get(step_name)
+            if (
+                saga is None
+                or saga.status not in (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+                or step is None
+                or step.status != StepStatus.RUNNING
+                or step.deadline_at is None
+                or step.deadline_at >= now
+            ):
                 done["skipped"] += 1
                 continue
             chain = _segment_chain(saga, step)
@@ -143,7 +153,7 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
                 step.save(using=DB, update_fields=["deadline_at"])
                 done[where.verdict] += 1
                 continue
-            outcome = _recover_stalled(saga, step, now)
+            outcome = _recover_stalled(saga, step, steps, now)
             logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)
             done[outcome] += 1
     return dict(done)
