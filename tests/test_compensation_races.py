@@ -12,7 +12,7 @@ of who waits on a lock, never on a fixed sleep.
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -132,38 +132,40 @@ def test_a_release_with_nothing_held_leaves_a_tombstone_the_reservation_meets(sk
     assert shelf(sku) == (5, 0, 0)
 
 
-@pytest.fixture(autouse=True)
-def _sagas_end() -> Iterator[list[uuid.UUID]]:
-    """The sagas a test made compensating end compensated afterwards: no chain runs them
-    here, and later tests wait for every saga of the session to end."""
+# The `compensating_order` fixture: makes one, returns (order, saga id).
+MakeOrder = Callable[..., tuple[Order, uuid.UUID]]
+
+
+@pytest.fixture
+def compensating_order() -> Iterator[MakeOrder]:
+    """Makes a pending order whose saga is compensating (the coordinator has decided),
+    written as order_place and saga_begin_compensation leave them, without publishing
+    anything (its steps are not written: nothing for the sweeper to re-publish).
+
+    The sagas it made end compensated after the test: no chain runs them here, and later
+    tests wait for every saga of the session to end."""
     made: list[uuid.UUID] = []
-    _made.append(made)
-    yield made
-    _made.remove(made)
+
+    def make(*, cancelled: bool = False) -> tuple[Order, uuid.UUID]:
+        order = Order.objects.create(
+            user_id=0, email="race@example.com", payment_token="tok_visa", total=PRICE, currency="EUR"
+        )
+        if cancelled:
+            Order.objects.filter(id=order.id).update(cancel_requested_at=order.created_at)
+        saga = saga_new(definition=PLACE_ORDER, order_id=order.id, context={})
+        saga.outcome = "cancelled" if cancelled else "failed"
+        saga.status = "compensating"
+        saga.save(using="orders")
+        made.append(saga.id)
+        return order, saga.id
+
+    yield make
     SagaInstance.objects.filter(id__in=made).update(status=SagaStatus.COMPENSATED)
 
 
-_made: list[list[uuid.UUID]] = []
-
-
-def compensating_order(*, cancelled: bool = False) -> tuple[Order, uuid.UUID]:
-    """A pending order whose saga is compensating (the coordinator has decided), written
-    as order_place and saga_begin_compensation leave them, without publishing anything
-    (its steps are not written: nothing for the sweeper to re-publish)."""
-    order = Order.objects.create(
-        user_id=0, email="race@example.com", payment_token="tok_visa", total=PRICE, currency="EUR"
-    )
-    if cancelled:
-        Order.objects.filter(id=order.id).update(cancel_requested_at=order.created_at)
-    saga = saga_new(definition=PLACE_ORDER, order_id=order.id, context={})
-    saga.outcome = "cancelled" if cancelled else "failed"
-    saga.status = "compensating"
-    saga.save(using="orders")
-    _made[-1].append(saga.id)
-    return order, saga.id
-
-
-def test_racing_copies_of_the_fail_step_fail_the_order_once() -> None:
+def test_racing_copies_of_the_fail_step_fail_the_order_once(
+    compensating_order: MakeOrder,
+) -> None:
     order, saga_id = compensating_order()
     copies = [Copy(f"fail-{i}", order_fail, order_id=order.id, saga_id=saga_id, reason=f"reason {i}") for i in range(4)]
     for copy in copies:
@@ -174,7 +176,7 @@ def test_racing_copies_of_the_fail_step_fail_the_order_once() -> None:
     assert order.failure_reason in {f"reason {i}" for i in range(4)}
 
 
-def test_a_cancelled_order_ends_cancelled() -> None:
+def test_a_cancelled_order_ends_cancelled(compensating_order: MakeOrder) -> None:
     order, saga_id = compensating_order(cancelled=True)
     assert order_fail(order_id=order.id, saga_id=saga_id, reason="as you asked") == {"outcome": "cancelled"}
     assert order_fail(order_id=order.id, saga_id=saga_id, reason="again") == {"outcome": "cancelled"}
@@ -182,7 +184,9 @@ def test_a_cancelled_order_ends_cancelled() -> None:
     assert (order.status, order.failure_reason) == (Order.Status.CANCELLED, "as you asked")
 
 
-def test_the_fail_step_waits_for_a_confirmation_committing_and_then_refuses() -> None:
+def test_the_fail_step_waits_for_a_confirmation_committing_and_then_refuses(
+    compensating_order: MakeOrder,
+) -> None:
     order, saga_id = compensating_order()
 
     def confirm() -> None:
@@ -204,7 +208,9 @@ def test_the_fail_step_waits_for_a_confirmation_committing_and_then_refuses() ->
     assert (order.status, order.failure_reason) == (Order.Status.CONFIRMED, "")
 
 
-def test_the_fail_step_refuses_an_order_whose_saga_is_not_compensating() -> None:
+def test_the_fail_step_refuses_an_order_whose_saga_is_not_compensating(
+    compensating_order: MakeOrder,
+) -> None:
     order, saga_id = compensating_order()
     SagaInstance.objects.filter(id=saga_id).update(outcome="", status="running")
     with pytest.raises(StepRefused, match="is not compensating"):
