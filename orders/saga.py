@@ -62,6 +62,9 @@ PLACE_ORDER = SagaDefinition(
             "payments.charge",
             compensation=Step("refund_payment", "payments.refund"),
             timeout=_CHARGE_TIMEOUT,
+            # A decline is recorded under the charge's key before it is raised, and the
+            # provider's decline is final for that key: no refund to run after one.
+            final_failures=("PaymentDeclined",),
         ),
         Step("confirm_order", "orders.confirm"),
         Step("notify_customer", "notifications.notify"),

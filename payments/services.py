@@ -60,8 +60,11 @@ def payment_charge(
 
     Idempotent by `<saga>:charge_payment:do` (also the provider's idempotency key);
     refuses after the refund's tombstone, or once the refund has settled the payment. A
-    decline is recorded, then raised as `PaymentDeclined` (the saga compensates); a replay
-    raises it again. Safe with concurrent copies: each records its own attempt.
+    decline is recorded under the key, then raised as `PaymentDeclined` (the saga
+    compensates); every later copy raises it again, and is never charged: the provider's
+    decline is final for the key (payments.gateways.base). So the saga runs no refund
+    after a decline (orders.saga, `final_failures`). Safe with concurrent copies: each
+    records its own attempt.
 
     The first copy's bookkeeping is one statement before the provider call and one after
     (`_begin_first`, `_settle_first`), with no saga lock: each takes the row or key it

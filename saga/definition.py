@@ -26,6 +26,14 @@ class Step:
 
     `timeout` is how long the step may stay running before the saga considers it
     stalled (stored as the step's deadline); None means SAGA_STEP_TIMEOUT.
+
+    `final_failures` are the failures (exception class names, as the result backend
+    stores them) that the step records under its own idempotency key before it raises
+    them: every copy of its message, at any time, raises the same again. After one, the
+    step took no effect and never will, and no step after it ran (each needs the sealed
+    output of the one before): their compensations have nothing to undo and no late
+    message to stop, so the saga does not run them (`not_needed`). A declined card is
+    one: the provider's decline is final for the charge's key.
     """
 
     name: str
@@ -33,6 +41,7 @@ class Step:
     compensation: "Step | None" = None
     timeout: int | None = None
     kwargs: Mapping[str, object] = field(default_factory=dict)
+    final_failures: tuple[str, ...] = ()
 
     @property
     def deadline_seconds(self) -> int:
@@ -114,6 +123,19 @@ class SagaDefinition:
         """
         undo = tuple(s.compensation for s in reversed(self.steps[: self.pivot_index + 1]) if s.compensation)
         return undo + self.after_compensation
+
+    def compensations_not_needed(self, failure_step: str, failure_type: str) -> int:
+        """How many of `compensation_steps()`, from the first, need not run because
+        `failure_step` failed with one of its `final_failures` (`failure_type`): the
+        compensations of that step and of the steps after it. 0 for any other failure, a
+        cancel or an operator's decision: then every compensation runs."""
+        failed = next((s for s in self.steps if s.name == failure_step), None)
+        if failed is None or failure_type not in failed.final_failures:
+            return 0
+        never_ran = self.steps[self.forward_index(failure_step) : self.pivot_index + 1]
+        unneeded = {s.compensation.name for s in never_ran if s.compensation}
+        plan = self.compensation_steps()
+        return next((i for i, step in enumerate(plan) if step.name not in unneeded), len(plan))
 
 
 # (name, version) -> definition: every version this process may run a saga on. Read only

@@ -42,6 +42,9 @@ class StepStatus(models.TextChoices):
     # Kept for rows written before `unknown` existed: the saga compensated while this step
     # was in flight.
     CANCELLED = "cancelled"
+    # A compensation the saga did not run: its forward step failed in a way it records as
+    # final (a declined card: nothing was charged, and no copy will charge; Step.final_failures).
+    NOT_NEEDED = "not_needed", "Not needed"
 
 
 class SagaInstance(models.Model):
@@ -242,6 +245,10 @@ class SagaStep(models.Model):
     def mark_pending(self) -> None:
         """Never ran: its chain stopped before it."""
         self.status, self.finished_at = StepStatus.PENDING, None
+
+    def mark_not_needed(self, *, at: datetime) -> None:
+        """A compensation the saga decided at `at` not to run (StepStatus.NOT_NEEDED)."""
+        self.status, self.finished_at, self.deadline_at = StepStatus.NOT_NEEDED, at, None
 
     def mark_failed(self, error: str, *, at: datetime, refused: bool = False, task_id: str | None = None) -> None:
         """Failed for good with `error` ("Type: message") at `at`; or, `refused`, did

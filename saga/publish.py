@@ -160,10 +160,12 @@ def saga_begin_compensation(
         raise ValueError(f"saga {saga.id} is past its pivot: it cannot compensate")
     definition = get_definition(saga.definition, saga.definition_version)
     plan = definition.compensation_steps()
+    # After a failure its step records as final (a declined card), the compensations of
+    # that step and the ones after it have nothing to do: the chain starts after them.
+    first = definition.compensations_not_needed(failure_step, failure_type)
     now = timezone.now()
     saga.mark_compensating(outcome=outcome, failure_step=failure_step, failure_type=failure_type, reason=reason)
     saga.generation += 1
-    saga.current_step = plan[0].name
     customer = definition.customer_reason(failure_type) if definition.customer_reason else ""
     saga.context = {**saga.context, "outcome": outcome, "failure_reason": customer}
 
@@ -184,14 +186,22 @@ def saga_begin_compensation(
             s.mark_unknown()
             if s not in changed:
                 changed.append(s)
-    store_save(saga, changed)
     rows = [
         SagaStep(saga=saga, phase=StepPhase.COMPENSATION, position=i, name=spec.name, task_name=spec.task)
         for i, spec in enumerate(plan)
     ]
-    start_running(rows[0], saga=saga, deadline_seconds=segment_deadline(definition, plan, 0), now=now)
+    for row in rows[:first]:
+        row.mark_not_needed(at=now)
+    if first < len(plan):
+        saga.current_step = plan[first].name
+        start_running(rows[first], saga=saga, deadline_seconds=segment_deadline(definition, plan, first), now=now)
+    else:
+        # Nothing to undo and nothing to run after it (a definition without after-steps).
+        saga.mark_finished(SagaStatus.COMPENSATED, at=now)
+    store_save(saga, changed)
     insert_together(DB, rows)  # one statement; Django's bulk_create cost more CPU than the insert
-    publish_on_commit(plan, saga)
+    if first < len(plan):
+        publish_on_commit(plan[first:], saga)
 
 
 def saga_republish_from(saga: SagaInstance, step: SagaStep, *, now: datetime | None = None) -> None:

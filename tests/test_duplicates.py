@@ -32,14 +32,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.broker]
 COPIES = pytest.mark.parametrize("copies", [1, 4], ids=["again", "four-at-once"])
 
 
-def publish_copies(saga: SagaInstance, step_name: str, ctx: dict, copies: int = 1) -> list[AsyncResult]:
+def publish_copies(
+    saga: SagaInstance, step_name: str, ctx: dict, copies: int = 1, *, first: int = 100
+) -> list[AsyncResult]:
     """Publish `copies` copies of the step's message at once, exactly as the saga does (a
-    generation of their own each, so each has its own task id)."""
+    generation of their own each, from `first` above the saga's, so each has its own task id)."""
     specs = {s.name: s for s in PLACE_ORDER.steps + PLACE_ORDER.compensation_steps()}
     phase = "forward" if specs[step_name] in PLACE_ORDER.steps else "compensation"
     return [
         build_chain(
-            (specs[step_name],), saga_id=saga.id, generation=saga.generation + 100 + i, phase=phase, context=ctx
+            (specs[step_name],), saga_id=saga.id, generation=saga.generation + first + i, phase=phase, context=ctx
         ).apply_async(ignore_result=False)
         for i in range(copies)
     ]
@@ -171,3 +173,28 @@ def test_charge_copies_racing_a_charge_in_flight_with_the_circuit_open_and_a_can
     assert final["payments"] in (["refunded"], ["voided"])
     assert [n["kind"] for n in api.notifications(order["id"])] == ["order_cancelled"]
     assert stock(sku) == (5, 0)
+
+
+@COPIES
+def test_copies_of_a_declined_charge_charge_nothing_though_no_refund_ran(api: Api, sku: str, copies: int) -> None:
+    """The saga runs no refund after a decline (Step.final_failures): what keeps a late or
+    racing copy of the charge from charging is the decline recorded under the charge's key,
+    final at the provider. Here with the circuit open around half of them, too."""
+    make_product(sku, on_hand=5)
+    order = api.wait_until_final(api.place_order([(sku, 1)], token="tok_chargeDeclined")["id"])
+    assert order["status"] == "failed"
+    saga = SagaInstance.objects.get(id=order["saga"]["id"])
+    assert steps_by_name(order)["refund_payment"]["status"] == "not_needed"
+    before = snapshot(order["id"], saga, sku)
+
+    results = publish_copies(saga, "charge_payment", saga.context, copies)
+    provider_breaker().open()  # the copies still queued meet an open circuit
+    results += publish_copies(saga, "charge_payment", saga.context, copies, first=200)
+    done = outcomes(results)
+    breaker_reset()
+    # Each copy raises the recorded decline again (no call reaches the provider for it).
+    assert {type(r).__name__ for r in done} == {"PaymentDeclined"}, done
+    assert snapshot(order["id"], saga, sku) == before
+    assert before["provider"] == [("charge", "declined")]
+    assert before["payments"] == ["declined"]
+    assert PaymentAttempt.objects.filter(payment__order_id=order["id"]).count() == 1

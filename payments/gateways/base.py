@@ -1,7 +1,9 @@
 """The interface every payment provider adapter implements.
 
 Every call takes an idempotency key (the saga step key): a provider that sees the same
-key twice returns the first outcome and moves no money again (Stripe's semantics).
+key twice returns the first outcome and moves no money again (Stripe's semantics). A
+decline is such an outcome: a charge declined for a key is never captured under that key
+(Stripe replays the declined response), so the saga runs no refund after one.
 """
 
 from dataclasses import dataclass

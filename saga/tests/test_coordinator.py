@@ -232,7 +232,7 @@ def test_a_failure_up_to_the_pivot_compensates_every_step_before_it(
         task_id = fail(
             saga,
             failing,
-            PaymentDeclined("card declined"),
+            StepFailed("no stock left"),
             timeline=timeline(saga, before),
             attempt={"attempt": 2, "worker": "p@host"},
         )
@@ -244,15 +244,15 @@ def test_a_failure_up_to_the_pivot_compensates_every_step_before_it(
         1,
         "refund_payment",
     )
-    assert (row.failure_step, row.failure_type, row.failure_reason) == (failing, "PaymentDeclined", "card declined")
+    assert (row.failure_step, row.failure_type, row.failure_reason) == (failing, "StepFailed", "no stock left")
     # The customer gets the fixed sentence for the kind, not the raw error.
-    assert row.context["outcome"] == "failed" and "card declined" not in row.context["failure_reason"]
+    assert row.context["outcome"] == "failed" and "no stock" not in row.context["failure_reason"]
     assert row.pivot_committed_at is None and row.finished_at is None
     step = rows(saga)
     failed = step[failing]
     assert (failed.status, failed.last_error, failed.celery_task_id) == (
         StepStatus.FAILED,
-        "PaymentDeclined: card declined",
+        "StepFailed: no stock left",
         task_id,
     )
     assert (failed.attempts, failed.worker, failed.deadline_at) == (2, "p@host", None)
@@ -265,6 +265,42 @@ def test_a_failure_up_to_the_pivot_compensates_every_step_before_it(
     refund = step["refund_payment"]
     assert (refund.phase, refund.celery_task_id) == (StepPhase.COMPENSATION, f"{saga.id}-refund_payment-g1")
     assert refund.deadline_at > timezone.now()
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 1), strict=True))]
+
+
+def test_after_a_declined_card_the_refund_is_not_needed_and_the_chain_starts_at_the_release(
+    django_capture_on_commit_callbacks,
+) -> None:
+    saga = start()
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "charge_payment", PaymentDeclined("card declined"), timeline=timeline(saga, ["reserve_inventory"]))
+    row = saga_row(saga)
+    assert (row.status, row.generation, row.current_step) == (SagaStatus.COMPENSATING, 1, "release_inventory")
+    assert (row.failure_step, row.failure_type) == ("charge_payment", "PaymentDeclined")
+    # The charge recorded its decline under its key, final at the provider: nothing to
+    # refund, and no copy of it will charge. The refund is shown not needed, not run.
+    assert statuses(saga, COMPENSATION) == ["not_needed", "running", "pending", "pending"]
+    refund = rows(saga)["refund_payment"]
+    assert (refund.attempts, refund.started_at, refund.deadline_at, refund.celery_task_id) == (0, None, None, "")
+    assert refund.finished_at is not None
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS[1:], ids(saga, COMPENSATION[1:], 1), strict=True))]
+
+    # The rest of the compensation reports; the saga ends compensated with the refund not run.
+    undo = timeline(saga, COMPENSATION[1:], generation=1)
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, undo))
+    assert saga_row(saga).status == SagaStatus.COMPENSATED
+    assert statuses(saga, COMPENSATION) == ["not_needed", "succeeded", "succeeded", "succeeded"]
+
+
+@pytest.mark.parametrize("failing", ["reserve_inventory", "confirm_order"])
+def test_a_decline_reported_by_a_step_that_does_not_record_it_as_final_compensates_everything(
+    failing: str, django_capture_on_commit_callbacks
+) -> None:
+    saga = start()
+    before = FORWARD[: FORWARD.index(failing)]
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, failing, PaymentDeclined("card declined"), timeline=timeline(saga, before))
+    assert statuses(saga, COMPENSATION) == ["running", "pending", "pending", "pending"]
     assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 1), strict=True))]
 
 
@@ -370,13 +406,13 @@ def test_a_failed_compensation_needs_attention(django_capture_on_commit_callback
             saga,
             "release_inventory",
             TransientError("inventory database down"),
-            timeline=timeline(saga, ["refund_payment"], generation=1),
+            timeline=[],  # the chain's first step: no refund ran after the decline
         )
 
     row = saga_row(saga)
     assert (row.status, row.outcome, row.generation) == (SagaStatus.NEEDS_ATTENTION, "failed", 1)
     assert (row.failure_step, row.failure_type) == ("release_inventory", "TransientError")
-    assert statuses(saga, COMPENSATION) == ["succeeded", "failed", "pending", "pending"]
+    assert statuses(saga, COMPENSATION) == ["not_needed", "failed", "pending", "pending"]
     assert all(step.deadline_at is None for step in rows(saga).values())  # the sweeper leaves it alone
     assert published(callbacks) == []
     assert saga_compensate_check(row) == (

@@ -38,6 +38,34 @@ def test_compensations_run_newest_first_then_fail_and_notify() -> None:
     ]
 
 
+def test_after_a_final_failure_the_compensations_of_that_step_and_later_ones_are_not_needed() -> None:
+    assert PLACE_ORDER.compensations_not_needed("charge_payment", "PaymentDeclined") == 1
+    for step, failure in [
+        ("charge_payment", "GatewayUnavailable"),  # the provider may still charge: refund
+        ("charge_payment", "StepTimedOut"),
+        ("charge_payment", "Cancelled"),
+        ("reserve_inventory", "PaymentDeclined"),  # not a failure the reservation records as final
+        ("no_such_step", "PaymentDeclined"),
+    ]:
+        assert PLACE_ORDER.compensations_not_needed(step, failure) == 0, (step, failure)
+    # Steps after the one that failed for good never ran: theirs are not needed either.
+    saga = SagaDefinition(
+        name="three",
+        steps=(
+            Step("a", "s.a", compensation=Step("undo_a", "s.undo_a")),
+            Step("b", "s.b", compensation=Step("undo_b", "s.undo_b"), final_failures=("Final",)),
+            Step("c", "s.c", compensation=Step("undo_c", "s.undo_c")),
+            Step("d", "s.d"),
+        ),
+        pivot="d",
+        after_compensation=(Step("tell", "s.tell"),),
+    )
+    assert [s.name for s in saga.compensation_steps()] == ["undo_c", "undo_b", "undo_a", "tell"]
+    assert saga.compensations_not_needed("b", "Final") == 2
+    assert saga.compensations_not_needed("b", "Other") == 0
+    assert saga.compensations_not_needed("c", "Final") == 0
+
+
 def test_only_steps_after_the_pivot_are_past_it() -> None:
     assert [PLACE_ORDER.is_after_pivot(s.name) for s in PLACE_ORDER.steps] == [False, False, False, True]
 
