@@ -52,6 +52,9 @@ RETRYABLE = (TransientError, OperationalError, InterfaceError)
 RECORD_KWARG = "record"
 # A chain is a handful of steps; the cap only keeps a malformed context from growing.
 MAX_TIMELINE = 16
+# Where a step's attempt keeps its start on the task's request, for its failure report
+# (saga.timeline): a failed step is shown with the times of the attempt that failed.
+STARTED_AT_ATTR = "saga_step_started_at"
 
 
 # What a step's result shows in logs and events: ids and outcomes.
@@ -173,6 +176,7 @@ def saga_step_task(
         )
         def task(self: Any, ctx: Any, **kwargs: Any) -> SagaContext:
             started_at = timezone.now()
+            setattr(self.request, STARTED_AT_ATTR, started_at.isoformat())
             if not isinstance(ctx, dict):
                 raise InvalidMessage(f"{name} expects a saga context object, got {type(ctx).__name__}")
             try:

@@ -151,6 +151,15 @@ def fingerprint_parts(fingerprint: str) -> tuple[str, str]:
     return failure_type, failure_step
 
 
+def _aware(value: Any) -> datetime | None:
+    """An ISO time with its zone, as a worker writes it; None for anything else."""
+    try:
+        parsed = parse_datetime(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return parsed if parsed is not None and parsed.tzinfo is not None else None
+
+
 class SagaStep(models.Model):
     """One step of one saga: its status, attempts, timing, Celery task id and last error."""
 
@@ -262,14 +271,21 @@ class SagaStep(models.Model):
             self.celery_task_id = task_id
 
     def take_attempt(self, attempt: Any) -> None:
-        """The failed task's attempt number and worker, as its failure report carries them
-        (saga.timeline); a report without them counts one attempt."""
+        """The failed task's attempt number, worker and times, as its failure report
+        carries them (saga.timeline); a report without them counts one attempt, and keeps
+        the times the coordinator gave the step (it failed when the report was read)."""
         try:
             self.attempts = max(self.attempts, int(attempt["attempt"]), 1)
         except (TypeError, KeyError, ValueError):
             self.attempts = max(self.attempts, 1)
-        if isinstance(attempt, dict) and isinstance(attempt.get("worker"), str):
+        if not isinstance(attempt, dict):
+            return
+        if isinstance(attempt.get("worker"), str):
             self.worker = attempt["worker"][:255]
+        started, finished = _aware(attempt.get("started_at")), _aware(attempt.get("finished_at"))
+        # Another host's clock may run a little ahead; anything else is not a time we show.
+        if started and finished and started <= finished <= timezone.now() + timedelta(minutes=5):
+            self.started_at, self.finished_at = started, finished
 
     def take_record(self, record: Mapping[str, Any], *, queued_at: datetime | None = None) -> None:
         """The timing, attempt, worker, task id and output of the participant's `record` of

@@ -8,7 +8,8 @@ the coordinator could not read them back and used to mark those steps succeeded 
 attempt and no times.
 
 `attach_failure_timeline` (a `before_task_publish` receiver, connected in every process by
-saga.apps) adds the failing task's `_steps` and its own attempt to the headers of the
+saga.apps) adds the failing task's `_steps` and its own attempt (number, worker, start and
+end) to the headers of the
 failure report (`saga.step_failed`) the failing worker publishes: no extra message, a few
 hundred bytes on the failure path only. An errback sent from a worker's main process (a
 hard time limit) has no current task and carries nothing: the coordinator then says the
@@ -18,6 +19,9 @@ earlier steps' outcome is unknown rather than inventing one.
 from typing import Any
 
 from celery import current_task
+from django.utils import timezone
+
+from common.steps import STARTED_AT_ATTR
 
 TIMELINE_HEADER = "saga_timeline"
 ATTEMPT_HEADER = "saga_failed_attempt"
@@ -39,4 +43,8 @@ def attach_failure_timeline(sender: Any = None, headers: dict[str, Any] | None =
     headers[ATTEMPT_HEADER] = {
         "attempt": (getattr(request, "retries", 0) or 0) + 1,
         "worker": getattr(request, "hostname", None) or "",
+        # The failed attempt's own times: it started at this, and failed just now (Celery
+        # sends the errback as the attempt ends).
+        "started_at": getattr(request, STARTED_AT_ATTR, None),
+        "finished_at": timezone.now().isoformat(),
     }

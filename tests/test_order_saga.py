@@ -4,6 +4,7 @@ import concurrent.futures
 import uuid
 
 import pytest
+from django.utils.dateparse import parse_datetime
 
 from devstack.topology import wait_for
 from inventory.models import Reservation
@@ -76,6 +77,16 @@ def test_declined_payment_releases_stock_and_charges_nothing(api: Api, sku: str)
     steps = steps_by_name(order)
     assert steps["charge_payment"]["status"] == "failed"
     assert steps["charge_payment"]["last_error"].startswith("PaymentDeclined")
+    # Shown with the times of the attempt that failed, as the failing worker reported them.
+    reserved, started, failed = (
+        parse_datetime(at)
+        for at in (
+            steps["reserve_inventory"]["finished_at"],
+            steps["charge_payment"]["started_at"],
+            steps["charge_payment"]["finished_at"],
+        )
+    )
+    assert reserved <= started <= failed, (reserved, started, failed)
     assert [steps[n]["status"] for n in ("confirm_order", "notify_customer")] == ["pending", "pending"]
     # The decline is final for the charge's key: no refund runs (Step.final_failures).
     assert [steps[n]["status"] for n in COMPENSATION] == ["not_needed"] + ["succeeded"] * 3

@@ -299,6 +299,31 @@ def test_after_a_declined_card_the_refund_is_not_needed_and_the_chain_starts_at_
     assert statuses(saga, COMPENSATION) == ["not_needed", "succeeded", "succeeded", "succeeded"]
 
 
+def test_a_failed_step_shows_the_times_of_the_attempt_that_failed() -> None:
+    saga = start()
+    started = timezone.now() - timedelta(seconds=3)
+    ended = started + timedelta(milliseconds=250)
+    attempt = {"attempt": 1, "worker": "p@host", "started_at": started.isoformat(), "finished_at": ended.isoformat()}
+    fail(saga, "charge_payment", StepFailed("x"), timeline=timeline(saga, ["reserve_inventory"]), attempt=attempt)
+    failed = rows(saga)["charge_payment"]
+    assert (failed.status, failed.attempts, failed.started_at, failed.finished_at) == ("failed", 1, started, ended)
+
+    # Times that are not a worker's (no zone, reversed, not a time) are not shown: the
+    # step failed when the coordinator read its report.
+    for started_at, finished_at in [
+        (started.replace(tzinfo=None).isoformat(), ended.isoformat()),
+        (ended.isoformat(), started.isoformat()),
+        ("2026-13-45T99:00:00+00:00", ended.isoformat()),
+        (None, ended.isoformat()),
+    ]:
+        other = start()
+        before = timezone.now()
+        attempt = {"attempt": 1, "started_at": started_at, "finished_at": finished_at}
+        fail(other, "charge_payment", StepFailed("x"), timeline=timeline(other, ["reserve_inventory"]), attempt=attempt)
+        failed = rows(other)["charge_payment"]
+        assert failed.started_at is None and failed.finished_at >= before, (started_at, finished_at)
+
+
 def test_a_repeated_errback_for_the_same_failure_changes_nothing(django_capture_on_commit_callbacks) -> None:
     saga = start()
     fail(saga, "charge_payment", PaymentDeclined("card declined"), timeline=timeline(saga, ["reserve_inventory"]))
