@@ -129,10 +129,10 @@ class SagaDefinition:
         `failure_step` failed with one of its `final_failures` (`failure_type`): the
         compensations of that step and of the steps after it. 0 for any other failure, a
         cancel or an operator's decision: then every compensation runs."""
-        failed = next((s for s in self.steps if s.name == failure_step), None)
-        if failed is None or failure_type not in failed.final_failures:
+        at = next((i for i, s in enumerate(self.steps) if s.name == failure_step), None)
+        if at is None or failure_type not in self.steps[at].final_failures:
             return 0
-        never_ran = self.steps[self.forward_index(failure_step) : self.pivot_index + 1]
+        never_ran = self.steps[at : self.pivot_index + 1]
         unneeded = {s.compensation.name for s in never_ran if s.compensation}
         plan = self.compensation_steps()
         return next((i for i, step in enumerate(plan) if step.name not in unneeded), len(plan))
