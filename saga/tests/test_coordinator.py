@@ -18,6 +18,7 @@ from django_celery_results.models import TaskResult
 
 from common.exceptions import InvalidMessage, StepFailed, StepRefused, TransientError
 from orders.saga import PLACE_ORDER
+from saga.definition import SagaDefinition, Step, register
 from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStatus, StepPhase, StepStatus
 from saga.operator import saga_compensate_check
@@ -297,6 +298,36 @@ def test_after_a_declined_card_the_refund_is_not_needed_and_the_chain_starts_at_
     saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, undo))
     assert saga_row(saga).status == SagaStatus.COMPENSATED
     assert statuses(saga, COMPENSATION) == ["not_needed", "succeeded", "succeeded", "succeeded"]
+
+
+class Final(Exception):
+    """A failure its step records as final (Step.final_failures)."""
+
+
+# A saga whose only compensation a final failure makes pointless, with nothing after it.
+NOTHING_AFTER = register(
+    SagaDefinition(
+        name="final_then_nothing",
+        steps=(
+            Step("pay", "payments.charge", compensation=Step("refund", "payments.refund"), final_failures=("Final",)),
+            Step("confirm", "orders.confirm"),
+        ),
+        pivot="confirm",
+    )
+)
+
+
+def test_when_no_compensation_is_needed_and_nothing_runs_after_them_the_saga_ends_compensated(
+    django_capture_on_commit_callbacks,
+) -> None:
+    saga = start(NOTHING_AFTER)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "pay", Final("no"), timeline=[])
+    row = saga_row(saga)
+    assert (row.status, row.current_step, row.failure_type) == (SagaStatus.COMPENSATED, "", "Final")
+    assert row.finished_at is not None
+    assert statuses(saga, ["refund"]) == ["not_needed"]
+    assert published(callbacks) == []
 
 
 def test_a_failed_step_shows_the_times_of_the_attempt_that_failed() -> None:
