@@ -203,7 +203,8 @@ def registered_versions() -> dict[str, list[int]]:
 
 def registered_definitions() -> list[SagaDefinition]:
     """Every definition this process may run a saga on, by (name, version)."""
-    return [_REGISTRY[key] for key in sorted(_REGISTRY)]
+    registry = _registry()
+    return [registry[key] for key in sorted(registry)]
 
 
 def get_definition(name: str, version: int | None = None) -> SagaDefinition:

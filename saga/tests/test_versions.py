@@ -114,3 +114,16 @@ def test_an_operator_retry_re_publishes_the_steps_of_the_saga_own_version(
     signature = publish.args[0]
     assert [signature.task] == ["orders.confirm"]
     assert signature.options["task_id"] == f"{saga.id}-confirm-g1"
+
+
+def test_every_lookup_loads_the_deployments_definitions_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A process whose first use of the registry lists it (the sweep's settlements, a
+    # `saga.settled` report) must see SAGA_DEFINITIONS, not an empty registry.
+    from saga import definition
+
+    monkeypatch.setattr(definition, "_REGISTRY", {})
+    monkeypatch.setattr(definition, "_LOADED", definition.threading.Event())
+
+    listed = definition.registered_definitions()
+
+    assert ("place_order", get_definition("place_order").version) in {(d.name, d.version) for d in listed}
