@@ -55,6 +55,9 @@ MAX_TIMELINE = 16
 # Where a step's attempt keeps its start on the task's request, for its failure report
 # (saga.timeline): a failed step is shown with the times of the attempt that failed.
 STARTED_AT_ATTR = "saga_step_started_at"
+# Where a step keeps the order id of a message it verified (common.signing), for its failure
+# report (saga.timeline): the coordinator's log lines name the order without a query.
+VERIFIED_ORDER_ATTR = "saga_step_order_id"
 
 
 # What a step's result shows in logs and events: ids and outcomes.
@@ -182,6 +185,7 @@ def saga_step_task(
             try:
                 # Only what the coordinator decided, for this task, over this context (issue 12).
                 authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
+                setattr(self.request, VERIFIED_ORDER_ATTR, str(ctx.get("order_id") or "")[:64])
                 record = kwargs.pop(RECORD_KWARG, False) is True
                 if phase and authority.phase != phase:
                     raise InvalidMessage(

@@ -8,12 +8,12 @@ the coordinator could not read them back and used to mark those steps succeeded 
 attempt and no times.
 
 `attach_failure_timeline` (a `before_task_publish` receiver, connected in every process by
-saga.apps) adds the failing task's `_steps` and its own attempt (number, worker, start and
-end) to the headers of the
-failure report (`saga.step_failed`) the failing worker publishes: no extra message, a few
-hundred bytes on the failure path only. An errback sent from a worker's main process (a
-hard time limit) has no current task and carries nothing: the coordinator then says the
-earlier steps' outcome is unknown rather than inventing one.
+saga.apps) adds the failing task's `_steps`, its own attempt (number, worker, start and
+end) and the order id of the message it verified to the headers of the failure report
+(`saga.step_failed`) the failing worker publishes: no extra message, a few hundred bytes
+on the failure path only. An errback sent from a worker's main process (a hard time limit)
+has no current task and carries nothing: the coordinator then says the earlier steps'
+outcome is unknown rather than inventing one, and looks the order up for its log lines.
 """
 
 from typing import Any
@@ -21,10 +21,13 @@ from typing import Any
 from celery import current_task
 from django.utils import timezone
 
-from common.steps import STARTED_AT_ATTR
+from common.steps import STARTED_AT_ATTR, VERIFIED_ORDER_ATTR
 
 TIMELINE_HEADER = "saga_timeline"
 ATTEMPT_HEADER = "saga_failed_attempt"
+# The order of the failed step's verified message: what the coordinator's log lines name
+# (orders_project.log reads it from the request), so the report needs no query for it.
+ORDER_HEADER = "saga_order_id"
 STEP_FAILED_TASK = "saga.step_failed"
 MAX_ENTRIES = 16  # a chain is a handful of steps (common.steps.MAX_TIMELINE)
 
@@ -34,6 +37,8 @@ def attach_failure_timeline(sender: Any = None, headers: dict[str, Any] | None =
         return
     task = current_task
     request = getattr(task, "request", None) if task else None
+    if order_id := getattr(request, VERIFIED_ORDER_ATTR, None):
+        headers[ORDER_HEADER] = order_id
     args = getattr(request, "args", None) if request is not None else None
     if not args or not isinstance(args[0], dict):
         return

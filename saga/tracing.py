@@ -20,6 +20,8 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .timeline import ORDER_HEADER
+
 logger = logging.getLogger(__name__)
 
 # Coordinator tasks that carry `saga_id` as a keyword argument.
@@ -83,8 +85,9 @@ def adopt_saga_trace(task: Any = None, kwargs: Mapping[str, Any] | None = None, 
     """task_prerun receiver of the saga worker, connected before the Celery instrumentation's.
 
     A coordinator task's message without a trace context (sent by a worker's main process)
-    gets the saga's stored one, so its span joins the order's trace; a failure report also
-    learns the order id, for its log lines (orders_project.log).
+    gets the saga's stored one, so its span joins the order's trace; a failure report that
+    does not name its order (saga.timeline.ORDER_HEADER: one from a worker's main process,
+    or a forged one) also learns the order id, for its log lines (orders_project.log).
     """
     from .models import SagaInstance
 
@@ -93,6 +96,10 @@ def adopt_saga_trace(task: Any = None, kwargs: Mapping[str, Any] | None = None, 
     request = task.request
     has_context = bool(getattr(request, "traceparent", None))
     if has_context and task.name != "saga.step_failed":
+        return
+    if getattr(request, ORDER_HEADER, None) and (has_context or not tracing_enabled()):
+        # The failing worker named the order (saga.timeline), and there is no trace to
+        # adopt: no query on the failure path.
         return
     if task.name == "saga.step_succeeded" and not tracing_enabled():
         # No trace to join, and the report's own context names the order for the log

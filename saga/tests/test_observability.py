@@ -3,16 +3,24 @@ tests/test_tracing.py)."""
 
 import json
 import logging
+import uuid
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from celery import current_task
+from django.db import connections
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from common.signing import AUTHORITY_KWARG, authority_mint
+from common.steps import VERIFIED_ORDER_ATTR, saga_step_task
 from orders_project.celery import app
 from orders_project.log import JsonFormatter, TaskContextFilter, TextFormatter
 from orders_project.telemetry import exporters
-from saga.models import fingerprint_of, fingerprint_parts
-from saga.tracing import saga_trace_context, trace_carrier, trace_id_of
+from saga import timeline
+from saga.models import SagaInstance, fingerprint_of, fingerprint_parts
+from saga.tracing import adopt_saga_trace, saga_trace_context, trace_carrier, trace_id_of
 
 SAGA_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 OTHER_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
@@ -158,3 +166,52 @@ def test_spans_go_over_otlp_http_when_the_protocol_says_so(variable: str) -> Non
         server.shutdown()
     assert run.returncode == 0, run.stderr
     assert received == [("/v1/traces", ["one span"])]
+
+
+# --- The order a failure report names ----------------------------------------------------
+
+ORDER_PROBE = "saga.tests.order_probe"
+
+
+@saga_step_task(ORDER_PROBE)
+def order_probe(ctx: dict) -> dict:
+    return {"verified_order": getattr(current_task.request, VERIFIED_ORDER_ATTR, None)}
+
+
+def test_a_step_keeps_the_order_of_the_message_it_verified_for_its_failure_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ctx = {"saga_id": str(uuid.uuid4()), "order_id": str(uuid.uuid4())}
+    authority = authority_mint(
+        saga_id=ctx["saga_id"], step="probe", task=ORDER_PROBE, phase="forward", generation=0, context=ctx
+    )
+    assert order_probe.apply(args=[ctx], kwargs={AUTHORITY_KWARG: authority}).get()["verified_order"] == ctx["order_id"]
+
+    # The failing worker's report names that order; one without a verified message names none.
+    request = SimpleNamespace(args=[ctx], retries=0, hostname="w@h", **{VERIFIED_ORDER_ATTR: ctx["order_id"]})
+    monkeypatch.setattr(timeline, "current_task", SimpleNamespace(request=request))
+    headers: dict = {}
+    timeline.attach_failure_timeline(sender="saga.step_failed", headers=headers)
+    assert headers[timeline.ORDER_HEADER] == ctx["order_id"]
+    delattr(request, VERIFIED_ORDER_ATTR)
+    headers = {}
+    timeline.attach_failure_timeline(sender="saga.step_failed", headers=headers)
+    assert timeline.ORDER_HEADER not in headers
+
+
+@pytest.mark.django_db(databases=["orders"])
+def test_a_failure_report_that_names_its_order_costs_the_coordinator_no_query(
+    django_assert_num_queries: Any,
+) -> None:
+    saga = SagaInstance.objects.create(definition="place_order", order_id=uuid.uuid4())
+    kwargs = {"saga_id": str(saga.id), "step": "charge_payment"}
+    named = SimpleNamespace(name="saga.step_failed", request=SimpleNamespace(**{timeline.ORDER_HEADER: "o-1"}))
+    with django_assert_num_queries(0, connection=connections["orders"]):
+        adopt_saga_trace(task=named, kwargs=kwargs)
+    assert named.request.saga_order_id == "o-1"
+
+    # One from a worker's main process (a hard time limit) names none: the order is looked up.
+    unnamed = SimpleNamespace(name="saga.step_failed", request=SimpleNamespace())
+    with django_assert_num_queries(1, connection=connections["orders"]):
+        adopt_saga_trace(task=unnamed, kwargs=kwargs)
+    assert unnamed.request.saga_order_id == str(saga.order_id)
