@@ -107,6 +107,18 @@ class Run:
     def latencies(self) -> list[float]:
         return [self.finished[k][0] - t for k, t in self.intended.items() if k in self.finished]
 
+    def latencies_by_outcome(self) -> dict[str, dict[str, Any]]:
+        """Latency percentiles of each outcome's orders (confirmed, failed), with their count:
+        what a mixed phase's tail is made of."""
+        by_outcome: dict[str, list[float]] = {}
+        for key, intended in self.intended.items():
+            if key in self.finished:
+                finished_at, outcome = self.finished[key]
+                by_outcome.setdefault(outcome, []).append(finished_at - intended)
+        return {
+            outcome: {"orders": len(values), **percentiles(values)} for outcome, values in sorted(by_outcome.items())
+        }
+
     def throughput(self) -> float:
         if not self.finished:
             return 0.0
@@ -129,6 +141,8 @@ class Run:
             "outcomes": self.outcomes(),
             "sagas_per_s": round(self.throughput(), 1),
             "latency_ms": percentiles(self.latencies()),
+            # A saturation phase's latencies say nothing (all queued at once).
+            **({"latency_ms_by_outcome": self.latencies_by_outcome()} if self.rate else {}),
             "cpu_cores": {k: round(v / self.wall, 3) for k, v in sorted(self.cpu.items())} if self.wall else {},
             "cpu_ms_per_saga": round(busy * 1000 / max(len(self.finished), 1), 2),
             "cpu_ms_per_saga_main_process": {

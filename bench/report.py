@@ -86,8 +86,23 @@ def table(results: dict[str, Any]) -> str:
             continue
         lines.append(f"saga steps, {phase}: queue wait p50/p95 | work p50/p95 (ms)")
         for name, row in steps.items():
-            w, k = row["queue_wait_ms"], row["work_ms"]
-            lines.append(f"  {name:<20}{_fmt(w['p50']):>8}{_fmt(w['p95']):>8} |{_fmt(k['p50']):>8}{_fmt(k['p95']):>8}")
+            w, k = row["queue_wait_ms"], row["work_ms"] or {}
+            work = f"{_fmt(k['p50']):>8}{_fmt(k['p95']):>8}" if k else "  (the errback and the coordinator)"
+            lines.append(f"  {name:<24}{_fmt(w['p50']):>8}{_fmt(w['p95']):>8} |{work}")
+    by_outcome = [
+        (label, row)
+        for label, system in (("saga", saga), ("bare chain", results.get("bare_chain") or {}))
+        for phase in ("rate_20", "rate_half")
+        if (row := system.get(phase)) and row.get("latency_ms_by_outcome")
+    ]
+    if by_outcome:
+        lines.append("latency by outcome, ms: p50/p95/p99 (orders)")
+        for label, row in by_outcome:
+            parts = [
+                f"{outcome} {_fmt(lat['p50'])}/{_fmt(lat['p95'])}/{_fmt(lat['p99'])} ({lat['orders']})"
+                for outcome, lat in row["latency_ms_by_outcome"].items()
+            ]
+            lines.append(f"  {label} at {row['rate']:g}/s: " + ", ".join(parts))
     rss = saga.get("worker_rss_mb")
     if rss:
         lines.append("worker RSS MB (start -> end): " + ", ".join(

@@ -260,15 +260,36 @@ def saga_step_times(keys: list[str]) -> dict[str, dict[str, Any]]:
             [keys],
         )
         rows = cursor.fetchall()
+        # A failed saga's hop through the coordinator: from the failed step's end (its
+        # attempt's own time, carried on its failure report) to its compensation chain's
+        # publication (the first compensation's queued_at): the errback's queue wait and
+        # the coordinator's work. Steps marked not_needed are never published.
+        cursor.execute(
+            "SELECT extract(epoch FROM c.published - f.finished_at)::float8 "
+            "FROM saga_sagainstance i JOIN saga_sagastep f ON f.saga_id = i.id AND f.phase = 'forward' "
+            "AND f.status = 'failed' AND f.finished_at IS NOT NULL "
+            "JOIN (SELECT saga_id, min(queued_at) AS published FROM saga_sagastep "
+            "WHERE phase = 'compensation' AND queued_at IS NOT NULL GROUP BY saga_id) c ON c.saga_id = i.id "
+            "WHERE i.order_id = ANY(%s::uuid[])",
+            [keys],
+        )
+        hops = [max(row[0], 0.0) for row in cursor.fetchall()]
     by_step: dict[str, tuple[list[float], list[float]]] = {}
     for name, wait, work in rows:
         waits, works = by_step.setdefault(name, ([], []))
         waits.append(max(wait, 0.0))
         works.append(max(work, 0.0))
-    return {
+    times: dict[str, dict[str, Any]] = {
         name: {"samples": len(waits), "queue_wait_ms": _p(percentiles(waits)), "work_ms": _p(percentiles(works))}
         for name, (waits, works) in by_step.items()
     }
+    if hops:
+        times[COORDINATOR_HOP] = {"samples": len(hops), "queue_wait_ms": _p(percentiles(hops)), "work_ms": None}
+    return times
+
+
+# The saga steps table's row for a failure's way through the coordinator (saga_step_times).
+COORDINATOR_HOP = "failure -> compensation"
 
 
 def _p(values: dict[str, float]) -> dict[str, float]:
