@@ -244,6 +244,10 @@ def saga_finished(keys: list[str]) -> dict[str, tuple[float, str]]:
         return {row[0]: (row[1], outcome.get(row[2], row[2])) for row in cursor.fetchall()}
 
 
+# The saga steps table's row for a failure's way through the coordinator (saga_step_times).
+COORDINATOR_HOP = "failure -> compensation"
+
+
 def saga_step_times(keys: list[str]) -> dict[str, dict[str, Any]]:
     """Per step: queue wait (published -> started) and work (started -> finished), p50/p95 in ms."""
     from django.db import connections
@@ -286,10 +290,6 @@ def saga_step_times(keys: list[str]) -> dict[str, dict[str, Any]]:
     if hops:
         times[COORDINATOR_HOP] = {"samples": len(hops), "queue_wait_ms": _p(percentiles(hops)), "work_ms": None}
     return times
-
-
-# The saga steps table's row for a failure's way through the coordinator (saga_step_times).
-COORDINATOR_HOP = "failure -> compensation"
 
 
 def _p(values: dict[str, float]) -> dict[str, float]:

@@ -86,8 +86,10 @@ def adopt_saga_trace(task: Any = None, kwargs: Mapping[str, Any] | None = None, 
 
     A coordinator task's message without a trace context (sent by a worker's main process)
     gets the saga's stored one, so its span joins the order's trace; a failure report that
-    does not name its order (saga.timeline.ORDER_HEADER: one from a worker's main process,
-    or a forged one) also learns the order id, for its log lines (orders_project.log).
+    does not name its order (saga.timeline.ORDER_HEADER: one from a worker's main process)
+    also learns the order id, for its log lines (orders_project.log). The header is only
+    what the failing worker said: a forged report may name another order in its log
+    lines, and is then ignored (saga.failure: it has no stored failure).
     """
     from .models import SagaInstance
 
