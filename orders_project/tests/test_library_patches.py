@@ -6,13 +6,17 @@ there. When an upgrade brings the upstream fix, the last test fails: remove the 
 (and this test) then.
 """
 
+import inspect
 import re
 import threading
+import uuid
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import redis
+from django.conf import settings
 from kombu.transport import redis as kombu_redis
 from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
@@ -22,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orders_project import kombu_fixes, telemetry
+from orders_project.celery import app
 
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
 
@@ -66,6 +71,65 @@ def test_upstream_kombu_still_raises_attribute_error_on_a_torn_down_connection()
     orders_project/kombu_fixes.py and this test."""
     with pytest.raises(AttributeError, match="hostname"):
         kombu_fixes.upstream_connparams(_torn_down_channel())
+
+
+def _channel_on(pool: redis.ConnectionPool) -> kombu_redis.Channel:
+    channel = object.__new__(kombu_redis.Channel)
+    channel.Client = redis.Redis
+    channel._pool = pool
+    channel._async_pool = pool
+    return channel
+
+
+def test_the_kombu_patch_builds_one_client_per_pool_of_a_channel() -> None:
+    pool = redis.ConnectionPool()  # connects on a command's first use: none is sent here
+    channel = _channel_on(pool)
+    first = kombu_fixes._create_client_once_per_pool(channel)
+    assert kombu_fixes._create_client_once_per_pool(channel) is first
+    assert first.connection_pool is pool
+    # kombu drops its pools when the connection closes; the next command gets a new pool.
+    channel._pool = redis.ConnectionPool()
+    again = kombu_fixes._create_client_once_per_pool(channel)
+    assert again is not first
+    assert again.connection_pool is channel._pool
+    # The event loop's asynchronous client is kombu's own, one per call as before.
+    one, two = (kombu_fixes._create_client_once_per_pool(channel, asynchronous=True) for _ in range(2))
+    assert one is not two
+
+
+@pytest.mark.skipif(not settings.CELERY_BROKER_URL.startswith("redis"), reason="a patch of the Redis transport")
+def test_messages_through_the_broker_build_one_redis_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publishing, reading and acknowledging 20 messages through the app's own broker
+    connection: kombu alone builds a client for every one of those commands."""
+    built = []
+    upstream_init = redis.Redis.__init__
+
+    def counting_init(self: redis.Redis, *args: object, **kwargs: object) -> None:
+        built.append(self)
+        upstream_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "__init__", counting_init)
+    name = f"test-library-patches-{uuid.uuid4()}"
+    with app.connection_for_write() as connection, connection.SimpleQueue(name) as queue:
+        for number in range(20):
+            queue.put({"n": number})
+        received = []
+        for _ in range(20):
+            message = queue.get(timeout=5)
+            received.append(message.payload["n"])
+            message.ack()
+        queue.queue.delete()
+    assert received == list(range(20))
+    assert len(built) <= 3, f"{len(built)} Redis clients for 20 messages"
+
+
+def test_upstream_redis_still_builds_its_callback_table_in_every_client() -> None:
+    """redis/redis-py#3624 (and its pull request #4124): every `Redis()` builds the
+    response-callback table anew. When this fails, a client costs little to build: remove
+    `_create_client_once_per_pool` from orders_project/kombu_fixes.py and these tests."""
+    source = inspect.getsource(redis.Redis.__init__)
+    assert "CaseInsensitiveDict(" in source
+    assert "get_response_callbacks(" in source
 
 
 def test_upstream_celery_instrumentation_still_ends_an_unregistered_tasks_publish_span_before_the_publish() -> None:
