@@ -18,6 +18,12 @@ others 2), in the directory holding `bench/`:
     celery -A bench.bare worker -Q notifications -n bare-notifications@%h --concurrency 2 -l INFO
 
 Each worker registers all six tasks but consumes only its own queue.
+
+The bare app carries the product's patches of kombu's Redis transport (common.kombu_fixes:
+one Redis client per channel instead of one per command, and a torn-down connection
+counted as a connection error). They are library fixes any Celery user could apply, not
+part of the saga: a baseline without them would credit the saga with them (BENCHMARKS.md,
+twelfth run: 19 % of a worker's main process was building Redis clients).
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ import psycopg
 from celery import Celery, chain
 from celery.exceptions import Ignore
 
+from common import kombu_fixes  # kombu and redis only: nothing of Django or the product
+
 from . import sql
+
+kombu_fixes.apply()
 
 # The product's worker-side Celery settings (orders_project/settings.py, CELERY_<KEY>), with
 # the same environment variables and defaults, so both systems run under the same delivery

@@ -11,9 +11,8 @@ import os
 
 from celery import Celery, signals
 
+from common import kombu_fixes
 from orders_project.db_health import close_connections_closed_by_server
-
-from . import kombu_fixes
 
 kombu_fixes.apply()
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")

@@ -79,3 +79,14 @@ def test_the_bare_processes_never_load_django_even_when_its_settings_are_named()
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_bare_app_carries_the_products_kombu_patches():
+    # Library fixes, not the saga's: the ratio must not credit the saga with them.
+    from kombu.transport import redis as kombu_redis
+
+    from common import kombu_fixes
+
+    assert bare.app is not None
+    assert kombu_redis.Channel._create_client is kombu_fixes._create_client_once_per_pool
+    assert kombu_redis.Channel._connparams is kombu_fixes._connparams_of_a_live_connection

@@ -25,7 +25,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from orders_project import kombu_fixes, telemetry
+from common import kombu_fixes
+from orders_project import telemetry
 from orders_project.celery import app
 
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
@@ -68,7 +69,7 @@ def test_the_kombu_patch_reports_a_torn_down_connection_as_a_connection_error() 
 
 def test_upstream_kombu_still_raises_attribute_error_on_a_torn_down_connection() -> None:
     """celery/kombu#582. When this fails, kombu raises something it handles: remove
-    orders_project/kombu_fixes.py and this test."""
+    common/kombu_fixes.py and this test."""
     with pytest.raises(AttributeError, match="hostname"):
         kombu_fixes.upstream_connparams(_torn_down_channel())
 
@@ -126,7 +127,7 @@ def test_messages_through_the_broker_build_one_redis_client(monkeypatch: pytest.
 def test_upstream_redis_still_builds_its_callback_table_in_every_client() -> None:
     """redis/redis-py#3624 (and its pull request #4124): every `Redis()` builds the
     response-callback table anew. When this fails, a client costs little to build: remove
-    `_create_client_once_per_pool` from orders_project/kombu_fixes.py and these tests."""
+    `_create_client_once_per_pool` from common/kombu_fixes.py and these tests."""
     source = inspect.getsource(redis.Redis.__init__)
     assert "CaseInsensitiveDict(" in source
     assert "get_response_callbacks(" in source

@@ -73,7 +73,7 @@ def apply() -> None:
     """Patch kombu's Redis channel. Precondition: kombu is PATCHED_VERSION."""
     if (installed := metadata.version("kombu")) != PATCHED_VERSION:
         raise RuntimeError(
-            f"orders_project.kombu_fixes patches kombu {PATCHED_VERSION}, not {installed}: check whether "
+            f"common.kombu_fixes patches kombu {PATCHED_VERSION}, not {installed}: check whether "
             f"{UPSTREAM_ISSUE} is fixed in it (then delete the patch) or re-check the patch and update PATCHED_VERSION"
         )
     kombu_redis.Channel._connparams = _connparams_of_a_live_connection  # type: ignore[attr-defined]
