@@ -22,7 +22,8 @@ new `redis.Redis` around the channel's connection pool for every command it send
 the event loop: each publish, each task event, each acknowledgement and each message a
 worker reserves. redis-py rebuilds its whole response-callback table (about 170 entries,
 upper-cased one by one) in every `Redis()`: 68 us each on these cores, 19 % of a worker's
-main process at saturation and 14 % of a web request (py-spy and cProfile, BENCHMARKS.md).
+main process at saturation (py-spy) and 14 % of a web request's CPU (cProfile), BENCHMARKS.md,
+twelfth run.
 A `Redis` given a pool holds no connection of its own: each command checks one out of the
 pool and returns it, so one client per pool serves every command the channel sends
 (redis-py documents clients as safe to share between threads), while a pipeline stays one
@@ -48,7 +49,7 @@ CLIENT_UPSTREAM_ISSUE = "redis/redis-py#3624"
 upstream_connparams = kombu_redis.Channel._connparams  # type: ignore[attr-defined]
 upstream_create_client = kombu_redis.Channel._create_client  # type: ignore[attr-defined]
 # Where a channel keeps its one client, with the pool it was made for.
-_CLIENT_ATTR = "_orders_project_sync_client"
+_CLIENT_ATTR = "_kombu_fixes_sync_client"
 
 
 def _connparams_of_a_live_connection(self, asynchronous=False):
@@ -73,8 +74,9 @@ def apply() -> None:
     """Patch kombu's Redis channel. Precondition: kombu is PATCHED_VERSION."""
     if (installed := metadata.version("kombu")) != PATCHED_VERSION:
         raise RuntimeError(
-            f"common.kombu_fixes patches kombu {PATCHED_VERSION}, not {installed}: check whether "
-            f"{UPSTREAM_ISSUE} is fixed in it (then delete the patch) or re-check the patch and update PATCHED_VERSION"
+            f"common.kombu_fixes patches kombu {PATCHED_VERSION}, not {installed}: check whether {UPSTREAM_ISSUE} "
+            f"and {CLIENT_UPSTREAM_ISSUE} are fixed in it (then delete that patch) or re-check the patches and "
+            "update PATCHED_VERSION"
         )
     kombu_redis.Channel._connparams = _connparams_of_a_live_connection  # type: ignore[attr-defined]
     kombu_redis.Channel._create_client = _create_client_once_per_pool  # type: ignore[attr-defined]
