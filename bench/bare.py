@@ -21,9 +21,12 @@ Each worker registers all six tasks but consumes only its own queue.
 
 The bare app carries the product's patches of kombu's Redis transport (common.kombu_fixes:
 one Redis client per channel instead of one per command, and a torn-down connection
-counted as a connection error). They are library fixes any Celery user could apply, not
-part of the saga: a baseline without them would credit the saga with them (BENCHMARKS.md,
-twelfth run: 19 % of a worker's main process was building Redis clients).
+counted as a connection error) and of billiard's picklable tracebacks (common.billiard_fixes:
+a failed task's report keeps one code position per frame, not all of them). They are library
+fixes any Celery user could apply, not part of the saga: a baseline without them would credit
+the saga with them (BENCHMARKS.md, twelfth run: 19 % of a worker's main process was building
+Redis clients). The bare chain's declines stop their chain with Ignore, which is not a
+failure, so the billiard fix changes nothing there that the bench measures.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ import psycopg
 from celery import Celery, chain
 from celery.exceptions import Ignore
 
-from common import kombu_fixes  # kombu and redis only: nothing of Django or the product
+from common import billiard_fixes, kombu_fixes  # nothing of Django or the product
 
 from . import sql
 
 kombu_fixes.apply()
+billiard_fixes.apply()
 
 # The product's worker-side Celery settings (orders_project/settings.py, CELERY_<KEY>), with
 # the same environment variables and defaults, so both systems run under the same delivery

@@ -81,17 +81,18 @@ def test_the_bare_processes_never_load_django_even_when_its_settings_are_named()
     assert done.stdout.strip() == "[]"
 
 
-def test_the_bare_app_carries_the_products_kombu_patches():
+def test_the_bare_app_carries_the_products_library_patches():
     # Library fixes, not the saga's: the ratio must not credit the saga with them. In a
     # process of its own: this one loaded the product, which applies them anyway.
     script = (
         "from bench import bare; from kombu.transport import redis as kombu_redis; "
-        "from common import kombu_fixes; "
+        "from billiard import einfo; from common import billiard_fixes, kombu_fixes; "
         "print(kombu_redis.Channel._create_client is kombu_fixes._create_client_once_per_pool, "
-        "kombu_redis.Channel._connparams is kombu_fixes._connparams_of_a_live_connection)"
+        "kombu_redis.Channel._connparams is kombu_fixes._connparams_of_a_live_connection, "
+        "einfo.Traceback.__init__ is billiard_fixes._traceback_keeping_one_position)"
     )
 
     done = subprocess.run([sys.executable, "-c", script], cwd=BASE_DIR, capture_output=True, text=True)
 
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "True True"
+    assert done.stdout.strip() == "True True True"

@@ -7,8 +7,10 @@ there. When an upgrade brings the upstream fix, the last test fails: remove the 
 """
 
 import inspect
+import pickle
 import re
 import threading
+import traceback
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -16,6 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 import redis
+from billiard import einfo
+from celery import Celery
+from celery.app.trace import build_tracer
 from django.conf import settings
 from kombu.transport import redis as kombu_redis
 from opentelemetry import trace
@@ -25,7 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common import kombu_fixes
+from common import billiard_fixes, kombu_fixes
 from orders_project import telemetry
 from orders_project.celery import app
 
@@ -42,6 +47,7 @@ def pinned(package: str) -> str:
     ("package", "patched"),
     [
         ("kombu", kombu_fixes.PATCHED_VERSION),
+        ("billiard", billiard_fixes.PATCHED_VERSION),
         ("opentelemetry-instrumentation-celery", telemetry.PATCHED_CELERY_INSTRUMENTATION),
     ],
 )
@@ -168,3 +174,56 @@ def test_upstream_celery_instrumentation_still_ends_an_unregistered_tasks_publis
     assert seen["ended_before_the_publish"] == [f"apply_async/{name}"]
     assert len(exporter.get_finished_spans()) == 1
     assert not seen["current_after"].get_span_context().is_valid  # type: ignore[attr-defined]
+
+
+def test_the_billiard_patch_refuses_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(billiard_fixes, "PATCHED_VERSION", "0.0.1")
+    with pytest.raises(RuntimeError, match="celery/celery#8882"):
+        billiard_fixes.apply()
+
+
+def _failure_as_a_pool_process_reports_it() -> einfo.ExceptionInfo:
+    """The ExceptionInfo a prefork pool process sends its main process for a task that
+    raised: through Celery's own tracer, as in a worker (no result backend)."""
+    probe = Celery("billiard-patch-probe", set_as_current=False)
+
+    @probe.task(name="probe.fails", ignore_result=True)
+    def fails() -> None:
+        raise ValueError("declined, say")
+
+    tracer = build_tracer(fails.name, fails, app=probe, eager=False, propagate=False)
+    report = tracer("probe-task-id", (), {}, request={"id": "probe-task-id", "delivery_info": {}})[0]
+    assert isinstance(report, einfo.ExceptionInfo)
+    return report
+
+
+def test_a_failed_tasks_report_is_small_and_reads_the_same() -> None:
+    """What a failure costs to send to the worker's main process (pickled through the pool's
+    pipe), and the traceback it shows there: the same text, carets included."""
+    report = _failure_as_a_pool_process_reports_it()
+    sent = pickle.dumps(report)
+    received = pickle.loads(sent)
+    # 2.5 KB here (32 KB unpatched; a saga step's decline, a few frames deeper: 4.9 against 57).
+    assert len(sent) < 8_000, f"{len(sent)} bytes for one failure"
+    shown = "".join(traceback.format_exception(received.type, received.exception, received.tb))
+    assert shown == report.traceback
+    assert "^^^" in shown  # the column of the failing call: one position kept per frame
+    # A copy of the copy (billiard copies a received traceback again) shows the same frames.
+    again = einfo.ExceptionInfo((received.type, received.exception, received.tb))
+    assert traceback.format_tb(again.tb) == traceback.format_tb(received.tb)
+
+
+def test_without_the_billiard_patch_a_failed_tasks_report_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measurement the bound above guards (checks that it can fail)."""
+    monkeypatch.setattr(einfo._Code, "__init__", billiard_fixes.upstream_code_init)
+    monkeypatch.setattr(einfo.Traceback, "__init__", billiard_fixes.upstream_traceback_init)
+    assert len(pickle.dumps(_failure_as_a_pool_process_reports_it())) > 24_000
+
+
+def test_upstream_billiard_still_copies_every_position_of_a_failed_frames_code() -> None:
+    """celery/celery#8882. When this fails, billiard keeps less than every position: remove
+    common/billiard_fixes.py and the tests of it."""
+    code = build_tracer.__code__
+    copy = object.__new__(einfo._Code)
+    billiard_fixes.upstream_code_init(copy, code)
+    assert len(copy._co_positions) == len(list(code.co_positions())) > 100
