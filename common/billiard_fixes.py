@@ -4,9 +4,10 @@
 (celery/celery#8882, closed without a fix). When a task fails (a declined card is how a saga
 is meant to fail: `PaymentDeclined` is raised), Celery describes the failure with billiard's
 `ExceptionInfo`, whose `Traceback` copies each frame's code object into a picklable `_Code`.
-On Python 3.11 and later (which the README requires) that copy keeps `list(code.co_positions())`: a 4-tuple for every
-instruction of the function, wherever it failed. Celery's `trace_task` alone is thousands of
-instructions. Measured here (BENCHMARKS.md, "A declined card's traceback"): 57 KB pickled per
+On Python 3.11 and later (which the README requires) that copy keeps
+`list(code.co_positions())`: a 4-tuple for every instruction of the function, wherever it
+failed. Celery's `trace_task` alone is thousands of instructions. Measured here
+(BENCHMARKS.md, thirteenth run, "What changed: a declined card's traceback"): 57 KB pickled per
 declined charge, sent through the pool's pipe to the worker's main process and unpickled
 there (1.4 ms of CPU between the two), and the pool processes' memory grew with every
 decline (the payments worker's four processes by about 33 KB per charge at 10 % declines, to
