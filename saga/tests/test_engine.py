@@ -294,3 +294,40 @@ def test_the_context_is_signed_as_participants_receive_it() -> None:
     authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx=received)
     with pytest.raises(InvalidMessage, match="not the one"):
         authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx={**received, "total": "0.01"})
+
+
+@pytest.mark.parametrize("plan", [PLACE_ORDER.steps, PLACE_ORDER.compensation_steps()[1:]], ids=["forward", "undo"])
+def test_chain_send_publishes_the_message_celery_would(plan, monkeypatch) -> None:
+    """saga.engine.chain_send skips Celery's chain machinery; the message must not change."""
+    from orders_project.celery import app
+    from saga.engine import chain_send
+
+    sent: list[tuple[str, tuple]] = []
+    monkeypatch.setattr(
+        app.amqp, "send_task_message", lambda producer, name, message, **options: sent.append((name, message))
+    )
+    phase = "forward" if plan is PLACE_ORDER.steps else "compensation"
+    build_chain(plan, saga_id=SAGA_ID, generation=2, phase=phase, context=CONTEXT).apply_async()
+    chain_send(build_chain(plan, saga_id=SAGA_ID, generation=2, phase=phase, context=CONTEXT))
+    (celery_name, celery_message), (our_name, our_message) = sent
+    assert our_name == celery_name == plan[0].task
+    # Where the first step's task is registered (this process; not the web's), Celery's
+    # own path writes its `ignore_result` into the headers. Ours leaves None, which a worker
+    # reads as the task's own setting (celery.app.task.get_actual_ignore_result): the same.
+    assert our_message[0]["ignore_result"] is None
+    our_message[0]["ignore_result"] = celery_message[0]["ignore_result"]
+    # (headers, properties, body, sent event): the authorities differ only by when they
+    # were minted, so their timestamps and signatures are left out.
+    for ours, celerys in zip(our_message, celery_message, strict=True):
+        assert kombu_json.loads(_unsigned(kombu_json.dumps(ours))) == kombu_json.loads(
+            _unsigned(kombu_json.dumps(celerys))
+        )
+    _, _, body, _ = our_message
+    assert [entry["task"] for entry in reversed(body[2]["chain"])] == [step.task for step in plan[1:]]
+
+
+def _unsigned(text: str) -> str:
+    """`text` with each signed authority's timestamp and signature blanked."""
+    import re
+
+    return re.sub(r'(authority": "[A-Za-z0-9_\-]+):[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+"', r'\1:T:S"', text)
