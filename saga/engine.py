@@ -148,7 +148,8 @@ def chain_send(canvas: Signature) -> None:
     first, *rest = canvas.tasks
     reply_to = app.thread_oid
     later = [{**sig, "options": {**sig.options, "reply_to": reply_to}} for sig in reversed(rest)]
-    app.send_task(first.task, args=first.args, kwargs=first.kwargs, chain=later, reply_to=reply_to, **first.options)
+    options = {**first.options, "reply_to": reply_to}
+    app.send_task(str(first.task), args=first.args, kwargs=first.kwargs, chain=later, **options)
 
 
 def settlement_chain(step: Step, *, saga_ids: Iterable[uuid.UUID | str]) -> Signature:
