@@ -1,11 +1,16 @@
 """The HTTP contract: authentication, who sees what, and clear 400s for bad input."""
 
+import json
+import re
 import uuid
 
 import pytest
 import requests
+from django.test import Client
 
+from common.drf import WriteRateThrottle
 from devstack.topology import wait_for
+from orders.api.views import OrderListCreateApi
 from orders.models import Order
 from payments.models import Payment
 from saga.models import SagaAuditEntry
@@ -220,3 +225,63 @@ def test_bad_idempotency_key_gets_a_400(api: Api, key: str) -> None:
 def test_unknown_order_is_404_and_malformed_id_is_404(api: Api) -> None:
     assert api.get(f"/api/orders/{uuid.uuid4()}/").status_code == 404
     assert api.get("/api/orders/not-a-uuid/").status_code == 404
+
+
+_IDS = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TIMES = re.compile(r"\d{4}-\d\d-\d\dT[0-9:.]+(?:Z|[+-]\d\d:\d\d)")
+
+
+def _answer(topology, monkeypatch, *, hot: bool, posts: list[tuple[dict, dict]]) -> tuple:
+    """The last of `posts` ((body, headers) each) as one new customer, with or without the
+    hot path: its status, headers and body, with ids and times masked. A replay's body is
+    the order as it is by then (its saga runs meanwhile): only its fields, and that it is
+    the first post's order."""
+    monkeypatch.setattr(OrderListCreateApi, "hot_path", hot)
+    client = Client(HTTP_AUTHORIZATION=f"Token {Api.for_new_user(topology.base_url).token}")
+    answers = [
+        client.post("/api/orders/", json.dumps(body), content_type="application/json", headers=headers)
+        for body, headers in posts
+    ]
+    response = answers[-1]
+    shown = {name: value for name, value in response.headers.items() if name not in ("Content-Length", "Location")}
+    location = _IDS.sub("<id>", response.headers.get("Location", ""))
+    if response.headers.get("Idempotent-Replayed"):
+        assert response.json()["id"] == answers[0].json()["id"]
+        return response.status_code, shown, location, sorted(response.json())
+    return response.status_code, shown, location, _TIMES.sub("<time>", _IDS.sub("<id>", response.content.decode()))
+
+
+@pytest.mark.parametrize(
+    "case", ["plain", "two lines and a phone", "new key", "replayed key", "reused key", "unknown sku", "rate limited"]
+)
+def test_the_hot_path_answers_as_rest_framework_does(topology, monkeypatch, sku: str, case: str) -> None:
+    """orders.api.views.OrderListCreateApi._post_plain: the same answer as the declared view."""
+    make_product(sku, on_hand=100)
+    make_product(f"{sku}-2", on_hand=100)
+    order = {"email": "a@example.com", "items": [{"sku": sku, "quantity": 2}], "payment_token": "tok_visa"}
+    key = {"Idempotency-Key": "k-1"}
+    posts = {
+        "plain": [(order, {})],
+        "two lines and a phone": [
+            ({**order, "phone": "+14155550123", "items": [*order["items"], {"sku": f"{sku}-2", "quantity": 1}]}, {})
+        ],
+        "new key": [(order, key)],
+        "replayed key": [(order, key), (order, key)],
+        "reused key": [(order, key), ({**order, "payment_token": "tok_mastercard"}, key)],
+        "unknown sku": [({**order, "items": [{"sku": f"{sku}-none", "quantity": 1}]}, {})],
+        "rate limited": [(order, {}), (order, {})],
+    }[case]
+    if case == "rate limited":
+        monkeypatch.setattr(WriteRateThrottle, "THROTTLE_RATES", {"order_create": "1/minute"})
+    declared = _answer(topology, monkeypatch, hot=False, posts=posts)
+    by_the_view: list[str] = []
+    declared_post = OrderListCreateApi.post
+    monkeypatch.setattr(
+        OrderListCreateApi, "post", lambda view, request: by_the_view.append(case) or declared_post(view, request)
+    )
+    hot = _answer(topology, monkeypatch, hot=True, posts=posts)
+    assert hot == declared
+    assert declared[0] == {"unknown sku": 400, "reused key": 422, "rate limited": 429}.get(case, 202)
+    # Every post went the hot way (the declared view's `post` never ran; the rate limit's
+    # refusal comes from REST framework before any view method).
+    assert by_the_view == []
