@@ -129,29 +129,6 @@ def build_chain(
     return chain(*signatures, app=app)
 
 
-def chain_send(canvas: Signature) -> None:
-    """Publish `canvas` (from `build_chain` or `settlement_chain`): the same message as its
-    own `apply_async()`, in one `send_task`.
-
-    Celery's `chain.apply_async()` clones and deep-copies every signature of the chain and
-    builds a result object for each before it sends the first step, whose message carries
-    the rest: 9 % of the web's CPU for each order (BENCHMARKS.md). A saga's chain is
-    a flat list of plain signatures that already carry their task ids and errbacks, so the
-    message is assembled here as `chain.run` would: the first step's own options, and the
-    others, last first, each with the publishing thread's `reply_to` that freezing adds.
-    saga/tests/test_engine.py compares the two messages, so a Celery release that changes
-    the chain's message fails there, not in production.
-    """
-    if not isinstance(canvas, chain) or not all(type(sig) is Signature for sig in canvas.tasks):
-        canvas.apply_async()
-        return
-    first, *rest = canvas.tasks
-    reply_to = app.thread_oid
-    later = [{**sig, "options": {**sig.options, "reply_to": reply_to}} for sig in reversed(rest)]
-    options = {**first.options, "reply_to": reply_to}
-    app.send_task(str(first.task), args=first.args, kwargs=first.kwargs, chain=later, **options)
-
-
 def settlement_chain(step: Step, *, saga_ids: Iterable[uuid.UUID | str]) -> Signature:
     """The one message that settles a batch of sagas: `step.task(saga_ids)`, authorised
     for exactly those sagas, then `saga.settled` with its sealed output (the sagas it

@@ -17,7 +17,7 @@ from django.utils import timezone
 from common.db import insert_together
 
 from .definition import SagaDefinition, Step, get_definition
-from .engine import build_chain, chain_send, task_id_for
+from .engine import build_chain, task_id_for
 from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .store import DB
 from .store import save as store_save
@@ -36,7 +36,7 @@ def _publish(signature: Any, saga_id: uuid.UUID, trace_context: Mapping[str, str
     try:
         # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
         with saga_trace_context(trace_context):
-            chain_send(signature)
+            signature.apply_async()
     except Exception:
         logger.exception("saga %s: publishing its next steps failed; the sweeper will retry", saga_id)
 

@@ -32,7 +32,7 @@ from common.exceptions import InvalidMessage
 from common.signing import batch_seal_verify
 
 from .definition import Step, registered_definitions
-from .engine import chain_send, settlement_chain
+from .engine import settlement_chain
 from .models import SagaInstance
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def saga_settlements_send(*, now: datetime | None = None, batch: int | None = No
 
 def _send(step: Step, saga_ids: list[Any]) -> None:
     try:
-        chain_send(settlement_chain(step, saga_ids=saga_ids))
+        settlement_chain(step, saga_ids=saga_ids).apply_async()
     except Exception:  # claimed: sent again after the settlement's deadline
         logger.exception(
             "sending the settlement %s of %d sagas failed; it is sent again later", step.name, len(saga_ids)
