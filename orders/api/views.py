@@ -95,7 +95,7 @@ class OrderListCreateApi(GenericAPIView):
     def _post_plain(self, request: HttpRequest) -> Response | None:
         """Place an order written the plain way (JSON with a token, in the form the
         serializer would give back, no content negotiation) as `post` would, without REST
-        framework's request, parsers, negotiation and serializer: about a sixth of the web's
+        framework's request, parsers, negotiation and serializer: about a fifth of the web's
         CPU for each order (BENCHMARKS.md). None for any other request, and for one that
         fails authentication or the rate limit, before anything is counted or written:
         REST framework then handles it whole, and words its errors.
