@@ -285,3 +285,16 @@ def test_the_hot_path_answers_as_rest_framework_does(topology, monkeypatch, sku:
     # Every post went the hot way (the declared view's `post` never ran; the rate limit's
     # refusal comes from REST framework before any view method).
     assert by_the_view == []
+
+
+def test_the_web_cpu_measurement_places_orders_both_ways(topology) -> None:
+    """bench.web_cpu (BENCHMARKS.md's in-process figures) measures what it says: real orders,
+    accepted by each way, and the hot path left on."""
+    from bench.run import SKUS
+    from bench.web_cpu import measure
+
+    make_product(SKUS[0], on_hand=1000)
+    per_round = measure(rounds=2, orders=3, token=Api.for_new_user(topology.base_url).token, warm_up=1)
+    assert {way: len(values) for way, values in per_round.items()} == {"declared (REST framework)": 2, "hot path": 2}
+    assert all(value > 0 for values in per_round.values() for value in values)
+    assert OrderListCreateApi.hot_path is True
