@@ -55,11 +55,11 @@ _PHONE = re.compile(PHONE_PATTERN)
 _REFUSED_CHARACTERS = re.compile("[\x00\ud800-\udfff]")
 
 
-def _plain(value: Any, max_length: int) -> bool:
+def _plain(value: Any, max_length: int | None = None) -> bool:
     """A string `CharField` would keep as it is: not blank, nothing to trim, within length."""
     return (
         type(value) is str
-        and 0 < len(value) <= max_length
+        and 0 < len(value) <= (max_length or len(value))
         and value == value.strip()
         and not _REFUSED_CHARACTERS.search(value)
     )
@@ -80,7 +80,7 @@ def order_input_as_given(data: Any) -> dict[str, Any] | None:
     email, phone, items, token = data["email"], data.get("phone", ""), data["items"], data["payment_token"]
     if not _plain(email, 254) or not _plain(token, 64) or not _TOKEN.search(token):
         return None
-    if phone != "" and not (_plain(phone, 2**31) and _PHONE.search(phone)):
+    if phone != "" and not (_plain(phone) and _PHONE.search(phone)):
         return None
     if type(items) is not list or not 0 < len(items) <= settings.ORDER_MAX_LINES:
         return None

@@ -6,7 +6,6 @@ from typing import Any
 
 from django.conf import settings
 from django.http import Http404, HttpRequest
-from django.utils.cache import patch_vary_headers
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import AuthenticationFailed, PermissionDenied, ValidationError
@@ -134,22 +133,16 @@ class OrderListCreateApi(GenericAPIView):
         user = request.user = authenticated[0]  # as REST framework's request sets it
         if not WriteRateThrottle().allow_request(request, self):  # type: ignore[arg-type]
             return None  # not counted: REST framework's check says so again, with Retry-After
-        self.args, self.kwargs, self.headers = (), {}, self.default_response_headers
+        self.headers = self.default_response_headers  # as REST framework's dispatch sets them
         try:
             response = self._place(user.pk, data, key)
         except Exception as error:
             # Counted and not placed: answered as `post` would have been, by REST framework.
             self.request = self.initialize_request(request)
             return self.finalize_response(self.request, self.handle_exception(error))
-        # What `finalize_response` does, its content negotiation done above (Accept).
-        response.accepted_renderer, response.accepted_media_type = _JSON, _JSON.media_type
-        response.renderer_context = self.get_renderer_context()  # type: ignore[attr-defined]  # read by Response
-        headers = dict(self.headers)
-        if (vary := headers.pop("Vary", None)) is not None:
-            patch_vary_headers(response, [vary])
-        for name, value in headers.items():
-            response[name] = value
-        return response
+        # Content negotiation, done above (Accept): REST framework's finalising does the rest.
+        request.accepted_renderer, request.accepted_media_type = _JSON, _JSON.media_type  # type: ignore[attr-defined]
+        return self.finalize_response(request, response)  # type: ignore[arg-type]  # reads only the renderer
 
     @extend_schema(
         operation_id="orders_list",
