@@ -19,7 +19,7 @@ from inventory.selectors import product_prices
 from saga.definition import get_definition
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus
 from saga.operator import saga_compensate
-from saga.progress import saga_pivot_commit
+from saga.progress import pivot_record_ctes, saga_pivot_commit
 from saga.publish import OUTCOME_CANCELLED, OUTCOME_FAILED, saga_begin_compensation, saga_new, saga_publish
 
 from .exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
@@ -177,6 +177,8 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal, ti
     `timeline` is the chain's record of the steps before the pivot (common.steps), which
     the saga store takes in this transaction.
     """
+    if _confirm_at_once(order_id=order_id, saga_id=saga_id, total=total, timeline=timeline):
+        return dict(CONFIRMED)
     table = f'"{Order._meta.db_table}"'
     with transaction.atomic(using=DB), prepared(DB) as cursor:
         # The order's row lock first, as `orders.saga.order_lock_for_compensation` takes it, then the
@@ -201,6 +203,40 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal, ti
             f"UPDATE {table} SET status = %s, updated_at = now() WHERE id = %s", [Order.Status.CONFIRMED, order_id]
         )
     return dict(CONFIRMED)
+
+
+def _confirm_at_once(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal, timeline: Any) -> bool:
+    """The usual confirm (a pending order of `total`, no cancel asked, its saga at the
+    pivot with the chain's record of every step before it) in one statement: the order's
+    row lock, then the saga's, the pivot's record (saga.progress.pivot_record_ctes) and
+    the order confirmed, committed in the same round trip. False if it wrote nothing: any
+    other case (a redelivered confirm, a cancel, another total, a saga past its pivot or
+    compensating) takes `order_confirm`'s general way, which says what is the case.
+
+    Precondition: no transaction open on "orders" (the statement commits on its own).
+    """
+    table = f'"{Order._meta.db_table}"'
+    record = pivot_record_ctes(
+        definition=get_definition(PLACE_ORDER.name),
+        saga_id=saga_id,
+        order_id=order_id,
+        timeline=timeline,
+        output=CONFIRMED,
+        now=timezone.now(),
+        guard="pending",
+    )
+    if record is None:
+        return False
+    ctes, params = record
+    with prepared(DB) as cursor:
+        cursor.execute(
+            f"WITH pending AS MATERIALIZED (SELECT id FROM {table} WHERE id = %s AND status = %s AND total = %s "
+            f"AND cancel_requested_at IS NULL FOR UPDATE), {ctes}, "
+            f"confirmed AS (UPDATE {table} AS o SET status = %s, updated_at = now() FROM pivoted WHERE o.id = %s "
+            "RETURNING o.id) SELECT count(*) FROM confirmed",
+            [order_id, Order.Status.PENDING, total, *params, Order.Status.CONFIRMED, order_id],
+        )
+        return cursor.fetchone()[0] == 1
 
 
 def order_fail(*, order_id: uuid.UUID, saga_id: uuid.UUID, reason: str) -> dict[str, Any]:

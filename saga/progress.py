@@ -11,6 +11,7 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -20,9 +21,10 @@ from django.utils.dateparse import parse_datetime
 
 from common.exceptions import InvalidMessage
 from common.signing import seal_verify
+from common.steps import MAX_TIMELINE
 
 from . import store
-from .definition import get_definition
+from .definition import SagaDefinition, get_definition
 from .engine import step_name_of, task_id_for
 from .models import UNFINISHED_STATUSES, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .publish import phase_plan, segment_deadline, start_running
@@ -342,3 +344,172 @@ def saga_pivot_commit(
                 changed[nxt.name] = nxt
     store.save(saga, changed.values(), fields=["pivot_committed_at", "current_step", "context"])
     return True
+
+
+def pivot_record_ctes(
+    *,
+    definition: SagaDefinition,
+    saga_id: uuid.UUID,
+    order_id: uuid.UUID,
+    timeline: Any,
+    output: Mapping[str, Any],
+    now: datetime,
+    guard: str,
+) -> tuple[str, list[Any]] | None:
+    """What `saga_pivot_commit` writes in the usual case, as common table expressions for
+    the pivot step's own statement: one round trip for the pivot and its record (the
+    caller's statement and its commit), where the general way takes six. None when the
+    case is not the usual one; the caller then takes the general way.
+
+    The usual case: the chain's `timeline` holds one record of each step before the pivot
+    and nothing else, the saga (of `definition`, the version this deployment starts) is
+    running and short of its pivot, those steps are unsettled, the pivot pending or running
+    and the step after it pending. The statement checks all of it on the rows it locks and
+    writes nothing unless all of it holds, so the general way then starts from the rows as
+    they were. Its CTE `pivoted` returns the saga's id if it recorded the pivot.
+
+    `guard` names the caller's CTE that yields a row when the caller's own checks hold
+    (the order's): the saga's row is locked only after it, as the general way locks the
+    order before the saga (a compensation's pivot guard takes them in that order too).
+    Precondition: the statement runs on its own (autocommit): it commits on success.
+    """
+    try:
+        records = _pivot_timeline(definition, saga_id, timeline)
+    except (ValueError, TypeError, OverflowError):
+        return None  # the general way reads it, and says what is wrong with it
+    if records is None:
+        return None
+    pivot = definition.steps[definition.pivot_index]
+    index = definition.pivot_index + 1
+    after = definition.steps[index] if index < len(definition.steps) else None
+    context: dict[str, Any] = {}
+    for record in records:
+        if isinstance(record.get("output"), dict):
+            context.update({k: v for k, v in record["output"].items() if not k.startswith("_")})
+    context.update(output)
+    last_finished = parse_datetime(records[-1]["finished_at"]) if records else None
+    names = [record["name"] for record in records]
+    saga_table, step_table = f'"{SagaInstance._meta.db_table}"', f'"{SagaStep._meta.db_table}"'
+    deadline = now + timedelta(seconds=segment_deadline(definition, definition.steps, index)) if after else None
+    sql = (
+        f"s AS MATERIALIZED (SELECT id, generation FROM {saga_table} WHERE id = %s AND (SELECT true FROM {guard}) "
+        "AND order_id = %s AND status = %s AND pivot_committed_at IS NULL "
+        "AND definition = %s AND definition_version = %s FOR UPDATE), "
+        f"ok AS MATERIALIZED (SELECT s.id, s.generation FROM s WHERE (SELECT count(*) FROM {step_table} AS t "
+        "WHERE t.saga_id = s.id AND t.phase = %s AND ((t.name = ANY(%s::varchar[]) AND t.status = ANY(%s::varchar[])) "
+        "OR (t.name = %s AND t.status = ANY(%s::varchar[])) OR (t.name = %s AND t.status = %s))) = %s), "
+        # The steps before the pivot, each with its record (SagaStep.mark_succeeded).
+        f"ran AS (UPDATE {step_table} AS t SET status = %s, deadline_at = NULL, "
+        "finished_at = COALESCE(r.finished_at, %s), queued_at = COALESCE(t.queued_at, r.queued_at), "
+        "started_at = COALESCE(r.started_at, t.started_at), attempts = GREATEST(t.attempts, r.attempt), "
+        "worker = r.worker, celery_task_id = COALESCE(r.task_id, t.celery_task_id), "
+        "result = COALESCE(r.result::jsonb, t.result) "
+        "FROM ok, unnest(%s::varchar[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::int[], "
+        "%s::varchar[], %s::varchar[], %s::text[]) "
+        "AS r(name, finished_at, queued_at, started_at, attempt, worker, task_id, result) "
+        "WHERE t.saga_id = ok.id AND t.phase = %s AND t.name = r.name), "
+        # The pivot, committing in this statement (SagaStep.mark_committed).
+        f"pv AS (UPDATE {step_table} AS t SET status = %s, deadline_at = NULL, finished_at = %s, "
+        "queued_at = COALESCE(t.queued_at, %s), started_at = COALESCE(t.started_at, %s), "
+        "attempts = GREATEST(t.attempts, 1), result = %s::jsonb FROM ok WHERE t.saga_id = ok.id AND t.phase = %s "
+        "AND t.name = %s), "
+        # The step after it, published when the pivot's task returns (saga.publish.start_running).
+        f"nx AS (UPDATE {step_table} AS t SET status = %s, celery_task_id = ok.id::text || '-' || t.name || '-g' "
+        "|| ok.generation, queued_at = %s, deadline_at = %s, finished_at = NULL FROM ok "
+        "WHERE t.saga_id = ok.id AND t.phase = %s AND t.name = %s), "
+        f"pivoted AS (UPDATE {saga_table} AS x SET pivot_committed_at = %s, "
+        "current_step = COALESCE(%s, x.current_step), context = x.context || %s::jsonb, updated_at = %s "
+        "FROM ok WHERE x.id = ok.id RETURNING x.id)"
+    )
+    unsettled = [str(status) for status in UNSETTLED]
+    params: list[Any] = [
+        saga_id,
+        order_id,
+        SagaStatus.RUNNING,
+        definition.name,
+        definition.version,
+        # ok
+        StepPhase.FORWARD,
+        names,
+        unsettled,
+        pivot.name,
+        [str(StepStatus.PENDING), str(StepStatus.RUNNING)],
+        after.name if after else "",
+        StepStatus.PENDING,
+        len(names) + 1 + (1 if after else 0),
+        # ran
+        StepStatus.SUCCEEDED,
+        now,
+        names,
+        [record["finished"] for record in records],
+        [record["queued"] for record in records],
+        [record["started"] for record in records],
+        [record["attempt"] for record in records],
+        [record["worker"] for record in records],
+        [record["task_id"] for record in records],
+        [record["result"] for record in records],
+        StepPhase.FORWARD,
+        # pv
+        StepStatus.SUCCEEDED,
+        now,
+        last_finished,
+        now,
+        json.dumps(dict(output)),
+        StepPhase.FORWARD,
+        pivot.name,
+        # nx
+        StepStatus.RUNNING,
+        now,
+        deadline,
+        StepPhase.FORWARD,
+        after.name if after else "",
+        # pivoted
+        now,
+        after.name if after else None,
+        json.dumps(context),
+        now,
+    ]
+    return sql, params
+
+
+def _pivot_timeline(definition: SagaDefinition, saga_id: uuid.UUID, timeline: Any) -> list[dict[str, Any]] | None:
+    """The records of the steps before the pivot, in the chain's order, as
+    `store.record_timeline` would take them (SagaStep.take_record); None unless the
+    timeline holds exactly one record of each of those steps and nothing else."""
+    if not isinstance(timeline, list) or len(timeline) > MAX_TIMELINE:
+        return None
+    before = [step.name for step in definition.steps[: definition.pivot_index]]
+    records: list[dict[str, Any]] = []
+    previous_finished = None
+    for meta in timeline:
+        if not isinstance(meta, dict) or not isinstance(meta.get("finished_at"), str):
+            return None
+        name = step_name_of(meta.get("task_id"), saga_id)
+        if name not in before or any(record["name"] == name for record in records):
+            return None
+        finished = parse_datetime(meta["finished_at"])
+        try:
+            attempt = int(meta.get("attempt") or 1)
+        except (TypeError, ValueError):
+            attempt = 1
+        if not 0 <= attempt < 2**31:
+            return None  # not an integer column's: the general way fails on it as it should
+        output = meta.get("output")
+        records.append(
+            {
+                "name": name,
+                "finished_at": meta["finished_at"],
+                "finished": finished,
+                "queued": previous_finished,
+                "started": parse_datetime(meta["started_at"]) if isinstance(meta.get("started_at"), str) else None,
+                "attempt": attempt,
+                "worker": str(meta.get("worker") or "")[:255],
+                "task_id": meta["task_id"][:255],
+                "result": json.dumps(output) if isinstance(output, dict) else None,
+                "output": output,
+            }
+        )
+        previous_finished = finished
+    if sorted(record["name"] for record in records) != sorted(before):
+        return None
+    return records
