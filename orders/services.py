@@ -9,12 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
 from common.db import insert_together
 from common.exceptions import StepRefused
-from common.sql import prepared
+from common.sql import is_step_abort, prepared
 from inventory.selectors import product_prices
 from saga.definition import get_definition
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus
@@ -211,7 +211,8 @@ def _confirm_at_once(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal,
     row lock, then the saga's, the pivot's record (saga.progress.pivot_record_ctes) and
     the order confirmed, committed in the same round trip. False if it wrote nothing: any
     other case (a redelivered confirm, a cancel, another total, a saga past its pivot or
-    compensating) takes `order_confirm`'s general way, which says what is the case.
+    compensating, a step changed while the statement waited for the saga's row, which
+    makes it undo itself) takes `order_confirm`'s general way, which says what is the case.
 
     Precondition: no transaction open on "orders" (the statement commits on its own).
     """
@@ -227,16 +228,28 @@ def _confirm_at_once(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal,
     )
     if record is None:
         return False
-    ctes, params = record
-    with prepared(DB) as cursor:
-        cursor.execute(
-            f"WITH pending AS MATERIALIZED (SELECT id FROM {table} WHERE id = %s AND status = %s AND total = %s "
-            f"AND cancel_requested_at IS NULL FOR UPDATE), {ctes}, "
-            f"confirmed AS (UPDATE {table} AS o SET status = %s, updated_at = now() FROM pivoted WHERE o.id = %s "
-            "RETURNING o.id) SELECT count(*) FROM confirmed",
-            [order_id, Order.Status.PENDING, total, *params, Order.Status.CONFIRMED, order_id],
-        )
-        return cursor.fetchone()[0] == 1
+    try:
+        with prepared(DB) as cursor:
+            cursor.execute(
+                f"WITH pending AS MATERIALIZED (SELECT id FROM {table} WHERE id = %s AND status = %s AND total = %s "
+                f"AND cancel_requested_at IS NULL FOR UPDATE), {record.ctes}, "
+                f"confirmed AS (UPDATE {table} AS o SET status = %s, updated_at = now() FROM pivoted "
+                "WHERE o.id = %s AND o.status = %s RETURNING o.id) "
+                "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM pivoted) THEN false "
+                f"WHEN {record.written} AND (SELECT count(*) FROM confirmed) = 1 THEN true "
+                "ELSE saga_step_abort('a step changed while the pivot waited for its saga') END",
+                [
+                    *(order_id, Order.Status.PENDING, total),
+                    *record.params,
+                    *(Order.Status.CONFIRMED, order_id, Order.Status.PENDING),
+                    *record.written_params,
+                ],
+            )
+            return bool(cursor.fetchone()[0])
+    except DatabaseError as error:
+        if is_step_abort(error):
+            return False  # nothing written: the statement undid itself
+        raise
 
 
 def order_fail(*, order_id: uuid.UUID, saga_id: uuid.UUID, reason: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import connections, transaction
@@ -355,7 +355,7 @@ def pivot_record_ctes(
     output: Mapping[str, Any],
     now: datetime,
     guard: str,
-) -> tuple[str, list[Any]] | None:
+) -> "PivotRecord | None":
     """What `saga_pivot_commit` writes in the usual case, as common table expressions for
     the pivot step's own statement: one round trip for the pivot and its record (the
     caller's statement and its commit), where the general way takes six. None when the
@@ -366,7 +366,12 @@ def pivot_record_ctes(
     running and short of its pivot, those steps are unsettled, the pivot pending or running
     and the step after it pending. The statement checks all of it on the rows it locks and
     writes nothing unless all of it holds, so the general way then starts from the rows as
-    they were. Its CTE `pivoted` returns the saga's id if it recorded the pivot.
+    they were. Its CTE `pivoted` returns the saga's id if it recorded the pivot, and the
+    record's `written` (a boolean SQL expression) says whether every one of its writes
+    happened: each write checks its step's state again on the row version it writes (a
+    step changed by a transaction that committed while this statement waited for the
+    saga's lock), so the caller aborts the statement (`saga_step_abort`) where `pivoted`
+    returned a row and `written` is false, and takes the general way.
 
     `guard` names the caller's CTE that yields a row when the caller's own checks hold
     (the order's): the saga's row is locked only after it, as the general way locks the
@@ -407,16 +412,17 @@ def pivot_record_ctes(
         "FROM ok, unnest(%s::varchar[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::int[], "
         "%s::varchar[], %s::varchar[], %s::text[]) "
         "AS r(name, finished_at, queued_at, started_at, attempt, worker, task_id, result) "
-        "WHERE t.saga_id = ok.id AND t.phase = %s AND t.name = r.name), "
+        "WHERE t.saga_id = ok.id AND t.phase = %s AND t.name = r.name AND t.status = ANY(%s::varchar[]) "
+        "RETURNING t.id), "
         # The pivot, committing in this statement (SagaStep.mark_committed).
         f"pv AS (UPDATE {step_table} AS t SET status = %s, deadline_at = NULL, finished_at = %s, "
         "queued_at = COALESCE(t.queued_at, %s), started_at = COALESCE(t.started_at, %s), "
         "attempts = GREATEST(t.attempts, 1), result = %s::jsonb FROM ok WHERE t.saga_id = ok.id AND t.phase = %s "
-        "AND t.name = %s), "
+        "AND t.name = %s AND t.status = ANY(%s::varchar[]) RETURNING t.id), "
         # The step after it, published when the pivot's task returns (saga.publish.start_running).
         f"nx AS (UPDATE {step_table} AS t SET status = %s, celery_task_id = ok.id::text || '-' || t.name || '-g' "
         "|| ok.generation, queued_at = %s, deadline_at = %s, finished_at = NULL FROM ok "
-        "WHERE t.saga_id = ok.id AND t.phase = %s AND t.name = %s), "
+        "WHERE t.saga_id = ok.id AND t.phase = %s AND t.name = %s AND t.status = %s RETURNING t.id), "
         f"pivoted AS (UPDATE {saga_table} AS x SET pivot_committed_at = %s, "
         "current_step = COALESCE(%s, x.current_step), context = x.context || %s::jsonb, updated_at = %s "
         "FROM ok WHERE x.id = ok.id RETURNING x.id)"
@@ -449,6 +455,7 @@ def pivot_record_ctes(
         [record["task_id"] for record in records],
         [record["result"] for record in records],
         StepPhase.FORWARD,
+        unsettled,
         # pv
         StepStatus.SUCCEEDED,
         now,
@@ -457,19 +464,31 @@ def pivot_record_ctes(
         json.dumps(dict(output)),
         StepPhase.FORWARD,
         pivot.name,
+        [str(StepStatus.PENDING), str(StepStatus.RUNNING)],
         # nx
         StepStatus.RUNNING,
         now,
         deadline,
         StepPhase.FORWARD,
         after.name if after else "",
+        StepStatus.PENDING,
         # pivoted
         now,
         after.name if after else None,
         json.dumps(context),
         now,
     ]
-    return sql, params
+    written = "(SELECT count(*) FROM ran) = %s AND (SELECT count(*) FROM pv) = 1 AND (SELECT count(*) FROM nx) = %s"
+    return PivotRecord(sql, params, written, [len(names), 1 if after else 0])
+
+
+class PivotRecord(NamedTuple):
+    """`pivot_record_ctes`'s part of the pivot step's statement."""
+
+    ctes: str
+    params: list[Any]
+    written: str
+    written_params: list[Any]
 
 
 def _pivot_timeline(definition: SagaDefinition, saga_id: uuid.UUID, timeline: Any) -> list[dict[str, Any]] | None:

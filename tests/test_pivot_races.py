@@ -201,3 +201,36 @@ def test_nothing_is_left_locked_by_a_confirm_that_wrote_nothing(at_the_pivot: Ma
     with transaction.atomic(using="orders"):
         Order.objects.select_for_update(nowait=True).get(id=order.id)
         SagaInstance.objects.select_for_update(nowait=True).get(id=saga.id)
+
+
+def test_a_step_changed_while_the_confirm_waited_for_the_saga_undoes_the_statement(at_the_pivot: MakeSaga) -> None:
+    """The statement read the steps before it waited for the saga's row; a step that a
+    transaction holding that row changed meanwhile is checked again where it is written,
+    and the statement undoes itself rather than write over it."""
+    order, saga, timeline = at_the_pivot()
+
+    def change() -> None:
+        SagaInstance.objects.select_for_update().get(id=saga.id)
+        SagaStep.objects.filter(saga_id=saga.id, name="charge_payment").update(status=StepStatus.FAILED)
+
+    changing = Held("orders", change)
+    changing.start()
+    assert changing.done.wait(30) and changing.error is None
+    confirming = Copy(
+        "confirm", services._confirm_at_once, order_id=order.id, saga_id=saga.id, total=TOTAL, timeline=timeline
+    )
+    confirming.start()
+    wait_for(lambda: waiting_on_a_lock("orders"), timeout=30, what="the confirm waiting on the saga's row")
+    changing.finish()
+
+    assert confirming.outcome() is False
+    order.refresh_from_db()
+    steps = {step.name: step.status for step in SagaStep.objects.filter(saga_id=saga.id)}
+    assert order.status == Order.Status.PENDING
+    assert SagaInstance.objects.get(id=saga.id).pivot_committed_at is None
+    assert steps == {
+        "reserve_inventory": StepStatus.RUNNING,
+        "charge_payment": StepStatus.FAILED,
+        "confirm_order": StepStatus.PENDING,
+        "notify_customer": StepStatus.PENDING,
+    }
