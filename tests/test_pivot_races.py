@@ -234,3 +234,24 @@ def test_a_step_changed_while_the_confirm_waited_for_the_saga_undoes_the_stateme
         "confirm_order": StepStatus.PENDING,
         "notify_customer": StepStatus.PENDING,
     }
+
+
+def test_the_pivot_cpu_measurement_confirms_orders_both_ways() -> None:
+    """bench.pivot_cpu (BENCHMARKS.md's in-process figures) measures what it says: real
+    confirms, each way, and the one-statement way left on."""
+    from bench.pivot_cpu import WAYS, measure
+
+    confirm_at_once, started = services._confirm_at_once, timezone.now()
+    try:
+        per_round = measure(rounds=2, orders=2)
+    finally:
+        # As `at_the_pivot` leaves its sagas: ended and settled, for no later sweep to touch.
+        made = SagaInstance.objects.filter(
+            created_at__gte=started, order_id__in=Order.objects.filter(email="bench@example.com").values("id")
+        )
+        SagaStep.objects.filter(saga__in=made, status=StepStatus.RUNNING).update(status=StepStatus.SUCCEEDED)
+        now = timezone.now()
+        assert made.update(status=SagaStatus.COMPLETED, finished_at=now, settlement_sent_at=now, settled_at=now) == 8
+    assert {way: len(parts["python"]) for way, parts in per_round.items()} == dict.fromkeys(WAYS, 2)
+    assert all(value > 0 for parts in per_round.values() for value in parts["python"])
+    assert services._confirm_at_once is confirm_at_once
