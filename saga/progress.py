@@ -1,8 +1,9 @@
 """Steps that committed: the chains' records and the pivot's own, which move a saga on.
 
 No step reports its success with a message (saga.engine): the pivot records the steps
-before it in its own transaction (`saga_pivot_commit`), and a chain's last step stores the
-chain's record in the result backend, which each sweep drains (`saga_reports_drain`) into
+before it in its own transaction (`saga_pivot_commit`; in the usual case in the pivot's
+own statement, `pivot_record_ctes`), and a chain's last step stores the chain's record in
+the result backend, which each sweep drains (`saga_reports_drain`) into
 `saga_step_succeeded`. Reports may be duplicated or late: each is a state transition that
 changes nothing when the saga or step is already past it.
 """
