@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import statistics
 import time
 from typing import Any
 from unittest import mock
 
-from devstack import services, stack
-
-from .run import BASE_DIR, _environment, _setup_django
+from .run import in_process_on_bench_databases
 
 WAYS = ("one statement", "general way")
 
@@ -108,17 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.orders < 1:
         parser.error("--rounds and --orders are at least 1")
-    urls = services.ensure_services(BASE_DIR)
-    data_dir = BASE_DIR / ".data" / "bench"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    try:
-        env = _environment(argparse.Namespace(broker="redis"), urls, data_dir)
-        stack.migrate_all(BASE_DIR, env)
-        _setup_django(env)
+    with in_process_on_bench_databases():
         per_round = measure(rounds=args.rounds, orders=args.orders)
-    finally:
-        if urls.started_by_us:
-            services.stop_services(BASE_DIR, only=urls.started_by_us)
     print(f"orders.confirm, ms of CPU per confirm ({args.rounds} rounds of {args.orders}, alternated):")
     totals: dict[str, float] = {}
     for way, parts in per_round.items():

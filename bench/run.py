@@ -26,6 +26,7 @@ It prints a table, writes bench/results/latest.json and bench/results/latest.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,24 @@ def _environment(args: argparse.Namespace, urls: services.ServiceURLs, data_dir:
         SECRET_KEY=os.urandom(32).hex(),
     )
     return env
+
+
+@contextlib.contextmanager
+def in_process_on_bench_databases() -> Iterator[None]:
+    """Django set up in this process on fresh, migrated `*_bench` databases (Redis as the
+    broker), for the in-process measurements (bench.web_cpu, bench.pivot_cpu); the
+    embedded servers are stopped afterwards if this started them."""
+    urls = services.ensure_services(BASE_DIR)
+    data_dir = BASE_DIR / ".data" / "bench"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    try:
+        env = _environment(argparse.Namespace(broker="redis"), urls, data_dir)
+        stack.migrate_all(BASE_DIR, env)
+        _setup_django(env)
+        yield
+    finally:
+        if urls.started_by_us:
+            services.stop_services(BASE_DIR, only=urls.started_by_us)
 
 
 def _setup_django(env: dict[str, str]) -> None:

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from typing import Any
 
-from devstack import services, stack
-
-from .run import BASE_DIR, SKUS, _api_token, _environment, _seed_catalogue, _setup_django
+from .run import SKUS, _api_token, _seed_catalogue, in_process_on_bench_databases
 
 
 def measure(*, rounds: int, orders: int, token: str, warm_up: int = 50) -> dict[str, list[float]]:
@@ -65,18 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.orders < 1:
         parser.error("--rounds and --orders are at least 1")
-    urls = services.ensure_services(BASE_DIR)
-    data_dir = BASE_DIR / ".data" / "bench"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    try:
-        env = _environment(argparse.Namespace(broker="redis"), urls, data_dir)
-        stack.migrate_all(BASE_DIR, env)
-        _setup_django(env)
+    with in_process_on_bench_databases():
         _seed_catalogue()
         per_round = measure(rounds=args.rounds, orders=args.orders, token=_api_token())
-    finally:
-        if urls.started_by_us:
-            services.stop_services(BASE_DIR, only=urls.started_by_us)
     print(
         f"POST /api/orders/, ms of CPU per order in this process ({args.rounds} rounds of {args.orders}, alternated):"
     )
