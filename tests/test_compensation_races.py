@@ -75,23 +75,32 @@ class Held(threading.Thread):
         assert not self.is_alive() and self.error is None, self.error
 
 
+def behind(alias: str, hold: Callable[[], Any], *copies: Copy, what: str) -> None:
+    """Run `hold` in a transaction on `alias` and keep it open, start `copies`, wait until
+    each waits on a lock there (`what` names what they wait on), then let it commit."""
+    held = Held(alias, hold)
+    held.start()
+    assert held.done.wait(30) and held.error is None
+    for copy in copies:
+        copy.start()
+    wait_for(lambda: waiting_on_a_lock(alias, len(copies)), timeout=30, what=what)
+    held.finish()
+
+
 def test_a_release_waits_for_a_reservation_committing_and_gives_its_stock_back(sku: str) -> None:
     make_product(sku, on_hand=5, price=str(PRICE))
     saga_id, order_id = uuid.uuid4(), uuid.uuid4()
     lines = [(sku, 2, PRICE)]
     result = {"reserved": [{"sku": sku, "quantity": 2}]}
     # The reservation's first copy, in one statement without the saga lock, not yet committed.
-    reserving = Held(
-        "inventory", lambda: _reserve_at_once(saga_id=saga_id, order_id=order_id, lines=lines, result=result)
-    )
-    reserving.start()
-    assert reserving.done.wait(30) and reserving.error is None
-
     release = Copy("release", stock_release, saga_id=saga_id)
-    release.start()
     # The release's tombstone waits on the reservation's key...
-    wait_for(lambda: waiting_on_a_lock("inventory"), timeout=30, what="the release waiting on the reservation's key")
-    reserving.finish()
+    behind(
+        "inventory",
+        lambda: _reserve_at_once(saga_id=saga_id, order_id=order_id, lines=lines, result=result),
+        release,
+        what="the release waiting on the reservation's key",
+    )
 
     # ...and then sees the reservation that committed meanwhile, and gives its stock back.
     assert release.outcome() == {"released": [{"sku": sku, "quantity": 2}]}
@@ -194,13 +203,8 @@ def test_the_fail_step_waits_for_a_confirmation_committing_and_then_refuses(
         locked.status = Order.Status.CONFIRMED
         locked.save(update_fields=["status", "updated_at"])
 
-    confirming = Held("orders", confirm)
-    confirming.start()
-    assert confirming.done.wait(30) and confirming.error is None
     failing = Copy("fail", order_fail, order_id=order.id, saga_id=saga_id, reason="declined")
-    failing.start()
-    wait_for(lambda: waiting_on_a_lock("orders"), timeout=30, what="the fail step waiting on the order's row")
-    confirming.finish()
+    behind("orders", confirm, failing, what="the fail step waiting on the order's row")
 
     with pytest.raises(StepRefused, match="is confirmed; it cannot fail"):
         failing.outcome()

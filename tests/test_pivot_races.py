@@ -5,7 +5,7 @@ The usual confirm is one statement now (orders.services._confirm_at_once): it ta
 order's row lock, then the saga's, and writes only if the order is still pending with no
 cancel asked and the saga still running short of its pivot. These tests force each
 interleaving with a transaction that holds the order's row (tests/test_compensation_races.py,
-`Held`), and wait on PostgreSQL's own view of who waits on a lock, never on a fixed sleep.
+`behind`), and wait on PostgreSQL's own view of who waits on a lock, never on a fixed sleep.
 Each copy is a thread with its own connection to the real database.
 """
 
@@ -21,7 +21,6 @@ from django.utils import timezone
 
 from common.db import insert_together
 from common.exceptions import StepRefused
-from devstack.topology import wait_for
 from orders import services
 from orders.exceptions import OrderNotCancellable
 from orders.models import Order
@@ -30,7 +29,7 @@ from saga.engine import task_id_for
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.publish import saga_new
 
-from .test_compensation_races import Held, waiting_on_a_lock
+from .test_compensation_races import behind
 from .test_payment_races import Copy
 
 pytestmark = pytest.mark.usefixtures("db_access")
@@ -92,14 +91,8 @@ def lock_order(order: Order) -> None:
 
 def test_racing_copies_of_the_confirm_record_the_pivot_once(at_the_pivot: MakeSaga) -> None:
     order, saga, timeline = at_the_pivot()
-    holding = Held("orders", lambda: lock_order(order))
-    holding.start()
-    assert holding.done.wait(30) and holding.error is None
     copies = [confirm_copy(f"confirm-{i}", order, saga, timeline) for i in range(4)]
-    for copy in copies:
-        copy.start()
-    wait_for(lambda: waiting_on_a_lock("orders", 4), timeout=30, what="four confirms waiting on the order's row")
-    holding.finish()
+    behind("orders", lambda: lock_order(order), *copies, what="four confirms waiting on the order's row")
 
     assert [copy.outcome() for copy in copies] == [CONFIRMED] * 4
     order.refresh_from_db()
@@ -119,24 +112,25 @@ def test_racing_copies_of_the_confirm_record_the_pivot_once(at_the_pivot: MakeSa
     assert steps["notify_customer"].status == StepStatus.RUNNING
 
 
-def test_a_cancel_that_holds_the_order_first_wins_and_the_confirm_refuses(at_the_pivot: MakeSaga) -> None:
+@pytest.mark.parametrize("rival", ["a customer's cancel", "the coordinator's decision to compensate"])
+def test_a_rival_that_holds_the_order_first_wins_and_the_confirm_refuses(at_the_pivot: MakeSaga, rival: str) -> None:
     order, saga, timeline = at_the_pivot()
+    cancel = rival == "a customer's cancel"
 
-    def cancel() -> None:
-        # What orders.services.order_cancel does, in its order, without publishing.
+    def decide() -> None:
+        # As orders.services.order_cancel and the compensation's pivot guard
+        # (orders.saga.order_lock_for_compensation) take them: the order's row, then the
+        # saga's. Nothing is published.
         locked = Order.objects.select_for_update().get(id=order.id)
         SagaInstance.objects.select_for_update().get(id=saga.id)
-        locked.cancel_requested_at = timezone.now()
-        locked.save(update_fields=["cancel_requested_at", "updated_at"])
-        SagaInstance.objects.filter(id=saga.id).update(status=SagaStatus.COMPENSATING, outcome="cancelled")
+        if cancel:
+            locked.cancel_requested_at = timezone.now()
+            locked.save(update_fields=["cancel_requested_at", "updated_at"])
+        outcome = "cancelled" if cancel else "failed"
+        SagaInstance.objects.filter(id=saga.id).update(status=SagaStatus.COMPENSATING, outcome=outcome)
 
-    cancelling = Held("orders", cancel)
-    cancelling.start()
-    assert cancelling.done.wait(30) and cancelling.error is None
     confirming = confirm_copy("confirm", order, saga, timeline)
-    confirming.start()
-    wait_for(lambda: waiting_on_a_lock("orders"), timeout=30, what="the confirm waiting on the order's row")
-    cancelling.finish()
+    behind("orders", decide, confirming, what="the confirm waiting on the order's row")
 
     with pytest.raises(StepRefused, match="can no longer be confirmed"):
         confirming.outcome()
@@ -146,45 +140,14 @@ def test_a_cancel_that_holds_the_order_first_wins_and_the_confirm_refuses(at_the
     assert SagaStep.objects.get(saga_id=saga.id, name="confirm_order").status == StepStatus.PENDING
 
 
-def test_the_coordinators_decision_to_compensate_committing_first_makes_the_confirm_refuse(
-    at_the_pivot: MakeSaga,
-) -> None:
-    order, saga, timeline = at_the_pivot()
-
-    def decide() -> None:
-        # The pivot guard (orders.saga.order_lock_for_compensation), then the saga's lock.
-        lock_order(order)
-        SagaInstance.objects.select_for_update().get(id=saga.id)
-        SagaInstance.objects.filter(id=saga.id).update(status=SagaStatus.COMPENSATING, outcome="failed")
-
-    deciding = Held("orders", decide)
-    deciding.start()
-    assert deciding.done.wait(30) and deciding.error is None
-    confirming = confirm_copy("confirm", order, saga, timeline)
-    confirming.start()
-    wait_for(lambda: waiting_on_a_lock("orders"), timeout=30, what="the confirm waiting on the order's row")
-    deciding.finish()
-
-    with pytest.raises(StepRefused, match="can no longer be confirmed"):
-        confirming.outcome()
-    order.refresh_from_db()
-    assert order.status == Order.Status.PENDING
-    assert SagaInstance.objects.get(id=saga.id).pivot_committed_at is None
-
-
 def test_a_cancel_waits_for_the_confirm_committing_and_is_refused(at_the_pivot: MakeSaga) -> None:
     order, saga, timeline = at_the_pivot()
 
     def confirm() -> None:
         assert services._confirm_at_once(order_id=order.id, saga_id=saga.id, total=TOTAL, timeline=timeline)
 
-    confirming = Held("orders", confirm)
-    confirming.start()
-    assert confirming.done.wait(30) and confirming.error is None
     cancelling = Copy("cancel", services.order_cancel, order_id=order.id)
-    cancelling.start()
-    wait_for(lambda: waiting_on_a_lock("orders"), timeout=30, what="the cancel waiting on the order's row")
-    confirming.finish()
+    behind("orders", confirm, cancelling, what="the cancel waiting on the order's row")
 
     with pytest.raises(OrderNotCancellable, match="confirmed"):
         cancelling.outcome()
@@ -213,15 +176,10 @@ def test_a_step_changed_while_the_confirm_waited_for_the_saga_undoes_the_stateme
         SagaInstance.objects.select_for_update().get(id=saga.id)
         SagaStep.objects.filter(saga_id=saga.id, name="charge_payment").update(status=StepStatus.FAILED)
 
-    changing = Held("orders", change)
-    changing.start()
-    assert changing.done.wait(30) and changing.error is None
     confirming = Copy(
         "confirm", services._confirm_at_once, order_id=order.id, saga_id=saga.id, total=TOTAL, timeline=timeline
     )
-    confirming.start()
-    wait_for(lambda: waiting_on_a_lock("orders"), timeout=30, what="the confirm waiting on the saga's row")
-    changing.finish()
+    behind("orders", change, confirming, what="the confirm waiting on the saga's row")
 
     assert confirming.outcome() is False
     order.refresh_from_db()
