@@ -393,7 +393,7 @@ def pivot_record_ctes(
         if isinstance(record.get("output"), dict):
             context.update({k: v for k, v in record["output"].items() if not k.startswith("_")})
     context.update(output)
-    last_finished = parse_datetime(records[-1]["finished_at"]) if records else None
+    last_finished = records[-1]["finished"] if records else None
     names = [record["name"] for record in records]
     saga_table, step_table = f'"{SagaInstance._meta.db_table}"', f'"{SagaStep._meta.db_table}"'
     deadline = now + timedelta(seconds=segment_deadline(definition, definition.steps, index)) if after else None
@@ -429,6 +429,7 @@ def pivot_record_ctes(
         "FROM ok WHERE x.id = ok.id RETURNING x.id)"
     )
     unsettled = [str(status) for status in UNSETTLED]
+    pending_or_running = [str(StepStatus.PENDING), str(StepStatus.RUNNING)]
     params: list[Any] = [
         saga_id,
         order_id,
@@ -440,7 +441,7 @@ def pivot_record_ctes(
         names,
         unsettled,
         pivot.name,
-        [str(StepStatus.PENDING), str(StepStatus.RUNNING)],
+        pending_or_running,
         after.name if after else "",
         StepStatus.PENDING,
         len(names) + 1 + (1 if after else 0),
@@ -465,7 +466,7 @@ def pivot_record_ctes(
         json.dumps(dict(output)),
         StepPhase.FORWARD,
         pivot.name,
-        [str(StepStatus.PENDING), str(StepStatus.RUNNING)],
+        pending_or_running,
         # nx
         StepStatus.RUNNING,
         now,
@@ -518,7 +519,6 @@ def _pivot_timeline(definition: SagaDefinition, saga_id: uuid.UUID, timeline: An
         records.append(
             {
                 "name": name,
-                "finished_at": meta["finished_at"],
                 "finished": finished,
                 "queued": previous_finished,
                 "started": parse_datetime(meta["started_at"]) if isinstance(meta.get("started_at"), str) else None,
