@@ -27,6 +27,7 @@ from saga.definition import SagaDefinition, get_definition
 from saga.engine import task_id_for
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.publish import saga_new
+from saga.tests.coordinator import snapshot
 
 pytestmark = pytest.mark.django_db(databases=["orders"])
 
@@ -67,7 +68,6 @@ def chain_record(saga: SagaInstance, at: datetime, names: tuple[str, ...] = ("re
 def state(order: Order, saga: SagaInstance) -> dict[str, Any]:
     """Every column of the order's status, the saga and its steps, with the saga's own ids
     written as SAGA (and the outputs' payment id as PAYMENT), so two sagas compare."""
-    row = SagaInstance.objects.using("orders").get(id=saga.id)
 
     def plain(value: Any) -> Any:
         if isinstance(value, str):
@@ -78,27 +78,16 @@ def state(order: Order, saga: SagaInstance) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
 
-    skip = {"id", "order_id", "saga_id", "trace_context", "trace_id", "created_at"}
+    def kept(columns: dict[str, Any]) -> dict[str, Any]:
+        skip = {"id", "order_id", "saga_id", "trace_context", "trace_id", "created_at"}
+        return {name: plain(value) for name, value in columns.items() if name not in skip}
+
+    saga_columns, step_columns = snapshot(saga)
     return {
         "order": Order.objects.using("orders").get(id=order.id).status,
-        "saga": {
-            f.attname: plain(getattr(row, f.attname))
-            for f in SagaInstance._meta.concrete_fields
-            if f.attname not in skip
-        },
-        "steps": {
-            step.name: {
-                f.attname: plain(getattr(step, f.attname))
-                for f in SagaStep._meta.concrete_fields
-                if f.attname not in skip
-            }
-            for step in SagaStep.objects.using("orders").filter(saga_id=saga.id)
-        },
+        "saga": kept(saga_columns),
+        "steps": {name: kept(columns) for name, columns in step_columns.items()},
     }
-
-
-def columns(row: Any, skip: set[str], plain: Any) -> dict[str, Any]:
-    return {f.attname: plain(getattr(row, f.attname)) for f in row._meta.concrete_fields if f.attname not in skip}
 
 
 @pytest.fixture
