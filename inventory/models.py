@@ -43,7 +43,8 @@ class Reservation(models.Model):
         # The order was confirmed: the units left stock (never released).
         SOLD = "sold"
 
-    saga_id = models.UUIDField(db_index=True)
+    # No index of its own: reservation_one_line_per_sku starts with it (common.indexes).
+    saga_id = models.UUIDField()
     order_id = models.UUIDField(db_index=True)
     sku = models.CharField(max_length=64)
     quantity = models.PositiveIntegerField()

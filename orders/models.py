@@ -18,7 +18,8 @@ class Order(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     # The user lives in the default database: referenced by id, no cross-database key.
-    user_id = models.BigIntegerField(db_index=True)
+    # No index of its own: order_user_created_idx starts with it (common.indexes).
+    user_id = models.BigIntegerField()
     email = models.EmailField()
     phone = models.CharField(max_length=20, blank=True)
     payment_token = models.CharField(max_length=64)
