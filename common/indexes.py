@@ -1,19 +1,21 @@
-"""A migration operation that drops indexes no query needs, found in PostgreSQL's catalogue.
+"""A migration operation that drops the LIKE twins no query needs, found in PostgreSQL's catalogue.
 
 Every index is written on every insert, and on every update that is not heap-only: the
 saga's step rows are written about ten times a saga, none of them heap-only. Two kinds of
 index Django makes cost that and serve no query here (docs/DECISIONS.md, "No index without
 a query"):
 
-- `LIKE`: the `varchar_pattern_ops` twin PostgreSQL's schema editor adds beside a unique or
-  indexed `CharField`, for `LIKE 'prefix%'`. Every lookup of these keys is by equality; an
-  admin search (`icontains`) starts with a wildcard, which this index cannot serve.
-- `PLAIN`: a one-column index on a column another index starts with (a foreign key's index
-  beside a unique `(saga_id, name)`), which serves the same lookups.
+- the `varchar_pattern_ops` ("LIKE") twin PostgreSQL's schema editor adds beside a unique
+  or indexed `CharField`, for `LIKE 'prefix%'`. Every lookup of these keys is by equality;
+  an admin search (`icontains`) starts with a wildcard, which this index cannot serve.
+  Django has no field option for it: this operation drops it.
+- a one-column index on a column another index starts with (a foreign key's index beside a
+  unique `(saga_id, name)`): the field's `db_index=False`, and Django's own `AlterField`
+  drops it.
 
-The indexes are found by what they are (table, column, kind), not by name: Django's names
-end in a hash of the table and column, and an index built by hand with the same shape goes
-too. `DROP INDEX` holds the table's exclusive lock only to drop the catalogue entry and the
+The twins are found by what they are (table, column, operator class), not by name:
+Django's names end in a hash of the table and column, and one built by hand goes too.
+`DROP INDEX` holds the table's exclusive lock only to drop the catalogue entry and the
 file, but waits behind a transaction already writing the table.
 
 A later `AlterField` of a `unique=True` `CharField` may build its `LIKE` twin again (the
@@ -23,13 +25,9 @@ schema editor does); the migration that changes such a field drops it again with
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from django.db import migrations
-
-Kind = Literal["like", "plain"]
-LIKE: Kind = "like"
-PLAIN: Kind = "plain"
 
 # One-column, non-unique, non-partial btree indexes on a column, with their definitions.
 _FIND = """
@@ -46,43 +44,34 @@ ORDER BY i.relname
 """
 
 
-def _is_pattern_ops(definition: str) -> bool:
-    return "varchar_pattern_ops" in definition or "text_pattern_ops" in definition
-
-
-def _found(cursor: Any, table: str, column: str, kind: Kind) -> list[str]:
+def _indexes(cursor: Any, table: str, column: str, *, like: bool) -> list[str]:
+    """The one-column indexes on `column`: the LIKE twins, or (`like=False`) the plain ones."""
     cursor.execute(_FIND, [table, column])
-    return [name for name, definition in cursor.fetchall() if _is_pattern_ops(definition) == (kind == LIKE)]
+    return [name for name, definition in cursor.fetchall() if ("_pattern_ops" in definition) == like]
 
 
-class DropRedundantIndexes(migrations.RunPython):
-    """Drop, for each `(model name, column, kind)` of `app_label`, the index of that kind.
+class DropLikeIndexes(migrations.RunPython):
+    """Drop the LIKE twin of each `(model name, column)` of `app_label`.
 
-    `rename` keeps a `PLAIN` index under a name the model's `Meta.indexes` gives it (one
-    whose `db_index=True` became a named index): `{(model name, column): new name}`.
-    Reversed, it builds the dropped indexes again under Django's names (and renames back).
-    Does nothing on a database other than PostgreSQL, or one that has none of them.
+    `keep_plain_as` renames a column's plain index to the name the model's `Meta.indexes`
+    now gives it (a `db_index=True` that became a named index), so it is kept rather than
+    built again: `{(model name, column): new name}`. Reversed, it builds the twins again
+    under Django's names and renames the plain indexes back. Does nothing on a database
+    other than PostgreSQL, or on one without them.
     """
 
     def __init__(
         self,
         app_label: str,
-        indexes: Sequence[tuple[str, str, Kind]],
+        columns: Sequence[tuple[str, str]],
         *,
-        rename: dict[tuple[str, str], str] | None = None,
+        keep_plain_as: dict[tuple[str, str], str] | None = None,
     ) -> None:
-        self.app_label, self.indexes, self.rename = app_label, list(indexes), dict(rename or {})
+        self.app_label, self.columns, self.keep_plain_as = app_label, list(columns), dict(keep_plain_as or {})
         super().__init__(self._forward, self._backward)
 
-    def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        return (
-            f"{__name__}.{type(self).__name__}",
-            [self.app_label, self.indexes],
-            {"rename": self.rename} if self.rename else {},
-        )
-
     def describe(self) -> str:
-        return f"Drop {len(self.indexes)} redundant indexes of {self.app_label}"
+        return f"Drop {len(self.columns)} LIKE indexes of {self.app_label}"
 
     def _table(self, apps: Any, model_name: str) -> str:
         return str(apps.get_model(self.app_label, model_name)._meta.db_table)
@@ -92,14 +81,11 @@ class DropRedundantIndexes(migrations.RunPython):
             return
         quote = schema_editor.quote_name
         with schema_editor.connection.cursor() as cursor:
-            for model_name, column, kind in self.indexes:
-                table = self._table(apps, model_name)
-                for name in _found(cursor, table, column, kind):
-                    if (model_name, column) in self.rename and kind == PLAIN:
-                        continue
+            for model_name, column in self.columns:
+                for name in _indexes(cursor, self._table(apps, model_name), column, like=True):
                     schema_editor.execute(f"DROP INDEX IF EXISTS {quote(name)}")
-            for (model_name, column), new_name in self.rename.items():
-                plain = _found(cursor, self._table(apps, model_name), column, PLAIN)
+            for (model_name, column), new_name in self.keep_plain_as.items():
+                plain = _indexes(cursor, self._table(apps, model_name), column, like=False)
                 if plain and new_name not in plain:
                     schema_editor.execute(f"ALTER INDEX {quote(plain[0])} RENAME TO {quote(new_name)}")
 
@@ -107,14 +93,12 @@ class DropRedundantIndexes(migrations.RunPython):
         if schema_editor.connection.vendor != "postgresql":
             return
         quote = schema_editor.quote_name
-        for (model_name, column), new_name in self.rename.items():
-            table = self._table(apps, model_name)
-            old_name = schema_editor._create_index_name(table, [column])
+        for (model_name, column), new_name in self.keep_plain_as.items():
+            old_name = schema_editor._create_index_name(self._table(apps, model_name), [column])
             schema_editor.execute(f"ALTER INDEX IF EXISTS {quote(new_name)} RENAME TO {quote(old_name)}")
-        for model_name, column, kind in self.indexes:
+        for model_name, column in self.columns:
             table = self._table(apps, model_name)
-            if (model_name, column) in self.rename and kind == PLAIN:
-                continue
-            suffix, ops = ("_like", " varchar_pattern_ops") if kind == LIKE else ("", "")
-            name = schema_editor._create_index_name(table, [column], suffix=suffix)
-            schema_editor.execute(f"CREATE INDEX IF NOT EXISTS {quote(name)} ON {quote(table)} ({quote(column)}{ops})")
+            name = schema_editor._create_index_name(table, [column], suffix="_like")
+            schema_editor.execute(
+                f"CREATE INDEX IF NOT EXISTS {quote(name)} ON {quote(table)} ({quote(column)} varchar_pattern_ops)"
+            )

@@ -1,6 +1,6 @@
 from django.db import migrations
 
-from common.indexes import LIKE, DropRedundantIndexes
+from common.indexes import DropLikeIndexes
 
 
 class Migration(migrations.Migration):
@@ -8,4 +8,4 @@ class Migration(migrations.Migration):
 
     dependencies = [("common", "0001_api_token")]
 
-    operations = [DropRedundantIndexes("common", [("apitoken", "digest", LIKE)])]
+    operations = [DropLikeIndexes("common", [("apitoken", "digest")])]

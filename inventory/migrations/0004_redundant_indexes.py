@@ -1,6 +1,6 @@
 from django.db import migrations, models
 
-from common.indexes import LIKE, DropRedundantIndexes
+from common.indexes import DropLikeIndexes
 
 
 class Migration(migrations.Migration):
@@ -11,5 +11,5 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.AlterField(model_name="reservation", name="saga_id", field=models.UUIDField()),
-        DropRedundantIndexes("inventory", [("processedkey", "key", LIKE)]),
+        DropLikeIndexes("inventory", [("processedkey", "key")]),
     ]

@@ -1,6 +1,6 @@
 from django.db import migrations
 
-from common.indexes import LIKE, DropRedundantIndexes
+from common.indexes import DropLikeIndexes
 
 
 class Migration(migrations.Migration):
@@ -8,4 +8,4 @@ class Migration(migrations.Migration):
 
     dependencies = [("notifications", "0002_notification_claim")]
 
-    operations = [DropRedundantIndexes("notifications", [("processedkey", "key", LIKE)])]
+    operations = [DropLikeIndexes("notifications", [("processedkey", "key")])]

@@ -1,6 +1,6 @@
 from django.db import migrations
 
-from common.indexes import LIKE, DropRedundantIndexes
+from common.indexes import DropLikeIndexes
 
 
 class Migration(migrations.Migration):
@@ -9,13 +9,13 @@ class Migration(migrations.Migration):
     dependencies = [("payments", "0003_charge_attempts")]
 
     operations = [
-        DropRedundantIndexes(
+        DropLikeIndexes(
             "payments",
             [
-                ("processedkey", "key", LIKE),
-                ("fakeprovideroperation", "idempotency_key", LIKE),
-                ("fakeprovideroperation", "reference", LIKE),
-                ("fakeproviderattempt", "idempotency_key", LIKE),
+                ("processedkey", "key"),
+                ("fakeprovideroperation", "idempotency_key"),
+                ("fakeprovideroperation", "reference"),
+                ("fakeproviderattempt", "idempotency_key"),
             ],
         ),
     ]

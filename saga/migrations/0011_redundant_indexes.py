@@ -1,7 +1,7 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
-from common.indexes import LIKE, DropRedundantIndexes
+from common.indexes import DropLikeIndexes
 
 
 class Migration(migrations.Migration):
@@ -35,10 +35,10 @@ class Migration(migrations.Migration):
                 ),
             ],
             database_operations=[
-                DropRedundantIndexes(
+                DropLikeIndexes(
                     "saga",
-                    [("sagainstance", "trace_id", LIKE)],
-                    rename={("sagainstance", "trace_id"): "saga_trace_id_idx"},
+                    [("sagainstance", "trace_id")],
+                    keep_plain_as={("sagainstance", "trace_id"): "saga_trace_id_idx"},
                 ),
             ],
         ),
