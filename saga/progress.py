@@ -8,6 +8,7 @@ the result backend, which each sweep drains (`saga_reports_drain`) into
 changes nothing when the saga or step is already past it.
 """
 
+import contextlib
 import json
 import logging
 import uuid
@@ -16,12 +17,13 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from common.exceptions import InvalidMessage
 from common.signing import seal_verify
+from common.sql import is_step_abort, prepared
 from common.steps import MAX_TIMELINE
 
 from . import store
@@ -30,7 +32,7 @@ from .engine import step_name_of, task_id_for
 from .models import UNFINISHED_STATUSES, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 from .publish import phase_plan, segment_deadline, start_running
 from .store import DB, UNSETTLED
-from .tracing import saga_trace_context
+from .tracing import saga_trace_context, tracing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,13 @@ def _drain_once(batch: int, *, after: tuple[Any, str] | None = None) -> tuple[in
             done.append(task_id)
     recorded = 0
     if reports:
+        # The usual record (a forward chain's end after its pivot recorded the steps before
+        # it) in one statement; what it leaves takes the general way below.
+        completed = _record_completions(reports)
+        done.extend(task_id for task_id, saga, _, _ in reports if saga.id in completed)
+        recorded += len(completed)
+        reports = [report for report in reports if report[1].id not in completed]
+    if reports:
         # Every saga with a record, in one transaction: one read of them (locked) and one
         # write, instead of a lock, a read and a write per saga. A saga another transaction
         # holds (an operator, a failure report) is skipped; its record waits for the next sweep.
@@ -188,6 +197,161 @@ def _drain_once(batch: int, *, after: tuple[Any, str] | None = None) -> tuple[in
                 f"DELETE FROM {TaskResult._meta.db_table} WHERE task_id = ANY(%s) AND status = 'SUCCESS'", [done]
             )
     return read, recorded, last
+
+
+# What `_record_completions` expects of each forward step's row, by its place in the chain.
+KEPT, TAKEN, SUCCEEDED = "kept", "taken", "succeeded"
+
+
+def _record_completions(reports: list[tuple[str, SagaInstance, str, dict[str, Any]]]) -> set[uuid.UUID]:
+    """Record the usual chain records among `reports` in one statement: the sagas
+    recorded. The others are left for the general way (`_apply_success`), which
+    `test_drain.py` holds this to: the same rows, field by field.
+
+    The usual record: the forward chain's end (its last step's, one per saga in the batch),
+    whose timeline holds one record of each forward step and nothing else, of a saga still
+    running whose pivot recorded itself and the steps before it (`saga_pivot_commit`):
+    those steps succeeded with their records (nothing to write), the pivot succeeded
+    without its worker (its record fills it in), the steps after it unsettled (each
+    succeeds with its record), and the saga completes when its last step finished. The
+    statement checks all of it on the rows it locks and skips the sagas another
+    transaction holds (as the general way does); each write checks its step again on the
+    row version it writes, and if one does not hold the statement undoes itself
+    (`saga_step_abort`) and every saga takes the general way.
+
+    Where the general way reads each saga and its steps into models and writes them back
+    (a locked read, then a write of every changed row), this is one round trip whatever
+    the batch, and no model is built: the coordinator's part of a confirmed order.
+    Commits on its own (in a savepoint inside a caller's transaction).
+    """
+    per_saga: dict[uuid.UUID, int] = {}
+    for _, saga, _, _ in reports:
+        per_saga[saga.id] = per_saga.get(saga.id, 0) + 1
+    now = timezone.now()
+    sagas: list[tuple[SagaInstance, datetime | None, str]] = []
+    steps: list[tuple[Any, ...]] = []
+    for _, saga, step_name, report in reports:
+        if per_saga[saga.id] != 1:
+            continue
+        try:
+            definition = get_definition(saga.definition, saga.definition_version)
+        except LookupError:
+            continue
+        plan = [step.name for step in definition.steps]
+        pivot = definition.pivot_index
+        if step_name != plan[-1] or pivot >= len(plan) - 1:
+            continue
+        try:
+            records = _timeline_records(plan, saga.id, report.get("_steps"))
+        except (ValueError, TypeError, OverflowError):
+            continue  # the general way reads it, and says what is wrong with it
+        if records is None or [record["name"] for record in records] != plan:
+            continue
+        patch: dict[str, Any] = {}
+        for record in records:
+            if isinstance(record.get("output"), dict):
+                patch.update({k: v for k, v in record["output"].items() if not k.startswith("_")})
+        patch.update({k: v for k, v in report.items() if not k.startswith("_")})
+        sagas.append((saga, records[-1]["finished"], json.dumps(patch)))
+        for index, record in enumerate(records):
+            expect = KEPT if index < pivot else TAKEN if index == pivot else SUCCEEDED
+            steps.append((saga.id, record, expect))
+    if not sagas:
+        return set()
+    saga_table, step_table = f'"{SagaInstance._meta.db_table}"', f'"{SagaStep._meta.db_table}"'
+    unsettled = [str(status) for status in UNSETTLED]
+    # Inside a caller's transaction (a test's), a savepoint keeps the statement's undoing
+    # from aborting the caller's; on its own it needs none.
+    nested = transaction.atomic(using=DB) if connections[DB].in_atomic_block else contextlib.nullcontext()
+    try:
+        with nested, prepared(DB, plan_once=False) as cursor:
+            cursor.execute(
+                "WITH r AS (SELECT * FROM unnest(%s::uuid[], %s::int[], %s::timestamptz[], %s::text[]) "
+                "AS r(id, steps, finished, patch)), "
+                "e AS (SELECT * FROM unnest(%s::uuid[], %s::varchar[], %s::varchar[], %s::timestamptz[], "
+                "%s::timestamptz[], %s::timestamptz[], %s::int[], %s::varchar[], %s::varchar[], %s::text[]) "
+                "AS e(saga_id, name, expect, queued, started, finished, attempt, worker, task_id, result)), "
+                f"s AS MATERIALIZED (SELECT x.id FROM {saga_table} AS x WHERE x.id = ANY(%s::uuid[]) "
+                "AND x.status = %s ORDER BY x.id FOR UPDATE SKIP LOCKED), "
+                # Joined and grouped, not a subquery per saga: that scanned the whole batch's
+                # entries once per saga.
+                "ok AS MATERIALIZED (SELECT e.saga_id AS id FROM e JOIN r ON r.id = e.saga_id "
+                f"JOIN {step_table} AS t ON t.saga_id = e.saga_id AND t.name = e.name "
+                "WHERE e.saga_id IN (SELECT id FROM s) AND t.phase = %s AND ("
+                "(e.expect = %s AND t.status = %s AND t.started_at IS NOT NULL AND t.worker <> '') "
+                "OR (e.expect = %s AND t.status = %s AND t.worker = '') "
+                "OR (e.expect = %s AND t.status = ANY(%s::varchar[]))) "
+                "GROUP BY e.saga_id, r.steps HAVING count(*) = r.steps), "
+                # SagaStep.take_record, after mark_succeeded for the steps after the pivot.
+                f"up AS (UPDATE {step_table} AS t SET "
+                "status = CASE WHEN e.expect = %s THEN %s ELSE t.status END, "
+                "deadline_at = CASE WHEN e.expect = %s THEN NULL ELSE t.deadline_at END, "
+                "finished_at = CASE WHEN e.expect = %s THEN COALESCE(e.finished, %s) "
+                "ELSE COALESCE(e.finished, t.finished_at, %s) END, "
+                "queued_at = COALESCE(t.queued_at, e.queued), started_at = COALESCE(e.started, t.started_at), "
+                "attempts = GREATEST(t.attempts, e.attempt), worker = e.worker, celery_task_id = e.task_id, "
+                "result = COALESCE(e.result::jsonb, t.result) "
+                "FROM e WHERE e.saga_id = ANY(ARRAY(SELECT id FROM ok)) AND t.saga_id = e.saga_id AND t.phase = %s "
+                "AND t.name = e.name "
+                "AND ((e.expect = %s AND t.status = %s AND t.worker = '') "
+                "OR (e.expect = %s AND t.status = ANY(%s::varchar[]))) RETURNING t.id), "
+                # SagaInstance.mark_finished, when its last step finished; its outputs in its context.
+                f"done AS (UPDATE {saga_table} AS x SET status = %s, current_step = '', "
+                "finished_at = COALESCE(r.finished, %s), context = x.context || r.patch::jsonb, updated_at = %s "
+                "FROM ok JOIN r ON r.id = ok.id WHERE x.id = ok.id RETURNING x.id) "
+                "SELECT (SELECT array_agg(id::text) FROM done), CASE WHEN (SELECT count(*) FROM up) = "
+                "(SELECT count(*) FROM e JOIN ok ON ok.id = e.saga_id WHERE e.expect <> %s) THEN true "
+                "ELSE saga_step_abort('a step changed while its saga was being recorded') END",
+                [
+                    # r
+                    [saga.id for saga, _, _ in sagas],
+                    [sum(1 for saga_id, _, _ in steps if saga_id == saga.id) for saga, _, _ in sagas],
+                    [finished for _, finished, _ in sagas],
+                    [patch for _, _, patch in sagas],
+                    # e
+                    [saga_id for saga_id, _, _ in steps],
+                    [record["name"] for _, record, _ in steps],
+                    [expect for _, _, expect in steps],
+                    [record["queued"] for _, record, _ in steps],
+                    [record["started"] for _, record, _ in steps],
+                    [record["finished"] for _, record, _ in steps],
+                    [record["attempt"] for _, record, _ in steps],
+                    [record["worker"] for _, record, _ in steps],
+                    [record["task_id"] for _, record, _ in steps],
+                    [record["result"] for _, record, _ in steps],
+                    # s
+                    [saga.id for saga, _, _ in sagas],
+                    SagaStatus.RUNNING,
+                    # ok
+                    StepPhase.FORWARD,
+                    *(KEPT, StepStatus.SUCCEEDED),
+                    *(TAKEN, StepStatus.SUCCEEDED),
+                    *(SUCCEEDED, unsettled),
+                    # up
+                    *(SUCCEEDED, StepStatus.SUCCEEDED),
+                    SUCCEEDED,
+                    *(SUCCEEDED, now, now),
+                    StepPhase.FORWARD,
+                    *(TAKEN, StepStatus.SUCCEEDED),
+                    *(SUCCEEDED, unsettled),
+                    # done
+                    *(SagaStatus.COMPLETED, now, now),
+                    KEPT,
+                ],
+            )
+            completed = cursor.fetchone()[0] or []
+    except DatabaseError as error:
+        if is_step_abort(error):
+            return set()  # nothing written: the general way finds out why, under the locks
+        raise
+    recorded = {uuid.UUID(saga_id) for saga_id in completed}
+    if recorded and tracing_enabled():
+        # The general way records each saga under a span in its trace: so does this one.
+        for saga, _, _ in sagas:
+            if saga.id in recorded:
+                with saga_trace_context(saga.trace_context, why="saga.record"):
+                    pass
+    return recorded
 
 
 def saga_step_succeeded(*, saga_id: uuid.UUID | str, step_name: str, result: Mapping[str, Any]) -> None:
@@ -497,9 +661,15 @@ def _pivot_timeline(definition: SagaDefinition, saga_id: uuid.UUID, timeline: An
     """The records of the steps before the pivot, in the chain's order, as
     `store.record_timeline` would take them (SagaStep.take_record); None unless the
     timeline holds exactly one record of each of those steps and nothing else."""
+    return _timeline_records([step.name for step in definition.steps[: definition.pivot_index]], saga_id, timeline)
+
+
+def _timeline_records(before: list[str], saga_id: uuid.UUID, timeline: Any) -> list[dict[str, Any]] | None:
+    """The records of the steps named `before`, in the chain's order, as
+    `store.record_timeline` would take them (SagaStep.take_record); None unless the
+    timeline holds exactly one record of each of those steps and nothing else."""
     if not isinstance(timeline, list) or len(timeline) > MAX_TIMELINE:
         return None
-    before = [step.name for step in definition.steps[: definition.pivot_index]]
     records: list[dict[str, Any]] = []
     previous_finished = None
     for meta in timeline:

@@ -162,3 +162,138 @@ def test_a_drain_that_read_a_record_another_drain_recorded_meanwhile_changes_not
     assert all(s.attempts == 1 for s in steps.values())
     assert not TaskResult.objects.exists()
     assert saga_reports_drain() == 0
+
+
+def pivoted(saga: SagaInstance) -> SagaInstance:
+    """`saga` as its pivot leaves it (saga.progress.saga_pivot_commit): the steps before the
+    pivot recorded from the chain's timeline, the pivot committed, the next step running."""
+    from saga.progress import saga_pivot_commit
+
+    before = chain_record(saga)["_steps"][: PLACE_ORDER.pivot_index]
+    with transaction.atomic(using="orders"):
+        assert saga_pivot_commit(saga_id=saga.id, order_id=saga.order_id, timeline=before, output={"confirmed": True})
+    saga.refresh_from_db()
+    return saga
+
+
+def recorded_rows(saga: SagaInstance) -> dict:
+    """Every column the coordinator writes, of the saga and of each step, with the saga's
+    and its order's ids taken out of the values (two sagas' rows compare equal)."""
+    saga.refresh_from_db()
+    own, order = str(saga.id), str(saga.order_id)
+
+    def plain(value):
+        return str(value).replace(own, "<saga>").replace(order, "<order>") if value is not None else None
+
+    skip = {"id", "saga", "order_id", "created_at", "trace_id", "trace_context"}
+    saga_row = {f.name: plain(getattr(saga, f.name)) for f in SagaInstance._meta.concrete_fields if f.name not in skip}
+    steps = {
+        step.name: {f.name: plain(getattr(step, f.name)) for f in step._meta.concrete_fields if f.name not in skip}
+        for step in saga.steps.all()
+    }
+    return {"saga": saga_row, "steps": steps}
+
+
+def test_the_usual_record_in_one_statement_writes_what_the_general_way_writes(monkeypatch) -> None:
+    """The drain records a confirmed order's chain end in one statement
+    (saga.progress._record_completions): field for field what the general way
+    (`_apply_success` over the locked models) writes for the same record."""
+    from saga import progress
+
+    at = timezone.now()
+    monkeypatch.setattr(timezone, "now", lambda: at)  # both sagas' "now" the same instant
+    fast, general = pivoted(start()), pivoted(start())
+    for saga in (fast, general):
+        record = chain_record(saga, ended=timedelta(seconds=3))
+        record["_steps"][-1]["output"] = {"notified": "order_confirmed", "channels": ["email"]}
+        store(saga, seal_again(saga, record))
+    real = progress._record_completions
+    took: list[set] = []
+
+    def one_statement(reports):
+        took.append(recorded := real([r for r in reports if r[1].id == fast.id]))
+        return recorded
+
+    monkeypatch.setattr(progress, "_record_completions", one_statement)
+    assert saga_reports_drain() == 2
+
+    assert took == [{fast.id}]  # the general saga was left to the general way
+    fast_rows, general_rows = recorded_rows(fast), recorded_rows(general)
+    assert fast_rows == general_rows
+    assert fast_rows["saga"]["status"] == SagaStatus.COMPLETED
+    assert {name: step["status"] for name, step in fast_rows["steps"].items()} == {
+        s.name: StepStatus.SUCCEEDED for s in PLACE_ORDER.steps
+    }
+    assert fast_rows["steps"]["confirm_order"]["worker"] == "orders@host"  # the pivot's record filled in
+    fast.refresh_from_db()
+    assert fast.context["notified"] == "order_confirmed" and fast.context["confirmed"] is True
+    assert not TaskResult.objects.exists()
+
+
+def seal_again(saga: SagaInstance, record: dict) -> dict:
+    authority = Authority(
+        str(saga.id), "notify_customer", "", "forward", saga.generation, context_digest(saga.context), ""
+    )
+    return seal({k: v for k, v in record.items() if k != "_seal"}, authority)
+
+
+@pytest.mark.parametrize(
+    "unusual",
+    [
+        pytest.param(lambda saga: saga, id="no pivot recorded"),
+        pytest.param(
+            lambda saga: pivoted(saga) and _set_step(saga, "confirm_order", worker="orders@earlier"),
+            id="pivot's record taken",
+        ),
+        pytest.param(
+            lambda saga: pivoted(saga) and _set_step(saga, "notify_customer", status=StepStatus.FAILED),
+            id="last step failed",
+        ),
+    ],
+)
+def test_an_unusual_record_takes_the_general_way(unusual, monkeypatch) -> None:
+    from saga import progress
+
+    saga = unusual(start())
+    store(saga, chain_record(saga))
+    real = progress._record_completions
+    took: list[set] = []
+    monkeypatch.setattr(progress, "_record_completions", lambda reports: took.append(real(reports)) or took[-1])
+
+    assert saga_reports_drain() == 1
+
+    assert took == [set()]
+    saga.refresh_from_db()
+    assert saga.status == SagaStatus.COMPLETED
+
+
+def _set_step(saga: SagaInstance, name: str, **fields) -> SagaInstance:
+    saga.steps.filter(name=name).update(**fields)
+    return saga
+
+
+def test_a_drain_whose_saga_another_drain_recorded_meanwhile_changes_nothing(monkeypatch) -> None:
+    """The one-statement way's race: another drain records the saga between this drain's
+    read of the record and its statement. The statement finds the saga completed, records
+    nothing, and the general way after it changes nothing either."""
+    from saga import progress
+
+    saga = pivoted(start())
+    store(saga, chain_record(saga, ended=timedelta(seconds=5)))
+    real = progress._record_completions
+    interleaved: list[int] = []
+
+    def after_the_other_drain(reports):
+        if not interleaved:
+            interleaved.append(0)
+            interleaved[0] = progress.saga_reports_drain()  # the other drain, start to end
+        return real(reports)
+
+    monkeypatch.setattr(progress, "_record_completions", after_the_other_drain)
+    saga_reports_drain()
+
+    assert interleaved == [1]
+    rows = recorded_rows(saga)
+    assert rows["saga"]["status"] == SagaStatus.COMPLETED
+    assert {step["attempts"] for step in rows["steps"].values()} == {"1"}
+    assert saga_reports_drain() == 0
