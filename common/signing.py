@@ -84,16 +84,25 @@ def context_digest(ctx: Mapping[str, Any]) -> str:
 
 
 def authority_mint(
-    *, saga_id: Any, step: str, task: str, phase: str, generation: int, context: Mapping[str, Any], after: str = ""
+    *,
+    saga_id: Any,
+    step: str,
+    task: str,
+    phase: str,
+    generation: int,
+    context: Mapping[str, Any],
+    after: str = "",
+    digest: str | None = None,
 ) -> str:
-    """The coordinator's authority for one step of a chain starting from `context`."""
+    """The coordinator's authority for one step of a chain starting from `context`
+    (`digest`: its `context_digest`, if the caller has it already)."""
     claim = {
         "saga": str(saga_id),
         "step": step,
         "task": task,
         "phase": phase,
         "gen": generation,
-        "ctx": context_digest(context),
+        "ctx": digest if digest is not None else context_digest(context),
         "after": after,
     }
     return signing.dumps(claim, salt=_AUTHORITY_SALT)

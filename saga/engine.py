@@ -33,7 +33,7 @@ from typing import Any
 from celery import Signature, chain
 from kombu.utils import json
 
-from common.signing import AUTHORITY_KWARG, authority_mint, batch_authority_mint
+from common.signing import AUTHORITY_KWARG, authority_mint, batch_authority_mint, context_digest
 from common.steps import RECORD_KWARG
 from orders_project.celery import app
 
@@ -65,10 +65,12 @@ def step_signature(
     context: Mapping[str, Any],
     after: str = "",
     report: bool = True,
+    digest: str | None = None,
 ) -> Signature:
     """One step's signature, with its authority for a chain starting from `context` in
     which it follows the step `after` ("" for the first); with `report`, it stores its
-    result (the chain's record) for the coordinator to drain."""
+    result (the chain's record) for the coordinator to drain. `digest`: the context's
+    `context_digest`, if the caller has it already."""
     callback_kwargs = {"saga_id": str(saga_id), "step": step.name}
     authority = authority_mint(
         saga_id=saga_id,
@@ -78,6 +80,7 @@ def step_signature(
         generation=generation,
         context=context,
         after=after,
+        digest=digest,
     )
     kwargs = {**step.kwargs, AUTHORITY_KWARG: authority, **({RECORD_KWARG: True} if report else {})}
     sig = app.signature(step.task, kwargs=kwargs)
@@ -110,6 +113,7 @@ def build_chain(
     # Signed as the participants will receive it, through kombu's JSON (which turns some
     # types into others on the way), so both sides digest the same thing.
     context = json.loads(json.dumps({k: v for k, v in context.items() if not k.startswith("_")}))
+    digest = context_digest(context)  # every step's authority covers the same context
     signatures = [
         step_signature(
             step,
@@ -119,6 +123,7 @@ def build_chain(
             context=context,
             after=steps[i - 1].name if i else "",
             report=i == len(steps) - 1,
+            digest=digest,
         )
         for i, step in enumerate(steps)
     ]
