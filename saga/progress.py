@@ -228,7 +228,7 @@ def _record_completions(reports: list[tuple[str, SagaInstance, str, dict[str, An
     for _, saga, _, _ in reports:
         per_saga[saga.id] = per_saga.get(saga.id, 0) + 1
     now = timezone.now()
-    sagas: list[tuple[SagaInstance, datetime | None, str]] = []
+    sagas: list[tuple[SagaInstance, int, datetime | None, str]] = []
     steps: list[tuple[Any, ...]] = []
     for _, saga, step_name, report in reports:
         if per_saga[saga.id] != 1:
@@ -252,7 +252,7 @@ def _record_completions(reports: list[tuple[str, SagaInstance, str, dict[str, An
             if isinstance(record.get("output"), dict):
                 patch.update({k: v for k, v in record["output"].items() if not k.startswith("_")})
         patch.update({k: v for k, v in report.items() if not k.startswith("_")})
-        sagas.append((saga, records[-1]["finished"], json.dumps(patch)))
+        sagas.append((saga, len(records), records[-1]["finished"], json.dumps(patch)))
         for index, record in enumerate(records):
             expect = KEPT if index < pivot else TAKEN if index == pivot else SUCCEEDED
             steps.append((saga.id, record, expect))
@@ -271,6 +271,8 @@ def _record_completions(reports: list[tuple[str, SagaInstance, str, dict[str, An
                 "e AS (SELECT * FROM unnest(%s::uuid[], %s::varchar[], %s::varchar[], %s::timestamptz[], "
                 "%s::timestamptz[], %s::timestamptz[], %s::int[], %s::varchar[], %s::varchar[], %s::text[]) "
                 "AS e(saga_id, name, expect, queued, started, finished, attempt, worker, task_id, result)), "
+                # The ids again as an array, not `IN (SELECT id FROM r)`: by the array the
+                # planner finds the sagas by their key; through `r` it scanned every running saga.
                 f"s AS MATERIALIZED (SELECT x.id FROM {saga_table} AS x WHERE x.id = ANY(%s::uuid[]) "
                 "AND x.status = %s ORDER BY x.id FOR UPDATE SKIP LOCKED), "
                 # Joined and grouped, not a subquery per saga: that scanned the whole batch's
@@ -304,10 +306,10 @@ def _record_completions(reports: list[tuple[str, SagaInstance, str, dict[str, An
                 "ELSE saga_step_abort('a step changed while its saga was being recorded') END",
                 [
                     # r
-                    [saga.id for saga, _, _ in sagas],
-                    [sum(1 for saga_id, _, _ in steps if saga_id == saga.id) for saga, _, _ in sagas],
-                    [finished for _, finished, _ in sagas],
-                    [patch for _, _, patch in sagas],
+                    [saga.id for saga, _, _, _ in sagas],
+                    [count for _, count, _, _ in sagas],
+                    [finished for _, _, finished, _ in sagas],
+                    [patch for _, _, _, patch in sagas],
                     # e
                     [saga_id for saga_id, _, _ in steps],
                     [record["name"] for _, record, _ in steps],
@@ -320,7 +322,7 @@ def _record_completions(reports: list[tuple[str, SagaInstance, str, dict[str, An
                     [record["task_id"] for _, record, _ in steps],
                     [record["result"] for _, record, _ in steps],
                     # s
-                    [saga.id for saga, _, _ in sagas],
+                    [saga.id for saga, _, _, _ in sagas],
                     SagaStatus.RUNNING,
                     # ok
                     StepPhase.FORWARD,
@@ -347,7 +349,7 @@ def _record_completions(reports: list[tuple[str, SagaInstance, str, dict[str, An
     recorded = {uuid.UUID(saga_id) for saga_id in completed}
     if recorded and tracing_enabled():
         # The general way records each saga under a span in its trace: so does this one.
-        for saga, _, _ in sagas:
+        for saga, _, _, _ in sagas:
             if saga.id in recorded:
                 with saga_trace_context(saga.trace_context, why="saga.record"):
                     pass
@@ -664,8 +666,8 @@ def _pivot_timeline(definition: SagaDefinition, saga_id: uuid.UUID, timeline: An
     return _timeline_records([step.name for step in definition.steps[: definition.pivot_index]], saga_id, timeline)
 
 
-def _timeline_records(before: list[str], saga_id: uuid.UUID, timeline: Any) -> list[dict[str, Any]] | None:
-    """The records of the steps named `before`, in the chain's order, as
+def _timeline_records(names: list[str], saga_id: uuid.UUID, timeline: Any) -> list[dict[str, Any]] | None:
+    """The records of the steps `names`, in the chain's order, as
     `store.record_timeline` would take them (SagaStep.take_record); None unless the
     timeline holds exactly one record of each of those steps and nothing else."""
     if not isinstance(timeline, list) or len(timeline) > MAX_TIMELINE:
@@ -676,7 +678,7 @@ def _timeline_records(before: list[str], saga_id: uuid.UUID, timeline: Any) -> l
         if not isinstance(meta, dict) or not isinstance(meta.get("finished_at"), str):
             return None
         name = step_name_of(meta.get("task_id"), saga_id)
-        if name not in before or any(record["name"] == name for record in records):
+        if name not in names or any(record["name"] == name for record in records):
             return None
         finished = parse_datetime(meta["finished_at"])
         try:
@@ -700,6 +702,6 @@ def _timeline_records(before: list[str], saga_id: uuid.UUID, timeline: Any) -> l
             }
         )
         previous_finished = finished
-    if sorted(record["name"] for record in records) != sorted(before):
+    if sorted(record["name"] for record in records) != sorted(names):
         return None
     return records
