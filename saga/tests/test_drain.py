@@ -26,9 +26,12 @@ def start() -> SagaInstance:
         return saga_start(definition=PLACE_ORDER, order_id=uuid.uuid4(), context={"items": []})
 
 
-def chain_record(saga: SagaInstance, *, step: str = "notify_customer", ended: timedelta = timedelta(0)) -> dict:
-    """What the forward chain's last step returns and stores: ids, its output, the timeline,
-    sealed under the coordinator's authority for that step (common.steps)."""
+def chain_record(
+    saga: SagaInstance, *, step: str = "notify_customer", ended: timedelta = timedelta(0), output: dict | None = None
+) -> dict:
+    """What the forward chain's last step returns and stores: ids, its output (`output` in
+    its timeline entry), the timeline, sealed under the coordinator's authority for that
+    step (common.steps)."""
     finished = timezone.now() - ended
     timeline = [
         {
@@ -41,6 +44,8 @@ def chain_record(saga: SagaInstance, *, step: str = "notify_customer", ended: ti
         }
         for spec in PLACE_ORDER.steps
     ]
+    if output is not None:
+        timeline[-1]["output"] = output
     # The authority the step acted on, as common.steps seals its output with (this test
     # holds SECRET_KEY, as every process of the system does).
     authority = Authority(str(saga.id), step, "", "forward", saga.generation, context_digest(saga.context), "")
@@ -204,9 +209,8 @@ def test_the_usual_record_in_one_statement_writes_what_the_general_way_writes(mo
     monkeypatch.setattr(timezone, "now", lambda: at)  # both sagas' "now" the same instant
     fast, general = pivoted(start()), pivoted(start())
     for saga in (fast, general):
-        record = chain_record(saga, ended=timedelta(seconds=3))
-        record["_steps"][-1]["output"] = {"notified": "order_confirmed", "channels": ["email"]}
-        store(saga, seal_again(saga, record))
+        output = {"notified": "order_confirmed", "channels": ["email"]}
+        store(saga, chain_record(saga, ended=timedelta(seconds=3), output=output))
     real = progress._record_completions
     took: list[set] = []
 
@@ -228,13 +232,6 @@ def test_the_usual_record_in_one_statement_writes_what_the_general_way_writes(mo
     fast.refresh_from_db()
     assert fast.context["notified"] == "order_confirmed" and fast.context["confirmed"] is True
     assert not TaskResult.objects.exists()
-
-
-def seal_again(saga: SagaInstance, record: dict) -> dict:
-    authority = Authority(
-        str(saga.id), "notify_customer", "", "forward", saga.generation, context_digest(saga.context), ""
-    )
-    return seal({k: v for k, v in record.items() if k != "_seal"}, authority)
 
 
 @pytest.mark.parametrize(
