@@ -47,7 +47,8 @@ def table(results: dict[str, Any]) -> str:
         lines += ["", "ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items() if not k.endswith("_rounds"))]
     for number, f in enumerate(results.get("rounds") or [], start=1):
         lines.append(
-            f"  round {number}: saga {f.get('saga_sagas_per_s')} vs bare {f.get('bare_sagas_per_s')} sagas/s "
+            f"  round {number} ({f.get('first', 'saga')} first): "
+            f"saga {f.get('saga_sagas_per_s')} vs bare {f.get('bare_sagas_per_s')} sagas/s "
             f"({f.get('saga_vs_bare_throughput')}, CPU per saga {f.get('cpu_per_saga_vs_bare')} x); without HTTP "
             f"{f.get('saga_without_http_sagas_per_s')} vs {f.get('bare_without_http_sagas_per_s')} "
             f"({f.get('saga_vs_bare_without_http_throughput')})"

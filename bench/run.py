@@ -13,11 +13,13 @@ broker (a Redis database of its own, or the RabbitMQ vhost `saga_bench`), it mea
    latency at a fixed rate (`--rate`, and half of the measured saturation);
 3. a bare Celery chain of the same steps (bench.bare, bench.bare_web) under the same load,
    started the same two ways;
-4. with `--rounds N` (N > 1): the two systems' saturation phases again, alternately, N - 1
-   more times; the throughput ratios are then the median of each round's (saga / bare chain
-   in the same round), so a box whose speed drifts during the run (this project's box: the
-   one-process floor measured 388 to 523 sagas/s within an hour) does not favour whichever
-   system ran while it was fast;
+4. with `--rounds N` (N > 1): the two systems' saturation phases again, N - 1 more times,
+   the bare chain first in even rounds (saga, bare | bare, saga | saga, bare ...); the
+   throughput ratios are then the median of each round's (saga / bare chain in the same
+   round), so a box whose speed drifts during the run (this project's box: the one-process
+   floor measured 388 to 523 sagas/s within an hour; a freshly booted one sped up by 60 %
+   over eight minutes) does not favour whichever system ran while it was fast, nor the one
+   that always runs second in a round;
 5. with `--history N`: N finished sagas seeded in bulk, then the saga phases again.
 
 It prints a table, writes bench/results/latest.json and bench/results/latest.png.
@@ -71,7 +73,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--only", nargs="+", choices=("floor", "saga", "bare"), default=["floor", "saga", "bare"], help="systems to run"
     )
     parser.add_argument(
-        "--rounds", type=int, default=1, help="saturation rounds of each system, alternated (default 1)"
+        "--rounds",
+        type=int,
+        default=1,
+        help="saturation rounds of each system; the bare chain runs first in even rounds (default 1)",
     )
     parser.add_argument("--seed", type=int, default=5, help="random seed of the order mix (default 5)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="JSON results file")
@@ -439,20 +444,27 @@ def measure(args: argparse.Namespace, env: dict[str, str], token: str, data_dir:
         results["bare_chain_sagas_per_s"] = bare["saturation"]["sagas_per_s"]
     if args.rounds > 1 and {"saga", "bare"} <= set(args.only):
         # measure_bare: imported above, where the first round's bare chain ran.
-        rounds = [round_figures(results["saga"], results["bare_chain"])]
+        rounds = [{**round_figures(results["saga"], results["bare_chain"]), "first": round_order(1)[0]}]
         for number in range(2, args.rounds + 1):
-            logger.info("round %d of %d: both systems' saturation phases again", number, args.rounds)
-            saga_again = measure_saga(args, env, token, data_dir / f"saga-{number}", orders, saturation_only=True)
-            bare_again = measure_bare(
-                args,
-                env,
-                data_dir / f"bare-{number}",
-                orders,
-                half_rate=half,
-                groups_for=process_groups,
-                saturation_only=True,
-            )
-            rounds.append(round_figures(saga_again, bare_again))
+            order = round_order(number)
+            logger.info("round %d of %d: both systems' saturation phases, %s first", number, args.rounds, order[0])
+            again: dict[str, dict[str, Any]] = {}
+            for system in order:
+                if system == "saga":
+                    again[system] = measure_saga(
+                        args, env, token, data_dir / f"saga-{number}", orders, saturation_only=True
+                    )
+                else:
+                    again[system] = measure_bare(
+                        args,
+                        env,
+                        data_dir / f"bare-{number}",
+                        orders,
+                        half_rate=half,
+                        groups_for=process_groups,
+                        saturation_only=True,
+                    )
+            rounds.append({**round_figures(again["saga"], again["bare"]), "first": order[0]})
         results["rounds"] = rounds
     if args.history and "saga" in args.only:
         from .history import seed_history
@@ -487,6 +499,14 @@ def measure_saga(
         )
     out["worker_rss_mb"] = system.rss
     return out
+
+
+def round_order(number: int) -> tuple[str, str]:
+    """The systems in the order round `number` (from 1) runs them: the saga first in odd
+    rounds (the first round's saga phases set the bare chain's latency rate), the bare chain
+    first in even ones. A box whose speed drifts during the run then favours each system in
+    as many rounds as the other, not always the one that runs second."""
+    return ("bare", "saga") if number % 2 == 0 else ("saga", "bare")
 
 
 def round_figures(saga: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:

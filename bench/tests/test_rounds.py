@@ -1,6 +1,6 @@
 """`--rounds`: the throughput ratios of a run whose systems ran alternately, round by round."""
 
-from bench.run import ratios, round_figures
+from bench.run import ratios, round_figures, round_order
 
 
 def _system(sagas_per_s: float, direct: float, cpu_ms: float) -> dict:
@@ -39,3 +39,11 @@ def test_the_runs_ratio_is_the_median_of_its_rounds_not_of_its_first_systems() -
 def test_one_round_keeps_the_plain_ratio() -> None:
     results = {"sagas_per_s": 30.0, "bare_chain_sagas_per_s": 60.0}
     assert ratios(results) == {"saga_vs_bare_throughput": 0.5}
+
+
+def test_rounds_alternate_which_system_runs_first() -> None:
+    # A box that speeds up during the run favours whichever system runs second in a round:
+    # over four rounds each system runs second twice.
+    orders = [round_order(number) for number in range(1, 5)]
+    assert orders == [("saga", "bare"), ("bare", "saga"), ("saga", "bare"), ("bare", "saga")]
+    assert sum(order[1] == "saga" for order in orders) == sum(order[1] == "bare" for order in orders)
