@@ -360,7 +360,7 @@ CELERY_TASK_ROUTES = {
     "celery.*": {"queue": "saga"},
 }
 CELERY_TASK_DEFAULT_QUEUE = "saga"
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BEAT_SCHEDULER = "orders_project.beat:ThrottledDatabaseScheduler"
 
 # --- Saga definitions (issue 14: deploy while sagas run) -----------------------------
 # The saga definitions this deployment can run, as dotted paths of SagaDefinition objects,
