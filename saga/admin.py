@@ -23,6 +23,8 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
+from django_celery_beat.models import ClockedSchedule, CrontabSchedule, IntervalSchedule, PeriodicTask, SolarSchedule
+from django_celery_results.models import GroupResult, TaskResult
 
 from common.admin_links import order_notifications_link, order_payments_link
 from common.admin_mixins import ReadOnlyAdminMixin
@@ -571,3 +573,32 @@ OPERATIONS = {
         past="compensated",
     ),
 }
+
+
+# --- The libraries' records: read-only ---------------------------------------------------
+# Celery's results (the chains' records the coordinator drains) and beat's schedule (the
+# sweep) are registered by their libraries with add, edit, delete and bulk actions. The
+# web's database role only reads them (orders_project.db_roles: beat and the workers write
+# them), so each of those was a 500 for a superuser. Registered here, in an app that loads
+# after both libraries, with their own list pages and no way to change a row.
+LIBRARY_MODELS = (
+    PeriodicTask,
+    IntervalSchedule,
+    CrontabSchedule,
+    SolarSchedule,
+    ClockedSchedule,
+    TaskResult,
+    GroupResult,
+)
+
+
+def _read_only(model_admin: type[admin.ModelAdmin]) -> type[admin.ModelAdmin]:
+    """`model_admin` with no add, change or delete, and none of its bulk actions (enable,
+    disable, run a periodic task): actions without their own permission would be offered."""
+    return type(f"ReadOnly{model_admin.__name__}", (ReadOnlyAdminMixin, model_admin), {"actions": ()})
+
+
+for _model in LIBRARY_MODELS:
+    _library_admin = type(admin.site.get_model_admin(_model))
+    admin.site.unregister(_model)
+    admin.site.register(_model, _read_only(_library_admin))
