@@ -7,9 +7,9 @@ last 10 ms before an entry is due, beat ticks without sleeping (celery.beat.Sche
 takes 10 ms off each sleep, and a sleep of zero or less is skipped), so each sweep
 (every SAGA_SWEEP_INTERVAL seconds) cost about 25 queries in a burst, around the clock:
 `make run` left idle made 461 transactions on the `default` database in 40 s with it, 48
-with this one, about a million a day fewer (BENCHMARKS.md, eighteenth run). A change made
-in the admin (an entry disabled, an interval changed) still reaches beat: at most
-CHANGE_CHECK_SECONDS later.
+with this one, about a million a day fewer (BENCHMARKS.md, eighteenth run). A change to
+the stored schedule (made with beat's database role; the admin only shows it) still
+reaches beat: at most CHANGE_CHECK_SECONDS later.
 """
 
 import time
