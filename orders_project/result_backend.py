@@ -82,6 +82,24 @@ class DatabaseBackend(_DatabaseBackend):
             )
         return encoded
 
+    def _fail_chain(
+        self,
+        chain: Any,
+        exc: BaseException,
+        traceback: str | None = None,
+        store_result: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        """Store no failure for the tasks chained after a failed one.
+
+        Celery marks each of them failed too (one upsert per task left in the chain: two
+        more writes for every declined card), for whoever waits on the chain's last result.
+        Nobody here does: the coordinator reads the failed step's own result, which is still
+        stored, and its failure report says where the chain stopped (saga.failure). What
+        Celery does for a chord member among them (its part returned) still happens.
+        """
+        super()._fail_chain(chain, exc, traceback, store_result=False, state=state)
+
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         """A task's stored outcome, as django-celery-results returns it, read in one
         prepared statement: its own read goes through the ORM (a model instance, then a

@@ -74,3 +74,18 @@ def test_a_refusal_reads_back_as_the_participants_exception() -> None:
     app.backend.store_result(task_id, InvalidMessage("forged"), states.FAILURE)
     result = app.AsyncResult(task_id)
     assert (result.state, type(result.result), str(result.result)) == (states.FAILURE, InvalidMessage, "forged")
+
+
+def test_a_failed_step_stores_its_own_failure_and_none_for_the_steps_chained_after_it() -> None:
+    """One write per failed task (docs/DECISIONS.md, "Results"): Celery's own backend also
+    marks every task left in the chain failed, which nobody reads."""
+    failed, later = f"test-{uuid.uuid4()}", [f"test-{uuid.uuid4()}" for _ in range(2)]
+    chain = [
+        {"task": task, "args": [], "kwargs": {}, "options": {"task_id": task_id}, "subtask_type": None}
+        for task, task_id in zip(["notifications.notify", "orders.confirm"], reversed(later), strict=True)
+    ]
+    request = SimpleNamespace(id=failed, task="payments.charge", chain=chain, chord=None, errbacks=None)
+    app.backend.mark_as_failure(failed, PaymentDeclined("declined"), request=request, call_errbacks=False)
+
+    assert app.AsyncResult(failed).state == states.FAILURE
+    assert [app.backend._get_task_meta_for(task_id)["status"] for task_id in later] == [states.PENDING] * 2
