@@ -654,6 +654,19 @@ def test_healthchecks_of_the_infrastructure() -> None:
     assert "healthcheck" in services()["web"]
 
 
+def test_postgres_analyzes_growing_tables_as_the_embedded_server_does() -> None:
+    """The workers' prepared statements keep plans made on empty tables until autovacuum
+    analyzes them (devstack.services.PG_SETTINGS)."""
+    from devstack.services import PG_SETTINGS
+
+    command = services()["postgres"]["command"]
+    assert command[0] == "postgres"
+    options = dict(
+        value.split("=", 1) for flag, value in zip(command[1::2], command[2::2], strict=True) if flag == "-c"
+    )
+    assert options == {"autovacuum_naptime": PG_SETTINGS["autovacuum_naptime"]}
+
+
 def test_restart_policies() -> None:
     for name, service in services().items():
         expected = "no" if name == "migrate" else "unless-stopped"

@@ -63,9 +63,15 @@ PG_SUPERUSER = "postgres"
 # Web (2 workers x 4 threads), five Celery workers with their pools, beat and Flower each hold connections
 # to up to five databases, and `make test` may run beside `make run`: the default of 100 is too few.
 # Durability settings (fsync, synchronous_commit) keep their defaults: `make run` data should survive.
+# Autovacuum visits each database once per naptime (60 s by default), and until it analyzes a
+# table PostgreSQL keeps the generic plans of the statements the workers prepared on their
+# first orders: on a new database those were made on empty tables and scan them whole as
+# they grow (the confirm went to 3 to 22 ms within a bench phase, docs/DECISIONS.md). Every
+# 5 s, a growing table is analyzed within seconds and the plans are made again.
 PG_SETTINGS: dict[str, str] = {
     "max_connections": "300",
     "cluster_name": "saga-devstack",
+    "autovacuum_naptime": "5s",
 }
 
 Mode = Literal["external", "embedded"]
