@@ -66,8 +66,8 @@ PG_SUPERUSER = "postgres"
 # Autovacuum visits each database once per naptime (60 s by default), and until it analyzes a
 # table PostgreSQL keeps the generic plans of the statements the workers prepared on their
 # first orders: on a new database those were made on empty tables and scan them whole as
-# they grow (the confirm went to 3 to 22 ms within a bench phase, docs/DECISIONS.md). Every
-# 5 s, a growing table is analyzed within seconds and the plans are made again.
+# they grow (the confirm went to 3 to 22 ms within a bench phase, docs/DECISIONS.md). With a
+# 5 s naptime a growing table is analyzed within seconds, which makes the plans again.
 PG_SETTINGS: dict[str, str] = {
     "max_connections": "300",
     "cluster_name": "saga-devstack",
