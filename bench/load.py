@@ -145,6 +145,9 @@ class Run:
             **({"latency_ms_by_outcome": self.latencies_by_outcome()} if self.rate else {}),
             "cpu_cores": {k: round(v / self.wall, 3) for k, v in sorted(self.cpu.items())} if self.wall else {},
             "cpu_ms_per_saga": round(busy * 1000 / max(len(self.finished), 1), 2),
+            "cpu_ms_per_saga_by_group": {
+                k: round(v * 1000 / max(len(self.finished), 1), 2) for k, v in sorted(self.cpu.items())
+            },
             "cpu_ms_per_saga_main_process": {
                 k: round(v * 1000 / max(len(self.finished), 1), 2) for k, v in sorted(self.cpu_main.items())
             },

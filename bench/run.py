@@ -554,6 +554,13 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         theirs = bare_lat.get(key, {}).get("p99")
         if ours and theirs:
             out[f"p99_{key}_vs_bare"] = round(ours / theirs, 2)
+    for key in ("rate_20", "rate_half"):
+        # At one rate for both systems: each saga's own work, without the cheaper messages
+        # that a system running at twice the rate gets at its saturation (report.same_rate_cpu).
+        ours = (results.get("saga") or {}).get(key, {}).get("cpu_ms_per_saga")
+        theirs = (results.get("bare_chain") or {}).get(key, {}).get("cpu_ms_per_saga")
+        if ours and theirs:
+            out[f"cpu_per_saga_{key}_vs_bare"] = round(ours / theirs, 2)
     history = results.get("history", {}).get("saga")
     if history and saga:
         out["history_vs_empty_throughput"] = round(history["saturation"]["sagas_per_s"] / saga, 3)
