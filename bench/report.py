@@ -145,9 +145,8 @@ def same_rate_cpu(results: dict[str, Any]) -> list[str]:
             else:
                 parts.append(f"{group} {sum(split[0]):.2f} / {sum(split[1]):.2f}")
         all_ours, all_theirs = ours["cpu_ms_per_saga"], theirs["cpu_ms_per_saga"]
-        lines.append(
-            f"  at {ours.get('rate', 0):g}/s: all {all_ours:.2f} / {all_theirs:.2f} ({all_ours / all_theirs:.2f} x)"
-        )
+        ratio = f" ({all_ours / all_theirs:.2f} x)" if all_theirs else ""  # no CPU counted: no ratio
+        lines.append(f"  at {ours.get('rate', 0):g}/s: all {all_ours:.2f} / {all_theirs:.2f}{ratio}")
         lines.append("    " + ", ".join(parts))
     return lines
 

@@ -48,3 +48,8 @@ def test_the_ratio_of_cpu_per_saga_at_one_rate_is_in_the_ratios() -> None:
     out = ratios({"saga": SAGA, "bare_chain": BARE})
     assert out["cpu_per_saga_rate_half_vs_bare"] == 1.5
     assert "cpu_per_saga_rate_20_vs_bare" not in out
+
+
+def test_a_phase_without_cpu_counted_is_shown_without_a_ratio() -> None:
+    idle = {"rate_half": {**BARE["rate_half"], "cpu_ms_per_saga": 0.0}}
+    assert same_rate_cpu({"saga": SAGA, "bare_chain": idle})[2].strip() == "at 26.1/s: all 36.00 / 0.00"
