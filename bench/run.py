@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -91,14 +92,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # --- setup -----------------------------------------------------------------------------------
 
 
+def _broker_url(args: argparse.Namespace, urls: services.ServiceURLs) -> str:
+    if args.broker == "redis":
+        return stack.with_redis_db(urls["CELERY_BROKER_URL"], BENCH_REDIS_DB)
+    return os.environ.get("BENCH_AMQP_URL", DEFAULT_AMQP_URL)
+
+
 def _environment(args: argparse.Namespace, urls: services.ServiceURLs, data_dir: Path) -> dict[str, str]:
     db_urls = {key: stack.with_database_suffix(urls[key], "_bench") for key in stack.ALIASES.values()}
+    broker_url = _broker_url(args, urls)
+    # A killed run's workers would take this run's messages: refused before anything is reset.
+    _no_other_consumers(broker_url)
     services.ensure_databases(db_urls, recreate=True)
     if args.broker == "redis":
-        broker_url = stack.with_redis_db(urls["CELERY_BROKER_URL"], BENCH_REDIS_DB)
         stack._flush_redis(broker_url)
     else:
-        broker_url = os.environ.get("BENCH_AMQP_URL", DEFAULT_AMQP_URL)
         if not stack._fresh_amqp_vhost(broker_url):
             raise services.ServiceError(
                 f"no AMQP broker answers at {services.redact_url(broker_url)} (set BENCH_AMQP_URL)"
@@ -123,10 +131,46 @@ def _environment(args: argparse.Namespace, urls: services.ServiceURLs, data_dir:
 
 
 @contextlib.contextmanager
+def one_bench_at_a_time(base_dir: Path | None = None) -> Iterator[None]:
+    """Hold `<base_dir>/.data/bench.lock` for a whole bench, or raise ServiceError at once.
+
+    Every bench drops and re-creates the same `*_bench` databases, empties the same broker
+    database and `.data/bench`: a second one started beside a running one wrecked it (its
+    web answered 500 once its databases were dropped). Checked before anything is touched.
+    The lock is the kernel's (flock): a killed bench leaves nothing to clean up.
+    """
+    lock = (base_dir or BASE_DIR) / ".data" / "bench.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise services.ServiceError(
+                f"another bench is running in this checkout (pid {holder}, holding {lock}): "
+                "wait for it to end, or stop it; two would drop each other's databases"
+            ) from None
+        try:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def in_process_on_bench_databases() -> Iterator[None]:
     """Django set up in this process on fresh, migrated `*_bench` databases (Redis as the
     broker), for the in-process measurements (bench.web_cpu, bench.pivot_cpu); the
     embedded servers are stopped afterwards if this started them."""
+    with one_bench_at_a_time(), _on_bench_databases():
+        yield
+
+
+@contextlib.contextmanager
+def _on_bench_databases() -> Iterator[None]:
     urls = services.ensure_services(BASE_DIR)
     data_dir = BASE_DIR / ".data" / "bench"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -374,13 +418,17 @@ class SagaSystem(System):
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
+    with one_bench_at_a_time():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     urls = services.ensure_services(BASE_DIR)
     data_dir = BASE_DIR / ".data" / "bench"
     shutil.rmtree(data_dir, ignore_errors=True)
     try:
         env = _environment(args, urls, data_dir)
-        _no_other_consumers(env["CELERY_BROKER_URL"])
         logger.info("migrating the bench databases")
         stack.migrate_all(BASE_DIR, env)
         _setup_django(env)
@@ -578,12 +626,18 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _no_other_consumers(broker_url: str) -> None:
+    """Raise ServiceError if workers consume the bench broker. A broker that does not answer,
+    or a RabbitMQ vhost not created yet, has none: the run's own setup reports the broker."""
+    from amqp.exceptions import NotAllowed
     from celery import Celery
+    from kombu.exceptions import OperationalError
 
     saved = os.environ.get("CELERY_BROKER_URL")
     os.environ["CELERY_BROKER_URL"] = broker_url  # Celery prefers it to the app's argument
     try:
         replies = Celery("bench-check", broker=broker_url, fixups=[]).control.ping(timeout=1.0)
+    except (NotAllowed, OperationalError, OSError):
+        replies = []
     finally:
         if saved is not None:
             os.environ["CELERY_BROKER_URL"] = saved
