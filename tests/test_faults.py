@@ -492,3 +492,24 @@ def test_a_task_starts_without_the_connections_the_server_closed(db_access: None
 
     assert connections["default"].connection is None  # the task's first query connects afresh
     assert connections["orders"].connection is kept  # a live one stays: no reconnect, no round trip
+
+
+def test_beat_outlives_a_database_restart_in_the_middle_of_a_tick(db_access: None) -> None:
+    """PostgreSQL restarted while beat re-read its schedule: django-celery-beat logs the
+    failed sync, then its re-read met the closed connection, and Celery's beat service
+    ended on that exception. Every sweep (drain, recovery) stopped with it."""
+    from orders_project.beat import DATABASE_RETRY_SECONDS, ThrottledDatabaseScheduler
+
+    # Installs the schedule's entries as beat does at start (the same ones: the settings').
+    scheduler = ThrottledDatabaseScheduler(app=app)
+    scheduler._initial_read = True  # the tick re-reads the whole schedule, as after a change
+    connections["default"].ensure_connection()
+    terminate_session("default")
+
+    assert scheduler.tick() == DATABASE_RETRY_SECONDS  # not an exception that ends beat
+
+    # The database answers again: the next tick reads the schedule and goes on.
+    interval = scheduler.tick()
+    assert 0 <= interval <= scheduler.max_interval
+    assert "saga-sweep" in scheduler.schedule
+    assert connections["default"].is_usable()
