@@ -133,7 +133,11 @@ class Run:
         return dict(sorted(counts.items()))
 
     def summary(self) -> dict[str, Any]:
-        busy = sum(self.cpu.values())
+        sagas = max(len(self.finished), 1)
+
+        def ms_per_saga(cpu: dict[str, float]) -> dict[str, float]:
+            return {k: round(v * 1000 / sagas, 2) for k, v in sorted(cpu.items())}
+
         return {
             "rate": self.rate,
             "orders": len(self.intended),
@@ -144,13 +148,9 @@ class Run:
             # A saturation phase's latencies say nothing (all queued at once).
             **({"latency_ms_by_outcome": self.latencies_by_outcome()} if self.rate else {}),
             "cpu_cores": {k: round(v / self.wall, 3) for k, v in sorted(self.cpu.items())} if self.wall else {},
-            "cpu_ms_per_saga": round(busy * 1000 / max(len(self.finished), 1), 2),
-            "cpu_ms_per_saga_by_group": {
-                k: round(v * 1000 / max(len(self.finished), 1), 2) for k, v in sorted(self.cpu.items())
-            },
-            "cpu_ms_per_saga_main_process": {
-                k: round(v * 1000 / max(len(self.finished), 1), 2) for k, v in sorted(self.cpu_main.items())
-            },
+            "cpu_ms_per_saga": round(sum(self.cpu.values()) * 1000 / sagas, 2),
+            "cpu_ms_per_saga_by_group": ms_per_saga(self.cpu),
+            "cpu_ms_per_saga_main_process": ms_per_saga(self.cpu_main),
             "wall_s": round(self.wall, 1),
             **({"work_per_saga": WorkCounters.per_saga(self.work, len(self.finished))} if self.work else {}),
             # For the figure's distributions; a saturation phase's latencies say nothing (all queued at once).
