@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -139,25 +138,13 @@ def one_bench_at_a_time(base_dir: Path | None = None) -> Iterator[None]:
     web answered 500 once its databases were dropped). Checked before anything is touched.
     The lock is the kernel's (flock): a killed bench leaves nothing to clean up.
     """
-    lock = (base_dir or BASE_DIR) / ".data" / "bench.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise services.ServiceError(
-                f"another bench is running in this checkout (pid {holder}, holding {lock}): "
-                "wait for it to end, or stop it; two would drop each other's databases"
-            ) from None
-        try:
-            handle.truncate(0)
-            handle.write(str(os.getpid()))
-            handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with services.exclusive_lock(
+        (base_dir or BASE_DIR) / ".data" / "bench.lock",
+        deadline=time.monotonic(),
+        busy="another bench is running in this checkout (pid {pid}, holding {lock}): "
+        "wait for it to end, or stop it; two would drop each other's databases",
+    ):
+        yield
 
 
 @contextlib.contextmanager

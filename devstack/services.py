@@ -474,17 +474,33 @@ def _check_base_dir(base_dir: Path) -> Path:
 @contextlib.contextmanager
 def _exclusive(paths: _Paths, deadline: float) -> Iterator[None]:
     """Serialize devstack commands on one base_dir (`make run` and `make test` may start together)."""
-    paths.data.mkdir(parents=True, exist_ok=True)
-    with open(paths.lock, "a") as handle:
+    with exclusive_lock(
+        paths.lock, deadline=deadline, busy="another devstack command is still running (it holds {lock})"
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock: Path, *, deadline: float, busy: str) -> Iterator[None]:
+    """Hold an flock on `lock`, writing this process's pid in it, waiting for it until
+    `deadline` (time.monotonic(); one already past: no wait). Else ServiceError(`busy`,
+    formatted with `lock` and the holder's `pid`). The kernel frees it when its holder
+    dies: a killed command leaves nothing to clean up."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise ServiceError(f"another devstack command is still running (it holds {paths.lock})") from None
+                    handle.seek(0)
+                    raise ServiceError(busy.format(lock=lock, pid=handle.read().strip() or "unknown")) from None
                 time.sleep(0.1)
         try:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
