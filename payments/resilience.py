@@ -88,18 +88,38 @@ class OneTripRedisStorage(pybreaker.CircuitRedisStorage):
 
 @cache
 def provider_breaker() -> pybreaker.CircuitBreaker:
+    """This process's breaker over the state every worker shares (Redis, if there is one)."""
     storage = None
     if settings.PAYMENT_BREAKER_REDIS_URL:
         # pybreaker stores bytes: no decode_responses on this client.
         client = redis.Redis.from_url(settings.PAYMENT_BREAKER_REDIS_URL, socket_timeout=2)
         storage = OneTripRedisStorage(pybreaker.STATE_CLOSED, client, namespace="payment-gateway")
+    return new_breaker(storage)
+
+
+def new_breaker(
+    storage: pybreaker.CircuitBreakerStorage | None = None,
+    *,
+    fail_max: int | None = None,
+    reset_timeout: float | None = None,
+) -> pybreaker.CircuitBreaker:
+    """A breaker as the payments worker runs it, over `storage` (memory if None); the
+    limits default to the settings'.
+
+    A call that fails and so opens the circuit (the failure that reaches `fail_max`, or a
+    half-open probe) raises its own error, not pybreaker's `CircuitBreakerError`: that
+    call *reached* the provider, and `call_provider` turns `CircuitBreakerError` into
+    `CircuitOpen`, "never sent", which would end a charge attempt that timed out (and may
+    still complete) as settled, and let a refund void without waiting for it.
+    """
     return pybreaker.CircuitBreaker(
-        fail_max=settings.PAYMENT_BREAKER_FAIL_MAX,
-        reset_timeout=settings.PAYMENT_BREAKER_RESET_SECONDS,
+        fail_max=fail_max if fail_max is not None else settings.PAYMENT_BREAKER_FAIL_MAX,
+        reset_timeout=reset_timeout if reset_timeout is not None else settings.PAYMENT_BREAKER_RESET_SECONDS,
         exclude=[CardDeclined, ChargeVoided],
         listeners=[_LogTransitions()],
         state_storage=storage,
         name="payment-gateway",
+        throw_new_error_on_trip=False,
     )
 
 

@@ -6,14 +6,18 @@ does); each test has a namespace of its own, so no worker's breaker sees it.
 """
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pybreaker
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from payments.resilience import OneTripRedisStorage
+from payments import resilience
+from payments.gateways import ProviderError
+from payments.resilience import CircuitOpen, OneTripRedisStorage, ProviderTimedOut, call_provider, new_breaker
 
 
 class CountingRedis(redis.Redis):
@@ -47,7 +51,7 @@ def client() -> Any:
 def breaker(client: CountingRedis, namespace: str) -> pybreaker.CircuitBreaker:
     """A worker process's breaker over the shared state."""
     storage = OneTripRedisStorage(pybreaker.STATE_CLOSED, client, namespace=namespace)
-    return pybreaker.CircuitBreaker(fail_max=3, reset_timeout=600, state_storage=storage)
+    return new_breaker(storage, fail_max=3, reset_timeout=600)
 
 
 def fail() -> None:
@@ -96,8 +100,9 @@ def test_it_opens_for_every_process_and_closes_again(client: Any) -> None:
     for _ in range(2):
         with pytest.raises(Down):
             here.call(fail)
-    with pytest.raises(pybreaker.CircuitBreakerError):
-        here.call(fail)  # the third in a row opens it
+    with pytest.raises(Down):
+        here.call(fail)  # the third in a row opens it (and says how it failed: it was called)
+    assert there.current_state == "open"
     with pytest.raises(pybreaker.CircuitBreakerError):
         there.call(lambda: "charged")  # refused without calling the provider
     there.close()  # an operator who knows the provider is back
@@ -113,3 +118,34 @@ def test_a_flushed_state_starts_closed_again(client: Any) -> None:
         redis_client.delete(key)
     assert cb.call(lambda: "charged") == "charged"
     assert redis_client.get(f"{namespace}:pybreaker:state") == b"closed"
+
+
+def test_the_call_that_opens_the_circuit_says_how_it_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that opens the circuit reached the provider: the payment's attempt record
+    must hear what happened to it (answered, or may still complete), never "not sent"."""
+    cb = new_breaker(pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED), fail_max=1, reset_timeout=600)
+    monkeypatch.setattr(resilience, "provider_breaker", lambda: cb)
+
+    def answered_with_an_error() -> None:
+        raise ProviderError("the provider answered 500")
+
+    with pytest.raises(ProviderError) as answered:
+        call_provider(answered_with_an_error)
+    assert not isinstance(answered.value, CircuitOpen)
+    assert cb.current_state == "open"
+
+    reached: list[int] = []
+    with pytest.raises(CircuitOpen):
+        call_provider(lambda: reached.append(1))  # refused: it never left this process
+    assert reached == []
+
+    # The probe after the reset time hangs past the soft time limit: it opens the circuit
+    # again, and may still complete at the provider.
+    cb._state_storage.opened_at = cb._state_storage.opened_at - timedelta(seconds=601)
+
+    def hangs() -> None:
+        raise SoftTimeLimitExceeded()
+
+    with pytest.raises(ProviderTimedOut):
+        call_provider(hangs)
+    assert cb.current_state == "open"

@@ -68,9 +68,7 @@ def breaker(monkeypatch: pytest.MonkeyPatch) -> pybreaker.CircuitBreaker:
 
     def per_thread() -> pybreaker.CircuitBreaker:
         if not hasattr(local, "breaker"):
-            local.breaker = pybreaker.CircuitBreaker(
-                fail_max=100, reset_timeout=600, exclude=[ChargeVoided], state_storage=storage
-            )
+            local.breaker = resilience.new_breaker(storage, fail_max=100, reset_timeout=600)
         return local.breaker
 
     monkeypatch.setattr(resilience, "provider_breaker", per_thread)
@@ -191,6 +189,28 @@ def test_a_timed_out_charge_is_in_flight_until_its_lease_ends_then_the_refund_vo
             idempotency_key=step_key(saga["saga_id"], "charge_payment", "do"),
         )
     assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.VOIDED
+
+
+def test_a_timed_out_call_that_opens_the_circuit_is_still_in_flight(
+    gateway: HeldGateway, breaker: pybreaker.CircuitBreaker, saga: dict[str, Any]
+) -> None:
+    # One failure short of opening: copy A's timed-out call is the one that opens it.
+    for _ in range(breaker.fail_max - 1):
+        breaker._state_storage.increment_counter()
+    gateway.time_out.add("A")
+    timed_out = charge_copy("A", saga)
+    timed_out.start()
+    with pytest.raises(GatewayUnavailable, match="did not answer in time"):
+        timed_out.outcome()
+    assert breaker.current_state == "open"
+
+    # That call reached the provider, which may still complete it: its attempt is not
+    # "never sent", and the refund waits for its lease instead of voiding at once.
+    outcomes = dict(PaymentAttempt.objects.filter(payment__saga_id=saga["saga_id"]).values_list("task_id", "outcome"))
+    assert outcomes == {"task-A": "unknown"}
+    with pytest.raises(TransientError, match="in flight"):
+        services.payment_refund(saga_id=saga["saga_id"])
+    assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.PENDING
 
 
 def test_a_charge_the_provider_completes_while_the_refund_settles_is_refused_uncharged(
