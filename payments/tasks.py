@@ -33,7 +33,8 @@ def charge(ctx: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-# A refund may wait for an in-flight charge (tok_slow): give it a longer budget.
+# A refund may wait for an in-flight charge (tok_slow) until the charge's lease ends: as a
+# compensation it retries SAGA_COMPENSATION_MAX_RETRIES times, not a forward step's 5.
 @saga_step_task("payments.refund", compensation=True, phase="compensation")
 def refund(ctx: dict[str, Any]) -> dict[str, Any]:
     return services.payment_refund(saga_id=require_uuid(ctx, "saga_id"))
