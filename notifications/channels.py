@@ -34,8 +34,23 @@ def send_email(*, to: str, subject: str, body: str) -> None:
     try:
         send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [to], fail_silently=False)
     except (smtplib.SMTPException, OSError) as error:
-        # The mail server being away is worth a retry; the task backs off.
-        raise TransientError(f"email to {to} not sent: {error}") from error
+        # The mail server being away is worth a retry; the task backs off. The error goes
+        # into the worker's log, Flower's task events, the result backend and the saga's
+        # last error: it names the kind of failure, never the address, and leaves out the
+        # SMTP error it replaces, whose text often does (a 550 quotes the recipient,
+        # SMTPRecipientsRefused holds it).
+        raise TransientError(f"email not sent: {failure_kind(error)}") from None
+
+
+def failure_kind(error: BaseException) -> str:
+    """The class of a delivery error and its SMTP reply code or errno, without its text."""
+    code = getattr(error, "smtp_code", None) if isinstance(error, smtplib.SMTPException) else None
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        codes = sorted({reply[0] for reply in error.recipients.values() if isinstance(reply, tuple) and reply})
+        code = "/".join(str(c) for c in codes) or None
+    if isinstance(error, OSError) and error.errno is not None:
+        code = f"errno {error.errno}"
+    return f"{type(error).__name__} ({code})" if code else type(error).__name__
 
 
 def send_sms(*, to: str, body: str) -> None:
