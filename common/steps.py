@@ -119,8 +119,10 @@ def stored_args_repr(ctx: Mapping[str, Any]) -> str:
         return json.dumps([ids])
 
 
-class SagaStepTask(Task):
-    """A participant task: a retry keeps the message's redacted argument reprs."""
+class RedactedReprTask(Task):
+    """A task whose retry keeps the message's redacted argument reprs (`argsrepr`,
+    `kwargsrepr`), which Celery would otherwise render from the arguments again: every
+    task that receives a saga context, an authority or a seal."""
 
     def signature_from_request(
         self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None, **options: Any
@@ -167,7 +169,7 @@ def saga_step_task(
     def decorator(fn: Callable[..., dict[str, Any]]) -> Any:
         @shared_task(
             name=name,
-            base=SagaStepTask,
+            base=RedactedReprTask,
             bind=True,
             autoretry_for=RETRYABLE,
             throws=(BusinessFailure,),

@@ -5,7 +5,7 @@ from typing import Any
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
-from common.steps import SagaStepTask, require_str, require_uuid
+from common.steps import RedactedReprTask, require_str, require_uuid
 
 from . import settlement
 from .failure import saga_step_failed
@@ -31,7 +31,7 @@ def _check_report(saga_id: Any, step: Any) -> None:
 # Its argument is a step's whole output: a retry keeps the redacted repr (common.steps).
 # Reports now reach the coordinator through the result backend (saga.engine); this task
 # stays for the messages of chains published before that.
-@shared_task(name="saga.step_succeeded", base=SagaStepTask, **RETRY)
+@shared_task(name="saga.step_succeeded", base=RedactedReprTask, **RETRY)
 def step_succeeded(result: Any, *, saga_id: str, step: str) -> None:
     _check_report(saga_id, step)
     report = report_verified(result, saga_id, step)

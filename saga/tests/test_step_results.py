@@ -13,7 +13,7 @@ from celery.app.task import Context
 from celery.utils.saferepr import saferepr
 from kombu.utils.json import dumps, loads
 
-from common.steps import SagaContext, SagaStepTask, stored_args_repr
+from common.steps import RedactedReprTask, SagaContext, stored_args_repr
 from orders_project.celery import app
 
 CONTEXT = {
@@ -80,12 +80,12 @@ def _request() -> Context:
 
 
 def test_a_retried_step_keeps_its_redacted_argument_reprs() -> None:
-    sig = _probe(SagaStepTask).signature_from_request(_request())
+    sig = _probe(RedactedReprTask).signature_from_request(_request())
     assert (sig.options["argsrepr"], sig.options["kwargsrepr"]) == ("(<ctx>,)", "{<auth>}")
 
 
 def test_celery_retry_still_drops_argsrepr_and_kwargsrepr() -> None:
     """Upstream: celery/celery#6086 (fix proposed in celery/celery#7206). When this fails,
-    Celery keeps them on retry itself: drop SagaStepTask.signature_from_request."""
+    Celery keeps them on retry itself: drop RedactedReprTask.signature_from_request."""
     sig = _probe(app.Task).signature_from_request(_request())
     assert "argsrepr" not in sig.options and "kwargsrepr" not in sig.options
