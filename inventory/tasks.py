@@ -6,7 +6,7 @@ from django.db import InterfaceError, OperationalError
 
 from common.exceptions import InvalidMessage
 from common.signing import AUTHORITY_KWARG, batch_authority_verify, batch_seal
-from common.steps import SealedBatch, require_uuid, saga_step_task
+from common.steps import RedactedReprTask, SealedBatch, require_uuid, saga_step_task
 
 from . import selectors, services
 
@@ -62,8 +62,10 @@ RECORD_SALES = "inventory.record_sales"
 MAX_BATCH = 10_000
 
 
+# Its kwargs hold the batch's authority: a retry keeps the redacted reprs (common.steps).
 @shared_task(
     name=RECORD_SALES,
+    base=RedactedReprTask,
     autoretry_for=(OperationalError, InterfaceError),
     retry_backoff=1,
     retry_backoff_max=30,

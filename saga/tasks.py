@@ -59,7 +59,8 @@ def sweep() -> dict[str, int]:
     return saga_sweep()
 
 
-@shared_task(name="saga.settled", **RETRY)
+# Its argument is a sealed batch: a retry keeps the redacted repr (common.steps).
+@shared_task(name="saga.settled", base=RedactedReprTask, **RETRY)
 def settled(output: Any, *, step: str) -> int:
     """Record a settled batch (saga.settlement): the last task of a settlement's chain."""
     require_str({"step": step}, "step", max_length=64)
