@@ -388,17 +388,25 @@ def _apply_success(
     already = step.status == StepStatus.SUCCEEDED and step.started_at is not None
     changed = {s.name: s for s in store.record_timeline(saga, steps, timeline)}
     entries = [m for m in timeline if isinstance(m, dict)] if isinstance(timeline, list) else []
-    own = next((m for m in reversed(entries) if step_name_of(m.get("task_id"), saga.id) == step.name), None)
-    if step.status == StepStatus.FAILED and own is not None:
+    phase_now = _phase_now(saga, steps)
+    for index, meta in enumerate(entries):
+        failed = steps.get(step_name_of(meta.get("task_id"), saga.id) or "")
+        if failed is None or failed.status != StepStatus.FAILED:
+            continue
+        if failed is not step and failed.phase != phase_now:
+            # A forward step whose failure turned the saga to compensating: that stays
+            # its outcome on the timeline (the reporting step's own entry aside, below).
+            continue
         # A copy of a step that failed for good succeeded after all (a duplicate that
-        # outlived the breaker): it did commit, so the store says so, with that copy's
-        # attempt and times. Its compensation, already under way, undoes it.
-        logger.warning("saga %s: %s succeeded after it had failed for good", saga.id, step.name)
-        before = entries[: entries.index(own)]
-        queued = before[-1].get("finished_at") if before else None
-        step.mark_succeeded(own, queued_at=parse_datetime(queued) if isinstance(queued, str) else None)
-        changed[step.name] = step
-    elif step.status in UNSETTLED:
+        # outlived the breaker; a copy still queued when the sweeper gave up on the step):
+        # a chain's record names only steps that committed, so the store says so, with
+        # that copy's attempt and times. If it was a forward step of a saga that is
+        # compensating, its compensation undoes it.
+        logger.warning("saga %s: %s succeeded after it had failed for good", saga.id, failed.name)
+        queued = entries[index - 1].get("finished_at") if index else None
+        failed.mark_succeeded(meta, queued_at=parse_datetime(queued) if isinstance(queued, str) else None)
+        changed[failed.name] = failed
+    if step.status in UNSETTLED:
         # A report without its own timeline entry (a foreign or old-format message).
         step.mark_succeeded()
         changed[step.name] = step
@@ -416,17 +424,24 @@ def _apply_success(
         if step.phase == StepPhase.FORWARD
         else (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
     )
+    stopped_at = steps.get(saga.failure_step)
     if (
         saga.status == SagaStatus.NEEDS_ATTENTION
-        and saga.failure_step == step.name
-        and step.status == StepStatus.SUCCEEDED
+        and stopped_at is not None
+        and stopped_at.phase == step.phase
+        and stopped_at.name in changed
+        and stopped_at.status == StepStatus.SUCCEEDED
     ):
-        # A re-published copy of the step that failed for good has now succeeded: the
-        # reason for stopping is gone, so the saga carries on where it was.
-        logger.warning("saga %s: %s succeeded after all; resuming", saga.id, step.name)
+        # A re-published copy of the step that failed for good has now succeeded (this
+        # report's step, or one its chain ran before it): the reason for stopping is gone,
+        # so the saga carries on where it was.
+        logger.warning("saga %s: %s succeeded after all; resuming", saga.id, stopped_at.name)
         saga.mark_resumed(step.phase)
-    if saga.status == active and not already:
-        if step.position + 1 == len(plan):
+    last = step.position + 1 == len(plan)
+    # A duplicate report moves nothing, except that the last step's ends an active saga:
+    # one an operator resumed after that step had succeeded (while it needed attention).
+    if saga.status == active and (not already or last):
+        if last:
             # When it ended, not when the store heard of it (reports are drained).
             saga.mark_finished(finished, at=step.finished_at or now)
             # The last step of a chain runs only after every earlier one committed, but
@@ -452,6 +467,15 @@ def _apply_success(
                 saga.current_step = nxt.name
                 changed[nxt_row.name] = nxt_row
     return changed
+
+
+def _phase_now(saga: SagaInstance, steps: Mapping[str, SagaStep]) -> str:
+    """The phase the saga is in: the one it runs, ended in, or stopped in (needs attention)."""
+    if saga.status == SagaStatus.NEEDS_ATTENTION and (stopped_at := steps.get(saga.failure_step)) is not None:
+        return stopped_at.phase
+    if saga.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED):
+        return StepPhase.COMPENSATION
+    return StepPhase.FORWARD
 
 
 def saga_pivot_commit(

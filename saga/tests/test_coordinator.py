@@ -12,6 +12,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 from django_celery_results.models import TaskResult
@@ -21,7 +22,7 @@ from orders.saga import PLACE_ORDER
 from saga.definition import SagaDefinition, Step, register
 from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStatus, StepPhase, StepStatus
-from saga.operator import saga_compensate_check
+from saga.operator import saga_compensate_check, saga_retry
 from saga.progress import saga_pivot_commit, saga_reports_drain, saga_step_succeeded
 from saga.publish import saga_begin_compensation, saga_republish_from
 
@@ -535,6 +536,52 @@ def test_the_compensation_chains_record_ends_the_saga_compensated() -> None:
     assert row.finished_at.isoformat() == undo[-1]["finished_at"]
     assert statuses(saga, COMPENSATION) == ["succeeded"] * 4
     assert statuses(saga, FORWARD) == ["failed", "pending", "pending", "pending"]
+
+
+def test_a_late_record_of_a_compensation_that_failed_for_good_ends_the_saga_compensated() -> None:
+    """The release ran out of retries (or of re-publishes, the sweeper's StepTimedOut) while
+    its worker was away; a copy still queued then ran the whole chain. Its record shows the
+    release committed: the timeline says so, and the saga is compensated."""
+    saga = start()
+    fail(saga, "charge_payment", PaymentDeclined("declined"), timeline=timeline(saga, ["reserve_inventory"]))
+    fail(saga, "release_inventory", TransientError("inventory database down"), timeline=[])
+    assert saga_row(saga).status == SagaStatus.NEEDS_ATTENTION
+    undo = timeline(saga, COMPENSATION[1:], generation=1, worker="late@host")
+    record = sealed_record(saga, "notify_failure", undo, phase=StepPhase.COMPENSATION, generation=1)
+    store_record(saga, "notify_failure", record, generation=1)
+
+    saga_reports_drain()
+
+    row = saga_row(saga)
+    assert (row.status, row.current_step, row.outcome) == (SagaStatus.COMPENSATED, "", "failed")
+    assert row.finished_at.isoformat() == undo[-1]["finished_at"]
+    assert statuses(saga, COMPENSATION) == ["not_needed", "succeeded", "succeeded", "succeeded"]
+    release = rows(saga)["release_inventory"]
+    assert (release.worker, release.started_at.isoformat()) == ("late@host", undo[0]["started_at"])
+
+
+def test_a_chains_record_ends_an_active_saga_whose_last_step_had_succeeded_already() -> None:
+    """The release failed for good; a record without its entry (a chain re-published after
+    it) showed the rest of the compensations succeeded; an operator retried the release.
+    The retried chain's record ends the saga, rather than leaving it compensating with
+    nothing running, which neither the sweeper nor a retry could move."""
+    saga = start()
+    fail(saga, "charge_payment", PaymentDeclined("declined"), timeline=timeline(saga, ["reserve_inventory"]))
+    fail(saga, "release_inventory", TransientError("inventory database down"), timeline=[])
+    rest = timeline(saga, COMPENSATION[2:], generation=1)
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, rest))
+    assert saga_row(saga).status == SagaStatus.NEEDS_ATTENTION
+    operator = get_user_model().objects.create_user(f"op-{uuid.uuid4().hex[:8]}")
+    assert saga_retry(saga_id=saga.id, user=operator).outcome == "done"
+    row = saga_row(saga)
+    assert (row.status, row.current_step) == (SagaStatus.COMPENSATING, "release_inventory")
+    again = timeline(saga, COMPENSATION[1:], generation=row.generation)
+
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, again))
+
+    row = saga_row(saga)
+    assert (row.status, row.current_step) == (SagaStatus.COMPENSATED, "")
+    assert statuses(saga, COMPENSATION) == ["not_needed", "succeeded", "succeeded", "succeeded"]
 
 
 def test_a_report_carries_its_output_into_the_context_later_steps_start_from() -> None:
