@@ -66,10 +66,13 @@ def notification_send(
     its task retries with backoff and finds the outcome recorded (or the lease expired).
 
     Delivery happens outside the transaction and is marked sent afterwards, only where this
-    attempt still holds the claim. At-least-once for one window only: an owner that dies
-    (or stalls past its lease) after the provider accepted the message but before its mark
-    commits is taken over once the lease expires, and the message goes out again. SMTP has
-    no idempotency key; we chose that over risking a lost message.
+    attempt still holds the claim. At-least-once in two windows: an owner that dies (or
+    stalls past its lease) after the provider accepted the message but before its mark
+    commits is taken over once the lease expires; and an error raised after the server
+    accepted it (a reply to QUIT that is an error, the soft time limit landing between the
+    server's 250 and the return) looks like a failed send, so the claim is let go and the
+    retry sends again. SMTP has no idempotency key; we chose that over risking a lost
+    message.
     """
     kind = OUTCOME_KINDS[outcome]
     key = step_key(saga_id, f"notify_{outcome}", "do")
