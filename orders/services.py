@@ -22,11 +22,14 @@ from saga.operator import saga_compensate
 from saga.progress import pivot_record_ctes, saga_pivot_commit
 from saga.publish import OUTCOME_CANCELLED, OUTCOME_FAILED, saga_begin_compensation, saga_new, saga_publish
 
-from .exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
+from .exceptions import IdempotencyConflict, OrderNotCancellable, OrderTotalTooLarge, UnknownSkus
 from .models import Order, OrderLine
 from .saga import PLACE_ORDER
 
 DB = "orders"
+# The largest total an order's column holds (Order.total: 12 digits, 2 of them decimals).
+_TOTAL = Order._meta.get_field("total")
+MAX_TOTAL = Decimal(10) ** (_TOTAL.max_digits - _TOTAL.decimal_places) - Decimal(1).scaleb(-_TOTAL.decimal_places)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def order_place(
     Returns (order, created); a created order carries its lines and, as `placed_saga`, its
     saga with its steps, as written. With an `idempotency_key` already used by this user for the
     same request, returns that order and starts nothing; for a different request raises
-    `IdempotencyConflict`. Raises `UnknownSkus` before writing anything.
+    `IdempotencyConflict`. Raises `UnknownSkus` or `OrderTotalTooLarge` before writing anything.
     """
     # A replay is found by the unique (user, key) constraint when the insert below fails,
     # not by a lookup first: a new key, the common case, costs no query (BENCHMARKS.md).
@@ -74,6 +77,10 @@ def order_place(
             return existing, False  # placed before its product left the catalogue
         raise UnknownSkus(unknown)
     total = sum((catalogue[i.sku].price * i.quantity for i in items), Decimal("0"))
+    if total > MAX_TOTAL:
+        # A catalogue price times the largest quantity can outgrow the total's column: a
+        # 400 before anything is written, not the database's error (a 500).
+        raise OrderTotalTooLarge(total, MAX_TOTAL)
     order = Order(
         user_id=user_id,
         email=email,

@@ -179,6 +179,20 @@ def test_unknown_sku_is_a_400_and_creates_nothing(api: Api, sku: str) -> None:
     assert stock(sku) == (1, 0)
 
 
+def test_a_total_larger_than_an_order_may_hold_is_a_400_and_creates_nothing(api: Api, sku: str) -> None:
+    make_product(sku, on_hand=2000, price="99999999.99")  # the catalogue's largest price
+    response = api.post(
+        "/api/orders/",
+        json={"email": "a@example.com", "items": [{"sku": sku, "quantity": 1000}], "payment_token": "tok_visa"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "items": ["These items come to 99999999990.00, more than an order may come to (9999999999.99)."]
+    }
+    assert not Order.objects.filter(user_id=api.user_id).exists()
+    assert stock(sku) == (2000, 0)
+
+
 def test_cancel_while_the_charge_is_in_flight_refunds_and_releases(api: Api, sku: str) -> None:
     make_product(sku, on_hand=4, price="20.00")
     placed = api.place_order([(sku, 2)], token="tok_slow")

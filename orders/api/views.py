@@ -21,7 +21,7 @@ from common.tokens import ApiTokenAuthentication
 from saga.models import SagaAuditEntry, SagaInstance
 
 from .. import selectors, services
-from ..exceptions import IdempotencyConflict, OrderNotCancellable, UnknownSkus
+from ..exceptions import IdempotencyConflict, OrderNotCancellable, OrderTotalTooLarge, UnknownSkus
 from ..models import Order
 from .render import order_body
 from .serializers import OrderCreateInput, OrderOutput, order_input_as_given
@@ -217,6 +217,10 @@ class OrderListCreateApi(GenericAPIView):
                         for item in data["items"]
                     ]
                 }
+            ) from None
+        except OrderTotalTooLarge as large:
+            raise ValidationError(
+                {"items": [f"These items come to {large.total}, more than an order may come to ({large.most})."]}
             ) from None
         except IdempotencyConflict as conflict:
             return Response({"detail": str(conflict)}, status=status.HTTP_422_UNPROCESSABLE_ENTITY)
