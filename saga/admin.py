@@ -7,6 +7,7 @@ the action and a `message_user` report. The work and its audit entry are
 its row lock: a second click, or a second operator, is refused and recorded as such.
 """
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -37,6 +38,10 @@ from .selectors import failure_fingerprint_counts, saga_version_counts, sagas_wi
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
 PREVIEW_ROWS = 100
+# Context fields the saga's page does not show: the customer's card token (the order's page
+# leaves it out too). Steps still receive it; the admin is not a step.
+HIDDEN_CONTEXT_FIELDS = frozenset({"payment_token"})
+HIDDEN = "(hidden)"
 
 
 class SagaPartInline(ReadOnlyAdminMixin):
@@ -276,7 +281,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
                 ]
             },
         ),
-        ("Context (what every step receives)", {"fields": ["context"], "classes": ["collapse"]}),
+        ("Context (what every step receives)", {"fields": ["context_shown"], "classes": ["collapse"]}),
     ]
     readonly_fields = [str(field) for _, options in fieldsets for field in options["fields"]]
 
@@ -341,6 +346,13 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="notifications")
     def notifications_link(self, saga: SagaInstance) -> str:
         return order_notifications_link(saga.order_id, "notifications of this order")
+
+    @admin.display(description="context")
+    def context_shown(self, saga: SagaInstance) -> str:
+        """The context without the customer's card token, as the order's page shows the
+        order (docs/SECURITY.md): an operator needs the ids, items and total, never the card."""
+        shown = {k: HIDDEN if k in HIDDEN_CONTEXT_FIELDS else v for k, v in (saga.context or {}).items()}
+        return format_html("<pre>{}</pre>", json.dumps(shown, indent=2, sort_keys=True, default=str))
 
     @admin.display(description="trace")
     def trace_link(self, saga: SagaInstance) -> str:
