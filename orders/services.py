@@ -80,6 +80,8 @@ def order_place(
     if total > MAX_TOTAL:
         # A catalogue price times the largest quantity can outgrow the total's column: a
         # 400 before anything is written, not the database's error (a 500).
+        if idempotency_key and (existing := _existing_for_key(user_id, idempotency_key, fingerprint)):
+            return existing, False  # placed before its prices rose
         raise OrderTotalTooLarge(total, MAX_TOTAL)
     order = Order(
         user_id=user_id,
