@@ -199,6 +199,34 @@ def seal_verify(ctx: Mapping[str, Any]) -> Authority:
         raise InvalidMessage("bad step output seal: forged or altered") from None
 
 
+# --- Failure reports: a step's errback (saga.step_failed) -------------------------------
+#
+# A step that fails for good has its `link_error` queue `saga.step_failed(task_id,
+# saga_id=..., step=...)`, and the coordinator reads the failure the result backend holds
+# for that task id. The report names a saga, a step and a task id, and acting on it
+# compensates a saga: so the coordinator mints, with each step's errback, an authority for
+# exactly that (saga, step, task id). A report sent by anyone else (Flower's send-task, a
+# foothold on the broker), or one naming another saga's stored failure, acts on nothing.
+_REPORT_SALT = "saga.failure-report"
+
+
+def failure_report_mint(*, saga_id: Any, step: str, task_id: str) -> str:
+    """The coordinator's authority for the failure report of `step`'s task `task_id`."""
+    return signing.dumps({"saga": str(saga_id), "step": step, "task_id": task_id}, salt=_REPORT_SALT)
+
+
+def failure_report_verify(token: Any, *, saga_id: Any, step: str, task_id: str) -> None:
+    """Raise InvalidMessage unless `token` authorises reporting the failure of `task_id` as
+    `step` of saga `saga_id`."""
+    claim = _loads(token, _REPORT_SALT, "failure report authority")
+    named = (claim.get("saga"), claim.get("step"), claim.get("task_id"))
+    if named != (str(saga_id), step, task_id):
+        raise InvalidMessage(
+            f"the failure report authorises task {str(named[2])[:80]!r} of saga {str(named[0])[:64]} "
+            f"({str(named[1])[:64]}), not {str(task_id)[:80]!r} of saga {str(saga_id)[:64]} ({str(step)[:64]})"
+        )
+
+
 # --- Batches: one message for many sagas (saga.settlement) -------------------------------
 #
 # A settlement (a confirmed order's held stock becoming a sale) is sent for a batch of

@@ -5,7 +5,8 @@ database or a broker, so the chain layout is unit-tested without workers.
 
 Each step signature carries
 - a deterministic task id `<saga>-<step>-g<generation>` (find it in Flower by saga id),
-- `link_error` -> `saga.step_failed`. That task is registered only in the saga worker,
+- `link_error` -> `saga.step_failed`, with the coordinator's authority to report that
+  task's failure (common.signing). That task is registered only in the saga worker,
   so the failing worker queues it with the failed task id and the coordinator reads the
   exception (and the failed step's arguments) from the result backend: the same
   behaviour in every topology.
@@ -33,7 +34,13 @@ from typing import Any
 from celery import Signature, chain
 from kombu.utils import json
 
-from common.signing import AUTHORITY_KWARG, authority_mint, batch_authority_mint, context_digest
+from common.signing import (
+    AUTHORITY_KWARG,
+    authority_mint,
+    batch_authority_mint,
+    context_digest,
+    failure_report_mint,
+)
 from common.steps import RECORD_KWARG
 from orders_project.celery import app
 
@@ -71,7 +78,14 @@ def step_signature(
     which it follows the step `after` ("" for the first); with `report`, it stores its
     result (the chain's record) for the coordinator to drain. `digest`: the context's
     `context_digest`, if the caller has it already."""
-    callback_kwargs = {"saga_id": str(saga_id), "step": step.name}
+    task_id = task_id_for(saga_id, step.name, generation)
+    # The errback reports this very task's failure, with the coordinator's authority for it
+    # (common.signing): a report nobody minted, or naming another task, acts on nothing.
+    callback_kwargs = {
+        "saga_id": str(saga_id),
+        "step": step.name,
+        AUTHORITY_KWARG: failure_report_mint(saga_id=saga_id, step=step.name, task_id=task_id),
+    }
     authority = authority_mint(
         saga_id=saga_id,
         step=step.name,
@@ -89,14 +103,17 @@ def step_signature(
     # that could be sent again, and no repr of the context on every publish (a few % of a
     # participant's CPU, BENCHMARKS.md).
     options: dict[str, Any] = {
-        "task_id": task_id_for(saga_id, step.name, generation),
+        "task_id": task_id,
         "argsrepr": f"(<saga {saga_id} context>,)",
         "kwargsrepr": f"{{'{AUTHORITY_KWARG}': <{phase} step {step.name} g{generation}>}}",
     }
     if report:
         options["ignore_result"] = False
     sig.set(**options)
-    sig.link_error(app.signature(STEP_FAILED_TASK, kwargs=callback_kwargs))
+    errback = app.signature(STEP_FAILED_TASK, kwargs=callback_kwargs)
+    # Flower and the logs see the report's ids, never its authority.
+    errback.set(kwargsrepr=f"{{'saga_id': '{saga_id}', 'step': '{step.name}', '{AUTHORITY_KWARG}': <failure report>}}")
+    sig.link_error(errback)
     return sig
 
 

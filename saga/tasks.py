@@ -5,6 +5,7 @@ from typing import Any
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
+from common.signing import failure_report_verify
 from common.steps import RedactedReprTask, require_str, require_uuid
 
 from . import settlement
@@ -38,10 +39,15 @@ def step_succeeded(result: Any, *, saga_id: str, step: str) -> None:
     saga_step_succeeded(saga_id=saga_id, step_name=step, result=report)
 
 
-@shared_task(name="saga.step_failed", bind=True, **RETRY)
-def step_failed(self: Any, task_id: str, *, saga_id: str, step: str) -> None:
+# Its kwargs hold the report's authority: a retry keeps the redacted reprs (common.steps).
+@shared_task(name="saga.step_failed", base=RedactedReprTask, bind=True, **RETRY)
+def step_failed(self: Any, task_id: str, *, saga_id: str, step: str, authority: Any = None) -> None:
     _check_report(saga_id, step)
     require_str({"task_id": task_id}, "task_id")
+    # Only the errback the coordinator published with this task (saga.engine) may report
+    # it: the failure it names is read from the result backend, and acting on it
+    # compensates the saga.
+    failure_report_verify(authority, saga_id=saga_id, step=step, task_id=task_id)
     # What the failing worker knew of the chain (saga.timeline): the records of the steps
     # before the failed one, and the failed attempt's number and worker.
     saga_step_failed(

@@ -22,7 +22,7 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from common.exceptions import BusinessFailure, InvalidMessage, StepRefused
-from common.signing import Authority, context_digest, seal
+from common.signing import Authority, context_digest, failure_report_mint, seal
 from devstack.topology import Topology, wait_for
 from orders.models import Order
 from orders.saga import PLACE_ORDER
@@ -270,6 +270,34 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
         ),
     ]
 
+    # A failure report the coordinator did not mint, even for a real running saga and a
+    # real stored failure (another saga's declined charge: a decline is final, so the refund
+    # would be skipped), is refused: it must not make a healthy saga compensate.
+    declined = finished_saga(api, api.place_order([(sku, 1)], token="tok_chargeDeclined")["id"], "compensated")
+    declined_charge = f"{declined.id}-charge_payment-g0"
+    assert TaskResult.objects.filter(task_id=declined_charge, status="FAILURE").exists()
+    cases += [
+        (
+            "saga.step_failed",
+            "saga",
+            [declined_charge],
+            {"saga_id": str(held.id), "step": "charge_payment"},
+            InvalidMessage,
+            "no failure report authority",
+        ),
+        (
+            "saga.step_failed",
+            "saga",
+            [declined_charge],
+            {
+                "saga_id": str(held.id),
+                "step": "charge_payment",
+                "authority": failure_report_mint(saga_id=declined.id, step="charge_payment", task_id=declined_charge),
+            },
+            InvalidMessage,
+            "not",
+        ),
+    ]
     wait_for(
         lambda: (
             not SagaInstance.objects.filter(status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
@@ -285,12 +313,17 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
         (app.send_task(task, args=args, kwargs=kwargs, queue=queue, ignore_result=False), task, queue, error, text)
         for task, queue, args, kwargs, error, text in cases
     ]
-    # A forged failure report (no failure stored for its task id), even for a real running
-    # saga, is logged and ignored: it must not make a healthy saga compensate.
+    # With the coordinator's authority, but no failure stored for its task id: logged and
+    # ignored (Celery stores the failure before it sends the errback).
+    unknown_task = f"{held.id}-reserve_inventory-g0"
     unknown = app.send_task(
         "saga.step_failed",
-        args=[f"{held.id}-reserve_inventory-g0"],
-        kwargs={"saga_id": str(held.id), "step": "reserve_inventory"},
+        args=[unknown_task],
+        kwargs={
+            "saga_id": str(held.id),
+            "step": "reserve_inventory",
+            "authority": failure_report_mint(saga_id=held.id, step="reserve_inventory", task_id=unknown_task),
+        },
         queue="saga",
         ignore_result=False,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from common.signing import failure_report_mint
 from devstack.topology import Topology, wait_for
 from orders_project.celery import app
 from saga.models import SagaInstance, SagaStep
@@ -99,8 +100,11 @@ def test_a_compensated_order_is_one_trace_covering_every_step(
     # worker's main process does, after a hard time limit; here a duplicate sent from this
     # untraced process) is adopted into the saga's trace by the saga worker.
     charge = SagaStep.objects.get(saga=saga, name="charge_payment")
+    authority = failure_report_mint(saga_id=saga.id, step=charge.name, task_id=charge.celery_task_id)
     app.signature(
-        "saga.step_failed", args=(charge.celery_task_id,), kwargs={"saga_id": str(saga.id), "step": charge.name}
+        "saga.step_failed",
+        args=(charge.celery_task_id,),
+        kwargs={"saga_id": str(saga.id), "step": charge.name, "authority": authority},
     ).apply_async(ignore_result=False).get(timeout=30)
     adopted = wait_for(
         lambda: [

@@ -13,6 +13,7 @@ from common.signing import (
     authority_mint,
     authority_verify,
     context_digest,
+    failure_report_verify,
     seal,
     seal_verify,
 )
@@ -92,10 +93,15 @@ def test_forward_chain_calls_each_service_by_name_and_only_its_last_step_stores_
         assert "link" not in sig.options
         assert sig.options.get("ignore_result") is (False if spec is PLACE_ORDER.steps[-1] else None)
         [errback] = sig.options["link_error"]
-        assert (errback["task"], errback["kwargs"]) == (
-            "saga.step_failed",
-            {"saga_id": str(SAGA_ID), "step": spec.name},
-        )
+        report = {k: v for k, v in errback["kwargs"].items() if k != AUTHORITY_KWARG}
+        assert (errback["task"], report) == ("saga.step_failed", {"saga_id": str(SAGA_ID), "step": spec.name})
+        # The coordinator's authority to report this task's failure, and no other's; shown
+        # to Flower and the logs as a placeholder.
+        token = errback["kwargs"][AUTHORITY_KWARG]
+        failure_report_verify(token, saga_id=SAGA_ID, step=spec.name, task_id=sig.options["task_id"])
+        with pytest.raises(InvalidMessage, match="not"):
+            failure_report_verify(token, saga_id=SAGA_ID, step=spec.name, task_id=f"{SAGA_ID}-{spec.name}-g2")
+        assert token not in str(errback["options"]) and "<failure report>" in errback["options"]["kwargsrepr"]
 
 
 def test_steps_are_routed_to_their_service_queue() -> None:
