@@ -59,6 +59,19 @@ def stock_reserve(
         if (done := processed.get(do_key)) is not None:
             return done
         with connection.cursor() as cursor:
+            # The key first: a copy's one statement (`_reserve_at_once`) takes no saga lock
+            # and may have written it since the read above, or be about to: this insert
+            # waits for that copy on the key's unique index, then finds its key.
+            cursor.execute(
+                f"INSERT INTO {PROCESSED_KEY} (key, result, created_at) VALUES (%s, %s::jsonb, now()) "
+                "ON CONFLICT (key) DO NOTHING RETURNING 1",
+                [do_key, json.dumps(result)],
+            )
+            if cursor.fetchone() is None:
+                processed = processed_results(ProcessedKey, do_key, undo_key)
+                if undo_key in processed or TOMBSTONE in processed.get(do_key, {}):
+                    raise StepRefused(f"saga {saga_id}: stock was already released; not reserving")
+                return processed[do_key]  # the racing copy reserved
             if len(lines) > 1:
                 cursor.execute(f"SELECT 1 FROM {PRODUCT} WHERE sku = ANY(%s) ORDER BY sku FOR UPDATE", [skus])
             cursor.execute(
@@ -73,23 +86,12 @@ def stock_reserve(
                 raise PriceChanged(_price_changed_reason(changed))
             if len(prices) < len(lines):
                 _refuse_reservation(cursor, [(sku, q) for sku, q, _ in lines], prices)
-            # The reservations and the idempotency key in one statement.
+            # The reservations (the key is written above, in this transaction).
             cursor.execute(
-                f"WITH held AS (INSERT INTO {RESERVATION} "
-                "(saga_id, order_id, sku, quantity, unit_price, status, created_at) "
+                f"INSERT INTO {RESERVATION} (saga_id, order_id, sku, quantity, unit_price, status, created_at) "
                 "SELECT %s, %s, w.sku, w.q, w.price, %s, now() "
-                "FROM unnest(%s::varchar[], %s::integer[], %s::numeric[]) AS w(sku, q, price)) "
-                f"INSERT INTO {PROCESSED_KEY} (key, result, created_at) VALUES (%s, %s::jsonb, now())",
-                [
-                    saga_id,
-                    order_id,
-                    Reservation.Status.HELD,
-                    skus,
-                    quantities,
-                    [quoted for _, _, quoted in lines],
-                    do_key,
-                    json.dumps(result),
-                ],
+                "FROM unnest(%s::varchar[], %s::integer[], %s::numeric[]) AS w(sku, q, price)",
+                [saga_id, order_id, Reservation.Status.HELD, skus, quantities, [quoted for _, _, quoted in lines]],
             )
     return result
 

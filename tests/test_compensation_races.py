@@ -22,6 +22,7 @@ from django.db import connections, transaction
 from common.exceptions import StepRefused
 from common.idempotency import step_key
 from devstack.topology import wait_for
+from inventory import services
 from inventory.models import ProcessedKey, Reservation
 from inventory.services import _reserve_at_once, stock_release, stock_reserve
 from orders.models import Order
@@ -112,6 +113,45 @@ def test_a_release_waits_for_a_reservation_committing_and_gives_its_stock_back(s
     with pytest.raises(StepRefused, match="already released"):
         stock_reserve(saga_id=saga_id, order_id=order_id, lines=lines)
     assert shelf(sku) == (5, 0, 0)
+
+
+def test_a_copy_that_took_the_general_way_meets_a_racing_copys_one_statement_reservation(
+    sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy A went the general way (its one statement found stock it could not take, which
+    was freed just after) and read no key under the saga lock; copy B's one statement,
+    which takes no saga lock, then reserved and committed. A must return B's result, not
+    reserve again (a second hold, or the key's unique index: an IntegrityError that failed
+    the step for good and compensated a healthy order)."""
+    make_product(sku, on_hand=5, price=str(PRICE))
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+    lines = [(sku, 2, PRICE)]
+    original_read = services.processed_results
+
+    def at_once(**kwargs: Any) -> bool:
+        if threading.current_thread().name == "A":
+            return False  # as if the stock it needed was held a moment ago
+        return _reserve_at_once(**kwargs)
+
+    b_ran = threading.Event()
+
+    def read_then_copy_b_commits(*args: Any) -> dict:
+        found = original_read(*args)
+        if threading.current_thread().name == "A" and not b_ran.is_set():
+            b_ran.set()
+            b = Copy("B", stock_reserve, saga_id=saga_id, order_id=order_id, lines=lines)
+            b.start()
+            assert b.outcome() == {"reserved": [{"sku": sku, "quantity": 2}]}
+        return found
+
+    monkeypatch.setattr(services, "_reserve_at_once", at_once)
+    monkeypatch.setattr(services, "processed_results", read_then_copy_b_commits)
+    a = Copy("A", stock_reserve, saga_id=saga_id, order_id=order_id, lines=lines)
+    a.start()
+
+    assert a.outcome() == {"reserved": [{"sku": sku, "quantity": 2}]}
+    assert shelf(sku)[:2] == (5, 2)  # held once
+    assert Reservation.objects.filter(saga_id=saga_id).count() == 1
 
 
 def test_racing_releases_give_the_stock_back_once(sku: str) -> None:
