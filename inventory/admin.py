@@ -7,7 +7,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from common.admin_mixins import ReadOnlyAdminMixin
 
 from . import services
-from .exceptions import StockBelowReserved
+from .exceptions import ProductExists, StockBelowReserved
 from .models import ProcessedKey, Product, Reservation
 
 
@@ -106,11 +106,11 @@ class ProductAdmin(admin.ModelAdmin):
                     sku=obj.sku, name=data["name"], price=data["price"], on_hand_delta=data.get("on_hand_delta") or 0
                 )
             else:
-                product = services.product_upsert(
+                product = services.product_create(
                     sku=data["sku"], name=data["name"], price=data["price"], on_hand=data["on_hand"]
                 )
-        except (StockBelowReserved, ValueError) as refused:
-            request._stock_refused = str(refused)  # type: ignore[attr-defined]  # reported by response_change
+        except (StockBelowReserved, ProductExists) as refused:
+            request._stock_refused = str(refused)  # type: ignore[attr-defined]  # reported by response_*
             return
         obj.pk, obj.on_hand, obj.reserved = product.pk, product.on_hand, product.reserved
 
@@ -120,6 +120,13 @@ class ProductAdmin(admin.ModelAdmin):
             self.message_user(request, f"Not changed: {refused}", messages.ERROR)
             return HttpResponseRedirect(request.path)
         return super().response_change(request, obj)
+
+    def response_add(self, request: HttpRequest, obj: Product, post_url_continue: str | None = None) -> HttpResponse:
+        if refused := getattr(request, "_stock_refused", None):
+            # Another operator added this SKU between the form's check and the save.
+            self.message_user(request, f"Not added: {refused}", messages.ERROR)
+            return HttpResponseRedirect(request.path)
+        return super().response_add(request, obj, post_url_continue)
 
 
 @admin.register(Reservation)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -14,7 +14,7 @@ from common.exceptions import InvalidMessage, StepRefused
 from common.idempotency import processed_results, saga_lock, step_key
 from common.sql import is_step_abort, prepared
 
-from .exceptions import InsufficientStock, PriceChanged, StockBelowReserved, UnknownProduct
+from .exceptions import InsufficientStock, PriceChanged, ProductExists, StockBelowReserved, UnknownProduct
 from .models import ProcessedKey, Product, Reservation
 
 DB = "inventory"
@@ -261,6 +261,20 @@ def product_upsert(*, sku: str, name: str, price: Decimal, on_hand: int) -> Prod
         product.name, product.price, product.on_hand = name, price, on_hand
         product.save()
     return product
+
+
+def product_create(*, sku: str, name: str, price: Decimal, on_hand: int) -> Product:
+    """Add a new product to the catalogue with its first stock (the admin's "add").
+
+    Raises `ProductExists` (nothing changes) if the SKU exists: two operators adding the
+    same SKU at once both pass the form's check, and the second must not overwrite the
+    first one's stock (`product_update` adds to it instead).
+    """
+    try:
+        with transaction.atomic(using=DB):
+            return Product.objects.create(sku=sku, name=name, price=price, on_hand=on_hand)
+    except IntegrityError:
+        raise ProductExists(f"{sku} exists already: add its stock from its own page") from None
 
 
 def product_update(*, sku: str, name: str, price: Decimal, on_hand_delta: int = 0) -> Product:

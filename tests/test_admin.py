@@ -17,6 +17,7 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 
 from devstack.topology import Topology, free_port, wait_for
+from inventory.admin import ProductForm
 from inventory.models import Product
 from notifications.models import Notification
 from payments.models import Payment
@@ -356,3 +357,22 @@ def test_stock_is_adjusted_through_the_service_and_never_below_what_orders_hold(
     assert stock(sku) == (8, 2)
     assert api.wait_until_final(placed["id"])["status"] == "confirmed"
     assert stock(sku) == (8, 2)
+
+
+def test_a_product_added_twice_at_once_keeps_the_first_ones_stock(sku: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two operators add the same SKU: both forms pass the uniqueness check before either
+    saves. The second is refused; it does not set the first one's stock to its own."""
+    make_product(sku, on_hand=7)  # the first operator's add, committed after the check below
+    monkeypatch.setattr(ProductForm, "validate_unique", lambda self: None)
+    user = get_user_model().objects.create_superuser(username=f"admin-{uuid.uuid4().hex[:8]}", password="x")
+    client = Client()
+    client.force_login(user)
+
+    response = client.post(
+        "/admin/inventory/product/add/", {"sku": sku, "name": "Same SKU", "price": "3.00", "on_hand": "1"}, follow=True
+    )
+
+    assert response.status_code == 200
+    assert f"Not added: {sku} exists already" in response.content.decode()
+    assert stock(sku) == (7, 0)
+    assert Product.objects.get(sku=sku).name != "Same SKU"
