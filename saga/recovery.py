@@ -74,8 +74,8 @@ class BrokerView:
     workers_answered: int = 0
 
 
-# The most workers that answered a broadcast of this process: the next one stops waiting
-# once that many have answered (a broadcast otherwise always waits its whole timeout).
+# How many workers answered this process's last whole look: an early look stops waiting once
+# that many have answered (a broadcast otherwise always waits its whole timeout).
 _workers_seen = 0
 
 
@@ -90,7 +90,8 @@ def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = No
     except Exception:
         logger.warning("could not ask the workers which tasks they hold", exc_info=True)
         return {}
-    if not early or len(replies) > _workers_seen:
+    if not early:
+        # Only a whole look counts the fleet: an early one stops at the count it was given.
         _workers_seen = len(replies)
     return replies
 
@@ -98,11 +99,11 @@ def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = No
 def held_task_ids(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> tuple[set[str], int]:
     """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
     retry's countdown), and how many workers answered. One broadcast; with `early`, it
-    returns as soon as every worker that answered before has answered again, instead of
-    always waiting the whole timeout (only a worker that joined since, and is slow to
-    answer, can then be missed: a sweeper's mistake costs a duplicate, and the watchdog
-    looks twice). `connection`: the broker connection to broadcast on (default: the
-    process's pool)."""
+    returns once as many workers have answered as the most a whole look of this process
+    heard, instead of always waiting the whole timeout: a worker that joined since can
+    then be missed (kombu stops at that many replies), so an early look must not be the
+    one a message is restored or a step re-published on. `connection`: the broker
+    connection to broadcast on (default: the process's pool)."""
     replies = _query(task_ids, early=early, connection=connection)
     held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
     return held, len(replies)
@@ -157,7 +158,13 @@ def queue_heads(queues: Iterable[str]) -> dict[str, float]:
 
 
 def broker_view(*, queues: Iterable[str], task_ids: Sequence[str]) -> BrokerView:
-    held, answered = held_task_ids(task_ids, early=True)
+    """One look for the sweeper. The broadcast waits its whole timeout, hearing every worker
+    that answers in it: a "lost" verdict re-publishes a step and spends its budget, so it
+    must not come from a look that stopped at the number of workers seen before (a worker
+    that joined since, holding the step, would be missed). It goes on a connection of its
+    own, as the watchdog's: a broker restart can leave the process's pool deaf for seconds."""
+    with app.connection_for_write() as control:
+        held, answered = held_task_ids(task_ids, connection=control)
     return BrokerView(held=frozenset(held), heads=queue_heads(queues), workers_answered=answered)
 
 
@@ -290,11 +297,16 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
                     task_of[tag] = json.loads(raw)[0]["headers"]["id"]
                 except (TypeError, ValueError, KeyError, IndexError):
                     continue  # acknowledged meanwhile, or not a Celery task
+            # A look that may restore (a suspicion old enough) hears every worker that answers
+            # within the timeout; one that can only suspect may stop at the number of workers
+            # seen before. A worker that joined since (a scale-up, a restart) is then missed
+            # only by looks that restore nothing.
+            ripe = any(suspects.get(tag, now) <= now - settings.SAGA_ORPHAN_CONFIRM for tag in task_of)
             # A connection of its own for the broadcast rather than the process's pool, which
             # a broker restart can leave stale (the look then hears no worker and restores
             # nothing). A look that broadcasts is at most one a second for the fleet.
             with app.connection_for_write() as control:
-                held, answered = held_task_ids(sorted(set(task_of.values())), early=True, connection=control)
+                held, answered = held_task_ids(sorted(set(task_of.values())), early=not ripe, connection=control)
             if not answered:
                 return {}  # no worker answered at all: the control channel is in trouble, not them
             still: dict[str, float] = {}

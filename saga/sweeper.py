@@ -121,6 +121,13 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         queues={queue for chain in chains for _, queue, _ in chain} | {"saga"},
         task_ids=sorted({task_id for chain in chains for task_id, _, _ in chain}),
     )
+    if not view.workers_answered:
+        # Not one worker answered (the saga worker running this sweep is one): the broadcast
+        # failed, not the fleet. Whether a live worker holds these steps is unknown, so none
+        # is re-published on this look; the next sweep looks again.
+        logger.warning("no worker answered the sweeper's look; %d stalled steps wait for the next", len(stalled))
+        done["unanswered"] += len(stalled)
+        return dict(done)
     for saga_id, step_name in stalled:
         with transaction.atomic(using=DB):
             saga, steps = store.lock_sagas_with_steps([saga_id], skip_locked=True).get(saga_id, (None, {}))

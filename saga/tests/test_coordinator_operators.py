@@ -11,6 +11,7 @@ on-commit callbacks (saga.tests.coordinator).
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -21,6 +22,7 @@ from common.exceptions import StepRefused, TransientError
 from orders.models import Order
 from orders.saga import PLACE_ORDER
 from orders_project.celery import app
+from saga import recovery
 from saga.definition import SagaDefinition, Step, register
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.operator import OPERATOR_COMPENSATED, saga_compensate, saga_retry, saga_retry_by_fingerprint
@@ -54,9 +56,14 @@ FORWARD_TASKS = [step.task for step in PLACE_ORDER.steps]
 
 
 @pytest.fixture(autouse=True)
-def _quick_broadcast(settings) -> None:
-    # No worker answers the sweeper's broadcast here: do not wait a second for nobody.
-    settings.SAGA_INSPECT_TIMEOUT = 0.05
+def fleet(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The workers' answer to the sweeper's broadcast (no worker runs here): by default one
+    worker answers and holds none of the steps asked about."""
+    answer: dict[str, Any] = {"held": set(), "answered": 1}
+    monkeypatch.setattr(
+        recovery, "held_task_ids", lambda task_ids, **_: (answer["held"] & set(task_ids), answer["answered"])
+    )
+    return answer
 
 
 def with_order(saga: SagaInstance, status: str = Order.Status.PENDING) -> Order:
@@ -396,6 +403,27 @@ def test_the_sweeper_re_publishes_a_lost_compensation_from_where_it_stalled(
         saga_sweep()
     assert (saga_row(saga).status, saga_row(saga).generation) == (SagaStatus.COMPENSATING, 2)
     assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 2), strict=True))]
+
+
+def test_a_look_no_worker_answered_re_publishes_nothing(
+    fleet: dict[str, Any], django_capture_on_commit_callbacks
+) -> None:
+    """Not even the saga worker running the sweep answered: the broadcast failed (a broker
+    restart leaves a connection deaf for seconds), not every worker. Whether one holds the
+    step is unknown, so its budget is not spent on a guess."""
+    saga = start()
+    stall(saga, "reserve_inventory")
+    fleet["answered"] = 0
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep().get("unanswered") == 1
+    reserve = rows(saga)["reserve_inventory"]
+    assert (reserve.republished, saga_row(saga).generation) == (0, 0)
+    assert published(callbacks) == []
+
+    fleet["answered"] = 1  # the next look hears the workers: nobody holds it, it was lost
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep().get("republished") == 1
+    assert rows(saga)["reserve_inventory"].republished == 1
 
 
 def test_a_stalled_step_before_a_committed_pivot_is_not_re_published(django_capture_on_commit_callbacks) -> None:
