@@ -112,7 +112,10 @@ def step_signature(
     sig.set(**options)
     errback = app.signature(STEP_FAILED_TASK, kwargs=callback_kwargs)
     # Flower and the logs see the report's ids, never its authority.
-    errback.set(kwargsrepr=f"{{'saga_id': '{saga_id}', 'step': '{step.name}', '{AUTHORITY_KWARG}': <failure report>}}")
+    shown: dict[str, Any] = {
+        "kwargsrepr": f"{{'saga_id': '{saga_id}', 'step': '{step.name}', '{AUTHORITY_KWARG}': <failure report>}}"
+    }
+    errback.set(**shown)
     sig.link_error(errback)
     return sig
 
