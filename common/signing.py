@@ -227,6 +227,34 @@ def failure_report_verify(token: Any, *, saga_id: Any, step: str, task_id: str) 
         )
 
 
+# --- A failure as its step saw it -------------------------------------------------------
+#
+# The failure the coordinator reads from the result backend decides how much it undoes: a
+# failure its step records as final (a declined card: nothing was charged, and no copy
+# will charge) skips that step's compensation. Every worker's database role writes that
+# table, so the participant seals the failure's type with its saga, step and task id (in
+# the stored arguments: common.steps.stored_args_repr); a failure without a valid seal (a
+# hard time limit's, from the worker's main process, or one rewritten in the table) is
+# still a failure, but never one that skips a compensation.
+_FAILURE_SALT = "saga.step-failure"
+FAILURE_SEAL_FIELD = "_failure_seal"
+
+
+def failure_seal(*, saga_id: Any, step: str, task_id: str, error_type: str) -> str:
+    """A participant's seal over the type of the error its step `task_id` failed with."""
+    claim = {"saga": str(saga_id), "step": step, "task_id": task_id, "type": error_type}
+    return signing.dumps(claim, salt=_FAILURE_SALT)
+
+
+def failure_seal_valid(token: Any, *, saga_id: Any, step: str, task_id: str, error_type: str) -> bool:
+    """Whether `token` is the participant's seal over exactly this failure."""
+    try:
+        claim = _loads(token, _FAILURE_SALT, "failure seal")
+    except InvalidMessage:
+        return False
+    return claim == {"saga": str(saga_id), "step": step, "task_id": task_id, "type": error_type}
+
+
 # --- Batches: one message for many sagas (saga.settlement) -------------------------------
 #
 # A settlement (a confirmed order's held stock becoming a sale) is sent for a batch of

@@ -45,7 +45,7 @@ from django.utils import timezone
 from kombu.utils.json import register_type
 
 from .exceptions import BusinessFailure, InvalidMessage, TransientError
-from .signing import AUTHORITY_KWARG, SEAL_FIELD, authority_verify, seal
+from .signing import AUTHORITY_KWARG, FAILURE_SEAL_FIELD, SEAL_FIELD, authority_verify, failure_seal, seal
 
 RETRYABLE = (TransientError, OperationalError, InterfaceError)
 # Sent (True) to a chain's last step, whose result is the chain's record (saga.engine).
@@ -104,8 +104,9 @@ class SealedBatch(SagaContext):
         return f"<sealed batch of {len(self._data.get('sagas') or [])} sagas from {self._data.get('task')}>"
 
 
-def stored_args_repr(ctx: Mapping[str, Any]) -> str:
-    """What the result backend keeps as a step's arguments: ids and the chain's timing."""
+def stored_args_repr(ctx: Mapping[str, Any], *, sealed_failure: str | None = None) -> str:
+    """What the result backend keeps as a step's arguments: ids and the chain's timing, and
+    the step's seal over its failure (common.signing.failure_seal), if it has one."""
     timeline = ctx.get("_steps")
     timeline = [
         {k: meta[k] for k in TIMELINE_FIELDS if k in meta}
@@ -113,10 +114,11 @@ def stored_args_repr(ctx: Mapping[str, Any]) -> str:
         if isinstance(meta, dict)
     ]
     ids = {k: str(ctx.get(k))[:64] for k in ("saga_id", "order_id") if ctx.get(k) is not None}
+    seal_field = {FAILURE_SEAL_FIELD: sealed_failure} if sealed_failure else {}
     try:
-        return json.dumps([{**ids, "_steps": timeline}], separators=(",", ":"))
+        return json.dumps([{**ids, "_steps": timeline, **seal_field}], separators=(",", ":"))
     except (TypeError, ValueError):
-        return json.dumps([ids])
+        return json.dumps([{**ids, **seal_field}])
 
 
 class RedactedReprTask(Task):
@@ -184,6 +186,7 @@ def saga_step_task(
             setattr(self.request, STARTED_AT_ATTR, started_at.isoformat())
             if not isinstance(ctx, dict):
                 raise InvalidMessage(f"{name} expects a saga context object, got {type(ctx).__name__}")
+            authority = None
             try:
                 # Only what the coordinator decided, for this task, over this context (issue 12).
                 authority = authority_verify(kwargs.pop(AUTHORITY_KWARG, None), task=name, ctx=ctx)
@@ -194,10 +197,19 @@ def saga_step_task(
                         f"{name} acts only in a saga's {phase} phase, not on a {authority.phase} message"
                     )
                 output = fn({k: v for k, v in ctx.items() if k != SEAL_FIELD}, **kwargs)
-            except BaseException:
+            except BaseException as error:
                 # A failure or retry stores this, not the context (result backend, Flower);
-                # worked out only then, off the path every step takes.
-                self.request.argsrepr = stored_args_repr(ctx)
+                # worked out only then, off the path every step takes. With it, this step's
+                # seal over the failure's type, for the coordinator (common.signing).
+                sealed = None
+                if authority is not None:
+                    sealed = failure_seal(
+                        saga_id=authority.saga_id,
+                        step=authority.step,
+                        task_id=str(self.request.id),
+                        error_type=type(error).__name__,
+                    )
+                self.request.argsrepr = stored_args_repr(ctx, sealed_failure=sealed)
                 raise
             ctx = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
             meta = {

@@ -18,6 +18,7 @@ from celery.result import AsyncResult
 from django.db import transaction
 from django.utils import timezone
 
+from common.signing import FAILURE_SEAL_FIELD, failure_seal_valid
 from orders_project.celery import app
 
 from . import store
@@ -34,9 +35,12 @@ class StoredFailure:
     error_type: str
     error: str
     timeline: Any = None  # the `_steps` the failed task received: the steps before it
+    # Whether the failing step sealed this error type (common.signing.failure_seal): only
+    # then may it skip a compensation (Step.final_failures).
+    attested: bool = False
 
 
-def _failure_from_backend(task_id: str) -> StoredFailure | None:
+def _failure_from_backend(task_id: str, *, saga_id: Any, step: str) -> StoredFailure | None:
     """The failure of a task as its worker stored it (with its arguments: the result
     backend is extended); None when the result backend has no failure for that task id."""
     try:
@@ -46,15 +50,16 @@ def _failure_from_backend(task_id: str) -> StoredFailure | None:
         return StoredFailure(type(error).__name__, f"could not read the failure of task {task_id}: {error}")
     if not isinstance(exc, BaseException):
         return None
-    timeline = None
+    error_type, timeline, sealed = type(exc).__name__, None, None
     with contextlib.suppress(Exception):  # the timing is nice to have, never a reason to stop
         args = result.args or ()
         if isinstance(args, str):
             # A step stores its ids and timing as its argsrepr, not its context (common.steps).
             args = json.loads(args)
         if args and isinstance(args[0], dict):
-            timeline = args[0].get("_steps")
-    return StoredFailure(type(exc).__name__, str(exc), timeline)
+            timeline, sealed = args[0].get("_steps"), args[0].get(FAILURE_SEAL_FIELD)
+    attested = failure_seal_valid(sealed, saga_id=saga_id, step=step, task_id=task_id, error_type=error_type)
+    return StoredFailure(error_type, str(exc), timeline, attested)
 
 
 def saga_step_failed(
@@ -74,7 +79,7 @@ def saga_step_failed(
     failure report carries them (saga.timeline). Idempotent: a second errback for the same
     failure changes nothing.
     """
-    failure = _failure_from_backend(task_id)
+    failure = _failure_from_backend(task_id, saga_id=saga_id, step=step_name)
     if failure is None:
         # Celery stores the failure before it sends the errback, so a report without one
         # is forged or foreign: acting on it would compensate a healthy saga. A step that
@@ -117,6 +122,7 @@ def saga_step_failed(
                     reason=failure.error,
                     steps=steps.values(),
                     also_save=changed,
+                    failure_attested=failure.attested,
                 )
                 return
             saga.mark_needs_attention(failure_step=step_name, failure_type=failure.error_type, reason=failure.error)

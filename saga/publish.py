@@ -139,8 +139,12 @@ def saga_begin_compensation(
     reason: str,
     steps: Iterable[SagaStep] | None = None,
     also_save: Sequence[SagaStep] = (),
+    failure_attested: bool = True,
 ) -> None:
     """Switch a running saga to compensating and publish its compensations on commit.
+
+    `failure_attested`: whether `failure_type` is what the failing step itself sealed
+    (saga.failure). Only then may a final failure (a declined card) skip compensations.
 
     `reason` is the raw error, kept on the saga for operators; the compensation's context
     carries instead the customer's fixed sentence for `failure_type` (the definition's
@@ -162,7 +166,7 @@ def saga_begin_compensation(
     plan = definition.compensation_steps()
     # After a failure its step records as final (a declined card), the compensations of
     # that step and the ones after it have nothing to do: the chain starts after them.
-    first = definition.compensations_not_needed(failure_step, failure_type)
+    first = definition.compensations_not_needed(failure_step, failure_type) if failure_attested else 0
     now = timezone.now()
     saga.mark_compensating(outcome=outcome, failure_step=failure_step, failure_type=failure_type, reason=reason)
     saga.generation += 1

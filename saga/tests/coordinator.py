@@ -18,11 +18,13 @@ from functools import partial
 from typing import Any
 
 from celery import states
+from celery.app.task import Context
 from django.db import transaction
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
-from common.signing import Authority, context_digest, seal
+from common.signing import Authority, context_digest, failure_seal, seal
+from common.steps import stored_args_repr
 from orders.saga import PLACE_ORDER
 from orders_project.celery import app
 from saga.definition import SagaDefinition
@@ -149,9 +151,12 @@ def fail(
     attempt: dict[str, Any] | None = None,
 ) -> str:
     """A step's failure report, as it reaches the coordinator: the failing worker stored
-    the exception in the result backend, then its errback names the task id."""
+    the exception in the result backend, with its ids and its seal over the failure's
+    type (common.steps), then its errback names the task id."""
     task_id = task_id_for(saga.id, step, saga_row(saga).generation if generation is None else generation)
-    app.backend.store_result(task_id, error, states.FAILURE)
+    sealed = failure_seal(saga_id=saga.id, step=step, task_id=task_id, error_type=type(error).__name__)
+    stored = Context(id=task_id, argsrepr=stored_args_repr({"saga_id": str(saga.id)}, sealed_failure=sealed))
+    app.backend.store_result(task_id, error, states.FAILURE, request=stored)
     saga_step_failed(saga_id=saga.id, step_name=step, task_id=task_id, timeline=timeline, attempt=attempt)
     return task_id
 

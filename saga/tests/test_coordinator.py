@@ -12,14 +12,20 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from celery import states
+from celery.app.task import Context
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from common.exceptions import InvalidMessage, StepFailed, StepRefused, TransientError
+from common.signing import failure_seal
+from common.steps import stored_args_repr
 from orders.saga import PLACE_ORDER
+from orders_project.celery import app
 from saga.definition import SagaDefinition, Step, register
+from saga.engine import task_id_for
 from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStatus, StepPhase, StepStatus
 from saga.operator import saga_compensate_check, saga_retry
@@ -299,6 +305,36 @@ def test_after_a_declined_card_the_refund_is_not_needed_and_the_chain_starts_at_
     saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, undo))
     assert saga_row(saga).status == SagaStatus.COMPENSATED
     assert statuses(saga, COMPENSATION) == ["not_needed", "succeeded", "succeeded", "succeeded"]
+
+
+@pytest.mark.parametrize("seal", ["none", "of another type"])
+def test_a_decline_its_step_did_not_seal_does_not_skip_the_refund(
+    seal: str, django_capture_on_commit_callbacks
+) -> None:
+    """Every worker's database role writes the result backend: one could rewrite a charge's
+    ambiguous failure (a provider timeout, which may have charged) as a decline, which
+    would skip the refund. Only a decline the charge itself sealed is final."""
+    saga = start()
+    task_id = task_id_for(saga.id, "charge_payment", 0)
+    sealed = (
+        None
+        if seal == "none"
+        else failure_seal(saga_id=saga.id, step="charge_payment", task_id=task_id, error_type="TransientError")
+    )
+    stored = Context(id=task_id, argsrepr=stored_args_repr({"saga_id": str(saga.id)}, sealed_failure=sealed))
+    app.backend.store_result(task_id, PaymentDeclined("card declined"), states.FAILURE, request=stored)
+
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        saga_step_failed(saga_id=saga.id, step_name="charge_payment", task_id=task_id, timeline=[])
+
+    row = saga_row(saga)
+    assert (row.status, row.current_step, row.failure_type) == (
+        SagaStatus.COMPENSATING,
+        "refund_payment",
+        "PaymentDeclined",
+    )
+    assert statuses(saga, COMPENSATION) == ["running", "pending", "pending", "pending"]
+    assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 1), strict=True))]
 
 
 class Final(Exception):

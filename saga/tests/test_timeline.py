@@ -54,7 +54,9 @@ def cancel(saga: SagaInstance) -> None:
 
 
 def fail(monkeypatch, saga: SagaInstance, step: str, error_type: str, *, timeline=None, attempt=None) -> None:
-    monkeypatch.setattr(failure, "_failure_from_backend", lambda task_id: StoredFailure(error_type, "no"))
+    monkeypatch.setattr(
+        failure, "_failure_from_backend", lambda task_id, **_: StoredFailure(error_type, "no", attested=True)
+    )
     saga_step_failed(
         saga_id=saga.id,
         step_name=step,
