@@ -123,11 +123,8 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     )
     if not view.workers_answered:
         # Not one worker answered (the saga worker running this sweep is one): the broadcast
-        # failed, not the fleet. Whether a live worker holds these steps is unknown, so none
-        # is re-published on this look; the next sweep looks again.
-        logger.warning("no worker answered the sweeper's look; %d stalled steps wait for the next", len(stalled))
-        done["unanswered"] += len(stalled)
-        return dict(done)
+        # failed, not the fleet (a broker restart leaves a connection deaf for seconds).
+        logger.warning("no worker answered the sweeper's look at %d stalled steps", len(stalled))
     for saga_id, step_name in stalled:
         with transaction.atomic(using=DB):
             saga, steps = store.lock_sagas_with_steps([saga_id], skip_locked=True).get(saga_id, (None, {}))
@@ -147,6 +144,13 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
             where = recovery.chain_whereabouts(
                 queued_at=queued_at.timestamp(), chain=chain, view=view, now=now.timestamp()
             )
+            if where.verdict == "lost" and not view.workers_answered:
+                # Unheard is not lost: a live worker may hold it. Treated as possibly waiting,
+                # so it is re-published only past its patience (below), as a step whose
+                # queue cannot be read is: recovery still comes if the control channel
+                # stays broken (remote control turned off), only later.
+                where = recovery.Whereabouts("waiting", wait=where.wait)
+                done["unanswered"] += 1
             patience = sum(d for _, _, d in chain) * settings.SAGA_BACKLOG_PATIENCE
             if where.verdict == "held" or (where.verdict == "waiting" and (now - queued_at).total_seconds() < patience):
                 # Being worked on, or possibly queued behind older messages: the system is

@@ -405,12 +405,13 @@ def test_the_sweeper_re_publishes_a_lost_compensation_from_where_it_stalled(
     assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 2), strict=True))]
 
 
-def test_a_look_no_worker_answered_re_publishes_nothing(
+def test_a_look_no_worker_answered_re_publishes_nothing_until_the_steps_patience_ends(
     fleet: dict[str, Any], django_capture_on_commit_callbacks
 ) -> None:
     """Not even the saga worker running the sweep answered: the broadcast failed (a broker
     restart leaves a connection deaf for seconds), not every worker. Whether one holds the
-    step is unknown, so its budget is not spent on a guess."""
+    step is unknown, so its budget is not spent on a guess, unless the control channel
+    stays deaf past the step's patience."""
     saga = start()
     stall(saga, "reserve_inventory")
     fleet["answered"] = 0
@@ -421,9 +422,20 @@ def test_a_look_no_worker_answered_re_publishes_nothing(
     assert published(callbacks) == []
 
     fleet["answered"] = 1  # the next look hears the workers: nobody holds it, it was lost
+    later = timezone.now() + timedelta(hours=1)
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
-        assert saga_sweep().get("republished") == 1
+        assert saga_sweep(now=later).get("republished") == 1
     assert rows(saga)["reserve_inventory"].republished == 1
+
+    # Deaf for good: past its patience, re-published all the same.
+    deaf = start()
+    stall(deaf, "reserve_inventory")
+    SagaStep.objects.using("orders").filter(saga_id=deaf.id, name="reserve_inventory").update(
+        queued_at=timezone.now() - timedelta(hours=1)
+    )
+    fleet["answered"] = 0
+    assert saga_sweep().get("republished") == 1
+    assert rows(deaf)["reserve_inventory"].republished == 1
 
 
 def test_a_stalled_step_before_a_committed_pivot_is_not_re_published(django_capture_on_commit_callbacks) -> None:
