@@ -202,7 +202,9 @@ def saga_step_task(
                 # worked out only then, off the path every step takes. With it, this step's
                 # seal over the failure's type, for the coordinator (common.signing).
                 sealed = None
-                if authority is not None:
+                # Only a failure that ends the step can be final (a retryable one is retried,
+                # and its retried message keeps this argsrepr): no seal travels with a retry.
+                if authority is not None and not isinstance(error, RETRYABLE):
                     sealed = failure_seal(
                         saga_id=authority.saga_id,
                         step=authority.step,

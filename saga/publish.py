@@ -139,7 +139,7 @@ def saga_begin_compensation(
     reason: str,
     steps: Iterable[SagaStep] | None = None,
     also_save: Sequence[SagaStep] = (),
-    failure_attested: bool = True,
+    failure_attested: bool = False,
 ) -> None:
     """Switch a running saga to compensating and publish its compensations on commit.
 
