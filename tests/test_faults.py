@@ -22,6 +22,7 @@ from django.db import connections
 from django.utils import timezone
 
 from common.exceptions import InvalidMessage
+from common.signing import failure_report_mint
 from devstack.topology import BASE_DIR, WORKERS, Topology, wait_for
 from orders.saga import PLACE_ORDER
 from orders_project.celery import _close_connections_closed_by_server, app
@@ -292,8 +293,12 @@ def test_an_errback_delivered_twice_compensates_once(api: Api, sku: str) -> None
     saga = SagaInstance.objects.get(id=order["saga"]["id"])
     failed = SagaStep.objects.get(saga=saga, name="charge_payment")
 
+    # The errback as the chain carried it: with the coordinator's authority for that task.
+    authority = failure_report_mint(saga_id=saga.id, step=failed.name, task_id=failed.celery_task_id)
     app.signature(
-        "saga.step_failed", args=(failed.celery_task_id,), kwargs={"saga_id": str(saga.id), "step": failed.name}
+        "saga.step_failed",
+        args=(failed.celery_task_id,),
+        kwargs={"saga_id": str(saga.id), "step": failed.name, "authority": authority},
     ).apply_async(ignore_result=False).get(timeout=30)
 
     saga.refresh_from_db()
