@@ -22,12 +22,12 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from common.exceptions import BusinessFailure, InvalidMessage, StepRefused
-from common.signing import Authority, context_digest, failure_report_mint, seal
+from common.signing import FAILURE_SEAL_FIELD, Authority, context_digest, failure_report_mint, failure_seal_valid, seal
 from devstack.topology import Topology, wait_for
 from orders.models import Order
 from orders.saga import PLACE_ORDER
 from orders_project.celery import app
-from saga.engine import build_chain
+from saga.engine import build_chain, step_name_of
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 
 from .api import Api, make_product, stock
@@ -484,6 +484,22 @@ class EventCapture:
         return json.dumps(self.events, default=str)
 
 
+def without_failure_seal(row: dict) -> bool:
+    """Take the failure seal out of a stored result row's arguments, after checking it is
+    the seal of exactly that failure; whether there was one."""
+    try:
+        args = json.loads(row["task_args"] or "null")
+        args = json.loads(args) if isinstance(args, str) else args
+        saga_id, sealed = args[0]["saga_id"], args[0].pop(FAILURE_SEAL_FIELD)
+    except (ValueError, TypeError, KeyError, IndexError):
+        return False
+    error_type = json.loads(row["result"])["exc_type"]
+    step = step_name_of(row["task_id"], saga_id) or ""
+    assert failure_seal_valid(sealed, saga_id=saga_id, step=step, task_id=row["task_id"], error_type=error_type)
+    row["task_args"] = json.dumps(json.dumps(args))
+    return True
+
+
 def test_nothing_personal_or_reusable_leaves_a_step(api: Api, topology: Topology, sku: str) -> None:
     """Logs, task events (Flower) and stored results carry ids and outcomes only."""
     make_product(sku, on_hand=5)
@@ -525,10 +541,17 @@ def test_nothing_personal_or_reusable_leaves_a_step(api: Api, topology: Topology
         with open(process.log_path, "rb") as log:
             log.seek(offsets.get(name, 0))
             logs[name] = log.read().decode(errors="replace")
-    rows = TaskResult.objects.filter(date_done__gte=started).values(
-        "task_id", "task_name", "task_args", "task_kwargs", "result", "traceback", "meta"
+    rows = list(
+        TaskResult.objects.filter(date_done__gte=started).values(
+            "task_id", "task_name", "task_args", "task_kwargs", "result", "traceback", "meta"
+        )
     )
-    stored = json.dumps(list(rows), default=str)
+    # A failed step's stored arguments carry its seal over the failure's type
+    # (common.signing.failure_seal). Bound to that task's saga, step, id and error type, it
+    # authorises nothing and fits no other failure: checked, then left out of the scan.
+    attested = [row["task_id"] for row in rows if without_failure_seal(row)]
+    assert f"{ids[1]}-charge_payment-g0" in attested  # the declined charge's
+    stored = json.dumps(rows, default=str)
     # Not vacuous: the steps did log, report and store something about these sagas.
     assert all(i in "".join(logs.values()) for i in ids)
     assert all(f"{i}-charge_payment" in events.text() for i in ids)
