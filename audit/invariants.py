@@ -10,13 +10,14 @@ and not in the coordinator (`saga`), whose boundaries the import contracts check
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from inventory.models import Product, Reservation
 from notifications.models import Notification
-from orders.models import Order
+from orders.models import Order, OrderLine
 from payments.models import FakeProviderOperation, Payment, Refund
 from saga.definition import registered_definitions
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
@@ -47,7 +48,7 @@ def audit(
     what was sold is still that (stock conservation), as the chaos run does."""
     now = now or timezone.now()
     violations: list[str] = []
-    orders = {o.id: o for o in Order.objects.only("id", "status", "created_at", "email")}
+    orders = {o.id: o for o in Order.objects.only("id", "status", "created_at", "email", "phone", "total")}
     sagas = {
         s.order_id: s
         for s in SagaInstance.objects.only(
@@ -119,23 +120,48 @@ def audit(
         if saga.pivot_committed_at is not None and saga.pivot_committed_at < now - grace:
             violations.append(f"saga {saga.id}: confirmed at {saga.pivot_committed_at} but its sale is not settled")
 
-    # 3. Money: captured only for confirmed orders; others declined, refunded or never charged.
+    # 3. Money, from the provider's ledger (what moved), each charge tied to its order and
+    # each refund to the charge it refunded: a confirmed order's one charge is its quoted
+    # total and kept; any other final order's charges are refunded in full.
+    charges: dict[str, list[FakeProviderOperation]] = defaultdict(list)  # saga id -> succeeded charges
+    refunds: dict[str, list[FakeProviderOperation]] = defaultdict(list)  # charge reference -> refunds
+    for op in FakeProviderOperation.objects.filter(outcome="succeeded"):
+        if op.kind == "charge":
+            charges[op.idempotency_key.split(":", 1)[0]].append(op)
+        elif op.kind == "refund":
+            refunds[op.charge_reference].append(op)
+    references = {op.reference for ops in charges.values() for op in ops}
+    for reference in refunds.keys() - references:
+        violations.append(f"the provider refunded {reference!r}, which is no charge of a saga")
+    saga_by_id = {str(saga.id): saga for saga in sagas.values()}
+    for saga_id, ops in charges.items():
+        if len(ops) > 1:
+            violations.append(f"saga {saga_id}: the provider charged it {len(ops)} times")
+        charged_saga = saga_by_id.get(saga_id)
+        payer = orders.get(charged_saga.order_id) if charged_saga is not None else None
+        if payer is None:
+            violations.append(f"saga {saga_id}: the provider charged it, and it has no order")
+            continue
+        if payer.status not in FINAL_ORDER:
+            continue
+        for op in ops:
+            back = refunds.get(op.reference, [])
+            if len(back) > 1:
+                violations.append(f"order {payer.id}: the provider refunded its charge {len(back)} times")
+            kept = op.amount - sum((refund.amount for refund in back), Decimal("0"))
+            if payer.status == Order.Status.CONFIRMED:
+                if op.amount != payer.total:
+                    violations.append(f"order {payer.id}: confirmed at {payer.total} but charged {op.amount}")
+                if back:
+                    violations.append(f"order {payer.id}: confirmed but its charge was refunded")
+            elif kept != 0:
+                violations.append(f"order {payer.id}: {payer.status} but the provider kept {kept} of its money")
+    for order in orders.values():
+        paid_saga = sagas.get(order.id)
+        if order.status == Order.Status.CONFIRMED and (paid_saga is None or str(paid_saga.id) not in charges):
+            violations.append(f"order {order.id}: confirmed but the provider has no charge for it")
+    # Our own records agree with the ledger.
     refunded = set(Refund.objects.values_list("payment_id", flat=True))
-    provider_charges = Counter(
-        key.split(":", 1)[0]
-        for key in FakeProviderOperation.objects.filter(kind="charge", outcome="succeeded").values_list(
-            "idempotency_key", flat=True
-        )
-    )
-    provider_refunds = Counter(
-        key.split(":", 1)[0]
-        for key in FakeProviderOperation.objects.filter(kind="refund", outcome="succeeded").values_list(
-            "idempotency_key", flat=True
-        )
-    )
-    for saga_id, count in provider_charges.items():
-        if count > 1:
-            violations.append(f"saga {saga_id}: the provider charged it {count} times")
     for row in Payment.objects.values("order_id").annotate(n=Count("id")).filter(n__gt=1):
         violations.append(f"order {row['order_id']}: has {row['n']} payments")
     for payment in Payment.objects.all():
@@ -143,42 +169,45 @@ def audit(
         status = payer.status if payer else None
         if status not in FINAL_ORDER:
             continue
-        money_kept = provider_charges[str(payment.saga_id)] - provider_refunds[str(payment.saga_id)]
         if status == Order.Status.CONFIRMED:
-            if payment.status != Payment.Status.CAPTURED or money_kept != 1:
+            if payment.status != Payment.Status.CAPTURED:
                 violations.append(f"order {payment.order_id}: confirmed but its payment is {payment.status}")
         else:
             if payment.status in (Payment.Status.CAPTURED, Payment.Status.REFUNDING, Payment.Status.PENDING):
                 violations.append(f"order {payment.order_id}: {status} but its payment is {payment.status}")
             if payment.status == Payment.Status.REFUNDED and payment.pk not in refunded:
                 violations.append(f"order {payment.order_id}: payment refunded without a refund record")
-            if money_kept != 0:
-                violations.append(f"order {payment.order_id}: {status} but the provider kept its money")
     paid_orders = set(Payment.objects.values_list("order_id", flat=True))
     for order in orders.values():
         if order.status == Order.Status.CONFIRMED and order.id not in paid_orders:
             violations.append(f"order {order.id}: confirmed without a payment")
 
-    # 4. One notification of its outcome per terminal order (per channel), and no other.
+    # 4. One notification of its outcome per terminal order on each channel it gave (an email;
+    # an SMS with a phone), delivered (sent), and no other.
     sent: dict[object, Counter] = defaultdict(Counter)
-    for order_id, kind, channel in Notification.objects.values_list("order_id", "kind", "channel"):
-        sent[order_id][(kind, channel)] += 1
+    told: dict[object, set[str]] = defaultdict(set)
+    for order_id, kind, channel, status in Notification.objects.values_list("order_id", "kind", "channel", "status"):
+        told[order_id].add(kind)
+        if status == Notification.Status.SENT:
+            sent[order_id][(kind, channel)] += 1
     for order in orders.values():
         if order.status not in FINAL_ORDER:
             continue
-        kinds = sent.get(order.id, Counter())
+        delivered = sent.get(order.id, Counter())
         expected = OUTCOME_KIND[order.status]
-        if kinds[(expected, Notification.Channel.EMAIL)] != 1:
-            violations.append(
-                f"order {order.id}: {kinds[(expected, Notification.Channel.EMAIL)]} {expected} emails, not 1"
-            )
-        other = {kind for kind, _ in kinds if kind != expected}
+        channels = [Notification.Channel.EMAIL] + ([Notification.Channel.SMS] if order.phone else [])
+        for channel in channels:
+            if delivered[(expected, channel)] != 1:
+                violations.append(
+                    f"order {order.id}: {delivered[(expected, channel)]} {expected} {channel} sent, not 1"
+                )
+        other = told.get(order.id, set()) - {expected}
         if other:
             violations.append(f"order {order.id}: {order.status} but was also told {sorted(other)}")
 
     # 5. The saga's step log agrees with what the participants recorded.
     reserved_orders = set(Reservation.objects.values_list("order_id", flat=True))
-    captured_sagas = {str(s) for s in provider_charges}
+    captured_sagas = set(charges)
     by_id = {saga.id: saga for saga in sagas.values()}
     # By task, not step name: a definition version may rename a step (saga.definition).
     succeeded = SagaStep.objects.filter(
@@ -201,4 +230,35 @@ def audit(
     for saga in sagas.values():
         if saga.status == SagaStatus.NEEDS_ATTENTION:
             violations.append(f"saga {saga.id}: needs attention")
+        if saga.status == SagaStatus.COMPLETED and saga.pivot_committed_at is None:
+            violations.append(f"saga {saga.id}: completed without its pivot recorded")
+    # 7. A finished saga's steps are settled: none still running; a completed saga's forward
+    # steps succeeded (or, whose record was lost, unknown); a compensated saga's
+    # compensations succeeded or were not needed.
+    settled_steps: dict[str, tuple[str, set[str]]] = {
+        SagaStatus.COMPLETED: (StepPhase.FORWARD, {StepStatus.SUCCEEDED, StepStatus.UNKNOWN}),
+        SagaStatus.COMPENSATED: (StepPhase.COMPENSATION, {StepStatus.SUCCEEDED, StepStatus.NOT_NEEDED}),
+    }
+    finished_steps = SagaStep.objects.filter(saga__status__in=list(settled_steps)).values_list(
+        "saga_id", "saga__status", "phase", "name", "status"
+    )
+    for step_saga_id, saga_status, phase, name, step_status in finished_steps:
+        settled_phase, allowed = settled_steps[saga_status]
+        if step_status == StepStatus.RUNNING or (phase == settled_phase and step_status not in allowed):
+            violations.append(f"saga {step_saga_id}: {saga_status}, but its {name} is {step_status}")
+    # 8. What was reserved is what was ordered: each reservation a line of its order, with
+    # its quantity; a confirmed order holds or sold every line.
+    lines = {(line.order_id, line.sku): line.quantity for line in OrderLine.objects.only("order_id", "sku", "quantity")}
+    reserved_lines = set()
+    for order_id, sku, quantity in Reservation.objects.values_list("order_id", "sku", "quantity"):
+        reserved_lines.add((order_id, sku))
+        if order_id not in orders:
+            violations.append(f"a reservation of {sku} belongs to no order ({order_id})")
+        elif lines.get((order_id, sku)) != quantity:
+            ordered = lines.get((order_id, sku), 0)
+            violations.append(f"order {order_id}: reserved {quantity} {sku}, but ordered {ordered}")
+    for (order_id, sku), _ in lines.items():
+        owner = orders.get(order_id)
+        if owner is not None and owner.status == Order.Status.CONFIRMED and (order_id, sku) not in reserved_lines:
+            violations.append(f"order {order_id}: confirmed without a reservation of its {sku}")
     return violations

@@ -47,8 +47,9 @@ def test_an_order_without_a_saga_and_a_confirmation_without_money_are_named() ->
 
     assert about(orphan.id, violations) == [f"order {orphan.id}: has no saga"]
     assert about(confirmed.id, violations) == [
+        f"order {confirmed.id}: confirmed but the provider has no charge for it",
         f"order {confirmed.id}: confirmed without a payment",
-        f"order {confirmed.id}: 0 order_confirmed emails, not 1",
+        f"order {confirmed.id}: 0 order_confirmed email sent, not 1",
     ]
 
 
@@ -86,12 +87,110 @@ def test_a_confirmed_orders_stock_is_sold_once_settled_and_no_other_orders_ever(
 
     violations = audit(initial_stock={sku: 10})
 
-    assert about(saga.id, violations) == [f"saga {saga.id}: confirmed at {long_ago} but its sale is not settled"]
+    # (Its steps were never run: the steps' own checks name them too.)
+    assert f"saga {saga.id}: confirmed at {long_ago} but its sale is not settled" in violations
     assert f"order {failed.id}: is failed but its {sku} was sold" in violations
     assert f"product {sku}: on_hand=7 plus 2 sold is not the 10 it started with" in violations
     # Settled, the confirmed order's reservation must be sold: it still holds.
     saga.settled_at = timezone.now()
     saga.save(update_fields=["settled_at"])
     violations = audit(initial_stock={sku: 10})
-    assert about(saga.id, violations) == []
+    assert not [v for v in about(saga.id, violations) if "settled" in v]
     assert f"order {confirmed.id}: is confirmed and settled but its {sku} is held, not sold" in violations
+
+
+def saga_of(order: Order, status: str) -> object:
+    with transaction.atomic(using="orders"):
+        saga = saga_start(definition=PLACE_ORDER, order_id=order.id, context={"items": []})
+    saga.status = status
+    saga.save(update_fields=["status"])
+    return saga
+
+
+def ledger(saga: object, kind: str, amount: str, *, reference: str = "", charge_reference: str = "") -> str:
+    from payments.models import FakeProviderOperation
+
+    reference = reference or f"{kind}-{uuid.uuid4().hex[:12]}"
+    step = "charge_payment" if kind == "charge" else "refund_payment"
+    FakeProviderOperation.objects.create(
+        idempotency_key=f"{saga.id}:{step}:{uuid.uuid4().hex[:6]}",
+        kind=kind,
+        amount=Decimal(amount),
+        currency="EUR",
+        outcome="succeeded",
+        reference=reference,
+        charge_reference=charge_reference,
+    )
+    return reference
+
+
+def test_money_is_read_from_the_providers_ledger_charge_by_charge() -> None:
+    # A failed order the provider charged, with no payment row of ours and no refund.
+    kept = order_create(status=Order.Status.FAILED)
+    ledger(saga_of(kept, SagaStatus.COMPENSATED), "charge", "10.00")
+    # A confirmed order charged another amount than it was quoted.
+    overcharged = order_create(status=Order.Status.CONFIRMED)
+    ledger(saga_of(overcharged, SagaStatus.COMPLETED), "charge", "12.00")
+    # A cancelled order "refunded" by a refund of some other charge, and one refunded in part.
+    misrefunded, partly = order_create(status=Order.Status.CANCELLED), order_create(status=Order.Status.FAILED)
+    misrefunded_saga = saga_of(misrefunded, SagaStatus.COMPENSATED)
+    ledger(misrefunded_saga, "charge", "10.00")
+    ledger(misrefunded_saga, "refund", "10.00", charge_reference="charge-of-someone-else")
+    partly_saga = saga_of(partly, SagaStatus.COMPENSATED)
+    charge = ledger(partly_saga, "charge", "10.00")
+    ledger(partly_saga, "refund", "4.00", charge_reference=charge)
+
+    violations = audit()
+
+    assert f"order {kept.id}: failed but the provider kept 10.00 of its money" in violations
+    assert f"order {overcharged.id}: confirmed at 10.00 but charged 12.00" in violations
+    assert f"order {misrefunded.id}: cancelled but the provider kept 10.00 of its money" in violations
+    assert "the provider refunded 'charge-of-someone-else', which is no charge of a saga" in violations
+    assert f"order {partly.id}: failed but the provider kept 6.00 of its money" in violations
+
+
+def test_a_notification_counts_once_sent_and_on_every_channel_the_customer_gave() -> None:
+    from notifications.models import Notification
+
+    order = order_create(status=Order.Status.FAILED)
+    order.phone = "+15550100"
+    order.save(update_fields=["phone"])
+    saga = saga_of(order, SagaStatus.COMPENSATED)
+    Notification.objects.create(
+        saga_id=saga.id,
+        order_id=order.id,
+        kind=Notification.Kind.ORDER_FAILED,
+        channel=Notification.Channel.EMAIL,
+        recipient=order.email,
+        status=Notification.Status.SENDING,  # claimed, never delivered
+    )
+
+    violations = about(order.id, audit())
+
+    assert f"order {order.id}: 0 order_failed email sent, not 1" in violations
+    assert f"order {order.id}: 0 order_failed sms sent, not 1" in violations
+
+
+def test_a_finished_sagas_steps_are_settled_and_its_reservations_are_its_order_lines() -> None:
+    from inventory.models import Reservation
+    from orders.models import OrderLine
+    from saga.models import SagaStep, StepPhase, StepStatus
+
+    order = order_create(status=Order.Status.FAILED)
+    saga = saga_of(order, SagaStatus.COMPENSATED)
+    SagaStep.objects.create(
+        saga=saga, phase=StepPhase.COMPENSATION, position=0, name="refund_payment", status=StepStatus.FAILED
+    )
+    SagaStep.objects.create(
+        saga=saga, phase=StepPhase.COMPENSATION, position=1, name="release_inventory", status=StepStatus.RUNNING
+    )
+    OrderLine.objects.create(order=order, sku="AUDIT-LINE", name="x", quantity=2, unit_price=Decimal("5.00"))
+    Reservation.objects.create(
+        saga_id=saga.id, order_id=order.id, sku="AUDIT-LINE", quantity=3, unit_price="5.00", status="released"
+    )
+
+    violations = audit()
+
+    assert f"saga {saga.id}: compensated, but its refund_payment is failed" in violations
+    assert f"saga {saga.id}: compensated, but its release_inventory is running" in violations
+    assert f"order {order.id}: reserved 3 AUDIT-LINE, but ordered 2" in violations

@@ -414,6 +414,9 @@ def test_a_look_no_worker_answered_re_publishes_nothing_until_the_steps_patience
     stays deaf past the step's patience."""
     saga = start()
     stall(saga, "reserve_inventory")
+    SagaStep.objects.using("orders").filter(saga_id=saga.id, name="reserve_inventory").update(
+        queued_at=timezone.now() - timedelta(seconds=1)  # well inside its patience
+    )
     fleet["answered"] = 0
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         assert saga_sweep().get("unanswered") == 1
