@@ -74,8 +74,8 @@ class BrokerView:
     workers_answered: int = 0
 
 
-# How many workers answered this process's last whole look: an early look stops waiting once
-# that many have answered (a broadcast otherwise always waits its whole timeout).
+# How many workers answered this process's last whole look (or its first look): an early look
+# stops waiting once that many have answered (a broadcast otherwise waits its whole timeout).
 _workers_seen = 0
 
 
@@ -90,8 +90,10 @@ def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = No
     except Exception:
         logger.warning("could not ask the workers which tasks they hold", exc_info=True)
         return {}
-    if not early:
-        # Only a whole look counts the fleet: an early one stops at the count it was given.
+    if not early or len(replies) > _workers_seen:
+        # A whole look counts the fleet (down too: a dead worker no longer answers); an early
+        # one stops at the count it was given, so it can only raise a count of 0. Either way
+        # no message is returned, and no step re-published, on an early look.
         _workers_seen = len(replies)
     return replies
 
