@@ -558,18 +558,23 @@ def test_a_success_report_of_the_step_that_needed_attention_resumes_the_saga(
     assert published(callbacks) == []
 
 
+def drain_to_compensated(saga: SagaInstance, undo: list[dict]) -> None:
+    """Drain the compensation chain's record with timeline `undo` (generation 1): the saga
+    ends compensated, when its last step finished."""
+    record = sealed_record(saga, "notify_failure", undo, phase=StepPhase.COMPENSATION, generation=1)
+    store_record(saga, "notify_failure", record, generation=1)
+    saga_reports_drain()
+    row = saga_row(saga)
+    assert (row.status, row.current_step, row.outcome) == (SagaStatus.COMPENSATED, "", "failed")
+    assert row.finished_at.isoformat() == undo[-1]["finished_at"]
+
+
 def test_the_compensation_chains_record_ends_the_saga_compensated() -> None:
     saga = start()
     fail(saga, "reserve_inventory", StepFailed("out of stock"), timeline=[])
     undo = timeline(saga, COMPENSATION, generation=1)
-    record = sealed_record(saga, "notify_failure", undo, phase=StepPhase.COMPENSATION, generation=1)
-    store_record(saga, "notify_failure", record, generation=1)
+    drain_to_compensated(saga, undo)
 
-    saga_reports_drain()
-
-    row = saga_row(saga)
-    assert (row.status, row.current_step, row.outcome) == (SagaStatus.COMPENSATED, "", "failed")
-    assert row.finished_at.isoformat() == undo[-1]["finished_at"]
     assert statuses(saga, COMPENSATION) == ["succeeded"] * 4
     assert statuses(saga, FORWARD) == ["failed", "pending", "pending", "pending"]
 
@@ -583,14 +588,8 @@ def test_a_late_record_of_a_compensation_that_failed_for_good_ends_the_saga_comp
     fail(saga, "release_inventory", TransientError("inventory database down"), timeline=[])
     assert saga_row(saga).status == SagaStatus.NEEDS_ATTENTION
     undo = timeline(saga, COMPENSATION[1:], generation=1, worker="late@host")
-    record = sealed_record(saga, "notify_failure", undo, phase=StepPhase.COMPENSATION, generation=1)
-    store_record(saga, "notify_failure", record, generation=1)
+    drain_to_compensated(saga, undo)
 
-    saga_reports_drain()
-
-    row = saga_row(saga)
-    assert (row.status, row.current_step, row.outcome) == (SagaStatus.COMPENSATED, "", "failed")
-    assert row.finished_at.isoformat() == undo[-1]["finished_at"]
     assert statuses(saga, COMPENSATION) == ["not_needed", "succeeded", "succeeded", "succeeded"]
     release = rows(saga)["release_inventory"]
     assert (release.worker, release.started_at.isoformat()) == ("late@host", undo[0]["started_at"])
