@@ -72,17 +72,19 @@ def order_place(
     # not by a lookup first: a new key, the common case, costs no query (BENCHMARKS.md).
     catalogue = product_prices(skus=[item.sku for item in items])
     unknown = [item.sku for item in items if item.sku not in catalogue]
-    if unknown:
+    refusal: Exception | None = UnknownSkus(unknown) if unknown else None
+    if refusal is None:
+        total = sum((catalogue[i.sku].price * i.quantity for i in items), Decimal("0"))
+        if total > MAX_TOTAL:
+            # A catalogue price times the largest quantity can outgrow the total's column:
+            # a 400 before anything is written, not the database's error (a 500).
+            refusal = OrderTotalTooLarge(total, MAX_TOTAL)
+    if refusal is not None:
+        # A replay of an order placed before its product left the catalogue, or before its
+        # prices rose, answers with that order.
         if idempotency_key and (existing := _existing_for_key(user_id, idempotency_key, fingerprint)):
-            return existing, False  # placed before its product left the catalogue
-        raise UnknownSkus(unknown)
-    total = sum((catalogue[i.sku].price * i.quantity for i in items), Decimal("0"))
-    if total > MAX_TOTAL:
-        # A catalogue price times the largest quantity can outgrow the total's column: a
-        # 400 before anything is written, not the database's error (a 500).
-        if idempotency_key and (existing := _existing_for_key(user_id, idempotency_key, fingerprint)):
-            return existing, False  # placed before its prices rose
-        raise OrderTotalTooLarge(total, MAX_TOTAL)
+            return existing, False
+        raise refusal
     order = Order(
         user_id=user_id,
         email=email,
