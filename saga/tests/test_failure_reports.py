@@ -21,15 +21,9 @@ from .coordinator import FORWARD, PaymentDeclined, fail, saga_row, snapshot, sta
 pytestmark = pytest.mark.django_db(databases=["orders", "default"])
 
 
-@pytest.fixture(autouse=True)
-def eager(settings):
-    app.conf.task_always_eager, app.conf.task_eager_propagates = True, False
-    yield
-    app.conf.task_always_eager = False
-
-
 def report(task_id: str, saga_id: object, step: str, **kwargs: object) -> BaseException | None:
-    """Run `saga.step_failed` as the saga worker would; the error it failed with, if any."""
+    """Run `saga.step_failed` in this process (`apply`: no broker, no worker) as the saga
+    worker would; the error it failed with, if any."""
     result = step_failed.apply(args=(task_id,), kwargs={"saga_id": str(saga_id), "step": step, **kwargs})
     return result.result if result.failed() else None
 
