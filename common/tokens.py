@@ -18,7 +18,13 @@ from rest_framework import authentication, exceptions
 
 from .db import from_row
 from .models import ApiToken, token_digest
+from .notified_cache import NotifiedCache
 from .sql import prepared
+
+# The rows `_token_with_user` read, by digest, until a token or a user changes or goes
+# (common/migrations/0003_api_token_notify.py): revoking a token, or deactivating its
+# user, reaches every process's cache when it commits.
+TOKENS = NotifiedCache(alias="default", channel="api_tokens")
 
 
 def api_token_create(*, user: AbstractBaseUser, ttl: timedelta | None = None) -> tuple[ApiToken, str]:
@@ -57,17 +63,24 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
 
 
 def _token_with_user(digest: str) -> ApiToken | None:
-    """The token with this digest and its user, in one prepared statement: what
-    `ApiToken.objects.select_related("user").get(digest=...)` reads, without building the
-    query, or having PostgreSQL plan it, on every request (it runs on every API call:
-    BENCHMARKS.md)."""
+    """The token with this digest and its user: what
+    `ApiToken.objects.select_related("user").get(digest=...)` reads, from the process's
+    token cache (common.notified_cache: no round trip), or else in one prepared statement,
+    without building the query or having PostgreSQL plan it on every request (it runs on
+    every API call: BENCHMARKS.md). New objects every time: nothing one request caches on
+    a user (its permissions) reaches the next.
+    """
     alias = router.db_for_read(ApiToken)
     statement, token_fields, user_fields = _token_query(alias)
-    with prepared(alias) as cursor:
-        cursor.execute(statement, [digest])
-        row = cursor.fetchone()
+    cached, ticket = TOKENS.lookup([digest])
+    row = cached.get(digest)
     if row is None:
-        return None
+        with prepared(alias) as cursor:
+            cursor.execute(statement, [digest])
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        TOKENS.fill(ticket, {digest: row})
     split = len(token_fields)
     token = from_row(ApiToken, token_fields, row[:split], alias)
     token.user = from_row(get_user_model(), user_fields, row[split:], alias)

@@ -444,6 +444,12 @@ if CACHES["default"]["BACKEND"].endswith("RedisCache"):
     # A Redis outage must not hang requests: the throttle then lets them through.
     CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
 
+# --- Process-local caches emptied by NOTIFY (common.notified_cache) -----------------------
+# The web keeps API tokens (with their users) and catalogue prices it has read, until a
+# trigger on their tables says a row changed: two of each order's transactions fewer
+# (BENCHMARKS.md). Off: every request reads them from the database.
+NOTIFIED_CACHES = env.bool("NOTIFIED_CACHES", default=True)
+
 # --- Operator's console (docs/OPERATIONS.md) ----------------------------------------
 # Links from the admin's saga page: a step's Celery task in Flower (<FLOWER_URL>/task/<id>;
 # empty: no links) and the saga's trace ({trace_id} is replaced; empty: no link).
