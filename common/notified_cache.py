@@ -29,6 +29,7 @@ of them can) can at worst cost a few reads; none can put a row in the cache.
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -43,26 +44,41 @@ log = logging.getLogger(__name__)
 
 # How long the listener waits before it connects again after losing its connection.
 _RECONNECT_SECONDS = (0.2, 1.0, 5.0)
-# How long one wait for notifications lasts; between two, the listener checks that it
-# should still run (tests stop it) and that its connection still answers.
+# How long one wait for notifications lasts. After a quiet one the listener sends itself a
+# probe and expects it back within _PROBE_SECONDS, or it reconnects: a probe that returns
+# proves notifications reach it end to end, which a `SELECT 1` would not behind a pooler
+# in transaction mode (where LISTEN stays on a server connection the client let go of).
 _POLL_SECONDS = 5.0
-# TCP keepalives: a connection that a silent network cut is found within about
-# idle + interval * count seconds.
-_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3}
+_PROBE_SECONDS = 5.0
+_PROBE = "probe:"  # a payload that empties nothing (the triggers' is empty)
+# A connection that a silent network cut is found: by keepalives while idle, and by the
+# user timeout while a probe is unacknowledged (keepalives are not sent then), in about 20 s.
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
+}
 
 
 def notify_trigger_sql(
-    *, table: str, channel: str, columns: Iterable[str] | None, name: str
+    *, table: str, channel: str, columns: Iterable[str] | None, name: str, ignoring: Iterable[str] = ()
 ) -> tuple[list[str], list[str]]:
     """The statements that create, and those that drop, triggers on `table` that NOTIFY
     `channel` (once per transaction, however many rows) when a row is deleted, when the
     table is truncated, and when a row is updated (with `columns`: only when one of them
     changes, so that updates of other columns, the stock a reservation takes, cost
-    nothing). Inserts need no notification: a cache holds no absent row."""
+    nothing; without `columns`, when any column but those `ignoring` changes). Inserts need
+    no notification: a cache holds no absent row."""
     function = f"{name}_notify"
     columns = list(columns or [])
     of_columns = f" OF {', '.join(columns)}" if columns else ""
-    when = " WHEN ({})".format(" OR ".join(f"OLD.{c} IS DISTINCT FROM NEW.{c}" for c in columns)) if columns else ""
+    if columns:
+        when = " WHEN ({})".format(" OR ".join(f"OLD.{c} IS DISTINCT FROM NEW.{c}" for c in columns))
+    else:
+        rest = "".join(f" - '{c}'" for c in ignoring)
+        when = f" WHEN ((to_jsonb(OLD){rest}) IS DISTINCT FROM (to_jsonb(NEW){rest}))"
     create = [
         f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
         f"$$ BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $$",
@@ -105,6 +121,8 @@ class NotifiedCache:
         self._generation = 0
         self._live = False
         self._listener: _Listener | None = None
+        # How many times a listener of this process started listening (tests, operators).
+        self.listens = 0
 
     @property
     def live(self) -> bool:
@@ -143,22 +161,31 @@ class NotifiedCache:
                 self._entries[key] = (now, row)
             return True
 
-    def clear(self, *, live: bool | None = None) -> None:
+    def clear(self) -> None:
         """Forget every row (a notification: something changed), and start a generation
-        so that no read begun before this fills the cache; `live` sets whether the
-        listener listens from now on."""
-        with self._lock:
-            self._entries.clear()
-            self._generation += 1
-            if live is not None:
-                self._live = live
+        so that no read begun before this fills the cache."""
+        self._listening(None, None)
 
     def stop(self) -> None:
         """Stop this process's listener (tests; a process that exits needs nothing)."""
-        listener, self._listener = self._listener, None
+        with self._lock:
+            listener, self._listener = self._listener, None
+            self._entries.clear()
+            self._generation += 1
+            self._live = False
         if listener is not None:
             listener.stop()
-        self.clear(live=False)
+
+    def _listening(self, listener: "_Listener | None", live: bool | None) -> None:
+        """`clear`, and with `live`, whether `listener` listens from now on: only the
+        process's current listener says so (one that was stopped may still be winding down)."""
+        with self._lock:
+            self._entries.clear()
+            self._generation += 1
+            if live is not None and listener is self._listener:
+                self._live = live
+                if live:
+                    self.listens += 1
 
     def _ensure_listener(self) -> None:
         listener = self._listener
@@ -183,7 +210,8 @@ def _listen_connection(alias: str, channel: str) -> psycopg.Connection:
     for django_only in ("cursor_factory", "context", "prepare_threshold"):
         params.pop(django_only, None)
     # Named, so that an operator sees in pg_stat_activity what the idle session is.
-    return psycopg.connect(**{**_KEEPALIVES, **params}, autocommit=True, application_name=f"cache listener: {channel}")
+    params = {**_KEEPALIVES, **params, "application_name": f"cache listener: {channel}"}
+    return psycopg.connect(**params, autocommit=True)
 
 
 class _Listener:
@@ -194,7 +222,6 @@ class _Listener:
         self.pid = os.getpid()
         self._connect = connect
         self._stopped = threading.Event()
-        self._connection: psycopg.Connection | None = None
         self._thread = threading.Thread(target=self._run, name=f"listen-{cache.channel}", daemon=True)
 
     def start(self) -> None:
@@ -211,7 +238,7 @@ class _Listener:
                 with self._connect() as connection:
                     connection.execute(f"LISTEN {self.cache.channel}")
                     # Listening from here on: whatever commits later is notified.
-                    self.cache.clear(live=True)
+                    self.cache._listening(self, True)
                     failures = 0
                     self._listen(connection)
             except Exception as error:  # whatever it was, the cache is off until the listener is back
@@ -223,15 +250,27 @@ class _Listener:
                     )
                 failures += 1
             finally:
-                self.cache.clear(live=False)
+                self.cache._listening(self, False)
             self._stopped.wait(_RECONNECT_SECONDS[min(failures, len(_RECONNECT_SECONDS)) - 1] if failures else 0)
 
     def _listen(self, connection: psycopg.Connection) -> None:
         while not self._stopped.is_set():
-            received = False
-            for _ in connection.notifies(timeout=_POLL_SECONDS):
-                received = True
+            if self._receive(connection, _POLL_SECONDS, probe=None):
+                continue
+            # A quiet spell: make sure that notifications still reach this connection.
+            probe = f"{_PROBE}{secrets.token_hex(8)}"
+            connection.execute("SELECT pg_notify(%s, %s)", [self.cache.channel, probe])
+            if not self._receive(connection, _PROBE_SECONDS, probe=probe):
+                raise TimeoutError("the listener's own probe did not come back")
+
+    def _receive(self, connection: psycopg.Connection, timeout: float, *, probe: str | None) -> bool:
+        """Empty the cache on each notification for `timeout` seconds; whether one came
+        (with `probe`: whether the probe did, which ends the wait)."""
+        came = False
+        for notification in connection.notifies(timeout=timeout):
+            if not notification.payload.startswith(_PROBE):
                 self.cache.clear()
-            if not received:
-                # A quiet spell: make sure the connection still answers.
-                connection.execute("SELECT 1")
+                came = came or probe is None
+            elif notification.payload == probe:
+                return True
+        return came

@@ -24,7 +24,9 @@ from .sql import prepared
 # The rows `_token_with_user` read, by digest, until a token or a user changes or goes
 # (common/migrations/0003_api_token_notify.py): revoking a token, or deactivating its
 # user, reaches every process's cache when it commits.
-TOKENS = NotifiedCache(alias="default", channel="api_tokens")
+# A minute at most, whatever happens to the listener: the bound on a revoke's delay if its
+# connection hangs unnoticed.
+TOKENS = NotifiedCache(alias="default", channel="api_tokens", max_age=60.0)
 
 
 def api_token_create(*, user: AbstractBaseUser, ttl: timedelta | None = None) -> tuple[ApiToken, str]:

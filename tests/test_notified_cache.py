@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connections, transaction
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.test import APIRequestFactory
 
+from common import notified_cache
 from common.notified_cache import NotifiedCache
 from common.sql import PreparedCursor
 from common.tokens import TOKENS, ApiTokenAuthentication, api_token_create
@@ -69,30 +71,33 @@ def test_a_price_changed_by_any_writer_is_read_again(sku: str, statements: list[
     wait_for(lambda: product_prices(skus=[sku])[sku].price == Decimal("12.00"), timeout=10, what="the new price")
 
 
-def test_stock_moving_keeps_the_prices_cached(sku: str, statements: list[str]) -> None:
+def _notifications(alias: str, channel: str, *changes: tuple[str, list[Any]]) -> int:
+    """How many notifications on `channel` the `changes` (each its own transaction) sent,
+    counted on a listening connection of the test's own, up to a marker sent after them:
+    notifications arrive in commit order, so the marker comes after every one of theirs."""
+    with notified_cache._listen_connection(alias, channel) as listener:
+        listener.execute(f"LISTEN {channel}")
+        for statement, params in changes:
+            _sql(alias, statement, params)
+        _sql(alias, "SELECT pg_notify(%s, 'probe:marker')", [channel])
+        count = 0
+        for notification in listener.notifies(timeout=10):
+            if notification.payload == "probe:marker":
+                return count
+            count += not notification.payload.startswith("probe:")  # not a listener's probe
+    raise AssertionError("the marker never came")
+
+
+def test_stock_moving_keeps_the_prices_cached(sku: str) -> None:
     """A reservation updates its product's stock on every order: that must not empty the
     cache, or it would never hold anything under load."""
-    _live(CATALOGUE)
-    product_prices(skus=[sku])
-    generation = CATALOGUE.lookup([])[1]
-    _sql(
-        "inventory",
-        "UPDATE inventory_product SET reserved = reserved + 1, on_hand = on_hand + 1 WHERE sku = %s",
-        [sku],
-    )
+    moved = ("UPDATE inventory_product SET reserved = reserved + 1, on_hand = on_hand + 1 WHERE sku = %s", [sku])
     # Nor does an update that writes every column with the same SKU, name and price (the ORM's save).
-    _sql("inventory", "UPDATE inventory_product SET price = price, name = name, sku = sku WHERE sku = %s", [sku])
-    # A notification that did come would have been delivered before this one's.
-    other = f"T-{uuid.uuid4().hex[:10].upper()}"
-    make_product(other, on_hand=1, price="1.00")
-    _sql("inventory", "UPDATE inventory_product SET price = 2.00 WHERE sku = %s", [other])
-    wait_for(lambda: CATALOGUE.lookup([])[1] != generation, timeout=10, what="the other product's notification")
-
-    assert CATALOGUE.lookup([sku])[0] == {}  # emptied by the other product's price, once
-    statements.clear()
-    product_prices(skus=[sku])
-    product_prices(skus=[sku])
-    assert len(statements) == 1
+    saved = ("UPDATE inventory_product SET price = price, name = name, sku = sku WHERE sku = %s", [sku])
+    assert _notifications("inventory", "catalogue", moved, saved) == 0
+    repriced = ("UPDATE inventory_product SET price = 2.00 WHERE sku = %s", [sku])
+    renamed = ("UPDATE inventory_product SET name = 'Renamed' WHERE sku = %s", [sku])
+    assert _notifications("inventory", "catalogue", repriced, renamed) == 2
 
 
 def test_a_read_that_began_before_a_notification_is_not_kept(sku: str) -> None:
@@ -123,7 +128,7 @@ def test_inside_a_transaction_the_database_is_read(sku: str, statements: list[st
 def test_a_lost_listener_turns_the_cache_off_until_it_listens_again(sku: str, statements: list[str]) -> None:
     _live(CATALOGUE)
     product_prices(skus=[sku])
-    _, before = CATALOGUE.lookup([])
+    listens = CATALOGUE.listens
     _sql(
         "inventory",
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -132,7 +137,7 @@ def test_a_lost_listener_turns_the_cache_off_until_it_listens_again(sku: str, st
     )
     # Off (no ticket: every read goes to the database) until the listener is back, which
     # starts afresh: what it held may have changed unannounced meanwhile.
-    wait_for(lambda: (t := CATALOGUE.lookup([])[1]) is not None and t != before, timeout=30, what="the listener back")
+    wait_for(lambda: CATALOGUE.listens > listens and CATALOGUE.live, timeout=30, what="the listener back")
     assert CATALOGUE.lookup([sku])[0] == {}
     statements.clear()
     product_prices(skus=[sku])
@@ -190,3 +195,42 @@ def test_a_token_revoked_or_its_user_disabled_by_any_writer_is_refused(
     _sql("default", change, [user.pk])
 
     wait_for(lambda: _refused(key), timeout=10, what="the token refused")
+
+
+def test_a_listener_that_hears_nothing_reconnects(db_access: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a pooler in transaction mode LISTEN stays on a server connection the client
+    has let go of: the connection answers, but nothing arrives. The listener's probe finds
+    that out, and the cache is off until a listener that hears is back."""
+    monkeypatch.setattr(notified_cache, "_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(notified_cache, "_PROBE_SECONDS", 0.5)
+
+    def deaf(alias: str, channel: str) -> psycopg.Connection:
+        connection = listen_connection(alias, channel)
+        execute = connection.execute
+
+        def execute_but_listen(statement: Any, *args: Any, **kwargs: Any) -> Any:
+            if str(statement).startswith("LISTEN"):
+                return None  # the pooler ran it on a server connection this client let go of
+            return execute(statement, *args, **kwargs)
+
+        connection.execute = execute_but_listen  # type: ignore[method-assign]
+        return connection
+
+    listen_connection = notified_cache._listen_connection
+    monkeypatch.setattr(notified_cache, "_listen_connection", deaf)
+    cache = NotifiedCache(alias="inventory", channel="test_deaf")
+    try:
+        cache.lookup([])
+        wait_for(lambda: cache.listens >= 3, timeout=30, what="the deaf listener found out, twice")
+    finally:
+        cache.stop()
+    assert not cache.live
+
+
+def test_a_login_keeps_the_tokens_cached(token: tuple[Any, str]) -> None:
+    """An admin login writes the user's last_login, which no token depends on."""
+    user, _ = token
+    login = ("UPDATE auth_user SET last_login = now() WHERE id = %s", [user.pk])
+    assert _notifications("default", "api_tokens", login) == 0
+    renamed = ("UPDATE auth_user SET first_name = 'Changed' WHERE id = %s", [user.pk])
+    assert _notifications("default", "api_tokens", renamed) == 1

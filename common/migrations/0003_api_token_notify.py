@@ -11,7 +11,11 @@ def _user_triggers(forward: bool):
 
     def run(apps, schema_editor) -> None:
         table = schema_editor.quote_name(apps.get_model(settings.AUTH_USER_MODEL)._meta.db_table)
-        create, drop = notify_trigger_sql(table=table, channel=CHANNEL, columns=None, name="api_token_user")
+        # A login's last_login is the one change of a user that no token depends on: logins
+        # to the admin would otherwise empty every web process's cache.
+        create, drop = notify_trigger_sql(
+            table=table, channel=CHANNEL, columns=None, name="api_token_user", ignoring=["last_login"]
+        )
         for statement in create if forward else drop:
             schema_editor.execute(statement)
 
