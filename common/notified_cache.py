@@ -237,7 +237,9 @@ class _Listener:
             try:
                 with self._connect() as connection:
                     connection.execute(f"LISTEN {self.cache.channel}")
-                    # Listening from here on: whatever commits later is notified.
+                    # Listening from here on (whatever commits later is notified), once
+                    # a probe shows that notifications do reach this connection.
+                    self._probe(connection)
                     self.cache._listening(self, True)
                     failures = 0
                     self._listen(connection)
@@ -255,13 +257,17 @@ class _Listener:
 
     def _listen(self, connection: psycopg.Connection) -> None:
         while not self._stopped.is_set():
-            if self._receive(connection, _POLL_SECONDS, probe=None):
-                continue
-            # A quiet spell: make sure that notifications still reach this connection.
-            probe = f"{_PROBE}{secrets.token_hex(8)}"
-            connection.execute("SELECT pg_notify(%s, %s)", [self.cache.channel, probe])
-            if not self._receive(connection, _PROBE_SECONDS, probe=probe):
-                raise TimeoutError("the listener's own probe did not come back")
+            if not self._receive(connection, _POLL_SECONDS, probe=None):
+                # A quiet spell: make sure that notifications still reach this connection.
+                self._probe(connection)
+
+    def _probe(self, connection: psycopg.Connection) -> None:
+        """Notify this listener's channel with a payload of its own, and raise unless it
+        comes back within _PROBE_SECONDS."""
+        probe = f"{_PROBE}{secrets.token_hex(8)}"
+        connection.execute("SELECT pg_notify(%s, %s)", [self.cache.channel, probe])
+        if not self._receive(connection, _PROBE_SECONDS, probe=probe):
+            raise TimeoutError("the listener's own probe did not come back")
 
     def _receive(self, connection: psycopg.Connection, timeout: float, *, probe: str | None) -> bool:
         """Empty the cache on each notification for `timeout` seconds; whether one came
