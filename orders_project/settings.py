@@ -379,6 +379,14 @@ SAGA_REPUBLISH_BUDGET = env.int("SAGA_REPUBLISH_BUDGET", default=3)
 # Every 2 s; when nothing is stalled it is one index scan. (A SIGKILLed worker's messages
 # are returned by every worker's watchdog, SAGA_ORPHAN_INTERVAL below, not by the sweep.)
 SAGA_SWEEP_INTERVAL = env.float("SAGA_SWEEP_INTERVAL", default=2.0)
+if SAGA_SWEEP_INTERVAL < 1 or not SAGA_SWEEP_INTERVAL.is_integer():
+    # Beat keeps its schedule in django-celery-beat's IntervalSchedule, whose `every` is an
+    # integer: 0.5 was stored as 0, and beat sent a sweep on every tick, flooding the saga
+    # queue (2.5 would silently have been 2).
+    raise ImproperlyConfigured(
+        f"SAGA_SWEEP_INTERVAL must be a whole number of seconds, at least 1, not {SAGA_SWEEP_INTERVAL:g}: "
+        "celery beat's database schedule counts whole seconds"
+    )
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=200)
 # How the sweeper tells a stalled step's lost message from a slow one (saga.recovery):
 # how long it waits for the workers to say which tasks they hold; how far apart two

@@ -1,5 +1,8 @@
 """Beat's scheduler reads django-celery-beat's change marker at most once a second."""
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -67,3 +70,20 @@ def test_every_way_to_start_beat_uses_it() -> None:
     assert f"--scheduler {SCHEDULER}" in procfile
     assert f"--scheduler={SCHEDULER}" in compose
     assert "django_celery_beat.schedulers:DatabaseScheduler" not in procfile + compose
+
+
+@pytest.mark.parametrize("interval", ["0.5", "2.5", "0"])
+def test_a_sweep_interval_beat_cannot_keep_is_refused_at_start_up(interval: str) -> None:
+    """Beat's database schedule stores whole seconds: 0.5 became 0, a sweep on every tick."""
+    started = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=BASE_DIR,
+        env={**os.environ, "SAGA_SWEEP_INTERVAL": interval, "DJANGO_SETTINGS_MODULE": "orders_project.settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode != 0
+    assert (
+        f"SAGA_SWEEP_INTERVAL must be a whole number of seconds, at least 1, not {float(interval):g}" in started.stderr
+    )
