@@ -167,8 +167,16 @@ def _on_bench_databases() -> Iterator[None]:
         _setup_django(env)
         yield
     finally:
+        _stop_cache_listeners()
         if urls.started_by_us:
             services.stop_services(BASE_DIR, only=urls.started_by_us)
+
+
+def _stop_cache_listeners() -> None:
+    """The web's caches' listeners that placing orders in this process started (the
+    no-HTTP phase), before the servers they listen to stop."""
+    if "common.notified_cache" in sys.modules:
+        sys.modules["common.notified_cache"].stop_listeners()
 
 
 def _setup_django(env: dict[str, str]) -> None:
@@ -424,6 +432,7 @@ def _run(args: argparse.Namespace) -> int:
         results = measure(args, env, token, data_dir)
         results["wall_s"] = round(time.monotonic() - started, 1)
     finally:
+        _stop_cache_listeners()
         if urls.started_by_us:
             services.stop_services(BASE_DIR, only=urls.started_by_us)
     args.output = args.output.resolve()

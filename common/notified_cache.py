@@ -98,11 +98,21 @@ def notify_trigger(*, table: str, channel: str, columns: Iterable[str] | None, n
     return migrations.RunSQL(sql=tuple(create), reverse_sql=tuple(drop))
 
 
+def stop_listeners() -> None:
+    """Stop every cache's listener in this process: before the database it listens to is
+    stopped (a script that started an embedded server), so that its loss is not reported."""
+    for cache in _CACHES:
+        cache.stop()
+
+
 @dataclass(frozen=True)
 class Ticket:
     """What `lookup` saw: the generation a later `fill` must still find."""
 
     generation: int
+
+
+_CACHES: "list[NotifiedCache]" = []
 
 
 class NotifiedCache:
@@ -123,6 +133,7 @@ class NotifiedCache:
         self._listener: _Listener | None = None
         # How many times a listener of this process started listening (tests, operators).
         self.listens = 0
+        _CACHES.append(self)
 
     @property
     def live(self) -> bool:
@@ -228,8 +239,10 @@ class _Listener:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to stop, without waiting for it: it ends with its current wait
+        (at most _POLL_SECONDS), or as soon as its connection is closed, silently. What
+        it does until then no longer reaches the cache (NotifiedCache._listening)."""
         self._stopped.set()
-        self._thread.join(timeout=_POLL_SECONDS + 1)
 
     def _run(self) -> None:
         failures = 0
