@@ -9,9 +9,11 @@ ORM's `update()` and plain SQL included, empties the cache of every process when
 transaction commits.
 
 When an entry can be trusted, and when the cache is passed by:
-- Only while the process's listener is connected and listening. Until then, after it lost
-  its connection, and while it reconnects, every read goes to the database. Emptying the
-  cache and counting a generation is all a notification or a lost connection does.
+- Only while the process's listener is connected, listening, and has heard its own probe
+  (a notification it sends itself, before it goes live and after every quiet spell).
+  Until then, after it lost its connection, and while it reconnects, every read goes to
+  the database. Emptying the cache and counting a generation is all a notification or a
+  lost connection does.
 - A read fills the cache only if no notification came between the moment it looked
   (`lookup`: a ticket with the generation) and the moment it fills (`fill`): a read that
   began before a commit cannot store what that commit replaced after its notification.
@@ -19,12 +21,14 @@ When an entry can be trusted, and when the cache is passed by:
   as a read that raced the commit itself.
 - Never inside a transaction (`in_atomic_block`): a transaction must see its own writes,
   which no other process has been notified of, and its own snapshot.
-- A lost connection is found by TCP keepalives (within about 20 s on a silent network; a
-  server restart closes it at once). Entries older than `max_age` are dropped as well,
-  which bounds the staleness if the listener hangs undetected.
+- A lost connection is found by the probe, TCP keepalives and a user timeout (within
+  about 20 s on a silent network; a server restart closes it at once). Entries older than
+  `max_age` are dropped as well, which bounds the staleness if the listener hangs
+  undetected.
 
-Notifications carry no payload and only empty the cache, so any role that can NOTIFY (all
-of them can) can at worst cost a few reads; none can put a row in the cache.
+Notifications carry no meaning but "empty the cache", so any role that can NOTIFY (all of
+them can) can cost reads; none can put a row in the cache (docs/SECURITY.md for what a
+role that LISTENs and never reads can deny).
 """
 
 import logging
