@@ -197,12 +197,17 @@ def drive(
 
     # Open loop: enough threads that a slow response never delays the next intended send.
     pool_size = threads if run.rate is None else max(threads, int(run.rate * 0.5) + 4)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=pool_size) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=pool_size)
+    try:
         futures = [pool.submit(send, i, order) for i, order in enumerate(orders)]
         progress = Progress(run.name, len(orders))
         while not all(f.done() for f in futures):
             progress.show(submitted=len(keys), finished=None)
             time.sleep(0.5)
+    finally:
+        # On Ctrl-C the sends not begun are dropped: the executor's own exit would wait for
+        # every one, to the end of the phase, before the run could stop.
+        pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         raise RuntimeError(f"{len(errors)} orders could not be submitted; first: {errors[0]!r}")
     deadline = time.monotonic() + timeout
