@@ -48,10 +48,13 @@ log = logging.getLogger(__name__)
 
 # How long the listener waits before it connects again after losing its connection.
 _RECONNECT_SECONDS = (0.2, 1.0, 5.0)
-# How long one wait for notifications lasts. After a quiet one the listener sends itself a
-# probe and expects it back within _PROBE_SECONDS, or it reconnects: a probe that returns
-# proves notifications reach it end to end, which a `SELECT 1` would not behind a pooler
-# in transaction mode (where LISTEN stays on a server connection the client let go of).
+# How long one wait for notifications lasts. After a quiet one the listener has a probe
+# sent to itself from a second connection and expects it back within _PROBE_SECONDS, or it
+# reconnects: a probe that returns proves that another session's notifications reach it,
+# which a `SELECT 1` would not behind a pooler in transaction mode (where LISTEN stays on
+# a server connection the client let go of). Not from the listening connection itself: a
+# session's own notification comes back to it even there, when the pooler happens to hand
+# it the server connection that holds the LISTEN.
 _POLL_SECONDS = 5.0
 _PROBE_SECONDS = 5.0
 _PROBE = "probe:"  # a payload that empties nothing (the triggers' is empty)
@@ -125,11 +128,25 @@ class NotifiedCache:
     started by the first lookup.
     """
 
-    def __init__(self, *, alias: str, channel: str, max_entries: int = 10_000, max_age: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        alias: str,
+        channel: str,
+        max_entries: int = 10_000,
+        max_age: float = 300.0,
+        poll_seconds: float = _POLL_SECONDS,
+        probe_seconds: float = _PROBE_SECONDS,
+        connect: Callable[[str, str], psycopg.Connection] | None = None,
+    ) -> None:
         self.alias = alias
         self.channel = channel
         self.max_entries = max_entries
         self.max_age = max_age
+        self.poll_seconds = poll_seconds
+        self.probe_seconds = probe_seconds
+        # How the listener connects (alias, channel): tests give a connection of their own.
+        self.connect = connect or listen_connection
         self._lock = threading.Lock()
         self._entries: dict[Any, tuple[float, Any]] = {}
         self._generation = 0
@@ -214,18 +231,18 @@ class NotifiedCache:
             self._entries.clear()
             self._generation += 1
             self._live = False
-            self._listener = _Listener(self, connect=lambda: _listen_connection(self.alias, self.channel))
+            self._listener = _Listener(self, connect=lambda: self.connect(self.alias, self.channel))
             self._listener.start()
 
 
-def _listen_connection(alias: str, channel: str) -> psycopg.Connection:
+def listen_connection(alias: str, channel: str) -> psycopg.Connection:
     """A connection of its own to `alias` (the same server, database and role as the
-    process's), in autocommit, with keepalives."""
+    process's), in autocommit, with keepalives, named for `channel` and this process."""
     params = connections[alias].get_connection_params()
     for django_only in ("cursor_factory", "context", "prepare_threshold"):
         params.pop(django_only, None)
     # Named, so that an operator sees in pg_stat_activity what the idle session is.
-    params = {**_KEEPALIVES, **params, "application_name": f"cache listener: {channel}"}
+    params = {**_KEEPALIVES, **params, "application_name": f"cache listener: {channel} (pid {os.getpid()})"}
     return psycopg.connect(**params, autocommit=True)
 
 
@@ -244,7 +261,7 @@ class _Listener:
 
     def stop(self) -> None:
         """Ask the thread to stop, without waiting for it: it ends with its current wait
-        (at most _POLL_SECONDS), or as soon as its connection is closed, silently. What
+        (at most the cache's poll_seconds), or as soon as its connection is closed, silently. What
         it does until then no longer reaches the cache (NotifiedCache._listening)."""
         self._stopped.set()
 
@@ -252,14 +269,14 @@ class _Listener:
         failures = 0
         while not self._stopped.is_set():
             try:
-                with self._connect() as connection:
+                with self._connect() as connection, self._connect() as prober:
                     connection.execute(f"LISTEN {self.cache.channel}")
                     # Listening from here on (whatever commits later is notified), once
-                    # a probe shows that notifications do reach this connection.
-                    self._probe(connection)
+                    # a probe shows that other sessions' notifications reach this one.
+                    self._probe(connection, prober)
                     self.cache._listening(self, True)
                     failures = 0
-                    self._listen(connection)
+                    self._listen(connection, prober)
             except Exception as error:  # whatever it was, the cache is off until the listener is back
                 if not self._stopped.is_set():
                     log.warning(
@@ -272,28 +289,34 @@ class _Listener:
                 self.cache._listening(self, False)
             self._stopped.wait(_RECONNECT_SECONDS[min(failures, len(_RECONNECT_SECONDS)) - 1] if failures else 0)
 
-    def _listen(self, connection: psycopg.Connection) -> None:
+    def _listen(self, connection: psycopg.Connection, prober: psycopg.Connection) -> None:
         while not self._stopped.is_set():
-            if not self._receive(connection, _POLL_SECONDS, probe=None):
+            if not self._receive(connection, self.cache.poll_seconds, probe=None):
                 # A quiet spell: make sure that notifications still reach this connection.
-                self._probe(connection)
+                self._probe(connection, prober)
 
-    def _probe(self, connection: psycopg.Connection) -> None:
-        """Notify this listener's channel with a payload of its own, and raise unless it
-        comes back within _PROBE_SECONDS."""
+    def _probe(self, connection: psycopg.Connection, prober: psycopg.Connection) -> None:
+        """Notify this listener's channel from `prober` with a payload of its own, and
+        raise unless it reaches `connection` within the cache's probe_seconds."""
         probe = f"{_PROBE}{secrets.token_hex(8)}"
-        connection.execute("SELECT pg_notify(%s, %s)", [self.cache.channel, probe])
-        if not self._receive(connection, _PROBE_SECONDS, probe=probe):
-            raise TimeoutError("the listener's own probe did not come back")
+        prober.execute("SELECT pg_notify(%s, %s)", [self.cache.channel, probe])
+        if not self._receive(connection, self.cache.probe_seconds, probe=probe):
+            raise TimeoutError("the listener's probe did not come back")
 
     def _receive(self, connection: psycopg.Connection, timeout: float, *, probe: str | None) -> bool:
-        """Empty the cache on each notification for `timeout` seconds; whether one came
-        (with `probe`: whether the probe did, which ends the wait)."""
-        came = False
-        for notification in connection.notifies(timeout=timeout):
-            if not notification.payload.startswith(_PROBE):
-                self.cache.clear()
-                came = came or probe is None
-            elif notification.payload == probe:
-                return True
-        return came
+        """Empty the cache on each notification for `timeout` seconds, or until `probe`
+        comes; whether one came (with `probe`: whether the probe did).
+
+        Each wait ends on its own (`stop_after`), never by leaving the loop early: psycopg
+        drops the notifications of the same read that a closed generator had not yet
+        yielded, and one of them could be a change."""
+        deadline = time.monotonic() + timeout
+        came = heard = False
+        while not heard and (left := deadline - time.monotonic()) > 0:
+            for notification in connection.notifies(timeout=left, stop_after=1):
+                if not notification.payload.startswith(_PROBE):
+                    self.cache.clear()
+                    came = True
+                elif notification.payload == probe:
+                    heard = True
+        return heard if probe is not None else came
