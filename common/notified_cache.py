@@ -105,6 +105,9 @@ def notify_trigger(*, table: str, channel: str, columns: Iterable[str] | None, n
     return migrations.RunSQL(sql=tuple(create), reverse_sql=tuple(drop))
 
 
+_CACHES: "list[NotifiedCache]" = []
+
+
 def stop_listeners() -> None:
     """Stop every cache's listener in this process: before the database it listens to is
     stopped (a script that started an embedded server), so that its loss is not reported."""
@@ -117,9 +120,6 @@ class Ticket:
     """What `lookup` saw: the generation a later `fill` must still find."""
 
     generation: int
-
-
-_CACHES: "list[NotifiedCache]" = []
 
 
 class NotifiedCache:
@@ -177,6 +177,18 @@ class NotifiedCache:
                 if entry is not None and now - entry[0] < self.max_age:
                     found[key] = entry[1]
             return found, Ticket(self._generation)
+
+    def get_many(self, keys: Iterable[Any], read: Callable[[list[Any]], dict[Any, Any]]) -> dict[Any, Any]:
+        """The rows of `keys` that exist: the cached ones, and the others as `read(missing)`
+        returns them from the database (by key; an absent row is simply left out), kept
+        for the next reads. The ticket is taken before `read` runs (module docstring)."""
+        keys = list(keys)
+        rows, ticket = self.lookup(keys)
+        if missing := [key for key in keys if key not in rows]:
+            fetched = read(missing)
+            self.fill(ticket, fetched)
+            rows.update(fetched)
+        return rows
 
     def fill(self, ticket: Ticket | None, rows: dict[Any, Any]) -> bool:
         """Keep `rows` (read from the database after `lookup` gave `ticket`) unless a

@@ -7,6 +7,7 @@ request is one indexed lookup (digest, with the user joined), as DRF's own token
 import functools
 import secrets
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -23,9 +24,8 @@ from .sql import prepared
 
 # The rows `_token_with_user` read, by digest, until a token or a user changes or goes
 # (common/migrations/0003_api_token_notify.py): revoking a token, or deactivating its
-# user, reaches every process's cache when it commits.
-# A minute at most, whatever happens to the listener: the bound on a revoke's delay if its
-# connection hangs unnoticed.
+# user, reaches every process's cache when it commits. A minute at most, whatever happens
+# to the listener: the bound on a revoke's delay if its connection hangs unnoticed.
 TOKENS = NotifiedCache(alias="default", channel="api_tokens", max_age=60.0)
 
 
@@ -74,15 +74,16 @@ def _token_with_user(digest: str) -> ApiToken | None:
     """
     alias = router.db_for_read(ApiToken)
     statement, token_fields, user_fields = _token_query(alias)
-    cached, ticket = TOKENS.lookup([digest])
-    row = cached.get(digest)
-    if row is None:
+
+    def read(digests: list[str]) -> dict[str, Any]:
         with prepared(alias) as cursor:
-            cursor.execute(statement, [digest])
+            cursor.execute(statement, digests)
             row = cursor.fetchone()
-        if row is None:
-            return None
-        TOKENS.fill(ticket, {digest: row})
+        return {} if row is None else {digests[0]: row}
+
+    row = TOKENS.get_many([digest], read).get(digest)
+    if row is None:
+        return None
     split = len(token_fields)
     token = from_row(ApiToken, token_fields, row[:split], alias)
     token.user = from_row(get_user_model(), user_fields, row[split:], alias)

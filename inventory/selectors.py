@@ -32,14 +32,13 @@ def product_prices(*, skus: Iterable[str]) -> dict[str, Product]:
     transaction, always from the database. A price read here is a quote, not a promise:
     the reserve step holds stock only at the quoted price (price_changed otherwise).
     """
-    skus = list(skus)
-    rows, ticket = CATALOGUE.lookup(skus)
-    if missing := [sku for sku in skus if sku not in rows]:
+
+    def read(missing: list[str]) -> dict[str, Any]:
         with prepared(DB) as cursor:
             cursor.execute(_PRICES, [missing])
-            read = {row[1]: row for row in cursor.fetchall()}
-        CATALOGUE.fill(ticket, read)
-        rows.update(read)
+            return {row[1]: row for row in cursor.fetchall()}
+
+    rows = CATALOGUE.get_many(skus, read)
     return {sku: Product.from_db(DB, _PRICE_FIELDS, row) for sku, row in rows.items()}
 
 
