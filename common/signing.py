@@ -34,12 +34,21 @@ step is a duplicate, idempotent by that key.
 Authorities expire after SAGA_MESSAGE_MAX_AGE: a message refused as too old is ignored by
 the coordinator, whose sweeper re-publishes the step with a fresh authority.
 
+**Compact tokens.** A token carries only what its verifier cannot work out from the message
+itself. What it can (the saga id and the digest of the context it receives, a failure's
+task id) is bound into the signature's salt (`_bound`): a token minted for another saga or
+another context fails its signature, as an altered one does. Every hop of a chain carries
+the authorities of the steps still ahead, and every context a seal, each encoded, decoded
+and copied again at every hop: with the whole claim in each token, a forward chain's first
+message was 5,252 bytes, now 3,688 (docs/DECISIONS.md).
+
 Whoever holds SECRET_KEY can sign; every process of this system does. What this stops is
 a foothold without it: a Flower login (its API sends any task by name), a captured or
 logged message, the logs. Full protection against someone who can both read and write the
 broker is Celery's message signing (celery.security).
 """
 
+import base64
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -73,14 +82,21 @@ class Authority:
 
 
 def context_digest(ctx: Mapping[str, Any]) -> str:
-    """sha256 of the context's canonical JSON, without its seal. A value kombu's JSON
+    """sha256 of the context's canonical JSON, without its seal (unpadded base64url). A value kombu's JSON
     decodes into an object (a Decimal, a UUID, a datetime) counts as its string."""
     body = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
     try:
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
     except (TypeError, ValueError):
         raise InvalidMessage("the saga context is not plain JSON") from None
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # base64, not hex: a seal carries it at every hop.
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+
+
+def _bound(salt: str, *known: Any) -> str:
+    """`salt` binding what the verifier knows without reading it from the token: a token
+    signed for other values fails its signature. JSON keeps the values apart."""
+    return f"{salt}:{json.dumps([str(value) for value in known], separators=(',', ':'))}"
 
 
 def authority_mint(
@@ -95,107 +111,117 @@ def authority_mint(
     digest: str | None = None,
 ) -> str:
     """The coordinator's authority for one step of a chain starting from `context`
-    (`digest`: its `context_digest`, if the caller has it already)."""
-    claim = {
-        "saga": str(saga_id),
-        "step": step,
-        "task": task,
-        "phase": phase,
-        "gen": generation,
-        "ctx": digest if digest is not None else context_digest(context),
-        "after": after,
-    }
-    return signing.dumps(claim, salt=_AUTHORITY_SALT)
+    (`digest`: its `context_digest`, if the caller has it already).
+
+    The saga id and the context's digest are bound, not carried: the first step digests
+    the context it receives, every later one takes the digest from the seal of the output
+    it receives (`authority_verify`)."""
+    digest = digest if digest is not None else context_digest(context)
+    return signing.dumps([step, task, phase, generation, after], salt=_bound(_AUTHORITY_SALT, saga_id, digest))
 
 
-def _loads(token: Any, salt: str, what: str) -> dict[str, Any]:
+def _loads(token: Any, salt: str, what: str, refused: str = "forged or altered") -> Any:
+    """The signed value of `token`, or InvalidMessage saying why not (`refused`: what a
+    bad signature may mean, where the salt binds what the message carries)."""
     if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN:
         raise InvalidMessage(f"no {what}: not published by the saga coordinator")
     try:
-        claim = signing.loads(token, salt=salt, max_age=settings.SAGA_MESSAGE_MAX_AGE)
+        return signing.loads(token, salt=salt, max_age=settings.SAGA_MESSAGE_MAX_AGE)
     except signing.SignatureExpired:
         raise InvalidMessage(f"the {what} has expired; the coordinator re-publishes what is still due") from None
     except (signing.BadSignature, ValueError, TypeError):
-        raise InvalidMessage(f"bad {what}: forged or altered") from None
-    if not isinstance(claim, dict):
-        raise InvalidMessage(f"bad {what}: forged or altered")
-    return claim
+        raise InvalidMessage(f"bad {what}: {refused}") from None
 
 
 def authority_verify(token: Any, *, task: str, ctx: Mapping[str, Any]) -> Authority:
     """Raise InvalidMessage unless `token` authorises `task` to act on `ctx`.
 
     `ctx` must be the coordinator's context itself (the chain's first step) or sealed by
-    the step the authority names as the one before (seal_verify)."""
-    claim = _loads(token, _AUTHORITY_SALT, "step authority")
+    the step the authority names as the one before (seal_verify). The seal, if `ctx` has
+    one, is checked first: it names the coordinator context's digest the authority is
+    bound to."""
+    saga_id = str(ctx.get("saga_id"))
+    sealed_by = seal_verify(ctx) if SEAL_FIELD in ctx else None
+    digest = sealed_by.context if sealed_by else context_digest(ctx)
+    claim = _loads(
+        token,
+        _bound(_AUTHORITY_SALT, saga_id, digest),
+        "step authority",
+        f"forged or altered, or not for saga {saga_id[:64]} and this context "
+        + ("(its seal is not from this saga's chain)" if sealed_by else "(not the one the coordinator signed)"),
+    )
     try:
+        step, signed_task, phase, generation, after = claim
         authority = Authority(
-            saga_id=str(claim["saga"]),
-            step=str(claim["step"]),
-            task=str(claim["task"]),
-            phase=str(claim["phase"]),
-            generation=int(claim["gen"]),
-            context=str(claim["ctx"]),
-            after=str(claim["after"]),
+            saga_id=saga_id,
+            step=str(step),
+            task=str(signed_task),
+            phase=str(phase),
+            generation=int(generation),
+            context=digest,
+            after=str(after),
         )
-    except (KeyError, TypeError, ValueError):
+    except (TypeError, ValueError):
         raise InvalidMessage("bad step authority: forged or altered") from None
     if authority.task != task:
         raise InvalidMessage(
             f"the message authorises {authority.task} ({authority.phase} step {authority.step}), not {task}"
         )
-    if str(ctx.get("saga_id")) != authority.saga_id:
-        raise InvalidMessage(f"the message authorises saga {authority.saga_id}, not {str(ctx.get('saga_id'))[:64]!r}")
     if not authority.after:
-        if context_digest(ctx) != authority.context:
-            raise InvalidMessage(f"saga {authority.saga_id}: the context is not the one the coordinator signed")
+        if sealed_by:
+            raise InvalidMessage(
+                f"saga {saga_id}: the context is not the one the coordinator signed: it is the output of "
+                f"{sealed_by.step}, and {authority.step} starts its chain"
+            )
         return authority
-    seal = seal_verify(ctx)
-    if (seal.saga_id, seal.step, seal.phase, seal.generation, seal.context) != (
-        authority.saga_id,
+    if sealed_by is None:
+        raise InvalidMessage(f"no step output seal: {authority.step} takes the output of {authority.after}")
+    if (sealed_by.step, sealed_by.phase, sealed_by.generation) != (
         authority.after,
         authority.phase,
         authority.generation,
-        authority.context,
     ):
         raise InvalidMessage(
-            f"saga {authority.saga_id}: {authority.step} takes the output of {authority.after} "
+            f"saga {saga_id}: {authority.step} takes the output of {authority.after} "
             f"({authority.phase}, generation {authority.generation}), not this one"
         )
     return authority
 
 
 def seal(ctx: Mapping[str, Any], authority: Authority) -> dict[str, Any]:
-    """`ctx` (the context a step returns) sealed as the output of `authority`'s step."""
+    """`ctx` (the context a step returns) sealed as the output of `authority`'s step.
+
+    The saga id and the digest of the output are bound, not carried (`seal_verify` works
+    them out from the output itself); the coordinator context's digest is carried, for the
+    next step's authority."""
     body = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
-    claim = {
-        "saga": authority.saga_id,
-        "step": authority.step,
-        "phase": authority.phase,
-        "gen": authority.generation,
-        "ctx": authority.context,
-        "body": context_digest(body),
-    }
-    return {**body, SEAL_FIELD: signing.dumps(claim, salt=_SEAL_SALT)}
+    claim = [authority.step, authority.phase, authority.generation, authority.context]
+    salt = _bound(_SEAL_SALT, body.get("saga_id"), context_digest(body))
+    return {**body, SEAL_FIELD: signing.dumps(claim, salt=salt)}
 
 
 def seal_verify(ctx: Mapping[str, Any]) -> Authority:
-    """The authority whose step sealed `ctx`, with `after` empty; InvalidMessage if `ctx`
-    is not exactly what that step returned."""
-    claim = _loads(ctx.get(SEAL_FIELD), _SEAL_SALT, "step output seal")
-    if claim.get("body") != context_digest(ctx):
-        raise InvalidMessage(f"saga {str(claim.get('saga'))[:64]}: the step output was altered after its step")
+    """The authority whose step sealed `ctx`, with `task` and `after` empty; InvalidMessage
+    if `ctx` is not exactly what that step returned."""
+    saga_id = str(ctx.get("saga_id"))
+    claim = _loads(
+        ctx.get(SEAL_FIELD),
+        _bound(_SEAL_SALT, saga_id, context_digest(ctx)),
+        "step output seal",
+        f"forged, or the step output of saga {saga_id[:64]} was altered after its step",
+    )
     try:
+        step, phase, generation, context = claim
         return Authority(
-            saga_id=str(claim["saga"]),
-            step=str(claim["step"]),
+            saga_id=saga_id,
+            step=str(step),
             task="",
-            phase=str(claim["phase"]),
-            generation=int(claim["gen"]),
-            context=str(claim["ctx"]),
+            phase=str(phase),
+            generation=int(generation),
+            context=str(context),
             after="",
         )
-    except (KeyError, TypeError, ValueError):
+    except (TypeError, ValueError):
         raise InvalidMessage("bad step output seal: forged or altered") from None
 
 
@@ -211,20 +237,20 @@ _REPORT_SALT = "saga.failure-report"
 
 
 def failure_report_mint(*, saga_id: Any, step: str, task_id: str) -> str:
-    """The coordinator's authority for the failure report of `step`'s task `task_id`."""
-    return signing.dumps({"saga": str(saga_id), "step": step, "task_id": task_id}, salt=_REPORT_SALT)
+    """The coordinator's authority for the failure report of `step`'s task `task_id`:
+    everything it covers is bound, so it carries only its time and signature."""
+    return signing.dumps(1, salt=_bound(_REPORT_SALT, saga_id, step, task_id))
 
 
 def failure_report_verify(token: Any, *, saga_id: Any, step: str, task_id: str) -> None:
     """Raise InvalidMessage unless `token` authorises reporting the failure of `task_id` as
     `step` of saga `saga_id`."""
-    claim = _loads(token, _REPORT_SALT, "failure report authority")
-    named = (claim.get("saga"), claim.get("step"), claim.get("task_id"))
-    if named != (str(saga_id), step, task_id):
-        raise InvalidMessage(
-            f"the failure report authorises task {str(named[2])[:80]!r} of saga {str(named[0])[:64]} "
-            f"({str(named[1])[:64]}), not {str(task_id)[:80]!r} of saga {str(saga_id)[:64]} ({str(step)[:64]})"
-        )
+    _loads(
+        token,
+        _bound(_REPORT_SALT, saga_id, step, task_id),
+        "failure report authority",
+        f"forged, or not minted for task {str(task_id)[:80]!r} of saga {str(saga_id)[:64]} ({str(step)[:64]})",
+    )
 
 
 # --- A failure as its step saw it -------------------------------------------------------
@@ -242,17 +268,16 @@ FAILURE_SEAL_FIELD = "_failure_seal"
 
 def failure_seal(*, saga_id: Any, step: str, task_id: str, error_type: str) -> str:
     """A participant's seal over the type of the error its step `task_id` failed with."""
-    claim = {"saga": str(saga_id), "step": step, "task_id": task_id, "type": error_type}
-    return signing.dumps(claim, salt=_FAILURE_SALT)
+    return signing.dumps(1, salt=_bound(_FAILURE_SALT, saga_id, step, task_id, error_type))
 
 
 def failure_seal_valid(token: Any, *, saga_id: Any, step: str, task_id: str, error_type: str) -> bool:
     """Whether `token` is the participant's seal over exactly this failure."""
     try:
-        claim = _loads(token, _FAILURE_SALT, "failure seal")
+        _loads(token, _bound(_FAILURE_SALT, saga_id, step, task_id, error_type), "failure seal")
     except InvalidMessage:
         return False
-    return claim == {"saga": str(saga_id), "step": step, "task_id": task_id, "type": error_type}
+    return True
 
 
 # --- Batches: one message for many sagas (saga.settlement) -------------------------------

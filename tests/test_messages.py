@@ -169,7 +169,7 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
             (task, queue, [ctx], other_phase_kwargs, InvalidMessage, f"not {task}"),
             # Its own authority, with more of the product ordered, or another saga's context.
             (task, queue, [{**ctx, "items": [{"sku": sku, "quantity": 5}]}], own_kwargs, InvalidMessage, "not the one"),
-            (task, queue, [dict(real.context)], own_kwargs, InvalidMessage, "authorises saga"),
+            (task, queue, [dict(real.context)], own_kwargs, InvalidMessage, "not for saga"),
         ]
     base = {**held.context, "amount": "10.00", "outcome": "confirmed"}
 

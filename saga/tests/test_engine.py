@@ -4,6 +4,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from django.core import signing
 from kombu.utils import json as kombu_json
 
 from common.exceptions import InvalidMessage
@@ -227,7 +228,8 @@ def test_a_step_takes_only_the_output_of_the_step_before_it_in_the_same_chain() 
         ("inventory.reserve", lambda ctx: {**ctx, "items": {1, 2}}, "not the one"),
         ("inventory.reserve", lambda ctx: {**ctx, "amount": float("nan")}, "plain JSON"),
         ("payments.charge", lambda ctx: {**ctx, "amount": "0.01"}, "altered"),
-        ("payments.charge", lambda ctx: {k: v for k, v in ctx.items() if k != SEAL_FIELD}, "no step output seal"),
+        # Without its seal, the output names no coordinator context the authority is bound to.
+        ("payments.charge", lambda ctx: {k: v for k, v in ctx.items() if k != SEAL_FIELD}, "bad step authority"),
         ("payments.charge", lambda ctx: {**ctx, SEAL_FIELD: "x" * 60}, "bad step output seal"),
         ("notifications.notify", lambda ctx: {**ctx, "outcome": "cancelled"}, "altered"),
     ],
@@ -300,3 +302,18 @@ def test_the_context_is_signed_as_participants_receive_it() -> None:
     authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx=received)
     with pytest.raises(InvalidMessage, match="not the one"):
         authority_verify(sig.kwargs[AUTHORITY_KWARG], task="inventory.reserve", ctx={**received, "total": "0.01"})
+
+
+def test_tokens_carry_only_what_the_verifier_cannot_work_out() -> None:
+    # The saga id and the context's digest are bound into the signature, not written into
+    # the token: each hop carries the authorities ahead and a seal (docs/DECISIONS.md).
+    ctx, kwargs = chain_messages(PLACE_ORDER.steps)["orders.confirm"]
+    digest = context_digest(CONTEXT)
+    tokens = [kwargs[AUTHORITY_KWARG], ctx[SEAL_FIELD]]
+    canvas = build_chain(PLACE_ORDER.steps, saga_id=SAGA_ID, generation=1, phase="forward", context=CONTEXT)
+    tokens += [sig.options["link_error"][0]["kwargs"][AUTHORITY_KWARG] for sig in canvas.tasks]
+    for token in tokens:
+        value = signing.b64_decode(token.split(":")[0].encode()).decode()
+        assert str(SAGA_ID) not in value
+        assert len(token) < 170, token
+    assert digest not in signing.b64_decode(kwargs[AUTHORITY_KWARG].split(":")[0].encode()).decode()
