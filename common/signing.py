@@ -113,11 +113,14 @@ def authority_mint(
     """The coordinator's authority for one step of a chain starting from `context`
     (`digest`: its `context_digest`, if the caller has it already).
 
-    The saga id and the context's digest are bound, not carried: the first step digests
-    the context it receives, every later one takes the digest from the seal of the output
-    it receives (`authority_verify`)."""
+    Bound, not carried: the saga id, the context's digest and the step whose output this
+    one takes (`after`). The first step digests the context it receives; every later one
+    takes the digest and the step from the seal of the output it receives
+    (`authority_verify`). So an authority verifies only over an input of the kind it was
+    minted for: a later step's never over the coordinator's raw context, the first step's
+    never over a step's output."""
     digest = digest if digest is not None else context_digest(context)
-    return signing.dumps([step, task, phase, generation, after], salt=_bound(_AUTHORITY_SALT, saga_id, digest))
+    return signing.dumps([step, task, phase, generation], salt=_bound(_AUTHORITY_SALT, saga_id, digest, after))
 
 
 def _loads(token: Any, salt: str, what: str, refused: str = "forged or altered") -> Any:
@@ -137,21 +140,25 @@ def authority_verify(token: Any, *, task: str, ctx: Mapping[str, Any]) -> Author
     """Raise InvalidMessage unless `token` authorises `task` to act on `ctx`.
 
     `ctx` must be the coordinator's context itself (the chain's first step) or sealed by
-    the step the authority names as the one before (seal_verify). The seal, if `ctx` has
-    one, is checked first: it names the coordinator context's digest the authority is
-    bound to."""
+    the step the authority names as the one before, in the same phase and generation. The
+    seal, if `ctx` has one, is checked first: it names the coordinator context's digest
+    and the step the authority must have been minted to follow."""
     saga_id = str(ctx.get("saga_id"))
     sealed_by = seal_verify(ctx) if SEAL_FIELD in ctx else None
-    digest = sealed_by.context if sealed_by else context_digest(ctx)
-    claim = _loads(
-        token,
-        _bound(_AUTHORITY_SALT, saga_id, digest),
-        "step authority",
-        f"forged or altered, or not for saga {saga_id[:64]} and this context "
-        + ("(its seal is not from this saga's chain)" if sealed_by else "(not the one the coordinator signed)"),
-    )
+    digest, after = (sealed_by.context, sealed_by.step) if sealed_by else (context_digest(ctx), "")
+    if sealed_by:
+        refused = (
+            f"forged or altered, or not for saga {saga_id[:64]!r} and this input: the output of {after} "
+            f"({sealed_by.phase}, generation {sealed_by.generation}) is not the one it was signed for"
+        )
+    else:
+        refused = (
+            f"forged or altered, or not for saga {saga_id[:64]!r} and this context: not the one the coordinator "
+            "signed (or a step's output without its seal)"
+        )
+    claim = _loads(token, _bound(_AUTHORITY_SALT, saga_id, digest, after), "step authority", refused)
     try:
-        step, signed_task, phase, generation, after = claim
+        step, signed_task, phase, generation = claim
         authority = Authority(
             saga_id=saga_id,
             step=str(step),
@@ -159,7 +166,7 @@ def authority_verify(token: Any, *, task: str, ctx: Mapping[str, Any]) -> Author
             phase=str(phase),
             generation=int(generation),
             context=digest,
-            after=str(after),
+            after=after,
         )
     except (TypeError, ValueError):
         raise InvalidMessage("bad step authority: forged or altered") from None
@@ -167,22 +174,9 @@ def authority_verify(token: Any, *, task: str, ctx: Mapping[str, Any]) -> Author
         raise InvalidMessage(
             f"the message authorises {authority.task} ({authority.phase} step {authority.step}), not {task}"
         )
-    if not authority.after:
-        if sealed_by:
-            raise InvalidMessage(
-                f"saga {saga_id}: the context is not the one the coordinator signed: it is the output of "
-                f"{sealed_by.step}, and {authority.step} starts its chain"
-            )
-        return authority
-    if sealed_by is None:
-        raise InvalidMessage(f"no step output seal: {authority.step} takes the output of {authority.after}")
-    if (sealed_by.step, sealed_by.phase, sealed_by.generation) != (
-        authority.after,
-        authority.phase,
-        authority.generation,
-    ):
+    if sealed_by and (sealed_by.phase, sealed_by.generation) != (authority.phase, authority.generation):
         raise InvalidMessage(
-            f"saga {saga_id}: {authority.step} takes the output of {authority.after} "
+            f"saga {saga_id}: {authority.step} takes the output of {after} "
             f"({authority.phase}, generation {authority.generation}), not this one"
         )
     return authority
@@ -195,8 +189,10 @@ def seal(ctx: Mapping[str, Any], authority: Authority) -> dict[str, Any]:
     them out from the output itself); the coordinator context's digest is carried, for the
     next step's authority."""
     body = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
+    if str(body.get("saga_id")) != authority.saga_id:
+        raise InvalidMessage(f"{authority.step}: a step's output may not change its saga id")
     claim = [authority.step, authority.phase, authority.generation, authority.context]
-    salt = _bound(_SEAL_SALT, body.get("saga_id"), context_digest(body))
+    salt = _bound(_SEAL_SALT, authority.saga_id, context_digest(body))
     return {**body, SEAL_FIELD: signing.dumps(claim, salt=salt)}
 
 
@@ -208,7 +204,7 @@ def seal_verify(ctx: Mapping[str, Any]) -> Authority:
         ctx.get(SEAL_FIELD),
         _bound(_SEAL_SALT, saga_id, context_digest(ctx)),
         "step output seal",
-        f"forged, or the step output of saga {saga_id[:64]} was altered after its step",
+        f"forged, or the step output of saga {saga_id[:64]!r} was altered after its step",
     )
     try:
         step, phase, generation, context = claim

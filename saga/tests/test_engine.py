@@ -216,6 +216,17 @@ def test_a_step_takes_only_the_output_of_the_step_before_it_in_the_same_chain() 
     _refused("payments.charge", other_generation["payments.charge"][0], forward["payments.charge"][1], "output of")
     # The first step of a chain given a sealed output instead of the coordinator's context.
     _refused("inventory.reserve", forward["payments.charge"][0], forward["inventory.reserve"][1], "not the one")
+    # A later step given the coordinator's raw context (the first message carries it, and
+    # the authorities of every later step): its authority is bound to a step's output.
+    for task in ("payments.charge", "orders.confirm", "notifications.notify"):
+        _refused(task, forward["inventory.reserve"][0], forward[task][1], "bad step authority")
+
+
+def test_a_step_output_keeps_its_saga_id() -> None:
+    ctx, kwargs = chain_messages(PLACE_ORDER.steps)["payments.charge"]
+    authority = authority_verify(kwargs[AUTHORITY_KWARG], task="payments.charge", ctx=ctx)
+    with pytest.raises(InvalidMessage, match="saga id"):
+        seal({**ctx, "saga_id": str(uuid.uuid4())}, authority)
 
 
 @pytest.mark.parametrize(
