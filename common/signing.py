@@ -35,9 +35,10 @@ Authorities expire after SAGA_MESSAGE_MAX_AGE: a message refused as too old is i
 the coordinator, whose sweeper re-publishes the step with a fresh authority.
 
 **Compact tokens.** A token carries only what its verifier cannot work out from the message
-itself. What it can (the saga id and the digest of the context it receives, a failure's
-task id) is bound into the signature's salt (`_bound`): a token minted for another saga or
-another context fails its signature, as an altered one does. Every hop of a chain carries
+itself. What it can (the saga id, the digest of the context it receives and, from that
+context's seal, the step it follows; a failure's task id) is bound into the signature's
+salt (`_bound`): a token minted for another saga, context or place in the chain fails its
+signature, as an altered one does. Every hop of a chain carries
 the authorities of the steps still ahead, and every context a seal, each encoded, decoded
 and copied again at every hop: with the whole claim in each token, a forward chain's first
 message was 5,252 bytes, now 3,688 (docs/DECISIONS.md).
