@@ -38,10 +38,9 @@ the coordinator, whose sweeper re-publishes the step with a fresh authority.
 itself. What it can (the saga id, the digest of the context it receives and, from that
 context's seal, the step it follows; a failure's task id) is bound into the signature's
 salt (`_bound`): a token minted for another saga, context or place in the chain fails its
-signature, as an altered one does. Every hop of a chain carries
-the authorities of the steps still ahead, and every context a seal, each encoded, decoded
-and copied again at every hop: with the whole claim in each token, a forward chain's first
-message was 5,252 bytes, now 3,688 (docs/DECISIONS.md).
+signature, as an altered one does. Every hop of a chain carries the authorities of the
+steps still ahead, and every context a seal: with the whole claim in each token, a
+forward chain's first message was 5,252 bytes, now 3,688 (docs/DECISIONS.md).
 
 Whoever holds SECRET_KEY can sign; every process of this system does. What this stops is
 a foothold without it: a Flower login (its API sends any task by name), a captured or
@@ -52,7 +51,7 @@ broker is Celery's message signing (celery.security).
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +82,9 @@ class Authority:
 
 
 def context_digest(ctx: Mapping[str, Any]) -> str:
-    """sha256 of the context's canonical JSON, without its seal (unpadded base64url). A value kombu's JSON
-    decodes into an object (a Decimal, a UUID, a datetime) counts as its string."""
+    """sha256 of the context's canonical JSON, without its seal, as unpadded base64url. A
+    value kombu's JSON decodes into an object (a Decimal, a UUID, a datetime) counts as
+    its string."""
     body = {k: v for k, v in ctx.items() if k != SEAL_FIELD}
     try:
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
@@ -124,9 +124,10 @@ def authority_mint(
     return signing.dumps([step, task, phase, generation], salt=_bound(_AUTHORITY_SALT, saga_id, digest, after))
 
 
-def _loads(token: Any, salt: str, what: str, refused: str = "forged or altered") -> Any:
+def _loads(token: Any, salt: str, what: str, refused: Callable[[], str] | None = None) -> Any:
     """The signed value of `token`, or InvalidMessage saying why not (`refused`: what a
-    bad signature may mean, where the salt binds what the message carries)."""
+    bad signature may mean, where the salt binds what the message carries; worked out
+    only then, off the path every step takes)."""
     if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN:
         raise InvalidMessage(f"no {what}: not published by the saga coordinator")
     try:
@@ -134,7 +135,7 @@ def _loads(token: Any, salt: str, what: str, refused: str = "forged or altered")
     except signing.SignatureExpired:
         raise InvalidMessage(f"the {what} has expired; the coordinator re-publishes what is still due") from None
     except (signing.BadSignature, ValueError, TypeError):
-        raise InvalidMessage(f"bad {what}: {refused}") from None
+        raise InvalidMessage(f"bad {what}: {refused() if refused else 'forged or altered'}") from None
 
 
 def authority_verify(token: Any, *, task: str, ctx: Mapping[str, Any]) -> Authority:
@@ -147,16 +148,18 @@ def authority_verify(token: Any, *, task: str, ctx: Mapping[str, Any]) -> Author
     saga_id = str(ctx.get("saga_id"))
     sealed_by = seal_verify(ctx) if SEAL_FIELD in ctx else None
     digest, after = (sealed_by.context, sealed_by.step) if sealed_by else (context_digest(ctx), "")
-    if sealed_by:
-        refused = (
-            f"forged or altered, or not for saga {saga_id[:64]!r} and this input: the output of {after} "
-            f"({sealed_by.phase}, generation {sealed_by.generation}) is not the one it was signed for"
-        )
-    else:
-        refused = (
+
+    def refused() -> str:
+        if sealed_by:
+            return (
+                f"forged or altered, or not for saga {saga_id[:64]!r} and this input: the output of {after} "
+                f"({sealed_by.phase}, generation {sealed_by.generation}) is not the one it was signed for"
+            )
+        return (
             f"forged or altered, or not for saga {saga_id[:64]!r} and this context: not the one the coordinator "
             "signed (or a step's output without its seal)"
         )
+
     claim = _loads(token, _bound(_AUTHORITY_SALT, saga_id, digest, after), "step authority", refused)
     try:
         step, signed_task, phase, generation = claim
@@ -205,7 +208,7 @@ def seal_verify(ctx: Mapping[str, Any]) -> Authority:
         ctx.get(SEAL_FIELD),
         _bound(_SEAL_SALT, saga_id, context_digest(ctx)),
         "step output seal",
-        f"forged, or the step output of saga {saga_id[:64]!r} was altered after its step",
+        lambda: f"forged, or the step output of saga {saga_id[:64]!r} was altered after its step",
     )
     try:
         step, phase, generation, context = claim
@@ -246,7 +249,7 @@ def failure_report_verify(token: Any, *, saga_id: Any, step: str, task_id: str) 
         token,
         _bound(_REPORT_SALT, saga_id, step, task_id),
         "failure report authority",
-        f"forged, or not minted for task {str(task_id)[:80]!r} of saga {str(saga_id)[:64]} ({str(step)[:64]})",
+        lambda: f"forged, or not minted for task {str(task_id)[:80]!r} of saga {str(saga_id)[:64]} ({str(step)[:64]})",
     )
 
 
