@@ -253,8 +253,10 @@ def work_counters(env: dict[str, str], broker: str, *, poll_alias: str) -> WorkC
 
 
 class WorkCounters:
-    """What a phase cost the servers: transactions per service database (PostgreSQL's
-    pg_stat_database) and, on Redis, broker commands by name (INFO commandstats).
+    """What a phase cost the servers: transactions and rows written per service database
+    (PostgreSQL's pg_stat_database), the WAL PostgreSQL wrote (pg_stat_wal, server-wide:
+    autovacuum's and the checkpointer's records count too) and, on Redis, broker commands
+    by name (INFO commandstats).
 
     Server-wide counters: they count everything on those databases and that Redis server,
     which is why make bench runs on databases and a Redis database of its own and refuses
@@ -278,12 +280,23 @@ class WorkCounters:
         # Read from the maintenance database, so this reading adds nothing to those it counts.
         with psycopg.connect(self.admin_url, dbname="postgres", autocommit=True) as conn:
             rows = conn.execute(
-                "SELECT datname, xact_commit + xact_rollback FROM pg_stat_database WHERE datname = ANY(%s)",
+                "SELECT datname, xact_commit + xact_rollback, tup_inserted + tup_updated + tup_deleted "
+                "FROM pg_stat_database WHERE datname = ANY(%s)",
                 [list(self.databases.values())],
             ).fetchall()
-        by_name = dict(rows)
+            # pg_stat_wal is PostgreSQL 14's: an older external server reports no WAL.
+            wal = (
+                conn.execute("SELECT wal_bytes, wal_records FROM pg_stat_wal").fetchone()
+                if conn.info.server_version >= 140000
+                else None
+            )
+        by_name = {name: (transactions, written) for name, transactions, written in rows}
         for alias, name in self.databases.items():
-            out[f"transactions.{alias}"] = float(by_name.get(name, 0))
+            transactions, written = by_name.get(name, (0, 0))
+            out[f"transactions.{alias}"] = float(transactions)
+            out[f"rows.{alias}"] = float(written)
+        if wal is not None:
+            out["wal.bytes"], out["wal.records"] = float(wal[0]), float(wal[1])
         if self.redis_url:
             import redis
 
@@ -309,13 +322,19 @@ class WorkCounters:
 
     @staticmethod
     def per_saga(work: dict[str, float], sagas: int) -> dict[str, Any]:
-        """Transactions per database and in all; broker commands in all and the busiest ones."""
+        """Transactions and rows written per database and in all; the WAL written (kB and
+        records); broker commands in all and the busiest ones."""
         n = max(sagas, 1)
         transactions = {
             k.split(".", 1)[1]: round(v / n, 2) for k, v in sorted(work.items()) if k.startswith("transactions.")
         }
         commands = {k.split(".", 1)[1]: v / n for k, v in work.items() if k.startswith("redis.") and v > 0}
+        rows = {k.split(".", 1)[1]: round(v / n, 1) for k, v in sorted(work.items()) if k.startswith("rows.")}
         out: dict[str, Any] = {"transactions": {**transactions, "total": round(sum(transactions.values()), 2)}}
+        if rows:
+            out["rows_written"] = {**rows, "total": round(sum(rows.values()), 1)}
+        if "wal.bytes" in work:
+            out["wal"] = {"kb": round(work["wal.bytes"] / n / 1024, 1), "records": round(work["wal.records"] / n, 1)}
         if commands:
             busiest = dict(sorted(commands.items(), key=lambda kv: -kv[1])[:8])
             out["redis_commands"] = {

@@ -79,6 +79,13 @@ def table(results: dict[str, Any]) -> str:
                     "  of which each main process (a worker's consumer), ms: "
                     + ", ".join(f"{k} {v:.1f}" for k, v in row["cpu_ms_per_saga_main_process"].items())
                 )
+            if work.get("rows_written"):
+                wal = work.get("wal")
+                lines.append(
+                    "  PostgreSQL rows written "
+                    + _counts(work["rows_written"])
+                    + (f"; WAL {wal['kb']} kB in {wal['records']} records" if wal else "")
+                )
             if work.get("redis_commands"):
                 lines.append("  Redis commands " + _counts(work["redis_commands"]))
     lines += same_rate_cpu(results)

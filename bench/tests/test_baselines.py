@@ -384,8 +384,9 @@ def test_the_bare_web_app_refuses_what_it_cannot_use(bare_system):
     assert requests.post(f"{base_url}/orders/", json={**good, "id": taken}, timeout=5).status_code == 409
 
 
-def test_work_counters_count_a_phases_transactions_and_broker_commands():
-    """What make bench reports as transactions and Redis commands per saga (bench.load.WorkCounters)."""
+def test_work_counters_count_a_phases_transactions_rows_wal_and_broker_commands():
+    """What make bench reports as transactions, rows written, WAL and Redis commands per saga
+    (bench.load.WorkCounters)."""
     import redis
 
     from bench.load import WorkCounters
@@ -402,6 +403,10 @@ def test_work_counters_count_a_phases_transactions_and_broker_commands():
     env = {"DATABASE_URL": f"{SERVER}/postgres", **{f"{a.upper()}_URL": f"{SERVER}/{n}" for a, n in names.items()}}
     aliases = {alias: f"{alias.upper()}_URL" for alias in names}
     counters = WorkCounters(env, aliases=aliases, poll_alias="payments", redis_url=BROKER_URL)
+    with psycopg.connect(env["ORDERS_URL"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE counted (id int PRIMARY KEY, note text)")
+    # Its catalog rows are published when its session ends: before the first reading.
+    wait_for(lambda: counters.sample()["rows.orders"] > 0, timeout=30, what="the table's creation to be counted")
     started = time.monotonic()
     before = counters.sample()
     # Five transactions on inventory, seven on payments of which two are the load
@@ -412,6 +417,12 @@ def test_work_counters_count_a_phases_transactions_and_broker_commands():
         with psycopg.connect(env[aliases[alias]], autocommit=True, prepare_threshold=None) as conn:
             for _ in range(count):
                 conn.execute("SELECT 1")
+    # Rows written on orders: four inserts, two updates and a delete, in one transaction of a
+    # session of its own (two transactions with its start-up). Each writes WAL.
+    with psycopg.connect(env["ORDERS_URL"], prepare_threshold=None) as conn:
+        conn.execute("INSERT INTO counted SELECT i, repeat('x', 1000) FROM generate_series(1, 4) AS i")
+        conn.execute("UPDATE counted SET note = 'y' WHERE id <= 2")
+        conn.execute("DELETE FROM counted WHERE id = 4")
     client = redis.Redis.from_url(BROKER_URL)
     for i in range(3):
         client.pfadd("bench-counters-test", i)
@@ -423,7 +434,8 @@ def test_work_counters_count_a_phases_transactions_and_broker_commands():
     def counted() -> dict[str, float] | None:
         after.update(counters.sample())
         delta = counters.delta(before, after, polls=2)
-        return delta if delta["transactions.inventory"] >= 6 and delta["transactions.payments"] >= 6 else None
+        published = delta["transactions.inventory"] >= 6 and delta["transactions.payments"] >= 6
+        return delta if published and delta["rows.orders"] >= 7 else None
 
     delta = wait_for(counted, timeout=30, what="the transactions to reach pg_stat_database")
     # Autovacuum visits each database that has seen activity once a naptime (5 s on the
@@ -434,7 +446,14 @@ def test_work_counters_count_a_phases_transactions_and_broker_commands():
     visits = 2 * (math.ceil((time.monotonic() - started) / float(naptime[0])) + 1)
     assert 5 + 1 <= delta["transactions.inventory"] <= 5 + 1 + visits
     assert 7 - 2 + 1 <= delta["transactions.payments"] <= 7 - 2 + 1 + visits
-    assert delta["transactions.orders"] == 0
+    # orders: the writing session's start-up and its transaction, and autovacuum's visits
+    # now that it saw activity. Its seven rows (and, for autovacuum's ANALYZE, a few of
+    # pg_statistic's); no rows written where only SELECTs ran.
+    assert 2 <= delta["transactions.orders"] <= 2 + visits
+    assert 7 <= delta["rows.orders"] <= 7 + 10 * visits
+    assert delta["rows.inventory"] <= 10 * visits and delta["rows.payments"] <= 10 * visits
+    # Server-wide: other tests' databases write WAL too. Ours alone is four rows of 1 kB.
+    assert delta["wal.bytes"] >= 4 * 1000 and delta["wal.records"] >= 7
     # The load generator's polls come off its database's count, and only off that one.
     unpolled = counters.delta(before, after, polls=0)
     assert unpolled["transactions.payments"] - delta["transactions.payments"] == 2
@@ -445,6 +464,11 @@ def test_work_counters_count_a_phases_transactions_and_broker_commands():
         alias: round(delta[f"transactions.{alias}"] / 3, 2) for alias in ("inventory", "orders", "payments")
     }
     assert per_saga["transactions"] == {**transactions, "total": round(sum(transactions.values()), 2)}
+    assert per_saga["rows_written"]["orders"] == round(delta["rows.orders"] / 3, 1)
+    assert per_saga["wal"] == {
+        "kb": round(delta["wal.bytes"] / 3 / 1024, 1),
+        "records": round(delta["wal.records"] / 3, 1),
+    }
     with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
         for name in names.values():
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
