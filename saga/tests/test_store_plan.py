@@ -64,3 +64,35 @@ def _numbered(sql: str) -> str:
     """`%s` placeholders as PostgreSQL's `$1`, `$2`, ... (what EXPLAIN (GENERIC_PLAN) takes)."""
     parts = sql.split("%s")
     return "".join(part + (f"${i + 1}" if i < len(parts) - 1 else "") for i, part in enumerate(parts))
+
+
+def test_analyze_skips_the_columns_no_plan_reads() -> None:
+    """Autovacuum's ANALYZE of the growing step table sorted every sampled JSON result and
+    task id (66 to 74 ms of CPU each time on 10,000 steps): the columns no statement filters,
+    joins or sorts on carry no statistics (saga migration 0012); those the store's statements
+    test keep theirs."""
+    with connections["orders"].cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname, a.attname, coalesce(a.attstattarget, -1) FROM pg_attribute AS a "
+            "JOIN pg_class AS c ON c.oid = a.attrelid "
+            "WHERE c.relname IN ('saga_sagastep', 'saga_sagainstance') AND a.attnum > 0 AND NOT a.attisdropped"
+        )
+        targets = {(table, column): target for table, column, target in cursor.fetchall()}
+    skipped = {column for (table, column), target in targets.items() if table == "saga_sagastep" and target == 0}
+    assert skipped == {
+        "result",
+        "celery_task_id",
+        "last_error",
+        "task_name",
+        "queued_at",
+        "finished_at",
+        "attempts",
+        "republished",
+    }
+    for kept in ("saga_id", "phase", "position", "name", "status", "deadline_at", "started_at", "worker"):
+        assert targets[("saga_sagastep", kept)] != 0, kept
+    assert {c for (t, c), target in targets.items() if t == "saga_sagainstance" and target == 0} == {
+        "context",
+        "trace_context",
+        "failure_reason",
+    }
