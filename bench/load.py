@@ -325,11 +325,14 @@ class WorkCounters:
         """Transactions and rows written per database and in all; the WAL written (kB and
         records); broker commands in all and the busiest ones."""
         n = max(sagas, 1)
-        transactions = {
-            k.split(".", 1)[1]: round(v / n, 2) for k, v in sorted(work.items()) if k.startswith("transactions.")
-        }
+
+        def by_database(counter: str, digits: int) -> dict[str, float]:
+            prefix = f"{counter}."
+            counted = sorted((k, v) for k, v in work.items() if k.startswith(prefix))
+            return {k.removeprefix(prefix): round(v / n, digits) for k, v in counted}
+
+        transactions, rows = by_database("transactions", 2), by_database("rows", 1)
         commands = {k.split(".", 1)[1]: v / n for k, v in work.items() if k.startswith("redis.") and v > 0}
-        rows = {k.split(".", 1)[1]: round(v / n, 1) for k, v in sorted(work.items()) if k.startswith("rows.")}
         out: dict[str, Any] = {"transactions": {**transactions, "total": round(sum(transactions.values()), 2)}}
         if rows:
             out["rows_written"] = {**rows, "total": round(sum(rows.values()), 1)}

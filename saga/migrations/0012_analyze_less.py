@@ -1,8 +1,8 @@
 from django.db import migrations
 
 # Columns no query filters, joins or sorts on: their statistics guide no plan. ANALYZE
-# computes the rest (the keys, the status, the deadline, the times and worker the store's
-# statements test).
+# computes the rest (the keys, the phase and position, the status, the deadline, and the
+# start and worker the store's statements test).
 STEP_COLUMNS = (
     "result",
     "celery_task_id",
