@@ -112,6 +112,10 @@ class Fault:
     # A kill: held tasks never received again whose end (succeeded, raised, retry) the
     # killed worker had logged before the SIGKILL; their task event died with the worker.
     ended_per_log: list[str] = field(default_factory=list)
+    # A kill: held tasks whose receipt by a live worker is known from its log, not from a
+    # task event (a broker restart drops the events sent while it is down or while the
+    # watcher reconnects; the message itself was returned and run).
+    received_per_log: list[str] = field(default_factory=list)
     at_wall: float = 0.0  # `at` on the wall clock, as the workers' log lines are
     # A broker restart: seconds after `at` (its stop) until the broker answered again.
     back_after: float | None = None
@@ -765,25 +769,53 @@ class Chaos:
                         fault.recovered_after = max(fault.received_again.values())
 
     def settle_from_logs(self) -> None:
-        """At the end: a held task never received again may have ended just before the
-        SIGKILL, its task event lost with the worker (the pool logs the end; the main
-        process then acknowledges the message and sends the event). Had the ack not
-        happened, the broker (RabbitMQ) or the watchdog (Redis) would have returned the
-        message and a worker received it again. Such a task, whose end the killed worker
-        logged before the kill, is moved to `ended_per_log` (reported), not left unrecovered."""
+        """At the end, what the task events missed, read from the workers' logs.
+
+        A held task never received again may have ended just before the SIGKILL, its task
+        event lost with the worker (the pool logs the end; the main process then
+        acknowledges the message and sends the event). Had the ack not happened, the broker
+        (RabbitMQ) or the watchdog (Redis) would have returned the message and a worker
+        received it again. Such a task, whose end the killed worker logged before the kill,
+        is moved to `ended_per_log` (reported), not left unrecovered.
+
+        A held task may also have been received again while its task-received event was
+        lost: a broker restart drops the events sent while it is down or before this
+        process's event queue is declared again. A live worker's log line saying it
+        received the task after the kill counts as its receipt (`received_per_log`)."""
+        logs: dict[str, str] = {}
+
+        def log_of(name: str) -> str:
+            if name not in logs:
+                process = self.topology.processes.get(name)
+                path = process.log_path if process else None
+                logs[name] = path.read_text(errors="replace") if path and path.exists() else ""
+            return logs[name]
+
         for fault in self.report.faults:
             missing = [t for t in fault.held if t not in fault.received_again]
             if fault.kind != "kill" or not missing:
                 continue
-            process = self.topology.processes.get(fault.target)
-            log = process.log_path.read_text(errors="replace") if process and process.log_path.exists() else ""
+            log = log_of(fault.target)
             ended = {t for t in missing if any(when <= fault.at_wall for when in logged_ends(log, t))}
-            if ended:
-                with self.lock:
-                    fault.ended_per_log = sorted(ended)
-                    fault.held = [t for t in fault.held if t not in ended]
-                    if fault.held and len(fault.received_again) == len(fault.held):
-                        fault.recovered_after = max(fault.received_again.values())
+            received: dict[str, float] = {}
+            for task_id in (t for t in missing if t not in ended):
+                after = [
+                    when - fault.at_wall
+                    for name in self.topology.processes
+                    for when in logged_receipts(log_of(name), task_id)
+                    if when > fault.at_wall
+                ]
+                if after:
+                    received[task_id] = min(after)
+            if not ended and not received:
+                continue
+            with self.lock:
+                fault.ended_per_log = sorted(ended)
+                fault.received_per_log = sorted(received)
+                fault.received_again.update(received)
+                fault.held = [t for t in fault.held if t not in ended]
+                if fault.held and len(fault.received_again) == len(fault.held):
+                    fault.recovered_after = max(fault.received_again.values())
 
     def watch_recoveries(self) -> None:
         """Mark a fault recovered once none of the steps it caught is still running."""
@@ -817,16 +849,33 @@ class Chaos:
 
 # A worker's log line at a task's end (celery.app.trace): "2026-12-03 14:28:22,053 INFO
 # celery.app.trace [...] Task notifications.notify[<id>] succeeded in 0.03s: ..."
-_END_LINE = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*?\[{id}\] (?:succeeded in|raised|retry:)"
+_LOG_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) "
+_END_LINE = _LOG_STAMP + r".*?\[{id}\] (?:succeeded in|raised|retry:)"
+_RECEIVED_LINE = _LOG_STAMP + r".*? Task \S+\[{id}\] received$"
+
+
+def _logged_times(line: str, log: str, task_id: str) -> list[float]:
+    """When (wall clock, in this process's time zone, which is Django's TIME_ZONE as the
+    workers' is) each `line` about `task_id` was logged in `log`. Pure."""
+    import re
+
+    found = re.findall(line.replace("{id}", re.escape(task_id)), log, flags=re.MULTILINE)
+    return [time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000 for stamp, millis in found]
+
+
+def _seconds(value: float | None) -> str:
+    """A recovery time as the report prints it; none when nothing of its kind recovered."""
+    return "none" if value is None else f"{value}s"
 
 
 def logged_ends(log: str, task_id: str) -> list[float]:
-    """When (wall clock, in this process's time zone, which is Django's TIME_ZONE as the
-    workers' is) each end of a run of `task_id` was logged in `log`. Pure."""
-    import re
+    """When each end of a run of `task_id` (succeeded, raised, retry) was logged in `log`."""
+    return _logged_times(_END_LINE, log, task_id)
 
-    ends = re.findall(_END_LINE.replace("{id}", re.escape(task_id)), log, flags=re.MULTILINE)
-    return [time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000 for stamp, millis in ends]
+
+def logged_receipts(log: str, task_id: str) -> list[float]:
+    """When a worker logged in `log` that it received `task_id`."""
+    return _logged_times(_RECEIVED_LINE, log, task_id)
 
 
 def _seed_catalogue(rng: random.Random) -> dict[str, int]:
@@ -1033,23 +1082,26 @@ def _print_report(report: Report) -> None:
                 what += f" (+{len(fault.finished_before)} finished before the kill)"
             if fault.ended_per_log:
                 what += f" (+{len(fault.ended_per_log)} logged as ended before the kill, its event lost)"
+            if fault.received_per_log:
+                what += f" ({len(fault.received_per_log)} received again per a worker's log, the event lost)"
         print(f"    {fault.kind:15} {fault.target:14} {what}, {took}")
-    print(f"  recovery: worst {summary['worst_recovery_s']}s, median {summary['median_recovery_s']}s")
+    print(f"  recovery: worst {_seconds(summary['worst_recovery_s'])}, median {_seconds(summary['median_recovery_s'])}")
     for kind, numbers in summary["recovery_by_kind"].items():
         if not numbers["caught"]:
             print(f"    {kind:15}   0 caught anything")
             continue
         print(
-            f"    {kind:15} {numbers['caught']:3} caught something: median {numbers['median_s']}s, "
-            f"worst {numbers['worst_s']}s, not recovered {numbers['unrecovered']}"
+            f"    {kind:15} {numbers['caught']:3} caught something: median {_seconds(numbers['median_s'])}, "
+            f"worst {_seconds(numbers['worst_s'])}, not recovered {numbers['unrecovered']}"
         )
         if kind == KILL_DURING_RESTART:
             print(
                 f"    {'':15}     counted from the broker being back: median "
-                f"{numbers['after_broker_back_median_s']}s, worst {numbers['after_broker_back_worst_s']}s"
+                f"{_seconds(numbers['after_broker_back_median_s'])}, "
+                f"worst {_seconds(numbers['after_broker_back_worst_s'])}"
             )
     print(f"  orders: {report.outcomes}   sagas: {report.sagas}")
-    print(f"  all sagas finished {summary['quiescent_after_s']}s after the last order was submitted")
+    print(f"  all sagas finished {_seconds(summary['quiescent_after_s'])} after the last order was submitted")
     if report.crashes:
         print(f"  exited on their own and restarted (not injected): {', '.join(report.crashes)}")
     if report.sweeps:

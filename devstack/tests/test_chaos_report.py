@@ -213,7 +213,72 @@ def test_a_held_task_whose_end_the_killed_worker_logged_before_the_kill_is_not_u
 
     assert kill.ended_per_log == ["s-notify_failure-g1"] and kill.held == ["u-notify_customer-g0"]
     assert kill.recovered_after == 2.5
-    kill.at_wall -= 1.0  # had it been logged after the kill, the kill would stay unrecovered
+    # Had its end been logged after the kill (and no receipt of it: a receipt after the kill
+    # is a live worker's, test_a_held_task_a_live_worker_logged...), it would stay unrecovered.
+    log.write_text("".join(LOG.splitlines(keepends=True)[1:]))
+    kill.at_wall -= 1.0
     kill.held, kill.ended_per_log, kill.recovered_after = ["s-notify_failure-g1", "u-notify_customer-g0"], [], None
     run.settle_from_logs()
     assert kill.recovered_after is None and not kill.ended_per_log
+
+
+RECEIVED_AGAIN_LOG = """\
+2026-12-06 07:16:09,133 INFO celery.worker.strategy Task payments.charge[s-charge_payment-g0] received
+2026-12-06 07:16:13,877 INFO celery.worker.strategy Task payments.charge[s-charge_payment-g0] received
+2026-12-06 07:16:16,122 INFO celery.app.trace [saga=s order=o] Task payments.charge[s-charge_payment-g0] \
+succeeded in 2.1s: <saga context>
+"""
+
+
+def test_a_held_task_a_live_worker_logged_as_received_again_is_recovered(tmp_path: Any) -> None:
+    # On RabbitMQ a broker restart 1.3 s after a kill dropped the task-received event of the
+    # returned message (the watcher was reconnecting): the kill was reported "not recovered"
+    # although the restarted worker ran the task 4.4 s after it.
+    import time
+    from types import SimpleNamespace
+
+    run = a_chaos(FakeBroker([]))
+    killed, other = tmp_path / "payments.log", tmp_path / "orders.log"
+    killed.write_text(RECEIVED_AGAIN_LOG)
+    other.write_text("")
+    run.topology = SimpleNamespace(  # type: ignore[assignment]
+        processes={"payments": SimpleNamespace(log_path=killed), "orders": SimpleNamespace(log_path=other)}
+    )
+    run._record("kill", "payments", [], ["s-charge_payment-g0"])
+    kill = run.report.faults[0]
+    kill.at_wall = time.mktime((2026, 12, 6, 7, 16, 9, 0, 0, -1)) + 0.5  # after the first receipt
+
+    run.settle_from_logs()
+
+    assert kill.received_per_log == ["s-charge_payment-g0"] and not kill.ended_per_log
+    assert kill.recovered_after == pytest.approx(4.377)
+    assert run.report.recovery_by_kind()["kill"]["unrecovered"] == 0
+
+
+def test_a_held_task_only_received_before_the_kill_stays_unrecovered(tmp_path: Any) -> None:
+    import time
+    from types import SimpleNamespace
+
+    run = a_chaos(FakeBroker([]))
+    log = tmp_path / "payments.log"
+    log.write_text(RECEIVED_AGAIN_LOG.splitlines()[0] + "\n")  # only the receipt the kill interrupted
+    run.topology = SimpleNamespace(processes={"payments": SimpleNamespace(log_path=log)})  # type: ignore[assignment]
+    run._record("kill", "payments", [], ["s-charge_payment-g0"])
+    kill = run.report.faults[0]
+    kill.at_wall = time.mktime((2026, 12, 6, 7, 16, 9, 0, 0, -1)) + 0.5
+
+    run.settle_from_logs()
+
+    assert kill.recovered_after is None and not kill.received_per_log
+    assert run.report.recovery_by_kind()["kill"] == {"caught": 1, "unrecovered": 1, "median_s": None, "worst_s": None}
+
+
+def test_a_kind_with_nothing_recovered_prints_none_not_a_number(capsys: Any) -> None:
+    run = a_chaos(FakeBroker([]))
+    run._record("kill", "payments", [], ["s-charge_payment-g0"])
+
+    chaos._print_report(run.report)
+
+    out = capsys.readouterr().out
+    assert "median none, worst none, not recovered 1" in out
+    assert "Nones" not in out
