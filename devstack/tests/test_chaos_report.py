@@ -282,3 +282,46 @@ def test_a_kind_with_nothing_recovered_prints_none_not_a_number(capsys: Any) -> 
     out = capsys.readouterr().out
     assert "median none, worst none, not recovered 1" in out
     assert "Nones" not in out
+
+
+def test_a_saga_a_drop_stalled_counts_for_the_drop_not_for_a_broker_restart_after_it() -> None:
+    # RabbitMQ, 12-06: two drops took two sagas' charges 15 s before a broker restart; the
+    # restart, finding them still running, reported their 97 s wait (a lost message waits
+    # for its step's deadline) as its own 84.4 s recovery. Its other 15 sagas took 26 s.
+    run = a_chaos(FakeBroker([]))
+    first = run._record("drop", "payments", [("s1", "reserve_inventory")])
+    second = run._record("drop", "payments", [("s2", "reserve_inventory")])
+    restart = run._record("broker_restart", "broker", [("s1", "reserve_inventory"), ("s3", "reserve_inventory")])
+
+    assert restart.caught == [("s3", "reserve_inventory")]
+    assert restart.stalled_before == [("s1", "reserve_inventory")]
+    assert first.caught == [("s1", "reserve_inventory")] and second.caught == [("s2", "reserve_inventory")]
+
+
+def test_a_saga_an_earlier_fault_has_recovered_is_caught_again() -> None:
+    run = a_chaos(FakeBroker([]))
+    race = run._record("race", "charge_payment x2", [("s1", "charge_payment")])
+    race.recovered_after = 0.4
+    restart = run._record("broker_restart", "broker", [("s1", "charge_payment")])
+
+    assert restart.caught == [("s1", "charge_payment")] and not restart.stalled_before
+
+
+def test_a_drop_takes_over_a_saga_an_earlier_fault_caught_and_has_not_recovered_from() -> None:
+    # The drop certainly lost that saga's message: the restart's recovery is not its wait.
+    run = a_chaos(FakeBroker([]))
+    restart = run._record("broker_restart", "broker", [("s1", "notify_customer"), ("s2", "reserve_inventory")])
+    drop = run._record("drop", "payments", [("s2", "reserve_inventory")])
+
+    assert drop.caught == [("s2", "reserve_inventory")]
+    assert restart.caught == [("s1", "notify_customer")] and restart.taken_by_drop == [("s2", "reserve_inventory")]
+
+
+def test_the_report_says_which_sagas_a_fault_left_to_another(capsys: Any) -> None:
+    run = a_chaos(FakeBroker([]))
+    run._record("drop", "payments", [("s1", "reserve_inventory")])
+    run._record("broker_restart", "broker", [("s1", "reserve_inventory"), ("s3", "reserve_inventory")])
+
+    chaos._print_report(run.report)
+
+    assert "caught   1 running steps (+1 stalled by an earlier fault)" in capsys.readouterr().out
