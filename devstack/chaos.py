@@ -61,6 +61,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,8 +290,9 @@ class PrivateBroker:
         time.sleep(down_seconds)
         self.start()
 
-    def drop(self, rng: random.Random) -> tuple[str, str | None] | None:
-        """Take the oldest message off a random non-empty queue, for good: (queue, task id)."""
+    def drop(self, rng: random.Random) -> tuple[str, str | None, str | None] | None:
+        """Take the oldest message off a random non-empty queue, for good: (queue, task id,
+        the saga it was for: `saga_of_message`)."""
         import redis
 
         client = redis.Redis.from_url(self.url)
@@ -302,9 +304,10 @@ class PrivateBroker:
         if raw is None:
             return None
         try:
-            return queue, json.loads(raw)["headers"]["id"]
+            headers = json.loads(raw)["headers"]
+            return queue, headers["id"], saga_of_message(headers)
         except (ValueError, KeyError, TypeError):
-            return queue, None
+            return queue, None, None
 
 
 class RabbitBroker:
@@ -364,10 +367,10 @@ class RabbitBroker:
                     channel = connection.channel()
         return True
 
-    def drop(self, rng: random.Random, queues: tuple[str, ...] = QUEUES) -> tuple[str, str | None] | None:
+    def drop(self, rng: random.Random, queues: tuple[str, ...] = QUEUES) -> tuple[str, str | None, str | None] | None:
         """Take the oldest message off a random non-empty one of `queues` (of our vhost) and
         acknowledge it (`basic.get`, `basic.ack`): lost, as if a consumer took it and dropped
-        it. Returns (queue, task id), or None when every queue was empty."""
+        it. Returns (queue, task id, the saga it was for), or None when every queue was empty."""
         from kombu import Connection
 
         with Connection(self.url, connect_timeout=5) as connection:
@@ -387,7 +390,7 @@ class RabbitBroker:
                 return None
             channel.basic_ack(message.delivery_tag)
             headers = message.headers or {}
-            return queue, headers.get("id")
+            return queue, headers.get("id"), saga_of_message(headers)
 
 
 def _setup_django(env: dict[str, str]) -> None:
@@ -522,11 +525,20 @@ class Chaos:
         return [(str(saga_id), name) for saga_id, name in steps.values_list("saga_id", "name")]
 
     def _running_steps_soon(self, within: float = 3.0) -> list[tuple[str, str]]:
-        """The running steps, waiting up to `within` seconds for one: a duplicate or a race
-        planned at an instant when no step happened to run (between orders, or before the
-        first) is injected a moment later instead of not at all."""
+        """The running steps that no earlier fault has stalled, waiting up to `within`
+        seconds for one: a duplicate or a race planned at an instant when no such step
+        happened to run (between orders, or before the first) is injected a moment later
+        instead of not at all. A step a drop stalled runs until its deadline, so a draw
+        among all running steps picked it more often the longer it waited: copies of a
+        message nobody runs any more, whose recovery is the drop's (a RabbitMQ run aimed 21
+        of its 60 duplicates there)."""
         deadline = time.monotonic() + within
-        while not (running := self._running_steps()) and time.monotonic() < deadline and not self.stop.is_set():
+        while True:
+            with self.lock:
+                stalled = {pair for f in self.report.faults if f.recovered_after is None for pair in f.caught}
+            running = [pair for pair in self._running_steps() if pair not in stalled]
+            if running or time.monotonic() >= deadline or self.stop.is_set():
+                break
             time.sleep(0.1)
         return running or self._steps_that_ran_lately()
 
@@ -553,7 +565,14 @@ class Chaos:
             fault.held = [t for t in fault.held if t not in self.finished]
             attribute_overlaps(fault, self.report.faults)
             self.report.faults.append(fault)
-        logger.info("fault: %s %s (%d sagas caught, %d tasks held)", kind, target, len(caught), len(fault.held))
+        logger.info(
+            "fault: %s %s (%d sagas caught, %d tasks held%s)",
+            kind,
+            target,
+            len(fault.caught),
+            len(fault.held),
+            f", {len(fault.stalled_before)} stalled by an earlier fault" if fault.stalled_before else "",
+        )
         return fault
 
     def _look_at_workers(self) -> dict[str, WorkerLook]:
@@ -709,7 +728,7 @@ class Chaos:
         dropped = self.broker.drop(self.rng)
         if dropped is None:
             return  # nothing was waiting in any queue
-        queue, task_id = dropped
+        queue, task_id, saga_id = dropped
         with self.lock:
             for fault in self.report.faults:
                 if task_id in fault.held and task_id not in fault.received_again:
@@ -717,7 +736,9 @@ class Chaos:
                     fault.dropped_later.append(task_id)
                     if fault.held and len(fault.received_again) == len(fault.held):
                         fault.recovered_after = max(fault.received_again.values())
-        caught = [(s, n) for s, n in self._running_steps() if task_id and s == task_id[:36]]
+        # The saga whose message it was: a step's, or a failure report's (saga.step_failed,
+        # whose loss leaves its saga running until the step's deadline just the same).
+        caught = [(s, n) for s, n in self._running_steps() if saga_id and s == saga_id]
         self._record("drop", queue, caught)
 
     # --- watching --------------------------------------------------------------------
@@ -870,6 +891,24 @@ def _logged_times(line: str, log: str, task_id: str) -> list[float]:
 
     found = re.findall(line.replace("{id}", re.escape(task_id)), log, flags=re.MULTILINE)
     return [time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000 for stamp, millis in found]
+
+
+def saga_of_message(headers: Mapping[str, Any]) -> str | None:
+    """The saga a Celery message (protocol 2 headers) is for, or None: a chain step's task
+    id starts with its saga's id (saga.engine.task_id_for); a failure report
+    (saga.step_failed) has a task id of its own and names its saga in its kwargs, which its
+    `kwargsrepr` shows (saga.engine). Pure."""
+    import re
+    import uuid
+
+    task_id = str(headers.get("id") or "")
+    try:
+        if "-g" in task_id[36:]:
+            return str(uuid.UUID(task_id[:36]))
+    except ValueError:
+        pass
+    shown = re.search(r"'saga_id': '([0-9a-f-]{36})'", str(headers.get("kwargsrepr") or ""))
+    return shown.group(1) if shown else None
 
 
 def attribute_overlaps(fault: Fault, earlier: list[Fault]) -> None:

@@ -77,11 +77,15 @@ def test_a_rabbitmq_drop_takes_the_oldest_message_off_the_queue_for_good() -> No
     queue = Queue(f"chaos-drop-{os.getpid()}", Exchange("chaos-drop", type="direct"), routing_key="drop")
     with Connection(settings.CELERY_BROKER_URL, transport_options={"confirm_publish": True}) as connection:
         producer = connection.Producer()
-        for task_id in ("first", "second"):
-            producer.publish({}, exchange=queue.exchange, routing_key="drop", declare=[queue], headers={"id": task_id})
+        # The first is a failure report: its saga is named in what it shows of its kwargs.
+        saga = "51bfb0fd-18fd-4561-ba83-f2ffa1bd2643"
+        shown = f"{{'saga_id': '{saga}', 'step': 'charge_payment', 'authority': <failure report>}}"
+        for headers in ({"id": "first", "kwargsrepr": shown}, {"id": "second"}):
+            producer.publish({}, exchange=queue.exchange, routing_key="drop", declare=[queue], headers=headers)
         try:
             broker = RabbitBroker(settings.CELERY_BROKER_URL)
-            assert broker.drop(random.Random(1), queues=("chaos-drop-none", queue.name)) == (queue.name, "first")
+            dropped = broker.drop(random.Random(1), queues=("chaos-drop-none", queue.name))
+            assert dropped == (queue.name, "first", saga)
             assert queue(connection.channel()).queue_declare(passive=True).message_count == 1
             assert queue(connection.channel()).get(no_ack=True).headers["id"] == "second"
             assert broker.drop(random.Random(1), queues=(queue.name,)) is None

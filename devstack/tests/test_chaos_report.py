@@ -16,10 +16,10 @@ from devstack import chaos
 class FakeBroker:
     """Drops the messages it is told to, in order."""
 
-    def __init__(self, drops: list[tuple[str, str | None] | None]) -> None:
+    def __init__(self, drops: list[tuple[str, str | None, str | None] | None]) -> None:
         self.drops = drops
 
-    def drop(self, rng: random.Random) -> tuple[str, str | None] | None:
+    def drop(self, rng: random.Random) -> tuple[str, str | None, str | None] | None:
         return self.drops.pop(0)
 
 
@@ -30,7 +30,7 @@ def a_chaos(broker: Any) -> chaos.Chaos:
 
 
 def test_a_held_task_a_later_drop_took_is_the_drops_not_an_unrecovered_kill() -> None:
-    run = a_chaos(FakeBroker([("payments", "saga-1-charge_payment-g0")]))
+    run = a_chaos(FakeBroker([("payments", "saga-1-charge_payment-g0", "saga-1")]))
     run._record("kill", "payments", [], ["saga-1-charge_payment-g0", "saga-2-charge_payment-g0"])
     kill = run.report.faults[0]
     kill.received_again["saga-2-charge_payment-g0"] = 6.4
@@ -47,7 +47,7 @@ def test_a_held_task_a_later_drop_took_is_the_drops_not_an_unrecovered_kill() ->
 
 
 def test_a_drop_of_a_task_received_again_changes_nothing() -> None:
-    run = a_chaos(FakeBroker([("payments", "saga-1-charge_payment-g0"), None]))
+    run = a_chaos(FakeBroker([("payments", "saga-1-charge_payment-g0", "saga-1"), None]))
     run._record("kill", "payments", [], ["saga-1-charge_payment-g0"])
     kill = run.report.faults[0]
     kill.received_again["saga-1-charge_payment-g0"] = 3.0
@@ -325,3 +325,44 @@ def test_the_report_says_which_sagas_a_fault_left_to_another(capsys: Any) -> Non
     chaos._print_report(run.report)
 
     assert "caught   1 running steps (+1 stalled by an earlier fault)" in capsys.readouterr().out
+
+
+def test_duplicates_and_races_are_aimed_at_steps_no_earlier_fault_stalled() -> None:
+    run = a_chaos(FakeBroker([]))
+    run._running_steps = lambda task_prefix=None: [("s1", "charge_payment"), ("s2", "reserve_inventory")]  # type: ignore[method-assign]
+    run._steps_that_ran_lately = lambda: [("s9", "notify_customer")]  # type: ignore[method-assign]
+    drop = run._record("drop", "payments", [("s1", "charge_payment")])
+
+    assert run._running_steps_soon(within=0) == [("s2", "reserve_inventory")]
+    run._record("drop", "inventory", [("s2", "reserve_inventory")])
+    assert run._running_steps_soon(within=0) == [("s9", "notify_customer")]  # every running one is stalled
+    drop.recovered_after = 61.0
+    assert run._running_steps_soon(within=0) == [("s1", "charge_payment")]
+
+
+SAGA = "51bfb0fd-18fd-4561-ba83-f2ffa1bd2643"
+
+
+def test_the_saga_of_a_dropped_message_is_read_from_its_task_id_or_its_failure_report() -> None:
+    assert chaos.saga_of_message({"id": f"{SAGA}-charge_payment-g0"}) == SAGA
+    report = {
+        "id": "0a236709-a221-44ad-9dba-a13e91d3c311",
+        "task": "saga.step_failed",
+        "kwargsrepr": f"{{'saga_id': '{SAGA}', 'step': 'charge_payment', 'authority': <failure report>}}",
+    }
+    assert chaos.saga_of_message(report) == SAGA
+    assert chaos.saga_of_message({"id": "0a236709-a221-44ad-9dba-a13e91d3c311", "task": "saga.sweep"}) is None
+    assert chaos.saga_of_message({}) is None
+
+
+def test_a_dropped_failure_report_catches_its_saga() -> None:
+    # RabbitMQ, 12-06: a drop took a declined charge's failure report off the saga queue
+    # while the saga worker restarted. The drop caught nothing (the report's task id names
+    # no saga), so a race aimed at the stalled saga 20 s later reported its 79 s as its own.
+    run = a_chaos(FakeBroker([("saga", "0a236709-a221-44ad-9dba-a13e91d3c311", SAGA)]))
+    run._running_steps = lambda task_prefix=None: [(SAGA, "reserve_inventory"), ("other", "charge_payment")]  # type: ignore[method-assign]
+
+    run._inject_drop()
+
+    assert run.report.faults[0].caught == [(SAGA, "reserve_inventory")]
+    assert run._running_steps_soon(within=0) == [("other", "charge_payment")]
