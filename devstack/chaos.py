@@ -129,6 +129,12 @@ class Fault:
     # A broker restart: seconds after `at` (its stop) until the broker answered again.
     back_after: float | None = None
 
+    def recovered_once_all_received(self) -> None:
+        """A kill has recovered when every task it still holds was received again: then
+        at the latest of those receipts."""
+        if self.held and len(self.received_again) == len(self.held):
+            self.recovered_after = max(self.received_again.values())
+
 
 @dataclass(frozen=True)
 class WorkerLook:
@@ -734,8 +740,7 @@ class Chaos:
                 if task_id in fault.held and task_id not in fault.received_again:
                     fault.held.remove(task_id)
                     fault.dropped_later.append(task_id)
-                    if fault.held and len(fault.received_again) == len(fault.held):
-                        fault.recovered_after = max(fault.received_again.values())
+                    fault.recovered_once_all_received()
         # The saga whose message it was: a step's, or a failure report's (saga.step_failed,
         # whose loss leaves its saga running until the step's deadline just the same).
         caught = [(s, n) for s, n in self._running_steps() if saga_id and s == saga_id]
@@ -795,8 +800,7 @@ class Chaos:
                     # Received again; or it finished just before the kill (acknowledged,
                     # so nothing was left to return).
                     fault.received_again[task_id] = now - fault.at
-                    if len(fault.received_again) == len(fault.held):
-                        fault.recovered_after = max(fault.received_again.values())
+                    fault.recovered_once_all_received()
 
     def settle_from_logs(self) -> None:
         """At the end, what the task events missed, read from the workers' logs.
@@ -844,8 +848,7 @@ class Chaos:
                 fault.received_per_log = sorted(received)
                 fault.received_again.update(received)
                 fault.held = [t for t in fault.held if t not in ended]
-                if fault.held and len(fault.received_again) == len(fault.held):
-                    fault.recovered_after = max(fault.received_again.values())
+                fault.recovered_once_all_received()
 
     def watch_recoveries(self) -> None:
         """Mark a fault recovered once none of the steps it caught is still running."""
