@@ -541,7 +541,7 @@ class Chaos:
         deadline = time.monotonic() + within
         while True:
             with self.lock:
-                stalled = {pair for f in self.report.faults if f.recovered_after is None for pair in f.caught}
+                stalled = stalled_steps(self.report.faults)
             running = [pair for pair in self._running_steps() if pair not in stalled]
             if running or time.monotonic() >= deadline or self.stop.is_set():
                 break
@@ -914,6 +914,11 @@ def saga_of_message(headers: Mapping[str, Any]) -> str | None:
     return shown.group(1) if shown else None
 
 
+def stalled_steps(faults: list[Fault]) -> set[tuple[str, str]]:
+    """The (saga, step) pairs that a fault not yet recovered has caught. Pure."""
+    return {pair for fault in faults if fault.recovered_after is None for pair in fault.caught}
+
+
 def attribute_overlaps(fault: Fault, earlier: list[Fault]) -> None:
     """Give each saga `fault` caught that an `earlier` fault caught and has not recovered
     from to one fault only: to a drop, whose message is certainly lost, else to the
@@ -923,15 +928,14 @@ def attribute_overlaps(fault: Fault, earlier: list[Fault]) -> None:
     taken a second before reported the drop's wait (a lost message is found by its step's
     deadline) as its own recovery: 84 s on RabbitMQ, where every other saga it caught
     moved on within 26 s."""
-    open_faults = [f for f in earlier if f.recovered_after is None and f.caught]
     if fault.kind == "drop":
-        for other in open_faults:
-            shared = [pair for pair in other.caught if pair in fault.caught]
+        for other in earlier:
+            shared = [pair for pair in other.caught if pair in fault.caught] if other.recovered_after is None else []
             if shared:
                 other.caught = [pair for pair in other.caught if pair not in shared]
                 other.taken_by_drop.extend(shared)
         return
-    before = {pair for other in open_faults for pair in other.caught}
+    before = stalled_steps(earlier)
     fault.stalled_before = [pair for pair in fault.caught if pair in before]
     fault.caught = [pair for pair in fault.caught if pair not in before]
 
