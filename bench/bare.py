@@ -68,6 +68,9 @@ PRODUCT_SETTINGS: dict[str, Any] = {
         "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "60")),
         "unacked_restore_interval": 2,
         "unacked_restore_throttle": 1,
+        # One list per queue, as the product (whose workers then BLMOVE their messages into
+        # a delivering list, a guarantee the bare chain does without: kombu_fixes.apply()).
+        "priority_steps": [0],
         **({"confirm_publish": True} if _AMQP else {}),
     },
     # The same queues on RabbitMQ: a queue's type is fixed when it is first declared.

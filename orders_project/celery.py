@@ -14,7 +14,6 @@ from celery import Celery, signals
 from common import billiard_fixes, kombu_fixes
 from orders_project.db_health import close_connections_closed_by_server
 
-kombu_fixes.apply()
 billiard_fixes.apply()
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
 # Celery's Django fixup runs Django's system checks at every worker start: with the URL
@@ -25,7 +24,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
 # in the environment runs them again.
 os.environ.setdefault("CELERY_SKIP_CHECKS", "1")
 
-SERVICES = ("orders", "saga", "inventory", "payments", "notifications")
+SERVICES = ("orders", "saga", "inventory", "payments", "notifications")  # a queue each
+kombu_fixes.apply(delivery_kept=SERVICES)
 
 app = Celery("orders_project")
 app.config_from_object("django.conf:settings", namespace="CELERY")

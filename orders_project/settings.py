@@ -308,6 +308,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Look for abandoned messages every 2 s (kombu's default sweep is every 100 s).
     "unacked_restore_interval": 2,
     "unacked_restore_throttle": 1,
+    # One list per queue (no priority sub-lists: nothing here sets a priority), so a worker
+    # takes its message with BLMOVE into a list the watchdog can return it from, never
+    # holding it only in its own memory (common.kombu_fixes, "A message a worker takes").
+    "priority_steps": [0],
 }
 # RabbitMQ (README "Several hosts"): the queues survive a broker restart and a node's loss,
 # and a publish returns only once the broker has the message.

@@ -15,7 +15,9 @@ Three questions, each answered on Redis and on RabbitMQ alike where they can be:
   each delivered message in the `unacked` hash, by delivery tag, with the time it was
   delivered in the `unacked_index` sorted set, and returns it to its queue only after the
   visibility timeout (60 s in production). `orphans_restore` returns it as soon as no live
-  worker has claimed it in two looks a couple of seconds apart. It runs in a thread of
+  worker has claimed it in two looks a couple of seconds apart. A message a worker took
+  off its queue and died before recording (common.kombu_fixes keeps it meanwhile in the
+  queue's delivering list) is returned the same way, without asking the workers. It runs in a thread of
   every worker's main process (`watchdog_start`), not in the sweep task: a sweep waits in
   the `saga` queue behind the coordinator's backlog (and expires there), and none runs
   while the saga worker itself is the one that died.
@@ -35,7 +37,8 @@ from typing import Any
 from django.conf import settings
 from redis.exceptions import LockError
 
-from orders_project.celery import app
+from common.kombu_fixes import delivering_key, delivering_return
+from orders_project.celery import SERVICES, app
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +254,10 @@ def _lock_seconds() -> float:
 def orphans_restore(*, now: float | None = None, spaced: bool = False, connection: Any = None) -> dict[str, int]:
     """Return to their queues the messages a worker took and that no live worker holds.
 
-    Cheap when nothing is wrong: one `ZRANGE` of the deliveries older than
+    Cheap when nothing is wrong: one round trip, a `ZRANGE` of the deliveries older than
     SAGA_ORPHAN_GRACE (a healthy step acknowledges its message in milliseconds; a slow one,
-    or one waiting for its retry, is claimed by its live worker). Only when there are such
+    or one waiting for its retry, is claimed by its live worker) and an `LRANGE` of each
+    queue's delivering list (empty but for milliseconds: `_being_delivered_return`). Only when there are such
     deliveries does it ask the workers (one `query_task` broadcast). A message is restored
     when no worker has claimed it in two looks at least SAGA_ORPHAN_CONFIRM apart, so a
     worker slow to answer one broadcast does not get its message copied. Restoring is a
@@ -272,10 +276,15 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
     with contextlib.nullcontext(connection) if connection is not None else app.connection_for_write() as connection:
         channel: Any = connection.default_channel
         client = channel.client
-        old = client.zrange(
+        pipe = client.pipeline(transaction=False)
+        pipe.zrange(
             channel.unacked_index_key, now - settings.SAGA_ORPHAN_GRACE, 0, desc=True, byscore=True, withscores=False
         )
-        if not old:
+        for queue in SERVICES:
+            pipe.lrange(delivering_key(queue), 0, -1)
+        old, *delivering = pipe.execute()
+        being_delivered = [(queue, item) for queue, items in zip(SERVICES, delivering, strict=True) for item in items]
+        if not old and not being_delivered:
             client.delete(SUSPECTS_KEY)
             return {}
         if spaced:
@@ -292,9 +301,11 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
             return {}
         try:
             suspects = {_text(tag): float(seen) for tag, seen in client.hgetall(SUSPECTS_KEY).items()}
+            still: dict[str, float] = {}
+            _being_delivered_return(client, being_delivered, suspects, still, done, now=now)
             tags = [_text(tag) for tag in old]
             task_of: dict[str, str] = {}
-            for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
+            for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags) if tags else [], strict=True):
                 try:
                     task_of[tag] = json.loads(raw)[0]["headers"]["id"]
                 except (TypeError, ValueError, KeyError, IndexError):
@@ -307,11 +318,15 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
             # A connection of its own for the broadcast rather than the process's pool, which
             # a broker restart can leave stale (the look then hears no worker and restores
             # nothing). A look that broadcasts is at most one a second for the fleet.
-            with app.connection_for_write() as control:
-                held, answered = held_task_ids(sorted(set(task_of.values())), early=not ripe, connection=control)
-            if not answered:
-                return {}  # no worker answered at all: the control channel is in trouble, not them
-            still: dict[str, float] = {}
+            held: set[str] = set()
+            if task_of:
+                with app.connection_for_write() as control:
+                    held, answered = held_task_ids(sorted(set(task_of.values())), early=not ripe, connection=control)
+                if not answered:
+                    # No worker answered at all: the control channel is in trouble, not them.
+                    # Their suspicions stay as they were, for the next look.
+                    still.update({tag: suspects[tag] for tag in task_of if tag in suspects})
+                    task_of = {}
             for tag, task_id in task_of.items():
                 if task_id in held:
                     continue
@@ -331,6 +346,39 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
             with contextlib.suppress(LockError):
                 lock.release()
     return {key: value for key, value in done.items() if value}
+
+
+def _being_delivered_return(
+    client: Any,
+    being_delivered: list[tuple[str, bytes]],
+    suspects: dict[str, float],
+    still: dict[str, float],
+    done: dict[str, int],
+    *,
+    now: float,
+) -> None:
+    """Return the messages a worker took off a queue and never recorded as unacknowledged
+    (common.kombu_fixes: it died, or lost its connection, in the milliseconds between).
+
+    No worker is asked: a live one moves its message out of the delivering list in the
+    transaction that records it, milliseconds after taking it, so a message seen there in
+    two looks SAGA_ORPHAN_CONFIRM apart has no live taker. (A live worker whose main
+    process stood still that long between the two would get a second copy, which every step
+    survives.) Suspicions go into `still` under "delivering:<delivery tag>"."""
+    for queue, item in being_delivered:
+        try:
+            message = json.loads(item)
+            tag, task_id = message["properties"]["delivery_tag"], message["headers"].get("id")
+        except (ValueError, TypeError, KeyError):
+            tag, task_id = item[:64].hex() if isinstance(item, bytes) else str(item)[:64], None
+        key = f"delivering:{tag}"
+        first_seen = suspects.get(key, now)
+        if first_seen > now - settings.SAGA_ORPHAN_CONFIRM:
+            still[key] = first_seen
+            done["suspected"] += 1
+        elif delivering_return(client, queue, item):
+            logger.warning("restored task %s: its worker died taking it off the %s queue", task_id, queue)
+            done["restored"] += 1
 
 
 def _text(value: bytes | str) -> str:

@@ -287,6 +287,49 @@ def test_a_worker_killed_mid_step_comes_back_and_the_effect_applies_once(
     print(f"worker kill: the saga finished {recovered_in:.1f}s after the SIGKILL")
 
 
+@pytest.mark.redis_only
+@pytest.mark.skipif(not REDIS_BROKER, reason="Redis's delivery: RabbitMQ returns a dead consumer's messages itself")
+def test_a_worker_killed_taking_its_message_off_the_queue_loses_nothing(api: Api, topology: Topology, sku: str) -> None:
+    """A `make chaos` kill once hit a worker between kombu's BRPOP and its record of the
+    message as unacknowledged: the message was lost, and its saga waited for the sweeper's
+    deadline. Now the message is moved atomically into a delivering list, and the workers'
+    watchdog returns it from there in seconds (common.kombu_fixes)."""
+    make_product(sku, on_hand=3)
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    topology.processes["inventory"].stop()
+    try:
+        placed = api.place_order([(sku, 1)])
+        saga_id = placed["saga"]["id"]
+        wait_for(lambda: broker.llen("inventory") >= 1, timeout=30, what="the reserve message to be queued")
+        died = subprocess.run(
+            [sys.executable, "-m", "tests.dies_taking_a_message", settings.CELERY_BROKER_URL, "inventory", "kept"],
+            cwd=BASE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        killed_at = time.monotonic()
+        assert died.returncode == -9, died.stdout + died.stderr
+        [taken] = [json.loads(raw) for raw in broker.lrange("delivering:inventory", 0, -1)]
+        assert taken["headers"]["id"] == f"{saga_id}-reserve_inventory-g0"
+    finally:
+        topology.processes["inventory"].start(topology.env)
+    topology.wait_ready(["inventory"])
+    ready_after = time.monotonic() - killed_at
+
+    wait_for(lambda: stock(sku) == (3, 1), timeout=60, what="the reserve step to run")
+    moved_on = time.monotonic() - killed_at
+    print(f"killed taking a message: worker ready after {ready_after:.1f}s, the step ran after {moved_on:.1f}s")
+    assert moved_on <= max(15.0, ready_after + 2.0)
+
+    order = api.wait_until_final(placed["id"], timeout=60)
+    assert order["status"] == "confirmed"
+    # The watchdog returned it; the sweeper had nothing to re-publish.
+    assert SagaStep.objects.get(saga_id=saga_id, name="reserve_inventory").republished == 0
+    assert broker.llen("delivering:inventory") == 0
+    assert stock(sku) == (3, 1)
+
+
 def test_an_errback_delivered_twice_compensates_once(api: Api, sku: str) -> None:
     make_product(sku, on_hand=2)
     order = api.wait_until_final(api.place_order([(sku, 1)], token="tok_chargeDeclined")["id"])
