@@ -395,8 +395,8 @@ SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=200)
 # How the sweeper tells a stalled step's lost message from a slow one (saga.recovery):
 # how long it waits for the workers to say which tasks they hold; how far apart two
 # clocks (the coordinator's and a publisher's) may be; how many segment deadlines a step
-# may wait behind a queue whose oldest message cannot be read (AMQP) or never moves (its
-# worker gone) before it is re-published anyway.
+# may wait behind a queue whose oldest message is unknown (AMQP, when no live worker has
+# taken from it yet) or never moves (its worker gone) before it is re-published anyway.
 SAGA_INSPECT_TIMEOUT = env.float("SAGA_INSPECT_TIMEOUT", default=1.0)
 SAGA_CLOCK_SLACK = env.float("SAGA_CLOCK_SLACK", default=3.0)
 SAGA_BACKLOG_PATIENCE = env.float("SAGA_BACKLOG_PATIENCE", default=3.0)

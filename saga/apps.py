@@ -10,7 +10,7 @@ class SagaConfig(AppConfig):
         from celery import signals
 
         from . import checks
-        from .recovery import stamp_sent_at, watchdog_start, watchdog_stop
+        from .recovery import is_redis, stamp_sent_at, taken_note, watchdog_start, watchdog_stop
         from .timeline import attach_failure_timeline
 
         # Signals and checks only: the saga definitions (SAGA_DEFINITIONS) are registered on
@@ -25,6 +25,10 @@ class SagaConfig(AppConfig):
         signals.worker_ready.connect(watchdog_start, weak=False, dispatch_uid="saga.recovery.watchdog")
         signals.worker_shutdown.connect(watchdog_stop, weak=False, dispatch_uid="saga.recovery.watchdog")
 
+        # On AMQP, whose queues cannot be peeked, every worker notes how far it has got in its
+        # queue, which the sweeper asks for instead (saga.recovery.taken_heads).
+        if not is_redis():
+            signals.task_received.connect(taken_note, weak=False, dispatch_uid="saga.recovery.taken")
         # Every process publishes (a chain's next step, a retry): each message says when it
         # was sent, which tells the sweeper whether a stalled step can still be queued.
         signals.before_task_publish.connect(stamp_sent_at, weak=False, dispatch_uid="saga.recovery.sent_at")

@@ -8,8 +8,12 @@ Three questions, each answered on Redis and on RabbitMQ alike where they can be:
 - When was the oldest message still waiting in each queue sent? Every message carries the
   time it was published (`SENT_AT`, stamped by `stamp_sent_at` in every process). Queues are
   FIFO, so a message sent before that head is no longer waiting. Redis lets us read the
-  head (`LINDEX queue -1`, O(1)); AMQP cannot peek, so there a non-empty queue's head is
-  unknown (treated as "could be anything", which `chain_whereabouts` bounds).
+  head (`LINDEX queue -1`, O(1)). AMQP cannot peek, so there the workers say how far they
+  have got instead: each worker notes when the newest message it took from its queue was
+  sent (`taken_note`), and a message sent before that was delivered before it (FIFO), so
+  it is no longer waiting either (`taken_heads`, one broadcast). A non-empty queue no live
+  worker has taken from yet has an unknown head ("could be anything", which the sweeper
+  bounds by SAGA_BACKLOG_PATIENCE).
 - Which messages did a worker take and never acknowledge, and is that worker gone? (Redis
   only: RabbitMQ returns a dead consumer's messages at once.) kombu's Redis transport keeps
   each delivered message in the `unacked` hash, by delivery tag, with the time it was
@@ -34,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery.worker.control import inspect_command
 from django.conf import settings
 from redis.exceptions import LockError
 
@@ -133,8 +138,13 @@ def _sent_at_of(raw: bytes | str | None) -> float:
         return UNKNOWN  # a message from before this header existed, or not Celery's
 
 
-def queue_heads(queues: Iterable[str]) -> dict[str, float]:
-    """When the oldest message waiting in each queue was sent (EMPTY, UNKNOWN or a time)."""
+def queue_heads(queues: Iterable[str], *, taken: dict[str, float] | None = None) -> dict[str, float]:
+    """When the oldest message waiting in each queue was sent (EMPTY, UNKNOWN or a time).
+
+    On AMQP, where a queue cannot be peeked, a non-empty queue's head is the time the
+    newest message a live worker took from it was sent (`taken`, from `taken_heads`): every
+    message waiting there was delivered after that one, so it arrived after it (FIFO;
+    SAGA_CLOCK_SLACK covers publishers' clocks and in-flight publishes)."""
     queues = sorted(set(queues))
     heads: dict[str, float] = {}
     try:
@@ -155,7 +165,7 @@ def queue_heads(queues: Iterable[str]) -> dict[str, float]:
                     except Exception:  # a queue not declared yet holds nothing
                         channel = connection.channel()
                         count = 0
-                    heads[queue] = UNKNOWN if count else EMPTY
+                    heads[queue] = (taken or {}).get(queue, UNKNOWN) if count else EMPTY
     except Exception:
         logger.warning("could not read the queues' heads from the broker", exc_info=True)
         heads = dict.fromkeys(queues, UNKNOWN)
@@ -169,8 +179,59 @@ def broker_view(*, queues: Iterable[str], task_ids: Sequence[str]) -> BrokerView
     that joined since, holding the step, would be missed). It goes on a connection of its
     own, as the watchdog's: a broker restart can leave the process's pool deaf for seconds."""
     with app.connection_for_write() as control:
+        # How far the workers have got before what they hold: a message taken between the
+        # two broadcasts is then held, never taken and not held (which would read as lost).
+        taken = {} if is_redis() else taken_heads(connection=control)
         held, answered = held_task_ids(task_ids, connection=control)
-    return BrokerView(held=frozenset(held), heads=queue_heads(queues), workers_answered=answered)
+    return BrokerView(held=frozenset(held), heads=queue_heads(queues, taken=taken), workers_answered=answered)
+
+
+# --- How far each worker has got in its queue (AMQP, whose queues cannot be peeked) ------
+
+# Queue -> when the newest message this worker's consumer took from it was sent (SENT_AT).
+_taken: dict[str, float] = {}
+
+
+def taken_note(request: Any = None, **_: Any) -> None:
+    """`task_received` receiver (a worker's main process, AMQP only): note when the message
+    just taken was sent, under its queue (the routing key: each queue is bound by its name)."""
+    try:
+        queue, sent = request.delivery_info["routing_key"], float(request.request_dict[SENT_AT])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return  # no time (a message from before SENT_AT), or not a task message
+    if queue and sent > _taken.get(queue, UNKNOWN):
+        _taken[queue] = sent
+
+
+@inspect_command()
+def saga_taken(state: Any) -> dict[str, float]:
+    """Queue -> when the newest message this worker took from it was sent (remote control)."""
+    return dict(_taken)
+
+
+def taken_heads(*, connection: Any = None) -> dict[str, float]:
+    """Queue -> when the newest message any live worker took from it was sent: one
+    broadcast, which stops once as many workers answered as the last whole look heard. A
+    worker that does not answer in time only leaves a head lower (or unknown), which can
+    make a lost message wait longer, never a waiting one look lost."""
+    try:
+        replies = app.control.broadcast(
+            "saga_taken",
+            reply=True,
+            timeout=settings.SAGA_INSPECT_TIMEOUT,
+            limit=_workers_seen or None,
+            connection=connection,
+        )
+    except Exception:
+        logger.warning("could not ask the workers how far they have got in their queues", exc_info=True)
+        return {}
+    heads: dict[str, float] = {}
+    for reply in replies or []:
+        for answer in reply.values() if isinstance(reply, dict) else []:
+            for queue, sent in answer.items() if isinstance(answer, dict) else []:
+                with contextlib.suppress(TypeError, ValueError):
+                    heads[queue] = max(heads.get(queue, UNKNOWN), float(sent))
+    return heads
 
 
 @dataclass(frozen=True)

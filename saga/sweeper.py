@@ -156,8 +156,9 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
                 # Being worked on, or possibly queued behind older messages: the system is
                 # slow, not broken. Re-publishing would only add to the pile, so look again
                 # later without spending the step's budget. (Waiting is bounded: in a FIFO
-                # queue the head moves past our message, or, where the head cannot be read
-                # (AMQP), SAGA_BACKLOG_PATIENCE segments after it was queued.)
+                # queue the head moves past our message, or, where the head is unknown (AMQP,
+                # before a live worker has taken from the queue), SAGA_BACKLOG_PATIENCE
+                # segments after it was queued.)
                 again = chain[0][2] if where.verdict == "held" else where.wait
                 again = min(max(again, settings.SAGA_SWEEP_INTERVAL), sum(d for _, _, d in chain))
                 step.deadline_at = now + timedelta(seconds=again)

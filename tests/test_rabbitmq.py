@@ -5,12 +5,18 @@ Runs in `make test`'s RabbitMQ pass (marked `broker`); on Redis there is nothing
 and it is skipped.
 """
 
+import time
+import uuid
+
 import amqp
 import pytest
 from django.conf import settings
 
-from devstack.topology import WORKERS, Topology
+from devstack.topology import WORKERS, Topology, wait_for
 from orders_project.celery import app
+from saga import recovery
+
+from .api import Api, make_product
 
 pytestmark = [
     pytest.mark.integration,
@@ -52,3 +58,38 @@ def test_every_process_publishes_with_confirms_to_quorum_queues(topology: Topolo
     with app.producer_or_acquire() as producer:
         producer.publish({"probe": True}, exchange="", routing_key="saga-confirm-probe", declare=[])
         assert producer.channel._confirm_selected is True
+
+
+def test_the_workers_say_how_far_they_have_got_in_their_queues(api: Api, sku: str) -> None:
+    """What the sweeper asks instead of the head of a queue it cannot peek (saga.recovery)."""
+    make_product(sku, on_hand=2)
+    placed_at = time.time()
+    order = api.wait_until_final(api.place_order([(sku, 1)])["id"])
+    assert order["status"] == "confirmed"
+
+    def heads() -> dict[str, float]:
+        return recovery.taken_heads()
+
+    path = ("inventory", "payments", "orders", "notifications")
+    wait_for(
+        lambda: all(heads().get(queue, recovery.UNKNOWN) >= placed_at - settings.SAGA_CLOCK_SLACK for queue in path),
+        timeout=30,
+        what="every worker on the order's way to have noted its message",
+    )
+
+
+def test_a_busy_queues_head_is_how_far_its_workers_have_got(topology: Topology) -> None:
+    name = f"tests-heads-{uuid.uuid4().hex[:8]}"
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue=name, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
+        try:
+            with app.producer_or_acquire() as producer:
+                producer.publish({"probe": True}, exchange="", routing_key=name, declare=[])
+            assert recovery.queue_heads([name], taken={name: 5.0}) == {name: 5.0}
+            # Before any live worker took from it, a busy queue's head is unknown.
+            assert recovery.queue_heads([name]) == {name: recovery.UNKNOWN}
+            channel.queue_purge(name)
+            assert recovery.queue_heads([name], taken={name: 5.0}) == {name: recovery.EMPTY}
+        finally:
+            channel.queue_delete(name)

@@ -61,3 +61,35 @@ def test_every_published_message_says_when_it_was_sent() -> None:
     headers: dict = {"id": "x"}
     stamp_sent_at(headers=headers, body=())
     assert isinstance(headers["saga_sent_at"], float)
+
+
+# --- AMQP: how far the workers have got stands in for the head no one can peek ----------
+
+
+class _Request:
+    def __init__(self, queue: str, headers: dict) -> None:
+        self.delivery_info = {"routing_key": queue, "redelivered": False}
+        self.request_dict = headers
+
+
+def test_a_worker_notes_the_newest_message_it_took_from_each_queue(monkeypatch) -> None:
+    from saga import recovery
+
+    monkeypatch.setattr(recovery, "_taken", {})
+    for queue, sent in [("payments", T + 2), ("payments", T + 5), ("payments", T + 3), ("orders", T + 1)]:
+        recovery.taken_note(request=_Request(queue, {recovery.SENT_AT: sent}))
+    recovery.taken_note(request=_Request("orders", {}))  # a message from before SENT_AT: nothing learned
+    recovery.taken_note(request=None)
+
+    # A message restored after its taker died arrives with its old time: the note keeps the newest.
+    assert recovery.saga_taken(state=None) == {"payments": T + 5, "orders": T + 1}
+
+
+def test_a_queue_a_worker_has_taken_past_the_chain_from_hides_no_lost_message() -> None:
+    # AMQP: payments still holds messages, but its worker has taken one sent 30 s after this
+    # chain's charge could have been: FIFO, so the charge is no longer waiting there.
+    now = T + 45
+    heads = {"inventory": EMPTY, "payments": T + 40, "orders": EMPTY, "saga": EMPTY}
+    assert verdict(heads, now=now) == "lost"
+    # Without that (no live worker has taken from it yet), it may still be waiting.
+    assert verdict({**heads, "payments": UNKNOWN}, now=now) == "waiting"
