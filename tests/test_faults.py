@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
+import psutil
 import pytest
 import redis
 from django.conf import settings
@@ -29,7 +30,9 @@ from orders_project.celery import _close_connections_closed_by_server, app
 from payments.gateways import GatewayUnavailable
 from payments.models import FakeProviderAttempt, FakeProviderOperation, Payment
 from payments.resilience import breaker_reset, breaker_state, call_provider
+from saga import recovery
 from saga.models import SagaInstance, SagaStep
+from saga.sweeper import _segment_chain
 
 from .api import (
     FINAL_SAGA_STATUSES,
@@ -251,6 +254,70 @@ def test_a_lost_message_is_recovered_while_steady_traffic_keeps_its_queue_busy(
     assert dropped == [f"{saga_id}-reserve_inventory-g0"]
     assert SagaStep.objects.get(saga_id=saga_id, name="reserve_inventory").republished == 1
     assert stock(sku) == (3, 1)
+
+
+@pytest.mark.skipif(REDIS_BROKER, reason="RabbitMQ's queues cannot be peeked; the test above reads Redis's list")
+def test_a_lost_message_is_judged_lost_while_its_rabbitmq_queue_is_busy(api: Api, topology: Topology, sku: str) -> None:
+    """Issue 11 on RabbitMQ: a queue that holds messages used to read as possibly holding a
+    stalled chain's message (its head cannot be peeked), so a lost message waited
+    SAGA_BACKLOG_PATIENCE segment deadlines under steady traffic. Now a busy queue's head is
+    how far its live workers have got in it (saga.recovery.taken_heads)."""
+    make_product(sku, on_hand=10)
+    inventory = topology.processes["inventory"]
+    inventory.stop()
+    try:
+        lost = api.place_order([(sku, 1)])
+        with app.connection_for_write() as connection:
+            channel = connection.channel()
+            wait_for(
+                lambda: channel.queue_declare(queue="inventory", passive=True).message_count,
+                timeout=30,
+                what="the reserve message to be queued",
+            )
+            taken = channel.basic_get(queue="inventory", no_ack=True)  # gone for good
+        assert taken.headers["id"] == f"{lost['saga']['id']}-reserve_inventory-g0"
+    finally:
+        inventory.start(topology.env)
+    topology.wait_ready(["inventory"])
+    reserve = SagaStep.objects.get(saga_id=lost["saga"]["id"], name="reserve_inventory")
+    # Orders placed later than the chain could have published its message (SAGA_CLOCK_SLACK).
+    later = reserve.queued_at.timestamp() + settings.SAGA_CLOCK_SLACK + 0.5
+    wait_for(lambda: time.time() > later, timeout=30, what="the clock slack to pass")
+    placed = [api.place_order([(sku, 1)])]
+    wait_for(lambda: stock(sku) == (10, 1), timeout=30, what="a later order's reserve step to run")
+
+    # The inventory worker's pool stands still: the worker takes what its prefetch allows
+    # and the rest waits in the queue, while the worker still answers remote control.
+    pool = [p for p in psutil.Process(inventory.popen.pid).children(recursive=True) if not p.children()]
+    assert pool, "the inventory worker's pool processes"
+    for process in pool:
+        process.suspend()
+    try:
+        placed += [api.place_order([(sku, 1)]) for _ in range(4)]
+        with app.connection_for_write() as connection:
+            channel = connection.channel()
+            wait_for(
+                lambda: channel.queue_declare(queue="inventory", passive=True).message_count,
+                timeout=30,
+                what="a message to wait in the busy inventory queue",
+            )
+        saga = SagaInstance.objects.get(id=lost["saga"]["id"])
+        chain = _segment_chain(saga, reserve)
+        queues, task_ids = {queue for _, queue, _ in chain} | {"saga"}, [task_id for task_id, _, _ in chain]
+        view = recovery.broker_view(queues=queues, task_ids=task_ids)
+        where = recovery.chain_whereabouts(
+            queued_at=reserve.queued_at.timestamp(), chain=chain, view=view, now=time.time()
+        )
+        assert view.heads["inventory"] > later, view.heads
+        assert where.verdict == "lost", (where, view)
+    finally:
+        for process in pool:
+            process.resume()
+
+    orders = [api.wait_until_final(order["id"], timeout=120) for order in [lost, *placed]]
+    assert [order["status"] for order in orders] == ["confirmed"] * 6
+    assert SagaStep.objects.get(id=reserve.id).republished == 1
+    assert stock(sku) == (10, 6)
 
 
 def test_a_worker_killed_mid_step_comes_back_and_the_effect_applies_once(
