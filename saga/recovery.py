@@ -391,11 +391,7 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
             for tag, task_id in task_of.items():
                 if task_id in held:
                     continue
-                first_seen = suspects.get(tag, now)
-                if first_seen > now - settings.SAGA_ORPHAN_CONFIRM:
-                    still[tag] = first_seen
-                    done["suspected"] += 1
-                elif _restore(channel, client, tag):
+                if _confirmed(tag, suspects, still, done, now=now) and _restore(channel, client, tag):
                     logger.warning("restored task %s: its worker died holding it (delivery %s)", task_id, tag)
                     done["restored"] += 1
             pipe = client.pipeline()
@@ -407,6 +403,19 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
             with contextlib.suppress(LockError):
                 lock.release()
     return {key: value for key, value in done.items() if value}
+
+
+def _confirmed(
+    key: str, suspects: dict[str, float], still: dict[str, float], done: dict[str, int], *, now: float
+) -> bool:
+    """Whether `key` was suspected by a look at least SAGA_ORPHAN_CONFIRM ago; if not, it is
+    suspected (still, or from now) in `still`, which the look writes back."""
+    first_seen = suspects.get(key, now)
+    if first_seen > now - settings.SAGA_ORPHAN_CONFIRM:
+        still[key] = first_seen
+        done["suspected"] += 1
+        return False
+    return True
 
 
 def _being_delivered_return(
@@ -433,11 +442,7 @@ def _being_delivered_return(
         except (ValueError, TypeError, KeyError):
             tag, task_id = item[:64].hex() if isinstance(item, bytes) else str(item)[:64], None
         key = f"delivering:{tag}"
-        first_seen = suspects.get(key, now)
-        if first_seen > now - settings.SAGA_ORPHAN_CONFIRM:
-            still[key] = first_seen
-            done["suspected"] += 1
-        elif delivering_return(client, queue, item):
+        if _confirmed(key, suspects, still, done, now=now) and delivering_return(client, queue, item):
             logger.warning("restored task %s: its worker died taking it off the %s queue", task_id, queue)
             done["restored"] += 1
 

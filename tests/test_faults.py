@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import psutil
 import pytest
@@ -264,16 +265,18 @@ def test_a_lost_message_is_judged_lost_while_its_rabbitmq_queue_is_busy(api: Api
     how far its live workers have got in it (saga.recovery.taken_heads)."""
     make_product(sku, on_hand=10)
     inventory = topology.processes["inventory"]
+
+    def inventory_queue_holds(what: str) -> Any:
+        connection = app.connection_for_write()
+        channel = connection.channel()
+        wait_for(lambda: channel.queue_declare(queue="inventory", passive=True).message_count, timeout=30, what=what)
+        return connection, channel
+
     inventory.stop()
     try:
         lost = api.place_order([(sku, 1)])
-        with app.connection_for_write() as connection:
-            channel = connection.channel()
-            wait_for(
-                lambda: channel.queue_declare(queue="inventory", passive=True).message_count,
-                timeout=30,
-                what="the reserve message to be queued",
-            )
+        connection, channel = inventory_queue_holds("the reserve message to be queued")
+        with connection:
             taken = channel.basic_get(queue="inventory", no_ack=True)  # gone for good
         assert taken.headers["id"] == f"{lost['saga']['id']}-reserve_inventory-g0"
     finally:
@@ -294,13 +297,7 @@ def test_a_lost_message_is_judged_lost_while_its_rabbitmq_queue_is_busy(api: Api
         process.suspend()
     try:
         placed += [api.place_order([(sku, 1)]) for _ in range(4)]
-        with app.connection_for_write() as connection:
-            channel = connection.channel()
-            wait_for(
-                lambda: channel.queue_declare(queue="inventory", passive=True).message_count,
-                timeout=30,
-                what="a message to wait in the busy inventory queue",
-            )
+        inventory_queue_holds("a message to wait in the busy inventory queue")[0].release()
         saga = SagaInstance.objects.get(id=lost["saga"]["id"])
         chain = _segment_chain(saga, reserve)
         queues, task_ids = {queue for _, queue, _ in chain} | {"saga"}, [task_id for task_id, _, _ in chain]
