@@ -132,10 +132,20 @@ def _sent_at_of(raw: bytes | str | None) -> float:
     if raw is None:
         return EMPTY
     try:
-        sent = json.loads(raw)["headers"][SENT_AT]
-        return float(sent)
+        return plausible_sent_at(json.loads(raw)["headers"][SENT_AT])
     except (ValueError, KeyError, TypeError):
         return UNKNOWN  # a message from before this header existed, or not Celery's
+
+
+def plausible_sent_at(sent: Any, *, now: float | None = None) -> float:
+    """`sent` as a time a message was sent, or UNKNOWN if it cannot be one: not a finite
+    number, or later than now by more than SAGA_CLOCK_SLACK. A head in the future would read
+    every stalled chain before it as lost, and spend its re-publishing budget: whoever can
+    write a message header or a remote-control reply must not be able to do that."""
+    value = float(sent)
+    if not math.isfinite(value) or value > (now or time.time()) + settings.SAGA_CLOCK_SLACK:
+        return UNKNOWN
+    return value
 
 
 def queue_heads(queues: Iterable[str], *, taken: dict[str, float] | None = None) -> dict[str, float]:
@@ -196,9 +206,10 @@ def taken_note(request: Any = None, **_: Any) -> None:
     """`task_received` receiver (a worker's main process, AMQP only): note when the message
     just taken was sent, under its queue (the routing key: each queue is bound by its name)."""
     try:
-        queue, sent = request.delivery_info["routing_key"], float(request.request_dict[SENT_AT])
+        queue, sent = request.delivery_info["routing_key"], plausible_sent_at(request.request_dict[SENT_AT])
     except (AttributeError, KeyError, TypeError, ValueError):
         return  # no time (a message from before SENT_AT), or not a task message
+    # (A time in the future, forged, is UNKNOWN: it would hide this worker's real progress.)
     if queue and sent > _taken.get(queue, UNKNOWN):
         _taken[queue] = sent
 
@@ -230,7 +241,7 @@ def taken_heads(*, connection: Any = None) -> dict[str, float]:
         for answer in reply.values() if isinstance(reply, dict) else []:
             for queue, sent in answer.items() if isinstance(answer, dict) else []:
                 with contextlib.suppress(TypeError, ValueError):
-                    heads[queue] = max(heads.get(queue, UNKNOWN), float(sent))
+                    heads[queue] = max(heads.get(queue, UNKNOWN), plausible_sent_at(sent))
     return heads
 
 

@@ -2,6 +2,8 @@
 (saga.recovery.chain_whereabouts), without a broker: the system tests cover it end to end
 (tests/test_faults.py)."""
 
+import time
+
 import pytest
 
 from saga.recovery import EMPTY, UNKNOWN, BrokerView, chain_whereabouts, stamp_sent_at
@@ -79,6 +81,7 @@ def test_a_worker_notes_the_newest_message_it_took_from_each_queue(monkeypatch) 
     for queue, sent in [("payments", T + 2), ("payments", T + 5), ("payments", T + 3), ("orders", T + 1)]:
         recovery.taken_note(request=_Request(queue, {recovery.SENT_AT: sent}))
     recovery.taken_note(request=_Request("orders", {}))  # a message from before SENT_AT: nothing learned
+    recovery.taken_note(request=_Request("orders", {recovery.SENT_AT: time.time() + 3600}))  # forged: ignored
     recovery.taken_note(request=None)
 
     # A message restored after its taker died arrives with its old time: the note keeps the newest.
@@ -93,3 +96,15 @@ def test_a_queue_a_worker_has_taken_past_the_chain_from_hides_no_lost_message() 
     assert verdict(heads, now=now) == "lost"
     # Without that (no live worker has taken from it yet), it may still be waiting.
     assert verdict({**heads, "payments": UNKNOWN}, now=now) == "waiting"
+
+
+def test_a_head_in_the_future_is_unknown_not_a_reason_to_call_chains_lost() -> None:
+    # A forged header or remote-control reply must not make every stalled chain look lost.
+    from saga.recovery import plausible_sent_at
+
+    now = T + 45
+    assert plausible_sent_at(T + 40, now=now) == T + 40
+    assert plausible_sent_at(now + 2, now=now) == now + 2  # a publisher's clock a little ahead
+    assert plausible_sent_at(now + 3600, now=now) == UNKNOWN
+    assert plausible_sent_at(float("inf"), now=now) == UNKNOWN
+    assert plausible_sent_at(float("nan"), now=now) == UNKNOWN
