@@ -21,10 +21,10 @@ Three questions, each answered on Redis and on RabbitMQ alike where they can be:
   visibility timeout (60 s in production). `orphans_restore` returns it as soon as no live
   worker has claimed it in two looks a couple of seconds apart. A message a worker took
   off its queue and died before recording (common.kombu_fixes keeps it meanwhile in the
-  queue's delivering list) is returned the same way, without asking the workers. It runs in a thread of
-  every worker's main process (`watchdog_start`), not in the sweep task: a sweep waits in
-  the `saga` queue behind the coordinator's backlog (and expires there), and none runs
-  while the saga worker itself is the one that died.
+  queue's delivering list) is returned the same way, without asking the workers. It runs
+  in a thread of every worker's main process (`watchdog_start`), not in the sweep task: a
+  sweep waits in the `saga` queue behind the coordinator's backlog (and expires there),
+  and none runs while the saga worker itself is the one that died.
 """
 
 import contextlib
@@ -329,8 +329,8 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
     Cheap when nothing is wrong: one round trip, a `ZRANGE` of the deliveries older than
     SAGA_ORPHAN_GRACE (a healthy step acknowledges its message in milliseconds; a slow one,
     or one waiting for its retry, is claimed by its live worker) and an `LRANGE` of each
-    queue's delivering list (empty but for milliseconds: `_being_delivered_return`). Only when there are such
-    deliveries does it ask the workers (one `query_task` broadcast). A message is restored
+    queue's delivering list (empty but for milliseconds: `_being_delivered_return`). Only
+    when there are such deliveries does it ask the workers (one `query_task` broadcast). A message is restored
     when no worker has claimed it in two looks at least SAGA_ORPHAN_CONFIRM apart, so a
     worker slow to answer one broadcast does not get its message copied. Restoring is a
     transaction on kombu's `unacked` hash (as kombu's own restore is), so this, another
