@@ -24,7 +24,7 @@ from payments.resilience import breaker_reset, provider_breaker
 from saga.engine import build_chain
 from saga.models import SagaInstance, SagaStep
 
-from .api import Api, make_product, steps_by_name, stock
+from .api import Api, make_product, result_wait, steps_by_name, stock
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
@@ -49,13 +49,13 @@ def publish_copies(
 
 def outcomes(results: list[AsyncResult]) -> list[Any]:
     """Each copy's return value, or its exception (copies may refuse; none may crash)."""
-    return [result.get(timeout=90, propagate=False) for result in results]
+    return [result_wait(result, 90) for result in results]
 
 
 def redeliver(saga: SagaInstance, step_name: str, ctx: dict) -> dict:
     """Publish the step's message again, exactly as the saga did, and wait for it to run."""
     [result] = publish_copies(saga, step_name, ctx)
-    return result.get(timeout=60, propagate=True)
+    return result_wait(result, 60, propagate=True)
 
 
 @pytest.fixture(autouse=True)

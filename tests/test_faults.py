@@ -43,6 +43,7 @@ from .api import (
     held_saga,
     make_product,
     publish_step,
+    result_wait,
     send_forged_messages,
     stale_connection_failures,
     steps_by_name,
@@ -402,11 +403,12 @@ def test_an_errback_delivered_twice_compensates_once(api: Api, sku: str) -> None
 
     # The errback as the chain carried it: with the coordinator's authority for that task.
     authority = failure_report_mint(saga_id=saga.id, step=failed.name, task_id=failed.celery_task_id)
-    app.signature(
+    report = app.signature(
         "saga.step_failed",
         args=(failed.celery_task_id,),
         kwargs={"saga_id": str(saga.id), "step": failed.name, "authority": authority},
-    ).apply_async(ignore_result=False).get(timeout=30)
+    ).apply_async(ignore_result=False)
+    result_wait(report, 30, propagate=True)
 
     saga.refresh_from_db()
     assert (saga.status, saga.generation) == ("compensated", 1)

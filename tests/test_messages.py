@@ -30,7 +30,7 @@ from orders_project.celery import app
 from saga.engine import build_chain, step_name_of
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
 
-from .api import Api, make_product, stock
+from .api import Api, make_product, result_wait, stock
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
@@ -127,7 +127,7 @@ def chain_messages(saga: SagaInstance, plan, *, phase: str, generation: int) -> 
         kwargs = dict(sig.kwargs)
         messages[sig.task] = (args, kwargs)
         result = app.send_task(sig.task, args=args, kwargs=kwargs, ignore_result=False)
-        output = result.get(timeout=60, propagate=False)
+        output = result_wait(result, 60)
         assert result.state == "SUCCESS", (sig.task, result.result)
         args = [output]
     return messages
@@ -332,7 +332,7 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
         return line in topology.processes[queue].log_path.read_text(errors="replace")
 
     for result, task, queue, error, text in sent:
-        result.get(timeout=60, propagate=False)
+        result_wait(result, 60)
         assert result.state == "FAILURE", (task, result.state, result.result)
         assert isinstance(result.result, error) and text in str(result.result), (task, result.result)
         # A refusal is a business outcome (the task's `throws`: common.steps), logged at
@@ -340,7 +340,7 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
         kind = "expected" if isinstance(result.result, BusinessFailure) else "unexpected"
         line = f"{task}[{result.id}] raised {kind}: {type(result.result).__name__}"
         wait_for(lambda queue=queue, line=line: logged(queue, line), timeout=10, what=f"the {queue} worker's log")
-    unknown.get(timeout=60)
+    result_wait(unknown, 60, propagate=True)
     assert unknown.state == "SUCCESS"
     wait_for(lambda: logged("saga", "has no stored failure; ignored"), timeout=10, what="the saga worker's log")
 
@@ -355,7 +355,7 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
 
 def send_and_expect(task: str, args: list, kwargs: dict, error: type[Exception] = InvalidMessage) -> Exception:
     result = app.send_task(task, args=args, kwargs=kwargs, ignore_result=False)
-    result.get(timeout=60, propagate=False)
+    result_wait(result, 60)
     assert result.state == "FAILURE", (task, result.state, result.result)
     assert isinstance(result.result, error), (task, result.result)
     return result.result

@@ -25,7 +25,7 @@ from orders_project.celery import app
 from saga.engine import build_chain
 from saga.models import SagaInstance
 
-from .api import Api, make_product
+from .api import Api, make_product, result_wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
@@ -165,7 +165,7 @@ def test_racing_copies_of_a_notification_deliver_it_once_per_channel(
 
     # Three copies: the saga's own and two more; the worker's two pool processes start two
     # of them together, and the email takes the sink 3 s to accept.
-    outputs = [copy.get(timeout=120) for copy in copies]
+    outputs = [result_wait(copy, 120, propagate=True) for copy in copies]
     order = api.wait_until_final(placed["id"], timeout=120)
 
     assert (order["status"], order["saga"]["status"]) == ("confirmed", "completed")

@@ -26,7 +26,7 @@ from saga.engine import settlement_chain
 from saga.models import SagaInstance, SagaStatus
 from saga.tasks import settled
 
-from .api import Api, make_product, shelf, wait_settled
+from .api import Api, make_product, result_wait, shelf, wait_settled
 from .test_races import queued
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
@@ -93,7 +93,7 @@ def test_racing_copies_of_a_settlement_sell_the_stock_once(topology: Topology, s
         topology.wait_ready(["inventory"])
 
     # The worker's pool takes the copies together: each waits on the rows the first locked.
-    stamped = [copy.get(timeout=60) for copy in copies]
+    stamped = [result_wait(copy, 60, propagate=True) for copy in copies]
 
     assert sum(stamped) == 2  # each saga stamped settled once, whichever copy did it
     assert shelf(sku) == (6, 0, 4)

@@ -15,7 +15,7 @@ from devstack.topology import Topology, wait_for
 from orders_project.celery import app
 from saga.models import SagaInstance, SagaStep
 
-from .api import Api, make_product
+from .api import Api, make_product, result_wait
 from .otlp import OtlpReceiver, ReceivedSpan
 
 pytestmark = [pytest.mark.integration, pytest.mark.broker]
@@ -101,11 +101,12 @@ def test_a_compensated_order_is_one_trace_covering_every_step(
     # untraced process) is adopted into the saga's trace by the saga worker.
     charge = SagaStep.objects.get(saga=saga, name="charge_payment")
     authority = failure_report_mint(saga_id=saga.id, step=charge.name, task_id=charge.celery_task_id)
-    app.signature(
+    report = app.signature(
         "saga.step_failed",
         args=(charge.celery_task_id,),
         kwargs={"saga_id": str(saga.id), "step": charge.name, "authority": authority},
-    ).apply_async(ignore_result=False).get(timeout=30)
+    ).apply_async(ignore_result=False)
+    result_wait(report, 30, propagate=True)
     adopted = wait_for(
         lambda: [
             span
