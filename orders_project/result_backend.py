@@ -21,6 +21,10 @@ from kombu.exceptions import DecodeError
 
 from common.sql import prepared
 
+# A task's outcomes that end it (celery.states.READY_STATES), in a fixed order for the
+# prepared statement's parameters.
+FINAL_STATES = sorted(states.READY_STATES)
+
 
 class DatabaseBackend(_DatabaseBackend):
     def _aliases(self) -> set[str]:
@@ -53,7 +57,15 @@ class DatabaseBackend(_DatabaseBackend):
         django-celery-results' own store is `get_or_create` (a read, then an insert in a
         transaction of its own, then maybe an update): three statements and two commits on
         every stored result, and a chain's last step stores one per saga (saga.engine).
-        Same columns, same encoding, same last-write-wins as the original.
+        Same columns and encoding as the original.
+
+        Unlike the original, the last write does not always win: a stored SUCCESS is never
+        replaced, and a stored FAILURE or REVOKED only by another final state (what
+        Celery's Elasticsearch backend does, celery/celery#6115). `Task.retry` publishes
+        the next attempt before its worker stores RETRY, so with a short countdown the next
+        attempt can fail for good, store FAILURE and send its failure report first; the
+        late RETRY then hid that failure, and the coordinator ignored the report as one
+        with no stored failure (saga.failure) until the sweeper found the step stalled.
         """
         content_type, content_encoding, encoded = self.encode_content(result)
         meta = {**self._get_meta_from_request(request), "children": self.current_task_children(request)}
@@ -77,8 +89,9 @@ class DatabaseBackend(_DatabaseBackend):
                 f"INSERT INTO {table} (task_id, {', '.join(names)}, date_created, date_done{started}) "
                 f"VALUES (%s, {', '.join(['%s'] * len(names))}, now(), now(){', now()' if started else ''}) "
                 f"ON CONFLICT (task_id) DO UPDATE SET {', '.join(f'{n} = EXCLUDED.{n}' for n in names)}, "
-                f"date_done = EXCLUDED.date_done{', date_started = EXCLUDED.date_started' if started else ''}",
-                [task_id, *fields.values()],
+                f"date_done = EXCLUDED.date_done{', date_started = EXCLUDED.date_started' if started else ''} "
+                f"WHERE {table}.status <> %s AND ({table}.status <> ALL(%s) OR EXCLUDED.status = ANY(%s))",
+                [task_id, *fields.values(), states.SUCCESS, FINAL_STATES, FINAL_STATES],
             )
         return encoded
 

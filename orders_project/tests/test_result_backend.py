@@ -89,3 +89,40 @@ def test_a_failed_step_stores_its_own_failure_and_none_for_the_steps_chained_aft
 
     assert app.AsyncResult(failed).state == states.FAILURE
     assert [app.backend._get_task_meta_for(task_id)["status"] for task_id in later] == [states.PENDING] * 2
+
+
+def test_a_late_retry_does_not_hide_the_failure_of_the_attempt_it_published() -> None:
+    """`Task.retry` publishes the next attempt, then its worker stores RETRY. With a short
+    countdown the next attempt can fail for good first: its FAILURE, which its failure
+    report sends the coordinator to read (saga.failure), must survive the late RETRY."""
+    task_id = f"test-{uuid.uuid4()}"
+    app.backend.mark_as_failure(task_id, PaymentDeclined("the refund failed for good"), call_errbacks=False)
+    app.backend.mark_as_retry(task_id, PaymentDeclined("provider answered 503"))
+
+    result = app.AsyncResult(task_id)
+    assert (result.state, str(result.result)) == (states.FAILURE, "the refund failed for good")
+
+
+def test_a_stored_success_is_final_and_a_failure_gives_way_only_to_an_outcome() -> None:
+    """A chain's record (a SUCCESS) waits in the result backend for the coordinator's drain:
+    a late copy of its step that failed must not replace it. A FAILURE is replaced by a
+    later copy's SUCCESS, not by a copy that is only starting or retrying."""
+    recorded = f"test-{uuid.uuid4()}"
+    app.backend.store_result(recorded, {"saga_id": "s", "outcome": "confirmed"}, states.SUCCESS)
+    app.backend.mark_as_failure(recorded, PaymentDeclined("a late copy"), call_errbacks=False)
+    app.backend.mark_as_started(recorded)
+    assert app.AsyncResult(recorded).result == {"saga_id": "s", "outcome": "confirmed"}
+
+    failed = f"test-{uuid.uuid4()}"
+    app.backend.mark_as_failure(failed, PaymentDeclined("first"), call_errbacks=False)
+    app.backend.mark_as_started(failed)
+    assert app.AsyncResult(failed).state == states.FAILURE
+    app.backend.mark_as_revoked(failed, "terminated")
+    assert app.AsyncResult(failed).state == states.REVOKED
+    app.backend.store_result(failed, {"saga_id": "s"}, states.SUCCESS)
+    assert (app.AsyncResult(failed).state, app.AsyncResult(failed).result) == (states.SUCCESS, {"saga_id": "s"})
+
+    retried = f"test-{uuid.uuid4()}"
+    app.backend.mark_as_retry(retried, PaymentDeclined("provider answered 503"))
+    app.backend.mark_as_failure(retried, PaymentDeclined("for good"), call_errbacks=False)
+    assert app.AsyncResult(retried).state == states.FAILURE
