@@ -24,7 +24,7 @@ from orders_project.celery import app
 from . import store
 from .definition import get_definition
 from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
-from .publish import OUTCOME_FAILED, saga_begin_compensation
+from .publish import OUTCOME_FAILED, publish_on_commit, saga_begin_compensation
 from .store import DB, UNSETTLED
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def saga_step_failed(
     task_id: str,
     timeline: Any = None,
     attempt: Any = None,
+    redelivered: bool = False,
 ) -> None:
     """Handle a step that failed for good (its own retries exhausted or a business failure).
 
@@ -77,7 +78,10 @@ def saga_step_failed(
     is recorded `refused`, not failed. `timeline` is the failed task's `_steps` (the
     records of the steps before it) and `attempt` its attempt number and worker, as the
     failure report carries them (saga.timeline). Idempotent: a second errback for the same
-    failure changes nothing.
+    failure changes nothing, but for one thing: a report the broker `redelivered` (its
+    first delivery's worker died holding it) publishes again the compensation chain its
+    first delivery decided on, in case that worker died between its commit and its publish
+    (`_compensation_published_again`).
     """
     failure = _failure_from_backend(task_id, saga_id=saga_id, step=step_name)
     if failure is None:
@@ -108,6 +112,8 @@ def saga_step_failed(
             saga, steps, step, failure, task_id=task_id, timeline=timeline, attempt=attempt
         )
         if not decide:
+            if redelivered:
+                _compensation_published_again(saga, steps, step, task_id=task_id)
             if changed:
                 store.save(saga, changed, fields=["context"])
             return
@@ -210,6 +216,49 @@ def _failure_recorded(
                 s.mark_pending()
                 changed.append(s)
     return changed, True
+
+
+def _compensation_published_again(
+    saga: SagaInstance, steps: dict[str, SagaStep], step: SagaStep, *, task_id: str
+) -> None:
+    """Publish again, once the transaction commits, the compensation chain that this
+    failure's report started, if the saga is still waiting on it as published.
+
+    The coordinator publishes a chain after its transaction commits (publish_on_commit):
+    a worker killed between the two leaves the decision recorded and no message anywhere,
+    and its report, delivered again, found nothing left to decide. The saga then waited
+    for the chain's deadline (tens of seconds) and the sweeper spent a re-publish on it.
+    Publishing again in the same generation is safe whether or not the first copy went
+    out: the messages carry the same task ids, and each step is idempotent by its key.
+
+    Precondition: `saga`'s row lock is held and `steps` are all its steps; the report is
+    for `task_id`, a redelivery of one whose failure is already recorded.
+    """
+    if (
+        saga.status != SagaStatus.COMPENSATING
+        or saga.failure_step != step.name
+        or step.phase != StepPhase.FORWARD
+        or step.celery_task_id != task_id
+    ):
+        return
+    waiting = sorted(
+        (s for s in steps.values() if s.phase == StepPhase.COMPENSATION and s.status == StepStatus.RUNNING),
+        key=lambda s: s.position,
+    )
+    # Not once the sweeper has re-published it: that copy went out after its own commit.
+    if not waiting or waiting[0].republished:
+        return
+    first = waiting[0]
+    plan = get_definition(saga.definition, saga.definition_version).compensation_steps()
+    publish_on_commit(plan[first.position :], saga)
+    logger.warning(
+        "saga %s: the failure report of %s came again after its worker died; its compensation chain "
+        "(generation %d, from %s) is published again",
+        saga.id,
+        step.name,
+        saga.generation,
+        first.name,
+    )
 
 
 def stop_running(steps: Iterable[SagaStep], changed: list[SagaStep]) -> None:

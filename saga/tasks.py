@@ -56,6 +56,10 @@ def step_failed(self: Any, task_id: str, *, saga_id: str, step: str, authority: 
         task_id=task_id,
         timeline=getattr(self.request, TIMELINE_HEADER, None),
         attempt=getattr(self.request, ATTEMPT_HEADER, None),
+        # Returned to its queue because the worker that took it died (kombu's restore,
+        # saga.recovery's watchdog, RabbitMQ's requeue): that worker may have recorded the
+        # decision and died before publishing it.
+        redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
     )
 
 

@@ -31,6 +31,8 @@ from payments.gateways import GatewayUnavailable
 from payments.models import FakeProviderAttempt, FakeProviderOperation, Payment
 from payments.resilience import breaker_reset, breaker_state, call_provider
 from saga import recovery
+from saga.engine import task_id_for
+from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStep
 from saga.sweeper import _segment_chain
 
@@ -423,6 +425,89 @@ def test_an_errback_delivered_twice_compensates_once(api: Api, sku: str) -> None
     saga.refresh_from_db()
     assert (saga.status, saga.generation) == ("compensated", 1)
     assert SagaStep.objects.filter(saga=saga, phase="compensation").count() == 4
+    assert [n["kind"] for n in api.notifications(order["id"])] == ["order_failed"]
+
+
+class HeldReport:
+    """A failure report taken off the `saga` queue and held, as a worker holds the message
+    it is running, until `redelivered` returns it to the queue the way the broker does when
+    that worker dies: marked redelivered (Redis: kombu's restore and saga.recovery's
+    watchdog mark it so; RabbitMQ: a message its consumer never acknowledged)."""
+
+    def __init__(self, saga_id: str, *, timeout: float = 30) -> None:
+        self.saga_id = saga_id
+        if REDIS_BROKER:
+            self.broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+            self.raw = wait_for(self._take_from_list, timeout=timeout, what="the failure report to be queued")
+        else:
+            self.connection = app.connection_for_write()
+            self.channel = self.connection.channel()
+            self.message = wait_for(self._get, timeout=timeout, what="the failure report to be queued")
+
+    def _is_ours(self, headers: dict) -> bool:
+        return headers.get("task") == "saga.step_failed" and self.saga_id in str(headers.get("kwargsrepr"))
+
+    def _take_from_list(self) -> bytes | None:
+        for raw in self.broker.lrange("saga", 0, -1):
+            if self._is_ours(json.loads(raw)["headers"]) and self.broker.lrem("saga", 1, raw):
+                return raw
+        return None
+
+    def _get(self) -> Any:
+        # Beat's sweeps queue up beside it while the saga worker is stopped: let them go.
+        while (message := self.channel.basic_get(queue="saga", no_ack=False)) is not None:
+            if self._is_ours(message.headers):
+                return message
+            self.channel.basic_ack(message.delivery_tag)
+        return None
+
+    def redelivered(self) -> None:
+        if REDIS_BROKER:
+            payload = json.loads(self.raw)
+            payload["headers"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
+            self.broker.rpush("saga", json.dumps(payload))  # the end workers take from
+        else:
+            self.channel.basic_reject(self.message.delivery_tag, requeue=True)
+            self.connection.release()
+
+
+def test_a_failure_report_delivered_again_publishes_the_compensation_its_first_copy_decided(
+    api: Api, topology: Topology, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator publishes a compensation chain after the transaction that decided it
+    commits (saga.publish.publish_on_commit). A saga worker killed between the two (the
+    chaos run of 12-06 14:04 hit that window, 28 ms after the worker took the report) left
+    the decision recorded and no message anywhere. Its report, delivered again, found
+    nothing left to decide, and the saga waited for the compensation's deadline (30 s
+    here) and a re-publish by the sweeper. Played here without the kill's timing: the first
+    delivery's work runs in this process and its publish is lost, then the report is
+    delivered again as the broker delivers it after a kill."""
+    make_product(sku, on_hand=3)
+    saga_worker = topology.processes["saga"]
+    saga_worker.stop()
+    try:
+        placed = api.place_order([(sku, 1)], token="tok_chargeDeclined")
+        saga_id = placed["saga"]["id"]
+        report = HeldReport(saga_id)
+        # The first delivery: the decision commits, and its worker dies before it publishes.
+        monkeypatch.setattr("saga.publish._publish", lambda *args, **kwargs: None)
+        task_id = task_id_for(saga_id, "charge_payment", 0)
+        saga_step_failed(saga_id=saga_id, step_name="charge_payment", task_id=task_id)
+        monkeypatch.undo()
+        decided = SagaInstance.objects.get(id=saga_id)
+        assert (decided.status, decided.failure_step, decided.generation) == ("compensating", "charge_payment", 1)
+        assert stock(sku) == (3, 1)  # nothing of the compensation ran
+        report.redelivered()
+    finally:
+        saga_worker.start(topology.env)
+    topology.wait_ready(["saga"])
+
+    # Well inside the compensation's own deadline (three steps' SAGA_STEP_TIMEOUT).
+    order = api.wait_until_final(placed["id"], timeout=10)
+    assert order["status"] == "failed"
+    assert stock(sku) == (3, 0)
+    assert not SagaStep.objects.filter(saga_id=saga_id, republished__gt=0).exists()
     assert [n["kind"] for n in api.notifications(order["id"])] == ["order_failed"]
 
 
