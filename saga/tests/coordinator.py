@@ -149,15 +149,19 @@ def fail(
     generation: int | None = None,
     timeline: list[dict[str, Any]] | None = None,
     attempt: dict[str, Any] | None = None,
+    redelivered: bool = False,
 ) -> str:
     """A step's failure report, as it reaches the coordinator: the failing worker stored
     the exception in the result backend, with its ids and its seal over the failure's
-    type (common.steps), then its errback names the task id."""
+    type (common.steps), then its errback names the task id. `redelivered`: the broker
+    delivers the report again (the worker that took it first died)."""
     task_id = task_id_for(saga.id, step, saga_row(saga).generation if generation is None else generation)
     sealed = failure_seal(saga_id=saga.id, step=step, task_id=task_id, error_type=type(error).__name__)
     stored = Context(id=task_id, argsrepr=stored_args_repr({"saga_id": str(saga.id)}, sealed_failure=sealed))
     app.backend.store_result(task_id, error, states.FAILURE, request=stored)
-    saga_step_failed(saga_id=saga.id, step_name=step, task_id=task_id, timeline=timeline, attempt=attempt)
+    saga_step_failed(
+        saga_id=saga.id, step_name=step, task_id=task_id, timeline=timeline, attempt=attempt, redelivered=redelivered
+    )
     return task_id
 
 

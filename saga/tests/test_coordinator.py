@@ -402,6 +402,38 @@ def test_a_repeated_errback_for_the_same_failure_changes_nothing(django_capture_
     assert published(callbacks) == []
 
 
+def test_a_redelivered_report_publishes_its_compensation_again_in_the_same_generation(
+    django_capture_on_commit_callbacks,
+) -> None:
+    """The saga worker that decided may have died between its commit and its publish: the
+    report the broker delivers again publishes the same chain (same task ids), and changes
+    nothing else. Not once the sweeper re-published it, nor once the chain has reported."""
+    saga = start()
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "charge_payment", PaymentDeclined("card declined"), timeline=timeline(saga, ["reserve_inventory"]))
+    first = published(callbacks)
+    done = snapshot(saga)
+
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "charge_payment", PaymentDeclined("card declined"), generation=0, redelivered=True)
+    assert published(callbacks) == first
+    assert snapshot(saga) == done
+
+    release = rows(saga)["release_inventory"]
+    release.republished = 1  # what the sweeper's re-publish leaves (saga_republish_from)
+    release.save(using="orders", update_fields=["republished"])
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "charge_payment", PaymentDeclined("card declined"), generation=0, redelivered=True)
+    assert published(callbacks) == []
+
+    undo = timeline(saga, COMPENSATION[1:], generation=1)
+    saga_step_succeeded(saga_id=saga.id, step_name="notify_failure", result=report(saga, undo))
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        fail(saga, "charge_payment", PaymentDeclined("card declined"), generation=0, redelivered=True)
+    assert published(callbacks) == []
+    assert saga_row(saga).status == SagaStatus.COMPENSATED
+
+
 def test_a_failure_report_with_no_stored_failure_or_a_refused_message_is_ignored(
     caplog: pytest.LogCaptureFixture, django_capture_on_commit_callbacks
 ) -> None:
