@@ -241,14 +241,14 @@ def _compensation_published_again(
         or step.celery_task_id != task_id
     ):
         return
-    waiting = sorted(
+    first = min(
         (s for s in steps.values() if s.phase == StepPhase.COMPENSATION and s.status == StepStatus.RUNNING),
         key=lambda s: s.position,
+        default=None,
     )
     # Not once the sweeper has re-published it: that copy went out after its own commit.
-    if not waiting or waiting[0].republished:
+    if first is None or first.republished:
         return
-    first = waiting[0]
     plan = get_definition(saga.definition, saga.definition_version).compensation_steps()
     publish_on_commit(plan[first.position :], saga)
     logger.warning(
