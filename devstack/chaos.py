@@ -18,8 +18,8 @@ in between) and drops queued messages. Then it waits
 until every saga has finished and every confirmed order's stock is sold (saga.settlement),
 runs the saga audit (with stock conservation: on hand plus sold is what each product
 started with), and prints what it injected, how long each fault took to recover from (for
-a kill, seconds until every task the worker held
-was received again by a live worker; for the others, until the sagas it caught moved
+a kill, seconds until every task the worker held was received again by a live worker and
+the sagas those tasks were for moved on; for the others, until the sagas it caught moved
 again), the median and worst per kind of fault, and the audit's verdict. Exit status 0
 only when every saga finished and the audit is clean.
 
@@ -128,21 +128,43 @@ class Fault:
     at_wall: float = 0.0  # `at` on the wall clock, as the workers' log lines are
     # A broker restart: seconds after `at` (its stop) until the broker answered again.
     back_after: float | None = None
+    # A kill: seconds until none of the steps it caught (the running steps of the sagas
+    # whose tasks it held) was running any more: its sagas moved on.
+    moved_after: float | None = None
+
+    def received_all_after(self) -> float | None:
+        """A kill: seconds until the last task it still holds was received again; None
+        while one has not been, or when it holds none."""
+        received = [self.received_again.get(task_id) for task_id in self.held]
+        if not received or None in received:
+            return None
+        return max(t for t in received if t is not None)
 
     def recovered_once_all_received(self) -> None:
-        """A kill has recovered when every task it still holds was received again: then
-        at the latest of those receipts."""
-        if self.held and len(self.received_again) == len(self.held):
-            self.recovered_after = max(self.received_again.values())
+        """A kill has recovered when every task it still holds was received again by a live
+        worker and the sagas those tasks were for have moved on (`moved_after`): then at
+        the later of the two. A task received again is not yet a saga moving on: a
+        coordinator killed between its commit and its publish had its report received
+        again in 7 s while its saga waited 43 s (docs/DECISIONS.md)."""
+        received = self.received_all_after()
+        if self.held and received is None:
+            return
+        if self.caught and self.moved_after is None:
+            return
+        if not self.held and not self.caught:
+            return  # caught nothing
+        self.recovered_after = max(received or 0.0, self.moved_after or 0.0)
 
 
 @dataclass(frozen=True)
 class WorkerLook:
     """What a worker that answered a look held: task ids it was running, and task ids it
-    held otherwise (prefetched, or waiting out a retry's countdown)."""
+    held otherwise (prefetched, or waiting out a retry's countdown); and the saga each of
+    those tasks was for, where it names one (task id -> saga id)."""
 
     running: tuple[str, ...] = ()
     waiting: tuple[str, ...] = ()
+    sagas: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def held(self) -> list[str]:
@@ -611,15 +633,23 @@ class Chaos:
             # The sweep expires after its interval and is not received again: the next one runs.
             return tuple(t["id"] for t in tasks if t.get("name") != "saga.sweep")
 
+        def sagas(tasks: list[dict[str, Any]]) -> dict[str, str]:
+            # A failure report names its saga in its kwargs (saga_of_message).
+            found = {t["id"]: saga_of_message({"id": t["id"], "kwargsrepr": str(t.get("kwargs"))}) for t in tasks}
+            return {task_id: saga for task_id, saga in found.items() if saga}
+
         looks = {}
         for node, name in nodes.items():
             if node not in active:
                 continue
             running = ids(active[node])
             # A task waiting out its countdown is listed as reserved and as scheduled.
-            others = ids(reserved.get(node, [])) + ids([t["request"] for t in scheduled.get(node, [])])
+            waiting = [*reserved.get(node, []), *(t["request"] for t in scheduled.get(node, []))]
+            others = ids(waiting)
             looks[name] = WorkerLook(
-                running=running, waiting=tuple(t for t in dict.fromkeys(others) if t not in running)
+                running=running,
+                waiting=tuple(t for t in dict.fromkeys(others) if t not in running),
+                sagas=sagas([*active[node], *waiting]),
             )
         return looks
 
@@ -658,16 +688,32 @@ class Chaos:
         elif name != wanted:
             logger.info("%s held nothing for %.0fs: killing %s, mid-step", wanted, KILL_WAIT_SECONDS, name)
         # Recovery from a kill is measured on what the worker held when it died: the time
-        # until each of those tasks is received again by a live worker (task events).
+        # until each of those tasks is received again by a live worker (task events), and
+        # until the sagas they were for have moved on (watch_recoveries).
         held = looks[name].held
         with self.lock:
             self.killed_on_purpose.add(name)
         self.topology.processes[name].kill()
-        self._record("kill", name, [], held)
+        kill = self._record("kill", name, [], held)
+        self._catch_sagas_of_kill(kill, looks[name].sagas)
         time.sleep(self.rng.uniform(0.5, 2.0))
         self.topology.processes[name].start(self.topology.env)
         with self.lock:
             self.killed_on_purpose.discard(name)
+
+    def _catch_sagas_of_kill(self, kill: Fault, sagas: Mapping[str, str]) -> None:
+        """The steps a kill caught: the running steps of the sagas whose tasks it held (those
+        that had not finished before it). Until none of them runs, the kill has not
+        recovered, whatever was received again."""
+        with self.lock:
+            ids = {sagas[task_id] for task_id in kill.held if task_id in sagas}
+        if not ids:
+            return
+        running = [pair for pair in self._running_steps() if pair[0] in ids]
+        with self.lock:
+            kill.caught = running
+            attribute_overlaps(kill, [f for f in self.report.faults if f is not kill])
+            kill.recovered_once_all_received()
 
     def _inject_broker_restart(self) -> None:
         caught = self._running_steps()
@@ -854,14 +900,27 @@ class Chaos:
         """Mark a fault recovered once none of the steps it caught is still running."""
         while not self.stop.is_set():
             with self.lock:
-                pending = [f for f in self.report.faults if f.caught and f.recovered_after is None]
+                pending = any(f.caught and f.recovered_after is None for f in self.report.faults)
             if pending:
-                running = set(self._running_steps())
-                now = time.monotonic()
-                for fault in pending:
-                    if not any(step in running for step in fault.caught):
-                        fault.recovered_after = now - fault.at
+                self.mark_recoveries(set(self._running_steps()), time.monotonic())
             time.sleep(0.25)
+
+    def mark_recoveries(self, running: set[tuple[str, str]], now: float) -> None:
+        """With `running` the (saga, step) pairs running at `now` (monotonic): a fault none
+        of whose caught steps runs has recovered; a kill, once every task it held was
+        received again too (Fault.recovered_once_all_received)."""
+        with self.lock:
+            for fault in self.report.faults:
+                if not fault.caught or fault.recovered_after is not None:
+                    continue
+                if any(step in running for step in fault.caught):
+                    continue
+                if fault.kind == "kill":
+                    if fault.moved_after is None:
+                        fault.moved_after = now - fault.at
+                    fault.recovered_once_all_received()
+                else:
+                    fault.recovered_after = now - fault.at
 
     def quiescent(self) -> bool:
         from django.db import close_old_connections
@@ -1148,6 +1207,11 @@ def _print_report(report: Report) -> None:
             after = report.after_broker_back(fault)
             back = "" if after is None else f"; {after:.1f}s after it was back"
             took += f" (a broker restart overlapped{back})"
+        if fault.kind == "kill" and fault.recovered_after is not None and fault.caught:
+            received = fault.received_all_after()
+            took += (
+                f" (tasks received again in {received:.1f}s, " if received is not None else " ("
+            ) + f"their sagas moved on in {fault.moved_after:.1f}s)"
         if fault.kind == "broker_restart" and fault.back_after is not None:
             took += f"; the broker answered again {fault.back_after:.1f}s after its stop"
         what = f"caught {len(fault.caught):3} running steps"
@@ -1156,7 +1220,7 @@ def _print_report(report: Report) -> None:
         if fault.taken_by_drop:
             what += f" (+{len(fault.taken_by_drop)} a later drop took)"
         if fault.kind == "kill":
-            what = f"held {len(fault.held):3} tasks"
+            what = f"held {len(fault.held):3} tasks of {len({saga for saga, _ in fault.caught}):2} running sagas"
             if fault.dropped_later:
                 what += f" (+{len(fault.dropped_later)} a later drop took)"
             if fault.finished_before:

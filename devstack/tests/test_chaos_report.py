@@ -60,6 +60,62 @@ def test_a_drop_of_a_task_received_again_changes_nothing() -> None:
     assert [f.kind for f in run.report.faults] == ["kill", "drop"]
 
 
+SAGA = "6f1c2d1e-0b7a-4c53-9a57-3b2f5d3f4a10"
+
+
+def test_a_kill_whose_tasks_were_received_again_recovers_only_when_their_saga_moves_on() -> None:
+    """A saga worker killed between its commit and its publish: its report is received again
+    at once, and its saga still waits (docs/DECISIONS.md). The kill's recovery is the wait."""
+    run = a_chaos(FakeBroker([]))
+    run._running_steps = lambda task_prefix=None: [(SAGA, "release_inventory"), ("other", "charge_payment")]  # type: ignore[method-assign]
+    report = "5b0e8c52-report"
+    kill = run._record("kill", "saga", [], [report])
+    run._catch_sagas_of_kill(kill, {report: SAGA})
+    assert kill.caught == [(SAGA, "release_inventory")]
+
+    run.on_task_event("task-received", report, kill.at + 7.3)
+    assert kill.received_all_after() == pytest.approx(7.3)
+    assert kill.recovered_after is None  # received again, the saga still waiting
+    run.mark_recoveries({(SAGA, "release_inventory")}, kill.at + 20.0)
+    assert kill.recovered_after is None
+    assert run.report.summary()["unrecovered_faults"] == 1
+
+    run.mark_recoveries({("other", "charge_payment")}, kill.at + 43.0)
+    assert kill.moved_after == pytest.approx(43.0)
+    assert kill.recovered_after == pytest.approx(43.0)
+    assert run.report.summary()["recovery_by_kind"]["kill"]["worst_s"] == 43.0
+
+
+def test_a_kill_whose_sagas_moved_on_first_recovers_when_its_last_task_is_received_again() -> None:
+    run = a_chaos(FakeBroker([]))
+    run._running_steps = lambda task_prefix=None: [(SAGA, "charge_payment")]  # type: ignore[method-assign]
+    held = [f"{SAGA}-charge_payment-g0", "settlement-batch"]
+    kill = run._record("kill", "payments", [], held)
+    run._catch_sagas_of_kill(kill, {held[0]: SAGA})
+
+    run.mark_recoveries(set(), kill.at + 2.0)  # the saga's chain went on (a copy ran)
+    run.on_task_event("task-received", held[0], kill.at + 1.5)
+    assert kill.recovered_after is None  # the batch is still held
+    run.on_task_event("task-received", held[1], kill.at + 4.0)
+    assert kill.recovered_after == pytest.approx(4.0)
+
+
+def test_a_kill_of_tasks_that_name_no_saga_recovers_when_they_are_received_again() -> None:
+    run = a_chaos(FakeBroker([]))
+    kill = run._record("kill", "inventory", [], ["settlement-batch"])
+    run._catch_sagas_of_kill(kill, {})
+    assert kill.caught == []
+    run.on_task_event("task-received", "settlement-batch", kill.at + 1.2)
+    assert kill.recovered_after == pytest.approx(1.2)
+
+
+def test_the_saga_of_a_failure_report_is_read_from_its_kwargs_as_a_look_shows_them() -> None:
+    kwargs = {"saga_id": SAGA, "step": "charge_payment", "authority": "sealed"}
+    assert chaos.saga_of_message({"id": "5b0e8c52-0000", "kwargsrepr": str(kwargs)}) == SAGA
+    assert chaos.saga_of_message({"id": f"{SAGA}-charge_payment-g2", "kwargsrepr": "None"}) == SAGA
+    assert chaos.saga_of_message({"id": "5b0e8c52-0000", "kwargsrepr": "{}"}) is None
+
+
 @pytest.mark.parametrize("host", ["rabbit.example.com", "10.1.2.3"])
 def test_a_rabbitmq_restart_is_refused_for_a_broker_on_another_machine(host: str) -> None:
     refusal = chaos.RabbitBroker(f"amqp://guest:guest@{host}:5672/x").restart_refusal()
