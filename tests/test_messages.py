@@ -565,3 +565,38 @@ def test_nothing_personal_or_reusable_leaves_a_step(api: Api, topology: Topology
     row = TaskResult.objects.get(task_id=f"{ids[1]}-charge_payment-g0")
     [args] = json.loads(json.loads(row.task_args))
     assert args["saga_id"] == ids[1] and [m["task_id"] for m in args["_steps"]] == [f"{ids[1]}-reserve_inventory-g0"]
+
+
+def test_a_worker_shows_a_step_it_holds_by_its_ids_only(api: Api, sku: str) -> None:
+    """What `celery inspect` and Flower's worker pages (reserved and scheduled tasks, every
+    task in its API) get from a worker about a step it holds: Celery's own answer was the
+    step's arguments, the customer's email, phone and card token and the step's authority
+    (common.worker_request)."""
+    import socket
+
+    make_product(sku, on_hand=5)
+    email = f"held-{uuid.uuid4().hex[:12]}@example.com"
+    phone = f"+1555{uuid.uuid4().int % 10**7:07d}"
+    # The charge holds a payments process for FAKE_PROVIDER_SLOW_SECONDS.
+    placed = api.place_order([(sku, 1)], token="tok_slow", email=email, phone=phone)
+    task_id = f"{placed['saga']['id']}-charge_payment-g0"
+    inspect = app.control.inspect(destination=[f"payments@{socket.gethostname()}"], timeout=1.0)
+
+    def held() -> dict | None:
+        active = inspect.active() or {}
+        if not any(t["id"] == task_id for tasks in active.values() for t in tasks):
+            return None
+        return {
+            "active": active,
+            "query_task": inspect.query_task(task_id) or {},
+            "reserved": inspect.reserved() or {},
+            "scheduled": inspect.scheduled() or {},
+        }
+
+    answers = wait_for(held, timeout=30, what="the payments worker to run the slow charge")
+    text = json.dumps(answers, default=str)
+    for what, secret in {"email": email, "phone": phone, "card token": "tok_", "authority": "eyJzYWdh"}.items():
+        assert secret not in text, f"{what} in what the worker shows: {text[max(0, text.index(secret) - 200) :][:400]}"
+    assert f"<saga {placed['saga']['id']} context>" in text  # not vacuous: its reprs are shown
+    assert task_id in json.dumps(answers["query_task"])
+    api.wait_until_final(placed["id"])
