@@ -124,11 +124,11 @@ def stored_args_repr(ctx: Mapping[str, Any], *, sealed_failure: str | None = Non
 class RedactedReprTask(Task):
     """A task whose retry keeps the message's redacted argument reprs (`argsrepr`,
     `kwargsrepr`), which Celery would otherwise render from the arguments again, and whose
-    worker shows only those reprs to a control command (common.worker_request): every
+    worker shows only those reprs to a control command (common.worker_control): every
     task that receives a saga context, an authority or a seal."""
 
     # A name, not the class: the web imports this module and runs no worker.
-    Request = "common.worker_request:RedactedRequest"
+    Request = "common.worker_control:RedactedRequest"
 
     def signature_from_request(
         self, request: Any = None, args: Any = None, kwargs: Any = None, queue: Any = None, **options: Any

@@ -65,6 +65,15 @@ def _close_old_connections(sender: object = None, **_: object) -> None:
     close_old_connections()
 
 
+# A Flower login may read what a worker holds and how it is configured, not the customers'
+# data in its messages or the broker's password (common.worker_control).
+@signals.worker_init.connect
+def _control_answers_without_secrets(**_: object) -> None:
+    from common import worker_control
+
+    worker_control.register()
+
+
 # Tracing (orders_project.telemetry) is set up in each pool process, after the fork: an
 # exporter's threads and gRPC channel do not survive one. Off unless OTEL_* says where to.
 @signals.worker_process_init.connect

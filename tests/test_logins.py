@@ -241,6 +241,55 @@ def test_flower_in_make_runs_local_mode_needs_no_login_on_loopback(topology: Top
         flower.stop()
 
 
+def test_a_flower_login_reads_no_password_from_a_workers_configuration(topology: Topology) -> None:
+    """Flower's `/api/workers` (and its worker page's Config tab) shows each worker's `inspect
+    conf`. Celery masks the broker's URL by the name `broker_url` only: our CELERY_BROKER_URL,
+    the cache's and the breaker's Redis URLs were shown with their passwords
+    (common.worker_control). A probe worker as the Procfile's run it, on a queue of its own,
+    with passwords in those URLs (it connects to neither before a task needs it)."""
+    import socket
+
+    host = socket.gethostname()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{topology.env.get('PATH', '')}"
+    probe = Process(
+        "conf-probe",
+        "celery -A orders_project worker -Q conf-probe -n conf-probe@%h --pool solo -l INFO --without-mingle",
+        LOG_DIR / "conf-probe.log",
+    )
+    probe.log_path.unlink(missing_ok=True)
+    unreachable = free_port()
+    probe.start(
+        {
+            **topology.env,
+            "PATH": path,
+            "CACHE_URL": f"redis://:cachepw@127.0.0.1:{unreachable}/1",
+            "PAYMENT_BREAKER_REDIS_URL": f"redis://breaker:breakerpw@127.0.0.1:{unreachable}/0",
+        }
+    )
+    login = ("ops", secrets.token_urlsafe(16))
+    flower, url = _procfile_flower({**topology.env, "FLOWER_BASIC_AUTH": ":".join(login)}, "flower-conf")
+    try:
+        wait_for(
+            lambda: app.control.inspect(destination=[f"conf-probe@{host}"], timeout=1.0).ping(),
+            timeout=60,
+            what="the probe worker to answer",
+        )
+        wait_for(lambda: _answer(url) is not None, timeout=60, what="Flower to answer")
+
+        def workers() -> str | None:
+            response = requests.get(
+                f"{url}api/workers", params={"refresh": "1", "workername": f"conf-probe@{host}"}, auth=login, timeout=10
+            )
+            return response.text if response.status_code == 200 and "CACHE_URL" in response.text else None
+
+        shown = wait_for(workers, timeout=30, what="Flower to show the probe worker's configuration")
+        assert "cachepw" not in shown and "breakerpw" not in shown
+        assert f"redis://breaker:********@127.0.0.1:{unreachable}/0" in shown  # where it is, still
+    finally:
+        flower.stop()
+        probe.stop()
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "refused"),
     [

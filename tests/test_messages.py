@@ -571,7 +571,7 @@ def test_a_worker_shows_a_step_it_holds_by_its_ids_only(api: Api, sku: str) -> N
     """What `celery inspect` and Flower's worker pages (reserved and scheduled tasks, every
     task in its API) get from a worker about a step it holds: Celery's own answer was the
     step's arguments, the customer's email, phone and card token and the step's authority
-    (common.worker_request)."""
+    (common.worker_control)."""
     import socket
 
     make_product(sku, on_hand=5)

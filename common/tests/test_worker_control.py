@@ -1,0 +1,58 @@
+"""What a worker answers to a control command (common.worker_control), on the app's real
+settings and Celery's own control panel: no worker runs (tests/test_messages.py asks a
+live one)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from celery.worker import control
+from django.conf import settings
+
+from common import worker_control
+from orders_project.celery import app
+
+PASSWORDS = ("brokerpw", "cachepw", "breakerpw")
+
+
+@pytest.fixture
+def registered() -> object:
+    before = dict(control.Panel.data), dict(control.Panel.meta)
+    worker_control.register()
+    yield
+    for table, saved in zip((control.Panel.data, control.Panel.meta), before, strict=True):
+        table.clear()
+        table.update(saved)
+
+
+def test_conf_masks_the_password_of_every_url(monkeypatch: pytest.MonkeyPatch, registered: object) -> None:
+    """Celery masks `broker_url` by that name, which the CELERY_ namespace misses, and none
+    of the other URLs: a Flower login read the broker's password in its Config tab."""
+    # On the settings themselves, as a worker's environment would set them (Django's
+    # override_settings holder is not a settings object Celery can list).
+    monkeypatch.setattr(settings, "CELERY_BROKER_URL", "amqp://svc:brokerpw@rabbit:5672//")
+    monkeypatch.setattr(settings, "CACHE_URL", "redis://:cachepw@cache:6379/1")
+    monkeypatch.setattr(settings, "PAYMENT_BREAKER_REDIS_URL", "rediss://user:breakerpw@redis:6380/0")
+    state = SimpleNamespace(app=app)
+
+    celerys = json.dumps(control.conf(state), default=str)
+    assert all(password in celerys for password in PASSWORDS)  # Celery's own answer
+
+    ours = json.dumps(control.Panel.data["conf"](state), default=str)
+    for password in PASSWORDS:
+        assert password not in ours
+    # What an operator needs is still there: where each one is.
+    assert "amqp://svc:********@rabbit:5672//" in ours
+    assert "rediss://user:********@redis:6380/0" in ours
+    assert "cache:6379/1" in ours
+    assert control.Panel.meta["conf"].type == "inspect"
+
+
+def test_urls_without_a_password_and_other_values_are_left_alone() -> None:
+    value = {"a": "redis://cache:6379/1", "b": ["postgres://u:pw@db/x", 3], "c": "not a url", "d": None}
+    assert worker_control.without_passwords(value) == {
+        "a": "redis://cache:6379/1",
+        "b": ["postgres://u:********@db/x", 3],
+        "c": "not a url",
+        "d": None,
+    }
