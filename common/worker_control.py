@@ -9,6 +9,11 @@ Anyone who can send a control command (a Flower login: Flower's worker pages and
   not for reserved or scheduled ones): a saga step's context (the customer's email, phone
   and card token) and its authority. `RedactedRequest` answers with the message's argument
   reprs, what the task events and logs show already (common.steps, saga.engine): ids only.
+- **Messages it cannot run** (a task it does not register, a body it cannot decode, a
+  message that is not a task): Celery logs the body's first 1,024 characters at ERROR, a
+  step's whole context and authority. A worker moved onto another service's queue (Flower
+  lets a login add a queue to a worker) put every customer message of that queue into its
+  log. `body_shown` logs the message's ids and argument reprs instead.
 - **Configuration**: `celery inspect conf` (Flower's "Config" tab) answers with the
   settings. Celery masks the settings whose names look secret and the broker's URL by the
   name `broker_url`, which our `CELERY_` namespace misses: the broker's URL with its
@@ -27,8 +32,20 @@ MASK = "********"
 class RedactedRequest(Request):
     """A held task, shown by its argument reprs whatever the caller asks for."""
 
-    def info(self, safe: bool = False) -> dict[str, Any]:
+    def info(self, safe: bool = False) -> Any:
         return super().info(safe=True)
+
+
+def body_shown(m: Any, body: Any) -> str:
+    """What a worker logs of a message it cannot run, for Celery's `dump_body`: its size
+    and the ids and argument reprs of its headers (the reprs our publishers set: ids only),
+    never the body."""
+    from kombu.utils.encoding import safe_repr
+
+    headers = getattr(m, "headers", None) or {}
+    raw = getattr(m, "body", None)
+    shown = {key: headers.get(key) for key in ("task", "id", "argsrepr", "kwargsrepr") if headers.get(key)}
+    return f"<body of {len(raw) if raw is not None else 0}b not shown; {safe_repr(shown)[:512]}>"
 
 
 def without_passwords(value: Any) -> Any:
@@ -46,14 +63,21 @@ def without_passwords(value: Any) -> Any:
 
 def register() -> None:
     """Replace the worker's `conf` control command with one that masks every URL's
-    password. Call in the worker process (signals.worker_init), before it consumes."""
+    password, and what it logs of a message it cannot run with `body_shown`. Call in the
+    worker process (signals.worker_init), before it consumes."""
+    from celery.utils.serialization import strtobool
     from celery.worker import control
+    from celery.worker.consumer import consumer
 
-    celery_conf = control.conf
+    # Looked up by name at each call (Consumer.on_unknown_task, on_invalid_task,
+    # on_decode_error, _message_report): tests/test_messages.py checks a live worker.
+    consumer.dump_body = body_shown
+
+    celery_conf = control.Panel.data["conf"]
 
     @control.inspect_command(
         signature="[include_defaults=False]",
-        args=[("with_defaults", control.strtobool)],
+        args=[("with_defaults", strtobool)],
     )
     def conf(state: Any, with_defaults: bool = False, **kwargs: Any) -> Any:
         """List configuration, every URL's password masked (common.worker_control)."""

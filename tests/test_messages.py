@@ -600,3 +600,35 @@ def test_a_worker_shows_a_step_it_holds_by_its_ids_only(api: Api, sku: str) -> N
     assert f"<saga {placed['saga']['id']} context>" in text  # not vacuous: its reprs are shown
     assert task_id in json.dumps(answers["query_task"])
     api.wait_until_final(placed["id"])
+
+
+def test_a_step_message_on_a_queue_whose_worker_cannot_run_it_is_logged_by_its_ids_only(topology: Topology) -> None:
+    """A step's message where its task is not registered (Flower lets a login add another
+    service's queue to a worker; a deploy can do it by mistake): Celery logs the body's
+    first 1,024 characters, the customer's email and card token and the step's authority
+    (common.worker_control)."""
+    saga_id = uuid.uuid4()
+    email = f"misrouted-{uuid.uuid4().hex[:12]}@example.com"
+    ctx = {
+        "saga_id": str(saga_id),
+        "order_id": str(uuid.uuid4()),
+        "email": email,
+        "payment_token": "tok_visa",
+        "items": [{"sku": "MUG-LOGO", "quantity": 1, "unit_price": "12.00"}],
+    }
+    log = topology.processes["notifications"].log_path
+    offset = log.stat().st_size
+    chain = build_chain(PLACE_ORDER.steps[:1], saga_id=saga_id, generation=0, phase="forward", context=ctx)
+    chain.apply_async(queue="notifications")
+    task_id = f"{saga_id}-reserve_inventory-g0"
+
+    def logged() -> str | None:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        return text if "Received unregistered task of type 'inventory.reserve'" in text and task_id in text else None
+
+    text = wait_for(logged, timeout=30, what="the notifications worker to log the message it cannot run")
+    for what, secret in {"email": email, "card token": "tok_", "authority": "eyJzYWdh"}.items():
+        assert secret not in text, f"{what} in the log: {text[max(0, text.index(secret) - 200) :][:400]}"
+    assert f"<saga {saga_id} context>" in text  # its ids, still

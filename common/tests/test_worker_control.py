@@ -7,22 +7,26 @@ from types import SimpleNamespace
 
 import pytest
 from celery.worker import control
+from celery.worker.consumer import consumer
 from django.conf import settings
 
 from common import worker_control
 from orders_project.celery import app
 
+celery_dump_body = consumer.dump_body
 PASSWORDS = ("brokerpw", "cachepw", "breakerpw")
 
 
 @pytest.fixture
 def registered() -> object:
-    before = dict(control.Panel.data), dict(control.Panel.meta)
+    """worker_control.register() in this process, undone afterwards (a worker keeps it)."""
+    before = dict(control.Panel.data), dict(control.Panel.meta), consumer.dump_body
     worker_control.register()
     yield
-    for table, saved in zip((control.Panel.data, control.Panel.meta), before, strict=True):
+    for table, saved in zip((control.Panel.data, control.Panel.meta), before[:2], strict=True):
         table.clear()
         table.update(saved)
+    consumer.dump_body = before[2]
 
 
 def test_conf_masks_the_password_of_every_url(monkeypatch: pytest.MonkeyPatch, registered: object) -> None:
@@ -56,3 +60,23 @@ def test_urls_without_a_password_and_other_values_are_left_alone() -> None:
         "c": "not a url",
         "d": None,
     }
+
+
+def test_a_message_a_worker_cannot_run_is_shown_by_its_ids_and_reprs_not_its_body(registered: object) -> None:
+    from celery.contrib.testing.mocks import TaskMessage
+
+    message = TaskMessage(
+        "inventory.reserve",
+        id="s-reserve_inventory-g0",
+        args=({"saga_id": "s", "email": "leak@example.com"},),
+        kwargs={"authority": "eyJzYWdh-secret"},
+        argsrepr="(<saga s context>,)",
+        kwargsrepr="{'authority': <forward step reserve_inventory g0>}",
+    )
+    celerys = celery_dump_body(message, message.body)
+    assert "leak@example.com" in celerys and "eyJzYWdh" in celerys  # Celery's own
+
+    shown = consumer.dump_body(message, message.body)  # what the worker's consumer calls
+    assert "leak@example.com" not in shown and "eyJzYWdh" not in shown
+    assert "s-reserve_inventory-g0" in shown and "<saga s context>" in shown
+    assert f"{len(message.body)}b" in shown
