@@ -14,6 +14,11 @@ Anyone who can send a control command (a Flower login: Flower's worker pages and
   step's whole context and authority. A worker moved onto another service's queue (Flower
   lets a login add a queue to a worker) put every customer message of that queue into its
   log. `body_shown` logs the message's ids and argument reprs instead.
+- **Its queues**: `add_consumer` (Flower's worker page, "Queues") moved a worker onto
+  another service's queue, where it discarded every message as a task it does not
+  register (and, with Celery's logging, logged it): each such saga then waited for its
+  step's deadline. A worker consumes only its own service's queue (`CELERY_SERVICE`);
+  `add_consumer` refuses any other.
 - **Configuration**: `celery inspect conf` (Flower's "Config" tab) answers with the
   settings. Celery masks the settings whose names look secret and the broker's URL by the
   name `broker_url`, which our `CELERY_` namespace misses: the broker's URL with its
@@ -21,6 +26,7 @@ Anyone who can send a control command (a Flower login: Flower's worker pages and
   shown whole. `conf` here masks the password in every URL-like value as well.
 """
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +80,7 @@ def register() -> None:
     consumer.dump_body = body_shown
 
     celery_conf = control.Panel.data["conf"]
+    celery_add_consumer = control.Panel.data["add_consumer"]
 
     @control.inspect_command(
         signature="[include_defaults=False]",
@@ -82,3 +89,15 @@ def register() -> None:
     def conf(state: Any, with_defaults: bool = False, **kwargs: Any) -> Any:
         """List configuration, every URL's password masked (common.worker_control)."""
         return without_passwords(celery_conf(state, with_defaults=with_defaults, **kwargs))
+
+    @control.control_command(
+        args=[("queue", str), ("exchange", str), ("exchange_type", str), ("routing_key", str)],
+        signature="<queue> [exchange [type [routing_key]]]",
+    )
+    def add_consumer(state: Any, queue: str, *args: Any, **kwargs: Any) -> Any:
+        """Tell a worker to consume from its own service's queue again, and no other
+        (common.worker_control)."""
+        own = os.environ.get("CELERY_SERVICE", "").strip()
+        if queue != own:
+            return {"error": f"refused: this worker consumes only its own queue ({own or 'none'}), not {queue}"}
+        return celery_add_consumer(state, queue, *args, **kwargs)

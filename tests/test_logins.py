@@ -290,6 +290,22 @@ def test_a_flower_login_reads_no_password_from_a_workers_configuration(topology:
         probe.stop()
 
 
+def test_a_flower_login_cannot_move_a_worker_onto_another_services_queue(topology: Topology) -> None:
+    """Flower's "add consumer" (the control command it sends): the notifications worker on
+    the payments queue discarded every charge as a task it does not register, and each such
+    saga waited for its step's deadline (common.worker_control)."""
+    import socket
+
+    node = f"notifications@{socket.gethostname()}"
+    [reply] = app.control.add_consumer("payments", destination=[node], reply=True, timeout=5)
+    assert "refused" in reply[node]["error"], reply
+    [queues] = (app.control.inspect(destination=[node], timeout=5).active_queues() or {}).values()
+    assert [q["name"] for q in queues] == ["notifications"]
+    # Its own queue again is still allowed (a no-op while it consumes it).
+    [reply] = app.control.add_consumer("notifications", destination=[node], reply=True, timeout=5)
+    assert "ok" in reply[node], reply
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "refused"),
     [

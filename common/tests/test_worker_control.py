@@ -80,3 +80,20 @@ def test_a_message_a_worker_cannot_run_is_shown_by_its_ids_and_reprs_not_its_bod
     assert "leak@example.com" not in shown and "eyJzYWdh" not in shown
     assert "s-reserve_inventory-g0" in shown and "<saga s context>" in shown
     assert f"{len(message.body)}b" in shown
+
+
+def test_a_worker_adds_no_queue_but_its_own(monkeypatch: pytest.MonkeyPatch, registered: object) -> None:
+    calls: list[tuple] = []
+    consumer = SimpleNamespace(call_soon=lambda *a, **k: calls.append(a), add_task_queue=None)
+    state = SimpleNamespace(app=app, consumer=consumer)
+    monkeypatch.setenv("CELERY_SERVICE", "notifications")
+
+    refused = control.Panel.data["add_consumer"](state, queue="payments")
+    assert "refused" in refused["error"] and "notifications" in refused["error"]
+    assert calls == []
+
+    assert control.Panel.data["add_consumer"](state, queue="notifications") == {"ok": "add consumer notifications"}
+    assert [call[1] for call in calls] == ["notifications"]
+
+    monkeypatch.delenv("CELERY_SERVICE")
+    assert "error" in control.Panel.data["add_consumer"](state, queue="notifications")
