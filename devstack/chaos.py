@@ -714,6 +714,9 @@ class Chaos:
             kill.caught = running
             attribute_overlaps(kill, [f for f in self.report.faults if f is not kill])
             kill.recovered_once_all_received()
+        logger.info(
+            "fault: kill %s: its tasks were for %d sagas (%d running steps caught)", kill.target, len(ids), len(running)
+        )
 
     def _inject_broker_restart(self) -> None:
         caught = self._running_steps()
