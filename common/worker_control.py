@@ -17,8 +17,8 @@ Anyone who can send a control command (a Flower login: Flower's worker pages and
 - **Its queues**: `add_consumer` (Flower's worker page, "Queues") moved a worker onto
   another service's queue, where it discarded every message as a task it does not
   register (and, with Celery's logging, logged it): each such saga then waited for its
-  step's deadline. A worker consumes only its own service's queue (`CELERY_SERVICE`);
-  `add_consumer` refuses any other.
+  step's deadline. A worker consumes only its own service's queue (the one
+  `CELERY_SERVICE` names, orders_project.celery); `add_consumer` refuses any other.
 - **Configuration**: `celery inspect conf` (Flower's "Config" tab) answers with the
   settings. Celery masks the settings whose names look secret and the broker's URL by the
   name `broker_url`, which our `CELERY_` namespace misses: the broker's URL with its
@@ -26,7 +26,6 @@ Anyone who can send a control command (a Flower login: Flower's worker pages and
   shown whole. `conf` here masks the password in every URL-like value as well.
 """
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,10 +66,11 @@ def without_passwords(value: Any) -> Any:
     return value
 
 
-def register() -> None:
+def register(own_queue: str | None) -> None:
     """Replace the worker's `conf` control command with one that masks every URL's
-    password, and what it logs of a message it cannot run with `body_shown`. Call in the
-    worker process (signals.worker_init), before it consumes."""
+    password, its `add_consumer` with one that adds `own_queue` only (None: no queue), and
+    what it logs of a message it cannot run with `body_shown`. Call in the worker process
+    (signals.worker_init), before it consumes."""
     from celery.utils.serialization import strtobool
     from celery.worker import control
     from celery.worker.consumer import consumer
@@ -97,7 +97,6 @@ def register() -> None:
     def add_consumer(state: Any, queue: str, *args: Any, **kwargs: Any) -> Any:
         """Tell a worker to consume from its own service's queue again, and no other
         (common.worker_control)."""
-        own = os.environ.get("CELERY_SERVICE", "").strip()
-        if queue != own:
-            return {"error": f"refused: this worker consumes only its own queue ({own or 'none'}), not {queue}"}
+        if queue != own_queue:
+            return {"error": f"refused: this worker consumes only its own queue ({own_queue or 'none'}), not {queue}"}
         return celery_add_consumer(state, queue, *args, **kwargs)

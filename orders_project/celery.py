@@ -71,7 +71,8 @@ def _close_old_connections(sender: object = None, **_: object) -> None:
 def _control_answers_without_secrets(**_: object) -> None:
     from common import worker_control
 
-    worker_control.register()
+    # Each service has a queue of its own name (SERVICES).
+    worker_control.register(own_queue=next(iter(_service_packages()), None))
 
 
 # Tracing (orders_project.telemetry) is set up in each pool process, after the fork: an

@@ -19,9 +19,10 @@ PASSWORDS = ("brokerpw", "cachepw", "breakerpw")
 
 @pytest.fixture
 def registered() -> object:
-    """worker_control.register() in this process, undone afterwards (a worker keeps it)."""
+    """worker_control.register() in this process, as the notifications worker's, undone
+    afterwards (a worker keeps it)."""
     before = dict(control.Panel.data), dict(control.Panel.meta), consumer.dump_body
-    worker_control.register()
+    worker_control.register(own_queue="notifications")
     yield
     for table, saved in zip((control.Panel.data, control.Panel.meta), before[:2], strict=True):
         table.clear()
@@ -82,11 +83,10 @@ def test_a_message_a_worker_cannot_run_is_shown_by_its_ids_and_reprs_not_its_bod
     assert f"{len(message.body)}b" in shown
 
 
-def test_a_worker_adds_no_queue_but_its_own(monkeypatch: pytest.MonkeyPatch, registered: object) -> None:
+def test_a_worker_adds_no_queue_but_its_own(registered: object) -> None:
     calls: list[tuple] = []
     consumer = SimpleNamespace(call_soon=lambda *a, **k: calls.append(a), add_task_queue=None)
     state = SimpleNamespace(app=app, consumer=consumer)
-    monkeypatch.setenv("CELERY_SERVICE", "notifications")
 
     refused = control.Panel.data["add_consumer"](state, queue="payments")
     assert "refused" in refused["error"] and "notifications" in refused["error"]
@@ -95,5 +95,5 @@ def test_a_worker_adds_no_queue_but_its_own(monkeypatch: pytest.MonkeyPatch, reg
     assert control.Panel.data["add_consumer"](state, queue="notifications") == {"ok": "add consumer notifications"}
     assert [call[1] for call in calls] == ["notifications"]
 
-    monkeypatch.delenv("CELERY_SERVICE")
+    worker_control.register(own_queue=None)  # a worker that names no service
     assert "error" in control.Panel.data["add_consumer"](state, queue="notifications")
