@@ -83,10 +83,11 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     """Find running steps past their deadline and recover them; return what was done.
 
     Covers a lost or dropped message, a worker that died with its message, a chain whose
-    publish failed after the order committed (its first step never started), and a
-    stalled compensation. The scan reads only running steps past their deadline (a
-    partial index), oldest first, in bounded batches; each saga is handled in its own
-    short transaction and skipped if another sweeper holds it (SKIP LOCKED).
+    publish failed after the order committed (its first step never started; the failed
+    publish made it due at once: saga.publish._due_now), and a stalled compensation. The
+    scan reads only running steps past their deadline (a partial index), oldest first, in
+    bounded batches; each saga is handled in its own short transaction and skipped if
+    another sweeper holds it (SKIP LOCKED).
 
     (The messages of workers that died holding them are returned by every worker's
     watchdog, saga.recovery.orphans_restore, not here.) Per stalled step, the broker and the workers are

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psutil
@@ -22,10 +22,12 @@ import redis
 from django.conf import settings
 from django.db import connections
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from common.exceptions import InvalidMessage
 from common.signing import failure_report_mint
 from devstack.topology import BASE_DIR, WORKERS, Topology, wait_for
+from orders.services import OrderItem, order_place
 from orders_project.celery import _close_connections_closed_by_server, app
 from payments.gateways import GatewayUnavailable
 from payments.models import FakeProviderAttempt, FakeProviderOperation, Payment
@@ -196,6 +198,47 @@ def test_a_dropped_step_message_is_republished_by_the_sweeper(api: Api, topology
     assert order["status"] == "confirmed"
     step = SagaStep.objects.get(saga_id=order["saga"]["id"], name="reserve_inventory")
     assert step.republished == 1
+    assert stock(sku) == (3, 1)
+
+
+def test_an_order_whose_chain_failed_to_publish_moves_on_at_the_next_sweep(
+    api: Api, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order and its saga committed, then the publish of its chain failed (the broker
+    away for longer than the publish's retries): the order is accepted and its first step
+    waits. The step is due at once (saga.publish._due_now), so the live sweeper looks for
+    its message at its next tick, finds it nowhere and publishes it again: the order is
+    confirmed in seconds, not after its first segment's deadline (three steps'
+    SAGA_STEP_TIMEOUT, 32 s here). Placed in this process, as the web places it, so that
+    only this publish fails."""
+    make_product(sku, on_hand=3)
+
+    def broker_away(*_: Any, **__: Any) -> None:
+        raise BrokerUnavailable("connection refused")
+
+    with monkeypatch.context() as broker:
+        broker.setattr(app, "send_task", broker_away)
+        order, created = order_place(
+            user_id=api.user_id,
+            email="buyer@example.com",
+            phone="",
+            items=[OrderItem(sku=sku, quantity=1)],
+            payment_token="tok_visa",
+            idempotency_key=None,
+            fingerprint="",
+        )
+    assert created
+    # As written with the order, before the failed publish brought it forward.
+    deadline = next(s for s in order.placed_saga.steps.all() if s.name == "reserve_inventory").deadline_at
+    placed = time.monotonic()
+
+    final = api.wait_until_final(str(order.id), timeout=15)
+
+    assert final["status"] == "confirmed"
+    assert time.monotonic() - placed < 10
+    reserve = SagaStep.objects.get(saga_id=order.placed_saga.id, name="reserve_inventory")
+    assert (reserve.republished, reserve.attempts) == (1, 1)
+    assert reserve.finished_at < deadline - timedelta(seconds=15)
     assert stock(sku) == (3, 1)
 
 

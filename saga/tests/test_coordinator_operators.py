@@ -17,6 +17,7 @@ import pytest
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from common.exceptions import StepRefused, TransientError
 from orders.models import Order
@@ -348,6 +349,43 @@ def test_the_sweeper_re_publishes_a_lost_chain_as_a_new_generation(django_captur
     segment = sum(step.deadline_seconds for step in PLACE_ORDER.steps[:3])  # up to the pivot
     assert reserve.deadline_at == now + timedelta(seconds=segment * 2)
     assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
+
+
+@pytest.mark.parametrize("publisher", ["a new order", "a compensation", "the sweeper's re-publish"])
+def test_a_chain_whose_publish_failed_is_due_at_the_next_sweep(
+    publisher: str, django_capture_on_commit_callbacks
+) -> None:
+    """The transaction committed and the publish after it failed (the broker away past the
+    publish's retries): the step is due at once, so the next sweep finds its message gone
+    and publishes again, instead of the step waiting out its segment's deadline (a minute
+    and a half for a new order's first segment)."""
+
+    def broker_away(*_: Any, **__: Any) -> None:
+        raise BrokerUnavailable("connection refused")
+
+    saga = start() if publisher != "a compensation" else None
+    if publisher == "the sweeper's re-publish":
+        stall(saga, "reserve_inventory")
+    with pytest.MonkeyPatch.context() as broker, django_capture_on_commit_callbacks(using="orders", execute=True):
+        broker.setattr(app, "send_task", broker_away)
+        if publisher == "a new order":
+            saga = start()
+        elif publisher == "a compensation":
+            saga = start()
+            fail(saga, "reserve_inventory", PaymentDeclined("x"), timeline=[])
+        else:
+            saga_sweep()
+    row = saga_row(saga)
+    first = "refund_payment" if publisher == "a compensation" else "reserve_inventory"
+    step = rows(saga)[first]
+    assert (step.status, step.celery_task_id) == (StepStatus.RUNNING, ids(saga, [first], row.generation)[0])
+    assert step.deadline_at <= timezone.now()
+
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep().get("republished") == 1
+    plan = COMPENSATION if publisher == "a compensation" else FORWARD
+    tasks = COMPENSATION_TASKS if publisher == "a compensation" else FORWARD_TASKS
+    assert published(callbacks) == [list(zip(tasks, ids(saga, plan, row.generation + 1), strict=True))]
 
 
 def test_past_its_budget_a_step_before_the_pivot_fails_and_the_saga_compensates(
