@@ -15,8 +15,9 @@ and returns the batch sealed; `saga.settled` stamps `settled_at` on those sagas.
 
 At least once, end to end: a claim stamps `settlement_sent_at`, and a saga still unsettled
 once the settlement's deadline has passed since then is sent again (a lost message, a
-worker that died, an expired authority). A duplicate, or a racing copy, settles nothing
-twice. Concurrent sweepers claim disjoint sagas (`FOR UPDATE SKIP LOCKED`).
+worker that died, an expired authority); a send that fails gives its claim back at once.
+A duplicate, or a racing copy, settles nothing twice. Concurrent sweepers claim disjoint
+sagas (`FOR UPDATE SKIP LOCKED`).
 """
 
 import logging
@@ -90,10 +91,27 @@ def saga_settlements_send(*, now: datetime | None = None, batch: int | None = No
 def _send(step: Step, saga_ids: list[Any]) -> None:
     try:
         settlement_chain(step, saga_ids=saga_ids).apply_async()
-    except Exception:  # claimed: sent again after the settlement's deadline
+    except Exception:
         logger.exception(
-            "sending the settlement %s of %d sagas failed; it is sent again later", step.name, len(saga_ids)
+            "sending the settlement %s of %d sagas failed; the next sweep sends it again", step.name, len(saga_ids)
         )
+        _unclaim(saga_ids)
+
+
+def _unclaim(saga_ids: list[Any]) -> None:
+    """Give back the claim of a batch whose message did not go out, so the next sweep
+    claims and sends it again rather than after the settlement's deadline. A send that
+    raised after the broker took the message then settles twice, which changes nothing
+    (the participant settles by its rows' status). If this fails too, the claim stands
+    and the deadline sends the batch again."""
+    try:
+        with connections[DB].cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {SAGA} SET settlement_sent_at = NULL WHERE id = ANY(%s::uuid[]) AND settled_at IS NULL",
+                [saga_ids],
+            )
+    except Exception:
+        logger.exception("the settlement's claim of %d sagas stands until its deadline", len(saga_ids))
 
 
 def saga_settled(*, step: str, output: Any) -> int:

@@ -30,6 +30,7 @@ from saga.operator import OPERATOR_COMPENSATED, saga_compensate, saga_retry, sag
 from saga.progress import saga_reports_drain, saga_step_succeeded
 from saga.publish import saga_begin_compensation
 from saga.recovery import SENT_AT
+from saga.settlement import saga_settlements_send
 from saga.sweeper import saga_sweep
 
 from .coordinator import (
@@ -386,6 +387,24 @@ def test_a_chain_whose_publish_failed_is_due_at_the_next_sweep(
     plan = COMPENSATION if publisher == "a compensation" else FORWARD
     tasks = COMPENSATION_TASKS if publisher == "a compensation" else FORWARD_TASKS
     assert published(callbacks) == [list(zip(tasks, ids(saga, plan, row.generation + 1), strict=True))]
+
+
+def test_a_settlement_whose_publish_failed_is_sent_again_by_the_next_sweep(django_capture_on_commit_callbacks) -> None:
+    saga = start()
+    assert pivot(saga)
+
+    def broker_away(*_: Any, **__: Any) -> None:
+        raise BrokerUnavailable("connection refused")
+
+    with pytest.MonkeyPatch.context() as broker, django_capture_on_commit_callbacks(using="orders", execute=True):
+        broker.setattr(app, "send_task", broker_away)
+        assert saga_settlements_send() == {"settlement_sent:record_sales": 1}
+    assert saga_row(saga).settlement_sent_at is None  # the claim is given back
+
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_settlements_send() == {"settlement_sent:record_sales": 1}
+    assert saga_row(saga).settlement_sent_at is not None
+    assert len(callbacks) == 1
 
 
 def test_past_its_budget_a_step_before_the_pivot_fails_and_the_saga_compensates(
