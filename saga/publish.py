@@ -53,10 +53,19 @@ def _due_now(saga_id: uuid.UUID, task_id: str) -> None:
     its timing changes. One statement, only when a publish has failed: nothing on the hot
     path. The publish itself has already failed after the broker's retry policy, so a
     database that fails too is only logged; the old deadline then stands.
+
+    Not for a chain that was itself a re-publish (the sweeper's, an operator's retry): its
+    deadline doubles with each one and its budget is SAGA_REPUBLISH_BUDGET, so a broker
+    that keeps failing publishes would otherwise spend the whole budget in as many sweeps,
+    and fail an order that never started. Those keep their paced deadline.
     """
     try:
         SagaStep.objects.using(DB).filter(
-            saga_id=saga_id, celery_task_id=task_id, status=StepStatus.RUNNING, deadline_at__gt=timezone.now()
+            saga_id=saga_id,
+            celery_task_id=task_id,
+            status=StepStatus.RUNNING,
+            republished=0,
+            deadline_at__gt=timezone.now(),
         ).update(deadline_at=timezone.now())
     except Exception:
         logger.exception("saga %s: its step %s keeps its deadline", saga_id, task_id)

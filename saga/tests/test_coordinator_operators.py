@@ -352,7 +352,11 @@ def test_the_sweeper_re_publishes_a_lost_chain_as_a_new_generation(django_captur
     assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
 
 
-@pytest.mark.parametrize("publisher", ["a new order", "a compensation", "the sweeper's re-publish"])
+def broker_away(*_: Any, **__: Any) -> None:
+    raise BrokerUnavailable("connection refused")
+
+
+@pytest.mark.parametrize("publisher", ["a new order", "a compensation"])
 def test_a_chain_whose_publish_failed_is_due_at_the_next_sweep(
     publisher: str, django_capture_on_commit_callbacks
 ) -> None:
@@ -360,42 +364,45 @@ def test_a_chain_whose_publish_failed_is_due_at_the_next_sweep(
     publish's retries): the step is due at once, so the next sweep finds its message gone
     and publishes again, instead of the step waiting out its segment's deadline (a minute
     and a half for a new order's first segment)."""
-
-    def broker_away(*_: Any, **__: Any) -> None:
-        raise BrokerUnavailable("connection refused")
-
-    saga = start() if publisher != "a compensation" else None
-    if publisher == "the sweeper's re-publish":
-        stall(saga, "reserve_inventory")
     with pytest.MonkeyPatch.context() as broker, django_capture_on_commit_callbacks(using="orders", execute=True):
         broker.setattr(app, "send_task", broker_away)
-        if publisher == "a new order":
-            saga = start()
-        elif publisher == "a compensation":
-            saga = start()
+        saga = start()
+        if publisher == "a compensation":
             fail(saga, "reserve_inventory", PaymentDeclined("x"), timeline=[])
-        else:
-            saga_sweep()
     row = saga_row(saga)
-    first = "refund_payment" if publisher == "a compensation" else "reserve_inventory"
+    first, plan, tasks = (
+        ("refund_payment", COMPENSATION, COMPENSATION_TASKS)
+        if publisher == "a compensation"
+        else ("reserve_inventory", FORWARD, FORWARD_TASKS)
+    )
     step = rows(saga)[first]
     assert (step.status, step.celery_task_id) == (StepStatus.RUNNING, ids(saga, [first], row.generation)[0])
     assert step.deadline_at <= timezone.now()
 
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         assert saga_sweep().get("republished") == 1
-    plan = COMPENSATION if publisher == "a compensation" else FORWARD
-    tasks = COMPENSATION_TASKS if publisher == "a compensation" else FORWARD_TASKS
     assert published(callbacks) == [list(zip(tasks, ids(saga, plan, row.generation + 1), strict=True))]
+
+
+def test_a_re_publish_whose_publish_failed_keeps_its_paced_deadline(django_capture_on_commit_callbacks) -> None:
+    """A broker that fails every publish must not spend a step's re-publish budget in as
+    many sweeps (and fail an order that never started): a failed re-publish keeps the
+    doubled deadline its budget is paced by."""
+    saga = start()
+    stall(saga, "reserve_inventory")
+    with pytest.MonkeyPatch.context() as broker, django_capture_on_commit_callbacks(using="orders", execute=True):
+        broker.setattr(app, "send_task", broker_away)
+        now = timezone.now()
+        saga_sweep(now=now)
+    reserve = rows(saga)["reserve_inventory"]
+    segment = sum(step.deadline_seconds for step in PLACE_ORDER.steps[:3])  # up to the pivot
+    assert (reserve.status, reserve.republished) == (StepStatus.RUNNING, 1)
+    assert reserve.deadline_at == now + timedelta(seconds=segment * 2)
 
 
 def test_a_settlement_whose_publish_failed_is_sent_again_by_the_next_sweep(django_capture_on_commit_callbacks) -> None:
     saga = start()
     assert pivot(saga)
-
-    def broker_away(*_: Any, **__: Any) -> None:
-        raise BrokerUnavailable("connection refused")
-
     with pytest.MonkeyPatch.context() as broker, django_capture_on_commit_callbacks(using="orders", execute=True):
         broker.setattr(app, "send_task", broker_away)
         assert saga_settlements_send() == {"settlement_sent:record_sales": 1}
