@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -25,6 +26,8 @@ from .tracing import saga_trace_context, trace_carrier, trace_id_of
 
 logger = logging.getLogger(__name__)
 
+_WEB_PUBLISH = {"retry_policy": settings.SAGA_WEB_PUBLISH_RETRY_POLICY}
+
 # What a compensation phase is for (the saga's `outcome`, and its context's).
 OUTCOME_FAILED = "failed"
 OUTCOME_CANCELLED = "cancelled"
@@ -38,7 +41,9 @@ def _publish(
     try:
         # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
         with saga_trace_context(trace_context):
-            signature.apply_async()
+            # A process that runs no service's tasks publishes from a request (the web),
+            # which must not wait out the broker (settings.SAGA_WEB_PUBLISH_RETRY_POLICY).
+            signature.apply_async(**({} if settings.CELERY_SERVICE else _WEB_PUBLISH))
     except Exception:
         logger.exception("saga %s: publishing its next steps failed; the sweeper will retry", saga_id)
         _due_now(saga_id, first_task_id)

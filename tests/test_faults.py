@@ -613,6 +613,46 @@ def test_orders_in_flight_survive_a_broker_restart(api: Api, restarted: datetime
     assert_outage_left_every_order_whole(api, finals, sku, on_hand=10)
 
 
+@pytest.mark.redis_only
+@pytest.mark.skipif(not EMBEDDED, reason="stops the broker: only the embedded one is ours to stop")
+def test_an_order_placed_while_the_broker_is_down_is_accepted_at_once_and_runs_once_it_is_back(
+    api: Api, restarted: datetime, sku: str
+) -> None:
+    """The order commits and its chain's publish fails: the web answers 202 without waiting
+    out the broker (settings.SAGA_WEB_PUBLISH_RETRY_POLICY: each request held a web thread
+    for about 6 s before), and the failed publish makes the first step due at once, so the
+    sweeper publishes it as soon as the broker is back (saga.publish._due_now)."""
+    make_product(sku, on_hand=3)
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=1)
+
+    def broker_answers() -> bool:
+        try:
+            return bool(broker.ping())
+        except redis.RedisError:
+            return False
+
+    outage = threading.Thread(target=restart_server, args=("redis",), kwargs={"down_seconds": 8})
+    outage.start()
+    try:
+        wait_for(lambda: not broker_answers(), timeout=30, interval=0.05, what="the broker to stop")
+        asked = time.monotonic()
+        placed = api.place_order([(sku, 1)])
+        answered = time.monotonic() - asked
+        down = not broker_answers()
+    finally:
+        outage.join()
+    back = time.monotonic()
+
+    order = api.wait_until_final(placed["id"], timeout=30)
+    print(f"answered in {answered:.2f} s; confirmed {time.monotonic() - back:.1f} s after the broker was back")
+    assert down  # the whole request ran while the broker was away
+    assert answered < 3
+    assert order["status"] == "confirmed"
+    assert stock(sku) == (3, 1)
+    reserve = steps_by_name(order)["reserve_inventory"]
+    assert (reserve["status"], reserve["attempts"]) == ("succeeded", 1)
+
+
 @pytest.mark.skipif(not EMBEDDED, reason="restarts PostgreSQL: only the embedded one is ours to restart")
 def test_orders_in_flight_survive_a_database_restart(api: Api, restarted: datetime, sku: str) -> None:
     make_product(sku, on_hand=10)
