@@ -14,6 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from common.db import insert_together
 
@@ -44,8 +45,17 @@ def _publish(
             # A process that runs no service's tasks publishes from a request (the web),
             # which must not wait out the broker (settings.SAGA_WEB_PUBLISH_RETRY_POLICY).
             signature.apply_async(**({} if settings.CELERY_SERVICE else _WEB_PUBLISH))
+    except BrokerUnavailable as error:
+        # A broker outage fails every publish for its duration: one line each, not a traceback.
+        logger.warning(
+            "saga %s: publishing its next steps failed (%s: %s); the sweeper publishes them again",
+            saga_id,
+            type(error).__name__,
+            error,
+        )
+        _due_now(saga_id, first_task_id)
     except Exception:
-        logger.exception("saga %s: publishing its next steps failed; the sweeper will retry", saga_id)
+        logger.exception("saga %s: publishing its next steps failed; the sweeper publishes them again", saga_id)
         _due_now(saga_id, first_task_id)
 
 
