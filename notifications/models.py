@@ -7,7 +7,8 @@ class Notification(models.Model):
     """One message to a customer about one order outcome, on one channel.
 
     The unique (saga, kind, channel) constraint makes each message exist once; the claim
-    (`sending`, `claim_token`, `lease_until`) makes one attempt at a time deliver it.
+    (`sending`, `claim_token`, `lease_until`, `claimed_by`) makes one attempt at a time
+    deliver it.
     """
 
     class Kind(models.TextChoices):
@@ -36,6 +37,9 @@ class Notification(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     claim_token = models.UUIDField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
+    # The process that holds the claim (common.liveness): a copy that finds it provably
+    # dead takes the claim over before its lease ends.
+    claimed_by = models.CharField(max_length=200, blank=True, default="", db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True)
 

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from common.exceptions import TransientError
 from common.idempotency import processed_record, processed_result, saga_lock, step_key
+from common.liveness import process_gone, process_identity
 from common.sql import prepared
 
 from . import channels
@@ -21,7 +22,7 @@ from .models import Notification, ProcessedKey
 
 DB = "notifications"
 NOTIFICATION, PROCESSED_KEY = (f'"{m._meta.db_table}"' for m in (Notification, ProcessedKey))
-SENDING = Notification.Status.SENDING
+SENDING, PENDING = Notification.Status.SENDING, Notification.Status.PENDING
 LEASE_MARGIN_SECONDS = 5
 
 MESSAGES = {
@@ -64,6 +65,9 @@ def notification_send(
     of the task's hard time limit), and delivers only what it claimed. A copy that finds a
     row under someone else's live claim delivers nothing of it and raises `TransientError`:
     its task retries with backoff and finds the outcome recorded (or the lease expired).
+    A claim also names the process that holds it (common.liveness): a copy that finds that
+    process provably dead (on this host: a worker SIGKILLed mid-send) takes the claim over
+    at once instead of waiting out the lease.
 
     Delivery happens outside the transaction and is marked sent afterwards, only where this
     attempt still holds the claim. At-least-once in two windows: an owner that dies (or
@@ -145,6 +149,7 @@ class _Message:
             body=self.body,
             status=SENDING,
             claim_token=self.claim,
+            claimed_by=process_identity(),
             **fields,
         )
 
@@ -163,15 +168,16 @@ def _claim_new(message: _Message, *, lease: int) -> dict[str, Any] | list[Notifi
         cursor.execute(
             f"WITH done AS (SELECT result FROM {PROCESSED_KEY} WHERE key = %s), "
             f"new AS (INSERT INTO {NOTIFICATION} (saga_id, kind, channel, order_id, recipient, subject, body, "
-            "status, claim_token, lease_until, created_at) "
-            "SELECT %s, %s, c.channel, %s, c.recipient, %s, %s, %s, %s, "
+            "status, claim_token, claimed_by, lease_until, created_at) "
+            "SELECT %s, %s, c.channel, %s, c.recipient, %s, %s, %s, %s, %s, "
             "statement_timestamp() + make_interval(secs => %s), statement_timestamp() "
             "FROM unnest(%s::varchar[], %s::varchar[]) AS c(channel, recipient) "
             "WHERE NOT EXISTS (SELECT 1 FROM done) "
             "ON CONFLICT (saga_id, kind, channel) DO NOTHING RETURNING id, channel) "
             "SELECT (SELECT result FROM done), (SELECT json_object_agg(channel, id) FROM new)",
             [
-                *(m.key, m.saga_id, m.kind, m.order_id, m.subject, m.body, SENDING, m.claim, lease),
+                *(m.key, m.saga_id, m.kind, m.order_id, m.subject, m.body, SENDING, m.claim, process_identity()),
+                lease,
                 [channel for channel, _ in m.recipients],
                 [recipient for _, recipient in m.recipients],
             ],
@@ -209,9 +215,15 @@ def _claim_existing(
             raise TransientError(f"saga {saga_id}: {kind} is being sent by another copy") from None
         mine = {n.channel for n in missing}
         # Rows left by an earlier copy: the conditional UPDATE claims those nobody holds
-        # (pending, or a dead owner's expired lease).
+        # (pending, a dead owner's expired lease, or a live lease whose owner is provably
+        # gone: a worker killed mid-send, whose message came back to this one).
         if any(n.status != Notification.Status.SENT for n in existing.values()):
-            mine |= _claim(saga_id=saga_id, kind=kind, claim=message.claim, lease=lease)
+            gone = [
+                n.claim_token
+                for n in existing.values()
+                if n.status == SENDING and n.claim_token and n.claimed_by and process_gone(n.claimed_by)
+            ]
+            mine |= _claim(saga_id=saga_id, kind=kind, claim=message.claim, lease=lease, gone=gone)
         rows = {**existing, **{n.channel: n for n in missing}}
         claimed = [rows[channel] for channel, _ in message.recipients if channel in mine]
         held = sorted(
@@ -243,16 +255,19 @@ def lease_seconds() -> int:
     return settings.CELERY_TASK_TIME_LIMIT + LEASE_MARGIN_SECONDS
 
 
-def _claim(*, saga_id: uuid.UUID, kind: str, claim: uuid.UUID, lease: int) -> set[str]:
-    """Claim this outcome's rows that nobody holds; the channels claimed. Conditional in one
-    statement, so of two concurrent claims exactly one takes each row."""
+def _claim(
+    *, saga_id: uuid.UUID, kind: str, claim: uuid.UUID, lease: int, gone: list[uuid.UUID] | None = None
+) -> set[str]:
+    """Claim this outcome's rows that nobody holds, or that the claims `gone` (their owners
+    provably dead) still hold; the channels claimed. Conditional in one statement, on the
+    very claim token seen, so of two concurrent claims exactly one takes each row."""
     with connections[DB].cursor() as cursor:
         cursor.execute(
-            f"UPDATE {NOTIFICATION} SET status = %s, claim_token = %s, "
+            f"UPDATE {NOTIFICATION} SET status = %s, claim_token = %s, claimed_by = %s, "
             "lease_until = statement_timestamp() + make_interval(secs => %s) "
-            "WHERE saga_id = %s AND kind = %s "
-            "AND (status = %s OR (status = %s AND lease_until < statement_timestamp())) RETURNING channel",
-            [SENDING, claim, lease, saga_id, kind, Notification.Status.PENDING, SENDING],
+            "WHERE saga_id = %s AND kind = %s AND (status = %s OR (status = %s "
+            "AND (lease_until < statement_timestamp() OR claim_token = ANY(%s::uuid[])))) RETURNING channel",
+            [SENDING, claim, process_identity(), lease, saga_id, kind, PENDING, SENDING, gone or []],
         )
         return {channel for (channel,) in cursor.fetchall()}
 
@@ -270,4 +285,4 @@ def _mark_sent(pk: int, claim: uuid.UUID) -> bool:
 def _release(claimed: list[Notification], claim: uuid.UUID) -> None:
     Notification.objects.filter(
         pk__in=[n.pk for n in claimed], claim_token=claim, status=Notification.Status.SENDING
-    ).update(status=Notification.Status.PENDING, claim_token=None, lease_until=None)
+    ).update(status=Notification.Status.PENDING, claim_token=None, lease_until=None, claimed_by="")

@@ -1,8 +1,11 @@
 """A small HTTP client for the system tests, and the saga-aware waits and probes they share."""
 
 import json
+import subprocess
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -18,7 +21,7 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from common.tokens import api_token_create
-from devstack.topology import WORKERS, wait_for
+from devstack.topology import BASE_DIR, WORKERS, wait_for
 from inventory.models import Product, Reservation
 from inventory.services import product_upsert
 from orders.models import Order
@@ -276,3 +279,25 @@ def broker_idle() -> bool:
                 if channel.queue_declare(queue=queue, passive=True).message_count:
                     return False
         return True
+
+
+@contextmanager
+def another_process() -> Iterator[tuple[subprocess.Popen, str]]:
+    """A live process of this host and its identity, as it would write it in a claim."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from common.liveness import process_identity; print(process_identity(), flush=True); "
+            "time.sleep(120)",
+        ],
+        cwd=BASE_DIR,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        yield child, child.stdout.readline().strip()
+    finally:
+        child.kill()
+        child.wait()
