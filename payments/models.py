@@ -43,7 +43,8 @@ class PaymentAttempt(models.Model):
     Only the copy of the message that made the call writes its outcome (by this row's id):
     a racing copy never clears or overwrites another's attempt. An attempt is *in flight*
     until it has a settled outcome, or its lease (the task's hard time limit, past which
-    Celery has killed the call) has run out. `unknown` (a timeout, a dropped connection)
+    Celery has killed the call) has run out, or the process that made it is provably gone
+    (`attempted_by`: a worker SIGKILLed mid-call). `unknown` (a timeout, a dropped connection)
     is not settled: the provider may still complete that call until the lease runs out.
     """
 
@@ -66,6 +67,9 @@ class PaymentAttempt(models.Model):
     task_id = models.CharField(max_length=255, blank=True)
     started_at = models.DateTimeField()
     lease_until = models.DateTimeField()
+    # The process that made the call (common.liveness): once it is provably gone, its call
+    # is over from our side, as at the end of its lease.
+    attempted_by = models.CharField(max_length=200, blank=True, default="", db_default="")
     finished_at = models.DateTimeField(null=True, blank=True)
     outcome = models.CharField(max_length=16, choices=Outcome.choices, blank=True)
     error = models.CharField(max_length=255, blank=True)

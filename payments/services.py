@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from common.exceptions import StepRefused, TransientError
 from common.idempotency import processed_record, processed_result, processed_results, saga_lock, step_key
+from common.liveness import process_gone, process_identity
 from common.sql import prepared
 
 from .exceptions import PaymentDeclined
@@ -224,8 +225,8 @@ NEW_PAYMENT = (
     "created_at, updated_at) SELECT %s, %s, %s, %s, %s, %s, '', '', %s, %s"
 )
 NEW_ATTEMPT = (
-    f"INSERT INTO {ATTEMPT} (id, payment_id, task_id, started_at, lease_until, outcome, error) "
-    "SELECT %s, p.id, %s, %s, %s, '', '' FROM p RETURNING payment_id"
+    f"INSERT INTO {ATTEMPT} (id, payment_id, task_id, started_at, lease_until, attempted_by, outcome, error) "
+    "SELECT %s, p.id, %s, %s, %s, %s, '', '' FROM p RETURNING payment_id"
 )
 
 
@@ -246,7 +247,7 @@ class _Attempt:
 
     def attempt_params(self, now: datetime) -> list[Any]:
         """NEW_ATTEMPT's parameters."""
-        return [self.attempt_id, self.task_id[:255], now, now + attempt_lease()]
+        return [self.attempt_id, self.task_id[:255], now, now + attempt_lease(), process_identity()]
 
 
 def begun_key(saga_id: uuid.UUID | str) -> str:
@@ -294,10 +295,13 @@ def _attempt_finish(attempt_id: uuid.UUID, outcome: str, detail: str = "") -> No
 
 def charge_attempt_in_flight(payment_id: uuid.UUID) -> bool:
     """True while a charge attempt of this payment may still be at the provider: it has no
-    settled outcome and its lease has not run out."""
-    return PaymentAttempt.objects.filter(
+    settled outcome, its lease has not run out and the process that made it is not provably
+    gone (common.liveness: a worker SIGKILLed mid-call, whose attempt the refund would
+    otherwise wait out for the whole lease)."""
+    owners = PaymentAttempt.objects.filter(
         payment_id=payment_id, outcome__in=["", Outcome.UNKNOWN], lease_until__gt=timezone.now()
-    ).exists()
+    ).values_list("attempted_by", flat=True)
+    return any(not (owner and process_gone(owner)) for owner in owners)
 
 
 def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:

@@ -22,10 +22,13 @@ from django.utils import timezone
 
 from common.exceptions import StepRefused, TransientError
 from common.idempotency import step_key
+from common.liveness import process_identity
 from payments import resilience, services
 from payments.gateways import ChargeVoided, GatewayUnavailable
 from payments.gateways.fake import FakeGateway
 from payments.models import FakeProviderOperation, Payment, PaymentAttempt
+
+from .api import another_process
 
 pytestmark = pytest.mark.usefixtures("db_access")
 
@@ -244,3 +247,36 @@ def test_racing_refunds_refund_once(
     assert len(results) == 1 and None not in results
     assert ledger(saga["saga_id"]) == [("charge", "succeeded"), ("refund", "succeeded")]
     assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.REFUNDED
+
+
+def test_a_refund_does_not_wait_out_the_attempt_of_a_charge_whose_process_died(
+    gateway: HeldGateway, breaker: pybreaker.CircuitBreaker, saga: dict[str, Any]
+) -> None:
+    """A worker SIGKILLed mid-call leaves its attempt in flight until the lease ends (the
+    hard time limit + 5 s: 30 s in production). The attempt names its process
+    (common.liveness): once that is provably gone, the call is over from our side, as at
+    the end of the lease, and the refund settles with the provider at once. An attempt
+    of a live process, or of one it cannot see, still holds the refund off."""
+    gateway.time_out.add("A")
+    timed_out = charge_copy("A", saga)
+    timed_out.start()
+    with pytest.raises(GatewayUnavailable, match="did not answer in time"):
+        timed_out.outcome()
+    attempt = PaymentAttempt.objects.filter(payment__saga_id=saga["saga_id"])
+    assert attempt.get().attempted_by == process_identity()
+
+    for owner in ["another-host/boot/pid:[1]|4242|1000", ""]:  # nothing to see from here
+        attempt.update(attempted_by=owner)
+        with pytest.raises(TransientError, match="in flight"):
+            services.payment_refund(saga_id=saga["saga_id"])
+    with another_process() as (process, identity):
+        attempt.update(attempted_by=identity)
+        with pytest.raises(TransientError, match="in flight"):
+            services.payment_refund(saga_id=saga["saga_id"])
+        process.kill()
+        process.wait()
+
+    refund = services.payment_refund(saga_id=saga["saga_id"])
+    assert refund["refund"] is None and "voided" in refund["reason"]
+    assert ledger(saga["saga_id"]) == [("charge", "voided")]
+    assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.VOIDED
