@@ -346,13 +346,6 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # restart of a few seconds instead of failing the task that publishes.
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-publish-retry-policy
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
-# ...except a saga's chain published from a web request (a new order, a cancel, an
-# operator's action): it holds one of the web's few threads, and with the broker away the
-# policy above kept each such request about 6 s (a broker refusing connections; longer
-# for one that does not answer), and a flow of orders then tied up every thread. A failed
-# publish makes its step due at once (saga.publish._due_now) and the sweeper publishes it
-# again as soon as the broker is back, so the request answers within a second.
-SAGA_WEB_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

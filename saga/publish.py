@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
@@ -27,8 +26,6 @@ from .tracing import saga_trace_context, trace_carrier, trace_id_of
 
 logger = logging.getLogger(__name__)
 
-_WEB_PUBLISH = {"retry_policy": settings.SAGA_WEB_PUBLISH_RETRY_POLICY}
-
 # What a compensation phase is for (the saga's `outcome`, and its context's).
 OUTCOME_FAILED = "failed"
 OUTCOME_CANCELLED = "cancelled"
@@ -42,9 +39,10 @@ def _publish(
     try:
         # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
         with saga_trace_context(trace_context):
-            # A process that runs no service's tasks publishes from a request (the web),
-            # which must not wait out the broker (settings.SAGA_WEB_PUBLISH_RETRY_POLICY).
-            signature.apply_async(**({} if settings.CELERY_SERVICE else _WEB_PUBLISH))
+            # Celery's publish retries (CELERY_TASK_PUBLISH_RETRY_POLICY) ride out a broker
+            # restart of a few seconds, in the web's request too: failing faster there sent
+            # every order of a short restart to the sweeper instead (docs/DECISIONS.md).
+            signature.apply_async()
     except BrokerUnavailable as error:
         # A broker outage fails every publish for its duration: one line each, not a traceback.
         logger.warning(

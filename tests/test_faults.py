@@ -615,13 +615,14 @@ def test_orders_in_flight_survive_a_broker_restart(api: Api, restarted: datetime
 
 @pytest.mark.redis_only
 @pytest.mark.skipif(not EMBEDDED, reason="stops the broker: only the embedded one is ours to stop")
-def test_an_order_placed_while_the_broker_is_down_is_accepted_at_once_and_runs_once_it_is_back(
+def test_an_order_whose_publish_outlived_its_retries_runs_soon_after_the_broker_is_back(
     api: Api, restarted: datetime, sku: str
 ) -> None:
-    """The order commits and its chain's publish fails: the web answers 202 without waiting
-    out the broker (settings.SAGA_WEB_PUBLISH_RETRY_POLICY: each request held a web thread
-    for about 6 s before), and the failed publish makes the first step due at once, so the
-    sweeper publishes it as soon as the broker is back (saga.publish._due_now)."""
+    """The broker is away longer than the web's publish retries (about 6 s): the order
+    commits, is answered 202, and its chain's publish fails. The failed publish makes the
+    first step due at once (saga.publish._due_now), so a sweep soon after the broker is
+    back publishes it again, not its first segment's deadline later (three steps'
+    SAGA_STEP_TIMEOUT: 32 s here, 95 s in production)."""
     make_product(sku, on_hand=3)
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=1)
 
@@ -631,26 +632,22 @@ def test_an_order_placed_while_the_broker_is_down_is_accepted_at_once_and_runs_o
         except redis.RedisError:
             return False
 
-    outage = threading.Thread(target=restart_server, args=("redis",), kwargs={"down_seconds": 8})
+    outage = threading.Thread(target=restart_server, args=("redis",), kwargs={"down_seconds": 12})
     outage.start()
     try:
         wait_for(lambda: not broker_answers(), timeout=30, interval=0.05, what="the broker to stop")
-        asked = time.monotonic()
         placed = api.place_order([(sku, 1)])
-        answered = time.monotonic() - asked
-        down = not broker_answers()
+        assert not broker_answers()  # its publish gave up while the broker was away
     finally:
         outage.join()
     back = time.monotonic()
 
-    order = api.wait_until_final(placed["id"], timeout=30)
-    print(f"answered in {answered:.2f} s; confirmed {time.monotonic() - back:.1f} s after the broker was back")
-    assert down  # the whole request ran while the broker was away
-    assert answered < 3
+    order = api.wait_until_final(placed["id"], timeout=20)
+    print(f"confirmed {time.monotonic() - back:.1f} s after the broker was back")
     assert order["status"] == "confirmed"
     assert stock(sku) == (3, 1)
-    reserve = steps_by_name(order)["reserve_inventory"]
-    assert (reserve["status"], reserve["attempts"]) == ("succeeded", 1)
+    reserve = SagaStep.objects.get(saga_id=placed["saga"]["id"], name="reserve_inventory")
+    assert (reserve.status, reserve.republished) == ("succeeded", 1)  # the sweeper published it
 
 
 @pytest.mark.skipif(not EMBEDDED, reason="restarts PostgreSQL: only the embedded one is ours to restart")
