@@ -1221,12 +1221,19 @@ def _redis_status(paths: _Paths, port: int) -> ServerStatus:
 
 
 def restart_embedded(
-    base_dir: Path, name: ServiceName, *, down_seconds: float = 0.0, timeout: float = DEFAULT_TIMEOUT
+    base_dir: Path,
+    name: ServiceName,
+    *,
+    down_seconds: float = 0.0,
+    down_until: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> None:
     """Stop one embedded server and start it again, keeping its data: a fault to inject.
 
     For the fault tests and `make chaos`: clients see their connections drop and must
-    reconnect. `down_seconds` keeps the server away that long before it comes back.
+    reconnect. `down_seconds` keeps the server away that long before it comes back; then
+    `down_until`, if given, keeps it away until that file exists (at most `timeout`): a test
+    that must act while it is away says when it is done.
     Precondition: the embedded servers are in use (not external ones).
     """
     base_dir = _check_base_dir(base_dir)
@@ -1237,6 +1244,8 @@ def restart_embedded(
         _stop(paths, [name], timeout)
     if down_seconds > 0:
         time.sleep(down_seconds)
+    if down_until is not None:
+        _poll(down_until.exists, time.monotonic() + timeout)
     deadline = time.monotonic() + timeout
     with _exclusive(paths, deadline):
         if name == "postgres":

@@ -58,7 +58,8 @@ class Api:
         headers = dict(kwargs.pop("headers", {}) or {})
         if self.token:
             headers["Authorization"] = f"Token {self.token}"
-        return requests.request(method, f"{self.base_url}{path}", headers=headers, timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return requests.request(method, f"{self.base_url}{path}", headers=headers, **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)
@@ -66,14 +67,16 @@ class Api:
     def post(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("POST", path, **kwargs)
 
-    def place_order(self, items: list[tuple[str, int]], token: str = "tok_visa", **extra: Any) -> dict:
+    def place_order(
+        self, items: list[tuple[str, int]], token: str = "tok_visa", *, timeout: float = 30, **extra: Any
+    ) -> dict:
         body = {
             "email": "buyer@example.com",
             "items": [{"sku": sku, "quantity": quantity} for sku, quantity in items],
             "payment_token": token,
             **extra,
         }
-        response = self.post("/api/orders/", json=body)
+        response = self.post("/api/orders/", json=body, timeout=timeout)
         assert response.status_code == 202, response.text
         return response.json()
 
