@@ -85,5 +85,8 @@ def test_drains_racing_over_the_same_records_move_each_saga_once(sagas: list[Sag
         assert saga.status == SagaStatus.COMPLETED, saga.id
         steps = list(saga.steps.all())
         assert {s.name for s in steps} == {s.name for s in PLACE_ORDER.steps}
-        assert all(s.status == StepStatus.SUCCEEDED and s.attempts == 1 for s in steps), saga.id
+        # Each step's state in the message: a failure seen once in CI (next to the live
+        # topology's own sweeper) said only which saga, not which step or how.
+        shown = [(s.name, s.status, s.attempts, s.republished, s.worker) for s in steps]
+        assert all(s.status == StepStatus.SUCCEEDED and s.attempts == 1 for s in steps), (saga.id, shown)
     assert not TaskResult.objects.filter(task_id__in=[task_id_for(i, "notify_customer", 0) for i in ids]).exists()
