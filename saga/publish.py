@@ -17,6 +17,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from common.db import insert_together
 
+from . import broker_latch
 from .definition import SagaDefinition, Step, get_definition
 from .engine import build_chain, task_id_for
 from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
@@ -36,6 +37,12 @@ def _publish(
 ) -> None:
     # Not raising keeps the already-committed request intact: the step stays running and
     # the recovery sweeper publishes it again.
+    if broker_latch.LATCH.down():
+        # The last publish found the broker away and it has not answered since: trying
+        # would hold this thread for Celery's retries (the web's request) only to fail.
+        logger.info("saga %s: the broker is away; the sweeper publishes its next steps", saga_id)
+        _due_now(saga_id, first_task_id)
+        return
     try:
         # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
         with saga_trace_context(trace_context):
@@ -44,13 +51,15 @@ def _publish(
             # every order of a short restart to the sweeper instead (docs/DECISIONS.md).
             signature.apply_async()
     except BrokerUnavailable as error:
-        # A broker outage fails every publish for its duration: one line each, not a traceback.
+        # A broker outage fails every publish for its duration: one line each, not a
+        # traceback, and none after this one until the broker answers (saga.broker_latch).
         logger.warning(
             "saga %s: publishing its next steps failed (%s: %s); the sweeper publishes them again",
             saga_id,
             type(error).__name__,
             error,
         )
+        broker_latch.LATCH.failed(error)
         _due_now(saga_id, first_task_id)
     except Exception:
         logger.exception("saga %s: publishing its next steps failed; the sweeper publishes them again", saga_id)

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import recovery, store
+from . import broker_latch, recovery, store
 from .definition import get_definition
 from .engine import task_id_for
 from .failure import stop_running
@@ -102,6 +102,12 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     # Before looking for stalled steps: a chain whose record waits here is not stalled.
     if recorded := saga_reports_drain():
         done["recorded"] += recorded
+    if broker_latch.LATCH.down():
+        # This process found the broker away and has not heard it since: every message
+        # waits where it is (nothing is lost by waiting), and a re-publish would only be
+        # skipped, spending a step's budget for nothing. The next sweep looks again.
+        done["broker_away"] += 1
+        return dict(done)
     done.update(_settlements_send(now))
     stalled = list(
         SagaStep.objects.using(DB)

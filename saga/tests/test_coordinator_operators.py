@@ -8,6 +8,7 @@ put there); no workers. What would be published is read from the orders connecti
 on-commit callbacks (saga.tests.coordinator).
 """
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -23,7 +24,8 @@ from common.exceptions import StepRefused, TransientError
 from orders.models import Order
 from orders.saga import PLACE_ORDER
 from orders_project.celery import app
-from saga import recovery
+from saga import broker_latch, recovery
+from saga.broker_latch import BrokerLatch
 from saga.definition import SagaDefinition, Step, register
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.operator import OPERATOR_COMPENSATED, saga_compensate, saga_retry, saga_retry_by_fingerprint
@@ -369,10 +371,12 @@ def test_a_chain_whose_publish_failed_is_due_at_the_next_sweep(
         saga = start()
         if publisher == "a compensation":
             fail(saga, "reserve_inventory", PaymentDeclined("x"), timeline=[])
-    # One line per failed publish, as a broker outage fails every one: no traceback.
-    failed = [r for r in caplog.records if r.name == "saga.publish"]
-    assert failed and all(r.levelname == "WARNING" and r.exc_info is None for r in failed)
-    assert "connection refused" in failed[-1].getMessage()
+    # One line per publish, as a broker outage fails every one: no traceback. The first
+    # failed; a compensation's, after it, was not tried (saga.broker_latch).
+    lines = [r for r in caplog.records if r.name == "saga.publish"]
+    assert [r.levelname for r in lines] == ["WARNING"] + (["INFO"] if publisher == "a compensation" else [])
+    assert all(r.exc_info is None for r in lines)
+    assert "connection refused" in lines[0].getMessage()
     row = saga_row(saga)
     first, plan, tasks = (
         ("refund_payment", COMPENSATION, COMPENSATION_TASKS)
@@ -383,6 +387,7 @@ def test_a_chain_whose_publish_failed_is_due_at_the_next_sweep(
     assert (step.status, step.celery_task_id) == (StepStatus.RUNNING, ids(saga, [first], row.generation)[0])
     assert step.deadline_at <= timezone.now()
 
+    wait_until(lambda: not broker_latch.LATCH.down())  # its probe hears the test broker
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         assert saga_sweep().get("republished") == 1
     assert published(callbacks) == [list(zip(tasks, ids(saga, plan, row.generation + 1), strict=True))]
@@ -402,6 +407,91 @@ def test_a_re_publish_whose_publish_failed_keeps_its_paced_deadline(django_captu
     segment = sum(step.deadline_seconds for step in PLACE_ORDER.steps[:3])  # up to the pivot
     assert (reserve.status, reserve.republished) == (StepStatus.RUNNING, 1)
     assert reserve.deadline_at == now + timedelta(seconds=segment * 2)
+
+
+class Broker:
+    """A broker that is away until `back()`: publishes raise, as the probe does."""
+
+    def __init__(self) -> None:
+        self.away, self.published = True, 0
+
+    def send_task(self, *_: Any, **__: Any) -> None:
+        if self.away:
+            raise BrokerUnavailable("connection refused")
+        self.published += 1
+
+    def probe(self) -> None:
+        if self.away:
+            raise BrokerUnavailable("connection refused")
+
+
+def wait_until(condition: Any, *, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_after_a_publish_found_the_broker_away_no_publish_is_tried_until_it_answers(
+    django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first publish of an outage spends Celery's retries (about 6 s; in the web, a
+    request held that long) and fails; the publishes after it are not tried at all, each
+    left to the sweeper as a failed one is, until a probe hears the broker again. Then
+    publishing resumes by itself."""
+    broker = Broker()
+    latch = BrokerLatch(broker.probe, lambda: 3600.0)  # its probe waits: nothing changes meanwhile
+    monkeypatch.setattr(broker_latch, "LATCH", latch)
+    monkeypatch.setattr(app, "send_task", broker.send_task)
+    with django_capture_on_commit_callbacks(using="orders", execute=True):
+        first = start()
+    assert latch.down()
+    broker.away = False  # it would take a publish now, but none is tried before the probe hears it
+    with django_capture_on_commit_callbacks(using="orders", execute=True):
+        second = start()
+    assert broker.published == 0
+    for saga in (first, second):
+        reserve = rows(saga)["reserve_inventory"]
+        assert (reserve.status, reserve.republished) == (StepStatus.RUNNING, 0)
+        assert reserve.deadline_at <= timezone.now()  # due at the next sweep
+    assert any(
+        r.levelname == "INFO" and f"saga {second.id}: the broker is away" in r.getMessage() for r in caplog.records
+    )
+
+    probed = BrokerLatch(broker.probe, lambda: 0.05)
+    probed.failed(BrokerUnavailable("connection refused"))
+    monkeypatch.setattr(broker_latch, "LATCH", probed)
+    wait_until(lambda: not probed.down())
+    with django_capture_on_commit_callbacks(using="orders", execute=True):
+        start()
+    assert broker.published == 1
+
+
+def test_a_sweep_in_a_process_that_found_the_broker_away_re_publishes_nothing(
+    django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its re-publishes would only be skipped, each spending a step's budget: the sweep
+    records what committed and leaves stalled steps and settlements for a sweep that can
+    publish."""
+    broker = Broker()
+    latch = BrokerLatch(broker.probe, lambda: 0.05)
+    monkeypatch.setattr(broker_latch, "LATCH", latch)
+    stalled, settling = start(), start()
+    stall(stalled, "reserve_inventory")
+    assert pivot(settling)
+    latch.failed(BrokerUnavailable("connection refused"))
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep() == {"broker_away": 1}
+    assert callbacks == []
+    assert rows(stalled)["reserve_inventory"].republished == 0
+    assert saga_row(settling).settlement_sent_at is None
+
+    broker.away = False
+    wait_until(lambda: not latch.down())
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        done = saga_sweep()
+    assert (done.get("republished"), done.get("settlement_sent:record_sales")) == (1, 1)
+    assert rows(stalled)["reserve_inventory"].republished == 1
 
 
 def test_a_settlement_whose_publish_failed_is_sent_again_by_the_next_sweep(django_capture_on_commit_callbacks) -> None:
