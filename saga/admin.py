@@ -102,6 +102,8 @@ def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
     if step.name in live:
         state, worker = live[step.name]
         return LIVE_STATES.get(state, state + " on {}").format(worker)
+    if step.never_sent:
+        return "Not sent yet (the broker was away; the sweeper sends it)"
     if step.status == StepStatus.RUNNING:
         later = {s.name for s in step.saga.steps.all() if s.phase == step.phase and s.position > step.position}
         if later & live.keys():

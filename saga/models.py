@@ -176,7 +176,8 @@ class SagaStep(models.Model):
     # How often the recovery sweeper (or an operator) re-published this step.
     republished = models.PositiveIntegerField(default=0)
     celery_task_id = models.CharField(max_length=255, blank=True)
-    # queued_at: when the saga published it (or the previous step finished);
+    # queued_at: when the saga published it (or the previous step finished); empty on a
+    # running step whose publish was never tried (saga.publish._due_now: `never_sent`);
     # started_at/finished_at: as measured by the participant that ran it.
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -203,6 +204,12 @@ class SagaStep(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.status})"
+
+    @property
+    def never_sent(self) -> bool:
+        """Running, but its chain was never handed to the broker (the process that would
+        have published it had found the broker away: saga.broker_latch)."""
+        return self.status == StepStatus.RUNNING and self.queued_at is None
 
     @property
     def duration_ms(self) -> float | None:

@@ -41,7 +41,7 @@ def _publish(
         # The last publish found the broker away and it has not answered since: trying
         # would hold this thread for Celery's retries (the web's request) only to fail.
         logger.info("saga %s: the broker is away; the sweeper publishes its next steps", saga_id)
-        _due_now(saga_id, first_task_id)
+        _due_now(saga_id, first_task_id, never_sent=True)
         return
     try:
         # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
@@ -66,7 +66,7 @@ def _publish(
         _due_now(saga_id, first_task_id)
 
 
-def _due_now(saga_id: uuid.UUID, task_id: str) -> None:
+def _due_now(saga_id: uuid.UUID, task_id: str, *, never_sent: bool = False) -> None:
     """Bring the deadline of the step `task_id` (running, as its chain was published) to
     now, so that the next sweep looks for its message instead of waiting out the whole
     segment's deadline (a minute and a half for a new order's first segment). The sweep
@@ -75,6 +75,12 @@ def _due_now(saga_id: uuid.UUID, task_id: str) -> None:
     its timing changes. One statement, only when a publish has failed: nothing on the hot
     path. The publish itself has already failed after the broker's retry policy, so a
     database that fails too is only logged; the old deadline then stands.
+
+    `never_sent`: the publish was not even tried (saga.broker_latch), so no message of it
+    can be anywhere: its step is also marked unqueued (`queued_at` empty), and the sweep
+    publishes it again without asking the broker and the workers first
+    (`SagaStep.never_sent`). Right after a broker restart that look can give a step
+    seconds more for nothing.
 
     Not for a chain that was itself a re-publish (the sweeper's, an operator's retry): its
     deadline doubles with each one and its budget is SAGA_REPUBLISH_BUDGET, so a broker
@@ -88,7 +94,7 @@ def _due_now(saga_id: uuid.UUID, task_id: str) -> None:
             status=StepStatus.RUNNING,
             republished=0,
             deadline_at__gt=timezone.now(),
-        ).update(deadline_at=timezone.now())
+        ).update(deadline_at=timezone.now(), **({"queued_at": None} if never_sent else {}))
     except Exception:
         logger.exception("saga %s: its step %s keeps its deadline", saga_id, task_id)
 

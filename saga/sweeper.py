@@ -118,17 +118,23 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
     if not stalled:
         return dict(done)
     wanted = set(stalled)
+    # Where the chains are, asked of the broker and the workers, but for a chain never
+    # sent, which can be nowhere (saga.publish._due_now).
     chains = [
         _segment_chain(saga, step)
         for saga in SagaInstance.objects.using(DB).filter(id__in={s for s, _ in stalled}).prefetch_related("steps")
         for step in saga.steps.all()
-        if (saga.id, step.name) in wanted
+        if (saga.id, step.name) in wanted and not step.never_sent
     ]
-    view = recovery.broker_view(
-        queues={queue for chain in chains for _, queue, _ in chain} | {"saga"},
-        task_ids=sorted({task_id for chain in chains for task_id, _, _ in chain}),
+    view = (
+        recovery.broker_view(
+            queues={queue for chain in chains for _, queue, _ in chain} | {"saga"},
+            task_ids=sorted({task_id for chain in chains for task_id, _, _ in chain}),
+        )
+        if chains
+        else recovery.BrokerView(workers_answered=1)
     )
-    if not view.workers_answered:
+    if chains and not view.workers_answered:
         # Not one worker answered (the saga worker running this sweep is one): the broadcast
         # failed, not the fleet (a broker restart leaves a connection deaf for seconds).
         logger.warning("no worker answered the sweeper's look at %d stalled steps", len(stalled))
@@ -145,6 +151,11 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
                 or step.deadline_at >= now
             ):
                 done["skipped"] += 1
+                continue
+            if step.never_sent:
+                outcome = _recover_stalled(saga, step, steps, now)
+                logger.warning("saga %s: step %s was never sent (the broker was away): %s", saga.id, step.name, outcome)
+                done[outcome] += 1
                 continue
             chain = _segment_chain(saga, step)
             queued_at = step.queued_at or (step.deadline_at - timedelta(seconds=sum(d for _, _, d in chain)))

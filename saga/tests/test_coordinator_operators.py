@@ -30,7 +30,7 @@ from saga.definition import SagaDefinition, Step, register
 from saga.models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.operator import OPERATOR_COMPENSATED, saga_compensate, saga_retry, saga_retry_by_fingerprint
 from saga.progress import saga_reports_drain, saga_step_succeeded
-from saga.publish import saga_begin_compensation
+from saga.publish import saga_begin_compensation, saga_publish
 from saga.recovery import SENT_AT
 from saga.settlement import saga_settlements_send
 from saga.sweeper import saga_sweep
@@ -454,6 +454,9 @@ def test_after_a_publish_found_the_broker_away_no_publish_is_tried_until_it_answ
         reserve = rows(saga)["reserve_inventory"]
         assert (reserve.status, reserve.republished) == (StepStatus.RUNNING, 0)
         assert reserve.deadline_at <= timezone.now()  # due at the next sweep
+    # The failed publish may have reached the broker; the skipped one cannot have.
+    assert not rows(first)["reserve_inventory"].never_sent
+    assert rows(second)["reserve_inventory"].never_sent
     assert any(
         r.levelname == "INFO" and f"saga {second.id}: the broker is away" in r.getMessage() for r in caplog.records
     )
@@ -465,6 +468,34 @@ def test_after_a_publish_found_the_broker_away_no_publish_is_tried_until_it_answ
     with django_capture_on_commit_callbacks(using="orders", execute=True):
         start()
     assert broker.published == 1
+
+
+def test_a_chain_never_sent_is_published_by_the_next_sweep_without_asking_where_it_is(
+    django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain whose publish was skipped (saga.broker_latch) can be nowhere: the sweep
+    publishes it again at once, and asks neither the broker nor the workers. Right after a
+    broker restart that look can say "waiting" for seconds (a queue's old head)."""
+    broker = Broker()
+    latch = BrokerLatch(broker.probe, lambda: 0.05)
+    monkeypatch.setattr(broker_latch, "LATCH", latch)
+    saga = start()
+    latch.failed(BrokerUnavailable("connection refused"))
+    with django_capture_on_commit_callbacks(using="orders", execute=True):
+        saga_publish(saga)  # as the web, whose latch is down
+    assert rows(saga)["reserve_inventory"].never_sent
+    broker.away = False
+    wait_until(lambda: not latch.down())
+
+    def no_look(**_: Any) -> None:
+        raise AssertionError("the sweep asked where a chain that was never sent is")
+
+    monkeypatch.setattr(recovery, "broker_view", no_look)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep() == {"republished": 1}
+    reserve = rows(saga)["reserve_inventory"]
+    assert (reserve.status, reserve.republished, reserve.never_sent) == (StepStatus.RUNNING, 1, False)
+    assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
 
 
 def test_a_sweep_in_a_process_that_found_the_broker_away_re_publishes_nothing(

@@ -190,6 +190,9 @@ def test_the_admin_shows_the_step_a_running_chain_is_on() -> None:
     assert step_state(steps["reserve_inventory"], {}) == "Running (no worker holds it now)"
     live = {"reserve_inventory": ("scheduled", "inventory@host")}
     assert step_state(steps["reserve_inventory"], live) == "Waiting to retry on inventory@host"
+    # Its publish was never tried (saga.broker_latch): not queued, so not shown as running.
+    steps["reserve_inventory"].queued_at = None
+    assert step_state(steps["reserve_inventory"], {}) == "Not sent yet (the broker was away; the sweeper sends it)"
 
 
 def test_a_late_refused_copy_does_not_rewrite_the_failure_that_started_the_compensation(monkeypatch) -> None:
