@@ -1,10 +1,11 @@
 """Whether this process last found the broker away, and the thread that notices it is back.
 
-A publish that fails because the broker is away has already spent about 6 s (redis-py's
-and kombu's connection retries, then Celery's publish retry policy). While the broker
-stays away, every publish would spend them again: in the web, each `POST /api/orders/`
-would hold one of its threads that long, so a long outage left the web answering about
-one order a second. Once a publish has failed that way, this process stops publishing:
+A publish that fails because the broker is away has already spent Celery's publish retry
+policy on it: 36 s for the first publish over a connection that broke, 6 s for each one
+after (measured against a refused port). While the broker stays away,
+every publish would spend them again: in the web, each `POST /api/orders/` would hold one
+of its threads that long, so a long outage left the web answering about one order a
+second. Once a publish has failed that way, this process stops publishing:
 each publish is skipped at once and left to the sweeper, as a failed one is
 (saga.publish._due_now), and one daemon thread asks the broker every
 SAGA_BROKER_PROBE_SECONDS whether it is back. The first answer lets publishing resume.

@@ -15,8 +15,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 from devstack.topology import BASE_DIR, Topology
-from saga import broker_latch as latch_module
-from saga.broker_latch import BrokerLatch
+from saga.tests.fixtures import broker_latch  # noqa: F401  # autouse: each test's own latch
 
 from .api import Api
 from .otlp import OtlpReceiver
@@ -89,12 +88,3 @@ def staff_api(topology: Topology) -> Api:
 @pytest.fixture
 def sku() -> str:
     return f"T-{uuid.uuid4().hex[:10].upper()}"
-
-
-@pytest.fixture(autouse=True)
-def broker_latch(monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerLatch]:
-    """A latch of this test's own: one that a test's failed publish closed must not skip
-    the next test's publishes (saga.broker_latch)."""
-    fresh = BrokerLatch(latch_module._broker_answers, lambda: 0.1)
-    monkeypatch.setattr(latch_module, "LATCH", fresh)
-    yield fresh

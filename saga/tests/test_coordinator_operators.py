@@ -435,7 +435,7 @@ def wait_until(condition: Any, *, timeout: float = 10) -> None:
 def test_after_a_publish_found_the_broker_away_no_publish_is_tried_until_it_answers(
     django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The first publish of an outage spends Celery's retries (about 6 s; in the web, a
+    """The first publish of an outage spends Celery's retries (6 to 36 s; in the web, a
     request held that long) and fails; the publishes after it are not tried at all, each
     left to the sweeper as a failed one is, until a probe hears the broker again. Then
     publishing resumes by itself."""
