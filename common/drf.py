@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from rest_framework import parsers, status
@@ -131,6 +132,11 @@ class WriteRateThrottle(ScopedRateThrottle):
             if self.key is None:
                 return True
             self._wait = rate_limit_hit(self.key, limit=self.num_requests, window=self.duration, now=self.timer())
+        except redis.RedisError as error:
+            # A cache outage fails every request for its duration: one line each, not a
+            # traceback (each was about 50 lines of the web's log).
+            logger.warning("rate limit not applied: the cache is unavailable (%s: %s)", type(error).__name__, error)
+            return True
         except Exception:
             logger.warning("rate limit not applied: the cache is unavailable", exc_info=True)
             return True

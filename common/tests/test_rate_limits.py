@@ -143,6 +143,9 @@ def test_requests_go_through_when_the_cache_is_down(clock: Clock, caplog: pytest
     with override_settings(CACHES=down), caplog.at_level(logging.WARNING, logger="common.drf"):
         assert statuses(client, 5) == [201] * 5
     assert "rate limit not applied: the cache is unavailable" in caplog.text
+    # One line per request, naming the error: no traceback.
+    lines = [r for r in caplog.records if r.name == "common.drf"]
+    assert len(lines) == 5 and all(r.exc_info is None and "ConnectionError" in r.getMessage() for r in lines)
 
 
 def test_the_configured_cache_is_redis_in_make_test() -> None:
