@@ -712,6 +712,9 @@ class Chaos:
         running = [pair for pair in self._running_steps() if pair[0] in ids]
         with self.lock:
             kill.caught = running
+            # Its held tasks may have been received again meanwhile, which with nothing
+            # caught yet counted it recovered: not until its sagas move on, now.
+            kill.recovered_after = None
             attribute_overlaps(kill, [f for f in self.report.faults if f is not kill])
             kill.recovered_once_all_received()
         logger.info(
@@ -1212,9 +1215,10 @@ def _print_report(report: Report) -> None:
             took += f" (a broker restart overlapped{back})"
         if fault.kind == "kill" and fault.recovered_after is not None and fault.caught:
             received = fault.received_all_after()
+            moved = "?" if fault.moved_after is None else f"{fault.moved_after:.1f}"
             took += (
                 f" (tasks received again in {received:.1f}s, " if received is not None else " ("
-            ) + f"their sagas moved on in {fault.moved_after:.1f}s)"
+            ) + f"their sagas moved on in {moved}s)"
         if fault.kind == "broker_restart" and fault.back_after is not None:
             took += f"; the broker answered again {fault.back_after:.1f}s after its stop"
         what = f"caught {len(fault.caught):3} running steps"

@@ -100,6 +100,24 @@ def test_a_kill_whose_sagas_moved_on_first_recovers_when_its_last_task_is_receiv
     assert kill.recovered_after == pytest.approx(4.0)
 
 
+def test_a_kill_whose_tasks_were_received_again_before_its_sagas_were_caught_waits_for_them() -> None:
+    """The log watcher may see the held task received again before the kill's sagas are
+    looked up (CI, RabbitMQ, 12-06): with nothing caught yet that counted the kill
+    recovered, its sagas were then caught and never watched, and the report failed on
+    their missing time."""
+    run = a_chaos(FakeBroker([]))
+    run._running_steps = lambda task_prefix=None: [(SAGA, "charge_payment")]  # type: ignore[method-assign]
+    held = [f"{SAGA}-charge_payment-g0"]
+    kill = run._record("kill", "payments", [], held)
+    run.on_task_event("task-received", held[0], kill.at + 0.4)
+    assert kill.recovered_after == pytest.approx(0.4)  # nothing caught yet
+    run._catch_sagas_of_kill(kill, {held[0]: SAGA})
+    assert kill.recovered_after is None  # now its saga must move on first
+    run.mark_recoveries(set(), kill.at + 3.0)
+    assert (kill.moved_after, kill.recovered_after) == (pytest.approx(3.0), pytest.approx(3.0))
+    chaos._print_report(run.report)  # the report names both times
+
+
 def test_a_kill_of_tasks_that_name_no_saga_recovers_when_they_are_received_again() -> None:
     run = a_chaos(FakeBroker([]))
     kill = run._record("kill", "inventory", [], ["settlement-batch"])
