@@ -1,20 +1,18 @@
-"""Whether this process last found the broker away, and the thread that notices it is back.
+"""Whether this process found the broker away, and the thread that notices it is back.
 
-A publish that fails because the broker is away has already spent Celery's publish retry
-policy on it: 36 s for the first publish over a connection that broke, 6 s for each one
-after (measured against a refused port). While the broker stays away,
-every publish would spend them again: in the web, each `POST /api/orders/` would hold one
-of its threads that long, so a long outage left the web answering about one order a
-second. Once a publish has failed that way, this process stops publishing:
-each publish is skipped at once and left to the sweeper, as a failed one is
-(saga.publish._due_now), and one daemon thread asks the broker every
-SAGA_BROKER_PROBE_SECONDS whether it is back. The first answer lets publishing resume.
+A publish of a saga's chain retries a broker that is away for SAGA_PUBLISH_RIDE_OUT_SECONDS
+(saga.publish._RideOut), where Celery's own policy retries for 36 s after a connection
+broke. Every thread publishing meanwhile would wait as long: in the web, each
+`POST /api/orders/` held a thread, and a long outage left the web answering about one
+order a second. So once a publish has failed for SAGA_BROKER_PROBE_SECONDS, or given up,
+this latch goes down: each publish of the process is skipped at once and left to the
+sweeper (saga.publish._due_now, `never_sent`), and one daemon thread asks the broker every
+SAGA_BROKER_PROBE_SECONDS whether it is back. The latch comes up when the probe connects,
+or when a publish that rode the outage out goes through.
 
-A short restart never trips it: Celery's retries ride that out and the publish succeeds.
-Per process, no shared state: each process finds out for itself, at the cost of one failed
-publish. Not pybreaker (payments.resilience uses it for the provider): its breaker holds a
-lock for the length of every call, which would make the web's threads publish one at a
-time.
+Per process, no shared state: the shared state would live on the broker that is away. Not
+pybreaker (payments.resilience uses it for the provider): its breaker holds a lock for the
+length of every call, which would make the web's threads publish one at a time.
 """
 
 import logging
@@ -29,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 class BrokerLatch:
-    """Down from a failed publish until `probe` (raising while the broker is away) returns."""
+    """Down from a failing publish until `probe` (raising while the broker is away) returns,
+    or a publish goes through."""
 
     def __init__(self, probe: Callable[[], None], interval: Callable[[], float]) -> None:
         self._probe, self._interval = probe, interval
@@ -38,8 +37,8 @@ class BrokerLatch:
         self._watcher: threading.Thread | None = None
 
     def down(self) -> bool:
-        """Whether publishes should be skipped: the broker was away at the last failed
-        publish and has not answered since. Lock-free on the usual path."""
+        """Whether publishes should be skipped: a publish found the broker away and it has
+        not answered since. Lock-free on the usual path."""
         if self._down_since is None:
             return False
         with self._lock:
@@ -48,7 +47,8 @@ class BrokerLatch:
             return self._down_since is not None
 
     def failed(self, error: BaseException) -> None:
-        """A publish failed because the broker could not be reached."""
+        """A publish failed because the broker could not be reached, or has been failing
+        for a while (saga.publish._RideOut)."""
         with self._lock:
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -59,6 +59,18 @@ class BrokerLatch:
                     error,
                 )
             self._watch()
+
+    def heard(self) -> None:
+        """A publish went through: the broker answers (no need to wait for the probe)."""
+        with self._lock:
+            self._up()
+
+    def _up(self) -> None:
+        """Holds `_lock`."""
+        if self._down_since is not None:
+            away = time.monotonic() - self._down_since
+            logger.info("the broker answers again after %.1f s: publishing resumes", away)
+        self._down_since = None
 
     def _watch(self) -> None:
         """Start the thread that waits for the broker, unless it runs. Holds `_lock`."""
@@ -74,11 +86,7 @@ class BrokerLatch:
             except Exception:
                 continue
             with self._lock:
-                if self._down_since is not None:
-                    logger.info(
-                        "the broker answers again after %.1f s: publishing resumes", time.monotonic() - self._down_since
-                    )
-                self._down_since = None
+                self._up()
             return
 
 

@@ -5,12 +5,14 @@ commits, so a chain never runs for a saga that rolled back.
 """
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
@@ -32,24 +34,47 @@ OUTCOME_FAILED = "failed"
 OUTCOME_CANCELLED = "cancelled"
 
 
+class _RideOut:
+    """Celery's publish retries for one publish, bounded (kombu calls it before each retry).
+
+    A publish rides out a broker restart of a few seconds, in the web's request too:
+    failing at once there sent every order of a short restart to the sweeper
+    (docs/DECISIONS.md). But Celery's own policy retries for 36 s after a connection broke,
+    and every thread publishing meanwhile waits as long. So once this publish has failed
+    for SAGA_BROKER_PROBE_SECONDS, the process's latch goes down (the publishes after it
+    are skipped, saga.broker_latch), and past SAGA_PUBLISH_RIDE_OUT_SECONDS this one gives
+    up too.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.suspected = False
+
+    def __call__(self, error: BaseException, interval: float) -> None:
+        failing = time.monotonic() - self.started
+        if not self.suspected and failing >= settings.SAGA_BROKER_PROBE_SECONDS:
+            self.suspected = True
+            broker_latch.LATCH.failed(error)
+        if failing + interval > settings.SAGA_PUBLISH_RIDE_OUT_SECONDS:
+            raise BrokerUnavailable(f"no broker for {failing:.1f} s ({type(error).__name__}: {error})") from error
+
+
 def _publish(
     signature: Any, saga_id: uuid.UUID, first_task_id: str, trace_context: Mapping[str, str] | None = None
 ) -> None:
     # Not raising keeps the already-committed request intact: the step stays running and
     # the recovery sweeper publishes it again.
     if broker_latch.LATCH.down():
-        # The last publish found the broker away and it has not answered since: trying
-        # would hold this thread for Celery's retries (the web's request) only to fail.
+        # A publish found the broker away and it has not answered since: trying would hold
+        # this thread for the retries (the web's request) only to fail, most likely.
         logger.info("saga %s: the broker is away; the sweeper publishes its next steps", saga_id)
         _due_now(saga_id, first_task_id, never_sent=True)
         return
+    ride_out = _RideOut()
     try:
         # In the order's own trace, whoever publishes (sweeper, operator, cancel): saga.tracing.
         with saga_trace_context(trace_context):
-            # Celery's publish retries (CELERY_TASK_PUBLISH_RETRY_POLICY) ride out a broker
-            # restart of a few seconds, in the web's request too: failing faster there sent
-            # every order of a short restart to the sweeper instead (docs/DECISIONS.md).
-            signature.apply_async()
+            signature.apply_async(retry_policy={**settings.CELERY_TASK_PUBLISH_RETRY_POLICY, "errback": ride_out})
     except BrokerUnavailable as error:
         # A broker outage fails every publish for its duration: one line each, not a
         # traceback, and none after this one until the broker answers (saga.broker_latch).
@@ -64,6 +89,9 @@ def _publish(
     except Exception:
         logger.exception("saga %s: publishing its next steps failed; the sweeper publishes them again", saga_id)
         _due_now(saga_id, first_task_id)
+    else:
+        if ride_out.suspected:
+            broker_latch.LATCH.heard()  # it rode the outage out: the broker is back
 
 
 def _due_now(saga_id: uuid.UUID, task_id: str, *, never_sent: bool = False) -> None:

@@ -139,6 +139,10 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         # failed, not the fleet (a broker restart leaves a connection deaf for seconds).
         logger.warning("no worker answered the sweeper's look at %d stalled steps", len(stalled))
     for saga_id, step_name in stalled:
+        if broker_latch.LATCH.down():
+            # The last re-publish found the broker away: the rest would only be skipped.
+            done["broker_away"] += 1
+            break
         with transaction.atomic(using=DB):
             saga, steps = store.lock_sagas_with_steps([saga_id], skip_locked=True).get(saga_id, (None, {}))
             step = steps.get(step_name)

@@ -639,10 +639,11 @@ def test_an_order_whose_publish_outlived_its_retries_runs_soon_after_the_broker_
     it again, not its first segment's deadline later (three steps' SAGA_STEP_TIMEOUT: 32 s
     here, 95 s in production). The broker stays away until the requests have returned.
 
-    Only the first order of each web process waits out Celery's retries: after it, that
-    process tries no publish until its probe hears the broker (saga.broker_latch), so the
-    orders placed during the rest of the outage are answered at once, and are recovered
-    the same way."""
+    Only the first order of each web process waits, for its publish's ride-out (6 s,
+    saga.publish._RideOut, where Celery's own retries took up to 36 s): after it, that
+    process tries no publish until the broker answers (saga.broker_latch), so the orders
+    placed during the rest of the outage are answered at once, and the sweeper sends
+    their chains, which it knows were never sent."""
     make_product(sku, on_hand=6)
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=1)
 
@@ -653,9 +654,8 @@ def test_an_order_whose_publish_outlived_its_retries_runs_soon_after_the_broker_
             return False
 
     back_again = tmp_path / "back"
-    # Celery's retries of one publish last 6 s against a refused connect, and up to their
-    # policy's 36 s when the web's pooled connection broke (CI): the broker must stay away
-    # through one such publish per web process.
+    # The broker must stay away through one ride-out per web process (CI once took 36 s a
+    # publish, before the ride-out bounded Celery's retries).
     outage = threading.Thread(
         target=restart_server,
         args=("redis",),

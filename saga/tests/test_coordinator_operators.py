@@ -470,6 +470,82 @@ def test_after_a_publish_found_the_broker_away_no_publish_is_tried_until_it_answ
     assert broker.published == 1
 
 
+def test_a_publish_riding_out_an_outage_puts_the_latch_down_meanwhile_and_up_once_through(
+    django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """Celery's retries of one publish ride out a short restart (saga.publish._RideOut).
+    Once it has failed for SAGA_BROKER_PROBE_SECONDS, the other publishes of the process
+    are skipped instead of waiting as long; when it goes through, they resume."""
+    settings.SAGA_BROKER_PROBE_SECONDS = 0
+    latch = BrokerLatch(Broker().probe, lambda: 3600.0)  # only the publish can bring it up
+    monkeypatch.setattr(broker_latch, "LATCH", latch)
+    meanwhile = []
+
+    def send_task(*_: Any, **options: Any) -> None:
+        options["retry_policy"]["errback"](ConnectionRefusedError(111, "refused"), 0.2)  # as kombu, per retry
+        meanwhile.append(latch.down())
+        # ... and the retry went through.
+
+    monkeypatch.setattr(app, "send_task", send_task)
+    with django_capture_on_commit_callbacks(using="orders", execute=True):
+        saga = start()
+    assert meanwhile == [True]
+    assert not latch.down()
+    reserve = rows(saga)["reserve_inventory"]
+    assert reserve.deadline_at > timezone.now()  # published: nothing for the sweeper
+
+
+def test_a_publish_gives_up_after_its_ride_out_and_leaves_the_chain_to_the_sweeper(
+    django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not Celery's whole policy (36 s after a connection broke, a web thread held as
+    long): SAGA_PUBLISH_RIDE_OUT_SECONDS, then the step is due at the next sweep."""
+    settings.SAGA_PUBLISH_RIDE_OUT_SECONDS = 0.1
+    latch = BrokerLatch(Broker().probe, lambda: 3600.0)
+    monkeypatch.setattr(broker_latch, "LATCH", latch)
+    retries = []
+
+    def send_task(*_: Any, **options: Any) -> None:
+        for _attempt in range(20):  # the policy's retries, each refused
+            retries.append(_attempt)
+            options["retry_policy"]["errback"](ConnectionRefusedError(111, "refused"), 2.0)
+
+    monkeypatch.setattr(app, "send_task", send_task)
+    with django_capture_on_commit_callbacks(using="orders", execute=True):
+        saga = start()
+    assert retries == [0]  # the first retry would end past the ride-out: given up there
+    assert latch.down()
+    reserve = rows(saga)["reserve_inventory"]
+    assert (reserve.status, reserve.never_sent) == (StepStatus.RUNNING, False)
+    assert reserve.deadline_at <= timezone.now()
+    failed = "publishing its next steps failed (OperationalError: no broker for"
+    assert any(failed in r.getMessage() for r in caplog.records)
+
+
+def test_a_sweep_stops_re_publishing_once_a_re_publish_found_the_broker_away(
+    django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each re-publish after that would only be skipped, spending its step's budget."""
+    from saga import sweeper
+
+    latch = BrokerLatch(Broker().probe, lambda: 3600.0)
+    monkeypatch.setattr(broker_latch, "LATCH", latch)
+    recover = sweeper._recover_stalled
+
+    def recover_and_find_the_broker_away(*args: Any) -> str:
+        outcome = recover(*args)
+        latch.failed(BrokerUnavailable("connection refused"))  # as its publish, on commit, would
+        return outcome
+
+    monkeypatch.setattr(sweeper, "_recover_stalled", recover_and_find_the_broker_away)
+    first, second = start(), start()
+    stall(first, "reserve_inventory", ago=61)  # the older deadline: the sweep's first
+    stall(second, "reserve_inventory", ago=60)
+    with django_capture_on_commit_callbacks(using="orders"):
+        assert saga_sweep() == {"republished": 1, "broker_away": 1}
+    assert [rows(saga)["reserve_inventory"].republished for saga in (first, second)] == [1, 0]
+
+
 def test_a_chain_never_sent_is_published_by_the_next_sweep_without_asking_where_it_is(
     django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
