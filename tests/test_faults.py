@@ -639,7 +639,7 @@ def test_an_order_whose_publish_outlived_its_retries_runs_soon_after_the_broker_
     it again, not its first segment's deadline later (three steps' SAGA_STEP_TIMEOUT: 32 s
     here, 95 s in production). The broker stays away until the requests have returned.
 
-    Only the first order of each web process waits, for its publish's ride-out (6 s,
+    Only the first order of each web process waits, for its publish's ride-out (10 s,
     saga.publish._RideOut, where Celery's own retries took up to 36 s): after it, that
     process tries no publish until the broker answers (saga.broker_latch), so the orders
     placed during the rest of the outage are answered at once, and the sweeper sends
