@@ -101,7 +101,7 @@ def _due_now(saga_id: uuid.UUID, task_id: str, *, never_sent: bool = False) -> N
     asks the broker and the workers where the chain is before it publishes again (a publish
     that raised may still have reached the broker), exactly as for any stalled step; only
     its timing changes. One statement, only when a publish has failed: nothing on the hot
-    path. The publish itself has already failed after the broker's retry policy, so a
+    path. The publish has already failed after its ride-out (_RideOut), or was skipped, so a
     database that fails too is only logged; the old deadline then stands.
 
     `never_sent`: the publish was not even tried (saga.broker_latch), so no message of it
