@@ -16,9 +16,12 @@ length of every call, which would make the web's threads publish one at a time.
 """
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from functools import partial
 
 from celery import current_app
 from django.conf import settings
@@ -35,6 +38,10 @@ class BrokerLatch:
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._watcher: threading.Thread | None = None
+        # A fork copies the lock as it is: held, if the probe thread was marking the latch
+        # up at that instant, and then never released in the child, whose first look would
+        # hang for good (billiard forks a new pool process whenever one is replaced).
+        os.register_at_fork(after_in_child=partial(_after_fork, weakref.ref(self)))
 
     def down(self) -> bool:
         """Whether publishes should be skipped: a publish found the broker away and it has
@@ -88,6 +95,12 @@ class BrokerLatch:
             with self._lock:
                 self._up()
             return
+
+
+def _after_fork(latch: "weakref.ref[BrokerLatch]") -> None:
+    if (copy := latch()) is not None:
+        copy._lock = threading.Lock()
+        copy._watcher = None
 
 
 def _broker_answers() -> None:

@@ -75,3 +75,25 @@ def test_a_forked_child_of_a_down_process_probes_for_itself() -> None:
     child.join(timeout=10)
     assert result.get(timeout=1) == (True, True)
     assert latch.down()  # the parent's own view is its own
+
+
+def _look_in_child(latch: BrokerLatch, result: "multiprocessing.Queue[bool]") -> None:
+    result.put(latch.down())
+
+
+def test_a_child_forked_while_the_lock_was_held_can_still_look() -> None:
+    """The probe thread holds the lock for an instant when it marks the latch up; a fork at
+    that instant must not leave the child's copy held for good."""
+    latch = BrokerLatch(Probe(answers_after=10**6), lambda: 60.0)
+    latch.failed(AWAY)
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    with latch._lock:  # as the probe thread holds it while it marks the latch up
+        child = context.Process(target=_look_in_child, args=(latch, result))
+        child.start()
+    child.join(timeout=10)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the child hung on the lock it inherited held"
+    assert result.get(timeout=1) is True
