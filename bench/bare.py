@@ -100,6 +100,10 @@ NOT_MIRRORED = {
     "CELERY_BEAT_SCHEDULE": "no beat: nothing sweeps",
     "CELERY_SERVICE": "not a Celery setting: which service's tasks a product worker registers",
     "CELERY_DB_REUSE_MAX": "read by Celery's Django fix-up, which the bare app does not load",
+    "CELERY_WORKER_CONSUMER": (
+        "reconnects to a broker that went away every second (common.worker_consumer, which reads "
+        "Django's settings); no bench restarts a broker, and the consumer's work per message is Celery's"
+    ),
 }
 # Each step on the queue of the service whose database it writes, as the product routes them.
 TASK_ROUTES = {

@@ -342,6 +342,12 @@ CELERY_TASK_CREATE_MISSING_QUEUE_TYPE = CELERY_QUEUE_TYPE
 if _AMQP:
     CELERY_BROKER_TRANSPORT_OPTIONS["confirm_publish"] = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A worker whose broker went away tries again every BROKER_RECONNECT_SECONDS, where Celery's
+# consumer waits 2, 4, 6, ... up to 30 s between attempts (common.worker_consumer).
+CELERY_WORKER_CONSUMER = "common.worker_consumer:Consumer"
+BROKER_RECONNECT_SECONDS = env.float("BROKER_RECONNECT_SECONDS", default=1.0)
+if BROKER_RECONNECT_SECONDS <= 0:
+    raise ImproperlyConfigured(f"BROKER_RECONNECT_SECONDS must be positive, not {BROKER_RECONNECT_SECONDS}")
 # Publishing (the next chain step, a progress report, a retry) rides through a broker
 # restart of a few seconds instead of failing the task that publishes.
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-publish-retry-policy
