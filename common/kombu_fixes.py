@@ -1,4 +1,6 @@
-"""Two fixes for kombu 5.7's Redis transport, applied when the Celery app is created.
+"""Three fixes for kombu 5.7's Redis transport, applied when the Celery app is created, and
+the two ways a message goes back to its queue that every restorer shares
+(`delivering_return`, `unacked_restore`).
 
 **A torn-down connection is a connection error** (celery/kombu#582). When the broker
 connection drops while a worker holds unacknowledged messages (always, with acks_late and
@@ -208,6 +210,27 @@ def delivering_return(client: Any, queue: str, item: bytes) -> bool:
     except (ValueError, TypeError, KeyError):
         pass
     return bool(client.eval(_RETURN_SCRIPT, 2, delivering_key(queue), queue, item, again))
+
+
+def unacked_restore(channel: Any, client: Any, tag: str) -> bool:
+    """Put the unacknowledged delivery `tag` back at the head of its queue, as kombu's
+    `QoS.restore_by_tag` does (same transaction on the `unacked` hash), and say whether it
+    was still there: kombu's own restore, another restorer, or the message's
+    acknowledgement may have won. `channel`: any Redis channel of the broker's vhost."""
+    restored = False
+
+    def restore_transaction(pipe: Any) -> None:
+        nonlocal restored
+        raw = pipe.hget(channel.unacked_key, tag)
+        pipe.multi()
+        pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
+        if raw:
+            payload, exchange, routing_key = json.loads(raw)
+            channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+            restored = True
+
+    client.transaction(restore_transaction, channel.unacked_key)
+    return restored
 
 
 def apply(*, delivery_kept: Iterable[str] = ()) -> None:

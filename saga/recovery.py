@@ -42,7 +42,7 @@ from celery.worker.control import inspect_command
 from django.conf import settings
 from redis.exceptions import LockError
 
-from common.kombu_fixes import delivering_key, delivering_return
+from common.kombu_fixes import delivering_key, delivering_return, unacked_restore
 from orders_project.celery import SERVICES, app
 
 logger = logging.getLogger(__name__)
@@ -295,26 +295,6 @@ def chain_whereabouts(
 # --- The watchdog: a dead worker's messages back in seconds (Redis) ---------------------
 
 
-def _restore(channel: Any, client: Any, tag: str) -> bool:
-    """Put the unacknowledged delivery `tag` back at the head of its queue, as kombu's
-    `QoS.restore_by_tag` does (same transaction on the `unacked` hash), and say whether it
-    was still there: kombu's own restore, or the message's acknowledgement, may have won."""
-    restored = False
-
-    def restore_transaction(pipe: Any) -> None:
-        nonlocal restored
-        raw = pipe.hget(channel.unacked_key, tag)
-        pipe.multi()
-        pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
-        if raw:
-            payload, exchange, routing_key = json.loads(raw)
-            channel._do_restore_message(payload, exchange, routing_key, pipe, False)
-            restored = True
-
-    client.transaction(restore_transaction, channel.unacked_key)
-    return restored
-
-
 def _lock_seconds() -> float:
     """How long the look's lock lives if its holder dies without freeing it (a SIGKILLed
     worker): a look is one broadcast (SAGA_INSPECT_TIMEOUT) and a few Redis commands, so a
@@ -402,7 +382,7 @@ def orphans_restore(*, now: float | None = None, spaced: bool = False, connectio
             for tag, task_id in task_of.items():
                 if task_id in held:
                     continue
-                if _confirmed(tag, suspects, still, done, now=now) and _restore(channel, client, tag):
+                if _confirmed(tag, suspects, still, done, now=now) and unacked_restore(channel, client, tag):
                     logger.warning("restored task %s: its worker died holding it (delivery %s)", task_id, tag)
                     done["restored"] += 1
             pipe = client.pipeline()
