@@ -28,13 +28,14 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 from common.exceptions import InvalidMessage
 from common.signing import failure_report_mint
 from devstack.topology import BASE_DIR, WORKERS, Topology, wait_for
+from orders.saga import PLACE_ORDER
 from orders.services import OrderItem, order_place
 from orders_project.celery import _close_connections_closed_by_server, app
 from payments.gateways import GatewayUnavailable
 from payments.models import FakeProviderAttempt, FakeProviderOperation, Payment
 from payments.resilience import breaker_reset, breaker_state, call_provider
 from saga import recovery
-from saga.engine import task_id_for
+from saga.engine import build_chain, task_id_for
 from saga.failure import saga_step_failed
 from saga.models import SagaInstance, SagaStep
 from saga.sweeper import _segment_chain
@@ -624,6 +625,50 @@ def test_orders_in_flight_survive_a_broker_restart(api: Api, restarted: datetime
     finals = [api.wait_until_final(p["id"], timeout=150) for p in placed]
 
     assert_outage_left_every_order_whole(api, finals, sku, on_hand=10)
+
+
+@pytest.mark.redis_only
+@pytest.mark.skipif(not EMBEDDED, reason="restarts the broker: only the embedded one is ours to restart")
+def test_a_message_its_worker_held_for_later_runs_soon_after_a_broker_restart(
+    api: Api, restarted: datetime, sku: str
+) -> None:
+    """A step held by its worker for later (a retry's countdown: here a copy of a confirmed
+    order's charge, sent with one) when the broker restarts. Celery drops what it held but
+    had not started when the connection breaks, and kombu's attempt to put it back goes
+    through the broken connection: the message stays in Redis's unacknowledged hash. The
+    worker returns it to its queue itself once connected again (common.worker_consumer), so
+    it is held again and runs at its time. The watchdogs, which would otherwise find it a
+    few seconds later, are held off for the test (their look's lock is taken), so on
+    Celery's own the message waits for the visibility timeout (20 s here) and the deadline
+    below fails."""
+    make_product(sku, on_hand=3)
+    order = api.wait_until_final(api.place_order([(sku, 1)])["id"])
+    assert order["status"] == "confirmed"
+    saga = SagaInstance.objects.get(id=order["saga"]["id"])
+    calls = charge_calls(str(saga.id))
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.set(recovery.LOCK_KEY, "held by the test", px=120_000)  # kept over the restart (AOF)
+    try:
+        spec = next(s for s in PLACE_ORDER.steps if s.name == "charge_payment")
+        copy = build_chain(
+            (spec,), saga_id=saga.id, generation=saga.generation + 100, phase="forward", context=saga.context
+        ).apply_async(ignore_result=False, countdown=12)
+
+        def held() -> bool:
+            return copy.id in recovery.held_task_ids([copy.id])[0]
+
+        wait_for(held, timeout=10, what="the payments worker to hold the copy")
+        restart_server("redis", down_seconds=1)
+        back = time.monotonic()
+        wait_for(held, timeout=8, interval=0.2, what="the payments worker to hold the copy again")
+        held_again = time.monotonic() - back
+        result = result_wait(copy, 20, propagate=True)
+    finally:
+        broker.delete(recovery.LOCK_KEY)
+    print(f"held again {held_again:.1f} s after the broker was back")
+    assert result["saga_id"] == str(saga.id)  # the charge's recorded outcome: no second charge
+    assert (charges(str(saga.id)), charge_calls(str(saga.id))) == (["succeeded"], calls)
+    assert api.order(order["id"])["status"] == "confirmed"
 
 
 @pytest.mark.redis_only
