@@ -24,8 +24,10 @@ apart) or the visibility timeout (60 s) finds them. This consumer notes their de
 tags when the connection breaks and, once connected again, returns them to their queues
 itself, through the same transaction as every other restore (common.kombu_fixes), so a
 message is returned once whoever returns it. A request Celery kept (a task running) is
-left alone: its acknowledgement comes when it ends. A message that a prefork pool process
-had been given but not yet started may run twice; every step is safe with copies.
+left alone: its acknowledgement comes when it ends. Two kinds may run twice, as they would
+when the watchdog returned them: a message a prefork pool process had been handed but not
+yet started, and one whose task ended while the broker was away, its acknowledgement
+failing. Every step is safe with copies.
 
 Named by CELERY_WORKER_CONSUMER (settings); beat and the web have no consumer, and their
 publishes have their own policy (CELERY_TASK_PUBLISH_RETRY_POLICY, saga.publish).
