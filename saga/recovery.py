@@ -40,7 +40,10 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 from django.conf import settings
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.kombu_fixes import delivering_key, delivering_return, unacked_restore
 from orders_project.celery import SERVICES, app
@@ -447,19 +450,32 @@ def _text(value: bytes | str) -> str:
 _watchdog_stop = threading.Event()
 
 
+# What a look meets while the broker is away (a restart): said once, not once a look.
+BROKER_AWAY = (RedisConnectionError, RedisTimeoutError, OSError, OperationalError)
+
+
 def _watchdog_loop() -> None:
     interval = settings.SAGA_ORPHAN_INTERVAL
     connection = None
+    away = False
     while not _watchdog_stop.wait(interval * random.uniform(0.9, 1.1)):
         try:
             connection = connection or app.connection_for_write()
             orphans_restore(spaced=True, connection=connection)
-        except Exception:  # a broker restart, a timeout: a new connection, and look again
-            logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+        except Exception as error:  # a broker restart, a timeout: a new connection, and look again
+            if not isinstance(error, BROKER_AWAY):
+                logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
+            elif not away:
+                logger.warning("the unacknowledged-message watchdog cannot reach the broker (%r): looking again", error)
+            away = away or isinstance(error, BROKER_AWAY)
             if connection is not None:
                 with contextlib.suppress(Exception):
                     connection.release()
             connection = None
+        else:
+            if away:
+                logger.info("the unacknowledged-message watchdog reaches the broker again")
+            away = False
 
 
 def watchdog_start(**_: Any) -> None:

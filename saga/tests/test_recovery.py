@@ -2,10 +2,14 @@
 (saga.recovery.chain_whereabouts), without a broker: the system tests cover it end to end
 (tests/test_faults.py)."""
 
+import logging
+import threading
 import time
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from saga import recovery
 from saga.recovery import EMPTY, UNKNOWN, BrokerView, chain_whereabouts, stamp_sent_at
 
 T = 1_000_000.0  # when the segment's first step was queued
@@ -108,3 +112,40 @@ def test_a_head_in_the_future_is_unknown_not_a_reason_to_call_chains_lost() -> N
     assert plausible_sent_at(now + 3600, now=now) == UNKNOWN
     assert plausible_sent_at(float("inf"), now=now) == UNKNOWN
     assert plausible_sent_at(float("nan"), now=now) == UNKNOWN
+
+
+def test_the_watchdog_says_once_that_the_broker_is_away_and_once_that_it_is_back(
+    settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker restart fails every look (one a second in each worker) until it is back:
+    one line when it starts, one when it ends; another failure keeps its traceback."""
+    settings.SAGA_ORPHAN_INTERVAL = 0.01
+    outcomes = [RedisConnectionError("refused")] * 3 + [None, ValueError("a bug"), None]
+    looked = threading.Event()
+
+    def look(**_: object) -> None:
+        outcome = outcomes.pop(0) if outcomes else None
+        if not outcomes:
+            looked.set()
+        if outcome is not None:
+            raise outcome
+
+    class Connection:
+        def release(self) -> None: ...
+
+    monkeypatch.setattr(recovery, "orphans_restore", look)
+    monkeypatch.setattr(recovery.app, "connection_for_write", Connection)
+    recovery._watchdog_stop.clear()
+    watchdog = threading.Thread(target=recovery._watchdog_loop, daemon=True)
+    with caplog.at_level(logging.INFO, logger="saga.recovery"):
+        watchdog.start()
+        assert looked.wait(5)
+        recovery._watchdog_stop.set()
+        watchdog.join(5)
+
+    said = [(r.levelname, r.getMessage().split(" (")[0].split(":")[0], r.exc_info is not None) for r in caplog.records]
+    assert said == [
+        ("WARNING", "the unacknowledged-message watchdog cannot reach the broker", False),
+        ("INFO", "the unacknowledged-message watchdog reaches the broker again", False),
+        ("WARNING", "the unacknowledged-message watchdog failed", True),
+    ]
