@@ -40,7 +40,8 @@ broker's stop until it answers again) cannot recover while the broker is down: i
 reported apart, as "kill during a broker restart", with its time from the kill and from
 the broker being back (`overlapping_restart`). A saga two faults caught while the first
 had not recovered counts for one of them only (`attribute_overlaps`): a drop's, whose
-message is certainly lost, else the earlier fault's.
+message is certainly lost; a later kill's, when it held the saga's task again after the
+earlier kill's was received again; else the earlier fault's.
 
 With `--replicas N`, every worker and beat runs N times (devstack.topology), as on N
 hosts: N workers per queue, each its own node, and N beats each sending the sweep, so N
@@ -53,6 +54,7 @@ import argparse
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -125,6 +127,10 @@ class Fault:
     # this fault's recovery, so a broker restart does not report a drop's wait as its own.
     stalled_before: list[tuple[str, str]] = field(default_factory=list)
     taken_by_drop: list[tuple[str, str]] = field(default_factory=list)
+    # A kill: sagas whose held task was received again, then held again by a later kill
+    # before they moved on. Their recovery from this kill ended at that receipt (in
+    # `received_again`); the later kill's wait is the later kill's.
+    caught_again_by_kill: list[tuple[str, str]] = field(default_factory=list)
     at_wall: float = 0.0  # `at` on the wall clock, as the workers' log lines are
     # A broker restart: seconds after `at` (its stop) until the broker answered again.
     back_after: float | None = None
@@ -986,8 +992,14 @@ def stalled_steps(faults: list[Fault]) -> set[tuple[str, str]]:
 
 def attribute_overlaps(fault: Fault, earlier: list[Fault]) -> None:
     """Give each saga `fault` caught that an `earlier` fault caught and has not recovered
-    from to one fault only: to a drop, whose message is certainly lost, else to the
-    earlier fault, whose stall it already was. Moves the pairs in place. Pure.
+    from to one fault only: to a drop, whose message is certainly lost; to a kill that
+    holds the saga's task again after an earlier kill's was received again (the earlier
+    kill's recovery of it ended at that receipt); else to the earlier fault, whose stall
+    it already was. Moves the pairs in place. Pure.
+
+    Without the kill rule, a payments worker killed twice 8.9 s apart, holding the same
+    charge both times (received again 7.2 s after the first kill), reported the two
+    kills' waits as the first one's 16.4 s recovery (12-07).
 
     Without this, a broker restart that found running a saga whose message a drop had
     taken a second before reported the drop's wait (a lost message is found by its step's
@@ -1000,6 +1012,23 @@ def attribute_overlaps(fault: Fault, earlier: list[Fault]) -> None:
                 other.caught = [pair for pair in other.caught if pair not in shared]
                 other.taken_by_drop.extend(shared)
         return
+    if fault.kind == "kill":
+        for other in earlier:
+            if other.kind != "kill" or other.recovered_after is not None:
+                continue
+            # Held by this kill again after the earlier one's was received again: no longer
+            # that kill's stall, but this one's.
+            again = [t for t in fault.held if other.received_again.get(t, math.inf) <= fault.at - other.at]
+            taken = [
+                pair
+                for pair in other.caught
+                if pair in fault.caught and any(task_id.startswith(f"{pair[0]}-") for task_id in again)
+            ]
+            if taken:
+                other.caught = [pair for pair in other.caught if pair not in taken]
+                other.caught_again_by_kill.extend(taken)
+                if not other.caught:  # nothing else to wait for: recovered at the last receipt
+                    other.recovered_once_all_received()
     before = stalled_steps(earlier)
     fault.stalled_before = [pair for pair in fault.caught if pair in before]
     fault.caught = [pair for pair in fault.caught if pair not in before]
@@ -1226,6 +1255,8 @@ def _print_report(report: Report) -> None:
             what += f" (+{len(fault.stalled_before)} stalled by an earlier fault)"
         if fault.taken_by_drop:
             what += f" (+{len(fault.taken_by_drop)} a later drop took)"
+        if fault.caught_again_by_kill:
+            what += f" (+{len(fault.caught_again_by_kill)} received again, then caught by a later kill)"
         if fault.kind == "kill":
             what = f"held {len(fault.held):3} tasks of {len({saga for saga, _ in fault.caught}):2} running sagas"
             if fault.dropped_later:

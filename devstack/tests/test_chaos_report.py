@@ -440,3 +440,41 @@ def test_a_dropped_failure_report_catches_its_saga() -> None:
 
     assert run.report.faults[0].caught == [(SAGA, "reserve_inventory")]
     assert run._running_steps_soon(within=0) == [("other", "charge_payment")]
+
+
+def test_a_saga_a_later_kill_holds_again_after_its_receipt_is_the_later_kills() -> None:
+    """Redis, 12-07: the payments worker killed twice 8.9 s apart, holding the same charge
+    both times; received again 7.2 s after the first kill. The first kill recovered at
+    that receipt; the wait for the second is the second's, not a 16.4 s first recovery."""
+    run = a_chaos(FakeBroker([]))
+    run._running_steps = lambda task_prefix=None: [(SAGA, "reserve_inventory")]  # type: ignore[method-assign]
+    charge = f"{SAGA}-charge_payment-g0"
+    first = run._record("kill", "payments", [], [charge])
+    run._catch_sagas_of_kill(first, {charge: SAGA})
+    run.on_task_event("task-received", charge, first.at + 7.2)
+    assert first.recovered_after is None  # received again, the saga not yet moved on
+
+    second = run._record("kill", "payments", [], [charge])
+    second.at = first.at + 8.9
+    run._catch_sagas_of_kill(second, {charge: SAGA})
+
+    assert second.caught == [(SAGA, "reserve_inventory")] and not second.stalled_before
+    assert first.caught == [] and first.caught_again_by_kill == [(SAGA, "reserve_inventory")]
+    assert first.recovered_after == pytest.approx(7.2)
+    run.on_task_event("task-received", charge, first.at + 14.0)
+    run.mark_recoveries(set(), first.at + 16.4)
+    assert second.recovered_after == pytest.approx(7.5)
+
+
+def test_a_saga_a_later_kill_holds_before_its_first_receipt_stays_the_first_kills() -> None:
+    run = a_chaos(FakeBroker([]))
+    run._running_steps = lambda task_prefix=None: [(SAGA, "reserve_inventory")]  # type: ignore[method-assign]
+    charge = f"{SAGA}-charge_payment-g0"
+    first = run._record("kill", "payments", [], [charge])
+    run._catch_sagas_of_kill(first, {charge: SAGA})
+    second = run._record("kill", "payments", [], [charge])
+    second.at = first.at + 3.0
+    run._catch_sagas_of_kill(second, {charge: SAGA})
+
+    assert first.caught == [(SAGA, "reserve_inventory")] and not first.caught_again_by_kill
+    assert second.stalled_before == [(SAGA, "reserve_inventory")] and second.caught == []
