@@ -1255,10 +1255,10 @@ def _print_report(report: Report) -> None:
             what += f" (+{len(fault.stalled_before)} stalled by an earlier fault)"
         if fault.taken_by_drop:
             what += f" (+{len(fault.taken_by_drop)} a later drop took)"
-        if fault.caught_again_by_kill:
-            what += f" (+{len(fault.caught_again_by_kill)} received again, then caught by a later kill)"
         if fault.kind == "kill":
             what = f"held {len(fault.held):3} tasks of {len({saga for saga, _ in fault.caught}):2} running sagas"
+            if fault.caught_again_by_kill:
+                what += f" (+{len(fault.caught_again_by_kill)} received again, then caught by a later kill)"
             if fault.dropped_later:
                 what += f" (+{len(fault.dropped_later)} a later drop took)"
             if fault.finished_before:

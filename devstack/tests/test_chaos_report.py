@@ -478,3 +478,13 @@ def test_a_saga_a_later_kill_holds_before_its_first_receipt_stays_the_first_kill
 
     assert first.caught == [(SAGA, "reserve_inventory")] and not first.caught_again_by_kill
     assert second.stalled_before == [(SAGA, "reserve_inventory")] and second.caught == []
+
+
+def test_the_report_says_which_sagas_a_later_kill_took_over(capsys: Any) -> None:
+    run = a_chaos(FakeBroker([]))
+    first = run._record("kill", "payments", [], [f"{SAGA}-charge_payment-g0"])
+    first.caught_again_by_kill = [(SAGA, "reserve_inventory")]
+
+    chaos._print_report(run.report)
+
+    assert "(+1 received again, then caught by a later kill)" in capsys.readouterr().out
