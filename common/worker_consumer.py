@@ -141,7 +141,8 @@ class Consumer(CeleryConsumer):
             else:
                 # None returned: kombu's own restore could reach the broker (a connection
                 # error with the broker up), or the watchdog was first.
-                (logger.warning if returned else logger.debug)(
+                logger.log(
+                    logging.WARNING if returned else logging.DEBUG,
                     "returned %d of %d message(s) this worker held but had not started when its broker "
                     "connection broke",
                     returned,

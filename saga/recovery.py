@@ -467,7 +467,7 @@ def _watchdog_loop() -> None:
                 logger.warning("the unacknowledged-message watchdog failed", exc_info=True)
             elif not away:
                 logger.warning("the unacknowledged-message watchdog cannot reach the broker (%r): looking again", error)
-            away = away or isinstance(error, BROKER_AWAY)
+                away = True
             if connection is not None:
                 with contextlib.suppress(Exception):
                     connection.release()
