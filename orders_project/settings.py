@@ -398,6 +398,14 @@ if SAGA_SWEEP_INTERVAL < 1 or not SAGA_SWEEP_INTERVAL.is_integer():
         "celery beat's database schedule counts whole seconds"
     )
 SAGA_SWEEP_BATCH = env.int("SAGA_SWEEP_BATCH", default=200)
+# A running step no progress was recorded for in this long is looked for before its
+# deadline (saga.sweeper._quiet_steps_look): if its chain's message is nowhere (no queue
+# on its way holds it, no live worker has it), the deadline is brought to now and the
+# next sweep judges it as any stalled step. A lost message then costs seconds, not its
+# segment's deadline. Longer than a Redis watchdog's return of a killed worker's
+# messages (SAGA_ORPHAN_GRACE + 2 * SAGA_ORPHAN_CONFIRM + SAGA_ORPHAN_INTERVAL): those are
+# not lost. 0 turns the early look off.
+SAGA_QUIET_SECONDS = env.float("SAGA_QUIET_SECONDS", default=10.0)
 # Once a publish has failed this long, the process publishes nothing else (the sweeper
 # takes over those chains) and asks the broker this often whether it is back (saga.broker_latch).
 SAGA_BROKER_PROBE_SECONDS = env.float("SAGA_BROKER_PROBE_SECONDS", default=1.0)
@@ -422,6 +430,15 @@ SAGA_BACKLOG_PATIENCE = env.float("SAGA_BACKLOG_PATIENCE", default=3.0)
 SAGA_ORPHAN_GRACE = env.float("SAGA_ORPHAN_GRACE", default=3.0)
 SAGA_ORPHAN_CONFIRM = env.float("SAGA_ORPHAN_CONFIRM", default=2.0)
 SAGA_ORPHAN_INTERVAL = env.float("SAGA_ORPHAN_INTERVAL", default=1.0)
+_ORPHAN_RETURN_SECONDS = SAGA_ORPHAN_GRACE + 2 * SAGA_ORPHAN_CONFIRM + SAGA_ORPHAN_INTERVAL
+if SAGA_QUIET_SECONDS < 0 or (SAGA_ORPHAN_INTERVAL > 0 and 0 < SAGA_QUIET_SECONDS < _ORPHAN_RETURN_SECONDS):
+    # Quieter than that, a killed worker's message (which its watchdog returns) would read
+    # as lost and be copied, spending a unit of its step's re-publish budget.
+    raise ImproperlyConfigured(
+        f"SAGA_QUIET_SECONDS must be 0 (off) or at least {_ORPHAN_RETURN_SECONDS:g} s, the Redis watchdog's "
+        "return of a killed worker's messages (SAGA_ORPHAN_GRACE + 2 * SAGA_ORPHAN_CONFIRM + SAGA_ORPHAN_INTERVAL), "
+        f"not {SAGA_QUIET_SECONDS:g}"
+    )
 # How many times a compensation retries a transient error before the saga needs an operator.
 SAGA_COMPENSATION_MAX_RETRIES = env.int("SAGA_COMPENSATION_MAX_RETRIES", default=12)
 # How long a step's authority (common.signing) stays valid. A message older than this is

@@ -109,6 +109,10 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         done["broker_away"] += 1
         return dict(done)
     done.update(_settlements_send(now))
+    try:
+        done.update(_quiet_steps_look(now, batch=batch))
+    except Exception:  # a look that fails leaves every deadline as it was: the sweep goes on
+        logger.warning("looking for quiet steps' messages failed; their deadlines stand", exc_info=True)
     stalled = list(
         SagaStep.objects.using(DB)
         .filter(status=StepStatus.RUNNING, deadline_at__lt=now)
@@ -191,6 +195,92 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
             logger.warning("saga %s: step %s stalled past its deadline: %s", saga.id, step.name, outcome)
             done[outcome] += 1
     return dict(done)
+
+
+def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
+    """Look, before their deadline, for the chains of running steps that have been quiet
+    for SAGA_QUIET_SECONDS, and bring the deadline of each whose message is nowhere to now.
+
+    A step's deadline is its whole segment's (three steps' SAGA_STEP_TIMEOUT for a new
+    order's first one), which is what a lost message cost before this look. The look
+    decides nothing itself: the next sweep looks again, with the whole look of the stalled
+    path, and recovers the step only if it is still nowhere. Two looks at least a sweep
+    interval apart, as the watchdog takes before it returns a message (saga.recovery), so a
+    message caught between two places in one look (published but not yet queued, taken
+    but not yet registered by its worker) is not called lost; a false call would cost one
+    copy of a step, which every step survives, and one unit of its re-publish budget.
+
+    Cheap where nothing is quiet (one scan of the running steps' partial index); where
+    something is, one read of the queues' oldest messages, and a `query_task` broadcast
+    only for the chains that no queue can be holding: behind a backlog (a busy queue whose
+    oldest message is older than the chain), nothing is asked of the workers, and the
+    chain waits for its deadline, as before. On RabbitMQ a queue that holds messages counts
+    as a backlog (its head cannot be read without asking the workers how far they got).
+    """
+    quiet = settings.SAGA_QUIET_SECONDS
+    if quiet <= 0:
+        return {}
+    steps = list(
+        SagaStep.objects.using(DB)
+        .filter(status=StepStatus.RUNNING, deadline_at__gt=now, queued_at__lt=now - timedelta(seconds=quiet))
+        .select_related("saga")
+        .only(*QUIET_STEP_FIELDS)
+        .order_by("queued_at")[:batch]
+    )
+    if not steps:
+        return {}
+    chains = {step.id: _segment_chain(step.saga, step) for step in steps}
+    # Never None: the scan reads queued steps only (a step never sent has none).
+    queued = {step.id: step.queued_at for step in steps if step.queued_at is not None}
+    heads = recovery.queue_heads({queue for chain in chains.values() for _, queue, _ in chain} | {"saga"})
+
+    def nowhere(step: SagaStep, held: frozenset[str] = frozenset()) -> bool:
+        view = recovery.BrokerView(held=held, heads=heads, workers_answered=1)
+        where = recovery.chain_whereabouts(
+            queued_at=queued[step.id].timestamp(), chain=chains[step.id], view=view, now=now.timestamp()
+        )
+        return where.verdict == "lost"
+
+    suspects = [step for step in steps if nowhere(step)]
+    if not suspects:
+        return {}
+    # An early broadcast (it stops once the workers of the last whole look answered): a
+    # worker it misses leaves a chain for the next sweep's whole look, which decides.
+    task_ids = sorted({task_id for suspect in suspects for task_id, _, _ in chains[suspect.id]})
+    held, answered = recovery.held_task_ids(task_ids, early=True)
+    if not answered:
+        return {}  # unheard is not nowhere: the deadline stands
+    lost = [step for step in suspects if nowhere(step, frozenset(held))]
+    for step in lost:
+        logger.info(
+            "saga %s: step %s has been quiet for %.0f s and its message is nowhere; the next sweep looks again",
+            step.saga_id,
+            step.name,
+            (now - queued[step.id]).total_seconds(),
+        )
+    if not lost:
+        return {}
+    brought = (
+        SagaStep.objects.using(DB)
+        .filter(id__in=[step.id for step in lost], status=StepStatus.RUNNING, deadline_at__gt=now)
+        .update(deadline_at=now)
+    )
+    return {"quiet_due": brought}
+
+
+# What _segment_chain and _quiet_steps_look read of a quiet step and its saga.
+QUIET_STEP_FIELDS = (
+    "id",
+    "saga_id",
+    "name",
+    "phase",
+    "position",
+    "queued_at",
+    "saga__id",
+    "saga__definition",
+    "saga__definition_version",
+    "saga__generation",
+)
 
 
 def _settlements_send(now: datetime) -> dict[str, int]:

@@ -183,25 +183,49 @@ def test_a_compensation_that_keeps_failing_needs_attention_and_touches_nothing_e
     assert [p["status"] for p in api.payments(order["id"])] == ["refunding"]
 
 
-@pytest.mark.redis_only
-@pytest.mark.skipif(not REDIS_BROKER, reason="drops a message from a Redis queue list")
-def test_a_dropped_step_message_is_republished_by_the_sweeper(api: Api, topology: Topology, sku: str) -> None:
+def drop_queued(queue: str) -> str:
+    """Take the message waiting in `queue` off the broker for good (no worker consumes the
+    queue meanwhile); its task id."""
+    if REDIS_BROKER:
+        broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        wait_for(lambda: broker.llen(queue) > 0, timeout=10, what=f"a message to wait in {queue}")
+        raw = broker.rpop(queue)
+        assert broker.llen(queue) == 0
+        return json.loads(raw)["headers"]["id"]
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        wait_for(
+            lambda: channel.queue_declare(queue=queue, passive=True).message_count,
+            timeout=10,
+            what=f"a message to wait in {queue}",
+        )
+        return channel.basic_get(queue=queue, no_ack=True).headers["id"]  # gone for good
+
+
+def test_a_dropped_step_message_is_republished_long_before_its_deadline(api: Api, topology: Topology, sku: str) -> None:
+    """Issue 11, recovered in seconds: a lost message used to wait out its segment's
+    deadline (three steps' SAGA_STEP_TIMEOUT, 32 s here; a minute and a half in
+    production). Quiet for SAGA_QUIET_SECONDS and found nowhere, its step is due at once,
+    and the sweep after that publishes it again."""
     make_product(sku, on_hand=3)
     topology.processes["inventory"].stop()
     try:
         placed = api.place_order([(sku, 1)])
-        broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-        wait_for(lambda: broker.llen("inventory") > 0, timeout=10, what="the reserve message to be queued")
-        assert broker.delete("inventory") == 1  # the message is lost
+        assert drop_queued("inventory") == f"{placed['saga']['id']}-reserve_inventory-g0"
+        first = SagaStep.objects.get(saga_id=placed["saga"]["id"], name="reserve_inventory")
     finally:
         topology.processes["inventory"].start(topology.env)
         topology.wait_ready(["inventory"])
 
-    order = api.wait_until_final(placed["id"], timeout=90)
+    order = api.wait_until_final(placed["id"], timeout=60)
 
     assert order["status"] == "confirmed"
-    step = SagaStep.objects.get(saga_id=order["saga"]["id"], name="reserve_inventory")
+    step = SagaStep.objects.get(id=first.id)
     assert step.republished == 1
+    # Published again (its new queued_at) SAGA_QUIET_SECONDS and a sweep or two after it
+    # was lost, where it used to wait for its segment's deadline.
+    assert step.queued_at - first.queued_at < timedelta(seconds=settings.SAGA_QUIET_SECONDS + 5)
+    assert step.queued_at < first.deadline_at - timedelta(seconds=15)
     assert stock(sku) == (3, 1)
 
 

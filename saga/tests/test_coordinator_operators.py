@@ -10,7 +10,7 @@ on-commit callbacks (saga.tests.coordinator).
 
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -352,6 +352,76 @@ def test_the_sweeper_re_publishes_a_lost_chain_as_a_new_generation(django_captur
     segment = sum(step.deadline_seconds for step in PLACE_ORDER.steps[:3])  # up to the pivot
     assert reserve.deadline_at == now + timedelta(seconds=segment * 2)
     assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
+
+
+def quiet(saga: SagaInstance, step: str, *, ago: float = 30) -> datetime:
+    """`step` is running, queued `ago` seconds ago and still inside its deadline; its deadline."""
+    now = timezone.now()
+    deadline = now + timedelta(seconds=60)
+    SagaStep.objects.using("orders").filter(saga_id=saga.id, name=step).update(
+        status=StepStatus.RUNNING, queued_at=now - timedelta(seconds=ago), deadline_at=deadline
+    )
+    return deadline
+
+
+@pytest.fixture
+def queues(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """The oldest message of each queue, as the sweeper reads it (default: every queue empty)."""
+    heads: dict[str, float] = {}
+    monkeypatch.setattr(
+        recovery, "queue_heads", lambda names, **_: {name: heads.get(name, recovery.EMPTY) for name in names}
+    )
+    return heads
+
+
+def test_a_quiet_step_whose_message_is_nowhere_is_judged_at_the_next_sweep(
+    queues: dict[str, float], django_capture_on_commit_callbacks
+) -> None:
+    """A lost message used to cost its segment's deadline (three steps' SAGA_STEP_TIMEOUT,
+    a minute and a half for a new order); quiet for SAGA_QUIET_SECONDS and found nowhere,
+    its step is due at once, and the next sweep's look decides, as at any deadline."""
+    saga = start()
+    quiet(saga, "reserve_inventory", ago=settings.SAGA_QUIET_SECONDS + 1)
+    now = timezone.now()
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep(now=now) == {"quiet_due": 1}
+    reserve = rows(saga)["reserve_inventory"]
+    assert (reserve.status, reserve.deadline_at, reserve.republished) == (StepStatus.RUNNING, now, 0)
+    assert published(callbacks) == []  # one look calls nothing lost
+
+    later = now + timedelta(seconds=settings.SAGA_SWEEP_INTERVAL)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep(now=later).get("republished") == 1
+    assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
+
+
+@pytest.mark.parametrize(
+    "where", ["held by a worker", "behind a backlog", "behind a RabbitMQ queue", "unheard", "not quiet yet", "off"]
+)
+def test_a_quiet_step_keeps_its_deadline_unless_its_message_is_nowhere(
+    where: str, queues: dict[str, float], fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saga = start()
+    deadline = quiet(saga, "reserve_inventory", ago=5 if where == "not quiet yet" else 30)
+    asked: list[list[str]] = []
+    answer = recovery.held_task_ids
+    monkeypatch.setattr(recovery, "held_task_ids", lambda task_ids, **kw: asked.append(task_ids) or answer(task_ids))
+    if where == "held by a worker":
+        fleet["held"] = {ids(saga, ["charge_payment"], 0)[0]}  # the chain got as far as the charge
+    elif where == "behind a backlog":
+        queues["payments"] = time.time() - 60  # older than the chain: its message may wait there
+    elif where == "behind a RabbitMQ queue":
+        queues["orders"] = recovery.UNKNOWN  # not empty, and its head cannot be read
+    elif where == "unheard":
+        fleet["answered"] = 0
+    elif where == "off":
+        monkeypatch.setattr(settings, "SAGA_QUIET_SECONDS", 0)
+
+    assert saga_sweep() == {}
+
+    assert rows(saga)["reserve_inventory"].deadline_at == deadline
+    # Only a chain no queue can be holding is asked about: a backlog costs no broadcast.
+    assert bool(asked) == (where in ("held by a worker", "unheard"))
 
 
 def broker_away(*_: Any, **__: Any) -> None:
