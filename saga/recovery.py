@@ -261,6 +261,7 @@ def chain_whereabouts(
     view: BrokerView,
     now: float,
     report_queue: str = "saga",
+    report_sent_by: float | None = math.inf,
 ) -> Whereabouts:
     """Where a stalled chain's current message can be, from one `BrokerView`.
 
@@ -275,7 +276,10 @@ def chain_whereabouts(
       healthy, if slow, chain publishes its next step). Queues are FIFO: if the oldest
       message waiting in step k's queue was sent after L_k, that step's message is no
       longer waiting there. The same holds for the chain's report (or failure report) in
-      the coordinator's queue, after the last step;
+      the coordinator's queue, after the last step. A caller that knows more about that
+      report says so with `report_sent_by`: None if none can exist (no step of the chain
+      has a stored failure, which Celery stores before it sends the report), or the
+      latest it can have been sent (its failure's time plus the clock slack);
     - nowhere: "lost" (the message vanished, or a worker died with it and it was not
       returned): the sweeper re-publishes.
 
@@ -285,13 +289,19 @@ def chain_whereabouts(
         return Whereabouts("held")
     latest = queued_at + settings.SAGA_CLOCK_SLACK
     longest = 0.0
-    for _, queue, deadline in [*chain, ("", report_queue, 0.0)]:
+    for _, queue, deadline in chain:
         head = view.heads.get(queue, EMPTY)
         wait = 0.0 if head == EMPTY else max(now - head, 0.0)
         longest = max(longest, wait)
         if head <= latest:
             return Whereabouts("waiting", wait=longest)
         latest += deadline + wait
+    if report_sent_by is not None:
+        head = view.heads.get(report_queue, EMPTY)
+        wait = 0.0 if head == EMPTY else max(now - head, 0.0)
+        longest = max(longest, wait)
+        if head <= min(latest, report_sent_by):
+            return Whereabouts("waiting", wait=longest)
     return Whereabouts("lost", wait=longest)
 
 

@@ -8,8 +8,9 @@ import logging
 from collections import Counter
 from datetime import datetime, timedelta
 
+from celery import states
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from . import broker_latch, recovery, store
@@ -17,7 +18,7 @@ from .definition import get_definition
 from .engine import task_id_for
 from .failure import stop_running
 from .models import SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus
-from .progress import saga_reports_drain
+from .progress import RESULTS_DB, saga_reports_drain
 from .publish import OUTCOME_FAILED, phase_plan, saga_begin_compensation, saga_republish_from
 from .settlement import saga_settlements_send
 from .store import DB
@@ -216,6 +217,9 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
     oldest message is older than the chain), nothing is asked of the workers, and the
     chain waits for its deadline, as before. On RabbitMQ a queue that holds messages counts
     as a backlog (its head cannot be read without asking the workers how far they got).
+    The coordinator's own queue, seldom empty, counts only for a chain one of whose steps
+    has a stored failure, and then only if it holds a message sent before that failure's
+    report was (`_failures_stored`).
     """
     quiet = settings.SAGA_QUIET_SECONDS
     if quiet <= 0:
@@ -233,11 +237,20 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
     # Never None: the scan reads queued steps only (a step never sent has none).
     queued = {step.id: step.queued_at for step in steps if step.queued_at is not None}
     heads = recovery.queue_heads({queue for chain in chains.values() for _, queue, _ in chain} | {"saga"})
+    failed = _failures_stored([task_id for chain in chains.values() for task_id, _, _ in chain])
 
     def nowhere(step: SagaStep, held: frozenset[str] = frozenset()) -> bool:
         view = recovery.BrokerView(held=held, heads=heads, workers_answered=1)
+        # The coordinator's queue is the busiest (sweeps, every failure report): a chain
+        # waits behind it only if one of its steps failed, and then only for a report
+        # sent when that failure was stored.
+        stored = [failed[task_id] for task_id, _, _ in chains[step.id] if task_id in failed]
         where = recovery.chain_whereabouts(
-            queued_at=queued[step.id].timestamp(), chain=chains[step.id], view=view, now=now.timestamp()
+            queued_at=queued[step.id].timestamp(),
+            chain=chains[step.id],
+            view=view,
+            now=now.timestamp(),
+            report_sent_by=max(stored) + settings.SAGA_CLOCK_SLACK if stored else None,
         )
         return where.verdict == "lost"
 
@@ -266,6 +279,21 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
         .update(deadline_at=now)
     )
     return {"quiet_due": brought}
+
+
+def _failures_stored(task_ids: list[str]) -> dict[str, float]:
+    """Task id -> when its failure was stored (seconds since the epoch), for those of
+    `task_ids` that failed: Celery stores a failure before it sends the step's failure
+    report, so a chain with none has no report on its way. One read by the unique index."""
+    from django_celery_results.models import TaskResult
+
+    with connections[RESULTS_DB].cursor() as cursor:
+        cursor.execute(
+            f"SELECT task_id, extract(epoch FROM date_done) FROM {TaskResult._meta.db_table} "
+            "WHERE task_id = ANY(%s) AND status = ANY(%s)",
+            [task_ids, [states.FAILURE, states.REVOKED]],
+        )
+        return {task_id: float(done) for task_id, done in cursor.fetchall()}
 
 
 # What _segment_chain and _quiet_steps_look read of a quiet step and its saga.

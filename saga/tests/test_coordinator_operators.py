@@ -395,6 +395,23 @@ def test_a_quiet_step_whose_message_is_nowhere_is_judged_at_the_next_sweep(
     assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
 
 
+def test_a_busy_coordinator_queue_hides_a_quiet_chain_only_behind_its_failure_report(queues: dict[str, float]) -> None:
+    """The coordinator's queue is seldom empty (a sweep every interval, every failure
+    report): it can hold this chain's failure report only if one of its steps failed."""
+    from django_celery_results.models import TaskResult
+
+    saga = start()
+    quiet(saga, "reserve_inventory")
+    queues["saga"] = time.time() - 20
+    assert saga_sweep() == {"quiet_due": 1}
+
+    deadline = quiet(saga, "reserve_inventory")
+    reserve = ids(saga, ["reserve_inventory"], 0)[0]
+    TaskResult.objects.using("default").create(task_id=reserve, status="FAILURE")  # stored now, after the head
+    assert saga_sweep() == {}
+    assert rows(saga)["reserve_inventory"].deadline_at == deadline
+
+
 @pytest.mark.parametrize(
     "where", ["held by a worker", "behind a backlog", "behind a RabbitMQ queue", "unheard", "not quiet yet", "off"]
 )

@@ -51,6 +51,20 @@ def test_a_backlog_older_than_the_chain_may_still_hold_its_message() -> None:
     assert verdict({"saga": T + 20}) == "waiting"
 
 
+def test_a_busy_coordinator_queue_hides_a_report_only_if_one_was_sent_early_enough() -> None:
+    """The sweeper's quiet look says what it knows of the chain's failure report: none can
+    exist (no step's failure stored), or none was sent after its failure was stored."""
+    heads = {"saga": T + 20}  # a busy coordinator queue, behind since before the chain could end
+
+    def with_report(sent_by: float | None) -> str:
+        view = BrokerView(heads=heads)
+        return chain_whereabouts(queued_at=T, chain=CHAIN, view=view, now=T + 40, report_sent_by=sent_by).verdict
+
+    assert with_report(None) == "lost"
+    assert with_report(T + 25) == "waiting"  # a step failed at T + 22: its report may be behind
+    assert with_report(T + 15) == "lost"  # its report was sent before everything waiting there
+
+
 def test_a_later_step_may_wait_as_long_as_the_queues_before_it_made_it_late() -> None:
     now = T + 60
     # The inventory queue waits 25 s now: a healthy chain may have sent its charge as late as
