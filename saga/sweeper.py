@@ -5,6 +5,7 @@ the workers (saga.recovery); a chain that is slow, not lost, gets more time.
 """
 
 import logging
+import math
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -139,6 +140,8 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         if chains
         else recovery.BrokerView(workers_answered=1)
     )
+    asked = {task_id for chain in chains for task_id, _, _ in chain}
+    failed = _failures_stored(sorted(asked)) if asked else {}
     if chains and not view.workers_answered:
         # Not one worker answered (the saga worker running this sweep is one): the broadcast
         # failed, not the fleet (a broker restart leaves a connection deaf for seconds).
@@ -169,7 +172,11 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
             chain = _segment_chain(saga, step)
             queued_at = step.queued_at or (step.deadline_at - timedelta(seconds=sum(d for _, _, d in chain)))
             where = recovery.chain_whereabouts(
-                queued_at=queued_at.timestamp(), chain=chain, view=view, now=now.timestamp()
+                queued_at=queued_at.timestamp(),
+                chain=chain,
+                view=view,
+                now=now.timestamp(),
+                report_sent_by=_report_sent_by(chain, failed, asked),
             )
             if where.verdict == "lost" and not view.workers_answered:
                 # Unheard is not lost: a live worker may hold it. Treated as possibly waiting,
@@ -237,20 +244,17 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
     # Never None: the scan reads queued steps only (a step never sent has none).
     queued = {step.id: step.queued_at for step in steps if step.queued_at is not None}
     heads = recovery.queue_heads({queue for chain in chains.values() for _, queue, _ in chain} | {"saga"})
-    failed = _failures_stored([task_id for chain in chains.values() for task_id, _, _ in chain])
+    asked = {task_id for chain in chains.values() for task_id, _, _ in chain}
+    failed = _failures_stored(sorted(asked))
 
     def nowhere(step: SagaStep, held: frozenset[str] = frozenset()) -> bool:
         view = recovery.BrokerView(held=held, heads=heads, workers_answered=1)
-        # The coordinator's queue is the busiest (sweeps, every failure report): a chain
-        # waits behind it only if one of its steps failed, and then only for a report
-        # sent when that failure was stored.
-        stored = [failed[task_id] for task_id, _, _ in chains[step.id] if task_id in failed]
         where = recovery.chain_whereabouts(
             queued_at=queued[step.id].timestamp(),
             chain=chains[step.id],
             view=view,
             now=now.timestamp(),
-            report_sent_by=max(stored) + settings.SAGA_CLOCK_SLACK if stored else None,
+            report_sent_by=_report_sent_by(chains[step.id], failed, asked),
         )
         return where.verdict == "lost"
 
@@ -294,6 +298,20 @@ def _failures_stored(task_ids: list[str]) -> dict[str, float]:
             [task_ids, [states.FAILURE, states.REVOKED]],
         )
         return {task_id: float(done) for task_id, done in cursor.fetchall()}
+
+
+def _report_sent_by(chain: list[tuple[str, str, float]], failed: dict[str, float], asked: set[str]) -> float | None:
+    """The latest a failure report of `chain` can have been sent (recovery.chain_whereabouts):
+    None if none of its steps has a stored failure, so no report is on its way; the latest
+    failure's time plus the clock slack otherwise. The coordinator's queue is the busiest
+    (a sweep every interval, every failure report), and a chain counted as possibly
+    behind any message there waited out its deadline in `make chaos`. Unbounded (inf) for
+    a chain whose task ids were not among those `asked` about."""
+    ids = [task_id for task_id, _, _ in chain]
+    if not asked.issuperset(ids):
+        return math.inf
+    stored = [failed[task_id] for task_id in ids if task_id in failed]
+    return max(stored) + settings.SAGA_CLOCK_SLACK if stored else None
 
 
 # What _segment_chain and _quiet_steps_look read of a quiet step and its saga.
