@@ -412,6 +412,27 @@ def test_a_busy_coordinator_queue_hides_a_quiet_chain_only_behind_its_failure_re
     assert rows(saga)["reserve_inventory"].deadline_at == deadline
 
 
+def test_a_stalled_chain_waits_behind_the_coordinators_queue_only_for_its_failure_report(
+    queues: dict[str, float], django_capture_on_commit_callbacks
+) -> None:
+    """Past its deadline, as before the deadline: a busy coordinator queue hid every stalled
+    chain, and a lost message waited for a sweep that found that queue empty."""
+    from django_celery_results.models import TaskResult
+
+    saga = start()
+    stall(saga, "reserve_inventory", ago=1)
+    queues["saga"] = time.time() - 20
+    reserve = ids(saga, ["reserve_inventory"], 0)[0]
+    TaskResult.objects.using("default").create(task_id=reserve, status="FAILURE")  # its report may be behind
+    assert saga_sweep().get("waiting") == 1
+
+    TaskResult.objects.using("default").filter(task_id=reserve).delete()  # no failure: no report
+    stall(saga, "reserve_inventory", ago=1)
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        assert saga_sweep().get("republished") == 1
+    assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
+
+
 @pytest.mark.parametrize(
     "where", ["held by a worker", "behind a backlog", "behind a RabbitMQ queue", "unheard", "not quiet yet", "off"]
 )
