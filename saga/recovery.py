@@ -300,7 +300,9 @@ def chain_whereabouts(
         head = view.heads.get(report_queue, EMPTY)
         wait = 0.0 if head == EMPTY else max(now - head, 0.0)
         longest = max(longest, wait)
-        if head <= min(latest, report_sent_by):
+        # A report's known time outranks the healthy chain's bound: a slow chain's step
+        # (given more time at earlier looks) can fail after it.
+        if head <= (latest if math.isinf(report_sent_by) else report_sent_by):
             return Whereabouts("waiting", wait=longest)
     return Whereabouts("lost", wait=longest)
 

@@ -419,15 +419,21 @@ def test_a_stalled_chain_waits_behind_the_coordinators_queue_only_for_its_failur
     chain, and a lost message waited for a sweep that found that queue empty."""
     from django_celery_results.models import TaskResult
 
+    def stalled_within_its_patience() -> None:
+        now = timezone.now()
+        SagaStep.objects.using("orders").filter(saga_id=saga.id, name="reserve_inventory").update(
+            status=StepStatus.RUNNING, queued_at=now - timedelta(seconds=40), deadline_at=now - timedelta(seconds=1)
+        )
+
     saga = start()
-    stall(saga, "reserve_inventory", ago=1)
+    stalled_within_its_patience()
     queues["saga"] = time.time() - 20
     reserve = ids(saga, ["reserve_inventory"], 0)[0]
     TaskResult.objects.using("default").create(task_id=reserve, status="FAILURE")  # its report may be behind
     assert saga_sweep().get("waiting") == 1
 
     TaskResult.objects.using("default").filter(task_id=reserve).delete()  # no failure: no report
-    stall(saga, "reserve_inventory", ago=1)
+    stalled_within_its_patience()
     with django_capture_on_commit_callbacks(using="orders") as callbacks:
         assert saga_sweep().get("republished") == 1
     assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]

@@ -63,6 +63,11 @@ def test_a_busy_coordinator_queue_hides_a_report_only_if_one_was_sent_early_enou
     assert with_report(None) == "lost"
     assert with_report(T + 25) == "waiting"  # a step failed at T + 22: its report may be behind
     assert with_report(T + 15) == "lost"  # its report was sent before everything waiting there
+    # A step that failed after a healthy chain would have ended (a slow one, given time):
+    # its report may still wait behind a head the healthy chain's bound is past.
+    heads["saga"] = T + 38
+    assert with_report(None) == "lost"
+    assert with_report(T + 39) == "waiting"
 
 
 def test_a_later_step_may_wait_as_long_as_the_queues_before_it_made_it_late() -> None:
