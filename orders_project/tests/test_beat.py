@@ -1,8 +1,5 @@
 """Beat's scheduler reads django-celery-beat's change marker at most once a second."""
 
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,6 +8,8 @@ from django.conf import settings
 from django_celery_beat import schedulers
 
 from orders_project import beat
+
+from .startup import django_setup
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 SCHEDULER = "orders_project.beat:ThrottledDatabaseScheduler"
@@ -75,14 +74,7 @@ def test_every_way_to_start_beat_uses_it() -> None:
 @pytest.mark.parametrize("interval", ["0.5", "2.5", "0"])
 def test_a_sweep_interval_beat_cannot_keep_is_refused_at_start_up(interval: str) -> None:
     """Beat's database schedule stores whole seconds: 0.5 became 0, a sweep on every tick."""
-    started = subprocess.run(
-        [sys.executable, "-c", "import django; django.setup()"],
-        cwd=BASE_DIR,
-        env={**os.environ, "SAGA_SWEEP_INTERVAL": interval, "DJANGO_SETTINGS_MODULE": "orders_project.settings"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    started = django_setup(SAGA_SWEEP_INTERVAL=interval)
     assert started.returncode != 0
     assert (
         f"SAGA_SWEEP_INTERVAL must be a whole number of seconds, at least 1, not {float(interval):g}" in started.stderr

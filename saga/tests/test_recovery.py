@@ -3,16 +3,13 @@
 (tests/test_faults.py)."""
 
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from devstack.topology import BASE_DIR
+from orders_project.tests.startup import django_setup
 from saga import recovery
 from saga.recovery import EMPTY, UNKNOWN, BrokerView, chain_whereabouts, stamp_sent_at
 
@@ -178,14 +175,7 @@ def test_the_watchdog_says_once_that_the_broker_is_away_and_once_that_it_is_back
 def test_a_quiet_time_shorter_than_the_watchdogs_return_is_refused_at_start_up(quiet: str) -> None:
     """A killed worker's message waits in Redis's unacknowledged hash until the watchdog
     returns it (3 + 2 * 2 + 1 s by default): a quiet look before that would call it lost."""
-    started = subprocess.run(
-        [sys.executable, "-c", "import django; django.setup()"],
-        cwd=BASE_DIR,
-        env={**os.environ, "SAGA_QUIET_SECONDS": quiet, "DJANGO_SETTINGS_MODULE": "orders_project.settings"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    started = django_setup(SAGA_QUIET_SECONDS=quiet)
     assert started.returncode != 0
     assert "SAGA_QUIET_SECONDS must be 0 (off) or at least 8 s" in started.stderr
     assert f"not {float(quiet):g}" in started.stderr
