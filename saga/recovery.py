@@ -110,8 +110,9 @@ def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = No
 
 
 def held_task_ids(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> tuple[set[str], int]:
-    """The ids among `task_ids` that a live worker holds (active, reserved or scheduled for a
-    retry's countdown), and how many workers answered. One broadcast; with `early`, it
+    """The ids among `task_ids` that a live worker holds (active or reserved; a retry waiting
+    out its countdown is held but not shown: saga.sweeper._outcomes_stored), and how many
+    workers answered. One broadcast; with `early`, it
     returns once as many workers have answered as the most a whole look of this process
     heard, instead of always waiting the whole timeout: a worker that joined since can
     then be missed (kombu stops at that many replies), so an early look must not be the

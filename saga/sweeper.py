@@ -4,6 +4,7 @@ handed to an operator. Where a stalled chain's messages are is asked of the brok
 the workers (saga.recovery); a chain that is slow, not lost, gets more time.
 """
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -141,7 +142,8 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
         else recovery.BrokerView(workers_answered=1)
     )
     asked = {task_id for chain in chains for task_id, _, _ in chain}
-    failed = _failures_stored(sorted(asked)) if asked else {}
+    stored = _outcomes_stored(sorted(asked), now=now) if asked else Stored()
+    view = dataclasses.replace(view, held=view.held | stored.retrying)
     if chains and not view.workers_answered:
         # Not one worker answered (the saga worker running this sweep is one): the broadcast
         # failed, not the fleet (a broker restart leaves a connection deaf for seconds).
@@ -176,7 +178,7 @@ def saga_sweep(*, now: datetime | None = None, batch: int | None = None) -> dict
                 chain=chain,
                 view=view,
                 now=now.timestamp(),
-                report_sent_by=_report_sent_by(chain, failed, asked),
+                report_sent_by=_report_sent_by(chain, stored.failed, asked),
             )
             if where.verdict == "lost" and not view.workers_answered:
                 # Unheard is not lost: a live worker may hold it. Treated as possibly waiting,
@@ -226,7 +228,7 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
     as a backlog (its head cannot be read without asking the workers how far they got).
     The coordinator's own queue, seldom empty, counts only for a chain one of whose steps
     has a stored failure, and then only if it holds a message sent before that failure's
-    report was (`_failures_stored`).
+    report was, and a step retrying counts as held (`_outcomes_stored`).
     """
     quiet = settings.SAGA_QUIET_SECONDS
     if quiet <= 0:
@@ -245,16 +247,16 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
     queued = {step.id: step.queued_at for step in steps if step.queued_at is not None}
     heads = recovery.queue_heads({queue for chain in chains.values() for _, queue, _ in chain} | {"saga"})
     asked = {task_id for chain in chains.values() for task_id, _, _ in chain}
-    failed = _failures_stored(sorted(asked))
+    stored = _outcomes_stored(sorted(asked), now=now)
 
     def nowhere(step: SagaStep, held: frozenset[str] = frozenset()) -> bool:
-        view = recovery.BrokerView(held=held, heads=heads, workers_answered=1)
+        view = recovery.BrokerView(held=held | stored.retrying, heads=heads, workers_answered=1)
         where = recovery.chain_whereabouts(
             queued_at=queued[step.id].timestamp(),
             chain=chains[step.id],
             view=view,
             now=now.timestamp(),
-            report_sent_by=_report_sent_by(chains[step.id], failed, asked),
+            report_sent_by=_report_sent_by(chains[step.id], stored.failed, asked),
         )
         return where.verdict == "lost"
 
@@ -285,19 +287,41 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
     return {"quiet_due": brought}
 
 
-def _failures_stored(task_ids: list[str]) -> dict[str, float]:
-    """Task id -> when its failure was stored (seconds since the epoch), for those of
-    `task_ids` that failed: Celery stores a failure before it sends the step's failure
-    report, so a chain with none has no report on its way. One read by the unique index."""
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """What the result backend says of a chain's tasks (`_outcomes_stored`)."""
+
+    failed: dict[str, float] = dataclasses.field(default_factory=dict)  # task id -> when (epoch s)
+    retrying: frozenset[str] = frozenset()
+
+
+def _outcomes_stored(task_ids: list[str], *, now: datetime) -> Stored:
+    """The failures and the retries the result backend holds among `task_ids`: one read by
+    the unique index.
+
+    - A failure is stored before its failure report is sent, so a chain with none has no
+      report on its way (`_report_sent_by`).
+    - A retry is stored as the task publishes its next attempt with a countdown (at most
+      TASK_RETRY_BACKOFF_MAX). That attempt is held by its worker until it runs, but the
+      workers' answer does not show it: Celery registers the held retry under its task
+      id, and the attempt that published it, ending a moment later, unregisters that id
+      (celery.worker.state.task_ready), so `query_task` no longer finds it. A task that
+      stored a retry within the longest countdown (and the clock slack) is counted as held.
+    """
     from django_celery_results.models import TaskResult
 
     with connections[RESULTS_DB].cursor() as cursor:
         cursor.execute(
-            f"SELECT task_id, extract(epoch FROM date_done) FROM {TaskResult._meta.db_table} "
+            f"SELECT task_id, status, extract(epoch FROM date_done) FROM {TaskResult._meta.db_table} "
             "WHERE task_id = ANY(%s) AND status = ANY(%s)",
-            [task_ids, [states.FAILURE, states.REVOKED]],
+            [task_ids, [states.FAILURE, states.REVOKED, states.RETRY]],
         )
-        return {task_id: float(done) for task_id, done in cursor.fetchall()}
+        rows = cursor.fetchall()
+    since = now.timestamp() - settings.TASK_RETRY_BACKOFF_MAX - settings.SAGA_CLOCK_SLACK
+    return Stored(
+        failed={task_id: float(done) for task_id, status, done in rows if status != states.RETRY},
+        retrying=frozenset(task_id for task_id, status, done in rows if status == states.RETRY and done > since),
+    )
 
 
 def _report_sent_by(chain: list[tuple[str, str, float]], failed: dict[str, float], asked: set[str]) -> float | None:
