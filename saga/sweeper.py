@@ -226,9 +226,9 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
     oldest message is older than the chain), nothing is asked of the workers, and the
     chain waits for its deadline, as before. On RabbitMQ a queue that holds messages counts
     as a backlog (its head cannot be read without asking the workers how far they got).
-    The coordinator's own queue, seldom empty, counts only for a chain one of whose steps
-    has a stored failure, and then only if it holds a message sent before that failure's
-    report was, and a step retrying counts as held (`_outcomes_stored`).
+    The coordinator's own queue, seldom empty, counts only behind a stored failure of the
+    chain, for messages sent before that failure's report; a task that stored a retry
+    within the longest countdown counts as held (`_outcomes_stored`).
     """
     quiet = settings.SAGA_QUIET_SECONDS
     if quiet <= 0:
