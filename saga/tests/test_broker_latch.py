@@ -1,9 +1,12 @@
 """saga.broker_latch: down from a failed publish until its probe hears the broker, in
 every process (a prefork pool's children are forked from a worker that may be down)."""
 
-import multiprocessing
+import json
 import os
+import select
+import signal
 import time
+from collections.abc import Callable
 
 import pytest
 from kombu.exceptions import OperationalError as BrokerUnavailable
@@ -54,8 +57,35 @@ def test_down_again_after_it_answered() -> None:
     assert until(lambda: not latch.down())
 
 
-def _in_child(latch: BrokerLatch, result: "multiprocessing.Queue[tuple[bool, bool]]") -> None:
-    result.put((latch.down(), until(lambda: not latch.down())))
+def in_a_fork(look: Callable[[], object], *, timeout: float = 10.0) -> object:
+    """What `look()` returns in a child forked with `os.fork`, as billiard forks a pool
+    process; raises if the child does not answer within `timeout` (it hung).
+
+    Not `multiprocessing`: its child runs the after-fork cleanups kombu registers for the
+    Celery app's connection pool, which close a channel whose broadcast reply (an earlier
+    test's `query_task`, from the admin) is still pending by reading the socket both
+    processes share. The first such child takes the reply and the next one waits for it
+    for good, whatever the latch does."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, and leave without running the parent's exit handlers
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(look()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"the forked child did not answer within {timeout} s: it hung")
+        return json.loads(os.read(read_end, 1024))
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
 
 
 def test_a_forked_child_of_a_down_process_probes_for_itself() -> None:
@@ -68,17 +98,8 @@ def test_a_forked_child_of_a_down_process_probes_for_itself() -> None:
 
     latch = BrokerLatch(probe, lambda: 0.01)
     latch.failed(AWAY)
-    context = multiprocessing.get_context("fork")
-    result = context.Queue()
-    child = context.Process(target=_in_child, args=(latch, result))
-    child.start()
-    child.join(timeout=10)
-    assert result.get(timeout=1) == (True, True)
+    assert in_a_fork(lambda: [latch.down(), until(lambda: not latch.down())]) == [True, True]
     assert latch.down()  # the parent's own view is its own
-
-
-def _look_in_child(latch: BrokerLatch, result: "multiprocessing.Queue[bool]") -> None:
-    result.put(latch.down())
 
 
 def test_a_child_forked_while_the_lock_was_held_can_still_look() -> None:
@@ -86,14 +107,7 @@ def test_a_child_forked_while_the_lock_was_held_can_still_look() -> None:
     that instant must not leave the child's copy held for good."""
     latch = BrokerLatch(Probe(answers_after=10**6), lambda: 60.0)
     latch.failed(AWAY)
-    context = multiprocessing.get_context("fork")
-    result = context.Queue()
     with latch._lock:  # as the probe thread holds it while it marks the latch up
-        child = context.Process(target=_look_in_child, args=(latch, result))
-        child.start()
-    child.join(timeout=10)
-    alive = child.is_alive()
-    if alive:
-        child.kill()
-    assert not alive, "the child hung on the lock it inherited held"
-    assert result.get(timeout=1) is True
+        # The child looks at once; it hangs if its copy of the lock stayed held.
+        looked = in_a_fork(latch.down)
+    assert looked is True
