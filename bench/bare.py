@@ -26,7 +26,9 @@ a failed task's report keeps one code position per frame, not all of them). They
 fixes any Celery user could apply, not part of the saga: a baseline without them would credit
 the saga with them (BENCHMARKS.md, twelfth run: 19 % of a worker's main process was building
 Redis clients). The bare chain's declines stop their chain with Ignore, which is not a
-failure, so the billiard fix changes nothing there that the bench measures.
+failure, so the billiard fix changes nothing there that the bench measures. It carries the
+product's patch of Celery's worker state too (common.celery_fixes: a retry stays registered
+while it waits), which changes nothing the bench measures (the bare chain never retries).
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ import psycopg
 from celery import Celery, chain
 from celery.exceptions import Ignore
 
-from common import billiard_fixes, kombu_fixes  # nothing of Django or the product
+from common import billiard_fixes, celery_fixes, kombu_fixes  # nothing of Django or the product
 
 from . import sql
 
 kombu_fixes.apply()
 billiard_fixes.apply()
+celery_fixes.apply()
 
 # The product's worker-side Celery settings (orders_project/settings.py, CELERY_<KEY>), with
 # the same environment variables and defaults, so both systems run under the same delivery

@@ -11,10 +11,11 @@ import os
 
 from celery import Celery, signals
 
-from common import billiard_fixes, kombu_fixes
+from common import billiard_fixes, celery_fixes, kombu_fixes
 from orders_project.db_health import close_connections_closed_by_server
 
 billiard_fixes.apply()
+celery_fixes.apply()
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orders_project.settings")
 # Celery's Django fixup runs Django's system checks at every worker start: with the URL
 # checks they import the whole web side (every view, DRF, drf-spectacular, the admin), a

@@ -4,7 +4,8 @@ number of stalled steps (and of abandoned messages), never the number of queued 
 Three questions, each answered on Redis and on RabbitMQ alike where they can be:
 
 - Does a live worker hold one of these task ids (running it, prefetched, or waiting for
-  its retry's countdown)? One `query_task` broadcast for the whole batch of stalled steps.
+  its retry's countdown: common.celery_fixes)? One `query_task` broadcast for the whole
+  batch of stalled steps.
 - When was the oldest message still waiting in each queue sent? Every message carries the
   time it was published (`SENT_AT`, stamped by `stamp_sent_at` in every process). Queues are
   FIFO, so a message sent before that head is no longer waiting. Redis lets us read the
@@ -110,9 +111,8 @@ def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = No
 
 
 def held_task_ids(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> tuple[set[str], int]:
-    """The ids among `task_ids` that a live worker holds (active or reserved; a retry waiting
-    out its countdown is held but not shown: saga.sweeper._outcomes_stored), and how many
-    workers answered. One broadcast; with `early`, it
+    """The ids among `task_ids` that a live worker holds (active, reserved, or a retry
+    waiting out its countdown: common.celery_fixes), and how many workers answered. One broadcast; with `early`, it
     returns once as many workers have answered as the most a whole look of this process
     heard, instead of always waiting the whole timeout: a worker that joined since can
     then be missed (kombu stops at that many replies), so an early look must not be the

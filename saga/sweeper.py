@@ -302,11 +302,13 @@ def _outcomes_stored(task_ids: list[str], *, now: datetime) -> Stored:
     - A failure is stored before its failure report is sent, so a chain with none has no
       report on its way (`_report_sent_by`).
     - A retry is stored as the task publishes its next attempt with a countdown (at most
-      TASK_RETRY_BACKOFF_MAX). That attempt is held by its worker until it runs, but the
-      workers' answer does not show it: Celery registers the held retry under its task
-      id, and the attempt that published it, ending a moment later, unregisters that id
-      (celery.worker.state.task_ready), so `query_task` no longer finds it. A task that
-      stored a retry within the longest countdown (and the clock slack) is counted as held.
+      TASK_RETRY_BACKOFF_MAX). That attempt is held by its worker until it runs. Celery 5.7
+      unregistered it from the workers' answer (the attempt that published it, ending a
+      moment later, popped its task id: common.celery_fixes), so `query_task` missed it.
+      The patch makes workers answer for it; a task that stored a retry within the longest
+      countdown (and the clock slack) is still counted as held, because a worker running
+      an image without the patch (a rolling upgrade) answers the old way, and this read is
+      the one the failures take anyway.
     """
     from django_celery_results.models import TaskResult
 

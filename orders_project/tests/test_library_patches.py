@@ -15,12 +15,15 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
 from billiard import einfo
 from celery import Celery
 from celery.app.trace import build_tracer
+from celery.worker import request as worker_request
+from celery.worker import state as worker_state
 from django.conf import settings
 from kombu.transport import redis as kombu_redis
 from opentelemetry import trace
@@ -30,7 +33,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common import billiard_fixes, kombu_fixes
+from common import billiard_fixes, celery_fixes, kombu_fixes
 from orders_project import telemetry
 from orders_project.celery import app
 
@@ -48,6 +51,7 @@ def pinned(package: str) -> str:
     [
         ("kombu", kombu_fixes.PATCHED_VERSION),
         ("billiard", billiard_fixes.PATCHED_VERSION),
+        ("celery", celery_fixes.PATCHED_VERSION),
         ("opentelemetry-instrumentation-celery", telemetry.PATCHED_CELERY_INSTRUMENTATION),
     ],
 )
@@ -227,3 +231,56 @@ def test_upstream_billiard_still_copies_every_position_of_a_failed_frames_code()
     copy = object.__new__(einfo._Code)
     billiard_fixes.upstream_code_init(copy, code)
     assert len(copy._co_positions) == len(list(code.co_positions())) > 100
+
+
+class HeldRequest:
+    """What `celery.worker.state` keeps of a request: its id (weak references to it too)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+
+
+def _a_retry_scheduled_before_its_first_attempt_ends(task_ready: Any) -> tuple[HeldRequest, HeldRequest]:
+    """The order a worker sees them in: the attempt is taken, the retry it published arrives
+    (countdown: scheduled), then the attempt ends (`task_ready`)."""
+    task_id = f"retry-probe-{uuid.uuid4()}"
+    attempt, retry = HeldRequest(task_id), HeldRequest(task_id)
+    worker_state.task_reserved(attempt)
+    worker_state.task_scheduled(retry)
+    task_ready(attempt)
+    return attempt, retry
+
+
+def test_a_retry_waiting_out_its_countdown_stays_registered() -> None:
+    """What `query_task` answers from: the retry, scheduled, under its task id."""
+    attempt, retry = _a_retry_scheduled_before_its_first_attempt_ends(worker_request.task_ready)
+    try:
+        assert worker_state.requests.get(retry.id) is retry
+        assert retry in worker_state.scheduled_requests and attempt not in worker_state.reserved_requests
+        # When the retry ends in turn, its id is unregistered as before.
+        worker_state.task_ready(retry, successful=True)
+        assert retry.id not in worker_state.requests and retry.id in worker_state.successful_requests
+    finally:
+        worker_state.requests.pop(retry.id, None)
+
+
+def test_the_celery_patch_is_where_a_worker_calls_task_ready() -> None:
+    assert worker_state.task_ready is worker_request.task_ready is celery_fixes.task_ready_own_request
+    assert celery_fixes.task_ready_own_request in (worker_request.create_request_cls.__defaults__ or ())
+    assert celery_fixes.upstream_task_ready not in (worker_request.create_request_cls.__defaults__ or ())
+
+
+def test_the_celery_patch_refuses_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(celery_fixes, "PATCHED_VERSION", "0.0.1")
+    with pytest.raises(RuntimeError, match=r"patches celery 0\.0\.1, not 5\.7\.0"):
+        celery_fixes.apply()
+
+
+def test_upstream_task_ready_still_unregisters_the_retry_its_attempt_published() -> None:
+    """When this fails, Celery keeps a retry registered: remove common/celery_fixes.py and
+    the tests of it."""
+    _, retry = _a_retry_scheduled_before_its_first_attempt_ends(celery_fixes.upstream_task_ready)
+    try:
+        assert retry.id not in worker_state.requests
+    finally:
+        worker_state.scheduled_requests.discard(retry)
