@@ -14,8 +14,8 @@ the sweeper reads stored retries for that reason too, saga.sweeper `_outcomes_st
 the admin showed its step held nowhere. `celery inspect scheduled` reads the timer, not
 `requests`, so it did show it.
 
-The fix: `task_ready` unregisters the request only if it is still the one registered under
-its id. Everything else `task_ready` does is upstream's. No upstream issue was found for it
+The fix: after upstream's `task_ready`, the request another attempt registered under the
+same id is put back; so only the request that ended is unregistered. No upstream issue was found for it
 (searched 2026-12-07); UPSTREAM_ISSUE names the code.
 
 Written for Celery PATCHED_VERSION only: `apply()` refuses another release, so an upgrade
@@ -37,20 +37,18 @@ worker_request: Any = _request
 PATCHED_VERSION = "5.7.0"
 UPSTREAM_ISSUE = "celery.worker.state.task_ready (requests.pop by task id)"
 
-# Celery's own function, kept for the test that the bug is still there.
+# Celery's own function: the patch delegates to it (and a test checks the bug is still there).
 upstream_task_ready = state.task_ready
 
 
 def task_ready_own_request(request: Any, successful: bool = False) -> None:
-    """Celery's `task_ready`, unregistering `request` only if it is still the request its id
-    is registered under (a retry of it may have taken the id since)."""
-    if successful:
-        state.successful_requests.add(request.id)
-    if state.requests.get(request.id) is request:
-        state.requests.pop(request.id, None)
-    state.active_requests.discard(request)
-    state.reserved_requests.discard(request)
-    state.scheduled_requests.discard(request)
+    """Celery's `task_ready`, then the request registered under the same id put back if it
+    is another one (a retry of `request` took the id since). Runs in the worker's main
+    thread, as upstream's does: nothing registers a request between the two."""
+    registered = state.requests.get(request.id)
+    upstream_task_ready(request, successful)
+    if registered is not None and registered is not request:
+        state.requests[request.id] = registered
 
 
 def apply() -> None:
