@@ -112,12 +112,12 @@ def _query(task_ids: Sequence[str], *, early: bool = False, connection: Any = No
 
 def held_task_ids(task_ids: Sequence[str], *, early: bool = False, connection: Any = None) -> tuple[set[str], int]:
     """The ids among `task_ids` that a live worker holds (active, reserved, or a retry
-    waiting out its countdown: common.celery_fixes), and how many workers answered. One broadcast; with `early`, it
-    returns once as many workers have answered as the most a whole look of this process
-    heard, instead of always waiting the whole timeout: a worker that joined since can
-    then be missed (kombu stops at that many replies), so an early look must not be the
-    one a message is restored or a step re-published on. `connection`: the broker
-    connection to broadcast on (default: the process's pool)."""
+    waiting out its countdown: common.celery_fixes), and how many workers answered. One
+    broadcast; with `early`, it returns once as many workers have answered as the most a
+    whole look of this process heard, instead of always waiting the whole timeout: a
+    worker that joined since can then be missed (kombu stops at that many replies), so an
+    early look must not be the one a message is restored or a step re-published on.
+    `connection`: the broker connection to broadcast on (default: the process's pool)."""
     replies = _query(task_ids, early=early, connection=connection)
     held = {task_id for reply in replies.values() if isinstance(reply, dict) for task_id in reply}
     return held, len(replies)
