@@ -113,8 +113,9 @@ class ErrorOutput(serializers.Serializer):
 VALIDATION_ERROR = OpenApiResponse(
     response={
         "type": "object",
-        "description": "One entry per invalid field (or header / query parameter): a list of messages, "
-        "or for a list of objects one such object per element.",
+        "description": "One entry per invalid field (or header / query parameter): a list of messages; "
+        "for a list of objects, the failing elements' errors (such objects) keyed by index "
+        '("0", "1", ...), or a list of messages about the list as a whole.',
         "additionalProperties": True,
     },
     description="Invalid input: a message per field.",

@@ -177,7 +177,8 @@ def test_unknown_sku_is_a_400_and_creates_nothing(api: Api, sku: str) -> None:
         },
     )
     assert response.status_code == 400
-    assert response.json() == {"items": [{}, {"sku": ["Unknown SKU 'NOPE-404'."]}]}
+    # The same shape as a line's own field errors (REST framework's, keyed by index).
+    assert response.json() == {"items": {"1": {"sku": ["Unknown SKU 'NOPE-404'."]}}}
     assert not Order.objects.filter(user_id=api.user_id).exists()
     assert stock(sku) == (1, 0)
 

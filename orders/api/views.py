@@ -210,12 +210,15 @@ class OrderListCreateApi(GenericAPIView):
                 fingerprint=services.request_fingerprint(data),
             )
         except UnknownSkus as unknown:
+            # Keyed by the line's index, as REST framework words the items' own field
+            # errors (a ListField's): one shape for every error of a line.
             raise ValidationError(
                 {
-                    "items": [
-                        {"sku": [f"Unknown SKU {item['sku']!r}."]} if item["sku"] in unknown.skus else {}
-                        for item in data["items"]
-                    ]
+                    "items": {
+                        str(index): {"sku": [f"Unknown SKU {item['sku']!r}."]}
+                        for index, item in enumerate(data["items"])
+                        if item["sku"] in unknown.skus
+                    }
                 }
             ) from None
         except OrderTotalTooLarge as large:
