@@ -195,6 +195,20 @@ def test_the_admin_shows_the_step_a_running_chain_is_on() -> None:
     assert step_state(steps["reserve_inventory"], {}) == "Not sent yet (the broker was away; the sweeper sends it)"
 
 
+def test_the_admin_does_not_call_a_step_that_will_not_run_pending(monkeypatch) -> None:
+    saga = start()
+    fail(monkeypatch, saga, "charge_payment", "PaymentDeclined", timeline=[record(saga, "reserve_inventory")])
+    steps = rows(saga)
+    # The chain stopped at the charge: what came after it will not run.
+    assert step_state(steps["confirm_order"], {}) == "Not run (the saga compensated instead)"
+    assert step_state(steps["notify_customer"], {}) == "Not run (the saga compensated instead)"
+    # The compensations the saga is about to run are pending, and say so.
+    assert steps["notify_failure"].status == StepStatus.PENDING
+    assert step_state(steps["notify_failure"], {}) == "Pending"
+    SagaInstance.objects.filter(id=saga.id).update(status=SagaStatus.NEEDS_ATTENTION)
+    assert step_state(rows(saga)["confirm_order"], {}) == "Not run (the saga waits for an operator)"
+
+
 def test_a_late_refused_copy_does_not_rewrite_the_failure_that_started_the_compensation(monkeypatch) -> None:
     saga = start()
     fail(monkeypatch, saga, "reserve_inventory", "OutOfStock", timeline=[])
