@@ -208,6 +208,12 @@ def _failure_recorded(
     refused = compensating and error_type == "StepRefused"
     step.mark_failed(f"{error_type}: {error}", at=timezone.now(), refused=refused, task_id=task_id)
     step.take_attempt(attempt)
+    if step.queued_at is None:
+        # Mid-chain, nothing marked it queued: it was when the step before it finished,
+        # as a succeeded step's row says (store.record_timeline).
+        before = next((s for s in steps.values() if s.phase == step.phase and s.position == step.position - 1), None)
+        if before is not None and before.status == StepStatus.SUCCEEDED:
+            step.queued_at = before.finished_at
     changed.append(step)
     if compensating:
         # The chain stopped here: the steps after it that the cancel left unknown never ran.

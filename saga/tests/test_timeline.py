@@ -138,6 +138,8 @@ def test_a_failed_step_records_the_steps_before_it_from_its_report(monkeypatch) 
     assert_recorded(steps["reserve_inventory"])
     assert steps["charge_payment"].status == StepStatus.FAILED
     assert (steps["charge_payment"].attempts, steps["charge_payment"].worker) == (1, "p@h")
+    # Queued when the step before it finished, as a succeeded step's row says: its queue wait shows.
+    assert steps["charge_payment"].queued_at == steps["reserve_inventory"].finished_at
     assert statuses(saga, "confirm_order", "notify_customer") == ["pending", "pending"]
     assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING
 
