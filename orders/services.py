@@ -204,12 +204,13 @@ def order_confirm(*, order_id: uuid.UUID, saga_id: uuid.UUID, total: Decimal, ti
         if order_total != total:
             # Compensating refunds the charge: the customer pays the order's total or nothing.
             raise StepRefused(f"order {order_id}: the saga charged {total}, the order's total is {order_total}")
-        if (
-            status != Order.Status.PENDING
-            or cancel_requested_at
-            or not saga_pivot_commit(saga_id=saga_id, order_id=order_id, timeline=timeline, output=CONFIRMED)
-        ):
+        # Why, in the words the timeline's last error shows an operator.
+        if status != Order.Status.PENDING:
             raise StepRefused(f"order {order_id} can no longer be confirmed (order {status})")
+        if cancel_requested_at:
+            raise StepRefused(f"order {order_id} can no longer be confirmed (the customer asked to cancel it)")
+        if not saga_pivot_commit(saga_id=saga_id, order_id=order_id, timeline=timeline, output=CONFIRMED):
+            raise StepRefused(f"order {order_id} can no longer be confirmed (its saga is no longer running)")
         cursor.execute(
             f"UPDATE {table} SET status = %s, updated_at = now() WHERE id = %s", [Order.Status.CONFIRMED, order_id]
         )

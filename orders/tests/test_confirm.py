@@ -166,8 +166,8 @@ def _notify_running(order: Order, saga: SagaInstance) -> None:
 @pytest.mark.parametrize(
     ("case", "change", "total", "names", "refused"),
     [
-        ("a cancel was asked", _cancel_asked, TOTAL, None, "can no longer be confirmed"),
-        ("the saga is compensating", _compensating, TOTAL, None, "can no longer be confirmed"),
+        ("a cancel was asked", _cancel_asked, TOTAL, None, r"confirmed \(the customer asked to cancel it\)"),
+        ("the saga is compensating", _compensating, TOTAL, None, r"confirmed \(its saga is no longer running\)"),
         ("another total", None, Decimal("24.99"), None, "the saga charged 24.99"),
         ("a step's record is missing", None, TOTAL, ("reserve_inventory",), None),
         ("a step is recorded twice", None, TOTAL, ("reserve_inventory", "charge_payment", "charge_payment"), None),
