@@ -33,7 +33,7 @@ from common.admin_mixins import ReadOnlyAdminMixin
 from . import operator
 from .definition import registered_versions
 from .engine import task_id_for
-from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus, fingerprint_of
+from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus, fingerprint_of
 from .selectors import failure_fingerprint_counts, saga_version_counts, sagas_with_fingerprints
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
@@ -110,14 +110,8 @@ def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
             # Where the chain began (the store's record); it has moved on since.
             return "Passed (the chain is further on)"
         return "Running (no worker holds it now)"
-    if step.status == StepStatus.PENDING:
-        # Pending says it will run: in a saga that stopped, or whose forward chain the
-        # compensation ended, it will not (unless an operator retries the saga).
-        saga = step.saga
-        if saga.status == SagaStatus.NEEDS_ATTENTION:
-            return "Not run (the saga waits for an operator)"
-        if step.phase == StepPhase.FORWARD and saga.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED):
-            return "Not run (the saga compensated instead)"
+    if because := step.not_run_because(step.saga):
+        return f"Not run ({because})"
     return step.get_status_display()
 
 

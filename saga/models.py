@@ -211,6 +211,19 @@ class SagaStep(models.Model):
         have published it had found the broker away: saga.broker_latch)."""
         return self.status == StepStatus.RUNNING and self.queued_at is None
 
+    def not_run_because(self, saga: "SagaInstance") -> str:
+        """Why this step, still pending, will not run unless an operator retries `saga` (its
+        own saga, passed in so that a list of steps costs no query each); "" if it may yet
+        run. Pending alone says it is still to come: in a saga that stopped for an
+        operator, or whose forward chain a compensation ended, it is not."""
+        if self.status != StepStatus.PENDING:
+            return ""
+        if saga.status == SagaStatus.NEEDS_ATTENTION:
+            return "the saga waits for an operator"
+        if self.phase == StepPhase.FORWARD and saga.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED):
+            return "the saga compensated instead"
+        return ""
+
     @property
     def duration_ms(self) -> float | None:
         if self.started_at and self.finished_at:

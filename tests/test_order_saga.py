@@ -87,7 +87,7 @@ def test_declined_payment_releases_stock_and_charges_nothing(api: Api, sku: str)
         )
     )
     assert reserved <= started <= failed, (reserved, started, failed)
-    assert [steps[n]["status"] for n in ("confirm_order", "notify_customer")] == ["pending", "pending"]
+    assert [steps[n]["status"] for n in ("confirm_order", "notify_customer")] == ["not_run", "not_run"]
     # The decline is final for the charge's key: no refund runs (Step.final_failures).
     assert [steps[n]["status"] for n in COMPENSATION] == ["not_needed"] + ["succeeded"] * 3
     assert steps["refund_payment"]["attempts"] == 0
@@ -126,7 +126,7 @@ def test_insufficient_stock_fails_before_any_charge(api: Api, sku: str) -> None:
     assert order["status"] == "failed"
     assert "not enough stock" in order["failure_reason"]
     assert order["saga"]["failure_step"] == "reserve_inventory"
-    assert steps_by_name(order)["charge_payment"]["status"] == "pending"
+    assert steps_by_name(order)["charge_payment"]["status"] == "not_run"
     assert stock(sku) == (2, 0)
     assert api.payments(order["id"]) == []
     assert provider_ops(order) == []
@@ -225,7 +225,7 @@ def test_cancel_while_the_charge_is_in_flight_refunds_and_releases(api: Api, sku
         assert step["started_at"] and step["finished_at"] and step["started_at"] < step["finished_at"]
     assert steps["confirm_order"]["status"] == "refused"
     assert steps["confirm_order"]["last_error"].startswith("StepRefused")
-    assert steps["notify_customer"]["status"] == "pending"
+    assert steps["notify_customer"]["status"] == "not_run"
     assert stock(sku) == (4, 0)
     [payment] = api.payments(order["id"])
     assert (payment["status"], payment["refunded_amount"]) == ("refunded", "40.00")

@@ -12,7 +12,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from saga.models import SagaInstance
+from saga.models import SagaInstance, SagaStep, StepStatus
 
 from ..failure_text import customer_reason, error_kind
 from ..models import Order
@@ -21,6 +21,17 @@ from ..models import Order
 _TIME = serializers.DateTimeField()
 _TOTAL = serializers.DecimalField(max_digits=12, decimal_places=2)
 _PRICE = serializers.DecimalField(max_digits=10, decimal_places=2)
+
+
+# A step's status as the API shows it: the stored one, or this for a pending step that will
+# not run (SagaStep.not_run_because), which `pending` would promise is still to come.
+NOT_RUN = "not_run"
+STEP_STATUSES = [*StepStatus.choices, (NOT_RUN, "Not run")]
+
+
+def step_status(step: SagaStep, saga: SagaInstance) -> str:
+    """What the API says of `step` of `saga`."""
+    return NOT_RUN if step.not_run_because(saga) else str(step.status)
 
 
 def _time(value: Any) -> Any:
@@ -71,7 +82,7 @@ def saga_body(saga: SagaInstance) -> dict[str, Any]:
             {
                 "name": str(step.name),
                 "phase": _choice(step.phase),
-                "status": _choice(step.status),
+                "status": step_status(step, saga),
                 "attempts": int(step.attempts),
                 "queued_at": _time(step.queued_at),
                 "started_at": _time(step.started_at),

@@ -7,10 +7,11 @@ from django.core.validators import validate_email
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from saga.models import SagaStatus, StepPhase, StepStatus
+from saga.models import SagaStatus, StepPhase
 
 from ..failure_text import customer_reason, error_kind
 from ..models import Order
+from .render import STEP_STATUSES, step_status
 
 # Stripe-style token: what a card form hands the server instead of card numbers.
 TOKEN_PATTERN = r"^tok_[A-Za-z0-9_]{1,60}$"
@@ -109,10 +110,24 @@ class OrderLineOutput(serializers.Serializer):
     unit_price = serializers.DecimalField(max_digits=10, decimal_places=2)
 
 
+class StepStatusField(serializers.ChoiceField):
+    """A step's status, read from the whole step (it depends on its saga's)."""
+
+    def to_representation(self, step: Any) -> str:
+        return step_status(step, step.saga)
+
+
 class SagaStepOutput(serializers.Serializer):
     name = serializers.CharField()
     phase = serializers.ChoiceField(choices=StepPhase.choices)
-    status = serializers.ChoiceField(choices=StepStatus.choices)
+    status = StepStatusField(
+        choices=STEP_STATUSES,
+        source="*",
+        help_text="`not_run`: the step has not run and will not unless an operator retries the saga (a forward "
+        "step after the one whose failure or cancel made the saga compensate, or any step left of a saga that "
+        "waits for an operator). `unknown`: the saga compensated while its chain may have been at this step, "
+        "and no report has said yet whether it committed.",
+    )
     attempts = serializers.IntegerField()
     queued_at = serializers.DateTimeField(allow_null=True)
     started_at = serializers.DateTimeField(allow_null=True)

@@ -49,6 +49,9 @@ def _saga(order: Order, **fields: object) -> SagaInstance:
         last_error="PaymentDeclined: payment declined: card_declined",
     )
     SagaStep.objects.create(
+        saga=saga, phase=StepPhase.FORWARD, position=2, name="confirm_order", task_name="orders.confirm"
+    )
+    SagaStep.objects.create(
         saga=saga, phase=StepPhase.COMPENSATION, position=0, name="release_inventory", task_name="inventory.release"
     )
     return SagaInstance.objects.prefetch_related("steps").get(id=saga.id)
@@ -69,6 +72,8 @@ def _saga(order: Order, **fields: object) -> SagaInstance:
             },
         ),
         ({"cancel_requested_at": timezone.now()}, {"failure_type": "SomethingInternal", "current_step": "x"}),
+        ({}, {"status": SagaStatus.NEEDS_ATTENTION, "failure_step": "charge_payment"}),
+        ({}, {"status": SagaStatus.COMPENSATING, "failure_step": "charge_payment"}),
     ],
 )
 def test_the_body_is_what_the_serializer_renders(order_fields: dict, saga_fields: dict | None) -> None:
@@ -83,3 +88,27 @@ def test_an_unknown_order_id_gets_no_saga() -> None:
     order = _order()
     assert order_body(order, None)["saga"] is None
     assert order_body(order, None)["id"] == str(order.id) != str(uuid.uuid4())
+
+
+@pytest.mark.parametrize(
+    "saga_status, confirm, release",
+    [
+        (SagaStatus.RUNNING, "pending", "pending"),
+        # The chain stopped at the charge: the confirm will not run, the release is next.
+        (SagaStatus.COMPENSATING, "not_run", "pending"),
+        (SagaStatus.COMPENSATED, "not_run", "pending"),
+        # Stopped for an operator: nothing pending runs unless they retry.
+        (SagaStatus.NEEDS_ATTENTION, "not_run", "not_run"),
+    ],
+)
+def test_a_pending_step_that_will_not_run_is_shown_as_not_run(saga_status: str, confirm: str, release: str) -> None:
+    order = _order()
+    saga = _saga(order, status=saga_status, failure_step="charge_payment")
+    for body in (order_body(order, saga), OrderOutput(order, context={"sagas": {order.id: saga}}).data):
+        shown = {step["name"]: step["status"] for step in body["saga"]["steps"]}
+        assert shown == {
+            "reserve_inventory": "succeeded",
+            "charge_payment": "failed",
+            "confirm_order": confirm,
+            "release_inventory": release,
+        }
