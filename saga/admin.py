@@ -110,7 +110,8 @@ def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
             # Where the chain began (the store's record); it has moved on since.
             return "Passed (the chain is further on)"
         return "Running (no worker holds it now)"
-    if because := step.not_run_because(step.saga):
+    # Only a pending row needs its saga (a query per row unless the saga is cached).
+    if step.status == StepStatus.PENDING and (because := step.not_run_because(step.saga)):
         return f"Not run ({because})"
     return step.get_status_display()
 
