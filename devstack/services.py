@@ -77,6 +77,7 @@ PG_SETTINGS: dict[str, str] = {
 Mode = Literal["external", "embedded"]
 ServiceName = Literal["postgres", "redis"]
 SERVICE_NAMES: tuple[ServiceName, ...] = ("postgres", "redis")
+SERVER_LABELS: dict[ServiceName, str] = {"postgres": "PostgreSQL", "redis": "valkey"}
 
 _MAINTENANCE_DBS = ("postgres", "template1")
 _PROTECTED_DBS = frozenset({"postgres", "template0", "template1"})
@@ -292,6 +293,7 @@ def ensure_services(base_dir: Path, *, db_prefix: str = "saga", timeout: float =
                 started.append("postgres")
             if _ensure_redis(paths, settings.redis_port, deadline):
                 started.append("redis")
+            _use(paths)
         except BaseException:
             if started:
                 logger.info("stopping %s again after the failure", ", ".join(started))
@@ -370,10 +372,13 @@ def stop_services(
 ) -> None:
     """Stop the embedded servers of `base_dir` that are running; a no-op for those that are not.
 
-    `only` restricts it to some of "postgres" / "redis" (e.g. `ServiceURLs.started_by_us`). PostgreSQL
-    gets a fast shutdown (sessions are disconnected, committed data is safe); valkey gets SIGTERM, which
-    flushes its append-only file. Never touches external servers. Precondition: the caller is root or
-    the user that started the servers.
+    `only` restricts it to some of "postgres" / "redis": what the calling command started
+    (`ServiceURLs.started_by_us`), which it stops as it ends. Those are left running while another
+    devstack command of this checkout still uses them (a `make run` started meanwhile, which found
+    them running: `_use`), and the log says so. Without `only` (`make services-down`), both stop
+    whoever uses them. PostgreSQL gets a fast shutdown (sessions are disconnected, committed data is
+    safe); valkey gets SIGTERM, which flushes its append-only file. Never touches external servers.
+    Precondition: the caller is root or the user that started the servers.
     """
     base_dir = _check_base_dir(base_dir)
     paths = _Paths(base_dir)
@@ -381,7 +386,20 @@ def stop_services(
         return
     names = [name for name in SERVICE_NAMES if only is None or name in only]
     with _exclusive(paths, time.monotonic() + timeout):
-        _stop(paths, names, timeout)
+        _let_go(paths)
+        if only is None:
+            _stop(paths, names, timeout)
+            return
+        with _unused(paths) as unused:
+            if unused:
+                _stop(paths, names, timeout)
+            elif names:
+                logger.warning(
+                    "left the embedded %s running: another devstack command of this checkout (make run, test, "
+                    "bench or chaos) still uses them; the last one leaves them running too (`make services-down` "
+                    "stops them)",
+                    " and ".join(SERVER_LABELS[name] for name in names),
+                )
 
 
 def service_status(base_dir: Path) -> list[ServerStatus]:
@@ -463,6 +481,10 @@ class _Paths:
     def lock(self) -> Path:
         return self.data / "devstack.lock"
 
+    @property
+    def users(self) -> Path:
+        return self.data / "servers.users"
+
 
 def _check_base_dir(base_dir: Path) -> Path:
     base_dir = Path(base_dir).expanduser().resolve()
@@ -478,6 +500,43 @@ def _exclusive(paths: _Paths, deadline: float) -> Iterator[None]:
         paths.lock, deadline=deadline, busy="another devstack command is still running (it holds {lock})"
     ):
         yield
+
+
+# Each process's claim on the embedded servers of a base_dir (`_use`): an open file holding a
+# shared flock on `_Paths.users`, which the kernel drops when the process ends, however it ends.
+_claims: dict[Path, io.TextIOWrapper] = {}
+
+
+def _use(paths: _Paths) -> None:
+    """Claim the embedded servers for this process until `_let_go` or its end, so that another
+    devstack command that started them does not stop them under it (`stop_services`).
+    Precondition: `_exclusive` is held (no `_unused` check is under way)."""
+    if paths.base in _claims:
+        return
+    handle = open(paths.users, "a+")  # held until _let_go, or the process's end
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    _claims[paths.base] = handle
+
+
+def _let_go(paths: _Paths) -> None:
+    if (handle := _claims.pop(paths.base, None)) is not None:
+        handle.close()  # closing the last descriptor of the file drops its flock
+
+
+@contextlib.contextmanager
+def _unused(paths: _Paths) -> Iterator[bool]:
+    """Whether no process claims the embedded servers (`_use`), held so while the block runs.
+    Precondition: `_exclusive` is held, so no new claim can begin meanwhile."""
+    with open(paths.users, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@ Run with `.venv/bin/python -m pytest devstack/tests -p no:django -q`.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,6 +281,53 @@ def test_stop_services_without_data_dir_is_a_no_op(tmp_path: Path) -> None:
     stop_services(tmp_path)
 
     assert not (tmp_path / ".data").exists()
+
+
+# Another devstack command in a process of its own (a `make run` beside a `make bench`): it
+# claims the embedded servers as ensure_services does, says so, and ends when its stdin closes.
+OTHER_COMMAND = (
+    "import sys; from pathlib import Path; from devstack.services import _Paths, _use; "
+    "_use(_Paths(Path(sys.argv[1]))); print('claimed', flush=True); sys.stdin.read()"
+)
+
+
+def test_a_command_stops_the_servers_it_started_only_once_no_other_command_uses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = tmp_path.resolve()
+    (base / ".data").mkdir()
+    stopped: list[list[str]] = []
+    monkeypatch.setattr(services, "_stop", lambda paths, names, timeout: stopped.append(list(names)))
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_COMMAND, str(base)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "claimed"
+        services._use(services._Paths(base))  # this command's own claim, as ensure_services takes it
+
+        with caplog.at_level("WARNING", logger="devstack.services"):
+            stop_services(base, only=("postgres", "redis"))
+
+        assert stopped == []
+        assert "left the embedded PostgreSQL and valkey running" in caplog.text
+        # `make services-down` stops them whoever uses them.
+        stop_services(base)
+        assert stopped == [["postgres", "redis"]]
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        other.wait(timeout=30)
+
+    # The other command has ended (its claim went with its process): the last one out stops
+    # what it started.
+    services._use(services._Paths(base))
+    stop_services(base, only=("postgres",))
+
+    assert stopped == [["postgres", "redis"], ["postgres"]]
 
 
 # --- CLI --------------------------------------------------------------------------------------------
