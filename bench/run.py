@@ -168,8 +168,7 @@ def _on_bench_databases() -> Iterator[None]:
         yield
     finally:
         _stop_cache_listeners()
-        if urls.started_by_us:
-            services.stop_services(BASE_DIR, only=urls.started_by_us)
+        services.release(BASE_DIR, urls)
 
 
 def _stop_cache_listeners() -> None:
@@ -433,8 +432,7 @@ def _run(args: argparse.Namespace) -> int:
         results["wall_s"] = round(time.monotonic() - started, 1)
     finally:
         _stop_cache_listeners()
-        if urls.started_by_us:
-            services.stop_services(BASE_DIR, only=urls.started_by_us)
+        services.release(BASE_DIR, urls)
     args.output = args.output.resolve()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

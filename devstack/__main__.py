@@ -197,8 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
         return 128 - code if code < 0 else code
     finally:
-        if urls.started_by_us:
-            services.stop_services(args.base_dir, only=urls.started_by_us, timeout=args.timeout)
+        services.release(args.base_dir, urls, timeout=args.timeout)
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "env": cmd_env, "status": cmd_status, "run": cmd_run}

@@ -1124,8 +1124,7 @@ def run(base_dir: Path, argv: list[str]) -> int:
     finally:
         if private is not None:
             private.stop()
-        if urls.started_by_us:
-            services.stop_services(base_dir, only=urls.started_by_us)
+        services.release(base_dir, urls)
 
 
 def _run(

@@ -369,37 +369,56 @@ def ensure_databases(urls: Mapping[str, str], *, recreate: bool = False, connect
 
 def stop_services(
     base_dir: Path, *, only: Collection[ServiceName] | None = None, timeout: float = DEFAULT_TIMEOUT
-) -> None:
+) -> list[ServiceName]:
     """Stop the embedded servers of `base_dir` that are running; a no-op for those that are not.
 
     `only` restricts it to some of "postgres" / "redis": what the calling command started
-    (`ServiceURLs.started_by_us`), which it stops as it ends. Those are left running while another
-    devstack command of this checkout still uses them (a `make run` started meanwhile, which found
-    them running: `_use`), and the log says so. Without `only` (`make services-down`), both stop
-    whoever uses them. PostgreSQL gets a fast shutdown (sessions are disconnected, committed data is
-    safe); valkey gets SIGTERM, which flushes its append-only file. Never touches external servers.
-    Precondition: the caller is root or the user that started the servers.
+    (`ServiceURLs.started_by_us`), which it stops as it ends (`release`). While another devstack
+    command of this checkout still uses them (a `make run` started meanwhile, which found them
+    running: `_use`), they are left running, noted in `_Paths.left`, and the last command to end
+    stops them. Without `only` (`make services-down`), both stop whoever uses them.
+
+    PostgreSQL gets a fast shutdown (sessions are disconnected, committed data is safe); valkey gets
+    SIGTERM, which flushes its append-only file. Never touches external servers. Returns the names
+    it was asked to stop (none when it left them running). Precondition: the caller is root or the
+    user that started the servers.
     """
     base_dir = _check_base_dir(base_dir)
     paths = _Paths(base_dir)
     if not paths.data.is_dir():
-        return
+        return []
     names = [name for name in SERVICE_NAMES if only is None or name in only]
     with _exclusive(paths, time.monotonic() + timeout):
         _let_go(paths)
         if only is None:
             _stop(paths, names, timeout)
-            return
+            paths.left.unlink(missing_ok=True)
+            return names
+        left = set(paths.left.read_text().split()) if paths.left.exists() else set()
         with _unused(paths) as unused:
             if unused:
-                _stop(paths, names, timeout)
-            elif names:
+                names = [name for name in SERVICE_NAMES if name in names or name in left]
+                if names:
+                    _stop(paths, names, timeout)
+                paths.left.unlink(missing_ok=True)
+                return names
+            if names:
+                paths.left.write_text("\n".join(sorted(left | set(names))) + "\n")
                 logger.warning(
                     "left the embedded %s running: another devstack command of this checkout (make run, test, "
-                    "bench or chaos) still uses them; the last one leaves them running too (`make services-down` "
-                    "stops them)",
+                    "bench or chaos) still uses them, and the last of them to end stops them",
                     " and ".join(SERVER_LABELS[name] for name in names),
                 )
+            return []
+
+
+def release(base_dir: Path, urls: ServiceURLs, *, timeout: float = DEFAULT_TIMEOUT) -> list[ServiceName]:
+    """End this command's use of the servers `ensure_services` gave it: stop the embedded ones it
+    started, and those another command left running for the last one out, unless a command still
+    uses them (`stop_services`); the names of those it stopped. Touches nothing in external mode."""
+    if urls.mode != "embedded":
+        return []
+    return stop_services(base_dir, only=urls.started_by_us, timeout=timeout)
 
 
 def service_status(base_dir: Path) -> list[ServerStatus]:
@@ -484,6 +503,11 @@ class _Paths:
     @property
     def users(self) -> Path:
         return self.data / "servers.users"
+
+    @property
+    def left(self) -> Path:
+        """The embedded servers a command that started them left running for the last one out."""
+        return self.data / "servers.left"
 
 
 def _check_base_dir(base_dir: Path) -> Path:

@@ -165,8 +165,7 @@ def run(base_dir: Path) -> int:
     try:
         return _run_system(base_dir, urls)
     finally:
-        if urls.started_by_us:
-            services.stop_services(base_dir, only=urls.started_by_us)
+        if services.release(base_dir, urls):
             logger.info("stopped the embedded servers (data kept in .data/)")
 
 
@@ -312,8 +311,7 @@ def test(base_dir: Path, pytest_args: Sequence[str]) -> int:
             return code
         return _test_on_rabbitmq(base_dir, env)
     finally:
-        if urls.started_by_us:
-            services.stop_services(base_dir, only=urls.started_by_us)
+        services.release(base_dir, urls)
 
 
 def _test_on_rabbitmq(base_dir: Path, env: dict[str, str], pytest_args: Sequence[str] = ()) -> int:

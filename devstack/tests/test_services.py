@@ -291,43 +291,55 @@ OTHER_COMMAND = (
 )
 
 
-def test_a_command_stops_the_servers_it_started_only_once_no_other_command_uses_them(
+def test_the_embedded_servers_stop_when_the_last_command_using_them_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     base = tmp_path.resolve()
     (base / ".data").mkdir()
     stopped: list[list[str]] = []
     monkeypatch.setattr(services, "_stop", lambda paths, names, timeout: stopped.append(list(names)))
-    other = subprocess.Popen(
-        [sys.executable, "-c", OTHER_COMMAND, str(base)],
-        cwd=Path(__file__).resolve().parents[2],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+
+    def another_command() -> subprocess.Popen[str]:
+        other = subprocess.Popen(
+            [sys.executable, "-c", OTHER_COMMAND, str(base)],
+            cwd=Path(__file__).resolve().parents[2],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert other.stdout is not None and other.stdout.readline().strip() == "claimed"
-        services._use(services._Paths(base))  # this command's own claim, as ensure_services takes it
+        return other
 
-        with caplog.at_level("WARNING", logger="devstack.services"):
-            stop_services(base, only=("postgres", "redis"))
-
-        assert stopped == []
-        assert "left the embedded PostgreSQL and valkey running" in caplog.text
-        # `make services-down` stops them whoever uses them.
-        stop_services(base)
-        assert stopped == [["postgres", "redis"]]
-    finally:
+    def end(other: subprocess.Popen[str]) -> None:
         assert other.stdin is not None
         other.stdin.close()
-        other.wait(timeout=30)
+        assert other.wait(timeout=30) == 0
 
-    # The other command has ended (its claim went with its process): the last one out stops
-    # what it started.
+    # A bench started the servers; a `make run` began meanwhile and still uses them.
+    run = another_command()
+    try:
+        services._use(services._Paths(base))  # the bench's own claim, as ensure_services takes it
+        with caplog.at_level("WARNING", logger="devstack.services"):
+            services.release(base, services.ServiceURLs({}, mode="embedded", started_by_us=("postgres", "redis")))
+        assert stopped == []
+        assert "left the embedded PostgreSQL and valkey running" in caplog.text
+    finally:
+        end(run)
+    # The last command out (here one that found them running and started nothing) stops them.
     services._use(services._Paths(base))
-    stop_services(base, only=("postgres",))
+    services.release(base, services.ServiceURLs({}, mode="embedded"))
+    assert stopped == [["postgres", "redis"]]
+    # Nothing left over for the next one.
+    services.release(base, services.ServiceURLs({}, mode="embedded"))
+    assert stopped == [["postgres", "redis"]]
 
-    assert stopped == [["postgres", "redis"], ["postgres"]]
+    # `make services-down` stops them whoever uses them.
+    run = another_command()
+    try:
+        stop_services(base)
+        assert stopped[-1] == ["postgres", "redis"]
+    finally:
+        end(run)
 
 
 # --- CLI --------------------------------------------------------------------------------------------
