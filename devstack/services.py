@@ -551,16 +551,14 @@ def _let_go(paths: _Paths) -> None:
 def _unused(paths: _Paths) -> Iterator[bool]:
     """Whether no process claims the embedded servers (`_use`), held so while the block runs.
     Precondition: `_exclusive` is held, so no new claim can begin meanwhile."""
-    with open(paths.users, "a+") as handle:
+    with open(paths.users, "a+") as handle:  # closing it drops the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            unused = False
+        else:
+            unused = True
+        yield unused
 
 
 @contextlib.contextmanager
