@@ -392,7 +392,8 @@ def test_manage_py_reaches_the_servers_make_run_wrote_down(tmp_path: Path) -> No
         run = subprocess.run(
             [sys.executable, "manage.py", "shell", "--no-imports", "-c", show],
             cwd=base,
-            env={**env, "DEVSTACK_ENV_FILE": str(path), **extra},
+            # A developer's settings, whatever the shell running pytest has set.
+            env={**env, "DEBUG": "True", "DEVSTACK_ENV_FILE": str(path), **extra},
             capture_output=True,
             text=True,
             timeout=60,
