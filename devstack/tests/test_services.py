@@ -1,6 +1,6 @@
 """Pure tests of devstack.services: no server is started or contacted.
 
-Run with `.venv/bin/python -m pytest devstack/tests -p no:django -q`.
+Run with `.venv/bin/python -m pytest devstack/tests/test_services.py -p no:django -q`.
 """
 
 from __future__ import annotations
