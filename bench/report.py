@@ -112,6 +112,11 @@ def table(results: dict[str, Any]) -> str:
                 for outcome, lat in row["latency_ms_by_outcome"].items()
             ]
             lines.append(f"  {label} at {row['rate']:g}/s: " + ", ".join(parts))
+    for phase in ("rate_20", "rate_half"):
+        row = saga.get(phase) or {}
+        if row.get("slowest"):
+            lines.append(f"saga at {row['rate']:g}/s, slowest orders: ms from the intended send, each step's wait/work")
+            lines += ["  " + slow_order(order) for order in row["slowest"]]
     rss = saga.get("worker_rss_mb")
     if rss:
         lines.append("worker RSS MB (start -> end): " + ", ".join(
@@ -119,6 +124,19 @@ def table(results: dict[str, Any]) -> str:
         ))  # fmt: skip
     lines.append("")
     return "\n".join(lines)
+
+
+def slow_order(order: dict[str, Any]) -> str:
+    """One slow order on a line: its latency and outcome, then each step's wait in its queue
+    (from the step before it ended, or from the send for the first) and its work."""
+    parts, before = [], 0.0
+    for step in order["steps"]:
+        started, finished = step.get("started_ms"), step.get("finished_ms")
+        wait = None if started is None else started - before
+        work = None if started is None or finished is None else finished - started
+        parts.append(f"{step['step']} {_fmt(wait)}/{_fmt(work)}")
+        before = finished if finished is not None else before
+    return f"{_fmt(order['latency_ms'])} {order['outcome']}: " + ", ".join(parts)
 
 
 # The Celery workers' process groups (one per queue, in both systems): a main process, the

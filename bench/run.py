@@ -354,6 +354,46 @@ def saga_step_times(keys: list[str]) -> dict[str, dict[str, Any]]:
     return times
 
 
+# How many of a fixed-rate phase's slowest orders the results keep with their steps' times.
+SLOWEST = 5
+
+
+def saga_slowest(run: Run, count: int = SLOWEST) -> list[dict[str, Any]]:
+    """A fixed-rate phase's `count` slowest orders, slowest first, each with its steps in the
+    order they started: when each was queued, started and finished, in ms from the order's
+    intended send time. Where a tail order's time went (a queue, a step's work, the
+    coordinator's hop), which its phase's percentiles cannot say."""
+    from django.db import connections
+
+    slow = sorted(
+        ((done[0] - run.intended[key], key, done[1]) for key, done in run.finished.items() if key in run.intended),
+        reverse=True,
+    )[:count]
+    if not slow:
+        return []
+    with connections["orders"].cursor() as cursor:
+        cursor.execute(
+            "SELECT i.order_id::text, s.name, extract(epoch FROM s.queued_at)::float8, "
+            "extract(epoch FROM s.started_at)::float8, extract(epoch FROM s.finished_at)::float8 "
+            "FROM saga_sagastep s JOIN saga_sagainstance i ON i.id = s.saga_id "
+            "WHERE i.order_id = ANY(%s::uuid[]) AND s.started_at IS NOT NULL ORDER BY s.started_at",
+            [[key for _, key, _ in slow]],
+        )
+        rows = cursor.fetchall()
+
+    def ms(at: float | None, key: str) -> float | None:
+        return None if at is None else round((at - run.intended[key]) * 1000, 1)
+
+    steps: dict[str, list[dict[str, Any]]] = {}
+    for key, name, queued, started, finished in rows:
+        times = {"queued_ms": ms(queued, key), "started_ms": ms(started, key), "finished_ms": ms(finished, key)}
+        steps.setdefault(key, []).append({"step": name, **times})
+    return [
+        {"order": key, "outcome": outcome, "latency_ms": round(latency * 1000, 1), "steps": steps.get(key, [])}
+        for latency, key, outcome in slow
+    ]
+
+
 def _p(values: dict[str, float]) -> dict[str, float]:
     return {k: values[k] for k in ("p50", "p95")}
 
@@ -533,7 +573,8 @@ def measure_saga(
     saturation_only: bool = False,
 ) -> dict[str, Any]:
     def describe(run: Run) -> dict[str, Any]:
-        return {**run.summary(), "steps": saga_step_times(list(run.finished))}
+        slowest = {"slowest": saga_slowest(run)} if run.rate else {}
+        return {**run.summary(), "steps": saga_step_times(list(run.finished)), **slowest}
 
     with SagaSystem(env, log_dir, args.broker, token) as system:
         out = measure_phases(
