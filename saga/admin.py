@@ -87,13 +87,34 @@ def live_steps(saga: SagaInstance) -> dict[str, tuple[str, str]]:
     worker holds now (active, reserved, or scheduled for a retry). Asked only while the saga
     runs or compensates, and only when its page is shown: the store learns a chain's
     progress at the pivot and at its end (no message per step), so the workers are the ones
-    who know which step a running chain is on. One broadcast (SAGA_INSPECT_TIMEOUT)."""
+    who know which step a running chain is on. One broadcast (SAGA_INSPECT_TIMEOUT) per
+    saga object: the page's fields and its timeline share the answer."""
     from .recovery import query_tasks
 
     if saga.status not in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
         return {}
+    if (cached := getattr(saga, "_live_steps", None)) is not None:
+        return cached
     names = {task_id_for(saga.id, step.name, saga.generation): step.name for step in saga.steps.all()}
-    return {names[task_id]: where for task_id, where in query_tasks(list(names)).items() if task_id in names}
+    live = {names[task_id]: where for task_id, where in query_tasks(list(names)).items() if task_id in names}
+    saga._live_steps = live  # type: ignore[attr-defined]  # this page's answer, kept on its object
+    return live
+
+
+def chain_position(saga: SagaInstance, live: dict[str, tuple[str, str]]) -> str:
+    """Where the saga is, as its page says it: the furthest step of its current phase that
+    a worker holds (`live_steps`), with what the worker does with it; otherwise the step
+    the store last knew of, which for a running chain is where it began or was recorded
+    (the chain may be at any step from there to the pivot)."""
+    phase = next((s.phase for s in saga.steps.all() if s.name == saga.current_step), None)
+    held = [s for s in saga.steps.all() if s.name in live and (phase is None or s.phase == phase)]
+    if held:
+        step = max(held, key=lambda s: s.position)
+        state, worker = live[step.name]
+        return f"{step.name}: " + LIVE_STATES.get(state, state + " on {}").lower().format(worker)
+    if saga.current_step and saga.status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+        return f"{saga.current_step} or a step after it (no worker holds one now: it is queued or between steps)"
+    return saga.current_step or "-"
 
 
 def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
@@ -244,7 +265,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "id",
         "status",
         "version",
-        "current_step",
+        "stored_step",
         "age",
         "step_attempts",
         "last_error",
@@ -267,7 +288,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     actions = ["retry_sagas", "retry_same_failure", "compensate_sagas"]
     change_form_template = "admin/saga/sagainstance/change_form.html"
     fieldsets = [
-        (None, {"fields": ["id", "definition", "definition_version", "status", "current_step", "generation", "age"]}),
+        (None, {"fields": ["id", "definition", "definition_version", "status", "position", "generation", "age"]}),
         ("Links", {"fields": ["order_link", "payments_link", "notifications_link", "trace_link", "trace_id"]}),
         (
             "Why it failed",
@@ -321,6 +342,16 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="age", ordering="created_at")
     def age(self, saga: SagaInstance) -> str:
         return timesince(saga.created_at, saga.finished_at or timezone.now())
+
+    @admin.display(description="step (as stored)", ordering="current_step")
+    def stored_step(self, saga: SagaInstance) -> str:
+        # One broadcast per saga would slow every list page: the list says what the store
+        # knows, which for a running chain is where it began (its page asks the workers).
+        return saga.current_step or "-"
+
+    @admin.display(description="current step")
+    def position(self, saga: SagaInstance) -> str:
+        return chain_position(saga, live_steps(saga))
 
     @admin.display(description="attempts")
     def step_attempts(self, saga: SagaInstance) -> str:

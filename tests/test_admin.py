@@ -214,6 +214,7 @@ def test_the_timeline_of_a_running_saga_shows_the_step_its_chain_is_on(api: Api,
 
     assert "Running on payments@" in page
     assert "Passed (the chain is further on)" in page
+    assert "charge_payment: running on payments@" in page  # the page's "current step" too
     assert SagaStep.objects.get(saga_id=saga_id, name="reserve_inventory").status == "running"
     assert api.wait_until_final(placed["id"], timeout=90)["status"] == "confirmed"
 

@@ -123,7 +123,10 @@ class SagaStepOutput(serializers.Serializer):
     status = StepStatusField(
         choices=STEP_STATUSES,
         source="*",
-        help_text="`not_run`: the step has not run and will not unless an operator retries the saga (a forward "
+        help_text="`running`: the saga's chain is in flight from this step: it, or a later step of the same "
+        "phase (up to the pivot, `confirm_order`), is running or queued; the saga hears of each step when the "
+        "chain reaches the pivot or its end, not one message per step. "
+        "`not_run`: the step has not run and will not unless an operator retries the saga (a forward "
         "step after the one whose failure or cancel made the saga compensate, or any step left of a saga that "
         "waits for an operator). `unknown`: the saga compensated while its chain may have been at this step, "
         "and no report has said yet whether it committed.",
@@ -145,8 +148,16 @@ class SagaStepOutput(serializers.Serializer):
 class SagaOutput(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.ChoiceField(choices=SagaStatus.choices)
-    current_step = serializers.CharField(allow_blank=True)
-    failure_step = serializers.CharField(allow_blank=True)
+    current_step = serializers.CharField(
+        allow_blank=True,
+        help_text="The step the saga last knew its chain to be at: while it runs, that step or a later one "
+        "before the pivot (see a step's `running`); empty once it ended.",
+    )
+    failure_step = serializers.CharField(
+        allow_blank=True,
+        help_text="The step whose failure made the saga compensate or stop. For a cancel, the step the saga "
+        "knew its chain to be at when the cancel came; the steps say where the chain stopped (`refused`).",
+    )
     failure_reason = serializers.SerializerMethodField(
         help_text="Why the saga stopped, in the customer's words (the error itself is in the admin)."
     )

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from orders.saga import PLACE_ORDER
 from saga import failure
-from saga.admin import step_state
+from saga.admin import chain_position, step_state
 from saga.engine import task_id_for
 from saga.failure import StoredFailure, saga_step_failed
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
@@ -195,6 +195,27 @@ def test_the_admin_shows_the_step_a_running_chain_is_on() -> None:
     # Its publish was never tried (saga.broker_latch): not queued, so not shown as running.
     steps["reserve_inventory"].queued_at = None
     assert step_state(steps["reserve_inventory"], {}) == "Not sent yet (the broker was away; the sweeper sends it)"
+
+
+def test_the_saga_page_says_which_step_its_chain_is_on_not_where_it_began() -> None:
+    saga = start()
+    # A stray copy of the first step beside the chain further on: the furthest step counts.
+    live = {"reserve_inventory": ("reserved", "inventory@host"), "charge_payment": ("active", "payments@host")}
+    assert chain_position(saga, live) == "charge_payment: running on payments@host"
+    assert chain_position(saga, {"confirm_order": ("scheduled", "orders@Host")}) == (
+        "confirm_order: waiting to retry on orders@Host"
+    )
+    assert chain_position(saga, {}) == (
+        "reserve_inventory or a step after it (no worker holds one now: it is queued or between steps)"
+    )
+    cancel(saga)
+    saga.refresh_from_db()
+    # Compensating: the compensation chain's steps count, not a late forward copy.
+    live = {"charge_payment": ("active", "payments@host"), "release_inventory": ("active", "inventory@host")}
+    assert chain_position(saga, live) == "release_inventory: running on inventory@host"
+    saga.status = SagaStatus.COMPLETED
+    saga.current_step = ""
+    assert chain_position(saga, {}) == "-"
 
 
 def test_the_admin_does_not_call_a_step_that_will_not_run_pending(monkeypatch) -> None:
