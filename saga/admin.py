@@ -33,7 +33,9 @@ from common.admin_mixins import ReadOnlyAdminMixin
 from . import operator
 from .definition import registered_versions
 from .engine import task_id_for
-from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepStatus, fingerprint_of
+from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus, fingerprint_of
+from .operator import OPERATOR_COMPENSATED
+from .publish import OUTCOME_CANCELLED
 from .selectors import failure_fingerprint_counts, saga_version_counts, sagas_with_fingerprints
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
@@ -117,6 +119,36 @@ def chain_position(saga: SagaInstance, live: dict[str, tuple[str, str]]) -> str:
     return saga.current_step or "-"
 
 
+def retry_reason(task_id: str) -> str:
+    """What the copy of a step that a worker holds for a retry last failed with, as the
+    worker stored it (a retry's exception is kept in the result backend:
+    CELERY_TASK_STORE_ERRORS_EVEN_IF_IGNORED); empty if none is stored. The store hears
+    of a step's attempts and error only when it ends, so without this a step that has
+    failed for a minute shows no error while it waits to try again."""
+    stored = TaskResult.objects.filter(task_id=task_id, status="RETRY").values_list("result", flat=True).first()
+    try:
+        error = json.loads(stored) if stored else {}
+        message = error.get("exc_message") or ()
+        text = " ".join(map(str, message)) if isinstance(message, list | tuple) else str(message)
+        return f"{error['exc_type']}: {text}" if error.get("exc_type") else ""
+    except (TypeError, ValueError, AttributeError):  # not a stored exception: say nothing
+        return ""
+
+
+def failure_step_text(saga: SagaInstance) -> str:
+    """The failure step as the saga's page says it. A cancel or an operator's stop is no
+    step's failure: its failure step is where the store knew the chain to be when it came
+    (before the pivot, the chain's first step: the store hears of the rest at the pivot),
+    so the page says that, and where the chain stopped once a refusal says so."""
+    if not saga.failure_step or not (saga.outcome == OUTCOME_CANCELLED or saga.failure_type == OPERATOR_COMPENSATED):
+        return saga.failure_step or "-"
+    came = "the cancel" if saga.outcome == OUTCOME_CANCELLED else "the operator's stop"
+    said = f"{saga.failure_step} or a step after it, when {came} came"
+    forward = sorted((s for s in saga.steps.all() if s.phase == StepPhase.FORWARD), key=lambda s: s.position)
+    stopped = next((s.name for s in forward if s.status == StepStatus.REFUSED), None)
+    return f"{said}; the chain stopped at {stopped}, which refused" if stopped else said
+
+
 def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
     """What a timeline row says: the stored status, or, for a step of a running chain, what
     the workers say of it (`live_steps`)."""
@@ -160,13 +192,15 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
         "deadline",
         "worker",
         "task_link",
-        "last_error",
+        "error",
     )
     live: dict[str, tuple[str, str]]
+    generation = 0
 
     def get_formset(self, request: HttpRequest, obj: SagaInstance | None = None, **kwargs: Any) -> Any:
         # Inline instances are made per request: what the workers said is this page's.
         self.live = live_steps(obj) if obj is not None else {}
+        self.generation = obj.generation if obj is not None else 0
         return super().get_formset(request, obj, **kwargs)
 
     @admin.display(description="status")
@@ -198,6 +232,15 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
         if step.queued_at and step.started_at:
             return f"{max((step.started_at - step.queued_at).total_seconds() * 1000, 0):.0f}"
         return ""
+
+    @admin.display(description="last error")
+    def error(self, step: SagaStep) -> str:
+        if step.name in getattr(self, "live", {}):
+            # A copy a worker holds may have failed and be waiting to try again.
+            reason = retry_reason(step.celery_task_id or task_id_for(step.saga_id, step.name, self.generation))
+            if reason:
+                return f"retrying after {reason}"
+        return step.last_error or "-"
 
     @admin.display(description="Celery task (Flower)")
     def task_link(self, step: SagaStep) -> str:
@@ -292,7 +335,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         ("Links", {"fields": ["order_link", "payments_link", "notifications_link", "trace_link", "trace_id"]}),
         (
             "Why it failed",
-            {"fields": ["fingerprint", "failure_step", "failure_type", "failure_reason", "outcome"]},
+            {"fields": ["fingerprint", "failure_step_shown", "failure_type", "failure_reason", "outcome"]},
         ),
         (
             "Times",
@@ -369,6 +412,10 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="failure fingerprint", ordering="failure_type")
     def fingerprint(self, saga: SagaInstance) -> str:
         return fingerprint_of(saga.failure_type, saga.failure_step) or "-"
+
+    @admin.display(description="failure step")
+    def failure_step_shown(self, saga: SagaInstance) -> str:
+        return failure_step_text(saga)
 
     @admin.display(description="order")
     def order_link(self, saga: SagaInstance) -> str:
@@ -593,8 +640,14 @@ def _compensate_preview(saga: SagaInstance) -> tuple[bool, str]:
     refusal = operator.saga_compensate_check(saga)
     if refusal:
         return False, refusal
+    # A running chain may be past the step the store knows of (it hears of it at the pivot).
+    where = (
+        f"its chain is at {saga.current_step} or a step after it"
+        if saga.status == SagaStatus.RUNNING
+        else f"from {saga.current_step or saga.failure_step}"
+    )
     return True, (
-        f"compensate from {saga.current_step or saga.failure_step}: every step up to the pivot is undone, "
+        f"compensate ({where}): every step up to the pivot is undone, "
         "the order fails and the customer is told (unless the order was confirmed meanwhile)"
     )
 

@@ -179,7 +179,7 @@ def test_compensate_now_stops_a_running_saga_before_its_pivot_once(api: Api, sku
     # the chain is in flight from its first step, not which step it has reached.
     assert SagaStep.objects.get(saga_id=saga_id, name="reserve_inventory").status == "running"
     confirmation = client.get(f"{CHANGELIST}{saga_id}/compensate/")
-    assert "compensate from reserve_inventory" in confirmation.content.decode()
+    assert "compensate (its chain is at reserve_inventory or a step after it)" in confirmation.content.decode()
     first = client.post(f"{CHANGELIST}{saga_id}/compensate/", {"post": "yes"}, follow=True)
     second = client.post(f"{CHANGELIST}{saga_id}/compensate/", {"post": "yes"}, follow=True)  # a double click
 

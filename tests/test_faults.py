@@ -21,7 +21,9 @@ import psutil
 import pytest
 import redis
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connections
+from django.test import Client
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
@@ -168,15 +170,27 @@ def test_a_compensation_that_keeps_failing_needs_attention_and_touches_nothing_e
     # While the refund waits out a retry's countdown, its worker says it holds it
     # (common.celery_fixes): the sweeper and the admin ask the workers the same way.
     held_as: set[str] = set()
+    # The saga's page, while it does: the store has no attempt or error of the refund
+    # until it ends, the worker's stored retry has.
+    operator = get_user_model().objects.create_superuser(f"ops-{uuid.uuid4().hex[:8]}", password=uuid.uuid4().hex)
+    browser = Client()
+    browser.force_login(operator)
+    pages: list[str] = []
 
     def refund_needs_attention() -> Any:
         refund = SagaStep.objects.filter(saga_id=placed["saga"]["id"], name="refund_payment").first()
         if refund and refund.status == "running" and refund.celery_task_id:
-            held_as.update(state for state, _ in recovery.query_tasks([refund.celery_task_id]).values())
+            states = {state for state, _ in recovery.query_tasks([refund.celery_task_id]).values()}
+            held_as.update(states)
+            if "scheduled" in states and not any("Waiting to retry" in page for page in pages):
+                pages.append(browser.get(f"/admin/saga/sagainstance/{placed['saga']['id']}/change/").content.decode())
         return (o := api.order(placed["id"]))["saga"]["status"] == "needs_attention" and o
 
     order = wait_for(refund_needs_attention, timeout=150, what="the saga to need attention")
     assert "scheduled" in held_as
+    waiting = [page for page in pages if "Waiting to retry on payments@" in page]
+    assert waiting, "the saga's page never showed the refund waiting to retry"
+    assert re.search(r"retrying after (ProviderError|CircuitOpen): ", waiting[0]), "no retry's error on the page"
     steps = steps_by_name(order)
     assert order["saga"]["failure_step"] == "refund_payment"
     assert steps["refund_payment"]["status"] == "failed"

@@ -7,16 +7,18 @@ outcome is not known says so; a step refused because the saga was compensating i
 `refused`, not failed.
 """
 
+import json
 import uuid
 from datetime import timedelta
 
 import pytest
 from django.db import transaction
 from django.utils import timezone
+from django_celery_results.models import TaskResult
 
 from orders.saga import PLACE_ORDER
 from saga import failure
-from saga.admin import chain_position, step_state
+from saga.admin import chain_position, failure_step_text, retry_reason, step_state
 from saga.engine import task_id_for
 from saga.failure import StoredFailure, saga_step_failed
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
@@ -97,6 +99,10 @@ def test_a_cancel_leaves_what_the_chain_may_be_doing_unknown_not_cancelled() -> 
     # The chain may be at any step up to the pivot; the notification after it never runs.
     assert statuses(saga, *FORWARD) == ["unknown", "unknown", "unknown", "pending"]
     assert all(rows(saga)[name].finished_at is None for name in FORWARD)
+    assert (
+        failure_step_text(SagaInstance.objects.get(id=saga.id))
+        == "reserve_inventory or a step after it, when the cancel came"
+    )
 
 
 def test_a_cancelled_saga_shows_what_ran_and_that_the_pivot_refused(monkeypatch) -> None:
@@ -113,6 +119,10 @@ def test_a_cancelled_saga_shows_what_ran_and_that_the_pivot_refused(monkeypatch)
     assert (steps["confirm_order"].attempts, steps["confirm_order"].worker) == (1, "o@h")
     assert steps["notify_customer"].status == StepStatus.PENDING
     assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING
+    # The cancel came while the chain was past the step the store knew of: the page says so.
+    assert failure_step_text(SagaInstance.objects.get(id=saga.id)) == (
+        "reserve_inventory or a step after it, when the cancel came; the chain stopped at confirm_order, which refused"
+    )
 
 
 def test_a_cancel_before_the_first_step_ran_shows_it_refused_and_the_rest_never_ran(monkeypatch) -> None:
@@ -216,6 +226,16 @@ def test_the_saga_page_says_which_step_its_chain_is_on_not_where_it_began() -> N
     saga.status = SagaStatus.COMPLETED
     saga.current_step = ""
     assert chain_position(saga, {}) == "-"
+
+
+@pytest.mark.django_db(databases=["default"])
+def test_a_step_waiting_to_retry_shows_the_error_its_worker_stored() -> None:
+    error = {"exc_type": "ProviderError", "exc_message": ["provider answered 503"], "exc_module": "payments"}
+    TaskResult.objects.create(task_id="t-retry", status="RETRY", result=json.dumps(error))
+    TaskResult.objects.create(task_id="t-done", status="SUCCESS", result="{}")
+    TaskResult.objects.create(task_id="t-odd", status="RETRY", result='"not an exception"')
+    assert retry_reason("t-retry") == "ProviderError: provider answered 503"
+    assert retry_reason("t-done") == retry_reason("t-none") == retry_reason("t-odd") == ""
 
 
 def test_the_admin_does_not_call_a_step_that_will_not_run_pending(monkeypatch) -> None:
