@@ -34,7 +34,6 @@ from . import operator
 from .definition import registered_versions
 from .engine import task_id_for
 from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus, fingerprint_of
-from .operator import OPERATOR_COMPENSATED
 from .publish import OUTCOME_CANCELLED
 from .selectors import failure_fingerprint_counts, saga_version_counts, sagas_with_fingerprints
 
@@ -81,7 +80,13 @@ def clock(moment: datetime | None) -> str:
     return format_html('<span title="{}">{}</span>', local.isoformat(), local.strftime("%H:%M:%S.%f")[:-3])
 
 
-LIVE_STATES = {"active": "Running on {}", "reserved": "Received by {}", "scheduled": "Waiting to retry on {}"}
+LIVE_STATES = {"active": "Running on", "reserved": "Received by", "scheduled": "Waiting to retry on"}
+
+
+def live_text(state: str, worker: str) -> str:
+    """What a worker's answer about a step says, in words. Both come from a broadcast's
+    replies, which whoever can publish to the broker can write: neither is ever a format."""
+    return f"{LIVE_STATES.get(state, state + ' on')} {worker}"
 
 
 def live_steps(saga: SagaInstance) -> dict[str, tuple[str, str]]:
@@ -113,9 +118,10 @@ def chain_position(saga: SagaInstance, live: dict[str, tuple[str, str]]) -> str:
     if held:
         step = max(held, key=lambda s: s.position)
         state, worker = live[step.name]
-        return f"{step.name}: " + LIVE_STATES.get(state, state + " on {}").lower().format(worker)
+        said = live_text(state, worker)
+        return f"{step.name}: {said[:1].lower()}{said[1:]}"
     if saga.current_step and saga.status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
-        return f"{saga.current_step} or a step after it (no worker holds one now: it is queued or between steps)"
+        return f"{saga.current_step} or a step after it (no worker holds one now)"
     return saga.current_step or "-"
 
 
@@ -140,10 +146,12 @@ def failure_step_text(saga: SagaInstance) -> str:
     step's failure: its failure step is where the store knew the chain to be when it came
     (before the pivot, the chain's first step: the store hears of the rest at the pivot),
     so the page says that, and where the chain stopped once a refusal says so."""
-    if not saga.failure_step or not (saga.outcome == OUTCOME_CANCELLED or saga.failure_type == OPERATOR_COMPENSATED):
+    if not saga.failure_step or not (
+        saga.outcome == OUTCOME_CANCELLED or saga.failure_type == operator.OPERATOR_COMPENSATED
+    ):
         return saga.failure_step or "-"
     came = "the cancel" if saga.outcome == OUTCOME_CANCELLED else "the operator's stop"
-    said = f"{saga.failure_step} or a step after it, when {came} came"
+    said = f"{saga.failure_step}, where the saga last knew its chain to be when {came} came"
     forward = sorted((s for s in saga.steps.all() if s.phase == StepPhase.FORWARD), key=lambda s: s.position)
     stopped = next((s.name for s in forward if s.status == StepStatus.REFUSED), None)
     return f"{said}; the chain stopped at {stopped}, which refused" if stopped else said
@@ -154,7 +162,7 @@ def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
     the workers say of it (`live_steps`)."""
     if step.name in live:
         state, worker = live[step.name]
-        return LIVE_STATES.get(state, state + " on {}").format(worker)
+        return live_text(state, worker)
     if step.never_sent:
         return "Not sent yet (the broker was away; the sweeper sends it)"
     if step.status == StepStatus.RUNNING:

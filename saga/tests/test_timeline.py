@@ -101,7 +101,7 @@ def test_a_cancel_leaves_what_the_chain_may_be_doing_unknown_not_cancelled() -> 
     assert all(rows(saga)[name].finished_at is None for name in FORWARD)
     assert (
         failure_step_text(SagaInstance.objects.get(id=saga.id))
-        == "reserve_inventory or a step after it, when the cancel came"
+        == "reserve_inventory, where the saga last knew its chain to be when the cancel came"
     )
 
 
@@ -121,7 +121,8 @@ def test_a_cancelled_saga_shows_what_ran_and_that_the_pivot_refused(monkeypatch)
     assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING
     # The cancel came while the chain was past the step the store knew of: the page says so.
     assert failure_step_text(SagaInstance.objects.get(id=saga.id)) == (
-        "reserve_inventory or a step after it, when the cancel came; the chain stopped at confirm_order, which refused"
+        "reserve_inventory, where the saga last knew its chain to be when the cancel came; "
+        "the chain stopped at confirm_order, which refused"
     )
 
 
@@ -202,6 +203,7 @@ def test_the_admin_shows_the_step_a_running_chain_is_on() -> None:
     assert step_state(steps["reserve_inventory"], {}) == "Running (no worker holds it now)"
     live = {"reserve_inventory": ("scheduled", "inventory@host")}
     assert step_state(steps["reserve_inventory"], live) == "Waiting to retry on inventory@host"
+    assert step_state(steps["reserve_inventory"], {"reserve_inventory": ("{", "w@h")}) == "{ on w@h"
     # Its publish was never tried (saga.broker_latch): not queued, so not shown as running.
     steps["reserve_inventory"].queued_at = None
     assert step_state(steps["reserve_inventory"], {}) == "Not sent yet (the broker was away; the sweeper sends it)"
@@ -215,14 +217,16 @@ def test_the_saga_page_says_which_step_its_chain_is_on_not_where_it_began() -> N
     assert chain_position(saga, {"confirm_order": ("scheduled", "orders@Host")}) == (
         "confirm_order: waiting to retry on orders@Host"
     )
-    assert chain_position(saga, {}) == (
-        "reserve_inventory or a step after it (no worker holds one now: it is queued or between steps)"
-    )
+    assert chain_position(saga, {}) == ("reserve_inventory or a step after it (no worker holds one now)")
     cancel(saga)
     saga.refresh_from_db()
     # Compensating: the compensation chain's steps count, not a late forward copy.
     live = {"charge_payment": ("active", "payments@host"), "release_inventory": ("active", "inventory@host")}
     assert chain_position(saga, live) == "release_inventory: running on inventory@host"
+    # A reply is whatever its sender wrote: shown as text, never used as a format.
+    assert chain_position(saga, {"release_inventory": ("{0.__class__}{", "w@h")}) == (
+        "release_inventory: {0.__class__}{ on w@h"
+    )
     saga.status = SagaStatus.COMPLETED
     saga.current_step = ""
     assert chain_position(saga, {}) == "-"
