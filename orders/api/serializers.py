@@ -124,8 +124,8 @@ class SagaStepOutput(serializers.Serializer):
         choices=STEP_STATUSES,
         source="*",
         help_text="`running`: the saga's chain is in flight from this step: it, or a later step of the same "
-        "phase (up to the pivot, `confirm_order`), is running or queued; the saga hears of each step when the "
-        "chain reaches the pivot or its end, not one message per step. "
+        "phase (forward: up to the pivot, `confirm_order`), is running or queued; the saga hears of each step "
+        "when the chain reaches the pivot or its end, not one message per step. "
         "`not_run`: the step has not run and will not unless an operator retries the saga (a forward "
         "step after the one whose failure or cancel made the saga compensate, or any step left of a saga that "
         "waits for an operator). `unknown`: the saga compensated while its chain may have been at this step, "
