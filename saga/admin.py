@@ -113,8 +113,9 @@ def chain_position(saga: SagaInstance, live: dict[str, tuple[str, str]]) -> str:
     a worker holds (`live_steps`), with what the worker does with it; otherwise the step
     the store last knew of, which for a running chain is where it began or was recorded
     (the chain may be at any step from there to the pivot)."""
-    phase = next((s.phase for s in saga.steps.all() if s.name == saga.current_step), None)
-    held = [s for s in saga.steps.all() if s.name in live and (phase is None or s.phase == phase)]
+    steps = list(saga.steps.all())
+    phase = next((s.phase for s in steps if s.name == saga.current_step), None)
+    held = [s for s in steps if s.name in live and (phase is None or s.phase == phase)]
     if held:
         step = max(held, key=lambda s: s.position)
         state, worker = live[step.name]
