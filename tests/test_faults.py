@@ -193,6 +193,13 @@ def test_a_compensation_that_keeps_failing_needs_attention_and_touches_nothing_e
 
     order = wait_for(refund_needs_attention, timeout=150, what="the saga to need attention")
     assert "scheduled" in held_as
+    # A staff account without the saga's permissions sees none of it.
+    bare_staff = get_user_model().objects.create_user(
+        f"staff-{uuid.uuid4().hex[:8]}", password=uuid.uuid4().hex, is_staff=True
+    )
+    bare = Client()
+    bare.force_login(bare_staff)
+    assert bare.get(f"/admin/saga/sagainstance/{placed['saga']['id']}/change/").status_code == 403
     assert any(RETRY_SHOWN.search(page) for page in pages), (
         f"no page of {len(pages)} showed the refund waiting to retry with its error: "
         + "; ".join(
