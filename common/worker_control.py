@@ -35,10 +35,11 @@ MASK = "********"
 
 
 class RedactedRequest(Request):
-    """A held task, shown by its argument reprs whatever the caller asks for."""
+    """A held task, shown by its argument reprs whatever the caller asks for, with how
+    many times it was retried (the admin's timeline counts a held step's attempts by it)."""
 
     def info(self, safe: bool = False) -> Any:
-        return super().info(safe=True)
+        return {**super().info(safe=True), "retries": self.request_dict.get("retries") or 0}
 
 
 def body_shown(m: Any, body: Any) -> str:

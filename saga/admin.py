@@ -7,11 +7,13 @@ the action and a `message_user` report. The work and its audit entry are
 its row lock: a second click, or a second operator, is refused and recorded as such.
 """
 
+from __future__ import annotations
+
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib import admin, messages
@@ -36,6 +38,9 @@ from .engine import task_id_for
 from .models import SagaAuditEntry, SagaInstance, SagaStatus, SagaStep, StepPhase, StepStatus, fingerprint_of
 from .publish import OUTCOME_CANCELLED
 from .selectors import failure_fingerprint_counts, saga_version_counts, sagas_with_fingerprints
+
+if TYPE_CHECKING:
+    from .recovery import Held
 
 # Rows the confirmation page describes one by one; beyond, it counts them by status.
 PREVIEW_ROWS = 100
@@ -83,20 +88,28 @@ def clock(moment: datetime | None) -> str:
 LIVE_STATES = {"active": "Running on", "reserved": "Received by", "scheduled": "Waiting to retry on"}
 
 
-def live_text(state: str, worker: str) -> str:
-    """What a worker's answer about a step says, in words. Both come from a broadcast's
-    replies, which whoever can publish to the broker can write: neither is ever a format."""
-    return f"{LIVE_STATES.get(state, state + ' on')} {worker}"
+def live_text(held: Held) -> str:
+    """What a worker's answer about a step says, in words. It comes from a broadcast's
+    replies, which whoever can publish to the broker can write: never used as a format."""
+    return f"{LIVE_STATES.get(held.state, held.state + ' on')} {held.worker}"
 
 
-def live_steps(saga: SagaInstance) -> dict[str, tuple[str, str]]:
+def live_attempts(held: Held) -> str:
+    """A held step's attempts so far, from the retry count its worker gives: the store
+    hears of them only when the step ends (no message per attempt)."""
+    if held.state == "active":
+        return f"{held.retries + 1} (the last one running)"
+    return f"{held.retries} failed so far" if held.retries else "0"
+
+
+def live_steps(saga: SagaInstance) -> dict[str, Held]:
     """Step name -> (state, worker) for the steps of `saga`'s current chain that a live
     worker holds now (active, reserved, or scheduled for a retry). Asked only while the saga
     runs or compensates, and only when its page is shown: the store learns a chain's
     progress at the pivot and at its end (no message per step), so the workers are the ones
     who know which step a running chain is on. One broadcast (SAGA_INSPECT_TIMEOUT) per
     saga object: the page's fields and its timeline share the answer."""
-    from .recovery import query_tasks
+    from .recovery import query_tasks  # the broker's app: only when a page asks
 
     if saga.status not in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
         return {}
@@ -108,7 +121,7 @@ def live_steps(saga: SagaInstance) -> dict[str, tuple[str, str]]:
     return live
 
 
-def chain_position(saga: SagaInstance, live: dict[str, tuple[str, str]]) -> str:
+def chain_position(saga: SagaInstance, live: dict[str, Held]) -> str:
     """Where the saga is, as its page says it: the furthest step of its current phase that
     a worker holds (`live_steps`), with what the worker does with it; otherwise the step
     the store last knew of, which for a running chain is where it began or was recorded
@@ -118,8 +131,7 @@ def chain_position(saga: SagaInstance, live: dict[str, tuple[str, str]]) -> str:
     held = [s for s in steps if s.name in live and (phase is None or s.phase == phase)]
     if held:
         step = max(held, key=lambda s: s.position)
-        state, worker = live[step.name]
-        said = live_text(state, worker)
+        said = live_text(live[step.name])
         return f"{step.name}: {said[:1].lower()}{said[1:]}"
     if saga.current_step and saga.status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
         return f"{saga.current_step} or a step after it (no worker holds one now)"
@@ -158,12 +170,11 @@ def failure_step_text(saga: SagaInstance) -> str:
     return f"{said}; the chain stopped at {stopped}, which refused" if stopped else said
 
 
-def step_state(step: SagaStep, live: dict[str, tuple[str, str]]) -> str:
+def step_state(step: SagaStep, live: dict[str, Held]) -> str:
     """What a timeline row says: the stored status, or, for a step of a running chain, what
     the workers say of it (`live_steps`)."""
     if step.name in live:
-        state, worker = live[step.name]
-        return live_text(state, worker)
+        return live_text(live[step.name])
     if step.never_sent:
         return "Not sent yet (the broker was away; the sweeper sends it)"
     if step.status == StepStatus.RUNNING:
@@ -191,7 +202,7 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
         "phase",
         "name",
         "state",
-        "attempts",
+        "attempts_so_far",
         "republished",
         "queued",
         "started",
@@ -203,7 +214,7 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
         "task_link",
         "error",
     )
-    live: dict[str, tuple[str, str]]
+    live: dict[str, Held]
     generation = 0
 
     def get_formset(self, request: HttpRequest, obj: SagaInstance | None = None, **kwargs: Any) -> Any:
@@ -215,6 +226,11 @@ class SagaStepInline(SagaPartInline, admin.TabularInline):
     @admin.display(description="status")
     def state(self, step: SagaStep) -> str:
         return step_state(step, getattr(self, "live", {}))
+
+    @admin.display(description="attempts")
+    def attempts_so_far(self, step: SagaStep) -> str:
+        held = getattr(self, "live", {}).get(step.name)
+        return live_attempts(held) if held is not None else str(step.attempts)
 
     @admin.display(description="queued")
     def queued(self, step: SagaStep) -> str:

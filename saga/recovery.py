@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery.worker.control import inspect_command
 from django.conf import settings
@@ -123,12 +123,30 @@ def held_task_ids(task_ids: Sequence[str], *, early: bool = False, connection: A
     return held, len(replies)
 
 
-def query_tasks(task_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Task id -> (state, worker) for the ids a live worker holds. One broadcast."""
-    found: dict[str, tuple[str, str]] = {}
+class Held(NamedTuple):
+    """What a live worker says of a task it holds: `state` (active, reserved, scheduled),
+    the worker's name, and how many times the task was retried (0 if it did not say)."""
+
+    state: str
+    worker: str
+    retries: int = 0
+
+
+def query_tasks(task_ids: Sequence[str]) -> dict[str, Held]:
+    """Task id -> what a live worker says of it, for the ids a live worker holds. One
+    broadcast. A reply is whatever its sender wrote (anyone who can publish to the broker):
+    an entry of another shape is left out, a retry count that is no count reads 0."""
+    found: dict[str, Held] = {}
     for worker, reply in _query(task_ids).items():
-        for task_id, (state, _info) in (reply or {}).items():
-            found[task_id] = (state, worker)
+        for task_id, entry in (reply if isinstance(reply, dict) else {}).items():
+            try:
+                state, info = entry
+                retries = info.get("retries") if isinstance(info, dict) else 0
+                found[str(task_id)] = Held(
+                    str(state), str(worker), retries if type(retries) is int and retries > 0 else 0
+                )
+            except (TypeError, ValueError):
+                continue
     return found
 
 

@@ -157,8 +157,9 @@ def test_the_circuit_breaker_opens_fails_fast_and_half_opens(api: Api, sku: str)
     assert breaker_state() == "closed"
 
 
-# The saga's page, a refund held for a retry: who holds it, then the error it failed with.
-RETRY_SHOWN = re.compile(r"Waiting to retry on payments@.*retrying after \w+: ", re.S)
+# The saga's page, a refund held for a retry: who holds it, how many attempts failed so
+# far, then the error it failed with.
+RETRY_SHOWN = re.compile(r"Waiting to retry on payments@.*?[1-9][0-9]* failed so far.*retrying after \w+: ", re.S)
 
 
 def test_a_compensation_that_keeps_failing_needs_attention_and_touches_nothing_else(api: Api, sku: str) -> None:
@@ -184,7 +185,7 @@ def test_a_compensation_that_keeps_failing_needs_attention_and_touches_nothing_e
     def refund_needs_attention() -> Any:
         refund = SagaStep.objects.filter(saga_id=placed["saga"]["id"], name="refund_payment").first()
         if refund and refund.status == "running" and refund.celery_task_id:
-            states = {state for state, _ in recovery.query_tasks([refund.celery_task_id]).values()}
+            states = {held.state for held in recovery.query_tasks([refund.celery_task_id]).values()}
             held_as.update(states)
             if "scheduled" in states and not any(RETRY_SHOWN.search(page) for page in pages):
                 # Until one shows it: the retry's message goes out before its error is stored.
@@ -203,7 +204,13 @@ def test_a_compensation_that_keeps_failing_needs_attention_and_touches_nothing_e
     assert any(RETRY_SHOWN.search(page) for page in pages), (
         f"no page of {len(pages)} showed the refund waiting to retry with its error: "
         + "; ".join(
-            sorted({m for page in pages for m in re.findall(r"(?:Waiting to retry|retrying after)[^<]{0,80}", page)})
+            sorted(
+                {
+                    m
+                    for page in pages
+                    for m in re.findall(r"(?:Waiting to retry|failed so far|retrying after)[^<]{0,80}", page)
+                }
+            )
         )
     )
     steps = steps_by_name(order)

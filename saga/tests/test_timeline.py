@@ -17,13 +17,14 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from orders.saga import PLACE_ORDER
-from saga import failure
-from saga.admin import chain_position, failure_step_text, retry_reason, step_state
+from saga import failure, recovery
+from saga.admin import chain_position, failure_step_text, live_attempts, retry_reason, step_state
 from saga.engine import task_id_for
 from saga.failure import StoredFailure, saga_step_failed
 from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.progress import saga_pivot_commit, saga_step_succeeded
 from saga.publish import saga_begin_compensation, saga_start
+from saga.recovery import Held
 
 pytestmark = pytest.mark.django_db(databases=["orders"])
 
@@ -195,15 +196,15 @@ def test_the_pivot_records_itself_and_the_steps_before_it_with_their_times() -> 
 def test_the_admin_shows_the_step_a_running_chain_is_on() -> None:
     saga = start()
     steps = rows(saga)
-    live = {"charge_payment": ("active", "payments@host")}
+    live = {"charge_payment": Held("active", "payments@host")}
     # The store's running row is where the segment began; the workers say where it is now.
     assert step_state(steps["charge_payment"], live) == "Running on payments@host"
     assert step_state(steps["reserve_inventory"], live) == "Passed (the chain is further on)"
     assert step_state(steps["confirm_order"], live) == "Pending"
     assert step_state(steps["reserve_inventory"], {}) == "Running (no worker holds it now)"
-    live = {"reserve_inventory": ("scheduled", "inventory@host")}
+    live = {"reserve_inventory": Held("scheduled", "inventory@host")}
     assert step_state(steps["reserve_inventory"], live) == "Waiting to retry on inventory@host"
-    assert step_state(steps["reserve_inventory"], {"reserve_inventory": ("{", "w@h")}) == "{ on w@h"
+    assert step_state(steps["reserve_inventory"], {"reserve_inventory": Held("{", "w@h")}) == "{ on w@h"
     # Its publish was never tried (saga.broker_latch): not queued, so not shown as running.
     steps["reserve_inventory"].queued_at = None
     assert step_state(steps["reserve_inventory"], {}) == "Not sent yet (the broker was away; the sweeper sends it)"
@@ -212,19 +213,19 @@ def test_the_admin_shows_the_step_a_running_chain_is_on() -> None:
 def test_the_saga_page_says_which_step_its_chain_is_on_not_where_it_began() -> None:
     saga = start()
     # A stray copy of the first step beside the chain further on: the furthest step counts.
-    live = {"reserve_inventory": ("reserved", "inventory@host"), "charge_payment": ("active", "payments@host")}
+    live = {"reserve_inventory": Held("reserved", "inventory@host"), "charge_payment": Held("active", "payments@host")}
     assert chain_position(saga, live) == "charge_payment: running on payments@host"
-    assert chain_position(saga, {"confirm_order": ("scheduled", "orders@Host")}) == (
+    assert chain_position(saga, {"confirm_order": Held("scheduled", "orders@Host")}) == (
         "confirm_order: waiting to retry on orders@Host"
     )
     assert chain_position(saga, {}) == ("reserve_inventory or a step after it (no worker holds one now)")
     cancel(saga)
     saga.refresh_from_db()
     # Compensating: the compensation chain's steps count, not a late forward copy.
-    live = {"charge_payment": ("active", "payments@host"), "release_inventory": ("active", "inventory@host")}
+    live = {"charge_payment": Held("active", "payments@host"), "release_inventory": Held("active", "inventory@host")}
     assert chain_position(saga, live) == "release_inventory: running on inventory@host"
     # A reply is whatever its sender wrote: shown as text, never used as a format.
-    assert chain_position(saga, {"release_inventory": ("{0.__class__}{", "w@h")}) == (
+    assert chain_position(saga, {"release_inventory": Held("{0.__class__}{", "w@h")}) == (
         "release_inventory: {0.__class__}{ on w@h"
     )
     saga.status = SagaStatus.COMPLETED
@@ -284,3 +285,35 @@ def test_a_copy_that_succeeds_after_its_step_failed_for_good_is_shown_with_its_a
 
     assert_recorded(rows(saga)["charge_payment"], attempts=7, worker="p2@h")
     assert SagaInstance.objects.get(id=saga.id).status == SagaStatus.COMPENSATING  # its refund undoes it
+
+
+def test_a_held_step_counts_its_attempts_by_the_retries_its_worker_gives() -> None:
+    # The store hears of a step's attempts only when it ends; until then its worker says.
+    assert live_attempts(Held("active", "p@h")) == "1 (the last one running)"
+    assert live_attempts(Held("active", "p@h", retries=2)) == "3 (the last one running)"
+    assert live_attempts(Held("scheduled", "p@h", retries=2)) == "2 failed so far"
+    assert live_attempts(Held("reserved", "p@h")) == "0"
+
+
+def test_a_worker_reply_of_any_shape_reads_as_held_or_not_at_all(monkeypatch) -> None:
+    # Replies are whatever their senders wrote (anyone who can publish to the broker): the
+    # saga's page must not fail on one, nor show a count that is none.
+    replies = {
+        "payments@h": {
+            "t-1": ["scheduled", {"id": "t-1", "retries": 3}],
+            "t-2": ["active", {"id": "t-2", "retries": "9; drop table"}],
+            "t-3": ["active", {"id": "t-3", "retries": True}],
+            "t-4": "not a pair",
+            "t-5": ["reserved", None],
+            "t-6": ["a", "b", "c"],
+        },
+        "odd@h": ["not", "a", "mapping"],
+        "none@h": None,
+    }
+    monkeypatch.setattr(recovery, "_query", lambda task_ids: replies)
+    assert recovery.query_tasks(["t-1"]) == {
+        "t-1": Held("scheduled", "payments@h", 3),
+        "t-2": Held("active", "payments@h", 0),
+        "t-3": Held("active", "payments@h", 0),
+        "t-5": Held("reserved", "payments@h", 0),
+    }
