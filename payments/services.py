@@ -189,13 +189,18 @@ def _begin_again(attempt: "_Attempt") -> dict[str, Any] | tuple[uuid.UUID, Payme
     now = timezone.now()
     with transaction.atomic(using=DB), connections[DB].cursor() as cursor:
         saga_lock(using=DB, saga_id=saga_id)
+        # The payment before the keys. The first copy settles without the saga lock, its
+        # payment's status and its key in one statement (`_settle_first`), and each
+        # statement here sees what committed before it began: a payment read as settled
+        # has its key in the read after, while keys read first could miss a settle that
+        # the payment then shows, which read as the refund's doing.
+        cursor.execute(f"SELECT id, status FROM {PAYMENT} WHERE saga_id = %s", [saga_id])
+        row = cursor.fetchone()
         processed = processed_results(ProcessedKey, do_key, undo_key)
         if (done := processed.get(do_key)) is not None:
             if done["status"] == Payment.Status.DECLINED:
                 raise _declined(done)
             return done
-        cursor.execute(f"SELECT id, status FROM {PAYMENT} WHERE saga_id = %s", [saga_id])
-        row = cursor.fetchone()
         if row is not None and row[1] == Payment.Status.REFUNDING:
             resume = Payment.objects.get(pk=row[0])
         elif undo_key in processed:
@@ -205,7 +210,8 @@ def _begin_again(attempt: "_Attempt") -> dict[str, Any] | tuple[uuid.UUID, Payme
         else:
             resume = None
             # The payment (if new) and this attempt in one statement. The saga lock
-            # serialises every copy of this message, so the plain read above decides.
+            # serialises every later copy and the refund; a first copy's settle landing
+            # after the reads above is found by this copy's own (`_settle_first` False).
             if row is None:
                 cursor.execute(
                     f"WITH p AS ({NEW_PAYMENT} RETURNING id) {NEW_ATTEMPT}",

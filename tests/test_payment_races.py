@@ -236,6 +236,43 @@ def test_a_charge_the_provider_completes_while_the_refund_settles_is_refused_unc
     assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.VOIDED
 
 
+@pytest.mark.parametrize("token", ["tok_visa", "tok_chargeDeclined"])
+def test_a_later_copy_that_reads_while_the_first_settles_takes_its_outcome_not_a_refusal(
+    gateway: HeldGateway,
+    breaker: pybreaker.CircuitBreaker,
+    saga: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    token: str,
+) -> None:
+    """Copy A settles the payment (status and key in one statement) without the saga lock;
+    copy B, a redelivery, decides under that lock from two reads. A settling between them
+    used to read as "settled by its compensation": B failed with StepRefused, and the
+    coordinator compensated a paid order (or lost a decline's reason)."""
+    saga["token"] = token
+    first = held_at_the_provider(gateway, saga)
+    real_processed_results = services.processed_results
+
+    def first_settles_between_the_reads(*args: Any, **kwargs: Any) -> Any:
+        read = real_processed_results(*args, **kwargs)
+        if threading.current_thread().name == "B":
+            gateway.release.set()
+            first.join(30)
+        return read
+
+    monkeypatch.setattr(services, "processed_results", first_settles_between_the_reads)
+    later = charge_copy("B", saga)
+    later.start()
+    if token == "tok_visa":
+        assert first.outcome()["status"] == later.outcome()["status"] == Payment.Status.CAPTURED
+        assert ledger(saga["saga_id"]) == [("charge", "succeeded")]
+    else:
+        with pytest.raises(services.PaymentDeclined, match="card_declined"):
+            first.outcome()
+        with pytest.raises(services.PaymentDeclined, match="card_declined"):
+            later.outcome()
+    assert Payment.objects.get(saga_id=saga["saga_id"]).status in (Payment.Status.CAPTURED, Payment.Status.DECLINED)
+
+
 def test_racing_refunds_refund_once(
     gateway: HeldGateway, breaker: pybreaker.CircuitBreaker, saga: dict[str, Any]
 ) -> None:
