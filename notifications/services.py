@@ -101,19 +101,26 @@ def notification_send(
         if not claimed:
             raise TransientError(f"saga {saga_id}: {kind} by {', '.join(held)} is being sent by another copy")
 
+    delivered: list[Notification] = []
     try:
         for index, notification in enumerate(claimed):
             if notification.channel == Notification.Channel.EMAIL:
                 channels.send_email(to=notification.recipient, subject=notification.subject, body=notification.body)
             else:
                 channels.send_sms(to=notification.recipient, body=notification.body)
+            delivered.append(notification)
             if index + 1 < len(claimed):
                 _mark_sent(notification.pk, claim)
     except BaseException:
-        # This attempt is over (it will be retried): what it did not deliver is free to
-        # claim again now rather than when the lease expires.
-        with contextlib.suppress(Exception):  # if this fails too, the lease runs out instead
-            _release(claimed, claim)
+        # This attempt is over (it will be retried). What it delivered is marked sent once
+        # more (its mark may be what failed): released, the retry would send it again.
+        # What it did not deliver is free to claim again now rather than when the lease
+        # expires. If these fail too, the lease runs out instead.
+        with contextlib.suppress(Exception):
+            for notification in delivered:
+                _mark_sent(notification.pk, claim)
+        with contextlib.suppress(Exception):
+            _release([n for n in claimed if n not in delivered], claim)
         raise
     # The last delivery is marked sent in the statement that records the key. A crash
     # before it commits re-sends that one (as documented above).
@@ -200,9 +207,13 @@ def _claim_existing(
     saga_id, kind, key = message.saga_id, message.kind, message.key
     with transaction.atomic(using=DB):
         saga_lock(using=DB, saga_id=saga_id)
+        # The rows before the key. A copy's last mark records the key in its own statement,
+        # without the saga lock (`_finish`), and each statement here sees what committed
+        # before it began: rows read as all sent have their key in the read after, while
+        # a key read first could miss a finish that the rows then show.
+        existing = {n.channel: n for n in Notification.objects.filter(saga_id=saga_id, kind=kind)}
         if (done := processed_result(ProcessedKey, key)) is not None:
             return done
-        existing = {n.channel: n for n in Notification.objects.filter(saga_id=saga_id, kind=kind)}
         missing = [
             message.row(channel, recipient, lease_until=Now() + timedelta(seconds=lease))
             for channel, recipient in message.recipients
@@ -230,7 +241,9 @@ def _claim_existing(
             n.channel for n in existing.values() if n.status != Notification.Status.SENT and n.channel not in mine
         )
         if not claimed and not held:
-            processed_record(ProcessedKey, key, result)  # sent by earlier copies: the outcome is known
+            # Sent by earlier copies: the outcome is known. `if_new`: `_finish` records it
+            # without the saga lock.
+            processed_record(ProcessedKey, key, result, if_new=True)
             return result
     return claimed, held
 

@@ -471,6 +471,16 @@ EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.file
 EMAIL_FILE_PATH = env.str("EMAIL_FILE_PATH", default=str(BASE_DIR / ".data" / "mail"))
 EMAIL_HOST = env.str("EMAIL_HOST", default="127.0.0.1")
 EMAIL_PORT = env.int("EMAIL_PORT", default=1025)
+# A mail server that stalls (on the reply to DATA, or on QUIT once it has the message) must
+# not hold a send until the task's soft time limit, which reads as a failed send and sends
+# again: past EMAIL_TIMEOUT a stalled QUIT ends the send as delivered (Django closes the
+# connection), a stalled DATA as a failure to retry.
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=max(1, CELERY_TASK_SOFT_TIME_LIMIT // 2))
+if not 0 < EMAIL_TIMEOUT < CELERY_TASK_SOFT_TIME_LIMIT:
+    raise ImproperlyConfigured(
+        f"EMAIL_TIMEOUT={EMAIL_TIMEOUT} must be above 0 and below CELERY_TASK_SOFT_TIME_LIMIT="
+        f"{CELERY_TASK_SOFT_TIME_LIMIT}: a send the time limit cuts short is sent again"
+    )
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="orders@example.com")
 SMS_BACKEND = env.str("SMS_BACKEND", default="notifications.channels.FileSmsBackend")
 SMS_FILE_PATH = env.str("SMS_FILE_PATH", default=str(BASE_DIR / ".data" / "sms"))

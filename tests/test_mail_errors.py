@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from django.conf import settings
 from django.test import override_settings
 
 from common.exceptions import TransientError
@@ -100,3 +101,63 @@ def test_the_notification_step_fails_without_the_address_and_can_be_claimed_agai
     # Nothing was delivered: the claim is let go at once, for the retry.
     rows = Notification.objects.filter(saga_id=saga_id).values_list("channel", "status")
     assert dict(rows) == {"email": "pending", "sms": "pending"}
+
+
+class StallingQuit(socketserver.ThreadingTCPServer):
+    """A mail server that accepts the message (250 to DATA) and then never answers QUIT."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StallQuit)
+        self.received: list[bytes] = []
+        self.stop = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _StallQuit(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(b"220 stalling ESMTP\r\n")
+        while line := self.rfile.readline():
+            verb = line.strip().upper()
+            if verb.startswith(b"DATA"):
+                self.wfile.write(b"354 go ahead\r\n")
+                while (chunk := self.rfile.readline()) not in (b".\r\n", b""):
+                    self.server.received.append(chunk)
+                self.wfile.write(b"250 accepted\r\n")
+            elif verb.startswith(b"QUIT"):
+                self.server.stop.wait(60)  # never answers while the test runs
+                return
+            else:  # EHLO, MAIL, RCPT
+                self.wfile.write(b"250 ok\r\n")
+
+
+def test_a_server_that_stalls_after_accepting_the_mail_is_a_delivery_not_a_failure() -> None:
+    """Without a timeout, a QUIT that never gets its answer held the send until the task's
+    soft time limit, which reads as a failed send: the claim was let go and the retry sent
+    the email again. EMAIL_TIMEOUT ends the wait, and Django's backend takes a QUIT cut
+    short as a closed connection."""
+    assert 0 < settings.EMAIL_TIMEOUT < settings.CELERY_TASK_SOFT_TIME_LIMIT
+    server = StallingQuit()
+    sent: list[BaseException | None] = []
+
+    def send() -> None:
+        try:
+            channels.send_email(to="someone@example.com", subject="Your order", body="Thank you")
+            sent.append(None)
+        except BaseException as error:
+            sent.append(error)
+
+    try:
+        with smtp_to(server.server_address[1]), override_settings(EMAIL_TIMEOUT=1):
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            sender.join(15)
+        assert not sender.is_alive(), "the send still waits for the stalled server"
+        assert sent == [None]
+        assert any(b"Thank you" in chunk for chunk in server.received)
+    finally:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
