@@ -47,6 +47,14 @@ POLICY: dict[str, dict[str, dict[str, str]]] = {
     "notifications_worker": {"default": _RESULTS, "notifications": {"notifications": WRITE}},
 }
 
+# Tables where a role gets less than its app's privileges: the columns its job writes, no
+# more. The inventory worker moves stock (reserve, release, sell); a product's price and
+# name are the catalogue's, which the web quotes orders from, so a worker that could set
+# them could sell any product for a cent to whoever orders next.
+TABLE_PRIVILEGES: dict[str, dict[str, str]] = {
+    "inventory_worker": {"inventory_product": "SELECT, UPDATE (reserved, on_hand, updated_at)"},
+}
+
 # The Procfile process (or compose service) -> its role in POLICY. Flower reads the broker
 # only, and gets no database credentials at all (DATABASE_LOGIN=none).
 PROCESS_ROLES = {
@@ -94,10 +102,11 @@ def grant_process_roles(alias: str, roles: dict[str, str]) -> list[str]:
                 except LookupError:
                     continue
                 for table in sorted({m._meta.db_table for m in models} & tables):
+                    granted = TABLE_PRIVILEGES.get(name, {}).get(table, privileges)
                     statements.append(
-                        sql.SQL("GRANT " + privileges + " ON TABLE {} TO {}").format(sql.Identifier(table), grantee)
+                        sql.SQL("GRANT " + granted + " ON TABLE {} TO {}").format(sql.Identifier(table), grantee)
                     )
-                    if privileges == WRITE:
+                    if granted == WRITE:
                         for sequence in _owned_sequences(cursor, table):
                             statements.append(
                                 sql.SQL("GRANT USAGE, SELECT ON SEQUENCE {} TO {}").format(

@@ -94,7 +94,7 @@ PRIVATE_DEFAULT = ["auth_user", "auth_group", "django_session", "django_admin_lo
 RESULTS = "django_celery_results_taskresult"
 SERVICE_TABLE = {
     "orders": "orders_order",
-    "inventory": "inventory_product",
+    "inventory": "inventory_reservation",
     "payments": "payments_payment",
     "notifications": "notifications_notification",
 }
@@ -133,6 +133,22 @@ def expectations(process: str, tokens: list[str]) -> dict[tuple[str, str], bool]
     sell = ("inventory", "UPDATE inventory_reservation SET status = 'sold', sold_at = now() WHERE false")
     expected[settle] = process in ("web", "orders", "saga")
     expected[sell] = process == "inventory"
+    # The catalogue: the inventory worker moves stock, and nobody but the owner sets what a
+    # product costs (the web quotes orders from it), adds or removes one.
+    expected[_reads("inventory", "inventory_product")] = process in ("web", "inventory")
+    stock = (
+        "inventory",
+        "UPDATE inventory_product SET reserved = reserved, on_hand = on_hand, updated_at = now() WHERE false",
+    )
+    expected[stock] = process == "inventory"
+    for catalogue in (
+        "UPDATE inventory_product SET price = 0.01 WHERE false",
+        "UPDATE inventory_product SET name = 'x' WHERE false",
+        "DELETE FROM inventory_product WHERE false",
+        "INSERT INTO inventory_product (sku, name, price, on_hand, reserved, created_at, updated_at) "
+        "SELECT 'x', 'x', 0.01, 1, 0, now(), now() WHERE false",
+    ):
+        expected[("inventory", catalogue)] = False
     expected[_alters("default", RESULTS)] = False
     expected[("default", "CREATE TABLE least_authority_probe (id integer)")] = False
     return expected
