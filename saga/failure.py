@@ -166,7 +166,9 @@ def _failure_recorded(
     if step.status != StepStatus.SUCCEEDED:
         # The steps before it in its chain committed (a chain runs a step only after the
         # previous one did); their records travelled with the failure report.
-        changed = store.record_timeline(saga, steps, timeline if timeline is not None else failure.timeline)
+        changed = store.record_timeline(
+            saga, steps, timeline if timeline is not None else failure.timeline, failed=step
+        )
         # One without a record (a failure reported from a worker's main process, after
         # a hard time limit) is not shown succeeded with no attempt or time: unknown.
         changed += [

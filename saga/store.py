@@ -117,7 +117,9 @@ def save_many(sagas: Sequence[SagaInstance], rows: Iterable[SagaStep], fields: I
     update_together(DB, (list(rows), STEP_WRITTEN), (list(sagas), fields))
 
 
-def record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline: Any) -> list[SagaStep]:
+def record_timeline(
+    saga: SagaInstance, steps: Mapping[str, SagaStep], timeline: Any, *, failed: SagaStep | None = None
+) -> list[SagaStep]:
     """Mark the steps named in a chain's `_steps` timeline succeeded, with their timing,
     and take their outputs into the saga's context (the caller saves the saga).
 
@@ -127,6 +129,13 @@ def record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline:
     already succeeded gets only timing it lacks (the pivot records itself before its own
     entry exists); one that failed in another attempt keeps its status. Returns the rows
     changed. Precondition: the saga's row lock is held.
+
+    `failed`: the timeline came with that step's failure, unsealed (the result backend's
+    copy, which every worker's role may write, or the report's headers). Only the steps
+    before it in its phase can be in it (the chain ran them and then it); an entry naming
+    it or a later step is not taken, so no timeline can make a failure read as its own
+    step's success. Its outputs add what the context lacks and change nothing it holds
+    (the customer's address, the amount).
     """
     if not isinstance(timeline, list):
         return []
@@ -137,11 +146,14 @@ def record_timeline(saga: SagaInstance, steps: Mapping[str, SagaStep], timeline:
             continue
         name = step_name_of(meta.get("task_id"), saga.id)
         step = steps.get(name) if name else None
+        if step is not None and failed is not None and (step.phase != failed.phase or step.position >= failed.position):
+            continue
         finished = parse_datetime(meta["finished_at"]) if isinstance(meta.get("finished_at"), str) else None
         if step is not None and isinstance(meta.get("output"), dict):
             # Later steps need what this one produced (the amount, the outcome): a
             # re-publish (sweeper, operator retry) starts from the saga's context.
-            saga.context = {**saga.context, **{k: v for k, v in meta["output"].items() if not k.startswith("_")}}
+            output = {k: v for k, v in meta["output"].items() if not k.startswith("_")}
+            saga.context = {**saga.context, **output} if failed is None else {**output, **saga.context}
         if step is not None:
             if step.status in UNSETTLED:
                 step.mark_succeeded(meta, queued_at=previous_finished)

@@ -337,6 +337,42 @@ def test_a_decline_its_step_did_not_seal_does_not_skip_the_refund(
     assert published(callbacks) == [list(zip(COMPENSATION_TASKS, ids(saga, COMPENSATION, 1), strict=True))]
 
 
+@pytest.mark.parametrize("step", ["reserve_inventory", "charge_payment"])
+def test_a_stored_timeline_cannot_make_a_failure_read_as_its_own_steps_success(
+    step: str, django_capture_on_commit_callbacks
+) -> None:
+    """Every worker's database role writes the result backend, and a stored failure's
+    timeline is unsealed. One that named the failing step itself (or a later one) as
+    succeeded made the failure a "duplicate failed after success": no compensation, the
+    step's deadline cleared, stock held and a charge kept. Its outputs could also replace
+    what the saga holds, such as the address the failure notice goes to."""
+    saga = start(email="customer@example.com")
+    task_id = task_id_for(saga.id, step, 0)
+    forged = [
+        {
+            "task_id": task_id_for(saga.id, name, 0),
+            "started_at": timezone.now().isoformat(),
+            "finished_at": timezone.now().isoformat(),
+            "attempt": 1,
+            "worker": "w@h",
+            "output": {"email": "attacker@example.net"},
+        }
+        for name in FORWARD
+    ]
+    stored = Context(id=task_id, argsrepr=stored_args_repr({"saga_id": str(saga.id), "_steps": forged}))
+    app.backend.store_result(task_id, TransientError("provider unavailable"), states.FAILURE, request=stored)
+
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        saga_step_failed(saga_id=saga.id, step_name=step, task_id=task_id)
+
+    row = saga_row(saga)
+    assert (row.status, row.failure_step) == (SagaStatus.COMPENSATING, step)
+    assert row.context["email"] == "customer@example.com"
+    assert rows(saga)[step].status == StepStatus.FAILED
+    assert statuses(saga, FORWARD[FORWARD.index(step) + 1 :]) == ["pending"] * (len(FORWARD) - FORWARD.index(step) - 1)
+    assert published(callbacks)
+
+
 class Final(Exception):
     """A failure its step records as final (Step.final_failures)."""
 
