@@ -241,6 +241,34 @@ def test_flower_in_make_runs_local_mode_needs_no_login_on_loopback(topology: Top
         flower.stop()
 
 
+@pytest.mark.parametrize("read_only", ["", "false"])
+def test_a_flower_login_monitors_and_controls_nothing_unless_told(topology: Topology, read_only: str) -> None:
+    """Flower's API revokes any task id, even one not sent yet (a saga's refund of the next
+    generation: `<saga>-refund_payment-g1`), terminates tasks, sends tasks and shuts
+    workers down: a Flower login could hold back a chosen customer's refund. It runs read
+    only unless FLOWER_READ_ONLY=false."""
+    login = ("ops", secrets.token_urlsafe(16))
+    env = {**topology.env, "FLOWER_BASIC_AUTH": ":".join(login)}
+    if read_only:
+        env["FLOWER_READ_ONLY"] = read_only
+    flower, url = _procfile_flower(env, f"flower-read-only-{read_only or 'default'}")
+    future = f"{uuid.uuid4()}-refund_payment-g1"
+    try:
+        wait_for(lambda: _answer(url) is not None, timeout=60, what="Flower to answer")
+        assert requests.get(f"{url}api/workers", auth=login, timeout=10).status_code == 200
+        revoke = requests.post(f"{url}api/task/revoke/{future}", auth=login, timeout=10)
+        send = requests.post(f"{url}api/task/send-task/saga.sweep", json={}, auth=login, timeout=10)
+        shutdown = requests.post(f"{url}api/worker/shutdown/nobody@nowhere", auth=login, timeout=10)
+        if read_only:  # the controls on: the revoke goes out (sending a task answers 500: no result backend)
+            assert revoke.status_code == 200, revoke.text
+        else:
+            assert [revoke.status_code, send.status_code, shutdown.status_code] == [403] * 3, (revoke.text, send.text)
+    finally:
+        flower.stop()
+        # The allowed revoke is in every worker's memory until it restarts: a task id no
+        # saga has, so nothing waits on it.
+
+
 def test_a_flower_login_reads_no_password_from_a_workers_configuration(topology: Topology) -> None:
     """Flower's `/api/workers` (and its worker page's Config tab) shows each worker's `inspect
     conf`. Celery masks the broker's URL by the name `broker_url` only: our CELERY_BROKER_URL,
