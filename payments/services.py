@@ -326,7 +326,14 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
         with transaction.atomic(using=DB):
             saga_lock(using=DB, saga_id=saga_id)
             if (done := processed_result(ProcessedKey, undo_key)) is not None:
-                return done
+                # A charge the provider completed after its key was voided (an adapter
+                # whose `void_charge` broke its contract) is refunding after the tombstone:
+                # every copy of the refund finishes it, not only the charge's own retries.
+                late = Payment.objects.filter(saga_id=saga_id, status=Payment.Status.REFUNDING).first()
+                if late is None:
+                    return done
+                payment = late
+                break
             # First, the key a charge's first copy inserts without the saga lock: one that
             # is committing now is waited for, and its payment is read below; one that
             # comes later finds the key taken and decides under the saga lock.
@@ -365,11 +372,13 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
                     status=Payment.Status.REFUNDING, provider_charge_id=found.charge_id, updated_at=timezone.now()
                 )
         # Settled by us or, meanwhile, by a racing copy: the next round reads which.
+    return _refund_at_provider(payment)
 
 
 def _refund_at_provider(payment: Payment) -> dict[str, Any]:
     """Refund a `refunding` payment and record it. Any copy may do it: the provider
-    refunds once per key, and the record is written once."""
+    refunds once per key, and the record is written once, over a tombstone that said
+    nothing was charged (a charge completed after its void) but over no refund."""
     undo_key = step_key(payment.saga_id, STEP, "undo")
     refund = call_provider(
         get_gateway().refund, charge_id=payment.provider_charge_id, amount=payment.amount, idempotency_key=undo_key
@@ -381,5 +390,10 @@ def _refund_at_provider(payment: Payment) -> dict[str, Any]:
             payment=payment, defaults={"amount": payment.amount, "provider_refund_id": refund.refund_id}
         )
         result = {"refund": refund.refund_id, "amount": str(payment.amount)}
-        processed_record(ProcessedKey, undo_key, result, if_new=True)
+        with connections[DB].cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {PROCESSED_KEY} AS k (key, result, created_at) VALUES (%s, %s::jsonb, now()) "
+                "ON CONFLICT (key) DO UPDATE SET result = EXCLUDED.result WHERE k.result->>'refund' IS NULL",
+                [undo_key, json.dumps(result)],
+            )
     return result

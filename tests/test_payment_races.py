@@ -317,3 +317,47 @@ def test_a_refund_does_not_wait_out_the_attempt_of_a_charge_whose_process_died(
     assert refund["refund"] is None and "voided" in refund["reason"]
     assert ledger(saga["saga_id"]) == [("charge", "voided")]
     assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.VOIDED
+
+
+class VoidBreakingGateway(HeldGateway):
+    """A provider adapter that breaks `void_charge`'s contract: it says nothing was charged
+    and refuses nothing, so a call still open completes the charge after the void; and
+    its first refunds fail."""
+
+    def __init__(self, failing_refunds: int) -> None:
+        super().__init__()
+        self.failing_refunds = failing_refunds
+
+    def void_charge(self, **kwargs: Any) -> Any:
+        return None
+
+    def refund(self, **kwargs: Any) -> Any:
+        if self.failing_refunds:
+            self.failing_refunds -= 1
+            raise services.ProviderError("provider answered 503 to the refund")
+        return super().refund(**kwargs)
+
+
+def test_a_charge_completed_after_its_void_is_refunded_by_the_refund_not_left_to_the_charge(
+    breaker: pybreaker.CircuitBreaker, saga: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refund voided the key and left its tombstone; the provider charged the key
+    anyway. The charge's copy gives it back, but its refund failed, and from then on
+    every copy of the refund returned the tombstone ("nothing was charged") while the
+    money stayed charged: only the charge's own retries could refund it."""
+    gateway = VoidBreakingGateway(failing_refunds=1)
+    monkeypatch.setattr(services, "get_gateway", lambda: gateway)
+    first = held_at_the_provider(gateway, saga)
+    PaymentAttempt.objects.filter(payment__saga_id=saga["saga_id"]).update(lease_until=timezone.now())
+    assert services.payment_refund(saga_id=saga["saga_id"])["refund"] is None  # voided, it says
+
+    gateway.release.set()
+    with pytest.raises(GatewayUnavailable, match="503"):
+        first.outcome()  # charged after all; its refund failed
+    assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.REFUNDING
+
+    refund = services.payment_refund(saga_id=saga["saga_id"])  # the compensation's next copy
+    assert refund["refund"] and refund["amount"] == "25.00"
+    assert Payment.objects.get(saga_id=saga["saga_id"]).status == Payment.Status.REFUNDED
+    assert ledger(saga["saga_id"]) == [("charge", "succeeded"), ("refund", "succeeded")]
+    assert services.payment_refund(saga_id=saga["saga_id"]) == refund  # and every copy after it
