@@ -1,3 +1,4 @@
+import uuid
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -8,7 +9,7 @@ from common.notified_cache import NotifiedCache
 from common.sql import prepared
 
 from .exceptions import InsufficientStock, PriceChanged, UnknownProduct
-from .models import Product
+from .models import Product, Reservation
 
 DB = "inventory"  # the catalogue's database (orders_project.db_routers)
 _PRICE_FIELDS = ["id", "sku", "name", "price"]
@@ -42,15 +43,27 @@ def product_prices(*, skus: Iterable[str]) -> dict[str, Product]:
     return {sku: Product.from_db(DB, _PRICE_FIELDS, row) for sku, row in rows.items()}
 
 
-def stock_check(*, lines: Sequence[tuple[str, int, Decimal]]) -> dict[str, Any]:
+def stock_check(*, saga_id: uuid.UUID, lines: Sequence[tuple[str, int, Decimal]]) -> dict[str, Any]:
     """Whether every line `(sku, quantity, quoted unit price)` could be reserved now: the
     SKU exists, enough is available, the price is still the quoted one. Raises the reserve
     step's own failures (UnknownProduct, InsufficientStock, PriceChanged) otherwise.
 
     The place-order saga's first step from version 2 (inventory.check_stock): it fails an
     order before anything is held or locked. It only reads, so a repeated or late copy is
-    harmless; the reservation after it still decides, under its conditional UPDATE.
+    harmless; the reservation after it still decides, under its conditional UPDATE. A copy
+    that runs after its saga's reservation (a redelivery, a sweeper's re-publish from this
+    step) passes: the stock it would count as taken is its own saga's, and what it checks
+    was settled when the reservation was made.
     """
+    try:
+        return _stock_check(lines)
+    except (UnknownProduct, InsufficientStock, PriceChanged):
+        if Reservation.objects.filter(saga_id=saga_id).exists():
+            return {"checked": sorted({sku for sku, _, _ in lines}), "reserved_already": True}
+        raise
+
+
+def _stock_check(lines: Sequence[tuple[str, int, Decimal]]) -> dict[str, Any]:
     rows = Product.objects.filter(sku__in=[sku for sku, _, _ in lines]).only("sku", "on_hand", "reserved", "price")
     found = {p.sku: p for p in rows}
     if unknown := [sku for sku, _, _ in lines if sku not in found]:

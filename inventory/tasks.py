@@ -54,7 +54,7 @@ def release(ctx: dict[str, Any]) -> dict[str, Any]:
 @saga_step_task("inventory.check_stock", phase="forward")
 def check_stock(ctx: dict[str, Any]) -> dict[str, Any]:
     """place_order version 2's first step: fail before anything is held (reads only)."""
-    return selectors.stock_check(lines=_lines(ctx))
+    return selectors.stock_check(saga_id=require_uuid(ctx, "saga_id"), lines=_lines(ctx))
 
 
 RECORD_SALES = "inventory.record_sales"

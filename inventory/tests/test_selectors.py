@@ -3,8 +3,10 @@ from decimal import Decimal
 
 import pytest
 
+from inventory.exceptions import InsufficientStock, PriceChanged
 from inventory.models import Product
-from inventory.selectors import product_prices
+from inventory.selectors import product_prices, stock_check
+from inventory.services import stock_reserve
 
 pytestmark = pytest.mark.django_db(databases=["inventory"])
 
@@ -36,3 +38,23 @@ def test_product_prices_reads_what_the_orm_reads() -> None:
 def test_product_prices_of_nothing_is_empty() -> None:
     assert product_prices(skus=[]) == {}
     assert product_prices(skus=iter([_sku()])) == {}
+
+
+def test_a_stock_check_after_its_own_sagas_reservation_passes_and_another_sagas_fails() -> None:
+    """place_order v2 checks stock, then reserves. A copy of the check that runs after the
+    reservation (a redelivery, the sweeper re-publishing from the check when the charge's
+    message was lost) counted the saga's own hold as taken: InsufficientStock, and an order
+    whose stock and payment were fine failed."""
+    sku, mine, theirs = _sku(), uuid.uuid4(), uuid.uuid4()
+    Product.objects.using("inventory").create(sku=sku, name="Last one", price=Decimal("5.00"), on_hand=1)
+    lines = [(sku, 1, Decimal("5.00"))]
+    assert stock_check(saga_id=mine, lines=lines) == {"checked": [sku]}
+    stock_reserve(saga_id=mine, order_id=uuid.uuid4(), lines=lines)
+
+    assert stock_check(saga_id=mine, lines=lines)["checked"] == [sku]
+    with pytest.raises(InsufficientStock):
+        stock_check(saga_id=theirs, lines=lines)
+    Product.objects.using("inventory").filter(sku=sku).update(price=Decimal("6.00"))
+    assert stock_check(saga_id=mine, lines=lines)["checked"] == [sku]  # its price was settled at the reserve
+    with pytest.raises(PriceChanged):
+        stock_check(saga_id=theirs, lines=lines)
