@@ -309,6 +309,10 @@ def _outcomes_stored(task_ids: list[str], *, now: datetime) -> Stored:
       countdown (and the clock slack) is still counted as held, because a worker running
       an image without the patch (a rolling upgrade) answers the old way, and this read is
       the one the failures take anyway.
+
+    Every worker's database role writes the result backend, so a record dated later than
+    now by more than the clock slack is not believed: one dated next year would otherwise
+    have held its saga's step off the sweeper for a year.
     """
     from django_celery_results.models import TaskResult
 
@@ -319,10 +323,13 @@ def _outcomes_stored(task_ids: list[str], *, now: datetime) -> Stored:
             [task_ids, [states.FAILURE, states.REVOKED, states.RETRY]],
         )
         rows = cursor.fetchall()
-    since = now.timestamp() - settings.TASK_RETRY_BACKOFF_MAX - settings.SAGA_CLOCK_SLACK
+    at = now.timestamp()
+    since, until = at - settings.TASK_RETRY_BACKOFF_MAX - settings.SAGA_CLOCK_SLACK, at + settings.SAGA_CLOCK_SLACK
     return Stored(
-        failed={task_id: float(done) for task_id, status, done in rows if status != states.RETRY},
-        retrying=frozenset(task_id for task_id, status, done in rows if status == states.RETRY and done > since),
+        failed={task_id: float(done) for task_id, status, done in rows if status != states.RETRY and done <= until},
+        retrying=frozenset(
+            task_id for task_id, status, done in rows if status == states.RETRY and since < done <= until
+        ),
     )
 
 

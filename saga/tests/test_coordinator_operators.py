@@ -475,6 +475,32 @@ def test_a_quiet_step_keeps_its_deadline_unless_its_message_is_nowhere(
     assert bool(asked) == (where in ("held by a worker", "unheard"))
 
 
+@pytest.mark.parametrize("status", ["RETRY", "FAILURE"])
+def test_a_result_dated_in_the_future_does_not_hold_a_lost_step_off_the_sweeper(
+    status: str, queues: dict[str, float], fleet: dict[str, Any], django_capture_on_commit_callbacks
+) -> None:
+    """Every worker's database role writes the result backend. A retry stored for a chain's
+    task says a worker holds its next attempt; a failure, that its report may be on its
+    way: either held the lost step off the sweeper until its time, which such a role could
+    set to next year."""
+    from django_celery_results.models import TaskResult
+
+    saga = start()
+    quiet(saga, "reserve_inventory", ago=settings.SAGA_QUIET_SECONDS + 1)
+    charge = ids(saga, ["charge_payment"], 0)[0]
+    TaskResult.objects.using("default").create(task_id=charge, status=status)
+    # date_done is set on save (auto_now): dated as a role's own UPDATE would date it.
+    TaskResult.objects.using("default").filter(task_id=charge).update(date_done=timezone.now() + timedelta(days=365))
+    if status == "FAILURE":
+        queues["saga"] = time.time() - 20  # a backlog a report sent then could be behind
+    now = timezone.now()
+    assert saga_sweep(now=now) == {"quiet_due": 1}
+    with django_capture_on_commit_callbacks(using="orders") as callbacks:
+        later = now + timedelta(seconds=settings.SAGA_SWEEP_INTERVAL)
+        assert saga_sweep(now=later).get("republished") == 1
+    assert published(callbacks) == [list(zip(FORWARD_TASKS, ids(saga, FORWARD, 1), strict=True))]
+
+
 def broker_away(*_: Any, **__: Any) -> None:
     raise BrokerUnavailable("connection refused")
 
