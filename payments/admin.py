@@ -68,5 +68,9 @@ class ProcessedKeyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 @admin.register(FakeProviderOperation)
 class FakeProviderOperationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    # The card token the charge was made with stays off the page, as the saga's page hides
+    # the order's (saga.admin.HIDDEN_CONTEXT_FIELDS): a real provider's dashboard would not
+    # show it to our staff either.
+    exclude = ["token"]
     list_display = ["kind", "reference", "amount", "currency", "outcome", "code", "created_at"]
     list_filter = ["kind", "outcome"]

@@ -377,3 +377,20 @@ def test_a_product_added_twice_at_once_keeps_the_first_ones_stock(sku: str, monk
     assert f"Not added: {sku} exists already" in response.content.decode()
     assert stock(sku) == (7, 0)
     assert Product.objects.get(sku=sku).name != "Same SKU"
+
+
+def test_the_fake_providers_ledger_does_not_show_the_card_token(api: Api, sku: str) -> None:
+    """A staff account that may view the provider's ledger saw each charge's card token
+    there, which the saga's and the order's pages hide."""
+    from payments.models import FakeProviderOperation
+
+    make_product(sku, on_hand=2)
+    order = api.wait_until_final(api.place_order([(sku, 1)], token="tok_mastercard")["id"], timeout=60)
+    charge = FakeProviderOperation.objects.get(idempotency_key__startswith=order["saga"]["id"], kind="charge")
+    assert charge.token == "tok_mastercard"
+    client, user = admin_client()
+    user.user_permissions.add(Permission.objects.get(codename="view_fakeprovideroperation"))
+    page = client.get(f"/admin/payments/fakeprovideroperation/{charge.pk}/change/")
+    assert page.status_code == 200
+    assert charge.reference in page.content.decode()
+    assert "tok_mastercard" not in page.content.decode()
