@@ -322,6 +322,7 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
     """
     undo_key = step_key(saga_id, STEP, "undo")
     settled = False
+    late: Payment | None = None
     while True:
         with transaction.atomic(using=DB):
             saga_lock(using=DB, saga_id=saga_id)
@@ -332,7 +333,6 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
                 late = Payment.objects.filter(saga_id=saga_id, status=Payment.Status.REFUNDING).first()
                 if late is None:
                     return done
-                payment = late
                 break
             # First, the key a charge's first copy inserts without the saga lock: one that
             # is committing now is waited for, and its payment is read below; one that
@@ -372,7 +372,8 @@ def payment_refund(*, saga_id: uuid.UUID) -> dict[str, Any]:
                     status=Payment.Status.REFUNDING, provider_charge_id=found.charge_id, updated_at=timezone.now()
                 )
         # Settled by us or, meanwhile, by a racing copy: the next round reads which.
-    return _refund_at_provider(payment)
+    assert late is not None  # the loop's one way out that does not return
+    return _refund_at_provider(late)
 
 
 def _refund_at_provider(payment: Payment) -> dict[str, Any]:
