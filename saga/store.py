@@ -42,37 +42,45 @@ def lock_saga_with_steps(
 def lock_sagas_with_steps(
     saga_ids: Sequence[uuid.UUID | str], *, phase: str | None = None, skip_locked: bool = False
 ) -> dict[uuid.UUID, tuple[SagaInstance, dict[str, SagaStep]]]:
-    """Each of the sagas, locked, with its steps (of `phase`, or all) by name, in one
-    statement. Rows are locked in id order, so two callers never wait on each other in a
-    cycle; with `skip_locked`, a saga another transaction holds is left out (its caller
-    comes back for it). Precondition: inside `transaction.atomic(using="orders")`."""
+    """Each of the sagas, locked, with its steps (of `phase`, or all) by name. Rows are
+    locked in id order, so two callers never wait on each other in a cycle; with
+    `skip_locked`, a saga another transaction holds is left out (its caller comes back for
+    it). Precondition: inside `transaction.atomic(using="orders")`.
+
+    Two statements, the steps read after the lock is held. One statement that joined the
+    steps to the locked sagas (it used to) read them in the snapshot it began with: when it
+    had to wait for a saga's lock, PostgreSQL gave it the saga row as the holder left it
+    and the steps as they were before (READ COMMITTED re-reads only the locked rows). A
+    late failure report then wrote an operator's retried step back to failed, or took a
+    re-published step's failure for its current copy's."""
     connection = connections[DB]
     quote = connection.ops.quote_name
     saga_fields, step_fields = SagaInstance._meta.concrete_fields, SagaStep._meta.concrete_fields
-    columns = [f"s.{quote(str(f.column))}" for f in saga_fields] + [f"t.{quote(str(f.column))}" for f in step_fields]
     # Planned for its sagas at every execution: a plan kept from when the tables were
     # small scanned them whole (common.sql.prepared).
     with prepared(DB, plan_once=False) as cursor:
         cursor.execute(
-            f"SELECT {', '.join(columns)} FROM {quote(SagaInstance._meta.db_table)} AS s "
-            f"LEFT JOIN {quote(SagaStep._meta.db_table)} AS t ON t.saga_id = s.id"
-            + (" AND t.phase = %s" if phase else "")
-            + " WHERE s.id = ANY(%s::uuid[]) ORDER BY s.id, t.phase, t.position FOR UPDATE OF s"
-            + (" SKIP LOCKED" if skip_locked else ""),
-            [*([phase] if phase else []), [str(i) for i in saga_ids]],
+            f"SELECT {', '.join(quote(str(f.column)) for f in saga_fields)} FROM {quote(SagaInstance._meta.db_table)} "
+            "WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE" + (" SKIP LOCKED" if skip_locked else ""),
+            [[str(i) for i in saga_ids]],
         )
-        rows = cursor.fetchall()
-    split = len(saga_fields)
-    found: dict[uuid.UUID, tuple[SagaInstance, dict[str, SagaStep]]] = {}
+        sagas = [from_row(SagaInstance, saga_fields, row, DB) for row in cursor.fetchall()]
+        rows = []
+        if sagas:
+            cursor.execute(
+                f"SELECT {', '.join(quote(str(f.column)) for f in step_fields)} FROM {quote(SagaStep._meta.db_table)} "
+                "WHERE saga_id = ANY(%s::uuid[])"
+                + (" AND phase = %s" if phase else "")
+                + " ORDER BY saga_id, phase, position",
+                [[str(s.id) for s in sagas], *([phase] if phase else [])],
+            )
+            rows = cursor.fetchall()
+    found: dict[uuid.UUID, tuple[SagaInstance, dict[str, SagaStep]]] = {s.id: (s, {}) for s in sagas}
     for row in rows:
-        saga_id = row[0]
-        if saga_id not in found:
-            found[saga_id] = (from_row(SagaInstance, saga_fields, row[:split], DB), {})
-        saga, steps = found[saga_id]
-        if row[split] is not None:
-            step = from_row(SagaStep, step_fields, row[split:], DB)
-            step._state.fields_cache["saga"] = saga
-            steps[step.name] = step
+        step = from_row(SagaStep, step_fields, row, DB)
+        saga, steps = found[step.saga_id]
+        step._state.fields_cache["saga"] = saga
+        steps[step.name] = step
     if phase is None:
         for saga, steps in found.values():
             # What prefetch_related("steps") would leave: saga.steps.all() reads no rows.
