@@ -115,3 +115,14 @@ def test_the_hot_path_leaves_what_the_serializer_changes_or_words_to_it() -> Non
         {**VALID, "phone": None},  # refused
     ):
         assert order_input_as_given(body) is None
+
+
+def test_more_lines_than_an_order_may_have_are_refused_before_any_line_is_read() -> None:
+    """REST framework checks a list's length after validating every line: 30,000 bad lines
+    in a 64 KiB body took a second of CPU and answered megabytes of per-line errors."""
+    for lines in ([0] * 30_000, [{}] * 30_000, [{"sku": "MUG-LOGO", "quantity": 1}] * (settings.ORDER_MAX_LINES + 1)):
+        given = OrderCreateInput(data={**VALID, "items": lines})
+        assert not given.is_valid()
+        assert given.errors["items"] == [f"Ensure this field has no more than {settings.ORDER_MAX_LINES} elements."]
+    at_most = OrderCreateInput(data={**VALID, "items": [{"sku": f"SKU-{i}", "quantity": 1} for i in range(settings.ORDER_MAX_LINES)]})
+    assert at_most.is_valid(), at_most.errors
