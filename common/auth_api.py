@@ -23,6 +23,9 @@ class TokenObtainApi(APIView):
     parser_classes = [JSONParser]
     throttle_classes = [WriteRateThrottle]
     throttle_scope = "auth_token"
+    # Per address even for a caller with a token of its own: per user, each account named
+    # in the body would be guessed at under the caller's counter (WriteRateThrottle).
+    throttle_per_address = True
 
     @extend_schema(
         operation_id="auth_token_create",

@@ -142,6 +142,13 @@ class WriteRateThrottle(ScopedRateThrottle):
             return True
         return self._wait is None
 
+    def get_cache_key(self, request: Request, view: Any) -> str | None:
+        """Per user, as REST framework counts; per client address for a view that says
+        `throttle_per_address` (the token endpoint, where the body names the account)."""
+        if getattr(view, "throttle_per_address", False):
+            return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
+        return super().get_cache_key(request, view)
+
     def wait(self) -> float | None:
         """Seconds until a request would be admitted (Retry-After)."""
         return self._wait

@@ -11,7 +11,9 @@ The usual counter assumes the previous window's requests were spread over all of
 one assumes they were spread between its first and last request, which it knows: a burst
 then expires when it would in DRF's sliding log (at its age of one window), and a client
 told to wait (`Retry-After`) is never told more than one window, as with DRF. Between the
-two, the estimate may let through a little more or less than the sliding log would.
+two, the estimate may let through more or less than the sliding log would: a client that
+times its requests against it gets up to twice the limit within one window's span (no
+fixed window admits more than the limit, and a span meets two of them), never more.
 
 A rejected request is not counted (as in DRF): its increment is taken back, which costs a
 throttled client a second round trip. Counting is atomic, so concurrent requests cannot

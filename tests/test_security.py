@@ -213,7 +213,10 @@ def test_orders_are_taken_when_the_rate_limit_cache_is_down(topology: Topology, 
 def production_web(topology: Topology) -> Iterator[Topology]:
     """The web process with DEBUG off, as compose runs it without a TLS proxy in front.
 
-    Generous rate limits, so that the fuzzer reaches the validation behind them.
+    Generous rate limits, so that the fuzzer reaches the validation behind them. The counts
+    live in the cache every web shares, by client address for the token endpoint: behind a
+    proxy (NUM_PROXIES=1) the fuzzer says it comes from an address of its own
+    (`FUZZER_ADDRESS`), so its hundreds of token requests count against no other test's.
     """
     web = _start_web(
         topology,
@@ -222,6 +225,7 @@ def production_web(topology: Topology) -> Iterator[Topology]:
         SECURE_SSL_REDIRECT="False",
         ORDER_CREATE_RATE="100000/minute",
         AUTH_TOKEN_RATE="100000/minute",
+        NUM_PROXIES="1",
     )
     try:
         yield web
@@ -243,6 +247,9 @@ def test_hsts_is_sent_on_https_requests_from_the_proxy(production_web: Topology)
     assert response.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains; preload"
 
 
+FUZZER_ADDRESS = "192.0.2.250"  # TEST-NET-1
+
+
 def schemathesis_command(base_url: str, token: str, *extra: str) -> list[str]:
     """The fuzzing run; docs/SECURITY.md has the long one, with the same options."""
     return [
@@ -251,6 +258,8 @@ def schemathesis_command(base_url: str, token: str, *extra: str) -> list[str]:
         f"{base_url}/api/schema/",
         "--header",
         f"Authorization: Token {token}",
+        "--header",
+        f"X-Forwarded-For: {FUZZER_ADDRESS}",
         # Revoking the fuzzer's own token would turn the rest of the run into 401s.
         "--exclude-operation-id",
         "auth_token_revoke",
@@ -435,6 +444,7 @@ def test_a_token_can_be_revoked_by_its_owner(api: Api) -> None:
         ("12345678901", "True", "This password is entirely numeric."),
         ("Zq7!", "True", "This password is too short."),
         ("admin-local-only", "False", "public default"),
+        ("", "True", "This password is too short."),  # Django stored a working hash of ""
     ],
 )
 def test_createsuperuser_refuses_a_weak_password_even_without_a_prompt(
@@ -456,3 +466,45 @@ def test_createsuperuser_accepts_a_strong_password(db_access: None) -> None:
     result = _manage("createsuperuser", "--noinput", "--username", username, "--email", "a@example.com", env=env)
     assert result.returncode == 0, result.stderr
     assert get_user_model().objects.get(username=username).is_superuser
+
+
+def test_api_token_create_refuses_before_it_changes_anything(db_access: None) -> None:
+    """A TTL out of range printed a traceback, after --replace had revoked the user's
+    tokens: they were left with none. An inactive user's key would be refused by every
+    request."""
+    from common.models import ApiToken
+    from common.tokens import api_token_create
+
+    user = get_user_model().objects.create_user(username=f"cli-{uuid.uuid4().hex[:8]}", password=uuid.uuid4().hex)
+    api_token_create(user=user)
+    env = _environment()
+    for ttl, message in (("1000000000000000000", "is not a number of seconds"), ("0", "is not"), ("-5", "is not")):
+        result = _manage("api_token_create", user.username, "--ttl", ttl, "--replace", env=env)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert ApiToken.objects.filter(user=user).count() == 1
+    result = _manage("api_token_create", user.username, "--ttl", "3600", env=env)
+    assert result.returncode == 0 and len(result.stdout.strip()) > 20, result.stderr
+
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    result = _manage("api_token_create", user.username, env=env)
+    assert result.returncode != 0 and "is inactive" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("roles", "message"),
+    [
+        ("webb=saga_default_web", "DATABASE_PROCESS_ROLES names no process webb: the processes are"),
+        ("web=no_such_role_here", "names role(s) no_such_role_here, which PostgreSQL does not have"),
+    ],
+)
+def test_migrate_refuses_process_roles_it_cannot_grant_before_it_migrates(
+    db_access: None, roles: str, message: str
+) -> None:
+    """A misspelt process or a missing role stopped the grants halfway, with a traceback,
+    after the migrations had run."""
+    result = _manage("migrate", "--database", "orders", env=_environment(DATABASE_PROCESS_ROLES=roles))
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -166,3 +166,49 @@ def test_on_redis_a_request_builds_no_client(clock: Clock, monkeypatch: pytest.M
     monkeypatch.setattr(redis.Redis, "__init__", lambda self, *a, **kw: built.append(1) or original(self, *a, **kw))
     assert statuses(client, 4) == [201, 201, 429, 429]
     assert built == []
+
+
+class PerAddressView(WriteView):
+    throttle_per_address = True
+
+
+def test_a_view_counted_per_address_counts_signed_in_callers_per_address_too(
+    cache_kind: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token endpoint: signed in with a token of their own, a caller was counted per
+    user, so each account named in the bodies added its own allowance of guesses."""
+    from types import SimpleNamespace
+
+    address = f"198.51.100.{secrets.randbelow(254) + 1}-{secrets.token_hex(4)}"
+    factory = APIRequestFactory()
+
+    def post(view: type[APIView], user_pk: int) -> int:
+        request = factory.post("/", {}, format="json", REMOTE_ADDR=address)
+        caller = SimpleNamespace(pk=user_pk, is_authenticated=True, is_active=True)
+        monkeypatch.setattr(view, "authentication_classes", [_As(caller)])
+        return view.as_view()(request).status_code
+
+    # Per address: three guesses in all, whoever the caller signs in as.
+    assert [post(PerAddressView, pk) for pk in (1, 2, 3, 4)] == [201, 201, 201, 429]
+    # Elsewhere per user, as REST framework counts.
+    assert [post(WriteView, pk) for pk in (5, 6, 7, 8)] == [201] * 4
+
+
+def _As(user: object) -> type:
+    class Authentication:
+        def authenticate(self, request: Request) -> tuple[object, None]:
+            return user, None
+
+    return Authentication
+
+
+def test_a_rate_the_throttle_would_misread_stops_the_start() -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from orders_project.security import rate_setting
+
+    assert rate_setting("ORDER_CREATE_RATE", "30/minute") == "30/minute"
+    assert rate_setting("AUTH_TOKEN_RATE", " 100000000/m ") == "100000000/m"
+    for typo in ("30/5min", "30 per minute", "30/", "/minute", "0/minute", "-1/minute", "30/week", "thirty/minute"):
+        with pytest.raises(ImproperlyConfigured, match="is not a rate"):
+            rate_setting("ORDER_CREATE_RATE", typo)
