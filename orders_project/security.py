@@ -48,6 +48,19 @@ def require_production_secrets(*, secret_key: str, fallbacks: Sequence[str]) -> 
             )
 
 
+RATE = re.compile(r"[1-9][0-9]{0,9}/(s|sec|second|m|min|minute|h|hour|d|day)")
+
+
+def rate_setting(name: str, value: str) -> str:
+    """`value` if it is a rate REST framework reads as meant (`N/second|minute|hour|day`).
+    It reads only a period's first letter and fails on anything else at each request,
+    which our throttle took for a cache outage and let every request through: a typo such
+    as `30/5min` turned the limit off."""
+    if not RATE.fullmatch(value.strip()):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a rate: write N/second, N/minute, N/hour or N/day")
+    return value.strip()
+
+
 def flower_address(argv: Sequence[str], environ: Mapping[str, str]) -> str:
     """The address this Flower process listens on: --address, else FLOWER_ADDRESS, else
     Flower's default "" (every interface). A Unix socket counts as no address."""

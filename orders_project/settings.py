@@ -211,8 +211,8 @@ REST_FRAMEWORK = {
     # Per-user (or per-IP when anonymous) rates of the views that declare a throttle_scope,
     # counted in the shared cache so that every gunicorn worker sees the same counts.
     "DEFAULT_THROTTLE_RATES": {
-        "order_create": env.str("ORDER_CREATE_RATE", default="30/minute"),
-        "auth_token": env.str("AUTH_TOKEN_RATE", default="10/minute"),
+        "order_create": security.rate_setting("ORDER_CREATE_RATE", env.str("ORDER_CREATE_RATE", default="30/minute")),
+        "auth_token": security.rate_setting("AUTH_TOKEN_RATE", env.str("AUTH_TOKEN_RATE", default="10/minute")),
     },
     # Proxies in front that append to X-Forwarded-For: an anonymous client is then told
     # apart by the address the last of them saw. 0 (the default: trust no such header) uses
