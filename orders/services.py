@@ -148,7 +148,12 @@ def order_cancel(*, order_id: uuid.UUID) -> Order:
             raise OrderNotCancellable(f"order is {order.status}")
         saga = SagaInstance.objects.select_for_update().get(order_id=order.id)
         if saga.status != SagaStatus.RUNNING:
-            raise OrderNotCancellable(f"order is already being {'failed' if saga.outcome else saga.status}")
+            if saga.outcome:
+                raise OrderNotCancellable("order is already being failed")
+            if saga.status == SagaStatus.NEEDS_ATTENTION:
+                # Stopped at or after its pivot for an operator: not the customer's to undo.
+                raise OrderNotCancellable("order can no longer be cancelled: our staff are completing it")
+            raise OrderNotCancellable(f"order can no longer be cancelled (its saga is {saga.status})")
         order.cancel_requested_at = timezone.now()
         order.save(update_fields=["cancel_requested_at", "updated_at"])
         saga_begin_compensation(

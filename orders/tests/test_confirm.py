@@ -206,3 +206,21 @@ def test_a_saga_of_another_version_than_the_one_this_deployment_starts_takes_the
     # The general way finds the saga's own version (saga.definition.get_definition).
     assert services.order_confirm(order_id=order.id, saga_id=saga.id, total=TOTAL, timeline=timeline)
     assert SagaInstance.objects.using("orders").get(id=saga.id).pivot_committed_at == frozen
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "said"),
+    [
+        (SagaStatus.NEEDS_ATTENTION, "", "order can no longer be cancelled: our staff are completing it"),
+        (SagaStatus.COMPENSATING, "failed", "order is already being failed"),
+        (SagaStatus.COMPLETED, "", "order can no longer be cancelled (its saga is completed)"),
+    ],
+)
+def test_a_cancel_the_saga_no_longer_takes_says_why_in_words(status: str, outcome: str, said: str) -> None:
+    """A pivot that never reported back leaves the saga needing an operator with no
+    outcome, and the customer was told "order is already being needs_attention"."""
+    order, saga = placed()
+    SagaInstance.objects.using("orders").filter(id=saga.id).update(status=status, outcome=outcome)
+    with pytest.raises(services.OrderNotCancellable) as refused:
+        services.order_cancel(order_id=order.id)
+    assert str(refused.value) == said

@@ -23,7 +23,9 @@ class Command(createsuperuser.Command):
 
     def handle(self, *args: Any, **options: Any) -> str | None:
         password = os.environ.get("DJANGO_SUPERUSER_PASSWORD")
-        if not options["interactive"] and password:
+        # An empty one too: Django stores a working hash of "" (the login forms refuse it,
+        # `check_password` does not).
+        if not options["interactive"] and password is not None:
             self._check_password(password, options)
         return super().handle(*args, **options)
 
