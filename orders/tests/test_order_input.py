@@ -124,5 +124,7 @@ def test_more_lines_than_an_order_may_have_are_refused_before_any_line_is_read()
         given = OrderCreateInput(data={**VALID, "items": lines})
         assert not given.is_valid()
         assert given.errors["items"] == [f"Ensure this field has no more than {settings.ORDER_MAX_LINES} elements."]
-    at_most = OrderCreateInput(data={**VALID, "items": [{"sku": f"SKU-{i}", "quantity": 1} for i in range(settings.ORDER_MAX_LINES)]})
+    at_most = OrderCreateInput(
+        data={**VALID, "items": [{"sku": f"SKU-{i}", "quantity": 1} for i in range(settings.ORDER_MAX_LINES)]}
+    )
     assert at_most.is_valid(), at_most.errors
