@@ -298,15 +298,21 @@ def test_malformed_and_forged_messages_are_rejected_on_every_queue(api: Api, top
             "not",
         ),
     ]
-    wait_for(
-        lambda: (
-            not SagaInstance.objects.filter(status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING])
-            .exclude(id=held.id)
-            .exists()
-        ),
-        timeout=120,
-        what="earlier tests' sagas to finish",
-    )
+
+    def unfinished() -> list[str]:
+        sagas = SagaInstance.objects.filter(status__in=[SagaStatus.RUNNING, SagaStatus.COMPENSATING]).exclude(
+            id=held.id
+        )
+        return [
+            f"{s.id} {s.status} at {s.current_step} (updated {s.updated_at:%H:%M:%S}): "
+            + ", ".join(f"{t.name}={t.status}/{t.celery_task_id.rsplit('-', 1)[-1]}" for t in s.steps.all())
+            for s in sagas.prefetch_related("steps")
+        ]
+
+    try:
+        wait_for(lambda: not unfinished(), timeout=120, what="earlier tests' sagas to finish")
+    except TimeoutError as timed_out:
+        raise AssertionError(f"{timed_out}: " + "; ".join(unfinished())) from None
     before = database_snapshot()
 
     sent = [
