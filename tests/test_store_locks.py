@@ -61,20 +61,26 @@ def test_a_read_that_waited_for_the_lock_sees_the_steps_its_holder_wrote(db_acce
         finally:
             connections.close_all()
 
-    first = threading.Thread(target=holder, daemon=True)
-    first.start()
-    assert held.wait(30)
-    second = threading.Thread(target=reader, daemon=True)
-    second.start()
-    if not skip_locked:
-        wait_for(lambda: waiting_on_a_lock(str(SagaInstance._meta.db_table)), timeout=30, what="the read to wait")
-    else:
-        second.join(30)  # a saga someone holds is left out, not waited for
-    release.set()
-    first.join(30)
-    second.join(30)
-    assert not first.is_alive() and not second.is_alive()
-    if skip_locked:
-        assert seen["found"] == {}
-    else:
-        assert seen["found"][saga.id]["reserve_inventory"] == ("failed", f"{saga.id}-reserve_inventory-g3")
+    try:
+        first = threading.Thread(target=holder, daemon=True)
+        first.start()
+        assert held.wait(30)
+        second = threading.Thread(target=reader, daemon=True)
+        second.start()
+        if not skip_locked:
+            wait_for(lambda: waiting_on_a_lock(str(SagaInstance._meta.db_table)), timeout=30, what="the read to wait")
+        else:
+            second.join(30)  # a saga someone holds is left out, not waited for
+        release.set()
+        first.join(30)
+        second.join(30)
+        assert not first.is_alive() and not second.is_alive()
+        if skip_locked:
+            assert seen["found"] == {}
+        else:
+            assert seen["found"][saga.id]["reserve_inventory"] == ("failed", f"{saga.id}-reserve_inventory-g3")
+    finally:
+        release.set()
+        # Never published, and left running it would be an unfinished saga to every later
+        # test that waits for the earlier ones' (both brokers' passes share the databases).
+        SagaInstance.objects.using("orders").filter(id=saga.id).delete()
