@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.db import OperationalError, connections
+from django.db import OperationalError
 
 from common.exceptions import TransientError
 from notifications import channels, services
 from notifications.models import Notification
+
+from .copies import Copy
 
 pytestmark = pytest.mark.usefixtures("db_access")
 
@@ -45,31 +47,6 @@ def delivery(monkeypatch: pytest.MonkeyPatch) -> HeldDelivery:
     return held
 
 
-class Copy(threading.Thread):
-    """One copy of the notification message, in its own thread (its own connection)."""
-
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        super().__init__(name=name, daemon=True)
-        self.kwargs = kwargs
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = services.notification_send(**self.kwargs)
-        except BaseException as error:
-            self.error = error
-        finally:
-            connections.close_all()
-
-    def outcome(self) -> Any:
-        self.join(30)
-        assert not self.is_alive(), f"copy {self.name} did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
 @pytest.fixture
 def outcome() -> Iterator[dict[str, Any]]:
     yield {"saga_id": uuid.uuid4(), "order_id": uuid.uuid4(), "outcome": "confirmed", "email": "c@example.com"}
@@ -84,7 +61,7 @@ def test_a_copy_that_reads_while_another_finishes_retries_and_never_fails(
     recorded: an IntegrityError, which no retry covers, and a completed saga's step
     reported failed."""
     delivery.hold.add("A")
-    first = Copy("A", **outcome)
+    first = Copy("A", services.notification_send, **outcome)
     first.start()
     assert delivery.entered.wait(30)
     real_processed_result = services.processed_result
@@ -97,7 +74,7 @@ def test_a_copy_that_reads_while_another_finishes_retries_and_never_fails(
         return read
 
     monkeypatch.setattr(services, "processed_result", first_finishes_between_the_reads)
-    later = Copy("B", **outcome)
+    later = Copy("B", services.notification_send, **outcome)
     later.start()
     result = first.outcome()
     try:

@@ -17,7 +17,6 @@ from typing import Any
 import pybreaker
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import connections
 from django.utils import timezone
 
 from common.exceptions import StepRefused, TransientError
@@ -29,6 +28,7 @@ from payments.gateways.fake import FakeGateway
 from payments.models import FakeProviderOperation, Payment, PaymentAttempt
 
 from .api import another_process
+from .copies import Copy
 
 pytestmark = pytest.mark.usefixtures("db_access")
 
@@ -76,31 +76,6 @@ def breaker(monkeypatch: pytest.MonkeyPatch) -> pybreaker.CircuitBreaker:
 
     monkeypatch.setattr(resilience, "provider_breaker", per_thread)
     return per_thread()
-
-
-class Copy(threading.Thread):
-    """One copy of a step message, run in its own thread (its own database connection)."""
-
-    def __init__(self, name: str, fn: Any, **kwargs: Any) -> None:
-        super().__init__(name=name, daemon=True)
-        self.fn, self.kwargs = fn, kwargs
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn(**self.kwargs)
-        except BaseException as error:
-            self.error = error
-        finally:
-            connections.close_all()
-
-    def outcome(self) -> Any:
-        self.join(30)
-        assert not self.is_alive(), f"copy {self.name} did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 @pytest.fixture
