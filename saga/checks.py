@@ -16,6 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections
 from django.db.models import Count
 
@@ -80,6 +81,8 @@ def check_saga_versions(app_configs: Any = None, databases: Any = None, **kwargs
         missing = versions_in_use_unregistered()
     except DatabaseError as error:
         return [checks.Error(f"cannot read the saga store to check saga versions: {error}", id="saga.E002")]
+    except ImproperlyConfigured as error:
+        return [checks.Error(str(error), id="saga.E003")]
     if not missing:
         return []
     return [checks.Error(refusal(missing), id="saga.E001")]
@@ -101,6 +104,9 @@ def refuse_start_without_versions_in_use() -> None:
     except DatabaseError:
         logger.warning("could not read the saga store to check saga versions at start-up", exc_info=True)
         return
+    except ImproperlyConfigured as error:
+        logger.critical("refusing to start: %s", error)
+        raise SystemExit(f"refusing to start: {error}") from None
     finally:
         # Not carried into forked pool processes or request threads.
         connections[DB].close()

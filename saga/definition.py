@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 
@@ -158,12 +159,19 @@ def register(definition: SagaDefinition) -> SagaDefinition:
 
 
 def register_from_paths(paths: Iterable[str]) -> list[SagaDefinition]:
-    """Register the SagaDefinition objects named by dotted paths (SAGA_DEFINITIONS)."""
+    """Register the SagaDefinition objects named by dotted paths (SAGA_DEFINITIONS).
+    ImproperlyConfigured, naming the path, for one that does not import or is not a
+    SagaDefinition: every caller is a start-up or a command that says so and stops."""
     registered = []
     for path in paths:
-        definition = import_string(path)
+        try:
+            definition = import_string(path)
+        except ImportError as error:
+            raise ImproperlyConfigured(f"SAGA_DEFINITIONS: cannot import {path!r}: {error}") from error
         if not isinstance(definition, SagaDefinition):
-            raise TypeError(f"SAGA_DEFINITIONS: {path} is a {type(definition).__name__}, not a SagaDefinition")
+            raise ImproperlyConfigured(
+                f"SAGA_DEFINITIONS: {path} is a {type(definition).__name__}, not a SagaDefinition"
+            )
         registered.append(register(definition))
     return registered
 

@@ -127,3 +127,33 @@ def test_every_lookup_loads_the_deployments_definitions_first(monkeypatch: pytes
     listed = definition.registered_definitions()
 
     assert ("place_order", get_definition("place_order").version) in {(d.name, d.version) for d in listed}
+
+
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        ("orders.saga.PLACE_ORDER_V9", "SAGA_DEFINITIONS: cannot import 'orders.saga.PLACE_ORDER_V9'"),
+        ("orders.sagas.PLACE_ORDER", "SAGA_DEFINITIONS: cannot import 'orders.sagas.PLACE_ORDER'"),
+        ("orders.saga.settings", "SAGA_DEFINITIONS: orders.saga.settings is a LazySettings, not a SagaDefinition"),
+    ],
+)
+def test_a_definition_path_that_does_not_import_is_named_by_the_check_the_command_and_the_start(
+    monkeypatch: pytest.MonkeyPatch, settings, path: str, named: str
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    from saga import checks, definition
+
+    monkeypatch.setattr(definition, "_REGISTRY", {})
+    monkeypatch.setattr(definition, "_LOADED", definition.threading.Event())
+    settings.SAGA_DEFINITIONS = [path]
+
+    [error] = check_saga_versions(databases=["orders"])
+    assert (error.id, error.msg.split(":")[0]) == ("saga.E003", "SAGA_DEFINITIONS")
+    assert named in error.msg
+    with pytest.raises(CommandError, match="SAGA_DEFINITIONS") as refused:
+        call_command("saga_versions")
+    assert named in str(refused.value)
+    with pytest.raises(SystemExit) as stopped:
+        checks.refuse_start_without_versions_in_use()
+    assert named in str(stopped.value) and str(stopped.value).startswith("refusing to start: ")

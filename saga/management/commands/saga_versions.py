@@ -1,3 +1,4 @@
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
 from saga.checks import refusal, stored_version_counts
@@ -15,8 +16,11 @@ class Command(BaseCommand):
     requires_system_checks = []
 
     def handle(self, *args: object, **options: object) -> None:
+        try:
+            registered = registered_versions()
+        except ImproperlyConfigured as error:
+            raise CommandError(str(error)) from None
         counts = stored_version_counts()
-        registered = registered_versions()
         rows = sorted({*counts, *((name, v) for name, versions in registered.items() for v in versions)})
         self.stdout.write(f"{'saga':<24} {'version':>7}  {'registered':<18} {'unfinished sagas':>16}")
         for name, version in rows:
