@@ -168,7 +168,9 @@ def _settings_in_a_clean_environment(tmp_path: Path, **variables: str) -> subpro
 
 
 def test_settings_default_to_production_and_pass_the_deploy_check(tmp_path: Path) -> None:
-    result = _settings_in_a_clean_environment(tmp_path, SECRET_KEY=secrets.token_urlsafe(50))
+    result = _settings_in_a_clean_environment(
+        tmp_path, SECRET_KEY=secrets.token_urlsafe(50), EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend"
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     seen = json.loads(result.stdout.splitlines()[0])
@@ -176,6 +178,17 @@ def test_settings_default_to_production_and_pass_the_deploy_check(tmp_path: Path
     assert seen == {"DEBUG": False, "NUM_PROXIES": 0, "LOCAL_MODE": False, "SECURE_SSL_REDIRECT": True}
     assert "System check identified no issues" in result.stdout + result.stderr
     assert "LOCAL MODE" not in result.stderr
+
+
+def test_the_deploy_check_refuses_email_that_is_never_sent(tmp_path: Path) -> None:
+    # The default file backend, which `make run` and the bench use, keeps every customer's
+    # email on disk: fine on a laptop, a silent outage in production.
+    result = _settings_in_a_clean_environment(tmp_path, SECRET_KEY=secrets.token_urlsafe(50))
+
+    assert result.returncode != 0
+    assert "notifications.W001" in result.stderr
+    assert "writes each email to a file under EMAIL_FILE_PATH" in result.stderr
+    assert "set EMAIL_BACKEND=django.core.mail.backends.smtp.EmailBackend" in result.stderr
 
 
 def test_settings_refuse_the_public_secret_key_by_default(tmp_path: Path) -> None:
