@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from django.conf import settings
-from django.core.mail import send_mail
+from django.core.mail import EmailMessage
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -16,23 +16,33 @@ from common.exceptions import TransientError
 
 
 class SmsBackend(Protocol):
-    def send(self, *, to: str, body: str) -> None: ...
+    def send(self, *, to: str, body: str, reference: str) -> None:
+        """Deliver `body` to `to`. `reference` names the message, the same in every copy
+        (a provider's client reference, where it has one)."""
 
 
 class FileSmsBackend:
     """Appends each SMS as a JSON line to SMS_FILE_PATH/sms.log: readable in development."""
 
-    def send(self, *, to: str, body: str) -> None:
+    def send(self, *, to: str, body: str, reference: str) -> None:
         folder = Path(settings.SMS_FILE_PATH)
         folder.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"at": timezone.now().isoformat(), "to": to, "body": body})
+        line = json.dumps({"at": timezone.now().isoformat(), "to": to, "reference": reference, "body": body})
         with open(folder / "sms.log", "a", encoding="utf-8") as log:
             log.write(line + "\n")
 
 
-def send_email(*, to: str, subject: str, body: str) -> None:
+def message_id(reference: str) -> str:
+    """The Message-ID header of the email named `reference`, in the sender's domain."""
+    return f"<{reference}@{settings.DEFAULT_FROM_EMAIL.rpartition('@')[2] or 'localhost'}>"
+
+
+def send_email(*, to: str, subject: str, body: str, reference: str) -> None:
+    message = EmailMessage(
+        subject, body, settings.DEFAULT_FROM_EMAIL, [to], headers={"Message-ID": message_id(reference)}
+    )
     try:
-        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [to], fail_silently=False)
+        message.send(fail_silently=False)
     except (smtplib.SMTPException, OSError) as error:
         # The mail server being away is worth a retry; the task backs off. The error goes
         # into the worker's log, Flower's task events, the result backend and the saga's
@@ -53,6 +63,6 @@ def failure_kind(error: BaseException) -> str:
     return f"{type(error).__name__} ({code})" if code else type(error).__name__
 
 
-def send_sms(*, to: str, body: str) -> None:
+def send_sms(*, to: str, body: str, reference: str) -> None:
     backend: SmsBackend = import_string(settings.SMS_BACKEND)()
-    backend.send(to=to, body=body)
+    backend.send(to=to, body=body, reference=reference)

@@ -51,6 +51,14 @@ class Notification(models.Model):
     def __str__(self) -> str:
         return f"{self.kind} by {self.channel} to {self.recipient} ({self.status})"
 
+    @property
+    def reference(self) -> str:
+        """The message's own name, the same in every copy that delivers it: the email's
+        Message-ID and the SMS's reference. A message sent again in one of delivery's
+        at-least-once windows (notifications.services) is then recognisably the same one,
+        which mail systems fold into one and an audit can tell from a second message."""
+        return f"{self.saga_id}.{self.kind}"
+
 
 class ProcessedKey(ProcessedKeyBase):
     class Meta:

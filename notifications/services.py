@@ -105,9 +105,14 @@ def notification_send(
     try:
         for index, notification in enumerate(claimed):
             if notification.channel == Notification.Channel.EMAIL:
-                channels.send_email(to=notification.recipient, subject=notification.subject, body=notification.body)
+                channels.send_email(
+                    to=notification.recipient,
+                    subject=notification.subject,
+                    body=notification.body,
+                    reference=notification.reference,
+                )
             else:
-                channels.send_sms(to=notification.recipient, body=notification.body)
+                channels.send_sms(to=notification.recipient, body=notification.body, reference=notification.reference)
             delivered.append(notification)
             if index + 1 < len(claimed):
                 _mark_sent(notification.pk, claim)

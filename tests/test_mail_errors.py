@@ -80,7 +80,7 @@ def shown(error: BaseException) -> str:
 def test_a_refused_recipient_is_reported_without_the_address(refusing_smtp: int) -> None:
     email = f"refused-{uuid.uuid4().hex[:12]}@example.com"
     with smtp_to(refusing_smtp), pytest.raises(TransientError) as raised:
-        channels.send_email(to=email, subject="Your order", body="Thank you")
+        channels.send_email(to=email, subject="Your order", body="Thank you", reference="saga.order_confirmed")
     assert str(raised.value) == "email not sent: SMTPRecipientsRefused (550)"
     assert email not in shown(raised.value)
     assert "refused-" not in shown(raised.value)
@@ -88,7 +88,9 @@ def test_a_refused_recipient_is_reported_without_the_address(refusing_smtp: int)
 
 def test_an_absent_mail_server_is_reported_by_its_errno() -> None:
     with smtp_to(closed_port()), pytest.raises(TransientError, match=r"ConnectionRefusedError \(errno \d+\)"):
-        channels.send_email(to="someone@example.com", subject="Your order", body="Thank you")
+        channels.send_email(
+            to="someone@example.com", subject="Your order", body="Thank you", reference="saga.order_confirmed"
+        )
 
 
 def test_the_notification_step_fails_without_the_address_and_can_be_claimed_again(refusing_smtp: int) -> None:
@@ -144,7 +146,9 @@ def test_a_server_that_stalls_after_accepting_the_mail_is_a_delivery_not_a_failu
 
     def send() -> None:
         try:
-            channels.send_email(to="someone@example.com", subject="Your order", body="Thank you")
+            channels.send_email(
+                to="someone@example.com", subject="Your order", body="Thank you", reference="saga.order_confirmed"
+            )
             sent.append(None)
         except BaseException as error:
             sent.append(error)
