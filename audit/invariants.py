@@ -7,14 +7,16 @@ and not in the coordinator (`saga`), whose boundaries the import contracts check
 (pyproject.toml, [tool.importlinter]).
 """
 
+import itertools
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
+from audit.deliveries import Delivery
 from inventory.models import Product, Reservation
 from notifications.models import Notification
 from orders.models import Order, OrderLine
@@ -41,11 +43,20 @@ def audit(
     grace: timedelta = timedelta(minutes=5),
     now: datetime | None = None,
     initial_stock: Mapping[str, int] | None = None,
+    deliveries: Sequence[Delivery] | None = None,
+    resend_excused: Callable[[float, float], bool] = lambda first, again: False,
 ) -> list[str]:
     """Every violation found now, one line each. `grace`: how long an order may still be
     pending, and a confirmed one's sale unsettled. `initial_stock` (SKU -> units on hand at
     the start, with no adjustment since): checks that each of those SKUs' on hand plus
-    what was sold is still that (stock conservation), as the chaos run does."""
+    what was sold is still that (stock conservation), as the chaos run does.
+
+    `deliveries` (audit.deliveries: every message the customers were sent, when the file
+    backends sent them all): checks each final order got exactly one message of its
+    outcome on each channel it gave, at its own address, and no other. A message delivered
+    twice is a violation unless `resend_excused(first, again)` (their times) says why: the
+    chaos run excuses a re-send after a kill of the sender between the two, the one
+    window SMTP leaves (notifications.services)."""
     now = now or timezone.now()
     violations: list[str] = []
     orders = {o.id: o for o in Order.objects.only("id", "status", "created_at", "email", "phone", "total")}
@@ -261,4 +272,55 @@ def audit(
         owner = orders.get(order_id)
         if owner is not None and owner.status == Order.Status.CONFIRMED and (order_id, sku) not in reserved_lines:
             violations.append(f"order {order_id}: confirmed without a reservation of its {sku}")
+    # 9. (With the deliveries.) Check 4 again from the customers' side: what they were sent.
+    if deliveries is not None:
+        violations += _delivery_violations(orders, sagas, deliveries, resend_excused)
+    return violations
+
+
+def _delivery_violations(
+    orders: Mapping[object, Order],
+    sagas: Mapping[object, SagaInstance],
+    deliveries: Sequence[Delivery],
+    resend_excused: Callable[[float, float], bool],
+) -> list[str]:
+    """Check 9 of `audit`. The lines name orders and files, never an address."""
+    violations: list[str] = []
+    order_of_saga = {str(saga.id): orders.get(saga.order_id) for saga in sagas.values()}
+    copies: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
+    for delivery in deliveries:
+        order = order_of_saga.get(delivery.saga_id)
+        if order is None:
+            violations.append(
+                f"{delivery.where}: an {delivery.channel} whose reference {delivery.reference!r} is no saga's"
+            )
+            continue
+        copies[(delivery.reference, delivery.channel)].append(delivery)
+        expected = OUTCOME_KIND.get(order.status)
+        if expected is None:
+            violations.append(
+                f"order {order.id}: still {order.status}, but was sent {delivery.kind} by {delivery.channel}"
+            )
+        elif delivery.kind != expected:
+            violations.append(f"order {order.id}: {order.status}, but was sent {delivery.kind} by {delivery.channel}")
+        address = order.email if delivery.channel == Notification.Channel.EMAIL else order.phone
+        if delivery.to != address:
+            violations.append(f"order {order.id}: its {delivery.kind} {delivery.channel} went to another address")
+    for (_, channel), sent in copies.items():
+        for first, again in itertools.pairwise(sent):
+            if not resend_excused(first.at, again.at):
+                order = order_of_saga[first.saga_id]
+                violations.append(
+                    f"order {order.id}: its {first.kind} {channel} was delivered again "
+                    f"{again.at - first.at:.3f} s later ({first.where}, {again.where})"
+                )
+    for order in orders.values():
+        expected = OUTCOME_KIND.get(order.status)
+        if expected is None:
+            continue
+        saga = sagas.get(order.id)
+        reference = f"{saga.id}.{expected}" if saga is not None else ""
+        for channel in [Notification.Channel.EMAIL] + ([Notification.Channel.SMS] if order.phone else []):
+            if not copies.get((reference, channel)):
+                violations.append(f"order {order.id}: {order.status}, and no {expected} {channel} was delivered")
     return violations

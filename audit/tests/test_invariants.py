@@ -63,6 +63,23 @@ def test_the_command_exits_non_zero_and_prints_each_violation() -> None:
     assert f"VIOLATION order {orphan.id}: has no saga\n" in out.getvalue()
 
 
+def test_the_command_checks_the_delivered_files_when_asked_and_only_where_there_are_files(tmp_path, settings) -> None:
+    from notifications import channels
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    with pytest.raises(CommandError, match=r"--deliveries reads the files .* but EMAIL_BACKEND is .*smtp"):
+        call_command("saga_audit", "--deliveries", stdout=io.StringIO())
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    settings.EMAIL_FILE_PATH, settings.SMS_FILE_PATH = str(tmp_path / "mail"), str(tmp_path / "sms")
+    stray = uuid.uuid4()
+    channels.send_email(to="a@example.com", subject="s", body="b", reference=f"{stray}.order_confirmed")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match=r"violation\(s\)"):
+        call_command("saga_audit", "--deliveries", stdout=out)
+    assert f"whose reference '{stray}.order_confirmed' is no saga's" in out.getvalue()
+
+
 def test_a_confirmed_orders_stock_is_sold_once_settled_and_no_other_orders_ever() -> None:
     from django.utils import timezone
 
@@ -169,6 +186,58 @@ def test_a_notification_counts_once_sent_and_on_every_channel_the_customer_gave(
 
     assert f"order {order.id}: 0 order_failed email sent, not 1" in violations
     assert f"order {order.id}: 0 order_failed sms sent, not 1" in violations
+
+
+def test_what_the_customers_were_sent_is_read_from_the_delivered_files(tmp_path, settings) -> None:
+    from audit.deliveries import read_deliveries
+    from notifications import channels
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    settings.EMAIL_FILE_PATH, settings.SMS_FILE_PATH = str(tmp_path / "mail"), str(tmp_path / "sms")
+    told = order_create(status=Order.Status.FAILED)
+    told.phone = "+15550101"
+    told.save(update_fields=["phone"])
+    told_saga = saga_of(told, SagaStatus.COMPENSATED)
+    twice = order_create(status=Order.Status.CONFIRMED)
+    twice_saga = saga_of(twice, SagaStatus.COMPLETED)
+    wrong = order_create(status=Order.Status.CONFIRMED)
+    wrong_saga = saga_of(wrong, SagaStatus.COMPLETED)
+    untold = order_create(status=Order.Status.CANCELLED)
+    saga_of(untold, SagaStatus.COMPENSATED)
+
+    def email(saga: object, kind: str, to: str = "audit@example.com") -> None:
+        saga_id = getattr(saga, "id", saga)
+        channels.send_email(to=to, subject="Your order", body="...", reference=f"{saga_id}.{kind}")
+
+    email(told_saga, "order_failed")
+    channels.send_sms(to="+15550101", body="...", reference=f"{told_saga.id}.order_failed")
+    email(twice_saga, "order_confirmed")
+    email(twice_saga, "order_confirmed")  # the same message again
+    email(wrong_saga, "order_failed")  # a confirmed order told it failed, too
+    email(wrong_saga, "order_confirmed", to="someone-else@example.com")
+    email(uuid.uuid4(), "order_confirmed")  # no saga's at all
+    delivered = read_deliveries(tmp_path / "mail", tmp_path / "sms")
+    assert [(d.channel, d.kind) for d in delivered if d.saga_id == str(told_saga.id)] == [
+        ("email", "order_failed"),
+        ("sms", "order_failed"),
+    ]
+
+    # What check 9 adds to the others (these orders have no payments or Notification rows).
+    without = set(audit())
+    violations = [v for v in audit(deliveries=delivered) if v not in without]
+
+    assert about(told.id, violations) == []
+    [again] = about(twice.id, violations)
+    assert again.startswith(f"order {twice.id}: its order_confirmed email was delivered again ")
+    assert about(wrong.id, violations) == [
+        f"order {wrong.id}: confirmed, but was sent order_failed by email",
+        f"order {wrong.id}: its order_confirmed email went to another address",
+    ]
+    assert about(untold.id, violations) == [f"order {untold.id}: cancelled, and no order_cancelled email was delivered"]
+    assert len([v for v in violations if "is no saga's" in v]) == 1
+    # A re-send the caller can explain (the chaos run: its sender was killed in between).
+    excused = audit(deliveries=delivered, resend_excused=lambda first, again: True)
+    assert [v for v in about(twice.id, excused) if v not in without] == []
 
 
 def test_a_finished_sagas_steps_are_settled_and_its_reservations_are_its_order_lines() -> None:

@@ -488,3 +488,22 @@ def test_the_report_says_which_sagas_a_later_kill_took_over(capsys: Any) -> None
     chaos._print_report(run.report)
 
     assert "(+1 received again, then caught by a later kill)" in capsys.readouterr().out
+
+
+def test_a_message_delivered_again_is_excused_only_by_a_kill_of_its_sender_in_between() -> None:
+    def fault(kind: str, target: str, at: float) -> chaos.Fault:
+        return chaos.Fault(kind=kind, target=target, at=at, at_wall=at)
+
+    excused = chaos.killed_between(
+        [
+            fault("kill", "notifications", 100.0),
+            fault("kill", "payments-2", 200.0),
+            fault("drop", "notifications", 300.0),
+        ],
+        "notifications",
+    )
+
+    assert excused(99.9, 101.5)  # delivered, its sender killed before the record, delivered again
+    assert not excused(101.0, 101.0)  # two copies at once, no kill: the race the audit is for
+    assert not excused(199.0, 201.0)  # another worker's kill explains nothing
+    assert not excused(299.0, 301.0)  # nor does a drop

@@ -1,8 +1,16 @@
 from datetime import timedelta
+from pathlib import Path
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from audit.deliveries import read_deliveries
 from audit.invariants import audit
+
+FILE_BACKENDS = {
+    "EMAIL_BACKEND": "django.core.mail.backends.filebased.EmailBackend",
+    "SMS_BACKEND": "notifications.channels.FileSmsBackend",
+}
 
 
 class Command(BaseCommand):
@@ -24,10 +32,28 @@ class Command(BaseCommand):
             ),
         )
 
-    def handle(self, *args: object, grace: float, **options: object) -> None:
+        parser.add_argument(
+            "--deliveries",
+            action="store_true",
+            help=(
+                "also check what the customers were sent, from the files the file backends wrote (EMAIL_FILE_PATH, "
+                "SMS_FILE_PATH: make run's default): one message of its outcome per channel, to its address"
+            ),
+        )
+
+    def handle(self, *args: object, grace: float, deliveries: bool, **options: object) -> None:
         if grace < 0:
             raise CommandError("--grace must be zero or more seconds")
-        violations = audit(grace=timedelta(seconds=grace))
+        delivered = None
+        if deliveries:
+            for setting, file_backend in FILE_BACKENDS.items():
+                if getattr(settings, setting) != file_backend:
+                    raise CommandError(
+                        f"--deliveries reads the files {file_backend} writes, but {setting} is "
+                        f"{getattr(settings, setting)}"
+                    )
+            delivered = read_deliveries(Path(settings.EMAIL_FILE_PATH), Path(settings.SMS_FILE_PATH))
+        violations = audit(grace=timedelta(seconds=grace), deliveries=delivered)
         for violation in violations:
             self.stdout.write(f"VIOLATION {violation}")
         if violations:
