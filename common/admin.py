@@ -1,11 +1,12 @@
 from django.contrib import admin
 from django.http import HttpRequest
 
+from .admin_mixins import DeclaredFiltersOnlyMixin
 from .models import ApiToken
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(DeclaredFiltersOnlyMixin, admin.ModelAdmin):
     """Staff see who holds tokens and revoke them (delete). Tokens are issued through the
     API or `manage.py api_token_create`, which show the key once; the admin never can."""
 

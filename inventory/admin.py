@@ -4,7 +4,7 @@ from django.db import connections, router
 from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 
-from common.admin_mixins import ReadOnlyAdminMixin
+from common.admin_mixins import DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin
 
 from . import services
 from .exceptions import ProductExists, StockBelowReserved
@@ -67,7 +67,7 @@ def catalogue_writable(request: HttpRequest) -> bool:
 
 
 @admin.register(Product)
-class ProductAdmin(admin.ModelAdmin):
+class ProductAdmin(DeclaredFiltersOnlyMixin, admin.ModelAdmin):
     """Products are created and changed through inventory.services, never by saving the row:
     `reserved` moves only with reservations in flight, `on_hand` by adjustments and by sales
     (a confirmed order's reservation, settled: inventory.services.stock_sell). What was
@@ -130,7 +130,7 @@ class ProductAdmin(admin.ModelAdmin):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ReservationAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
         "saga_id",
         "order_id",
@@ -147,6 +147,6 @@ class ReservationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ProcessedKey)
-class ProcessedKeyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ProcessedKeyAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["key", "created_at"]
     search_fields = ["key"]

@@ -1,12 +1,13 @@
 from django.contrib import admin
 
-from common.admin_mixins import ReadOnlyAdminMixin
+from common.admin_mixins import DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin
 
 from .models import Notification, ProcessedKey
 
 
 @admin.register(Notification)
-class NotificationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class NotificationAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    filter_lookups = ("order_id",)  # common.admin_links links here with ?order_id=
     list_display = ["order_id", "kind", "channel", "recipient", "subject", "status", "created_at", "sent_at"]
     list_filter = ["kind", "channel", "status", "created_at"]
     search_fields = ["=order_id", "=saga_id", "recipient"]
@@ -14,6 +15,6 @@ class NotificationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ProcessedKey)
-class ProcessedKeyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ProcessedKeyAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["key", "created_at"]
     search_fields = ["key"]

@@ -5,7 +5,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from common.admin_links import order_notifications_link, order_payments_link
-from common.admin_mixins import ReadOnlyAdminMixin
+from common.admin_mixins import DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin
 from saga.models import SagaInstance
 
 from .models import Order, OrderLine
@@ -18,7 +18,7 @@ class OrderLineInline(ReadOnlyAdminMixin, admin.TabularInline):
 
 
 @admin.register(Order)
-class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class OrderAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["id", "status", "email", "total", "currency", "created_at", "saga_link"]
     list_filter = ["status", "currency", "created_at"]
     search_fields = ["=id", "email", "=idempotency_key"]

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from common.admin_mixins import ReadOnlyAdminMixin
+from common.admin_mixins import DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin
 
 from .models import FakeProviderOperation, Payment, PaymentAttempt, ProcessedKey, Refund
 
@@ -23,7 +23,8 @@ class PaymentAttemptInline(ReadOnlyAdminMixin, admin.TabularInline):
 
 
 @admin.register(Payment)
-class PaymentAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class PaymentAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    filter_lookups = ("order_id",)  # common.admin_links links here with ?order_id=
     list_display = [
         "id",
         "order_id",
@@ -49,7 +50,7 @@ class PaymentAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(Refund)
-class RefundAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class RefundAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["payment", "order_id", "amount", "provider_refund_id", "created_at"]
     list_filter = ["created_at"]
     search_fields = ["=payment__order_id", "=payment__saga_id", "provider_refund_id"]
@@ -61,13 +62,13 @@ class RefundAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ProcessedKey)
-class ProcessedKeyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ProcessedKeyAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["key", "created_at"]
     search_fields = ["key"]
 
 
 @admin.register(FakeProviderOperation)
-class FakeProviderOperationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class FakeProviderOperationAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     # The card token the charge was made with stays off the page, as the saga's page hides
     # the order's (saga.admin.HIDDEN_CONTEXT_FIELDS): a real provider's dashboard would not
     # show it to our staff either.

@@ -30,7 +30,7 @@ from django_celery_beat.models import ClockedSchedule, CrontabSchedule, Interval
 from django_celery_results.models import GroupResult, TaskResult
 
 from common.admin_links import order_notifications_link, order_payments_link
-from common.admin_mixins import ReadOnlyAdminMixin
+from common.admin_mixins import DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin
 
 from . import operator
 from .definition import registered_versions
@@ -328,7 +328,7 @@ class DefinitionVersionFilter(admin.SimpleListFilter):
 
 
 @admin.register(SagaInstance)
-class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class SagaInstanceAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "status",
@@ -721,7 +721,9 @@ LIBRARY_MODELS = (
 def _read_only(model_admin: type[admin.ModelAdmin]) -> type[admin.ModelAdmin]:
     """`model_admin` with no add, change or delete, and none of its bulk actions (enable,
     disable, run a periodic task): actions without their own permission would be offered."""
-    return type(f"ReadOnly{model_admin.__name__}", (ReadOnlyAdminMixin, model_admin), {"actions": ()})
+    return type(
+        f"ReadOnly{model_admin.__name__}", (DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, model_admin), {"actions": ()}
+    )
 
 
 for _model in LIBRARY_MODELS:
