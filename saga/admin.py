@@ -502,7 +502,9 @@ class SagaInstanceAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.Mode
         return self._object_operation(request, object_id, "compensate")
 
     def _object_operation(self, request: HttpRequest, object_id: str, operation: str) -> HttpResponse:
-        if not OPERATIONS[operation].allowed(self, request):
+        # The page shows the saga (its status, step, failure and plan): the action's
+        # permission alone, without the view permission, is not enough to read it.
+        if not (OPERATIONS[operation].allowed(self, request) and self.has_view_permission(request)):
             raise PermissionDenied
         saga = self.get_object(request, object_id)
         if saga is None:
@@ -609,12 +611,14 @@ class SagaInstanceAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.Mode
             rows.append({"saga": saga, "ok": ok, "text": text, "fingerprint": saga.failure_fingerprint})
         hidden: list[tuple[str, Any]] = []
         if action:
-            # Posted back to the changelist (its filters are in the URL), as delete_selected
-            # does; with "select all", a few ids and select_across stand for the whole selection.
-            select_across = request.POST.get("select_across") == "1"
-            ids: QuerySet | list[Any] = [] if selected is None else selected.values_list("pk", flat=True)
-            hidden = [("action", action), ("select_across", "1" if select_across else "0")]
-            hidden += [(helpers.ACTION_CHECKBOX_NAME, pk) for pk in (ids[:PREVIEW_ROWS] if select_across else ids)]
+            # Posted back to the changelist, as delete_selected does, with the ids of the
+            # selection as it is now, never select_across: that re-runs the list's filter at
+            # the "yes", which takes in sagas begun since this page was shown (a "select all
+            # running" compensate would stop orders placed in between). One more id than a
+            # click handles, so the click can say that more remain.
+            ids = [] if selected is None else selected.values_list("pk", flat=True)
+            hidden = [("action", action), ("select_across", "0")]
+            hidden += [(helpers.ACTION_CHECKBOX_NAME, pk) for pk in ids[: settings.SAGA_BULK_RETRY_LIMIT + 1]]
         context = {
             **self.admin_site.each_context(request),
             "title": op.title,
