@@ -510,6 +510,12 @@ FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.str('FLOWER_P
 TRACE_URL_TEMPLATE = env.str("TRACE_URL_TEMPLATE", default="http://127.0.0.1:16686/trace/{trace_id}")
 # How many sagas one "retry every saga with this failure" click re-publishes at most.
 SAGA_BULK_RETRY_LIMIT = env.int("SAGA_BULK_RETRY_LIMIT", default=500)
+# The action's confirmation posts the ids it will act on, one form field each (saga.admin).
+if not 0 < SAGA_BULK_RETRY_LIMIT <= 900:
+    raise ImproperlyConfigured(
+        f"SAGA_BULK_RETRY_LIMIT={SAGA_BULK_RETRY_LIMIT} must be 1 to 900: the admin's confirmation posts each "
+        "saga's id, and Django takes at most 1000 fields a request (DATA_UPLOAD_MAX_NUMBER_FIELDS)"
+    )
 
 # --- Logging: every line a task writes names its saga, order and trace (orders_project.log)
 # LOG_FORMAT=text (readable, the default) or json (one object per line: compose).
