@@ -364,3 +364,12 @@ def test_local_mode_opens_flower_on_loopback_only(argv: list[str], environ: dict
     assert (security.flower_auth_problem(argv, environ, local_mode=True) is not None) == refused
     # Outside local mode, none of these runs without a login.
     assert security.flower_auth_problem(argv, environ, local_mode=False) is not None
+
+
+def test_settings_refuse_a_bulk_limit_the_admins_confirmation_cannot_post(tmp_path: Path) -> None:
+    result = _settings_in_a_clean_environment(
+        tmp_path, SECRET_KEY=secrets.token_urlsafe(50), SAGA_BULK_RETRY_LIMIT="1000"
+    )
+
+    assert result.returncode != 0
+    assert "SAGA_BULK_RETRY_LIMIT=1000 must be 1 to 900" in result.stderr
