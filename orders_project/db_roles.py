@@ -51,7 +51,23 @@ POLICY: dict[str, dict[str, dict[str, str]]] = {
 # more. The inventory worker moves stock (reserve, release, sell); a product's price and
 # name are the catalogue's, which the web quotes orders from, so a worker that could set
 # them could sell any product for a cent to whoever orders next.
+#
+# Orders and sagas are never deleted, and an operator's audit entry never changes once
+# written: a role that places orders and runs sagas could otherwise erase a finished saga
+# and write it again as one in flight (which the coordinator would compensate, refund
+# included; the migrations' triggers refuse turning a finished one back), or rewrite who
+# retried or compensated what.
+_KEEP = "SELECT, INSERT, UPDATE"
+_ORDER_STORE = {
+    "orders_order": _KEEP,
+    "orders_orderline": _KEEP,
+    "saga_sagainstance": _KEEP,
+    "saga_sagastep": _KEEP,
+    "saga_sagaauditentry": "SELECT, INSERT",
+}
 TABLE_PRIVILEGES: dict[str, dict[str, str]] = {
+    "web": _ORDER_STORE,
+    "orders_worker": _ORDER_STORE,
     "inventory_worker": {"inventory_product": "SELECT, UPDATE (reserved, on_hand, updated_at)"},
 }
 
@@ -106,7 +122,7 @@ def grant_process_roles(alias: str, roles: dict[str, str]) -> list[str]:
                     statements.append(
                         sql.SQL("GRANT " + granted + " ON TABLE {} TO {}").format(sql.Identifier(table), grantee)
                     )
-                    if granted == WRITE:
+                    if "INSERT" in granted:
                         for sequence in _owned_sequences(cursor, table):
                             statements.append(
                                 sql.SQL("GRANT USAGE, SELECT ON SEQUENCE {} TO {}").format(

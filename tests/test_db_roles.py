@@ -149,6 +149,21 @@ def expectations(process: str, tokens: list[str]) -> dict[tuple[str, str], bool]
         "SELECT 'x', 'x', 0.01, 1, 0, now(), now() WHERE false",
     ):
         expected[("inventory", catalogue)] = False
+    # The order store keeps what it wrote: orders and sagas are updated, never deleted (a
+    # finished saga erased and written again in flight would be compensated, refund
+    # included), and an operator's audit entry is only ever added.
+    keeper = process in ("web", "orders", "saga")
+    for table in ("orders_order", "orders_orderline", "saga_sagainstance", "saga_sagastep", "saga_sagaauditentry"):
+        expected[("orders", f"DELETE FROM {table} WHERE false")] = False
+        expected[("orders", f"UPDATE {table} SET id = id WHERE false")] = keeper and table != "saga_sagaauditentry"
+    expected[
+        (
+            "orders",
+            "INSERT INTO saga_sagaauditentry (saga_id, action, outcome, detail, username, status_before, "
+            "status_after, failure_fingerprint, created_at) SELECT id, 'retry', 'done', '', '', status, status, '', "
+            "now() FROM saga_sagainstance WHERE false",
+        )
+    ] = keeper
     expected[_alters("default", RESULTS)] = False
     expected[("default", "CREATE TABLE least_authority_probe (id integer)")] = False
     return expected
