@@ -547,5 +547,9 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
         "celery.app.base": {"filters": ["delayed_delivery_notice"]},
+        # At DEBUG the pool logs each task's raw arguments (celery.concurrency.base): the
+        # saga's context (email, phone, card token) and the step's authority, which every
+        # other line leaves out (saga.engine's reprs). Not even LOG_LEVEL=DEBUG turns it on.
+        "celery.pool": {"level": "INFO"},
     },
 }

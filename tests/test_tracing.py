@@ -5,6 +5,7 @@ The session's processes export their spans over OTLP to a receiver in this proce
 """
 
 import re
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -131,3 +132,28 @@ def test_a_compensated_order_is_one_trace_covering_every_step(
         assert lines, f"{worker}: no task log line mentions {mention}"
         assert all(ids in line for line in lines), lines
     assert any("saga.step_failed[" in line for line in lines)
+
+
+def test_a_requests_query_string_is_in_neither_the_access_log_nor_its_span(
+    api: Api, otlp: OtlpReceiver, topology: Topology
+) -> None:
+    """The admin searches by a customer's email or phone, in the query string (`?q=`): whoever
+    reads the web's log or its traces must not collect them (docs/SECURITY.md)."""
+    searched = f"searched-{uuid.uuid4().hex[:8]}@example.com"
+    response = api.get(f"/api/orders/?limit=1&q={searched}")
+    assert response.status_code == 200
+    web_log = Path(topology.processes["web"].log_path)
+
+    def logged() -> list[str] | None:
+        lines = [line for line in web_log.read_text(errors="replace").splitlines() if '"GET /api/orders/ ' in line]
+        return lines or None
+
+    assert wait_for(logged, timeout=15, what="the request's access log line")
+    spans = wait_for(
+        lambda: [s for s in otlp.spans() if s.attributes.get("http.route") == "api/orders/"] or None,
+        timeout=30,
+        what="the request's span",
+    )
+    assert searched not in web_log.read_text(errors="replace")
+    assert not [s.attributes for s in spans if searched in str(s.attributes)]
+    assert {s.attributes.get("http.target") for s in spans} == {"/api/orders/"}

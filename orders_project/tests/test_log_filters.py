@@ -74,3 +74,19 @@ def test_at_debug_the_routine_lines_are_kept() -> None:
         assert QuietHousekeepingFilter().filter(received("saga.sweep"))
     finally:
         root.setLevel(level)
+
+
+def test_the_pools_debug_line_with_each_tasks_raw_arguments_stays_off_at_debug() -> None:
+    import copy
+    import logging.config
+
+    from django.conf import settings
+
+    debug = copy.deepcopy(settings.LOGGING)
+    debug["root"]["level"] = "DEBUG"  # LOG_LEVEL=DEBUG
+    logging.config.dictConfig(debug)
+    try:
+        assert not logging.getLogger("celery.pool").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("celery.worker").isEnabledFor(logging.DEBUG)  # the rest is as asked
+    finally:
+        logging.config.dictConfig(settings.LOGGING)
