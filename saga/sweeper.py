@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from celery import states
 from django.conf import settings
 from django.db import connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from . import broker_latch, recovery, store
@@ -279,12 +280,18 @@ def _quiet_steps_look(now: datetime, *, batch: int) -> dict[str, int]:
         )
     if not lost:
         return {}
+    # Without the saga's lock: only a step still at the generation this look judged (its
+    # queue time), as a retry or a sweep may have re-published it during the broadcast, with
+    # a deadline this would cut short.
+    judged = Q()
+    for step in lost:
+        judged |= Q(id=step.id, queued_at=queued[step.id])
     brought = (
         SagaStep.objects.using(DB)
-        .filter(id__in=[step.id for step in lost], status=StepStatus.RUNNING, deadline_at__gt=now)
+        .filter(judged, status=StepStatus.RUNNING, deadline_at__gt=now)
         .update(deadline_at=now)
     )
-    return {"quiet_due": brought}
+    return {"quiet_due": brought} if brought else {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -475,6 +475,29 @@ def test_a_quiet_step_keeps_its_deadline_unless_its_message_is_nowhere(
     assert bool(asked) == (where in ("held by a worker", "unheard"))
 
 
+def test_a_quiet_look_does_not_cut_short_a_re_publish_made_while_it_asked_the_workers(
+    queues: dict[str, float], fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look writes without the saga's lock, after a broadcast of up to a second: an
+    operator's retry or another sweep may have re-published the step meanwhile, with a
+    deadline of its own, which the look's "due now" must leave alone."""
+    saga = start()
+    quiet(saga, "reserve_inventory", ago=settings.SAGA_QUIET_SECONDS + 1)
+    republished = timezone.now() + timedelta(seconds=120)
+    answer = recovery.held_task_ids
+
+    def asked_while_re_published(task_ids: list[str], **kw: Any) -> tuple[set[str], int]:
+        SagaStep.objects.using("orders").filter(saga_id=saga.id, name="reserve_inventory").update(
+            queued_at=timezone.now(), deadline_at=republished, republished=1
+        )
+        return answer(task_ids, **kw)
+
+    monkeypatch.setattr(recovery, "held_task_ids", asked_while_re_published)
+
+    assert saga_sweep() == {}
+    assert rows(saga)["reserve_inventory"].deadline_at == republished
+
+
 @pytest.mark.parametrize("status", ["RETRY", "FAILURE"])
 def test_a_result_dated_in_the_future_does_not_hold_a_lost_step_off_the_sweeper(
     status: str, queues: dict[str, float], fleet: dict[str, Any], django_capture_on_commit_callbacks
