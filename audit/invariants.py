@@ -8,6 +8,7 @@ and not in the coordinator (`saga`), whose boundaries the import contracts check
 """
 
 import itertools
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -279,14 +280,14 @@ def audit(
 
 
 def _delivery_violations(
-    orders: Mapping[object, Order],
-    sagas: Mapping[object, SagaInstance],
+    orders: Mapping[uuid.UUID, Order],
+    sagas: Mapping[uuid.UUID, SagaInstance],
     deliveries: Sequence[Delivery],
     resend_excused: Callable[[float, float], bool],
 ) -> list[str]:
     """Check 9 of `audit`. The lines name orders and files, never an address."""
     violations: list[str] = []
-    order_of_saga = {str(saga.id): orders.get(saga.order_id) for saga in sagas.values()}
+    order_of_saga = {str(saga.id): order for saga in sagas.values() if (order := orders.get(saga.order_id))}
     copies: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
     for delivery in deliveries:
         order = order_of_saga.get(delivery.saga_id)
@@ -309,9 +310,8 @@ def _delivery_violations(
     for (_, channel), sent in copies.items():
         for first, again in itertools.pairwise(sent):
             if not resend_excused(first.at, again.at):
-                order = order_of_saga[first.saga_id]
                 violations.append(
-                    f"order {order.id}: its {first.kind} {channel} was delivered again "
+                    f"order {order_of_saga[first.saga_id].id}: its {first.kind} {channel} was delivered again "
                     f"{again.at - first.at:.3f} s later ({first.where}, {again.where})"
                 )
     for order in orders.values():

@@ -616,7 +616,7 @@ class SagaInstanceAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.Mode
             # the "yes", which takes in sagas begun since this page was shown (a "select all
             # running" compensate would stop orders placed in between). One more id than a
             # click handles, so the click can say that more remain.
-            ids = [] if selected is None else selected.values_list("pk", flat=True)
+            ids: QuerySet | list[Any] = [] if selected is None else selected.values_list("pk", flat=True)
             hidden = [("action", action), ("select_across", "0")]
             hidden += [(helpers.ACTION_CHECKBOX_NAME, pk) for pk in ids[: settings.SAGA_BULK_RETRY_LIMIT + 1]]
         context = {
