@@ -109,8 +109,15 @@ STEP_WRITTEN = (
 )
 
 
+# The saga columns a save writes unless it names its fields: all but its id and its pivot's
+# time, which only the pivot writes (saga.progress.saga_pivot_commit, by name). A row
+# written back whole must not depend on a time's round trip through JSON to keep the
+# pivot: PostgreSQL refuses any other pivot time once one is set (saga migration 0013).
+SAGA_WRITTEN = tuple(f.name for f in SagaInstance._meta.concrete_fields if f.name not in ("id", "pivot_committed_at"))
+
+
 def save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:
-    """Write the timeline of the steps `rows` and the saga's `fields` (all of them by
+    """Write the timeline of the steps `rows` and the saga's `fields` (SAGA_WRITTEN by
     default; `updated_at` always) in one statement (common.db.update_together).
 
     Django's bulk_update builds a CASE expression per field and row, and a save per model
@@ -122,7 +129,7 @@ def save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[s
 
 def save_many(sagas: Sequence[SagaInstance], rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:
     """`save` for several sagas at once. Precondition: every saga's row lock is held."""
-    update_together(DB, (list(rows), STEP_WRITTEN), (list(sagas), fields))
+    update_together(DB, (list(rows), STEP_WRITTEN), (list(sagas), SAGA_WRITTEN if fields is None else fields))
 
 
 def record_timeline(

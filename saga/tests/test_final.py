@@ -50,3 +50,19 @@ def test_an_orders_outcome_is_final(final: str) -> None:
     for other in {Order.Status.PENDING, Order.Status.CONFIRMED, Order.Status.FAILED} - {final}:
         with pytest.raises(IntegrityError, match="is final"), transaction.atomic(using="orders"):
             Order.objects.filter(id=order.id).update(status=other)
+
+
+def test_a_saga_written_back_whole_leaves_its_pivot_to_the_pivot() -> None:
+    from saga import store
+
+    saga = start()
+    pivot = timezone.now()
+    SagaInstance.objects.filter(id=saga.id).update(pivot_committed_at=pivot)
+    with transaction.atomic(using="orders"):
+        row = store.lock_saga(saga.id)
+        # The time as a lossy round trip would bring it back (milliseconds only).
+        row.pivot_committed_at = pivot.replace(microsecond=pivot.microsecond // 1000 * 1000 + 1)
+        row.current_step = "notify_customer"
+        store.save(row, [])
+    saved = SagaInstance.objects.get(id=saga.id)
+    assert (saved.pivot_committed_at, saved.current_step) == (pivot, "notify_customer")
