@@ -60,7 +60,7 @@ def audit(
     window SMTP leaves (notifications.services)."""
     now = now or timezone.now()
     violations: list[str] = []
-    orders = {o.id: o for o in Order.objects.only("id", "status", "created_at", "email", "phone", "total")}
+    orders = {o.id: o for o in Order.objects.only("id", "status", "created_at", "email", "phone", "total", "currency")}
     sagas = {
         s.order_id: s
         for s in SagaInstance.objects.only(
@@ -142,6 +142,7 @@ def audit(
             charges[op.idempotency_key.split(":", 1)[0]].append(op)
         elif op.kind == "refund":
             refunds[op.charge_reference].append(op)
+    charged_at: dict[uuid.UUID, FakeProviderOperation] = {}  # a confirmed order -> its charge
     references = {op.reference for ops in charges.values() for op in ops}
     for reference in refunds.keys() - references:
         violations.append(f"the provider refunded {reference!r}, which is no charge of a saga")
@@ -161,9 +162,15 @@ def audit(
             if len(back) > 1:
                 violations.append(f"order {payer.id}: the provider refunded its charge {len(back)} times")
             kept = op.amount - sum((refund.amount for refund in back), Decimal("0"))
+            if any(refund.currency != op.currency for refund in back):
+                violations.append(f"order {payer.id}: its charge in {op.currency} was refunded in another currency")
             if payer.status == Order.Status.CONFIRMED:
-                if op.amount != payer.total:
-                    violations.append(f"order {payer.id}: confirmed at {payer.total} but charged {op.amount}")
+                if op.amount != payer.total or op.currency != payer.currency:
+                    violations.append(
+                        f"order {payer.id}: confirmed at {payer.total} {payer.currency} but charged "
+                        f"{op.amount} {op.currency}"
+                    )
+                charged_at[payer.id] = op
                 if back:
                     violations.append(f"order {payer.id}: confirmed but its charge was refunded")
             elif kept != 0:
@@ -184,6 +191,12 @@ def audit(
         if status == Order.Status.CONFIRMED:
             if payment.status != Payment.Status.CAPTURED:
                 violations.append(f"order {payment.order_id}: confirmed but its payment is {payment.status}")
+            charge = charged_at.get(payment.order_id)
+            if charge is not None and (payment.amount, payment.provider_charge_id) != (charge.amount, charge.reference):
+                violations.append(
+                    f"order {payment.order_id}: its payment says {payment.amount} charged as "
+                    f"{payment.provider_charge_id!r}, the provider {charge.amount} as {charge.reference!r}"
+                )
         else:
             if payment.status in (Payment.Status.CAPTURED, Payment.Status.REFUNDING, Payment.Status.PENDING):
                 violations.append(f"order {payment.order_id}: {status} but its payment is {payment.status}")
@@ -260,7 +273,16 @@ def audit(
             violations.append(f"saga {step_saga_id}: {saga_status}, but its {name} is {step_status}")
     # 8. What was reserved is what was ordered: each reservation a line of its order, with
     # its quantity; a confirmed order holds or sold every line.
-    lines = {(line.order_id, line.sku): line.quantity for line in OrderLine.objects.only("order_id", "sku", "quantity")}
+    order_lines = OrderLine.objects.only("order_id", "sku", "quantity", "unit_price")
+    lines = {(line.order_id, line.sku): line.quantity for line in order_lines}
+    # An order's total is what its lines add up to, as quoted (the charge is checked against it).
+    quoted: dict[uuid.UUID, Decimal] = defaultdict(Decimal)
+    for line in order_lines:
+        quoted[line.order_id] += line.quantity * line.unit_price
+    for order_id, total in quoted.items():
+        owner = orders.get(order_id)
+        if owner is not None and owner.total != total:
+            violations.append(f"order {order_id}: its total is {owner.total}, its lines add up to {total}")
     reserved_lines = set()
     for order_id, sku, quantity in Reservation.objects.values_list("order_id", "sku", "quantity"):
         reserved_lines.add((order_id, sku))

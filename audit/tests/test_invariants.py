@@ -124,7 +124,9 @@ def saga_of(order: Order, status: str) -> object:
     return saga
 
 
-def ledger(saga: object, kind: str, amount: str, *, reference: str = "", charge_reference: str = "") -> str:
+def ledger(
+    saga: object, kind: str, amount: str, *, reference: str = "", charge_reference: str = "", currency: str = "EUR"
+) -> str:
     from payments.models import FakeProviderOperation
 
     reference = reference or f"{kind}-{uuid.uuid4().hex[:12]}"
@@ -133,7 +135,7 @@ def ledger(saga: object, kind: str, amount: str, *, reference: str = "", charge_
         idempotency_key=f"{saga.id}:{step}:{uuid.uuid4().hex[:6]}",
         kind=kind,
         amount=Decimal(amount),
-        currency="EUR",
+        currency=currency,
         outcome="succeeded",
         reference=reference,
         charge_reference=charge_reference,
@@ -160,10 +162,44 @@ def test_money_is_read_from_the_providers_ledger_charge_by_charge() -> None:
     violations = audit()
 
     assert f"order {kept.id}: failed but the provider kept 10.00 of its money" in violations
-    assert f"order {overcharged.id}: confirmed at 10.00 but charged 12.00" in violations
+    assert f"order {overcharged.id}: confirmed at 10.00 EUR but charged 12.00 EUR" in violations
     assert f"order {misrefunded.id}: cancelled but the provider kept 10.00 of its money" in violations
     assert "the provider refunded 'charge-of-someone-else', which is no charge of a saga" in violations
     assert f"order {partly.id}: failed but the provider kept 6.00 of its money" in violations
+
+
+def test_a_charge_agrees_with_its_order_in_currency_and_with_our_payment_row() -> None:
+    from orders.models import OrderLine
+    from payments.models import Payment
+
+    dollars = order_create(status=Order.Status.CONFIRMED)
+    ledger(saga_of(dollars, SagaStatus.COMPLETED), "charge", "10.00", currency="USD")
+    refunded_in_yen = order_create(status=Order.Status.FAILED)
+    yen_saga = saga_of(refunded_in_yen, SagaStatus.COMPENSATED)
+    ledger(yen_saga, "refund", "10.00", currency="JPY", charge_reference=ledger(yen_saga, "charge", "10.00"))
+    misrecorded = order_create(status=Order.Status.CONFIRMED)
+    misrecorded_saga = saga_of(misrecorded, SagaStatus.COMPLETED)
+    reference = ledger(misrecorded_saga, "charge", "10.00")
+    Payment.objects.create(
+        saga_id=misrecorded_saga.id,
+        order_id=misrecorded.id,
+        amount=Decimal("9.00"),
+        currency="EUR",
+        status=Payment.Status.CAPTURED,
+        provider_charge_id=reference,
+    )
+    # Lines that add up to 12.00 under a total of 10.00: the quote was not what was charged.
+    OrderLine.objects.create(order=misrecorded, sku="A", name="A", quantity=3, unit_price=Decimal("4.00"))
+
+    violations = audit()
+
+    assert f"order {dollars.id}: confirmed at 10.00 EUR but charged 10.00 USD" in violations
+    assert f"order {refunded_in_yen.id}: its charge in EUR was refunded in another currency" in violations
+    assert (
+        f"order {misrecorded.id}: its payment says 9.00 charged as {reference!r}, the provider 10.00 as {reference!r}"
+        in violations
+    )
+    assert f"order {misrecorded.id}: its total is 10.00, its lines add up to 12.00" in violations
 
 
 def test_a_notification_counts_once_sent_and_on_every_channel_the_customer_gave() -> None:
