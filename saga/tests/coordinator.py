@@ -19,7 +19,10 @@ from typing import Any
 
 from celery import states
 from celery.app.task import Context
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.db import transaction
+from django.test import Client
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
@@ -42,6 +45,15 @@ COMPENSATION_TASKS = ["payments.refund", "inventory.release", "orders.fail", "no
 class PaymentDeclined(Exception):
     """A business failure as a participant raises it (the coordinator reads only its type
     and message: it imports no participant)."""
+
+
+def staff_client(*codenames: str) -> Client:
+    """The admin as a new staff account with exactly these permissions sees it."""
+    user = get_user_model().objects.create_user(f"staff-{uuid.uuid4().hex[:8]}", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client = Client()
+    client.force_login(user)
+    return client
 
 
 def start(definition: SagaDefinition = PLACE_ORDER, **context: Any) -> SagaInstance:

@@ -1,19 +1,17 @@
 """The admin's saga actions act on what their confirmation showed, and their pages ask for
 the view permission too. In this process, no workers: nothing the tests write commits."""
 
-import uuid
 from decimal import Decimal
 
 import pytest
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Permission
 from django.db import transaction
-from django.test import Client
 
 from orders.models import Order
 from orders.saga import PLACE_ORDER
 from saga.models import SagaInstance, SagaStatus
 from saga.publish import saga_start
+
+from .coordinator import staff_client
 
 pytestmark = [
     pytest.mark.django_db(databases="__all__"),
@@ -31,17 +29,9 @@ def placed() -> SagaInstance:
         return saga_start(definition=PLACE_ORDER, order_id=order.id, context={"items": []})
 
 
-def operator(*codenames: str) -> Client:
-    user = get_user_model().objects.create_user(f"ops-{uuid.uuid4().hex[:8]}", is_staff=True)
-    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def test_select_all_compensate_stops_the_sagas_it_showed_not_those_begun_since() -> None:
     shown = placed()
-    client = operator("view_sagainstance", "compensate_saga")
+    client = staff_client("view_sagainstance", "compensate_saga")
     url = f"{CHANGELIST}?status__exact=running"
     confirmation = client.post(
         url, {"action": "compensate_sagas", "select_across": "1", "_selected_action": [str(shown.id)], "index": "0"}
@@ -62,7 +52,7 @@ def test_select_all_compensate_stops_the_sagas_it_showed_not_those_begun_since()
 @pytest.mark.parametrize("operation", ["retry", "compensate"])
 def test_a_sagas_operation_page_needs_the_view_permission_too(operation: str) -> None:
     saga = placed()
-    acting_blind = operator(f"{operation}_saga")
+    acting_blind = staff_client(f"{operation}_saga")
     assert acting_blind.get(f"{CHANGELIST}{saga.id}/{operation}/").status_code == 403
-    seeing = operator(f"{operation}_saga", "view_sagainstance")
+    seeing = staff_client(f"{operation}_saga", "view_sagainstance")
     assert seeing.get(f"{CHANGELIST}{saga.id}/{operation}/").status_code == 200

@@ -1,16 +1,14 @@
 """A list page filters by its query string only on what it offers (common.admin_mixins)."""
 
-import uuid
 from decimal import Decimal
 
 import pytest
 from django.contrib import admin
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Permission
-from django.test import Client
 
 from common.admin_mixins import DeclaredFiltersOnlyMixin
 from orders.models import Order
+
+from .coordinator import staff_client
 
 pytestmark = [
     pytest.mark.django_db(databases="__all__"),
@@ -20,19 +18,11 @@ pytestmark = [
 PROJECT_APPS = {"orders", "saga", "payments", "inventory", "notifications", "common", "django_celery_results"}
 
 
-def viewer(*codenames: str) -> Client:
-    user = get_user_model().objects.create_user(f"viewer-{uuid.uuid4().hex[:8]}", is_staff=True)
-    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def test_a_view_only_account_cannot_read_a_hidden_card_token_by_filtering_on_it() -> None:
     order = Order.objects.create(
         user_id=1, email="lookup@example.com", payment_token="tok_visa_hidden", total=Decimal("5.00"), currency="EUR"
     )
-    client = viewer("view_order", "view_sagainstance", "view_fakeprovideroperation", "view_payment")
+    client = staff_client("view_order", "view_sagainstance", "view_fakeprovideroperation", "view_payment")
 
     # Each answered 200, with the order only when the guessed prefix was right.
     for probe in (
