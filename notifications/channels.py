@@ -4,6 +4,7 @@ by dotted path."""
 
 import json
 import smtplib
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Protocol
 
@@ -33,8 +34,10 @@ class FileSmsBackend:
 
 
 def message_id(reference: str) -> str:
-    """The Message-ID header of the email named `reference`, in the sender's domain."""
-    return f"<{reference}@{settings.DEFAULT_FROM_EMAIL.rpartition('@')[2] or 'localhost'}>"
+    """The Message-ID header of the email named `reference`, in the sender's domain
+    (DEFAULT_FROM_EMAIL may carry a display name: `Shop <orders@shop.example>`)."""
+    _, at, domain = parseaddr(settings.DEFAULT_FROM_EMAIL)[1].rpartition("@")
+    return f"<{reference}@{domain if at and domain else 'localhost'}>"
 
 
 def send_email(*, to: str, subject: str, body: str, reference: str) -> None:
