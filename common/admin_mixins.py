@@ -28,9 +28,10 @@ class DeclaredFiltersOnlyMixin:
     Django's admin accepts a filter on any of the model's own fields from the query string
     (`?payment_token__startswith=tok_v`), whether or not the page shows the field. A staff
     account that may only view a list could then read a hidden value a character at a
-    time, by whether the list comes back empty. Here a lookup must start with a field of
+    time, by whether the list comes back empty. Here a lookup must be a filter of
     `list_filter`, `date_hierarchy` or `filter_lookups` (the filters the project's own links
-    use); anything else is Django's 400 (DisallowedModelAdminLookup)."""
+    use), or a lookup on one (`status__exact`, `saga__status__in`); anything else is
+    Django's 400 (DisallowedModelAdminLookup)."""
 
     filter_lookups: tuple[str, ...] = ()
 
@@ -41,6 +42,6 @@ class DeclaredFiltersOnlyMixin:
                 offered.add(item.parameter_name)
             else:
                 offered.add(item[0] if isinstance(item, (list, tuple)) else item)
-        if lookup.split(LOOKUP_SEP, 1)[0] not in offered:
+        if not any(lookup == name or lookup.startswith(f"{name}{LOOKUP_SEP}") for name in offered if name):
             return False
         return super().lookup_allowed(lookup, value, request)  # type: ignore[misc]

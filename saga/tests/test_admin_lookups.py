@@ -48,3 +48,17 @@ def test_every_list_page_of_the_project_and_its_libraries_filters_only_on_what_i
     ]
     assert len(pages) > 10
     assert [model for model, model_admin in pages if not isinstance(model_admin, DeclaredFiltersOnlyMixin)] == []
+
+
+def test_a_filter_on_a_related_field_is_offered_with_its_lookups() -> None:
+    from saga.models import SagaStep
+
+    class StepAdmin(DeclaredFiltersOnlyMixin, admin.ModelAdmin):
+        list_filter = ["saga__status", ("phase", admin.ChoicesFieldListFilter)]
+
+    page = StepAdmin(SagaStep, admin.site)
+    assert page.lookup_allowed("saga__status__exact", "running", None)
+    assert page.lookup_allowed("phase__exact", "forward", None)
+    assert not page.lookup_allowed("saga__context__payment_token__startswith", "tok", None)
+    assert not page.lookup_allowed("saga", "x", None)
+    assert not page.lookup_allowed("name__startswith", "x", None)
