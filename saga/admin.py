@@ -529,7 +529,10 @@ class SagaInstanceAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.Mode
     def retry_same_failure(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
         fingerprints = sorted({saga.failure_fingerprint for saga in queryset[: settings.SAGA_BULK_RETRY_LIMIT]} - {""})
         if request.POST.get("post"):
-            entries, remaining = operator.saga_retry_by_fingerprint(fingerprints=fingerprints, user=request.user)
+            # The failures the confirmation showed: a selected saga retried and failed
+            # another way since then must not bring its new failure's sagas along.
+            shown = sorted(set(request.POST.getlist("fingerprint")) - {""})
+            entries, remaining = operator.saga_retry_by_fingerprint(fingerprints=shown, user=request.user)
             self._report(request, "retry", entries, remaining=remaining)
             return None
         targets = sagas_with_fingerprints(fingerprints).filter(status=SagaStatus.NEEDS_ATTENTION).order_by("created_at")
@@ -619,6 +622,7 @@ class SagaInstanceAdmin(DeclaredFiltersOnlyMixin, ReadOnlyAdminMixin, admin.Mode
             ids: QuerySet | list[Any] = [] if selected is None else selected.values_list("pk", flat=True)
             hidden = [("action", action), ("select_across", "0")]
             hidden += [(helpers.ACTION_CHECKBOX_NAME, pk) for pk in ids[: settings.SAGA_BULK_RETRY_LIMIT + 1]]
+            hidden += [("fingerprint", fingerprint) for fingerprint in fingerprints or []]
         context = {
             **self.admin_site.each_context(request),
             "title": op.title,

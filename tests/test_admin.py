@@ -317,12 +317,15 @@ def test_bulk_retry_of_every_saga_with_the_same_failure(mail_outage_sagas: list[
     listed = client.get(CHANGELIST, {"fingerprint": MAIL_OUTAGE_FINGERPRINT, "status__exact": "needs_attention"})
     assert others <= {str(saga.pk) for saga in listed.context["cl"].result_list}
     form = {"action": "retry_same_failure", "_selected_action": [chosen]}
-    confirmation = client.post(CHANGELIST, form).content.decode()
-    assert MAIL_OUTAGE_FINGERPRINT in confirmation
-    assert all(saga_id in confirmation for saga_id in others)
+    confirmation = client.post(CHANGELIST, form)
+    assert MAIL_OUTAGE_FINGERPRINT in confirmation.content.decode()
+    assert all(saga_id in confirmation.content.decode() for saga_id in others)
+    answer: dict[str, list[str]] = {}  # the confirmation's form, as the browser posts it
+    for name, value in confirmation.context["hidden"]:
+        answer.setdefault(name, []).append(str(value))
 
-    first = client.post(CHANGELIST, {**form, "post": "yes"}, follow=True)
-    again = client.post(CHANGELIST, {**form, "post": "yes"}, follow=True)
+    first = client.post(CHANGELIST, {**answer, "post": "yes"}, follow=True)
+    again = client.post(CHANGELIST, {**answer, "post": "yes"}, follow=True)
 
     assert any(m.startswith("Retried") for m in messages_of(first)), messages_of(first)
     assert any(m.startswith("No saga was retried") for m in messages_of(again)), messages_of(again)

@@ -8,7 +8,7 @@ from django.db import transaction
 
 from orders.models import Order
 from orders.saga import PLACE_ORDER
-from saga.models import SagaInstance, SagaStatus
+from saga.models import SagaInstance, SagaStatus, SagaStep, StepStatus
 from saga.publish import saga_start
 
 from .coordinator import staff_client
@@ -56,3 +56,31 @@ def test_a_sagas_operation_page_needs_the_view_permission_too(operation: str) ->
     assert acting_blind.get(f"{CHANGELIST}{saga.id}/{operation}/").status_code == 403
     seeing = staff_client(f"{operation}_saga", "view_sagainstance")
     assert seeing.get(f"{CHANGELIST}{saga.id}/{operation}/").status_code == 200
+
+
+def needing_attention(saga: SagaInstance, failure_type: str, step: str) -> None:
+    SagaStep.objects.filter(saga=saga, name=step).update(status=StepStatus.FAILED)
+    SagaInstance.objects.filter(id=saga.id).update(
+        status=SagaStatus.NEEDS_ATTENTION, failure_step=step, failure_type=failure_type
+    )
+
+
+def test_retry_same_failure_retries_the_failures_its_confirmation_showed() -> None:
+    chosen, alike, other = placed(), placed(), placed()
+    needing_attention(chosen, "GatewayUnavailable", "charge_payment")
+    needing_attention(alike, "GatewayUnavailable", "charge_payment")
+    needing_attention(other, "StepTimedOut", "confirm_order")
+    client = staff_client("view_sagainstance", "retry_saga")
+    form = {"action": "retry_same_failure", "_selected_action": [str(chosen.id)], "index": "0"}
+    confirmation = client.post(CHANGELIST, form)
+    assert confirmation.context["fingerprints"] == ["GatewayUnavailable @ charge_payment"]
+    # Meanwhile the chosen saga was retried and failed another way: the failure of `other`.
+    SagaInstance.objects.filter(id=chosen.id).update(failure_step="confirm_order", failure_type="StepTimedOut")
+
+    answer: dict[str, list[str]] = {}
+    for name, value in confirmation.context["hidden"]:
+        answer.setdefault(name, []).append(str(value))
+    client.post(CHANGELIST, {**answer, "post": "yes"})
+
+    assert SagaInstance.objects.get(id=alike.id).status == SagaStatus.RUNNING  # shown, retried
+    assert SagaInstance.objects.get(id=other.id).status == SagaStatus.NEEDS_ATTENTION  # never shown
