@@ -146,8 +146,19 @@ def _path_only(span: Any, request: Any) -> None:
     """A request's span names its path, not its query string: the admin's searches put the
     customers' emails and phone numbers there (`?q=`), and traces are kept and read more
     widely than the database. The access log leaves the query out too (gunicorn.conf.py)."""
-    if span.is_recording():
+    if not span.is_recording():
+        return
+    attributes = getattr(span, "attributes", None) or {}
+    # The old semantic conventions' names (the default) and the stable ones'
+    # (OTEL_SEMCONV_STABILITY_OPT_IN=http): the target, the full URL, the query itself.
+    if "http.target" in attributes:
         span.set_attribute("http.target", request.path)
+    if "http.url" in attributes:
+        span.set_attribute("http.url", str(attributes["http.url"]).split("?", 1)[0])
+    if "url.full" in attributes:
+        span.set_attribute("url.full", str(attributes["url.full"]).split("?", 1)[0])
+    if "url.query" in attributes:
+        span.set_attribute("url.query", "")
 
 
 def shutdown() -> None:
