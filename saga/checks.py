@@ -73,16 +73,19 @@ def refusal(missing: list[tuple[str, int, int]]) -> str:
 
 
 def check_saga_versions(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """System check `saga.E001`; it reads the saga store, so it runs only when the command
+    """System checks `saga.E003` (a SAGA_DEFINITIONS path that does not load), on every
+    `check`, and `saga.E001`, which reads the saga store and so runs only when the command
     names the orders database (`check --database orders`, `migrate --database=orders`)."""
+    try:
+        registered_versions()
+    except ImproperlyConfigured as error:
+        return [checks.Error(str(error), id="saga.E003")]
     if not databases or DB not in databases:
         return []
     try:
         missing = versions_in_use_unregistered()
     except DatabaseError as error:
         return [checks.Error(f"cannot read the saga store to check saga versions: {error}", id="saga.E002")]
-    except ImproperlyConfigured as error:
-        return [checks.Error(str(error), id="saga.E003")]
     if not missing:
         return []
     return [checks.Error(refusal(missing), id="saga.E001")]

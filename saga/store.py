@@ -109,11 +109,11 @@ STEP_WRITTEN = (
 )
 
 
-# The saga columns a save writes unless it names its fields: all but its id and its pivot's
-# time, which only the pivot writes (saga.progress.saga_pivot_commit, by name). A row
-# written back whole must not depend on a time's round trip through JSON to keep the
-# pivot: PostgreSQL refuses any other pivot time once one is set (saga migration 0013).
-SAGA_WRITTEN = tuple(f.name for f in SagaInstance._meta.concrete_fields if f.name not in ("id", "pivot_committed_at"))
+# The saga columns a save writes unless it names its fields: all but its pivot's time,
+# which only the pivot writes (saga.progress.saga_pivot_commit, by name). A row written
+# back whole must not depend on a time's round trip through JSON to keep the pivot:
+# PostgreSQL refuses any other pivot time once one is set (saga migration 0013).
+SAGA_WRITTEN = tuple(f.name for f in SagaInstance._meta.concrete_fields if f.name != "pivot_committed_at")
 
 
 def save(saga: SagaInstance | None, rows: Iterable[SagaStep], fields: Iterable[str] | None = None) -> None:

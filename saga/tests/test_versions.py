@@ -148,9 +148,10 @@ def test_a_definition_path_that_does_not_import_is_named_by_the_check_the_comman
     monkeypatch.setattr(definition, "_LOADED", definition.threading.Event())
     settings.SAGA_DEFINITIONS = [path]
 
-    [error] = check_saga_versions(databases=["orders"])
-    assert (error.id, error.msg.split(":")[0]) == ("saga.E003", "SAGA_DEFINITIONS")
-    assert named in error.msg
+    for databases in (None, ["orders"]):  # `check`, and `check --database orders`
+        [error] = check_saga_versions(databases=databases)
+        assert (error.id, error.msg.split(":")[0]) == ("saga.E003", "SAGA_DEFINITIONS")
+        assert named in error.msg
     with pytest.raises(CommandError, match="SAGA_DEFINITIONS") as refused:
         call_command("saga_versions")
     assert named in str(refused.value)
