@@ -44,8 +44,10 @@ def read_deliveries(mail_dir: Path, sms_dir: Path) -> list[Delivery]:
     that does not exist holds nothing (no message was sent on that channel)."""
     found: list[Delivery] = []
     if mail_dir.is_dir():
-        for path in sorted(mail_dir.iterdir()):
-            # One file per connection: a message's time is its file's last write.
+        for path in sorted(p for p in mail_dir.iterdir() if p.is_file()):
+            # The backend names a file after the second and its connection's id(), and
+            # appends: two processes' connections can share a file, whose messages then
+            # all read as written at its last write (a re-send is never that close).
             at = path.stat().st_mtime
             for raw in path.read_bytes().split(_SEPARATOR):
                 if not raw.strip():

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from audit.deliveries import Delivery
 from inventory.models import Product, Reservation
-from notifications.models import Notification
+from notifications.models import Notification, message_reference
 from orders.models import Order, OrderLine
 from payments.models import FakeProviderOperation, Payment, Refund
 from saga.definition import registered_definitions
@@ -192,10 +192,12 @@ def audit(
             if payment.status != Payment.Status.CAPTURED:
                 violations.append(f"order {payment.order_id}: confirmed but its payment is {payment.status}")
             charge = charged_at.get(payment.order_id)
-            if charge is not None and (payment.amount, payment.provider_charge_id) != (charge.amount, charge.reference):
+            ours = (payment.amount, payment.currency, payment.provider_charge_id)
+            if charge is not None and ours != (charge.amount, charge.currency, charge.reference):
                 violations.append(
-                    f"order {payment.order_id}: its payment says {payment.amount} charged as "
-                    f"{payment.provider_charge_id!r}, the provider {charge.amount} as {charge.reference!r}"
+                    f"order {payment.order_id}: its payment says {payment.amount} {payment.currency} charged as "
+                    f"{payment.provider_charge_id!r}, the provider {charge.amount} {charge.currency} as "
+                    f"{charge.reference!r}"
                 )
         else:
             if payment.status in (Payment.Status.CAPTURED, Payment.Status.REFUNDING, Payment.Status.PENDING):
@@ -341,7 +343,7 @@ def _delivery_violations(
         if expected is None:
             continue
         saga = sagas.get(order.id)
-        reference = f"{saga.id}.{expected}" if saga is not None else ""
+        reference = message_reference(saga.id, expected) if saga is not None else ""
         for channel in [Notification.Channel.EMAIL] + ([Notification.Channel.SMS] if order.phone else []):
             if not copies.get((reference, channel)):
                 violations.append(f"order {order.id}: {order.status}, and no {expected} {channel} was delivered")

@@ -56,8 +56,13 @@ class Notification(models.Model):
         """The message's own name, the same in every copy that delivers it: the email's
         Message-ID and the SMS's reference. A message sent again in one of delivery's
         at-least-once windows (notifications.services) is then recognisably the same one,
-        which mail systems fold into one and an audit can tell from a second message."""
-        return f"{self.saga_id}.{self.kind}"
+        which some mail systems fold into one and an audit can tell from a second message."""
+        return message_reference(self.saga_id, self.kind)
+
+
+def message_reference(saga_id: object, kind: str) -> str:
+    """`Notification.reference` of the message of outcome `kind` for saga `saga_id`."""
+    return f"{saga_id}.{kind}"
 
 
 class ProcessedKey(ProcessedKeyBase):

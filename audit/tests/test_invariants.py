@@ -63,6 +63,41 @@ def test_the_command_exits_non_zero_and_prints_each_violation() -> None:
     assert f"VIOLATION order {orphan.id}: has no saga\n" in out.getvalue()
 
 
+def test_the_deliveries_are_read_from_files_of_several_messages_and_lines_without_a_reference(tmp_path) -> None:
+    import json
+
+    from django.core.mail import EmailMessage
+    from django.core.mail.backends.filebased import EmailBackend
+
+    from audit.deliveries import read_deliveries
+
+    (tmp_path / "mail" / "a-folder").mkdir(parents=True)
+    # One connection, several messages: one file (as two connections with one id() share one).
+    with EmailBackend(file_path=str(tmp_path / "mail")) as backend:
+        backend.send_messages(
+            [
+                EmailMessage("s", "b", "o@example.com", ["a@example.com"], headers={"Message-ID": "<saga-1.k@x>"}),
+                EmailMessage("s", "b", "o@example.com", ["b@example.com"]),  # Django's own random Message-ID
+            ]
+        )
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "sms" / "sms.log").write_text(
+        json.dumps({"at": "2026-12-08T00:00:00+00:00", "to": "+15550100", "body": "b"}) + "\n\n"
+    )
+
+    delivered = read_deliveries(tmp_path / "mail", tmp_path / "sms")
+
+    assert [(d.channel, d.to) for d in delivered] == [
+        ("sms", "+15550100"),
+        ("email", "a@example.com"),
+        ("email", "b@example.com"),
+    ]
+    assert [(d.saga_id, d.kind) for d in delivered[:2]] == [("", ""), ("saga-1", "k")]
+    # Neither a saga's: each is named as a message no notification explains.
+    violations = audit(deliveries=delivered)
+    assert len([v for v in violations if "is no saga's" in v]) == 3
+
+
 def test_the_command_checks_the_delivered_files_when_asked_and_only_where_there_are_files(tmp_path, settings) -> None:
     from notifications import channels
 
@@ -196,8 +231,8 @@ def test_a_charge_agrees_with_its_order_in_currency_and_with_our_payment_row() -
     assert f"order {dollars.id}: confirmed at 10.00 EUR but charged 10.00 USD" in violations
     assert f"order {refunded_in_yen.id}: its charge in EUR was refunded in another currency" in violations
     assert (
-        f"order {misrecorded.id}: its payment says 9.00 charged as {reference!r}, the provider 10.00 as {reference!r}"
-        in violations
+        f"order {misrecorded.id}: its payment says 9.00 EUR charged as {reference!r}, the provider 10.00 EUR as "
+        f"{reference!r}" in violations
     )
     assert f"order {misrecorded.id}: its total is 10.00, its lines add up to 12.00" in violations
 
