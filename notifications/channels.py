@@ -37,6 +37,10 @@ def message_id(reference: str) -> str:
     """The Message-ID header of the email named `reference`, in the sender's domain
     (DEFAULT_FROM_EMAIL may carry a display name: `Shop <orders@shop.example>`)."""
     _, at, domain = parseaddr(settings.DEFAULT_FROM_EMAIL)[1].rpartition("@")
+    try:
+        domain = domain.encode("idna").decode("ascii")  # a header is ASCII: xn-- for an IDN
+    except UnicodeError:
+        domain = ""
     return f"<{reference}@{domain if at and domain else 'localhost'}>"
 
 

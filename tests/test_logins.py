@@ -167,7 +167,7 @@ def _settings_in_a_clean_environment(tmp_path: Path, **variables: str) -> subpro
     )
 
 
-def test_settings_default_to_production_and_pass_the_deploy_check(tmp_path: Path) -> None:
+def test_settings_default_to_production_and_pass_the_deploy_check_once_email_is_sent(tmp_path: Path) -> None:
     result = _settings_in_a_clean_environment(
         tmp_path, SECRET_KEY=secrets.token_urlsafe(50), EMAIL_BACKEND="django.core.mail.backends.smtp.EmailBackend"
     )

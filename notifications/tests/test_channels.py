@@ -11,6 +11,7 @@ from notifications.channels import message_id
         ("orders@shop.example", "<saga-1.order_confirmed@shop.example>"),
         ("Shop <orders@shop.example>", "<saga-1.order_confirmed@shop.example>"),
         ("orders", "<saga-1.order_confirmed@localhost>"),
+        ("orders@bücher.example", "<saga-1.order_confirmed@xn--bcher-kva.example>"),
     ],
 )
 def test_an_emails_message_id_is_its_reference_in_the_senders_domain(settings, sender: str, expected: str) -> None:
