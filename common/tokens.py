@@ -103,3 +103,26 @@ def _token_query(alias: str) -> tuple[str, list[Field], list[Field]]:
         "WHERE t.digest = %s"
     )
     return statement, token_fields, user_fields
+
+
+class RevokeTokensOnPasswordChange:
+    """A password validator that validates nothing: when a user's password changes (the
+    admin, `changepassword`, the user's own form), Django tells every validator, and this
+    one revokes the user's API tokens, as the change already ends their sessions. A token
+    taken with the old password stops working with it (every web process's cache hears of
+    the deletion: docs/DECISIONS.md, "Hot rows kept until notified").
+
+    Django's re-hashing of a password on login (a hasher's new iteration count) does not
+    count as a change (it saves without telling the validators), so an upgrade revokes
+    nothing."""
+
+    def validate(self, password: str, user: AbstractBaseUser | None = None) -> None:
+        return None
+
+    def password_changed(self, password: str, user: AbstractBaseUser | None = None) -> None:
+        if user is not None and user.pk is not None:
+            api_token_revoke(user=user)
+
+    def get_help_text(self) -> str:
+        # Shown with the other validators' rules on every password form.
+        return "Changing the password revokes the account's API tokens."

@@ -172,6 +172,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+    # Not a check: a changed password revokes the user's API tokens.
+    {"NAME": "common.tokens.RevokeTokensOnPasswordChange"},
 ]
 
 LANGUAGE_CODE = "en-us"

@@ -129,3 +129,20 @@ def test_authenticating_a_request_is_one_indexed_lookup(db_access: None, monkeyp
         cursor.execute(f"EXPLAIN {prepared[0][0]}", prepared[0][1])
         plan = " ".join(row[0] for row in cursor.fetchall())
     assert "Index Scan using common_apitoken_digest" in plan, plan
+
+
+def test_a_changed_password_revokes_the_users_tokens_and_a_re_hash_does_not(topology: Topology) -> None:
+    user, password = _new_user()
+    taken = _obtain(topology, user.username, password).json()["token"]
+    me = Api(topology.base_url, taken)
+    assert me.get("/api/orders/").status_code == 200
+
+    # Django re-hashes a password on login when its hasher changed: not a change.
+    user.set_password(password)
+    user._password = None  # as check_password's setter leaves it
+    user.save(update_fields=["password"])
+    assert me.get("/api/orders/").status_code == 200
+
+    user.set_password(uuid.uuid4().hex)  # the admin, `changepassword`, the user's own form
+    user.save()
+    wait_for(lambda: me.get("/api/orders/").status_code == 401, timeout=10, what="the old token refused")
