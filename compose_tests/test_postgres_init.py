@@ -161,6 +161,17 @@ def test_init_script_fails_without_the_passwords() -> None:
     assert "APP_DB_PASSWORD must be set" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["POSTGRES_PASSWORD", "APP_DB_PASSWORD", "PAYMENTS_WORKER_DB_PASSWORD"])
+def test_init_script_refuses_the_public_default_passwords(name: str) -> None:
+    # docker-compose.yml's defaults: anyone who has read this repository knows them.
+    env = {**os.environ, **{PASSWORD_VARS[role]: password for role, password in PASSWORDS.items()}}
+    env[name] = f"{name.split('_')[0].lower()}-local-only"
+    env.update(PGHOST="/nonexistent", PGPORT="1")  # were it not refused, psql would reach no server
+    result = subprocess.run(["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert f"refusing to create the roles: {name} is a public default from this repository" in result.stderr
+
+
 def test_every_database_exists_with_its_owner(server: Server) -> None:
     with server.connect("postgres", "postgres", password="") as conn:
         rows = conn.execute(

@@ -40,6 +40,20 @@ set -euo pipefail
 : "${PAYMENTS_WORKER_DB_PASSWORD:?PAYMENTS_WORKER_DB_PASSWORD must be set}"
 : "${NOTIFICATIONS_WORKER_DB_PASSWORD:?NOTIFICATIONS_WORKER_DB_PASSWORD must be set}"
 
+# docker-compose.yml's defaults are public (this repository): every container on compose's
+# network reaches this server, so a role with a known password is anyone's, and a
+# superuser's is everything (COPY ... PROGRAM). Refused as the settings refuse a public
+# SECRET_KEY: set your own in .env before the first `up` (docs/CONTAINERS.md).
+for name in POSTGRES_PASSWORD APP_DB_PASSWORD ORDERS_DB_PASSWORD INVENTORY_DB_PASSWORD PAYMENTS_DB_PASSWORD \
+    NOTIFICATIONS_DB_PASSWORD WEB_DB_PASSWORD BEAT_DB_PASSWORD ORDERS_WORKER_DB_PASSWORD \
+    INVENTORY_WORKER_DB_PASSWORD PAYMENTS_WORKER_DB_PASSWORD NOTIFICATIONS_WORKER_DB_PASSWORD; do
+    if printf '%s' "${!name:-}" | grep -qiE 'local-only|insecure|change-me'; then
+        echo "refusing to create the roles: $name is a public default from this repository;" \
+            "set your own in .env (docs/CONTAINERS.md), then docker compose down -v && docker compose up" >&2
+        exit 1
+    fi
+done
+
 psql --no-psqlrc --set ON_ERROR_STOP=1 \
     --username "${POSTGRES_USER:-postgres}" --dbname "${POSTGRES_DB:-${POSTGRES_USER:-postgres}}" \
     --set app_password="$APP_DB_PASSWORD" \
